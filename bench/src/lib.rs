@@ -1,0 +1,1 @@
+//! Benchmarks of failback, each side by side with its anchor in one run.

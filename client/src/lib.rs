@@ -1,0 +1,1 @@
+//! failback: the client run on the old primary.

@@ -1,0 +1,10 @@
+//! failback-common: everything failback knows about PostgreSQL, as pure code over bytes.
+//!
+//! Nothing here opens a socket, reads a clock or touches a file on its own: callers hand in
+//! bytes and get back values, "need more", or an error that says what is wrong and where.
+//! That is what lets the decoder, the planner and the journal be tested in microseconds and
+//! fed hostile input by property tests and fuzzers.
+
+pub mod lsn;
+
+pub use lsn::{Lsn, TimeLineId, XLogSegNo};

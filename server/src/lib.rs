@@ -1,0 +1,1 @@
+//! failbackd: answers questions about one PostgreSQL data directory; decides nothing.

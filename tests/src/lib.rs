@@ -1,0 +1,1 @@
+//! The test bed: real PostgreSQL clusters of every supported major version.
