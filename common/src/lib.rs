@@ -8,3 +8,7 @@
 pub mod lsn;
 
 pub use lsn::{Lsn, TimeLineId, XLogSegNo};
+pub mod control;
+pub mod relpath;
+pub mod timeline;
+pub mod wal;
