@@ -6,8 +6,10 @@
 //! fed hostile input by property tests and fuzzers.
 
 pub mod lsn;
+pub mod version;
 
 pub use lsn::{Lsn, TimeLineId, XLogSegNo};
+pub use version::PgMajor;
 pub mod control;
 pub mod relpath;
 pub mod timeline;

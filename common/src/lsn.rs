@@ -103,7 +103,9 @@ impl From<Lsn> for u64 {
 
 /// An `X/X` string that is not a log sequence number.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid LSN {0:?}: expected two hex numbers of at most 8 digits separated by '/', like 0/17414F8")]
+#[error(
+    "invalid LSN {0:?}: expected two hex numbers of at most 8 digits separated by '/', like 0/17414F8"
+)]
 pub struct ParseLsnError(pub String);
 
 impl FromStr for Lsn {
@@ -188,13 +190,19 @@ mod tests {
         let seg = 16 << 20;
         let segno = Lsn(0x17414F8).segment_number(seg);
         assert_eq!(wal_file_name(1, segno, seg), "000000010000000000000001");
-        assert_eq!(parse_wal_file_name("000000010000000000000001", seg), Some((1, 1)));
+        assert_eq!(
+            parse_wal_file_name("000000010000000000000001", seg),
+            Some((1, 1))
+        );
         let segno = Lsn(0x1_2300_0000).segment_number(seg);
         let name = wal_file_name(3, segno, seg);
         assert_eq!(name, "000000030000000100000023");
         assert_eq!(parse_wal_file_name(&name, seg), Some((3, segno)));
         // 1 GiB segments: 4 per xlog id; a segment part of 4 cannot exist.
-        assert_eq!(parse_wal_file_name("000000010000000000000004", 1 << 30), None);
+        assert_eq!(
+            parse_wal_file_name("000000010000000000000004", 1 << 30),
+            None
+        );
         assert_eq!(history_file_name(10), "0000000A.history");
     }
 
