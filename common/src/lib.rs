@@ -11,6 +11,7 @@ pub mod version;
 pub use lsn::{Lsn, TimeLineId, XLogSegNo};
 pub use version::PgMajor;
 pub mod control;
+pub mod filemap;
 pub mod relpath;
 pub mod timeline;
 pub mod wal;
