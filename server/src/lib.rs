@@ -1,1 +1,2 @@
 //! failbackd: answers questions about one PostgreSQL data directory; decides nothing.
+pub mod datadir;

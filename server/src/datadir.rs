@@ -1,0 +1,339 @@
+//! Read-only access to one PostgreSQL data directory.
+//!
+//! A data directory holds regular files and directories, plus symlinks in two places:
+//! `pg_tblspc/<oid>` points at a tablespace location outside the directory, and `pg_wal` may
+//! point at a WAL directory elsewhere (`initdb --waldir`). pg_rewind's lister
+//! (`src/bin/pg_rewind/file_ops.c`, `recurse_dir`) follows exactly those symlinks and reports
+//! every other symlink as a symlink. Entries may vanish while the directory is listed (a live
+//! server removes WAL segments and temporary files); vanished entries are skipped.
+//!
+//! Everything here is confined to the data directory: a path is relative, has no `..` or empty
+//! components, and is resolved component by component so that no symlink except a tablespace
+//! link or `pg_wal` can lead out. failbackd serves through this module, and the client's local
+//! source reads through it too.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use failback_common::filemap::{FileEntry, FileType};
+
+/// Why a request for a path was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error(
+        "path {0:?} is not allowed: only relative paths inside the data directory, without '..', are served"
+    )]
+    PathNotAllowed(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl DataDirError {
+    fn io(path: &str, source: io::Error) -> Self {
+        DataDirError::Io {
+            path: path.to_string(),
+            source,
+        }
+    }
+
+    /// Whether trying again can help: a refused path never will; an IO error might.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, DataDirError::Io { .. })
+    }
+}
+
+/// How a range read ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadStatus {
+    /// The whole range was read.
+    Complete,
+    /// The file ended inside the range (it was shorter, or shrank); the bytes are what there was.
+    Short,
+    /// The file does not exist (any more).
+    Vanished,
+}
+
+/// One data directory, opened read-only.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        DataDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The absolute path of a data-directory-relative path, after the confinement checks.
+    ///
+    /// Symlinks are allowed only where PostgreSQL puts them: `pg_tblspc/<name>` and `pg_wal`.
+    /// Every other symlink on the way (including the final component) is refused, so a link
+    /// planted in the data directory cannot expose files outside it.
+    pub fn resolve(&self, rel: &str) -> Result<PathBuf, DataDirError> {
+        let refuse = || DataDirError::PathNotAllowed(rel.to_string());
+        if rel.is_empty() || rel.starts_with('/') || rel.contains('\0') {
+            return Err(refuse());
+        }
+        let parts: Vec<&str> = rel.split('/').collect();
+        if parts
+            .iter()
+            .any(|p| p.is_empty() || *p == "." || *p == "..")
+        {
+            return Err(refuse());
+        }
+        let mut path = self.root.clone();
+        for (i, part) in parts.iter().enumerate() {
+            path.push(part);
+            match fs::symlink_metadata(&path) {
+                Ok(md) if md.file_type().is_symlink() => {
+                    let allowed =
+                        (i == 0 && *part == "pg_wal") || (i == 1 && parts[0] == "pg_tblspc");
+                    if !allowed {
+                        return Err(refuse());
+                    }
+                }
+                // A missing component is not a confinement problem; the caller's open reports it.
+                _ => {}
+            }
+        }
+        Ok(path)
+    }
+
+    /// Every entry below the data directory, in pg_rewind's terms, sorted by path.
+    pub fn list(&self) -> Result<Vec<FileEntry>, DataDirError> {
+        let mut out = Vec::new();
+        self.walk(&self.root.clone(), "", &mut out)?;
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    fn walk(&self, dir: &Path, prefix: &str, out: &mut Vec<FileEntry>) -> Result<(), DataDirError> {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !prefix.is_empty() => return Ok(()),
+            Err(e) => return Err(DataDirError::io(prefix, e)),
+        };
+        for entry in entries {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(DataDirError::io(prefix, e)),
+            };
+            let Ok(name) = entry.file_name().into_string() else {
+                // PostgreSQL never creates such names; a stray one cannot be served by path.
+                continue;
+            };
+            let rel = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let full = entry.path();
+            let md = match fs::symlink_metadata(&full) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(DataDirError::io(&rel, e)),
+            };
+            let ft = md.file_type();
+            if ft.is_symlink() {
+                let target = match fs::read_link(&full) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(DataDirError::io(&rel, e)),
+                };
+                if rel == "pg_wal" {
+                    // pg_wal is always treated as a directory, wherever it lives.
+                    out.push(dir_entry(rel.clone()));
+                    self.walk(&full, &rel, out)?;
+                } else if prefix == "pg_tblspc" {
+                    out.push(FileEntry {
+                        path: rel.clone(),
+                        file_type: FileType::Symlink,
+                        size: 0,
+                        link_target: Some(target.to_string_lossy().into_owned()),
+                    });
+                    self.walk(&full, &rel, out)?;
+                } else {
+                    out.push(FileEntry {
+                        path: rel,
+                        file_type: FileType::Symlink,
+                        size: 0,
+                        link_target: Some(target.to_string_lossy().into_owned()),
+                    });
+                }
+            } else if ft.is_dir() {
+                out.push(dir_entry(rel.clone()));
+                self.walk(&full, &rel, out)?;
+            } else if ft.is_file() {
+                out.push(FileEntry {
+                    path: rel,
+                    file_type: FileType::Regular,
+                    size: md.len(),
+                    link_target: None,
+                });
+            }
+            // Sockets, fifos and devices have no place in a data directory; they are skipped.
+        }
+        Ok(())
+    }
+
+    /// Reads a whole (small) file, such as `global/pg_control` or a timeline history file.
+    /// `Ok(None)` when it does not exist.
+    pub fn read_file(&self, rel: &str) -> Result<Option<Vec<u8>>, DataDirError> {
+        let path = self.resolve(rel)?;
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(DataDirError::io(rel, e)),
+        }
+    }
+
+    /// Reads `len` bytes at the 64-bit `offset` of a file into `buf` (cleared first).
+    pub fn read_range(
+        &self,
+        rel: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<ReadStatus, DataDirError> {
+        buf.clear();
+        let path = self.resolve(rel)?;
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ReadStatus::Vanished),
+            Err(e) => return Err(DataDirError::io(rel, e)),
+        };
+        let len = usize::try_from(len).map_err(|_| DataDirError::PathNotAllowed(rel.into()))?;
+        buf.resize(len, 0);
+        let mut done = 0usize;
+        while done < len {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(DataDirError::io(rel, e)),
+            }
+        }
+        buf.truncate(done);
+        Ok(if done == len {
+            ReadStatus::Complete
+        } else {
+            ReadStatus::Short
+        })
+    }
+
+    /// Opens a file for sequential reading (hashing, streaming a whole file).
+    pub fn open(&self, rel: &str) -> Result<Option<impl Read + FileExt>, DataDirError> {
+        let path = self.resolve(rel)?;
+        match File::open(&path) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(DataDirError::io(rel, e)),
+        }
+    }
+}
+
+fn dir_entry(path: String) -> FileEntry {
+    FileEntry {
+        path,
+        file_type: FileType::Directory,
+        size: 0,
+        link_target: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn tmp() -> PathBuf {
+        let p = std::env::temp_dir().join(format!(
+            "fb-datadir-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    #[test]
+    fn lists_like_pg_rewind_and_confines_paths() {
+        let root = tmp();
+        let outside = root.with_extension("outside");
+        let _ = fs::remove_dir_all(&outside);
+        fs::create_dir_all(outside.join("PG_15_202209061/5")).unwrap();
+        fs::write(outside.join("PG_15_202209061/5/16384"), vec![1u8; 8192]).unwrap();
+        let secret_dir = root.with_extension("secret");
+        fs::create_dir_all(&secret_dir).unwrap();
+        fs::write(secret_dir.join("secret"), b"x").unwrap();
+        fs::create_dir_all(root.join("base/5")).unwrap();
+        fs::create_dir_all(root.join("pg_tblspc")).unwrap();
+        fs::write(root.join("base/5/16384"), vec![0u8; 3 * 8192]).unwrap();
+        symlink(&outside, root.join("pg_tblspc/16400")).unwrap();
+        symlink(secret_dir.join("secret"), root.join("evil")).unwrap();
+
+        let dd = DataDir::new(&root);
+        let list = dd.list().unwrap();
+        let paths: Vec<_> = list
+            .iter()
+            .map(|e| (e.path.as_str(), e.file_type))
+            .collect();
+        assert!(paths.contains(&("base/5/16384", FileType::Regular)));
+        assert!(paths.contains(&("pg_tblspc/16400", FileType::Symlink)));
+        assert!(paths.contains(&("pg_tblspc/16400/PG_15_202209061/5/16384", FileType::Regular)));
+        assert!(paths.contains(&("evil", FileType::Symlink)));
+        assert!(!paths.iter().any(|p| p.0.contains("secret")));
+
+        let mut buf = Vec::new();
+        assert_eq!(
+            dd.read_range("base/5/16384", 8192, 8192, &mut buf).unwrap(),
+            ReadStatus::Complete
+        );
+        assert_eq!(
+            dd.read_range("base/5/16384", 16384, 9000, &mut buf)
+                .unwrap(),
+            ReadStatus::Short
+        );
+        assert_eq!(buf.len(), 8192);
+        assert_eq!(
+            dd.read_range("base/5/nope", 0, 1, &mut buf).unwrap(),
+            ReadStatus::Vanished
+        );
+        assert!(
+            dd.read_range("pg_tblspc/16400/PG_15_202209061/5/16384", 0, 8192, &mut buf)
+                .is_ok()
+        );
+        for bad in [
+            "/etc/passwd",
+            "../x",
+            "base/../../x",
+            "evil",
+            "base//5",
+            "",
+            "pg_tblspc/16400/../../x",
+        ] {
+            assert!(
+                matches!(
+                    dd.read_range(bad, 0, 1, &mut buf),
+                    Err(DataDirError::PathNotAllowed(_))
+                ),
+                "{bad}"
+            );
+        }
+        fs::remove_dir_all(&root).unwrap();
+        fs::remove_dir_all(&outside).unwrap();
+        fs::remove_dir_all(&secret_dir).unwrap();
+    }
+}
