@@ -1,1 +1,2 @@
 //! failback: the client run on the old primary.
+pub mod fsutil;
