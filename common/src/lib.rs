@@ -6,6 +6,7 @@
 //! fed hostile input by property tests and fuzzers.
 
 pub mod lsn;
+pub mod plan;
 pub mod version;
 
 pub use lsn::{Lsn, TimeLineId, XLogSegNo};

@@ -1,0 +1,337 @@
+//! The rewind plan: a pure function from both sides' facts to a list of file actions.
+//!
+//! pg_rewind's plan has two inputs besides the two directory listings (see [`crate::filemap`]):
+//! the *page map*, every main-fork block that the target's WAL touched after the last common
+//! checkpoint (`datapagemap` per relation segment file), and the *keepwal* set, target WAL
+//! segments that recovery may still need and so must not be removed even though the source
+//! lacks them. A block in the page map is fetched from the source only if the file exists on
+//! both sides and the block lies within both (a block past either end is handled by the
+//! file's truncate or tail copy).
+//!
+//! failback adds one refinement: WAL segments older than the segment holding the last common
+//! checkpoint's redo pointer are never needed by the recovery that follows the rewind, so they
+//! are neither copied from the source nor removed from the target.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::filemap::{self, FileAction, FileEntry, FileMapError, FileType};
+use crate::lsn::{XLogSegNo, parse_wal_file_name};
+
+/// Blocks of one relation segment file, as a bitmap over block numbers within the segment
+/// (pg_rewind's `datapagemap_t`): memory grows with the highest changed block, not the file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockBitmap {
+    words: Vec<u64>,
+}
+
+impl BlockBitmap {
+    pub fn insert(&mut self, blk: u32) {
+        let w = (blk / 64) as usize;
+        if self.words.len() <= w {
+            self.words.resize(w + 1, 0);
+        }
+        self.words[w] |= 1 << (blk % 64);
+    }
+
+    pub fn contains(&self, blk: u32) -> bool {
+        self.words
+            .get((blk / 64) as usize)
+            .is_some_and(|w| w & (1 << (blk % 64)) != 0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|w| *w == 0)
+    }
+
+    /// Block numbers in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let bit = w.trailing_zeros();
+                w &= w - 1;
+                Some(i as u32 * 64 + bit)
+            })
+        })
+    }
+}
+
+/// The page map: relation segment file path → changed blocks within it.
+#[derive(Clone, Debug, Default)]
+pub struct PageMap {
+    pub files: BTreeMap<String, BlockBitmap>,
+}
+
+impl PageMap {
+    pub fn insert(&mut self, path: &str, blk_in_segment: u32) {
+        if let Some(b) = self.files.get_mut(path) {
+            b.insert(blk_in_segment);
+        } else {
+            let mut b = BlockBitmap::default();
+            b.insert(blk_in_segment);
+            self.files.insert(path.to_string(), b);
+        }
+    }
+
+    pub fn block_count(&self) -> usize {
+        self.files.values().map(BlockBitmap::len).sum()
+    }
+}
+
+/// Everything the planner decides from.
+pub struct PlanInput<'a> {
+    pub source: &'a [FileEntry],
+    pub target: &'a [FileEntry],
+    pub page_map: &'a PageMap,
+    /// Target WAL segment paths (`pg_wal/<name>`) that must not be removed.
+    pub keep_wal: &'a BTreeSet<String>,
+    /// Whether a path is a main-fork relation segment (`isRelDataFile`).
+    pub is_relation_file: &'a dyn Fn(&str) -> bool,
+    pub block_size: u32,
+    pub wal_segment_size: u32,
+    /// The segment of the last common checkpoint's redo pointer; older segments are left alone.
+    pub oldest_needed_wal_segment: Option<XLogSegNo>,
+}
+
+/// One path's part of the plan.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlanEntry {
+    pub path: String,
+    pub action: FileAction,
+    pub source: Option<FileEntry>,
+    pub target: Option<FileEntry>,
+    /// Changed blocks within the file to fetch from the source (block numbers in the segment).
+    #[serde(skip)]
+    pub blocks: BlockBitmap,
+    /// Why the action is not pg_rewind's (a note for `--debug` and the report).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'static str>,
+}
+
+impl PlanEntry {
+    /// Bytes this entry fetches from the source.
+    pub fn fetch_bytes(&self, block_size: u32) -> u64 {
+        let blocks = self.blocks.len() as u64 * u64::from(block_size);
+        let src = self.source.as_ref().map_or(0, |s| s.size);
+        let tgt = self.target.as_ref().map_or(0, |t| t.size);
+        blocks
+            + match self.action {
+                FileAction::Copy => src,
+                FileAction::CopyTail => src.saturating_sub(tgt),
+                _ => 0,
+            }
+    }
+}
+
+/// Files and bytes per action.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct ActionTotals {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// The whole plan, in execution order.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub entries: Vec<PlanEntry>,
+    pub block_size: u32,
+}
+
+impl Plan {
+    /// Totals per action name; blocks fetched for unchanged-size files count under "BLOCKS".
+    pub fn totals(&self) -> BTreeMap<&'static str, ActionTotals> {
+        let mut t: BTreeMap<&'static str, ActionTotals> = BTreeMap::new();
+        for e in &self.entries {
+            let bytes =
+                e.fetch_bytes(self.block_size) - e.blocks.len() as u64 * u64::from(self.block_size);
+            let a = t.entry(e.action.name()).or_default();
+            a.files += 1;
+            a.bytes += match e.action {
+                FileAction::Truncate => e
+                    .target
+                    .as_ref()
+                    .map_or(0, |t| t.size)
+                    .saturating_sub(e.source.as_ref().map_or(0, |s| s.size)),
+                FileAction::Remove => e.target.as_ref().map_or(0, |t| t.size),
+                _ => bytes,
+            };
+            if !e.blocks.is_empty() {
+                let b = t.entry("BLOCKS").or_default();
+                b.files += 1;
+                b.bytes += e.blocks.len() as u64 * u64::from(self.block_size);
+            }
+        }
+        t
+    }
+
+    /// Bytes to fetch from the source in all.
+    pub fn fetch_bytes(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|e| e.fetch_bytes(self.block_size))
+            .sum()
+    }
+}
+
+/// Builds the plan: pg_rewind's decisions, then the page map, then the order of execution.
+pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
+    let mut paths: BTreeMap<&str, (Option<&FileEntry>, Option<&FileEntry>)> = BTreeMap::new();
+    for s in input.source {
+        paths.entry(&s.path).or_default().0 = Some(s);
+    }
+    for t in input.target {
+        paths.entry(&t.path).or_default().1 = Some(t);
+    }
+    let mut entries = Vec::with_capacity(paths.len());
+    for (path, (source, target)) in paths {
+        let is_rel = (input.is_relation_file)(path);
+        if is_rel && source.is_some_and(|s| s.file_type != FileType::Regular) {
+            return Err(FileMapError::RelationNotRegular { path: path.into() });
+        }
+        let mut action = filemap::decide_file_action(path, source, target, is_rel)?;
+        let mut note = None;
+        if action == FileAction::Remove && input.keep_wal.contains(path) {
+            action = FileAction::None;
+            note = Some("kept: required for recovery");
+        }
+        if let (Some(oldest), Some(name)) = (
+            input.oldest_needed_wal_segment,
+            path.strip_prefix("pg_wal/"),
+        ) && let Some((_, segno)) = parse_wal_file_name(name, input.wal_segment_size)
+            && segno < oldest
+            && matches!(action, FileAction::Copy | FileAction::Remove)
+        {
+            action = FileAction::None;
+            note = Some("older than the last common checkpoint: not needed");
+        }
+        let mut blocks = BlockBitmap::default();
+        if let (Some(s), Some(t), Some(changed)) = (source, target, input.page_map.files.get(path))
+            && s.file_type == FileType::Regular
+            && t.file_type == FileType::Regular
+            && matches!(
+                action,
+                FileAction::None | FileAction::CopyTail | FileAction::Truncate
+            )
+        {
+            let limit = s.size.min(t.size);
+            for blk in changed.iter() {
+                if (u64::from(blk) + 1) * u64::from(input.block_size) <= limit {
+                    blocks.insert(blk);
+                }
+            }
+        }
+        entries.push(PlanEntry {
+            path: path.to_string(),
+            action,
+            source: source.cloned(),
+            target: target.cloned(),
+            blocks,
+            note,
+        });
+    }
+    entries.sort_by(|a, b| filemap::execution_order((&a.path, a.action), (&b.path, b.action)));
+    Ok(Plan {
+        entries,
+        block_size: input.block_size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn reg(path: &str, size: u64) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            file_type: FileType::Regular,
+            size,
+            link_target: None,
+        }
+    }
+
+    #[test]
+    fn blocks_only_within_both_files() {
+        let source = vec![reg("base/5/16384", 4 * 8192), reg("base/5/16385", 8192)];
+        let target = vec![
+            reg("base/5/16384", 2 * 8192),
+            reg("pg_wal/000000010000000000000001", 16 << 20),
+        ];
+        let mut pm = PageMap::default();
+        for b in [0, 1, 2, 3] {
+            pm.insert("base/5/16384", b);
+        }
+        pm.insert("base/5/16385", 0);
+        let keep = BTreeSet::new();
+        let plan = make_plan(&PlanInput {
+            source: &source,
+            target: &target,
+            page_map: &pm,
+            keep_wal: &keep,
+            is_relation_file: &|p| p.starts_with("base/"),
+            block_size: 8192,
+            wal_segment_size: 16 << 20,
+            oldest_needed_wal_segment: Some(2),
+        })
+        .unwrap();
+        let e = plan
+            .entries
+            .iter()
+            .find(|e| e.path == "base/5/16384")
+            .unwrap();
+        assert_eq!(e.action, FileAction::CopyTail);
+        assert_eq!(e.blocks.iter().collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(e.fetch_bytes(8192), 4 * 8192);
+        let e = plan
+            .entries
+            .iter()
+            .find(|e| e.path == "base/5/16385")
+            .unwrap();
+        assert_eq!(e.action, FileAction::Copy);
+        assert!(e.blocks.is_empty());
+        // An old target-only segment is neither removed nor needed.
+        let e = plan
+            .entries
+            .iter()
+            .find(|e| e.path.starts_with("pg_wal/"))
+            .unwrap();
+        assert_eq!(e.action, FileAction::None);
+        assert_eq!(plan.fetch_bytes(), 4 * 8192 + 8192);
+        let t = plan.totals();
+        assert_eq!(
+            t["COPY_TAIL"],
+            ActionTotals {
+                files: 1,
+                bytes: 2 * 8192
+            }
+        );
+        assert_eq!(
+            t["BLOCKS"],
+            ActionTotals {
+                files: 1,
+                bytes: 2 * 8192
+            }
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn bitmap_matches_a_set(blocks in proptest::collection::vec(0u32..100_000, 0..200)) {
+            let mut bm = BlockBitmap::default();
+            for &b in &blocks { bm.insert(b); }
+            let set: BTreeSet<u32> = blocks.iter().copied().collect();
+            prop_assert_eq!(bm.iter().collect::<Vec<_>>(), set.iter().copied().collect::<Vec<_>>());
+            prop_assert_eq!(bm.len(), set.len());
+            for b in 0..64 { prop_assert_eq!(bm.contains(b), set.contains(&b)); }
+        }
+    }
+}
