@@ -1,2 +1,3 @@
 //! failback: the client run on the old primary.
 pub mod fsutil;
+pub mod source;

@@ -1,0 +1,111 @@
+//! A shut-down data directory on this machine (`--source-pgdata`), read through the same
+//! confined reader failbackd serves with.
+
+use failback_common::filemap::FileEntry;
+use failback_server::datadir::{DataDir, DataDirError, ReadStatus};
+
+use super::{FetchRange, Fetched, Source, SourceEnd, SourceError};
+
+/// How much of a file is read at a time; large enough to stream, small enough to bound memory.
+const PIECE: u64 = 1 << 20;
+
+pub struct LocalSource {
+    dir: DataDir,
+    buf: Vec<u8>,
+}
+
+impl LocalSource {
+    pub fn new(path: impl Into<std::path::PathBuf>) -> Self {
+        LocalSource {
+            dir: DataDir::new(path),
+            buf: Vec::with_capacity(PIECE as usize),
+        }
+    }
+}
+
+fn err(what: &str, e: DataDirError) -> SourceError {
+    match e {
+        DataDirError::PathNotAllowed(p) => SourceError::Refused {
+            what: what.to_string(),
+            reason: format!("path {p:?} is outside the data directory"),
+        },
+        DataDirError::Io { source, .. } => SourceError::Io {
+            what: what.to_string(),
+            source,
+        },
+    }
+}
+
+impl Source for LocalSource {
+    fn describe(&self) -> String {
+        self.dir.root().display().to_string()
+    }
+
+    fn control_file(&mut self) -> Result<Vec<u8>, SourceError> {
+        self.dir
+            .read_file("global/pg_control")
+            .map_err(|e| err("global/pg_control", e))?
+            .ok_or_else(|| SourceError::Refused {
+                what: "global/pg_control".into(),
+                reason: format!("{} is not a PostgreSQL data directory", self.describe()),
+            })
+    }
+
+    fn read_file(&mut self, path: &str) -> Result<Option<Vec<u8>>, SourceError> {
+        self.dir.read_file(path).map_err(|e| err(path, e))
+    }
+
+    fn list_files(&mut self) -> Result<Vec<FileEntry>, SourceError> {
+        self.dir.list().map_err(|e| err("the file list", e))
+    }
+
+    fn fetch(
+        &mut self,
+        ranges: &[FetchRange],
+        sink: &mut dyn FnMut(Fetched<'_>) -> Result<(), SourceError>,
+    ) -> Result<(), SourceError> {
+        for r in ranges {
+            let mut off = r.offset;
+            let end = r.offset.saturating_add(r.length);
+            while off < end {
+                let len = (end - off).min(PIECE);
+                let status = self
+                    .dir
+                    .read_range(&r.path, off, len, &mut self.buf)
+                    .map_err(|e| err(&r.path, e))?;
+                match status {
+                    ReadStatus::Vanished => {
+                        sink(Fetched::Vanished { path: &r.path })?;
+                        break;
+                    }
+                    ReadStatus::Complete | ReadStatus::Short => {
+                        if !self.buf.is_empty() {
+                            sink(Fetched::Data {
+                                path: &r.path,
+                                offset: off,
+                                data: &self.buf,
+                            })?;
+                        }
+                        if status == ReadStatus::Short {
+                            sink(Fetched::Short {
+                                path: &r.path,
+                                size: off + self.buf.len() as u64,
+                            })?;
+                            break;
+                        }
+                        off += len;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn is_live(&self) -> bool {
+        false
+    }
+
+    fn end_of_wal(&mut self) -> Result<Option<SourceEnd>, SourceError> {
+        Ok(None)
+    }
+}

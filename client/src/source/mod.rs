@@ -1,0 +1,105 @@
+//! Where the rewind reads the new primary's files from.
+//!
+//! pg_rewind has two sources: a shut-down data directory on the same machine
+//! (`--source-pgdata`) and a running server reached over libpq (`--source-server`). failback
+//! adds failbackd (`--source grpc://…`, `quic://…`). The rewind engine sees them all through
+//! [`Source`]: the control file, timeline history files, the file list, ranges of files at
+//! 64-bit offsets, and — for a live source — where its WAL ends once the copy is done.
+//!
+//! Fetching takes a whole batch of ranges and hands each piece to a sink as it arrives, so a
+//! remote source can keep many requests in flight on a long link while the engine writes
+//! sequentially. A source never writes anything.
+
+pub mod local;
+
+use failback_common::filemap::FileEntry;
+use failback_common::{Lsn, TimeLineId};
+
+/// A range of a source file to fetch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchRange {
+    pub path: String,
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// What the source had for (part of) a requested range.
+#[derive(Debug)]
+pub enum Fetched<'a> {
+    /// Bytes at `offset` of `path`, verified when the transport carries a hash.
+    Data {
+        path: &'a str,
+        offset: u64,
+        data: &'a [u8],
+    },
+    /// The file ended at `size` before the requested range did (it shrank, or the source is
+    /// live and the listing is older than the read).
+    Short { path: &'a str, size: u64 },
+    /// The file is gone from the source.
+    Vanished { path: &'a str },
+}
+
+/// The source's end of WAL once the copy is done: where the rewound target must replay to
+/// before it is consistent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceEnd {
+    pub lsn: Lsn,
+    pub tli: TimeLineId,
+}
+
+/// Why the source could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("source refused {what}: {reason}")]
+    Refused { what: String, reason: String },
+    #[error("source I/O error on {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("source did not answer in time: {0}")]
+    Timeout(String),
+    #[error("source transport error: {0}")]
+    Transport(String),
+    #[error("writing what the source sent failed")]
+    Sink(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl SourceError {
+    /// Whether trying again can help (a stalled or broken link can heal; a refusal will not).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SourceError::Timeout(_) | SourceError::Transport(_))
+    }
+}
+
+/// A place to rewind from.
+pub trait Source {
+    /// A short description for messages: the directory or URL.
+    fn describe(&self) -> String;
+
+    /// `global/pg_control`, 8192 bytes.
+    fn control_file(&mut self) -> Result<Vec<u8>, SourceError>;
+
+    /// A small file in whole (timeline history files); `None` when it does not exist.
+    fn read_file(&mut self, path: &str) -> Result<Option<Vec<u8>>, SourceError>;
+
+    /// Every entry of the data directory and its tablespaces.
+    fn list_files(&mut self) -> Result<Vec<FileEntry>, SourceError>;
+
+    /// Fetches every range, calling `sink` for each piece as it arrives (pieces of one range
+    /// arrive in order; ranges may interleave).
+    fn fetch(
+        &mut self,
+        ranges: &[FetchRange],
+        sink: &mut dyn FnMut(Fetched<'_>) -> Result<(), SourceError>,
+    ) -> Result<(), SourceError>;
+
+    /// Whether a PostgreSQL server is running on the source (its files change under us).
+    fn is_live(&self) -> bool;
+
+    /// For a live source, the server's current end of WAL (insert position on a primary,
+    /// replay position on a standby). `None` for a shut-down data directory, whose end is its
+    /// control file's checkpoint.
+    fn end_of_wal(&mut self) -> Result<Option<SourceEnd>, SourceError>;
+}
