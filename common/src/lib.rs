@@ -7,6 +7,7 @@
 
 pub mod lsn;
 pub mod plan;
+pub mod recovery;
 pub mod version;
 
 pub use lsn::{Lsn, TimeLineId, XLogSegNo};
