@@ -42,6 +42,17 @@ pub struct RelFileLocator {
     pub relNumber: u32,
 }
 
+impl RelFileLocator {
+    #[allow(non_snake_case)]
+    pub fn new(spcOid: u32, dbOid: u32, relNumber: u32) -> RelFileLocator {
+        RelFileLocator {
+            spcOid,
+            dbOid,
+            relNumber,
+        }
+    }
+}
+
 impl std::fmt::Display for RelFileLocator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}/{}", self.spcOid, self.dbOid, self.relNumber)
@@ -226,6 +237,20 @@ pub fn block_location(blkno: u32, relseg_size: u32, blcksz: u32) -> Option<(u32,
     Some((segno, u64::from(in_seg) * u64::from(blcksz)))
 }
 
+/// The file holding block `blkno` of a fork and the byte offset of the block in it: what a
+/// WAL block reference (locator, fork, blkno) means on disk. `None` if either size is 0.
+pub fn block_path(
+    locator: RelFileLocator,
+    fork: ForkNumber,
+    blkno: u32,
+    relseg_size: u32,
+    blcksz: u32,
+    major: PgMajor,
+) -> Option<(String, u64)> {
+    let (segno, offset) = block_location(blkno, relseg_size, blcksz)?;
+    Some((segment_path(locator, fork, segno, major), offset))
+}
+
 /// The inverse of [`block_location`]: the fork-wide block number of block `block_in_segment`
 /// of segment `segno`. `None` if it does not fit in a `BlockNumber` (u32).
 pub fn absolute_block(segno: u32, block_in_segment: u32, relseg_size: u32) -> Option<u32> {
@@ -367,6 +392,17 @@ mod tests {
         assert!(off > 1 << 32);
         assert_eq!(block_location(5, 0, 8192), None);
         assert_eq!(block_location(5, 10, 0), None);
+        assert_eq!(
+            block_path(
+                loc(1663, 5, 16384),
+                ForkNumber::Main,
+                262145,
+                131072,
+                8192,
+                V15
+            ),
+            Some(("base/5/16384.2".to_string(), 8192))
+        );
         assert_eq!(absolute_block(1, 5, 131072), Some(131077));
         assert_eq!(absolute_block(u32::MAX, 1, 131072), None);
     }
