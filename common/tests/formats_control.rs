@@ -293,8 +293,16 @@ fn layout_matches_what_the_servers_wrote() {
         // In 18 the padding between the nonce and the CRC is zero too: the CRC really is at 292.
         if f.major == PgMajor::V18 {
             assert!(f.bytes[289..292].iter().all(|&b| b == 0));
+            // default_char_signedness is a C bool written as exactly 1 (signed char on x86-64),
+            // so the random nonce starts one byte later, at 257.
+            assert_eq!(f.bytes[256], 1);
         }
         let c = ControlFileData::parse(&f.bytes).unwrap();
+        let nonce_at = ControlFileLayout::of(f.major).mock_authentication_nonce;
+        assert_eq!(
+            &f.bytes[nonce_at..nonce_at + 32],
+            &c.mock_authentication_nonce[..]
+        );
         assert_eq!(c.crc, stored);
         assert_eq!(
             c.to_bytes().unwrap(),
