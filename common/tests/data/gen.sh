@@ -53,6 +53,7 @@ RUN_AS=${RUN_AS:-postgres}
 
 if [[ -z ${GEN_INNER:-} ]]; then
     WORK=$(mktemp -d /tmp/failback-fixtures.XXXXXX)
+    trap 'rm -rf "$WORK"' EXIT
     inner=(env GEN_INNER=1 WORK="$WORK"
         PGBIN_13="${PGBIN_13:-}" PGBIN_14="${PGBIN_14:-}" PGBIN_15="${PGBIN_15:-}"
         PGBIN_16="${PGBIN_16:-}" PGBIN_17="${PGBIN_17:-}" PGBIN_18="${PGBIN_18:-}"
@@ -70,7 +71,6 @@ if [[ -z ${GEN_INNER:-} ]]; then
             chmod -R a+rX,u+w "$HERE/$kind"
         fi
     done
-    rm -rf "$WORK"
     exit 0
 fi
 
