@@ -1,4 +1,6 @@
 //! failback: the client run on the old primary.
+pub mod execute;
 pub mod fsutil;
 pub mod inspect;
+pub mod progress;
 pub mod source;

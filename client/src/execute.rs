@@ -1,0 +1,301 @@
+//! Carrying out a plan against the target data directory.
+//!
+//! The plan says, per path, what pg_rewind would do; this module does it through one writer:
+//! directories and tablespace links are created first, files are cut down, then every byte to
+//! fetch (whole files, tails, changed blocks) is requested from the source in one batch, so a
+//! remote source can keep its link full, and written at its 64-bit offset as it arrives; last,
+//! what the source no longer has is removed, deepest paths first.
+//!
+//! A whole-file copy writes only the pieces whose bytes differ from what the target already
+//! holds at the same offset: configuration files, SLRUs and WAL segments from before the fork
+//! are mostly identical, and a rewrite would only cost disk bandwidth.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use failback_common::filemap::{FileAction, FileType};
+use failback_common::plan::Plan;
+use serde::Serialize;
+
+use crate::fsutil::Ownership;
+use crate::progress::Progress;
+use crate::source::{FetchRange, Fetched, Source, SourceError};
+
+/// Why the plan could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecuteError {
+    #[error("could not {what} \"{}\"", path.display())]
+    Target {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+impl ExecuteError {
+    fn target(what: &'static str, path: &Path, source: io::Error) -> Self {
+        ExecuteError::Target {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// What the execution did, for `-n`, the report and tests.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct ExecuteStats {
+    pub bytes_fetched: u64,
+    pub bytes_written: u64,
+    /// Bytes of whole-file copies that were already identical on the target.
+    pub bytes_identical: u64,
+    pub files_vanished_on_source: u64,
+}
+
+/// Adjacent changed blocks become one range, so a run of blocks is one request.
+fn block_ranges(path: &str, blocks: impl Iterator<Item = u32>, block_size: u32) -> Vec<FetchRange> {
+    let bs = u64::from(block_size);
+    let mut out: Vec<FetchRange> = Vec::new();
+    for blk in blocks {
+        let off = u64::from(blk) * bs;
+        match out.last_mut() {
+            Some(r) if r.offset + r.length == off => r.length += bs,
+            _ => out.push(FetchRange {
+                path: path.to_string(),
+                offset: off,
+                length: bs,
+            }),
+        }
+    }
+    out
+}
+
+/// The ranges the plan fetches, in plan order.
+pub fn plan_ranges(plan: &Plan) -> Vec<FetchRange> {
+    let mut ranges = Vec::new();
+    for e in &plan.entries {
+        ranges.extend(block_ranges(&e.path, e.blocks.iter(), plan.block_size));
+        let src = e.source.as_ref().map_or(0, |s| s.size);
+        let tgt = e.target.as_ref().map_or(0, |t| t.size);
+        match e.action {
+            FileAction::Copy if src > 0 => ranges.push(FetchRange {
+                path: e.path.clone(),
+                offset: 0,
+                length: src,
+            }),
+            FileAction::CopyTail => ranges.push(FetchRange {
+                path: e.path.clone(),
+                offset: tgt,
+                length: src - tgt,
+            }),
+            _ => {}
+        }
+    }
+    ranges
+}
+
+/// Carries out `plan` on the data directory `pgdata`, fetching from `source`.
+pub fn execute(
+    plan: &Plan,
+    pgdata: &Path,
+    own: &Ownership,
+    source: &mut dyn Source,
+    progress: &mut dyn Progress,
+) -> Result<ExecuteStats, ExecuteError> {
+    let mut stats = ExecuteStats::default();
+    let full = |p: &str| pgdata.join(p);
+
+    // Directories and links first, so that files below them can be written.
+    for e in plan
+        .entries
+        .iter()
+        .filter(|e| e.action == FileAction::Create)
+    {
+        let path = full(&e.path);
+        let src = e.source.as_ref().expect("CREATE comes from a source entry");
+        match src.file_type {
+            FileType::Directory => own
+                .create_dir(&path)
+                .map_err(|err| ExecuteError::target("create directory", &path, err))?,
+            FileType::Symlink => {
+                let to = src.link_target.as_deref().unwrap_or_default();
+                match std::os::unix::fs::symlink(to, &path) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(err) => return Err(ExecuteError::target("create symlink", &path, err)),
+                }
+                if own.chown {
+                    std::os::unix::fs::lchown(&path, Some(own.uid), Some(own.gid))
+                        .map_err(|err| ExecuteError::target("chown", &path, err))?;
+                }
+            }
+            FileType::Regular => unreachable!("regular files are copied, not created"),
+        }
+    }
+
+    // Files the source has less of: cut them down before anything is written into them.
+    for e in &plan.entries {
+        let target_len = e.target.as_ref().map_or(0, |t| t.size);
+        let new_len = match e.action {
+            FileAction::Truncate => e.source.as_ref().map_or(0, |s| s.size),
+            // A whole copy ends at the source's size; bytes past it must go.
+            FileAction::Copy if e.target.is_some() => {
+                e.source.as_ref().map_or(0, |s| s.size).min(target_len)
+            }
+            FileAction::Copy => {
+                let path = full(&e.path);
+                own.open_for_write(&path, true)
+                    .map_err(|err| ExecuteError::target("create", &path, err))?;
+                continue;
+            }
+            _ => continue,
+        };
+        if new_len < target_len {
+            let path = full(&e.path);
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|err| ExecuteError::target("open", &path, err))?;
+            f.set_len(new_len)
+                .map_err(|err| ExecuteError::target("truncate", &path, err))?;
+        }
+    }
+
+    // Every byte to fetch, as one batch.
+    let ranges = plan_ranges(plan);
+    let total: u64 = ranges.iter().map(|r| r.length).sum();
+    progress.total(total);
+    let whole_copies: std::collections::HashSet<&str> = plan
+        .entries
+        .iter()
+        .filter(|e| e.action == FileAction::Copy && e.target.is_some())
+        .map(|e| e.path.as_str())
+        .collect();
+    let mut files: HashMap<String, File> = HashMap::new();
+    let mut compare = Vec::new();
+    let mut write_error: Option<ExecuteError> = None;
+    let mut sink = |piece: Fetched<'_>| -> Result<(), SourceError> {
+        let r = (|| -> Result<(), ExecuteError> {
+            match piece {
+                Fetched::Data { path, offset, data } => {
+                    stats.bytes_fetched += data.len() as u64;
+                    progress.advance(data.len() as u64);
+                    let full_path = full(path);
+                    if !files.contains_key(path) {
+                        if files.len() >= 64 {
+                            files.clear();
+                        }
+                        let f = own
+                            .open_for_write(&full_path, false)
+                            .map_err(|err| ExecuteError::target("open", &full_path, err))?;
+                        // Reading back the target's bytes needs a readable handle.
+                        drop(f);
+                        let f = fs::OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .open(&full_path)
+                            .map_err(|err| ExecuteError::target("open", &full_path, err))?;
+                        files.insert(path.to_string(), f);
+                    }
+                    let f = &files[path];
+                    if whole_copies.contains(path) {
+                        compare.resize(data.len(), 0);
+                        if read_full_at(f, &mut compare, offset).is_ok_and(|n| n == data.len())
+                            && compare == data
+                        {
+                            stats.bytes_identical += data.len() as u64;
+                            return Ok(());
+                        }
+                    }
+                    f.write_all_at(data, offset)
+                        .map_err(|err| ExecuteError::target("write", &full_path, err))?;
+                    stats.bytes_written += data.len() as u64;
+                }
+                Fetched::Short { path, size } => {
+                    // The source file is shorter than listed: so must the copy be. WAL replay
+                    // recreates whatever a live source appended or cut meanwhile.
+                    let full_path = full(path);
+                    files.remove(path);
+                    if let Ok(f) = fs::OpenOptions::new().write(true).open(&full_path) {
+                        f.set_len(size)
+                            .map_err(|err| ExecuteError::target("truncate", &full_path, err))?;
+                    }
+                }
+                Fetched::Vanished { path } => {
+                    stats.files_vanished_on_source += 1;
+                    files.remove(path);
+                    let full_path = full(path);
+                    match fs::remove_file(&full_path) {
+                        Ok(()) => {}
+                        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                        Err(err) => return Err(ExecuteError::target("remove", &full_path, err)),
+                    }
+                }
+            }
+            Ok(())
+        })();
+        r.map_err(|e| {
+            let msg = e.to_string();
+            write_error = Some(e);
+            SourceError::Sink(msg.into())
+        })
+    };
+    if let Err(e) = source.fetch(&ranges, &mut sink) {
+        return Err(write_error.take().unwrap_or(ExecuteError::Source(e)));
+    }
+    drop(files);
+
+    // Last, what the source does not have: deepest first (the plan's order).
+    for e in plan
+        .entries
+        .iter()
+        .filter(|e| e.action == FileAction::Remove)
+    {
+        let path = full(&e.path);
+        let t = e.target.as_ref().map_or(FileType::Regular, |t| t.file_type);
+        let r = match t {
+            FileType::Directory => fs::remove_dir(&path),
+            FileType::Regular | FileType::Symlink => fs::remove_file(&path),
+        };
+        match r {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(ExecuteError::target("remove", &path, err)),
+        }
+    }
+    Ok(stats)
+}
+
+fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adjacent_blocks_merge() {
+        let r = block_ranges("f", [0u32, 1, 2, 5, 7, 8].into_iter(), 8192);
+        let got: Vec<_> = r.iter().map(|r| (r.offset, r.length)).collect();
+        assert_eq!(
+            got,
+            vec![(0, 3 * 8192), (5 * 8192, 8192), (7 * 8192, 2 * 8192)]
+        );
+    }
+}
