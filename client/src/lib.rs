@@ -4,3 +4,6 @@ pub mod fsutil;
 pub mod inspect;
 pub mod progress;
 pub mod source;
+pub mod pgbin;
+pub mod rewind;
+pub mod walread;

@@ -8,6 +8,8 @@ pub trait Progress {
     fn total(&mut self, bytes: u64);
     /// `bytes` more were fetched.
     fn advance(&mut self, bytes: u64);
+    /// A message for the operator (`servers diverged at ...`).
+    fn info(&mut self, line: &str);
     /// A detail line for `--debug`.
     fn debug(&mut self, line: &str);
 }
@@ -19,5 +21,6 @@ impl Progress for Silent {
     fn phase(&mut self, _: &str) {}
     fn total(&mut self, _: u64) {}
     fn advance(&mut self, _: u64) {}
+    fn info(&mut self, _: &str) {}
     fn debug(&mut self, _: &str) {}
 }

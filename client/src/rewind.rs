@@ -1,0 +1,551 @@
+//! The rewind: pg_rewind's sequence, step by step (`src/bin/pg_rewind/pg_rewind.c`, `main`).
+//!
+//! 1. Read both control files and check that the clusters can be rewound into each other: same
+//!    system, same version and geometry, hint bits WAL-logged on the target, both shut down
+//!    cleanly (a crashed target is first taken through crash recovery in single-user mode).
+//! 2. Find where the histories diverged, and whether the target wrote WAL past that point at
+//!    all; if not, there is nothing to rewind.
+//! 3. Walk the target's WAL back from the divergence to the last checkpoint both share: replay
+//!    will start there.
+//! 4. Read the target's WAL forward from that checkpoint and note every block it touched.
+//! 5. Compare both file lists, plan, and carry the plan out.
+//! 6. Write `backup_label` (start replay at the common checkpoint) and a control file that
+//!    demands replay up to the source's end of WAL before the server opens.
+//!
+//! Every check happens before the first change to the target; a refusal leaves it as it was.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use failback_common::control::{ControlFileData, DBState};
+use failback_common::lsn::history_file_name;
+use failback_common::plan::{self, PageMap, Plan, PlanInput};
+use failback_common::recovery;
+use failback_common::relpath::{self, ForkNumber, RelFileLocator};
+use failback_common::timeline::{TimeLineHistory, find_common_ancestor};
+use failback_common::wal::WalParams;
+use failback_common::{Lsn, TimeLineId};
+use failback_server::datadir::DataDir;
+use serde::Serialize;
+
+use crate::execute::{self, ExecuteStats};
+use crate::fsutil::{self, Ownership, SyncMethod};
+use crate::pgbin;
+use crate::progress::Progress;
+use crate::source::Source;
+use crate::walread::{RestoreCommand, WalReader};
+
+/// XLOG rmgr id and its checkpoint record types (`catalog/pg_control.h`).
+const RM_XLOG_ID: u8 = 0;
+const XLOG_CHECKPOINT_SHUTDOWN: u8 = 0x00;
+const XLOG_CHECKPOINT_ONLINE: u8 = 0x10;
+/// `SizeOfXLogLongPHD` and `SizeOfXLogShortPHD`.
+const SIZE_OF_LONG_PHD: u64 = 40;
+const SIZE_OF_SHORT_PHD: u64 = 24;
+
+/// What the caller asked for (pg_rewind's flags, and failback's).
+#[derive(Clone, Debug, Default)]
+pub struct RewindOptions {
+    pub target: PathBuf,
+    /// `-R`: write standby.signal and primary_conninfo.
+    pub write_recovery_conf: bool,
+    pub primary_conninfo: Option<String>,
+    /// `-n`: change nothing, print what would be done.
+    pub dry_run: bool,
+    /// `-N`: do not fsync the target at the end.
+    pub no_sync: bool,
+    /// `-c`: fetch missing target WAL with the target's restore_command.
+    pub restore_target_wal: bool,
+    /// `--config-file`: passed to the target's postgres as `-c config_file=`.
+    pub config_file: Option<PathBuf>,
+    /// `--no-ensure-shutdown`: refuse a target that was not shut down cleanly.
+    pub no_ensure_shutdown: bool,
+    pub sync_method: Option<SyncMethod>,
+    /// `--debug`: the plan, a line per file and its blocks.
+    pub debug: bool,
+    /// Where the target version's `postgres` binary lives (for crash recovery and `-c`).
+    pub pg_bindir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct RewindError {
+    pub message: String,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+fn fail(message: impl Into<String>) -> RewindError {
+    RewindError {
+        message: message.into(),
+        source: None,
+    }
+}
+
+fn wrap<E: std::error::Error + Send + Sync + 'static>(
+    message: impl Into<String>,
+) -> impl FnOnce(E) -> RewindError {
+    let message = message.into();
+    move |e| RewindError {
+        message,
+        source: Some(Box::new(e)),
+    }
+}
+
+/// Time spent in each phase, in seconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PhaseTimes {
+    pub checks: f64,
+    pub wal_scan: f64,
+    pub file_lists: f64,
+    pub copy: f64,
+    pub sync_and_commit: f64,
+}
+
+/// What a rewind found and did: the report (`--report`) and the test oracle.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RewindReport {
+    pub rewind_needed: bool,
+    pub dry_run: bool,
+    pub source_timeline: TimeLineId,
+    pub target_timeline: TimeLineId,
+    pub divergence_lsn: Option<String>,
+    pub divergence_timeline: Option<TimeLineId>,
+    pub checkpoint_lsn: Option<String>,
+    pub checkpoint_redo: Option<String>,
+    pub checkpoint_timeline: Option<TimeLineId>,
+    pub min_recovery_point: Option<String>,
+    pub changed_blocks: u64,
+    pub actions: std::collections::BTreeMap<String, plan::ActionTotals>,
+    pub bytes_to_fetch: u64,
+    pub execution: Option<ExecuteStats>,
+    pub seconds: PhaseTimes,
+}
+
+/// Runs a rewind of `opts.target` from `source`.
+pub fn rewind(
+    opts: &RewindOptions,
+    source: &mut dyn Source,
+    progress: &mut dyn Progress,
+) -> Result<(RewindReport, Option<Plan>), RewindError> {
+    let mut report = RewindReport {
+        dry_run: opts.dry_run,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let target_dir = &opts.target;
+    let own = Ownership::of_data_dir(target_dir).map_err(wrap(format!(
+        "could not access target data directory \"{}\"",
+        target_dir.display()
+    )))?;
+    refuse_running_target(target_dir)?;
+
+    let pg = pgbin::PgBin::new(opts.pg_bindir.clone(), own.chown.then_some((own.uid, own.gid)));
+    let restore = if opts.restore_target_wal {
+        let cmd = pg.restore_command(target_dir, opts.config_file.as_deref())?;
+        Some(RestoreCommand {
+            command: cmd,
+            run_as: own.chown.then_some((own.uid, own.gid)),
+        })
+    } else {
+        None
+    };
+
+    // Step 1: both control files, and the checks.
+    let mut target = read_target_control(target_dir)?;
+    if !target.state.is_shut_down_cleanly() {
+        if opts.no_ensure_shutdown {
+            return Err(fail(format!(
+                "target server must be shut down cleanly (its state is \"{}\"); start and stop it \
+                 cleanly, or run again without --no-ensure-shutdown to let failback run crash \
+                 recovery",
+                target.state
+            )));
+        }
+        progress.info("target server was not shut down cleanly; running crash recovery in single-user mode");
+        if !opts.dry_run {
+            pg.single_user_recovery(target_dir, target.major, opts.config_file.as_deref())?;
+            target = read_target_control(target_dir)?;
+        }
+    }
+    let source_bytes = source
+        .control_file()
+        .map_err(wrap("could not read the source's control file"))?;
+    let src = ControlFileData::parse(&source_bytes)
+        .map_err(wrap(format!("source control file ({})", source.describe())))?;
+    sanity_checks(&src, &target, source.is_live(), opts.dry_run)?;
+
+    // Step 2: timelines and the divergence.
+    let src_tli = src.timeline_for_rewind();
+    let tgt_tli = target.timeline_for_rewind();
+    report.source_timeline = src_tli;
+    report.target_timeline = tgt_tli;
+    let params = WalParams::new(target.major, target.xlog_seg_size);
+    let target_history = if tgt_tli == 1 {
+        TimeLineHistory::single(1)
+    } else {
+        let name = history_file_name(tgt_tli);
+        let bytes = std::fs::read(target_dir.join("pg_wal").join(&name))
+            .map_err(wrap(format!("could not read target timeline history file pg_wal/{name}")))?;
+        TimeLineHistory::parse(&bytes, tgt_tli, &format!("target pg_wal/{name}"))
+            .map_err(wrap("target timeline history"))?
+    };
+
+    let rewind_needed;
+    let mut divergence = None;
+    if src_tli == tgt_tli {
+        progress.info("source and target cluster are on the same timeline");
+        rewind_needed = false;
+    } else {
+        let source_history = if src_tli == 1 {
+            TimeLineHistory::single(1)
+        } else {
+            let name = history_file_name(src_tli);
+            let bytes = source
+                .read_file(&format!("pg_wal/{name}"))
+                .map_err(wrap("could not read the source's timeline history"))?
+                .ok_or_else(|| fail(format!("source has no timeline history file pg_wal/{name}")))?;
+            TimeLineHistory::parse(&bytes, src_tli, &format!("source pg_wal/{name}"))
+                .map_err(wrap("source timeline history"))?
+        };
+        for (side, h) in [("Source", &source_history), ("Target", &target_history)] {
+            progress.debug(&format!("{side} timeline history:"));
+            for e in h.entries() {
+                let end = e.end.map_or("(current)".to_string(), |l| l.to_string());
+                progress.debug(&format!("{}: {} - {}", e.tli, e.begin, end));
+            }
+        }
+        let ca = find_common_ancestor(&source_history, &target_history)
+            .map_err(wrap("could not find where source and target diverged"))?;
+        progress.info(&format!(
+            "servers diverged at WAL location {} on timeline {}",
+            ca.divergerec, ca.tli
+        ));
+        report.divergence_lsn = Some(ca.divergerec.to_string());
+        report.divergence_timeline = Some(ca.tli);
+
+        // Did the target write anything past the divergence? Its WAL ends at the end of its
+        // last checkpoint record, or at its minimum recovery point if it was a standby.
+        let mut wal = WalReader::new(target_dir, &target_history, params.clone(), restore.clone());
+        let chkpt = wal
+            .read_record(target.checkPoint)
+            .map_err(wrap("could not read the target's latest checkpoint record"))?;
+        let target_wal_end = chkpt.end_lsn.max(target.minRecoveryPoint);
+        rewind_needed = target_wal_end > ca.divergerec;
+        divergence = Some((ca, target_wal_end));
+    }
+
+    if !rewind_needed {
+        progress.info("no rewind required");
+        if opts.write_recovery_conf && !opts.dry_run {
+            write_recovery_conf(target_dir, opts, &own)?;
+        }
+        report.seconds.checks = t0.elapsed().as_secs_f64();
+        return Ok((report, None));
+    }
+    let (ca, target_wal_end) = divergence.expect("a rewind is needed only after a divergence");
+    report.rewind_needed = true;
+
+    // Step 3: the last common checkpoint, walking back from the divergence.
+    let t_scan = Instant::now();
+    let mut wal = WalReader::new(target_dir, &target_history, params.clone(), restore.clone());
+    let mut search = ca.divergerec;
+    if search.page_offset(params.page_size) == 0 {
+        search = Lsn(
+            search.0
+                + if search.segment_offset(target.xlog_seg_size) == 0 {
+                    SIZE_OF_LONG_PHD
+                } else {
+                    SIZE_OF_SHORT_PHD
+                },
+        );
+    }
+    let fork = search;
+    let (chkpt_rec, chkpt_redo, chkpt_tli) = loop {
+        let r = wal.read_record(search).map_err(wrap(format!(
+            "could not find previous WAL record at {search} while looking for the last common checkpoint"
+        )))?;
+        if r.rmid == RM_XLOG_ID
+            && matches!(r.info & 0xF0, XLOG_CHECKPOINT_SHUTDOWN | XLOG_CHECKPOINT_ONLINE)
+            && search < fork
+        {
+            let cp = failback_common::control::CheckPoint::parse(&r.main_data, target.major)
+                .map_err(wrap(format!("checkpoint record at {search}")))?;
+            break (search, cp.redo, cp.ThisTimeLineID);
+        }
+        if !r.xl_prev.is_valid() || r.xl_prev >= search {
+            return Err(fail(format!(
+                "could not find a checkpoint before the divergence point {} in the target's WAL",
+                ca.divergerec
+            )));
+        }
+        search = r.xl_prev;
+    };
+    let keep_wal: std::collections::BTreeSet<String> =
+        wal.opened.iter().map(|n| format!("pg_wal/{n}")).collect();
+    progress.info(&format!(
+        "rewinding from last common checkpoint at {chkpt_rec} on timeline {chkpt_tli}"
+    ));
+    report.checkpoint_lsn = Some(chkpt_rec.to_string());
+    report.checkpoint_redo = Some(chkpt_redo.to_string());
+    report.checkpoint_timeline = Some(chkpt_tli);
+
+    // Step 4: every block the target touched since then.
+    progress.phase("reading WAL in target");
+    let mut page_map = PageMap::default();
+    let (relseg, blcksz, major) = (target.relseg_size, target.blcksz, target.major);
+    wal.scan(chkpt_rec, target_wal_end, |rec| {
+        for b in rec.blocks {
+            if b.fork != ForkNumber::Main.to_i32() as u8 {
+                continue;
+            }
+            let loc = RelFileLocator::new(b.locator.spc, b.locator.db, b.locator.rel);
+            if let Some((path, offset)) =
+                relpath::block_path(loc, ForkNumber::Main, b.blkno, relseg, blcksz, major)
+            {
+                page_map.insert(&path, (offset / u64::from(blcksz)) as u32);
+            }
+        }
+        Ok(())
+    })
+    .map_err(wrap("could not read the target's WAL"))?;
+    report.changed_blocks = page_map.block_count() as u64;
+    report.seconds.wal_scan = t_scan.elapsed().as_secs_f64();
+
+    // Step 5: both file lists, the plan.
+    let t_lists = Instant::now();
+    progress.phase("reading source file list");
+    let source_files = source
+        .list_files()
+        .map_err(wrap("could not list the source's files"))?;
+    progress.phase("reading target file list");
+    let target_files = DataDir::new(target_dir)
+        .list()
+        .map_err(wrap("could not list the target's files"))?;
+    let is_rel = |p: &str| relpath::is_rel_data_file(p, major).is_some();
+    let the_plan = plan::make_plan(&PlanInput {
+        source: &source_files,
+        target: &target_files,
+        page_map: &page_map,
+        keep_wal: &keep_wal,
+        is_relation_file: &is_rel,
+        block_size: blcksz,
+        wal_segment_size: target.xlog_seg_size,
+        oldest_needed_wal_segment: Some(chkpt_redo.segment_number(target.xlog_seg_size)),
+    })
+    .map_err(wrap("could not plan the rewind"))?;
+    report.actions = the_plan
+        .totals()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    report.bytes_to_fetch = the_plan.fetch_bytes();
+    report.seconds.file_lists = t_lists.elapsed().as_secs_f64();
+    let total_size: u64 = source_files.iter().map(|f| f.size).sum();
+    progress.info(&format!(
+        "need to copy {} MB (total source directory size is {} MB)",
+        report.bytes_to_fetch / 1_000_000,
+        total_size / 1_000_000
+    ));
+    if opts.debug {
+        for e in &the_plan.entries {
+            let note = e.note.map(|n| format!(" -- {n}")).unwrap_or_default();
+            progress.debug(&format!("{} ({}){note}", e.path, e.action.name()));
+            for b in e.blocks.iter() {
+                progress.debug(&format!("  block {b}"));
+            }
+        }
+    }
+    if opts.dry_run {
+        progress.info("dry run: the target was not changed");
+        return Ok((report, Some(the_plan)));
+    }
+
+    // Step 6: the point of no return.
+    let t_copy = Instant::now();
+    progress.phase("copying");
+    let stats = execute::execute(&the_plan, target_dir, &own, source, progress)
+        .map_err(wrap("could not carry out the rewind plan"))?;
+    report.execution = Some(stats);
+    report.seconds.copy = t_copy.elapsed().as_secs_f64();
+
+    let t_commit = Instant::now();
+    let after_bytes = source
+        .control_file()
+        .map_err(wrap("could not read the source's control file again"))?;
+    if !source.is_live() && after_bytes != source_bytes {
+        return Err(fail(
+            "source system was modified while failback was running; make sure the source is \
+             shut down, then run failback again",
+        ));
+    }
+    let after = ControlFileData::parse(&after_bytes).map_err(wrap("source control file"))?;
+    let (mut redo, mut tli, mut ckpt) = (chkpt_redo, chkpt_tli, chkpt_rec);
+    if src.checkPointCopy.redo < chkpt_redo {
+        // A standby source whose restartpoint lags: start from its own checkpoint.
+        redo = src.checkPointCopy.redo;
+        tli = src.checkPointCopy.ThisTimeLineID;
+        ckpt = src.checkPoint;
+    }
+    let (min_point, min_tli) = match source.end_of_wal().map_err(wrap("source end of WAL"))? {
+        Some(end) => (end.lsn, end.tli),
+        None => (after.checkPoint, after.checkPointCopy.ThisTimeLineID),
+    };
+    report.min_recovery_point = Some(min_point.to_string());
+
+    if !opts.no_sync {
+        progress.phase("syncing target data directory");
+        fsutil::sync_data_dir(target_dir, opts.sync_method.unwrap_or(SyncMethod::Fsync))
+            .map_err(wrap("could not sync the target data directory"))?;
+    }
+    progress.phase("creating backup label and updating control file");
+    let label = recovery::backup_label(
+        redo,
+        tli,
+        ckpt,
+        target.xlog_seg_size,
+        &chrono_free_timestamp(),
+    );
+    fsutil::durable_write(&target_dir.join("backup_label"), label.as_bytes(), &own)
+        .map_err(wrap("could not write backup_label"))?;
+    let mut new_control = after.clone();
+    new_control.minRecoveryPoint = min_point;
+    new_control.minRecoveryPointTLI = min_tli;
+    new_control.state = DBState::InArchiveRecovery;
+    let bytes = new_control
+        .to_bytes()
+        .map_err(wrap("could not build the new control file"))?;
+    fsutil::durable_write(&target_dir.join("global/pg_control"), &bytes, &own)
+        .map_err(wrap("could not write the target's control file"))?;
+    if opts.write_recovery_conf {
+        write_recovery_conf(target_dir, opts, &own)?;
+    }
+    report.seconds.sync_and_commit = t_commit.elapsed().as_secs_f64();
+    report.seconds.checks = (t_scan - t0).as_secs_f64();
+    progress.info("Done!");
+    Ok((report, Some(the_plan)))
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` without a date library (the label's START TIME is informational).
+fn chrono_free_timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn read_target_control(target: &Path) -> Result<ControlFileData, RewindError> {
+    let path = target.join("global/pg_control");
+    let bytes = std::fs::read(&path).map_err(wrap(format!(
+        "could not read target control file {}",
+        path.display()
+    )))?;
+    ControlFileData::parse(&bytes).map_err(wrap(format!("target control file {}", path.display())))
+}
+
+/// A target with a live postmaster must not be touched (its files change under us, and it
+/// would overwrite what we write).
+fn refuse_running_target(target: &Path) -> Result<(), RewindError> {
+    let Ok(text) = std::fs::read_to_string(target.join("postmaster.pid")) else {
+        return Ok(());
+    };
+    let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else {
+        return Ok(());
+    };
+    // SAFETY: kill with signal 0 only checks whether the process exists.
+    let alive = pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
+    if alive {
+        return Err(fail(format!(
+            "target server is running (postmaster PID {pid}); stop it cleanly with \
+             `pg_ctl stop -D {}` and run failback again — nothing was changed",
+            target.display()
+        )));
+    }
+    Ok(())
+}
+
+/// pg_rewind's `sanityChecks`, plus the geometry a block copy depends on.
+fn sanity_checks(
+    src: &ControlFileData,
+    tgt: &ControlFileData,
+    source_live: bool,
+    dry_run: bool,
+) -> Result<(), RewindError> {
+    if src.system_identifier != tgt.system_identifier {
+        return Err(fail(format!(
+            "source and target clusters are from different systems (source system identifier \
+             {}, target {}); a rewind only works between a primary and its former standby",
+            src.system_identifier, tgt.system_identifier
+        )));
+    }
+    if src.major != tgt.major || src.catalog_version_no != tgt.catalog_version_no {
+        return Err(fail(format!(
+            "clusters are not compatible: source is PostgreSQL {} (catalog {}), target is \
+             PostgreSQL {} (catalog {})",
+            src.major, src.catalog_version_no, tgt.major, tgt.catalog_version_no
+        )));
+    }
+    if src.blcksz != tgt.blcksz || src.xlog_seg_size != tgt.xlog_seg_size {
+        return Err(fail(format!(
+            "clusters have different block or WAL segment sizes (source {}/{}, target {}/{})",
+            src.blcksz, src.xlog_seg_size, tgt.blcksz, tgt.xlog_seg_size
+        )));
+    }
+    if tgt.data_checksum_version != 1 && !tgt.wal_log_hints {
+        return Err(fail(
+            "target server needs to use either data checksums or \"wal_log_hints = on\"; without \
+             them, hint-bit changes are not in the WAL and the rewind could miss changed blocks",
+        ));
+    }
+    if !tgt.state.is_shut_down_cleanly() && !dry_run {
+        return Err(fail(format!(
+            "target server must be shut down cleanly (its state is \"{}\")",
+            tgt.state
+        )));
+    }
+    if !source_live && !src.state.is_shut_down_cleanly() {
+        return Err(fail(format!(
+            "source data directory must be shut down cleanly (its state is \"{}\"); stop the \
+             source server, or use failbackd to rewind from a running server",
+            src.state
+        )));
+    }
+    Ok(())
+}
+
+/// `-R`: `standby.signal`, and one `primary_conninfo` in `postgresql.auto.conf`.
+fn write_recovery_conf(
+    target: &Path,
+    opts: &RewindOptions,
+    own: &Ownership,
+) -> Result<(), RewindError> {
+    let conninfo = opts.primary_conninfo.as_deref().ok_or_else(|| {
+        fail("-R needs --primary-conninfo to know how the target reaches the new primary")
+    })?;
+    fsutil::durable_write(&target.join("standby.signal"), b"", own)
+        .map_err(wrap("could not write standby.signal"))?;
+    let auto = target.join("postgresql.auto.conf");
+    let text = std::fs::read_to_string(&auto).unwrap_or_default();
+    let new = recovery::set_auto_conf(&text, "primary_conninfo", conninfo);
+    fsutil::durable_write(&auto, new.as_bytes(), own)
+        .map_err(wrap("could not write postgresql.auto.conf"))?;
+    Ok(())
+}

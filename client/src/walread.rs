@@ -1,0 +1,312 @@
+//! Reading the target's WAL from its files.
+//!
+//! WAL lives in `pg_wal/` as segment files named by timeline and segment number. After timeline
+//! switches, the same segment number can exist under several timelines; the one to read is
+//! chosen from the timeline history, as recovery and pg_rewind choose it (a segment holding a
+//! switch point is read from the newer timeline's file). A segment that has been archived and
+//! removed can be brought back with the target's `restore_command` (`-c`), exactly as recovery
+//! would: `%f` is the file name, `%p` the path to restore it to.
+//!
+//! This is the IO shell around the pure decoder in `failback_common::wal`.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use failback_common::lsn::wal_file_name;
+use failback_common::timeline::{TimeLineHistory, timeline_for_segment};
+use failback_common::wal::{Decoded, WalDecoder, WalError, WalParams, WalRecord};
+use failback_common::{Lsn, XLogSegNo};
+
+/// Bytes read from a segment per feed while scanning forward.
+const SCAN_CHUNK: u64 = 1 << 20;
+/// Bytes read per feed for a single record (most records fit in a page).
+const RECORD_CHUNK: u64 = 8192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalReadError {
+    #[error(
+        "could not find WAL segment {name} (needed to read WAL at {lsn}) in {dir}: it may have been \
+         archived and removed; run again with -c/--restore-target-wal to fetch it with the \
+         target's restore_command, or copy it back into pg_wal"
+    )]
+    MissingSegment {
+        name: String,
+        lsn: Lsn,
+        dir: PathBuf,
+    },
+    #[error("could not restore WAL segment {name} with restore_command {command:?}: {reason}")]
+    RestoreFailed {
+        name: String,
+        command: String,
+        reason: String,
+    },
+    #[error("could not read WAL segment {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("could not read WAL record at {lsn}")]
+    Decode {
+        lsn: Lsn,
+        #[source]
+        source: WalError,
+    },
+    #[error("end pointer {got} is not a valid end point; expected {expected}")]
+    Overshoot { got: Lsn, expected: Lsn },
+}
+
+/// The target's restore_command, and how to run it as the data directory's owner.
+#[derive(Clone, Debug)]
+pub struct RestoreCommand {
+    pub command: String,
+    /// Run as this uid/gid (when we are root and PostgreSQL's user owns the directory).
+    pub run_as: Option<(u32, u32)>,
+}
+
+/// The part of a record the rewind keeps beyond the scan: small, owned.
+#[derive(Clone, Debug)]
+pub struct RecordSummary {
+    pub lsn: Lsn,
+    pub end_lsn: Lsn,
+    pub xl_prev: Lsn,
+    pub rmid: u8,
+    pub info: u8,
+    pub main_data: Vec<u8>,
+}
+
+/// The WAL of one data directory, read along one timeline history.
+pub struct WalReader<'h> {
+    dir: PathBuf,
+    history: &'h TimeLineHistory,
+    params: WalParams,
+    restore: Option<RestoreCommand>,
+    /// Every segment file opened, by name (pg_rewind's keepwal: recovery may need them).
+    pub opened: BTreeSet<String>,
+    buf: Vec<u8>,
+}
+
+impl<'h> WalReader<'h> {
+    pub fn new(
+        pgdata: &Path,
+        history: &'h TimeLineHistory,
+        params: WalParams,
+        restore: Option<RestoreCommand>,
+    ) -> Self {
+        WalReader {
+            dir: pgdata.join("pg_wal"),
+            history,
+            params,
+            restore,
+            opened: BTreeSet::new(),
+            buf: Vec::new(),
+        }
+    }
+
+    fn seg_size(&self) -> u32 {
+        self.params.seg_size
+    }
+
+    fn segment_name(&self, segno: XLogSegNo) -> String {
+        let tli = timeline_for_segment(self.history, segno, self.seg_size());
+        wal_file_name(tli, segno, self.seg_size())
+    }
+
+    /// Opens the file holding segment `segno`, restoring it from the archive if allowed.
+    fn open_segment(&mut self, segno: XLogSegNo, lsn: Lsn) -> Result<File, WalReadError> {
+        let name = self.segment_name(segno);
+        let path = self.dir.join(&name);
+        match File::open(&path) {
+            Ok(f) => {
+                self.opened.insert(name);
+                Ok(f)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let Some(restore) = self.restore.clone() else {
+                    return Err(WalReadError::MissingSegment {
+                        name,
+                        lsn,
+                        dir: self.dir.clone(),
+                    });
+                };
+                self.restore_segment(&restore, &name, &path)?;
+                self.opened.insert(name);
+                File::open(&path).map_err(|source| WalReadError::Io { path, source })
+            }
+            Err(source) => Err(WalReadError::Io { path, source }),
+        }
+    }
+
+    fn restore_segment(
+        &self,
+        restore: &RestoreCommand,
+        name: &str,
+        path: &Path,
+    ) -> Result<(), WalReadError> {
+        let fail = |reason: String| WalReadError::RestoreFailed {
+            name: name.to_string(),
+            command: restore.command.clone(),
+            reason,
+        };
+        if restore.command.contains("%r") {
+            return Err(fail(
+                "the %r placeholder cannot be used outside recovery".into(),
+            ));
+        }
+        let cmd = restore
+            .command
+            .replace("%f", name)
+            .replace("%p", &path.display().to_string())
+            .replace("%%", "%");
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c").arg(&cmd);
+        if let Some((uid, gid)) = restore.run_as {
+            use std::os::unix::process::CommandExt;
+            c.uid(uid).gid(gid);
+        }
+        let status = c.status().map_err(|e| fail(e.to_string()))?;
+        if !status.success() {
+            return Err(fail(format!("it exited with {status}")));
+        }
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if len != u64::from(self.seg_size()) {
+            return Err(fail(format!(
+                "the restored file has {len} bytes, expected {}",
+                self.seg_size()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads up to `max` bytes of WAL starting at `from`, within one segment.
+    fn read_at(&mut self, from: Lsn, max: u64) -> Result<usize, WalReadError> {
+        let seg = u64::from(self.seg_size());
+        let segno = from.segment_number(self.seg_size());
+        let off = from.segment_offset(self.seg_size());
+        let len = max.min(seg - off) as usize;
+        let f = self.open_segment(segno, from)?;
+        self.buf.resize(len, 0);
+        let mut done = 0;
+        while done < len {
+            match f.read_at(&mut self.buf[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(WalReadError::Io {
+                        path: self.dir.join(self.segment_name(segno)),
+                        source,
+                    });
+                }
+            }
+        }
+        self.buf.truncate(done);
+        Ok(done)
+    }
+
+    /// Reads the one record that starts at `lsn`.
+    pub fn read_record(&mut self, lsn: Lsn) -> Result<RecordSummary, WalReadError> {
+        let mut dec = WalDecoder::new(lsn, self.params.clone()).map_err(|e| {
+            WalReadError::Decode {
+                lsn,
+                source: WalError::MalformedRecord {
+                    lsn,
+                    reason: e.to_string(),
+                },
+            }
+        })?;
+        loop {
+            match dec.poll() {
+                Ok(Decoded::Record(r)) => {
+                    return Ok(RecordSummary {
+                        lsn: r.lsn,
+                        end_lsn: r.end_lsn,
+                        xl_prev: r.xl_prev(),
+                        rmid: r.rmid(),
+                        info: r.info(),
+                        main_data: r.main_data.to_vec(),
+                    });
+                }
+                Ok(Decoded::NeedMore { from }) => {
+                    let n = self.read_at(from, RECORD_CHUNK)?;
+                    if n == 0 {
+                        return Err(WalReadError::MissingSegment {
+                            name: self.segment_name(from.segment_number(self.seg_size())),
+                            lsn: from,
+                            dir: self.dir.clone(),
+                        });
+                    }
+                    dec.feed(&self.buf);
+                }
+                Err(source) => return Err(WalReadError::Decode { lsn, source }),
+            }
+        }
+    }
+
+    /// Reads every record from `start` until one ends exactly at `end`, calling `each` for
+    /// every record. A record that ends past `end` means `end` is not a record boundary.
+    pub fn scan(
+        &mut self,
+        start: Lsn,
+        end: Lsn,
+        mut each: impl FnMut(&WalRecord<'_>) -> Result<(), WalReadError>,
+    ) -> Result<(), WalReadError> {
+        let mut dec = WalDecoder::new(start, self.params.clone()).map_err(|e| {
+            WalReadError::Decode {
+                lsn: start,
+                source: WalError::MalformedRecord {
+                    lsn: start,
+                    reason: e.to_string(),
+                },
+            }
+        })?;
+        let mut buf = std::mem::take(&mut self.buf);
+        let result = loop {
+            match dec.poll() {
+                Ok(Decoded::Record(r)) => {
+                    if let Err(e) = each(&r) {
+                        break Err(e);
+                    }
+                    if r.end_lsn >= end {
+                        break if r.end_lsn == end {
+                            Ok(())
+                        } else {
+                            Err(WalReadError::Overshoot {
+                                got: r.end_lsn,
+                                expected: end,
+                            })
+                        };
+                    }
+                }
+                Ok(Decoded::NeedMore { from }) => {
+                    self.buf = std::mem::take(&mut buf);
+                    let n = match self.read_at(from, SCAN_CHUNK) {
+                        Ok(n) => n,
+                        Err(e) => break Err(e),
+                    };
+                    buf = std::mem::take(&mut self.buf);
+                    if n == 0 {
+                        break Err(WalReadError::MissingSegment {
+                            name: self.segment_name(from.segment_number(self.seg_size())),
+                            lsn: from,
+                            dir: self.dir.clone(),
+                        });
+                    }
+                    dec.feed(&buf);
+                }
+                Err(source) => {
+                    break Err(WalReadError::Decode {
+                        lsn: source.lsn(),
+                        source,
+                    });
+                }
+            }
+        };
+        self.buf = buf;
+        result
+    }
+}
