@@ -2,8 +2,8 @@
 pub mod execute;
 pub mod fsutil;
 pub mod inspect;
-pub mod progress;
-pub mod source;
 pub mod pgbin;
+pub mod progress;
 pub mod rewind;
+pub mod source;
 pub mod walread;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use failback_client::inspect;
 use failback_common::TimeLineId;
@@ -17,9 +17,57 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Bring an old primary (the target) back in line with the new primary (the source).
+    Rewind(Box<RewindArgs>),
     /// Show what failback sees: the control file, timeline histories, WAL records.
     #[command(subcommand)]
     Inspect(Inspect),
+}
+
+#[derive(clap::Args)]
+struct RewindArgs {
+    /// The data directory to rewind (the old primary, shut down).
+    #[arg(short = 'D', long = "target-pgdata", value_name = "DIR")]
+    target_pgdata: PathBuf,
+    /// A shut-down data directory of the new primary (or of a standby of it) on this machine.
+    #[arg(long, value_name = "DIR")]
+    source_pgdata: PathBuf,
+    /// Write standby.signal and primary_conninfo, so the target starts as a standby.
+    #[arg(short = 'R', long)]
+    write_recovery_conf: bool,
+    /// The primary_conninfo -R writes (with a local source it must be given).
+    #[arg(long, value_name = "CONNINFO")]
+    primary_conninfo: Option<String>,
+    /// Change nothing; print what would be done.
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+    /// Do not wait for the changes to be written safely to disk.
+    #[arg(short = 'N', long)]
+    no_sync: bool,
+    /// Show progress.
+    #[arg(short = 'P', long)]
+    progress: bool,
+    /// Fetch missing target WAL from the archive with the target's restore_command.
+    #[arg(short = 'c', long)]
+    restore_target_wal: bool,
+    /// The target's configuration file, when it is not in the data directory.
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+    /// Refuse a target that was not shut down cleanly instead of running crash recovery.
+    #[arg(long)]
+    no_ensure_shutdown: bool,
+    /// How to flush the target to disk at the end.
+    #[arg(long, value_enum, value_name = "METHOD")]
+    sync_method: Option<failback_client::fsutil::SyncMethod>,
+    /// Print the plan: a line per file and its blocks.
+    #[arg(long)]
+    debug: bool,
+    /// Write a JSON report: divergence, checkpoint, bytes per action, time per phase.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Directory of the target version's `postgres` binary (crash recovery, -c).
+    #[arg(long, value_name = "DIR")]
+    pg_bindir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -44,8 +92,49 @@ enum Inspect {
     },
 }
 
+fn rewind(a: RewindArgs) -> Result<()> {
+    use failback_client::rewind::{RewindOptions, rewind};
+    let opts = RewindOptions {
+        target: a.target_pgdata,
+        write_recovery_conf: a.write_recovery_conf,
+        primary_conninfo: a.primary_conninfo,
+        dry_run: a.dry_run,
+        no_sync: a.no_sync,
+        restore_target_wal: a.restore_target_wal,
+        config_file: a.config_file,
+        no_ensure_shutdown: a.no_ensure_shutdown,
+        sync_method: a.sync_method,
+        debug: a.debug,
+        pg_bindir: a.pg_bindir,
+    };
+    if opts.write_recovery_conf && opts.primary_conninfo.is_none() {
+        anyhow::bail!(
+            "-R with --source-pgdata needs --primary-conninfo: a local source does not say how \
+             the target reaches the new primary"
+        );
+    }
+    let mut source = failback_client::source::local::LocalSource::new(a.source_pgdata);
+    let mut progress = failback_client::progress::Terminal::new(a.progress, a.debug);
+    let (report, plan) = rewind(&opts, &mut source, &mut progress)?;
+    if opts.dry_run
+        && let Some(plan) = &plan
+    {
+        println!("{:<10} {:>8} {:>16}", "action", "files", "bytes");
+        for (action, t) in plan.totals() {
+            println!("{action:<10} {:>8} {:>16}", t.files, t.bytes);
+        }
+        println!("{:<10} {:>8} {:>16}", "fetch", "", plan.fetch_bytes());
+    }
+    if let Some(path) = a.report {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("could not write report {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Rewind(a) => rewind(*a)?,
         Command::Inspect(Inspect::Control { pgdata, json }) => {
             let c = inspect::read_control_file(&pgdata)?;
             if json {

@@ -101,7 +101,9 @@ impl PgBin {
         if let Some(f) = config_file {
             c.arg("-c").arg(format!("config_file={}", f.display()));
         }
-        c.arg("template1").stdin(Stdio::null()).stdout(Stdio::null());
+        c.arg("template1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
         let out = c.stderr(Stdio::piped()).output().map_err(|e| {
             error(format!(
                 "could not run {} for crash recovery: {e}; pass --pg-bindir",

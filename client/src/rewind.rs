@@ -140,7 +140,10 @@ pub fn rewind(
     )))?;
     refuse_running_target(target_dir)?;
 
-    let pg = pgbin::PgBin::new(opts.pg_bindir.clone(), own.chown.then_some((own.uid, own.gid)));
+    let pg = pgbin::PgBin::new(
+        opts.pg_bindir.clone(),
+        own.chown.then_some((own.uid, own.gid)),
+    );
     let restore = if opts.restore_target_wal {
         let cmd = pg.restore_command(target_dir, opts.config_file.as_deref())?;
         Some(RestoreCommand {
@@ -162,7 +165,9 @@ pub fn rewind(
                 target.state
             )));
         }
-        progress.info("target server was not shut down cleanly; running crash recovery in single-user mode");
+        progress.info(
+            "target server was not shut down cleanly; running crash recovery in single-user mode",
+        );
         if !opts.dry_run {
             pg.single_user_recovery(target_dir, target.major, opts.config_file.as_deref())?;
             target = read_target_control(target_dir)?;
@@ -185,8 +190,9 @@ pub fn rewind(
         TimeLineHistory::single(1)
     } else {
         let name = history_file_name(tgt_tli);
-        let bytes = std::fs::read(target_dir.join("pg_wal").join(&name))
-            .map_err(wrap(format!("could not read target timeline history file pg_wal/{name}")))?;
+        let bytes = std::fs::read(target_dir.join("pg_wal").join(&name)).map_err(wrap(format!(
+            "could not read target timeline history file pg_wal/{name}"
+        )))?;
         TimeLineHistory::parse(&bytes, tgt_tli, &format!("target pg_wal/{name}"))
             .map_err(wrap("target timeline history"))?
     };
@@ -204,7 +210,9 @@ pub fn rewind(
             let bytes = source
                 .read_file(&format!("pg_wal/{name}"))
                 .map_err(wrap("could not read the source's timeline history"))?
-                .ok_or_else(|| fail(format!("source has no timeline history file pg_wal/{name}")))?;
+                .ok_or_else(|| {
+                    fail(format!("source has no timeline history file pg_wal/{name}"))
+                })?;
             TimeLineHistory::parse(&bytes, src_tli, &format!("source pg_wal/{name}"))
                 .map_err(wrap("source timeline history"))?
         };
@@ -251,14 +259,12 @@ pub fn rewind(
     let mut wal = WalReader::new(target_dir, &target_history, params.clone(), restore.clone());
     let mut search = ca.divergerec;
     if search.page_offset(params.page_size) == 0 {
-        search = Lsn(
-            search.0
-                + if search.segment_offset(target.xlog_seg_size) == 0 {
-                    SIZE_OF_LONG_PHD
-                } else {
-                    SIZE_OF_SHORT_PHD
-                },
-        );
+        search = Lsn(search.0
+            + if search.segment_offset(target.xlog_seg_size) == 0 {
+                SIZE_OF_LONG_PHD
+            } else {
+                SIZE_OF_SHORT_PHD
+            });
     }
     let fork = search;
     let (chkpt_rec, chkpt_redo, chkpt_tli) = loop {
@@ -266,7 +272,10 @@ pub fn rewind(
             "could not find previous WAL record at {search} while looking for the last common checkpoint"
         )))?;
         if r.rmid == RM_XLOG_ID
-            && matches!(r.info & 0xF0, XLOG_CHECKPOINT_SHUTDOWN | XLOG_CHECKPOINT_ONLINE)
+            && matches!(
+                r.info & 0xF0,
+                XLOG_CHECKPOINT_SHUTDOWN | XLOG_CHECKPOINT_ONLINE
+            )
             && search < fork
         {
             let cp = failback_common::control::CheckPoint::parse(&r.main_data, target.major)
@@ -296,10 +305,11 @@ pub fn rewind(
     let (relseg, blcksz, major) = (target.relseg_size, target.blcksz, target.major);
     wal.scan(chkpt_rec, target_wal_end, |rec| {
         for b in rec.blocks {
-            if b.fork != ForkNumber::Main.to_i32() as u8 {
+            if i32::from(b.fork()) != ForkNumber::Main.to_i32() {
                 continue;
             }
-            let loc = RelFileLocator::new(b.locator.spc, b.locator.db, b.locator.rel);
+            let loc =
+                RelFileLocator::new(b.locator.spc_oid, b.locator.db_oid, b.locator.rel_number);
             if let Some((path, offset)) =
                 relpath::block_path(loc, ForkNumber::Main, b.blkno, relseg, blcksz, major)
             {
@@ -465,7 +475,11 @@ fn refuse_running_target(target: &Path) -> Result<(), RewindError> {
     let Ok(text) = std::fs::read_to_string(target.join("postmaster.pid")) else {
         return Ok(());
     };
-    let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else {
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+    else {
         return Ok(());
     };
     // SAFETY: kill with signal 0 only checks whether the process exists.

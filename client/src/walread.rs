@@ -56,6 +56,8 @@ pub enum WalReadError {
         #[source]
         source: WalError,
     },
+    #[error("WAL parameters of the target are unusable")]
+    Params(#[from] failback_common::wal::WalParamsError),
     #[error("end pointer {got} is not a valid end point; expected {expected}")]
     Overshoot { got: Lsn, expected: Lsn },
 }
@@ -210,15 +212,7 @@ impl<'h> WalReader<'h> {
 
     /// Reads the one record that starts at `lsn`.
     pub fn read_record(&mut self, lsn: Lsn) -> Result<RecordSummary, WalReadError> {
-        let mut dec = WalDecoder::new(lsn, self.params.clone()).map_err(|e| {
-            WalReadError::Decode {
-                lsn,
-                source: WalError::MalformedRecord {
-                    lsn,
-                    reason: e.to_string(),
-                },
-            }
-        })?;
+        let mut dec = WalDecoder::new(lsn, self.params.clone())?;
         loop {
             match dec.poll() {
                 Ok(Decoded::Record(r)) => {
@@ -255,15 +249,7 @@ impl<'h> WalReader<'h> {
         end: Lsn,
         mut each: impl FnMut(&WalRecord<'_>) -> Result<(), WalReadError>,
     ) -> Result<(), WalReadError> {
-        let mut dec = WalDecoder::new(start, self.params.clone()).map_err(|e| {
-            WalReadError::Decode {
-                lsn: start,
-                source: WalError::MalformedRecord {
-                    lsn: start,
-                    reason: e.to_string(),
-                },
-            }
-        })?;
+        let mut dec = WalDecoder::new(start, self.params.clone())?;
         let mut buf = std::mem::take(&mut self.buf);
         let result = loop {
             match dec.poll() {
