@@ -65,11 +65,7 @@ impl Terminal {
         } else {
             0.0
         };
-        let pct = if self.total > 0 {
-            self.done * 100 / self.total
-        } else {
-            100
-        };
+        let pct = (self.done * 100).checked_div(self.total).unwrap_or(100);
         let line = format!(
             "{}/{} kB ({pct}%) copied, {:.1} MB/s, {:.0} s left",
             self.done / 1024,

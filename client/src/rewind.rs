@@ -234,7 +234,7 @@ pub fn rewind(
 
         // Did the target write anything past the divergence? Its WAL ends at the end of its
         // last checkpoint record, or at its minimum recovery point if it was a standby.
-        let mut wal = WalReader::new(target_dir, &target_history, params.clone(), restore.clone());
+        let mut wal = WalReader::new(target_dir, &target_history, params, restore.clone());
         let chkpt = wal
             .read_record(target.checkPoint)
             .map_err(wrap("could not read the target's latest checkpoint record"))?;
@@ -256,7 +256,7 @@ pub fn rewind(
 
     // Step 3: the last common checkpoint, walking back from the divergence.
     let t_scan = Instant::now();
-    let mut wal = WalReader::new(target_dir, &target_history, params.clone(), restore.clone());
+    let mut wal = WalReader::new(target_dir, &target_history, params, restore.clone());
     let mut search = ca.divergerec;
     if search.page_offset(params.page_size) == 0 {
         search = Lsn(search.0

@@ -212,7 +212,7 @@ impl<'h> WalReader<'h> {
 
     /// Reads the one record that starts at `lsn`.
     pub fn read_record(&mut self, lsn: Lsn) -> Result<RecordSummary, WalReadError> {
-        let mut dec = WalDecoder::new(lsn, self.params.clone())?;
+        let mut dec = WalDecoder::new(lsn, self.params)?;
         loop {
             match dec.poll() {
                 Ok(Decoded::Record(r)) => {
@@ -249,7 +249,7 @@ impl<'h> WalReader<'h> {
         end: Lsn,
         mut each: impl FnMut(&WalRecord<'_>) -> Result<(), WalReadError>,
     ) -> Result<(), WalReadError> {
-        let mut dec = WalDecoder::new(start, self.params.clone())?;
+        let mut dec = WalDecoder::new(start, self.params)?;
         let mut buf = std::mem::take(&mut self.buf);
         let result = loop {
             match dec.poll() {
