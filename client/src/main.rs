@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use failback_client::inspect;
-use failback_common::TimeLineId;
+use failback_common::{Lsn, TimeLineId};
 
 #[derive(Parser)]
 #[command(name = "failback", version, about, long_about = None)]
@@ -90,6 +90,23 @@ enum Inspect {
         #[arg(long)]
         json: bool,
     },
+    /// WAL records of a data directory, in pg_waldump's layout, following timeline switches.
+    Wal {
+        #[arg(short = 'D', long = "pgdata", value_name = "DIR")]
+        pgdata: PathBuf,
+        /// First record (default: the start of the oldest segment in pg_wal).
+        #[arg(long, value_name = "LSN")]
+        start: Option<Lsn>,
+        /// Stop before the record at or past this position (default: the end of valid WAL).
+        #[arg(long, value_name = "LSN")]
+        end: Option<Lsn>,
+        /// The timeline whose history to follow (default: the control file's).
+        #[arg(long, value_name = "N")]
+        timeline: Option<TimeLineId>,
+        /// One JSON object per record instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn rewind(a: RewindArgs) -> Result<()> {
@@ -132,9 +149,71 @@ fn rewind(a: RewindArgs) -> Result<()> {
     Ok(())
 }
 
+fn inspect_wal(
+    pgdata: &std::path::Path,
+    start: Option<Lsn>,
+    end: Option<Lsn>,
+    timeline: Option<TimeLineId>,
+    json: bool,
+) -> Result<()> {
+    use failback_client::walread::{WalEnd, WalReader};
+    use std::io::Write;
+    let control = inspect::read_control_file(pgdata)?;
+    let tli = timeline.unwrap_or_else(|| control.timeline_for_rewind());
+    let history = inspect::history_of(pgdata, tli)?;
+    let params = failback_common::wal::WalParams::new(control.major, control.xlog_seg_size);
+    let mut reader = WalReader::new(pgdata, &history, params, None);
+    let (start, at_page) = match start {
+        Some(s) => (s, false),
+        None => {
+            let segno = reader
+                .oldest_segment()
+                .context("no WAL segment of this timeline's history in pg_wal")?;
+            (
+                failback_common::lsn::segment_start(segno, control.xlog_seg_size),
+                true,
+            )
+        }
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut write_err = None;
+    let stop = reader.walk(start, at_page, end, |r| {
+        let line = if json {
+            inspect::wal_record_json(r).to_string()
+        } else {
+            inspect::wal_record_text(r)
+        };
+        if write_err.is_none()
+            && let Err(e) = writeln!(out, "{line}")
+        {
+            write_err = Some(e);
+        }
+    })?;
+    out.flush()?;
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
+    match stop {
+        WalEnd::Reached(l) => eprintln!("failback: reached {l}"),
+        WalEnd::EndOfWal { lsn, error } => eprintln!("failback: WAL ends at {lsn}: {error}"),
+        WalEnd::NoMoreSegments { lsn, name } => {
+            eprintln!("failback: WAL ends at {lsn}: segment {name} is not in pg_wal")
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Rewind(a) => rewind(*a)?,
+        Command::Inspect(Inspect::Wal {
+            pgdata,
+            start,
+            end,
+            timeline,
+            json,
+        }) => inspect_wal(&pgdata, start, end, timeline, json)?,
         Command::Inspect(Inspect::Control { pgdata, json }) => {
             let c = inspect::read_control_file(&pgdata)?;
             if json {

@@ -296,3 +296,82 @@ impl<'h> WalReader<'h> {
         result
     }
 }
+
+/// Why a walk to the end of WAL stopped.
+#[derive(Debug)]
+pub enum WalEnd {
+    /// The requested end position was reached.
+    Reached(Lsn),
+    /// Valid WAL ends here (zeroed or recycled page, torn record): how WAL normally ends.
+    EndOfWal { lsn: Lsn, error: WalError },
+    /// The next segment file does not exist.
+    NoMoreSegments { lsn: Lsn, name: String },
+}
+
+impl WalReader<'_> {
+    /// The first segment on disk that belongs to this history, as (segment number, file name).
+    pub fn oldest_segment(&self) -> Option<XLogSegNo> {
+        let rd = std::fs::read_dir(&self.dir).ok()?;
+        rd.flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let (tli, segno) =
+                    failback_common::lsn::parse_wal_file_name(&name, self.seg_size())?;
+                (timeline_for_segment(self.history, segno, self.seg_size()) == tli).then_some(segno)
+            })
+            .min()
+    }
+
+    /// Walks forward from `start` (a record start, or a page start when `at_page`, where a
+    /// record continued from before is skipped) until `end` or the end of valid WAL, calling
+    /// `each` for every record. Running out of WAL is an answer here, not an error.
+    pub fn walk(
+        &mut self,
+        start: Lsn,
+        at_page: bool,
+        end: Option<Lsn>,
+        mut each: impl FnMut(&WalRecord<'_>),
+    ) -> Result<WalEnd, WalReadError> {
+        let mut dec = if at_page {
+            WalDecoder::new_at_page(start, self.params)?
+        } else {
+            WalDecoder::new(start, self.params)?
+        };
+        loop {
+            match dec.poll() {
+                Ok(Decoded::Record(r)) => {
+                    if end.is_some_and(|e| r.lsn >= e) {
+                        return Ok(WalEnd::Reached(r.lsn));
+                    }
+                    each(&r);
+                }
+                Ok(Decoded::NeedMore { from }) => {
+                    let name = self.segment_name(from.segment_number(self.seg_size()));
+                    match self.read_at(from, SCAN_CHUNK) {
+                        Ok(0) | Err(WalReadError::MissingSegment { .. }) => {
+                            return Ok(WalEnd::NoMoreSegments { lsn: from, name });
+                        }
+                        Ok(_) => {
+                            let buf = std::mem::take(&mut self.buf);
+                            dec.feed(&buf);
+                            self.buf = buf;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(error) if error.is_end_of_wal() => {
+                    return Ok(WalEnd::EndOfWal {
+                        lsn: error.lsn(),
+                        error,
+                    });
+                }
+                Err(source) => {
+                    return Err(WalReadError::Decode {
+                        lsn: source.lsn(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+}
