@@ -1,4 +1,5 @@
 //! failback: the client run on the old primary.
+pub mod demo;
 pub mod execute;
 pub mod fsutil;
 pub mod inspect;
