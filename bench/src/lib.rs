@@ -1,1 +1,3 @@
 //! Benchmarks of failback, each side by side with its anchor in one run.
+
+pub mod measure;

@@ -163,15 +163,30 @@ pub fn sync_data_dir(pgdata: &Path, method: SyncMethod) -> io::Result<()> {
     Ok(())
 }
 
+/// Two passes over the tree, as PostgreSQL's `sync_pgdata` does: first ask the kernel to start
+/// writing back every file (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait), then
+/// fsync each. The writes of all files then proceed together instead of one file at a time.
 fn fsync_tree(dir: &Path) -> io::Result<()> {
+    walk_files(dir, &mut |f| {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a hint on a descriptor we own; failure only means no head start.
+        unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        Ok(())
+    })?;
+    walk_files(dir, &mut |f| f.sync_all())
+}
+
+/// Calls `each` with every regular file below `dir` (opened read-only), then fsyncs `dir` and
+/// every directory below it, children first.
+fn walk_files(dir: &Path, each: &mut dyn FnMut(&File) -> io::Result<()>) -> io::Result<()> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let ft = entry.file_type()?;
         if ft.is_dir() {
-            fsync_tree(&entry.path())?;
+            walk_files(&entry.path(), each)?;
         } else if ft.is_file() {
             match File::open(entry.path()) {
-                Ok(f) => f.sync_all()?,
+                Ok(f) => each(&f)?,
                 // A file we cannot open for reading (a read-only key owned by another user)
                 // is not one failback wrote.
                 Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {}
