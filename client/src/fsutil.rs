@@ -163,6 +163,63 @@ pub fn sync_data_dir(pgdata: &Path, method: SyncMethod) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes durable what carrying out `plan` changed in `pgdata`: every file written, extended or
+/// cut, and every directory where an entry was created or removed. The rest of the target was
+/// durable before the rewind began (it was shut down cleanly, or crash recovery ended with a
+/// checkpoint), so unlike pg_rewind this does not flush the whole data directory. `syncfs`
+/// flushes each filesystem whole instead.
+pub fn sync_plan(
+    pgdata: &Path,
+    plan: &failback_common::plan::Plan,
+    method: SyncMethod,
+) -> io::Result<()> {
+    use failback_common::filemap::FileAction;
+    if method == SyncMethod::Syncfs {
+        return sync_data_dir(pgdata, method);
+    }
+    let mut files = Vec::new();
+    let mut dirs = std::collections::BTreeSet::new();
+    for e in &plan.entries {
+        let path = pgdata.join(&e.path);
+        let parent = path.parent().map(Path::to_path_buf);
+        match e.action {
+            FileAction::Copy | FileAction::CopyTail | FileAction::Truncate => files.push(path),
+            FileAction::None if !e.blocks.is_empty() => files.push(path),
+            FileAction::None => continue,
+            FileAction::Create | FileAction::Remove => {}
+        }
+        if matches!(e.action, FileAction::Create | FileAction::Remove)
+            || (e.action == FileAction::Copy && e.target.is_none())
+        {
+            dirs.extend(parent);
+        }
+    }
+    let open = |p: &Path| match File::open(p) {
+        Ok(f) => Ok(Some(f)),
+        // Removed meanwhile because the source no longer had it: nothing to flush.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    };
+    for p in &files {
+        if let Some(f) = open(p)? {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a hint on a descriptor we own; failure only means no head start.
+            unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        }
+    }
+    for p in &files {
+        if let Some(f) = open(p)? {
+            f.sync_all()?;
+        }
+    }
+    for d in &dirs {
+        if d.is_dir() {
+            fsync_dir(d)?;
+        }
+    }
+    Ok(())
+}
+
 /// Two passes over the tree, as PostgreSQL's `sync_pgdata` does: first ask the kernel to start
 /// writing back every file (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait), then
 /// fsync each. The writes of all files then proceed together instead of one file at a time.
