@@ -272,6 +272,9 @@ pub struct WalDecoder {
     failed: Option<WalError>,
 }
 
+/// Assembly buffer capacity kept between records; larger ones are released.
+const ASM_BUF_KEEP: usize = 4 << 20;
+
 fn maxalign(n: u64) -> u64 {
     (n + 7) & !7
 }
@@ -378,6 +381,10 @@ impl WalDecoder {
     pub fn poll(&mut self) -> Result<Decoded<'_>, WalError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
+        }
+        if self.asm.is_none() && self.asm_buf.capacity() > ASM_BUF_KEEP {
+            // A huge record passed; do not hold its memory for the rest of the WAL.
+            self.asm_buf = Vec::new();
         }
         let done = match self.step() {
             Ok(Some(d)) => d,
@@ -615,6 +622,7 @@ impl WalDecoder {
         Ok(())
     }
 
+    #[inline(always)]
     fn check_crc(&self, lsn: u64, raw: &[u8], h: &XLogRecordHeader) -> Result<(), WalError> {
         let computed = record_crc(raw);
         if computed != h.xl_crc {
@@ -628,6 +636,7 @@ impl WalDecoder {
     }
 
     /// Advances to the next complete record. `Ok(None)`: more bytes needed.
+    #[inline(always)]
     fn step(&mut self) -> Result<Option<Done>, WalError> {
         let ps = self.ps();
         loop {
@@ -803,6 +812,7 @@ impl WalDecoder {
     }
 
     /// Decodes the body of a whole, CRC-checked record and moves past it.
+    #[inline(always)]
     fn finish(
         &mut self,
         lsn: u64,
