@@ -272,6 +272,11 @@ pub struct WalDecoder {
     failed: Option<WalError>,
 }
 
+/// The last position a record may start at. Everything the decoder adds to a record's
+/// position (page headers, a record of at most 1020 MiB, rounding up to a segment of at most
+/// 1 GiB) stays below 4 GiB, so no position arithmetic can overflow below this.
+const MAX_RECORD_LSN: u64 = u64::MAX - (1 << 32);
+
 /// Assembly buffer capacity kept between records; larger ones are released.
 const ASM_BUF_KEEP: usize = 4 << 20;
 
@@ -332,7 +337,7 @@ impl WalDecoder {
 
     /// The LSN of the next byte to feed.
     pub fn needed_lsn(&self) -> Lsn {
-        Lsn(self.buf_lsn + self.buf.len() as u64)
+        Lsn(self.buf_lsn.saturating_add(self.buf.len() as u64))
     }
 
     /// Where the next record starts: after `poll` returned a record, that record's `end_lsn`.
@@ -473,7 +478,7 @@ impl WalDecoder {
     /// Forgets fed bytes before `lsn`. Past the end of what was fed, the decoder then needs
     /// bytes from `lsn` (how an XLOG SWITCH skips the rest of its segment).
     fn discard_before(&mut self, lsn: u64) {
-        let end = self.buf_lsn + self.buf.len() as u64;
+        let end = self.buf_lsn.saturating_add(self.buf.len() as u64);
         if lsn >= end {
             self.buf.clear();
             self.buf_lsn = lsn;
@@ -648,6 +653,9 @@ impl WalDecoder {
                 }
             }
             let mut rec = self.next_rec;
+            if rec > MAX_RECORD_LSN {
+                return Err(WalError::LsnOutOfRange { lsn: Lsn(rec) });
+            }
             let page = rec & !(ps - 1);
             let page_known = self.page.is_some_and(|p| p.lsn == page);
             self.discard_before(if page_known { rec } else { page });
