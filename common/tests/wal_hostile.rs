@@ -312,11 +312,7 @@ fn wrong_parameters_are_refused_and_sysid_is_checked() {
 
 #[test]
 fn positions_near_the_end_of_the_lsn_space_are_an_error_not_an_overflow() {
-    for start in [
-        u64::MAX & !7,
-        u64::MAX - 8191,
-        (u64::MAX - (1 << 32)) & !8191,
-    ] {
+    for start in [!7u64, u64::MAX - 8191, (u64::MAX - (1 << 32)) & !8191] {
         let params = WalParams::new(PgMajor::V16, 1 << 30);
         let mut dec = WalDecoder::new(Lsn(start), params).unwrap();
         let mut fed = 0;
