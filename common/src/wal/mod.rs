@@ -45,7 +45,7 @@ pub mod page;
 pub mod record;
 pub mod rmgr;
 
-pub use decoder::{Decoded, FeedGap, WalDecoder, WalParams, WalRecord};
+pub use decoder::{Decoded, FeedGap, WalDecoder, WalParams, WalRecord, WaldumpLine};
 pub use error::{MagicExpectation, WalError, WalParamsError};
 pub use kinds::{OidList, RecordKind, RelFileLocatorList, XactFinish, XactOp, XactPrepare};
 pub use page::{XLogLongPageHeader, XLogPageHeader, identify_major};
