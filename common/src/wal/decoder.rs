@@ -74,6 +74,11 @@ impl WalParams {
         }
     }
 
+    /// WAL written with this `XLOG_PAGE_MAGIC` (`None` for a magic no supported version uses).
+    pub fn for_magic(xlp_magic: u16, seg_size: u32) -> Option<WalParams> {
+        PgMajor::from_xlog_page_magic(xlp_magic).map(|m| WalParams::new(m, seg_size))
+    }
+
     /// WAL whose version is taken from the magic of the first page read.
     pub fn detect(seg_size: u32) -> WalParams {
         WalParams {
