@@ -32,6 +32,15 @@
 //! }
 //! ```
 //!
+//! Each [`WalRecord`] borrows from the decoder until the next `poll`/`feed`: its header fields,
+//! `end_lsn` (PostgreSQL's end pointer), block references ([`BlockRef`]: locator, fork, block,
+//! flags, [`BlockImage`] with hole and compression), main data, the raw bytes, and a
+//! [`RecordKind`] for the records that change relation files wholesale or mark checkpoints,
+//! switches and timeline changes. A record flagged `XLR_SPECIAL_REL_UPDATE` whose kind is not
+//! known is reported as [`WalError::UnrecognizedRelUpdate`] (decoding can continue past it).
+//! Errors carry their LSN; [`WalError::is_end_of_wal`] separates WAL that simply ends (zeroed
+//! page, recycled segment, torn last record) from damage or a wrong configuration.
+//!
 //! - [`page`]: page headers. [`record`]: the record header, block references and images.
 //! - [`rmgr`]: rmgr ids, names and record type names as pg_waldump prints them.
 //! - [`kinds`]: the records that create, truncate or drop relation files and databases, end
