@@ -19,7 +19,7 @@
 //! - XACT commit and abort (`access/xact.h`, `rmgrdesc/xactdesc.c` `ParseCommitRecord`,
 //!   `ParseAbortRecord`): xact_time i64, then, if `XLOG_XACT_HAS_INFO`, xinfo u32 and the parts
 //!   it announces in this order: dbinfo {dbId, tsId}; subxacts {n, xids}; dropped relations {n,
-//!   RelFileLocator[n]}; dropped stats {n, items} (15+; 12-byte items {kind, dboid, objoid} in
+//!   `RelFileLocator[n]`}; dropped stats {n, items} (15+; 12-byte items {kind, dboid, objoid} in
 //!   15–17, 16-byte {kind, dboid, objid_lo, objid_hi} in 18); invalidations {n, 16-byte
 //!   messages} (commit only); two-phase {xid, then a NUL-terminated gid if XACT_XINFO_HAS_GID};
 //!   origin {lsn, timestamp}, unaligned.
