@@ -35,6 +35,8 @@ struct Seen {
     cross_segment: usize,
     max_tot_len: u32,
     ends: BTreeSet<Lsn>,
+    /// Full-page images by compression method.
+    images: std::collections::BTreeMap<&'static str, usize>,
 }
 
 fn survey(fx: &Fixture) -> (Seen, Outcome) {
@@ -56,6 +58,10 @@ fn survey(fx: &Fixture) -> (Seen, Outcome) {
             let l = b.locator;
             s.blocks
                 .insert((l.spc_oid, l.db_oid, l.rel_number, b.fork()));
+            if let Some(img) = b.image {
+                *s.images.entry(img.compression.name()).or_default() += 1;
+                assert_eq!(r.block_image(&img).len(), usize::from(img.length));
+            }
         }
         let flagged = r.is_special_rel_update();
         match r.kind {
@@ -131,6 +137,17 @@ fn check_version(major: u32) {
     assert!(s.split_headers > 0, "no record header straddles a page");
     assert!(s.cross_segment > 0, "no record crosses a segment boundary");
     assert!(s.max_tot_len > 8192, "no record spans pages");
+    // wal_compression runs: pglz in every version (bimg_info 0x02 in 13/14, 0x04 from 15).
+    assert!(
+        s.images.get("none").copied().unwrap_or(0) > 100,
+        "{:?}",
+        s.images
+    );
+    assert!(
+        s.images.get("pglz").copied().unwrap_or(0) > 10,
+        "{:?}",
+        s.images
+    );
 
     // pg_switch_wal() right after: its record ends at the next segment start.
     let switch_end = fx.lsn("switch_lsn");

@@ -310,6 +310,26 @@ fn wrong_parameters_are_refused_and_sysid_is_checked() {
     assert!(recs.is_empty() && matches!(o, Outcome::Error(_)), "{o:?}");
 }
 
+#[test]
+fn positions_near_the_end_of_the_lsn_space_are_an_error_not_an_overflow() {
+    for start in [!7u64, u64::MAX - 8191, (u64::MAX - (1 << 32)) & !8191] {
+        let params = WalParams::new(PgMajor::V16, 1 << 30);
+        let mut dec = WalDecoder::new(Lsn(start), params).unwrap();
+        let mut fed = 0;
+        let r = loop {
+            match dec.poll() {
+                Ok(Decoded::NeedMore { .. }) if fed < 3 => {
+                    dec.feed(&[0xFF; 8192]);
+                    fed += 1;
+                }
+                other => break other.map(|_| ()),
+            }
+        };
+        assert!(r.is_err() || fed == 3, "{start:X}");
+        let _ = dec.needed_lsn();
+    }
+}
+
 fn builder() -> WalBuilder {
     WalBuilder::new(PgMajor::V16, 1 << 20, Lsn(0x0300_0000))
 }

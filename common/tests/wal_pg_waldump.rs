@@ -110,11 +110,13 @@ fn parse_block(line: &str) -> DumpBlock {
     }
 }
 
-fn waldump(dir: &std::path::Path, start: Lsn) -> Vec<DumpRec> {
+fn waldump(dir: &std::path::Path, start: Lsn, tli: u32) -> Vec<DumpRec> {
     let out = Command::new(PG_WALDUMP)
         .arg("-b")
         .arg("-p")
         .arg(dir)
+        .arg("-t")
+        .arg(tli.to_string())
         .arg("-s")
         .arg(start.to_string())
         .output()
@@ -263,7 +265,23 @@ fn check_kind(fx: &Fixture, r: &WalRecord<'_>, d: &DumpRec) -> bool {
                 format!("UPDATE database {db_id} tablespace {tsid} size {nbytes}")
             );
         }
-        RecordKind::EndOfRecovery { .. } | RecordKind::OverwriteContrecord { .. } => {}
+        RecordKind::EndOfRecovery {
+            this_timeline_id,
+            prev_timeline_id,
+            ..
+        } => {
+            assert!(
+                desc.starts_with(&format!(
+                    "END_OF_RECOVERY tli {this_timeline_id}; prev tli {prev_timeline_id};"
+                )),
+                "{desc}"
+            );
+        }
+        RecordKind::OverwriteContrecord {
+            overwritten_lsn, ..
+        } => {
+            assert!(desc.contains(&format!("lsn {overwritten_lsn}")), "{desc}");
+        }
     }
     true
 }
@@ -275,31 +293,45 @@ fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
-#[test]
-fn pg15_fixture_matches_pg_waldump_record_for_record() {
-    if !std::path::Path::new(PG_WALDUMP).exists() {
-        eprintln!("{PG_WALDUMP} not installed; skipping the comparison with PostgreSQL");
-        return;
-    }
-    let fx = load(15);
-    let dir = temp_dir("waldump15");
+struct Compared {
+    records: usize,
+    outcome: Outcome,
+    kinds_checked: usize,
+    compression: std::collections::BTreeSet<&'static str>,
+    /// (lsn, page timeline) of every record.
+    tlis: Vec<(Lsn, u32)>,
+    /// (lsn, ThisTimeLineID, PrevTimeLineID) of END_OF_RECOVERY records.
+    end_of_recovery: Vec<(Lsn, u32, u32)>,
+}
+
+/// Runs pg_waldump and the decoder over the fixture from `start` (a record, or a page where
+/// decoding starts at the first record beginning on it) and compares them record for record.
+fn compare_with_waldump(fx: &Fixture, start: Lsn, tli: u32) -> Compared {
+    let dir = temp_dir(&format!(
+        "waldump-{}",
+        fx.dir.file_name().unwrap().to_string_lossy()
+    ));
     for (name, seg) in &fx.segments {
         std::fs::write(dir.join(name), seg).unwrap();
     }
-    let start = fx.lsn("start_lsn");
-    let dump = waldump(&dir, start);
+    let dump = waldump(&dir, start, tli);
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(
-        dump.len() > 10_000,
-        "pg_waldump printed {} records",
-        dump.len()
-    );
 
+    let mut c = Compared {
+        records: 0,
+        outcome: Outcome::NeedMore(Lsn(0)),
+        kinds_checked: 0,
+        compression: Default::default(),
+        tlis: Vec::new(),
+        end_of_recovery: Vec::new(),
+    };
+    let dec = if start.0.is_multiple_of(8192) {
+        failback_common::wal::WalDecoder::new_at_page(start, fx.params()).unwrap()
+    } else {
+        failback_common::wal::WalDecoder::new(start, fx.params()).unwrap()
+    };
     let mut n = 0;
-    let mut kinds_checked = 0;
-    let mut compressed = std::collections::BTreeSet::new();
-    let dec = failback_common::wal::WalDecoder::new(start, fx.params()).unwrap();
-    let outcome = run(&fx.wal, fx.base, dec, 1 << 20, |r| {
+    c.outcome = run(&fx.wal, fx.base, dec, 1 << 20, |r| {
         let d = dump.get(n).unwrap_or_else(|| {
             panic!(
                 "decoder returned a record at {} past pg_waldump's last",
@@ -335,14 +367,24 @@ fn pg15_fixture_matches_pg_waldump_record_for_record() {
                     let ours = (img.compression != ImageCompression::None)
                         .then(|| img.compression.name().to_string());
                     assert_eq!(&ours, method, "{ctx}");
-                    compressed.insert(img.compression.name());
+                    c.compression.insert(img.compression.name());
                     assert_eq!(r.block_image(img).len(), usize::from(img.length));
                 }
                 (a, b) => panic!("{ctx}: image {a:?} vs pg_waldump {b:?}"),
             }
         }
-        if check_kind(&fx, r, d) {
-            kinds_checked += 1;
+        if check_kind(fx, r, d) {
+            c.kinds_checked += 1;
+        }
+        c.tlis.push((r.lsn, r.page_tli));
+        if let RecordKind::EndOfRecovery {
+            this_timeline_id,
+            prev_timeline_id,
+            ..
+        } = r.kind
+        {
+            c.end_of_recovery
+                .push((r.lsn, this_timeline_id, prev_timeline_id));
         }
         n += 1;
     });
@@ -351,19 +393,125 @@ fn pg15_fixture_matches_pg_waldump_record_for_record() {
         dump.len(),
         "pg_waldump printed more records than the decoder returned"
     );
+    c.records = n;
+    c
+}
+
+fn have_waldump() -> bool {
+    let ok = std::path::Path::new(PG_WALDUMP).exists();
+    if !ok {
+        eprintln!("{PG_WALDUMP} not installed; skipping the comparison with PostgreSQL");
+    }
+    ok
+}
+
+#[test]
+fn pg15_fixture_matches_pg_waldump_record_for_record() {
+    if !have_waldump() {
+        return;
+    }
+    let fx = load(15);
+    let c = compare_with_waldump(&fx, fx.lsn("start_lsn"), 1);
+    assert!(c.records > 10_000, "{} records", c.records);
     // pg_waldump stopped because the next segment file is missing; the decoder asks for it.
     let last = fx.segments.last().unwrap();
     let (_, segno) = failback_common::lsn::parse_wal_file_name(&last.0, fx.seg_size).unwrap();
     assert_eq!(
-        outcome,
+        c.outcome,
         Outcome::NeedMore(failback_common::lsn::segment_start(segno + 1, fx.seg_size))
     );
     assert!(
-        kinds_checked > 50,
-        "only {kinds_checked} special records compared"
+        c.kinds_checked > 50,
+        "only {} special records compared",
+        c.kinds_checked
     );
     // The wal_compression runs of the fixture produced every kind of image.
     for m in ["none", "pglz", "lz4", "zstd"] {
-        assert!(compressed.contains(m), "no {m} image in the fixture");
+        assert!(c.compression.contains(m), "no {m} image in the fixture");
     }
+}
+
+#[test]
+fn waldump_lines_match_pg_waldump_up_to_the_rmgr_specific_description() {
+    if !have_waldump() {
+        return;
+    }
+    let fx = load(15);
+    let dir = temp_dir("waldump-lines");
+    for (name, seg) in &fx.segments {
+        std::fs::write(dir.join(name), seg).unwrap();
+    }
+    let start = fx.lsn("start_lsn");
+    let out = Command::new(PG_WALDUMP)
+        .arg("-p")
+        .arg(&dir)
+        .arg("-s")
+        .arg(start.to_string())
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    let dec = failback_common::wal::WalDecoder::new(start, fx.params()).unwrap();
+    let mut n = 0;
+    run(&fx.wal, fx.base, dec, 1 << 20, |r| {
+        let ours = r.waldump_line().to_string();
+        let theirs = lines[n];
+        // Ours is "<header> desc: TYPE <blkrefs>"; pg_waldump's has the rmgr's description
+        // between TYPE and the blkrefs.
+        let desc_at = ours.find("desc: ").unwrap();
+        let head_end = desc_at + ours[desc_at..].find(' ').unwrap() + 1;
+        let head_end = head_end + ours[head_end..].find(' ').unwrap() + 1;
+        let (head, blkrefs) = ours.split_at(head_end);
+        if matches!(r.rmid(), 0..=2 | 4 | 7..=11) {
+            assert!(theirs.starts_with(head), "\n{ours}\n{theirs}");
+        } else {
+            assert!(theirs.starts_with(&head[..desc_at]), "\n{ours}\n{theirs}");
+        }
+        assert!(theirs.ends_with(blkrefs), "\n{ours}\n{theirs}");
+        n += 1;
+    });
+    assert!(n > 10_000);
+}
+
+#[test]
+fn promoted_standby_segment_matches_pg_waldump_across_the_timeline_switch() {
+    if !have_waldump() {
+        return;
+    }
+    let fx = load_dir("pg15_promote");
+    let switch = fx.lsn("switch_lsn");
+    let end = fx.lsn("end_lsn");
+    // From the segment's first page, skipping the record continued from the segment before.
+    let c = compare_with_waldump(&fx, fx.base, 2);
+    assert!(c.records > 1000, "{} records", c.records);
+    // The timeline history says timeline 1 ends at the switch point: the records before it
+    // sit on pages of timeline 1 (copied from the old timeline's segment), the ones from it on
+    // pages of timeline 2, and the first of those is END_OF_RECOVERY.
+    for (lsn, tli) in &c.tlis {
+        let page = Lsn(lsn.0 & !8191);
+        let expected = if page.0 + 8192 <= switch.0 || *lsn < switch {
+            1
+        } else {
+            2
+        };
+        if (page.0..page.0 + 8192).contains(&switch.0) {
+            continue; // the page holding the switch point was rewritten on timeline 2
+        }
+        assert_eq!(*tli, expected, "record at {lsn}");
+    }
+    assert!(c.tlis.iter().any(|t| t.1 == 1) && c.tlis.iter().any(|t| t.1 == 2));
+    assert_eq!(c.end_of_recovery, vec![(switch, 2, 1)]);
+    // The server's insert position after the writes on timeline 2 is where the next record
+    // (the shutdown checkpoint) starts; WAL then ends in zeros.
+    assert!(c.tlis.iter().any(|t| t.0 == end), "no record at {end}");
+    assert!(
+        matches!(
+            c.outcome,
+            Outcome::Error(failback_common::wal::WalError::InvalidRecordLength { lsn, got: 0 })
+                if lsn > end
+        ),
+        "{:?}",
+        c.outcome
+    );
 }

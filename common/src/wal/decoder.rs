@@ -74,6 +74,11 @@ impl WalParams {
         }
     }
 
+    /// WAL written with this `XLOG_PAGE_MAGIC` (`None` for a magic no supported version uses).
+    pub fn for_magic(xlp_magic: u16, seg_size: u32) -> Option<WalParams> {
+        PgMajor::from_xlog_page_magic(xlp_magic).map(|m| WalParams::new(m, seg_size))
+    }
+
     /// WAL whose version is taken from the magic of the first page read.
     pub fn detect(seg_size: u32) -> WalParams {
         WalParams {
@@ -195,6 +200,59 @@ impl<'a> WalRecord<'a> {
     }
 }
 
+/// A record printed the way pg_waldump prints it without `-b`, minus the rmgr-specific part
+/// of the description (which this crate does not reproduce):
+/// `rmgr: Heap        len (rec/tot):     54/  1958, tx:        724, lsn: 0/009000A8, prev 0/00900078, desc: INSERT , blkref #0: rel 1663/5/1247 blk 14 FPW`.
+pub struct WaldumpLine<'r, 'a>(&'r WalRecord<'a>);
+
+impl std::fmt::Display for WaldumpLine<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = self.0;
+        let lsn = |l: Lsn| (l.0 >> 32, l.0 as u32);
+        let (lh, ll) = lsn(r.lsn);
+        let (ph, pl) = lsn(r.xl_prev());
+        write!(
+            f,
+            "rmgr: {:<11} len (rec/tot): {:>6}/{:>6}, tx: {:>10}, lsn: {lh:X}/{ll:08X}, prev {ph:X}/{pl:08X}, ",
+            r.rmgr_name(),
+            r.tot_len() - r.fpi_len(),
+            r.tot_len(),
+            r.xid(),
+        )?;
+        let ty = r.record_type();
+        if ty == "UNKNOWN" {
+            write!(f, "desc: UNKNOWN ({:x}) ", r.rmgr_info())?;
+        } else {
+            write!(f, "desc: {ty} ")?;
+        }
+        for b in r.blocks {
+            write!(f, ", blkref #{}: rel {}", b.id, b.locator)?;
+            if b.fork() != 0 {
+                match super::record::fork_name(b.fork()) {
+                    Some(n) => write!(f, " fork {n}")?,
+                    None => write!(f, " fork {}", b.fork())?,
+                }
+            }
+            write!(f, " blk {}", b.blkno)?;
+            if let Some(img) = &b.image {
+                f.write_str(if img.apply {
+                    " FPW"
+                } else {
+                    " FPW for WAL verification"
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'a> WalRecord<'a> {
+    /// The record as a pg_waldump line (see [`WaldumpLine`]).
+    pub fn waldump_line(&self) -> WaldumpLine<'_, 'a> {
+        WaldumpLine(self)
+    }
+}
+
 /// Bytes fed at an LSN past the one the decoder needs: something in between is missing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("WAL fed from {given}, but the decoder needs bytes from {needed} first")]
@@ -272,6 +330,14 @@ pub struct WalDecoder {
     failed: Option<WalError>,
 }
 
+/// The last position a record may start at. Everything the decoder adds to a record's
+/// position (page headers, a record of at most 1020 MiB, rounding up to a segment of at most
+/// 1 GiB) stays below 4 GiB, so no position arithmetic can overflow below this.
+const MAX_RECORD_LSN: u64 = u64::MAX - (1 << 32);
+
+/// Assembly buffer capacity kept between records; larger ones are released.
+const ASM_BUF_KEEP: usize = 4 << 20;
+
 fn maxalign(n: u64) -> u64 {
     (n + 7) & !7
 }
@@ -329,7 +395,7 @@ impl WalDecoder {
 
     /// The LSN of the next byte to feed.
     pub fn needed_lsn(&self) -> Lsn {
-        Lsn(self.buf_lsn + self.buf.len() as u64)
+        Lsn(self.buf_lsn.saturating_add(self.buf.len() as u64))
     }
 
     /// Where the next record starts: after `poll` returned a record, that record's `end_lsn`.
@@ -378,6 +444,10 @@ impl WalDecoder {
     pub fn poll(&mut self) -> Result<Decoded<'_>, WalError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
+        }
+        if self.asm.is_none() && self.asm_buf.capacity() > ASM_BUF_KEEP {
+            // A huge record passed; do not hold its memory for the rest of the WAL.
+            self.asm_buf = Vec::new();
         }
         let done = match self.step() {
             Ok(Some(d)) => d,
@@ -466,7 +536,7 @@ impl WalDecoder {
     /// Forgets fed bytes before `lsn`. Past the end of what was fed, the decoder then needs
     /// bytes from `lsn` (how an XLOG SWITCH skips the rest of its segment).
     fn discard_before(&mut self, lsn: u64) {
-        let end = self.buf_lsn + self.buf.len() as u64;
+        let end = self.buf_lsn.saturating_add(self.buf.len() as u64);
         if lsn >= end {
             self.buf.clear();
             self.buf_lsn = lsn;
@@ -615,6 +685,7 @@ impl WalDecoder {
         Ok(())
     }
 
+    #[inline(always)]
     fn check_crc(&self, lsn: u64, raw: &[u8], h: &XLogRecordHeader) -> Result<(), WalError> {
         let computed = record_crc(raw);
         if computed != h.xl_crc {
@@ -628,6 +699,7 @@ impl WalDecoder {
     }
 
     /// Advances to the next complete record. `Ok(None)`: more bytes needed.
+    #[inline(always)]
     fn step(&mut self) -> Result<Option<Done>, WalError> {
         let ps = self.ps();
         loop {
@@ -639,6 +711,9 @@ impl WalDecoder {
                 }
             }
             let mut rec = self.next_rec;
+            if rec > MAX_RECORD_LSN {
+                return Err(WalError::LsnOutOfRange { lsn: Lsn(rec) });
+            }
             let page = rec & !(ps - 1);
             let page_known = self.page.is_some_and(|p| p.lsn == page);
             self.discard_before(if page_known { rec } else { page });
@@ -803,6 +878,7 @@ impl WalDecoder {
     }
 
     /// Decodes the body of a whole, CRC-checked record and moves past it.
+    #[inline(always)]
     fn finish(
         &mut self,
         lsn: u64,

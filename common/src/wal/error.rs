@@ -52,6 +52,9 @@ pub enum WalError {
     // ---- record framing (XLogDecodeNextRecord, ValidXLogRecordHeader, ValidXLogRecord) ----
     #[error("invalid record offset at {lsn}: expected at least {expected}, got {got}")]
     InvalidRecordOffset { lsn: Lsn, expected: u32, got: u32 },
+    /// Positions this close to 2^64 leave no room for a record and what follows it.
+    #[error("WAL position {lsn} is too close to the end of the 64-bit LSN space")]
+    LsnOutOfRange { lsn: Lsn },
     /// The start position is not where a record can begin (records are 8-byte aligned).
     #[error("invalid start position {lsn}: WAL records start at 8-byte aligned positions")]
     MisalignedStart { lsn: Lsn },
@@ -185,6 +188,7 @@ impl WalError {
             | TimelineWentBackwards { page, .. } => *page,
             InvalidRecordOffset { lsn, .. }
             | MisalignedStart { lsn }
+            | LsnOutOfRange { lsn }
             | ContrecordRequested { lsn }
             | InvalidRecordLength { lsn, .. }
             | RecordTooLong { lsn, .. }

@@ -19,7 +19,7 @@
 //! - XACT commit and abort (`access/xact.h`, `rmgrdesc/xactdesc.c` `ParseCommitRecord`,
 //!   `ParseAbortRecord`): xact_time i64, then, if `XLOG_XACT_HAS_INFO`, xinfo u32 and the parts
 //!   it announces in this order: dbinfo {dbId, tsId}; subxacts {n, xids}; dropped relations {n,
-//!   RelFileLocator[n]}; dropped stats {n, items} (15+; 12-byte items {kind, dboid, objoid} in
+//!   `RelFileLocator[n]`}; dropped stats {n, items} (15+; 12-byte items {kind, dboid, objoid} in
 //!   15–17, 16-byte {kind, dboid, objid_lo, objid_hi} in 18); invalidations {n, 16-byte
 //!   messages} (commit only); two-phase {xid, then a NUL-terminated gid if XACT_XINFO_HAS_GID};
 //!   origin {lsn, timestamp}, unaligned.
@@ -602,4 +602,143 @@ fn parse_prepare<'a>(major: PgMajor, r: &mut Reader<'a>) -> Result<XactPrepare<'
         origin_lsn,
         origin_timestamp,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn le(vals: &[u32]) -> Vec<u8> {
+        vals.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn end_of_recovery_and_overwrite_contrecord() {
+        let mut d = 99i64.to_le_bytes().to_vec();
+        d.extend(le(&[3, 2, 1])); // ThisTLI, PrevTLI, (17+) wal_level
+        let k = parse_kind(PgMajor::V17, Lsn(8), RM_XLOG_ID, XLOG_END_OF_RECOVERY, &d).unwrap();
+        assert_eq!(
+            k,
+            RecordKind::EndOfRecovery {
+                end_time: 99,
+                this_timeline_id: 3,
+                prev_timeline_id: 2
+            }
+        );
+        let mut d = 0x1234_5678u64.to_le_bytes().to_vec();
+        d.extend(7i64.to_le_bytes());
+        let k = parse_kind(
+            PgMajor::V14,
+            Lsn(8),
+            RM_XLOG_ID,
+            XLOG_OVERWRITE_CONTRECORD,
+            &d,
+        )
+        .unwrap();
+        assert_eq!(
+            k,
+            RecordKind::OverwriteContrecord {
+                overwritten_lsn: Lsn(0x1234_5678),
+                overwrite_time: 7
+            }
+        );
+    }
+
+    #[test]
+    fn short_or_negative_main_data_is_malformed_not_a_panic() {
+        // A checkpoint needs 88 bytes.
+        let e = parse_kind(PgMajor::V15, Lsn(16), RM_XLOG_ID, 0x10, &[0; 87]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                WalError::MalformedRecord {
+                    rmgr: "XLOG",
+                    record_type: "CHECKPOINT_ONLINE",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // DBASE DROP with a negative tablespace count.
+        let d = le(&[5, u32::MAX]);
+        let e = parse_kind(PgMajor::V15, Lsn(16), RM_DBASE_ID, XLOG_DBASE_DROP, &d).unwrap_err();
+        assert!(
+            e.to_string().contains("ntablespaces is negative (-1)"),
+            "{e}"
+        );
+        // Commit announcing more dropped relations than it holds.
+        let mut d = 0i64.to_le_bytes().to_vec();
+        d.extend(le(&[XACT_XINFO_HAS_RELFILELOCATORS, 1_000_000]));
+        let e = parse_kind(PgMajor::V16, Lsn(16), RM_XACT_ID, XLOG_XACT_HAS_INFO, &d).unwrap_err();
+        assert!(
+            e.to_string().contains("dropped relations needs 12000000"),
+            "{e}"
+        );
+        // Every prefix of a valid record either parses or is malformed.
+        let mut d = 0i64.to_le_bytes().to_vec();
+        d.extend(le(&[
+            XACT_XINFO_HAS_DBINFO
+                | XACT_XINFO_HAS_SUBXACTS
+                | XACT_XINFO_HAS_RELFILELOCATORS
+                | XACT_XINFO_HAS_DROPPED_STATS
+                | XACT_XINFO_HAS_INVALS
+                | XACT_XINFO_HAS_TWOPHASE
+                | XACT_XINFO_HAS_GID
+                | XACT_XINFO_HAS_ORIGIN,
+            5,
+            1663, // dbinfo
+            1,
+            900, // subxacts
+            2,
+            1663,
+            5,
+            16384,
+            1663,
+            5,
+            16385, // rels
+            1,
+            2,
+            5,
+            16384,
+            0, // stats (18: 16 bytes)
+            1,
+            0,
+            0,
+            0,
+            0,   // invals
+            777, // twophase xid
+        ]));
+        d.extend(b"gid\0");
+        d.extend(0x55u64.to_le_bytes());
+        d.extend(66i64.to_le_bytes());
+        let k = parse_kind(
+            PgMajor::V18,
+            Lsn(16),
+            RM_XACT_ID,
+            0x30 | XLOG_XACT_HAS_INFO,
+            &d,
+        )
+        .unwrap();
+        let RecordKind::XactFinish(x) = k else {
+            panic!("{k:?}")
+        };
+        assert_eq!(x.op, XactOp::CommitPrepared);
+        assert_eq!(x.dbinfo, Some((5, 1663)));
+        assert_eq!(x.subxacts.iter().collect::<Vec<_>>(), [900]);
+        assert_eq!(x.rels.len(), 2);
+        assert_eq!(x.rels.get(1).unwrap().rel_number, 16385);
+        assert_eq!((x.nstats, x.nmsgs), (1, 1));
+        assert_eq!(x.twophase_xid, Some(777));
+        assert_eq!(x.twophase_gid, Some(&b"gid"[..]));
+        assert_eq!(x.origin, Some((Lsn(0x55), 66)));
+        assert_eq!(x.parsed_len, d.len());
+        assert!(k.is_known_rel_update());
+        for n in 0..d.len() {
+            let r = parse_kind(PgMajor::V18, Lsn(16), RM_XACT_ID, 0xB0, &d[..n]);
+            assert!(
+                matches!(r, Err(WalError::MalformedRecord { .. })),
+                "prefix {n}"
+            );
+        }
+    }
 }

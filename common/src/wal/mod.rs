@@ -32,6 +32,15 @@
 //! }
 //! ```
 //!
+//! Each [`WalRecord`] borrows from the decoder until the next `poll`/`feed`: its header fields,
+//! `end_lsn` (PostgreSQL's end pointer), block references ([`BlockRef`]: locator, fork, block,
+//! flags, [`BlockImage`] with hole and compression), main data, the raw bytes, and a
+//! [`RecordKind`] for the records that change relation files wholesale or mark checkpoints,
+//! switches and timeline changes. A record flagged `XLR_SPECIAL_REL_UPDATE` whose kind is not
+//! known is reported as [`WalError::UnrecognizedRelUpdate`] (decoding can continue past it).
+//! Errors carry their LSN; [`WalError::is_end_of_wal`] separates WAL that simply ends (zeroed
+//! page, recycled segment, torn last record) from damage or a wrong configuration.
+//!
 //! - [`page`]: page headers. [`record`]: the record header, block references and images.
 //! - [`rmgr`]: rmgr ids, names and record type names as pg_waldump prints them.
 //! - [`kinds`]: the records that create, truncate or drop relation files and databases, end
@@ -45,7 +54,7 @@ pub mod page;
 pub mod record;
 pub mod rmgr;
 
-pub use decoder::{Decoded, FeedGap, WalDecoder, WalParams, WalRecord};
+pub use decoder::{Decoded, FeedGap, WalDecoder, WalParams, WalRecord, WaldumpLine};
 pub use error::{MagicExpectation, WalError, WalParamsError};
 pub use kinds::{OidList, RecordKind, RelFileLocatorList, XactFinish, XactOp, XactPrepare};
 pub use page::{XLogLongPageHeader, XLogPageHeader, identify_major};

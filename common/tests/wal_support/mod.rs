@@ -56,7 +56,12 @@ pub fn data_dir() -> PathBuf {
 }
 
 pub fn load(major: u32) -> Fixture {
-    let dir = data_dir().join(format!("pg{major}"));
+    load_dir(&format!("pg{major}"))
+}
+
+/// Loads the fixture in `tests/data/wal/<name>/`.
+pub fn load_dir(name: &str) -> Fixture {
+    let dir = data_dir().join(name);
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("fixture.json")).unwrap()).unwrap();
     let seg_size = json["seg_size"].as_u64().unwrap() as u32;
@@ -77,6 +82,7 @@ pub fn load(major: u32) -> Fixture {
         wal.extend_from_slice(&seg);
         segments.push((name, seg));
     }
+    let major = json["major"].as_u64().unwrap() as u32;
     Fixture {
         major: PgMajor::from_number(major).unwrap(),
         dir,
