@@ -136,110 +136,6 @@ pub fn history_text(h: &TimeLineHistory) -> String {
     s
 }
 
-/// One WAL record as a line in pg_waldump's layout: the same labels, widths and order, so a
-/// line of each can be compared field by field. The `desc:` part names the record type and, for
-/// the records that create, truncate or drop files, what they act on.
-pub fn wal_record_text(r: &failback_common::wal::WalRecord<'_>) -> String {
-    let fpi = r.fpi_len();
-    let mut s = format!(
-        "rmgr: {:<11} len (rec/tot): {:>6}/{:>6}, tx: {:>10}, lsn: {}, prev {}, desc: {}",
-        r.rmgr_name(),
-        r.tot_len().saturating_sub(fpi),
-        r.tot_len(),
-        r.xid(),
-        waldump_lsn(r.lsn),
-        waldump_lsn(r.xl_prev()),
-        r.record_type(),
-    );
-    if let Some(detail) = kind_detail(r) {
-        s.push(' ');
-        s.push_str(&detail);
-    }
-    for b in r.blocks {
-        let _ = write!(
-            s,
-            ", blkref #{}: rel {}/{}/{}",
-            b.id, b.locator.spc_oid, b.locator.db_oid, b.locator.rel_number
-        );
-        if b.fork() != 0 {
-            let _ = write!(
-                s,
-                " fork {}",
-                failback_common::wal::fork_name(b.fork()).unwrap_or("?")
-            );
-        }
-        let _ = write!(s, " blk {}", b.blkno);
-        if let Some(img) = &b.image {
-            s.push_str(if img.apply {
-                " FPW"
-            } else {
-                " FPW for WAL verification"
-            });
-        }
-    }
-    s
-}
-
-/// pg_waldump prints the low half zero-padded: `0/01740000`.
-fn waldump_lsn(l: failback_common::Lsn) -> String {
-    format!("{:X}/{:08X}", l.0 >> 32, l.0 as u32)
-}
-
-fn kind_detail(r: &failback_common::wal::WalRecord<'_>) -> Option<String> {
-    use failback_common::wal::RecordKind as K;
-    let rel = |l: failback_common::wal::RelFileLocator| {
-        format!("{}/{}/{}", l.spc_oid, l.db_oid, l.rel_number)
-    };
-    Some(match &r.kind {
-        K::Checkpoint {
-            redo,
-            this_timeline_id,
-            ..
-        } => format!("redo {redo}; tli {this_timeline_id}"),
-        K::SmgrCreate { locator, fork } => format!("rel {} fork {fork}", rel(*locator)),
-        K::SmgrTruncate {
-            blkno,
-            locator,
-            flags,
-        } => format!("rel {} to {blkno} blocks flags {flags}", rel(*locator)),
-        K::DbaseCreateFileCopy {
-            db_id,
-            tablespace_id,
-            src_db_id,
-            src_tablespace_id,
-        } => format!("copy dir {src_tablespace_id}/{src_db_id} to {tablespace_id}/{db_id}"),
-        K::DbaseCreateWalLog {
-            db_id,
-            tablespace_id,
-        } => format!("create dir {tablespace_id}/{db_id}"),
-        K::DbaseDrop {
-            db_id,
-            tablespace_ids,
-        } => {
-            let dirs: Vec<String> = tablespace_ids
-                .iter()
-                .map(|t| format!("{t}/{db_id}"))
-                .collect();
-            format!("dir {}", dirs.join(" "))
-        }
-        K::XactFinish(x) if !x.rels.is_empty() => {
-            let rels: Vec<String> = x.rels.iter().map(rel).collect();
-            format!("rels: {}", rels.join(" "))
-        }
-        K::EndOfRecovery {
-            this_timeline_id,
-            prev_timeline_id,
-            ..
-        } => format!("tli {this_timeline_id}; prev tli {prev_timeline_id}"),
-        K::RelmapUpdate {
-            db_id,
-            tsid,
-            nbytes,
-        } => format!("database {db_id} tablespace {tsid} size {nbytes}"),
-        _ => return None,
-    })
-}
-
 /// One WAL record as a JSON object, for programs.
 pub fn wal_record_json(r: &failback_common::wal::WalRecord<'_>) -> serde_json::Value {
     let blocks: Vec<serde_json::Value> = r
@@ -271,6 +167,6 @@ pub fn wal_record_json(r: &failback_common::wal::WalRecord<'_>) -> serde_json::V
         "total_length": r.tot_len(),
         "fpi_length": r.fpi_len(),
         "blocks": blocks,
-        "detail": kind_detail(r),
+        "detail": r.kind.detail(),
     })
 }

@@ -192,7 +192,7 @@ fn inspect_wal(
         let line = if json {
             inspect::wal_record_json(r).to_string()
         } else {
-            inspect::wal_record_text(r)
+            r.waldump_line().to_string()
         };
         if write_err.is_none()
             && let Err(e) = writeln!(out, "{line}")

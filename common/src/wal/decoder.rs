@@ -200,8 +200,8 @@ impl<'a> WalRecord<'a> {
     }
 }
 
-/// A record printed the way pg_waldump prints it without `-b`, minus the rmgr-specific part
-/// of the description (which this crate does not reproduce):
+/// A record printed the way pg_waldump prints it without `-b`; of the rmgr-specific description
+/// only what [`RecordKind::detail`] says about the records that act on files is reproduced:
 /// `rmgr: Heap        len (rec/tot):     54/  1958, tx:        724, lsn: 0/009000A8, prev 0/00900078, desc: INSERT , blkref #0: rel 1663/5/1247 blk 14 FPW`.
 pub struct WaldumpLine<'r, 'a>(&'r WalRecord<'a>);
 
@@ -224,6 +224,9 @@ impl std::fmt::Display for WaldumpLine<'_, '_> {
             write!(f, "desc: UNKNOWN ({:x}) ", r.rmgr_info())?;
         } else {
             write!(f, "desc: {ty} ")?;
+        }
+        if let Some(detail) = r.kind.detail() {
+            f.write_str(&detail)?;
         }
         for b in r.blocks {
             write!(f, ", blkref #{}: rel {}", b.id, b.locator)?;

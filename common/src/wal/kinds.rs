@@ -111,6 +111,63 @@ pub enum RecordKind<'a> {
 }
 
 impl RecordKind<'_> {
+    /// What the record acts on, in words close to pg_waldump's description (`redo 0/3000028;
+    /// tli 1`, `rel 1663/5/16384 to 0 blocks flags 7`, `rels: 1663/5/16384`); `None` for kinds
+    /// with nothing to add to their type name.
+    pub fn detail(&self) -> Option<String> {
+        let rel = |l: RelFileLocator| format!("{}/{}/{}", l.spc_oid, l.db_oid, l.rel_number);
+        Some(match self {
+            RecordKind::Checkpoint {
+                redo,
+                this_timeline_id,
+                ..
+            } => format!("redo {redo}; tli {this_timeline_id}"),
+            RecordKind::SmgrCreate { locator, fork } => {
+                format!("rel {} fork {fork}", rel(*locator))
+            }
+            RecordKind::SmgrTruncate {
+                blkno,
+                locator,
+                flags,
+            } => format!("rel {} to {blkno} blocks flags {flags}", rel(*locator)),
+            RecordKind::DbaseCreateFileCopy {
+                db_id,
+                tablespace_id,
+                src_db_id,
+                src_tablespace_id,
+            } => format!("copy dir {src_tablespace_id}/{src_db_id} to {tablespace_id}/{db_id}"),
+            RecordKind::DbaseCreateWalLog {
+                db_id,
+                tablespace_id,
+            } => format!("create dir {tablespace_id}/{db_id}"),
+            RecordKind::DbaseDrop {
+                db_id,
+                tablespace_ids,
+            } => {
+                let dirs: Vec<String> = tablespace_ids
+                    .iter()
+                    .map(|t| format!("{t}/{db_id}"))
+                    .collect();
+                format!("dir {}", dirs.join(" "))
+            }
+            RecordKind::XactFinish(x) if !x.rels.is_empty() => {
+                let rels: Vec<String> = x.rels.iter().map(rel).collect();
+                format!("rels: {}", rels.join(" "))
+            }
+            RecordKind::EndOfRecovery {
+                this_timeline_id,
+                prev_timeline_id,
+                ..
+            } => format!("tli {this_timeline_id}; prev tli {prev_timeline_id}"),
+            RecordKind::RelmapUpdate {
+                db_id,
+                tsid,
+                nbytes,
+            } => format!("database {db_id} tablespace {tsid} size {nbytes}"),
+            _ => return None,
+        })
+    }
+
     /// Whether pg_rewind knows how to handle this kind when it is flagged
     /// `XLR_SPECIAL_REL_UPDATE` (`extractPageInfo`).
     pub fn is_known_rel_update(&self) -> bool {
