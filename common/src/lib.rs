@@ -12,6 +12,7 @@ pub mod version;
 
 pub use lsn::{Lsn, TimeLineId, XLogSegNo};
 pub use version::PgMajor;
+pub mod civil;
 pub mod control;
 pub mod filemap;
 pub mod relpath;

@@ -322,27 +322,14 @@ fn controldata(text: &str) -> Vec<(String, String)> {
 
 /// `%c` in the C locale for a UTC time (pg_controldata ran with TZ=UTC).
 fn ctime_utc(t: i64) -> String {
-    let days = t.div_euclid(86400);
-    let secs = t.rem_euclid(86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
+    let c = failback_common::civil::from_unix(t);
+    let wd = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"][c.weekday as usize];
     let mon = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ][(m - 1) as usize];
+    ][(c.month - 1) as usize];
     format!(
-        "{wd} {mon} {d:2} {:02}:{:02}:{:02} {y}",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
+        "{wd} {mon} {:2} {:02}:{:02}:{:02} {}",
+        c.day, c.hour, c.minute, c.second, c.year
     )
 }
 
