@@ -1,0 +1,381 @@
+//! failbackd and failback over gRPC: a real failover rewound through the wire, and the
+//! server's refusals (tokens, paths out of the data directory, oversized requests).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+
+use failback_client::progress::Terminal;
+use failback_client::rewind::{RewindOptions, rewind};
+use failback_client::source::grpc::{GrpcOptions, GrpcSource};
+use failback_client::source::{FetchRange, Fetched, Source, SourceError};
+use failback_common::wire::Compression;
+use failback_tests::{Cluster, ClusterOptions, PgMajor, StopMode, assert_same_data, pg_test};
+
+/// failbackd in this process, on a port of its own, until dropped.
+struct Failbackd {
+    rt: tokio::runtime::Runtime,
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<Result<(), failback_server::ServeError>>>,
+}
+
+impl Failbackd {
+    fn start(pgdata: &Path, token: Option<&str>) -> Failbackd {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = failback_server::Config::new(pgdata);
+        config.token = token.map(str::to_string);
+        // Small chunks, so that files span many chunks and requests.
+        config.max_chunk = 64 << 10;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = rt.spawn(failback_server::serve(listener, config, async {
+            let _ = rx.await;
+        }));
+        Failbackd {
+            rt,
+            addr,
+            stop: Some(tx),
+            done: Some(done),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("grpc://{}", self.addr)
+    }
+}
+
+impl Drop for Failbackd {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(d) = self.done.take() {
+            let r = self.rt.block_on(d);
+            if !std::thread::panicking() {
+                r.unwrap().unwrap();
+            }
+        }
+    }
+}
+
+fn connect(url: String, token: Option<&str>) -> Result<GrpcSource, SourceError> {
+    GrpcSource::connect(GrpcOptions {
+        url,
+        ca: None,
+        token: token.map(str::to_string),
+        jobs: 3,
+        compression: Compression::Zstd(3),
+    })
+}
+
+/// Fetches one range; the pieces concatenated, or the error.
+fn fetch_all(
+    src: &mut GrpcSource,
+    path: &str,
+    offset: u64,
+    length: u64,
+) -> Result<Vec<u8>, SourceError> {
+    let mut out = Vec::new();
+    src.fetch(
+        &[FetchRange {
+            path: path.into(),
+            offset,
+            length,
+        }],
+        &mut |p| {
+            if let Fetched::Data { data, .. } = p {
+                out.extend_from_slice(data);
+            }
+            Ok(())
+        },
+    )?;
+    Ok(out)
+}
+
+/// Promotes a standby, writes on both sides, stops both: returns (old primary, new primary).
+fn diverged(major: PgMajor) -> (Cluster, Cluster) {
+    let mut primary = Cluster::start_new(major, "old-primary");
+    primary.pgbench_init(2);
+    primary.execute(
+        "CREATE TABLE log (id bigint PRIMARY KEY, note text);
+         INSERT INTO log SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g",
+    );
+    let mut standby = primary.create_standby("new-primary");
+    standby.wait_for_catchup(&primary);
+    standby.promote();
+    primary.execute(
+        "UPDATE pgbench_accounts SET abalance = abalance - 1 WHERE aid % 50 = 0;
+         DELETE FROM log WHERE id <= 500;
+         CREATE TABLE only_old (x int); INSERT INTO only_old VALUES (1)",
+    );
+    standby.execute(
+        "UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid % 70 = 0;
+         INSERT INTO log SELECT g, 'new' FROM generate_series(20001, 30000) g;
+         CREATE TABLE only_new (x int); INSERT INTO only_new SELECT generate_series(1, 100)",
+    );
+    primary.stop(StopMode::Fast);
+    standby.stop(StopMode::Fast);
+    (primary, standby)
+}
+
+fn rejoin_and_compare(mut primary: Cluster, mut new_primary: Cluster) {
+    new_primary.start();
+    primary.start();
+    new_primary.execute("INSERT INTO only_new VALUES (424242)");
+    primary.wait_for_catchup(&new_primary);
+    assert!(primary.is_in_recovery());
+    assert_same_data(&new_primary, &primary);
+}
+
+fn conninfo(c: &Cluster) -> String {
+    format!(
+        "host=127.0.0.1 port={} user=postgres application_name=old-primary",
+        c.port()
+    )
+}
+
+pg_test!(rewinds_through_failbackd, |major| {
+    let (primary, new_primary) = diverged(major);
+    let server = Failbackd::start(&new_primary.data_dir(), Some("s3cret"));
+    let mut source = connect(server.url(), Some("s3cret")).expect("connect to failbackd");
+    let opts = RewindOptions {
+        target: primary.data_dir(),
+        write_recovery_conf: true,
+        primary_conninfo: Some(conninfo(&new_primary)),
+        pg_bindir: Some(primary.bins().postgres().parent().unwrap().to_path_buf()),
+        ..Default::default()
+    };
+    let (report, _) = rewind(&opts, &mut source, &mut Terminal::new(false, false)).unwrap();
+    assert!(
+        report.changed_blocks > 0,
+        "the divergence changed no block?"
+    );
+    drop(source);
+    drop(server);
+    rejoin_and_compare(primary, new_primary);
+});
+
+/// The `failback` binary with `--source grpc://`, `--token-file`, `--jobs`, `--compress none`.
+#[test]
+fn cli_rewinds_through_failbackd() {
+    let (primary, new_primary) = diverged(PgMajor::V15);
+    let server = Failbackd::start(&new_primary.data_dir(), Some("cli-token"));
+    let dir = tempfile_dir();
+    let token = dir.join("token");
+    std::fs::write(&token, "cli-token\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_failback"))
+        .args(["rewind", "-D"])
+        .arg(primary.data_dir())
+        .args(["--source", &server.url(), "--token-file"])
+        .arg(&token)
+        .args([
+            "--jobs",
+            "5",
+            "--compress",
+            "none",
+            "-R",
+            "--primary-conninfo",
+        ])
+        .arg(conninfo(&new_primary))
+        .arg("--pg-bindir")
+        .arg(primary.bins().postgres().parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "failback rewind failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+    rejoin_and_compare(primary, new_primary);
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("failback-pair-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn cli_refuses_two_sources_or_none() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_failback"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let both = run(&[
+        "rewind",
+        "-D",
+        "/nonexistent",
+        "--source-pgdata",
+        "/x",
+        "--source",
+        "grpc://127.0.0.1:1",
+    ]);
+    assert!(!both.status.success());
+    assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
+    let none = run(&["rewind", "-D", "/nonexistent"]);
+    assert!(!none.status.success());
+    let bad = run(&[
+        "rewind",
+        "-D",
+        "/x",
+        "--source",
+        "grpc://127.0.0.1:1",
+        "--compress",
+        "fast",
+    ]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("neither a zstd level"));
+}
+
+fn refused(r: Result<impl Sized, SourceError>, code: &str) {
+    match r {
+        Err(SourceError::Refused { reason, .. }) => {
+            assert!(
+                reason.contains(code),
+                "refused, but not with {code}: {reason}"
+            )
+        }
+        Err(e) => panic!("expected a refusal with {code}, got {e}"),
+        Ok(_) => panic!("expected a refusal with {code}, got an answer"),
+    }
+}
+
+#[test]
+fn tokens_and_paths_are_enforced_over_the_wire() {
+    let cluster = Cluster::init(PgMajor::V15, "served", ClusterOptions::default());
+    let data = cluster.data_dir();
+    let outside = cluster.base_dir().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"not yours").unwrap();
+    std::os::unix::fs::symlink(&outside, data.join("escape")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), data.join("global/escape")).unwrap();
+    let server = Failbackd::start(&data, Some("right"));
+
+    refused(connect(server.url(), None), "Unauthenticated");
+    refused(connect(server.url(), Some("wrong")), "Unauthenticated");
+    refused(connect(server.url(), Some("righ")), "Unauthenticated");
+
+    let mut src = connect(server.url(), Some("right")).unwrap();
+    for path in [
+        "../outside/secret",
+        "global/../../outside/secret",
+        "/etc/passwd",
+        &outside.join("secret").display().to_string(),
+        "escape/secret",
+        "global/escape",
+    ] {
+        refused(fetch_all(&mut src, path, 0, 100), "PermissionDenied");
+        refused(src.read_file(path), "PermissionDenied");
+    }
+    // The listing shows the stray links as links, never what they point at.
+    let list = src.list_files().unwrap();
+    assert!(list.iter().all(|e| !e.path.contains("secret")));
+    assert!(list.iter().any(|e| e.path == "global/pg_control"));
+
+    // Still serving, also this connection: real bytes, across many chunks, verified.
+    let control = src.control_file().unwrap();
+    assert_eq!(
+        control,
+        std::fs::read(data.join("global/pg_control")).unwrap()
+    );
+    let pg_class = list
+        .iter()
+        .filter(|e| e.path.starts_with("base/") && e.size > 200_000)
+        .max_by_key(|e| e.size)
+        .expect("a relation file over 200 KB")
+        .clone();
+    let got = fetch_all(&mut src, &pg_class.path, 0, pg_class.size).unwrap();
+    assert_eq!(got, std::fs::read(data.join(&pg_class.path)).unwrap());
+    // Past the end: Short at the real size; a missing file: Vanished.
+    let mut seen = Vec::new();
+    src.fetch(
+        &[
+            FetchRange {
+                path: pg_class.path.clone(),
+                offset: pg_class.size - 10,
+                length: 100,
+            },
+            FetchRange {
+                path: "base/1/999999".into(),
+                offset: 0,
+                length: 8192,
+            },
+        ],
+        &mut |p| {
+            seen.push(format!("{p:?}").split(", data").next().unwrap().to_string());
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(
+        seen[1].contains(&format!("size: {}", pg_class.size)),
+        "{seen:?}"
+    );
+    assert!(seen[2].starts_with("Vanished"), "{seen:?}");
+}
+
+#[test]
+fn oversized_requests_are_refused_and_the_server_keeps_serving() {
+    use failback_proto::v1 as pb;
+    let cluster = Cluster::init(PgMajor::V15, "served-big", ClusterOptions::default());
+    let server = Failbackd::start(&cluster.data_dir(), None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut raw = rt
+        .block_on(pb::failback_client::FailbackClient::connect(format!(
+            "http://{}",
+            server.addr
+        )))
+        .unwrap();
+    let many = pb::ReadRangesRequest {
+        ranges: (0..70_000)
+            .map(|i| pb::Range {
+                path: format!("base/1/{i}"),
+                offset: 0,
+                length: 1,
+            })
+            .collect(),
+        compression_level: 0,
+    };
+    let e = rt.block_on(raw.read_ranges(many)).expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let overflow = pb::ReadRangesRequest {
+        ranges: vec![pb::Range {
+            path: "global/pg_control".into(),
+            offset: u64::MAX,
+            length: 2,
+        }],
+        compression_level: 0,
+    };
+    let e = rt.block_on(raw.read_ranges(overflow)).expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let level = pb::ReadRangesRequest {
+        ranges: vec![],
+        compression_level: 99,
+    };
+    let e = rt.block_on(raw.read_ranges(level)).expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let hs = rt
+        .block_on(raw.handshake(pb::HandshakeRequest {
+            protocol_version: 1,
+            client_version: "t".into(),
+        }))
+        .unwrap()
+        .into_inner();
+    assert_eq!(hs.pg_major, 15);
+    assert_eq!(hs.block_size, 8192);
+    assert_ne!(hs.system_identifier, 0);
+    let mut src = connect(server.url(), None).unwrap();
+    assert_eq!(src.control_file().unwrap().len(), 8192);
+}
