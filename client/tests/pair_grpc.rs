@@ -22,6 +22,14 @@ struct Failbackd {
 
 impl Failbackd {
     fn start(pgdata: &Path, token: Option<&str>) -> Failbackd {
+        Failbackd::start_with(pgdata, token, None)
+    }
+
+    fn start_with(
+        pgdata: &Path,
+        token: Option<&str>,
+        tls: Option<(Vec<u8>, Vec<u8>)>,
+    ) -> Failbackd {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -33,6 +41,7 @@ impl Failbackd {
         let addr = listener.local_addr().unwrap();
         let mut config = failback_server::Config::new(pgdata);
         config.token = token.map(str::to_string);
+        config.tls = tls;
         // Small chunks, so that files span many chunks and requests.
         config.max_chunk = 64 << 10;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -154,6 +163,7 @@ pg_test!(rewinds_through_failbackd, |major| {
         ..Default::default()
     };
     let (report, _) = rewind(&opts, &mut source, &mut Terminal::new(false, false)).unwrap();
+    timelines_are_served(&new_primary);
     assert!(
         report.changed_blocks > 0,
         "the divergence changed no block?"
@@ -378,4 +388,90 @@ fn oversized_requests_are_refused_and_the_server_keeps_serving() {
     assert_ne!(hs.system_identifier, 0);
     let mut src = connect(server.url(), None).unwrap();
     assert_eq!(src.control_file().unwrap().len(), 8192);
+}
+
+fn self_signed(name: &str) -> (Vec<u8>, Vec<u8>) {
+    let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    (
+        ck.cert.pem().into_bytes(),
+        ck.signing_key.serialize_pem().into_bytes(),
+    )
+}
+
+#[test]
+fn tls_with_the_right_ca_only() {
+    use failback_proto::v1 as pb;
+    let cluster = Cluster::init(PgMajor::V15, "served-tls", ClusterOptions::default());
+    let (cert, key) = self_signed("localhost");
+    let server = Failbackd::start_with(&cluster.data_dir(), Some("t"), Some((cert.clone(), key)));
+    let url = format!("grpcs://localhost:{}", server.addr.port());
+    let tls = |ca: Option<Vec<u8>>, url: &str| {
+        GrpcSource::connect(GrpcOptions {
+            url: url.to_string(),
+            ca,
+            token: Some("t".into()),
+            jobs: 2,
+            compression: Compression::Zstd(1),
+        })
+    };
+    let mut src = tls(Some(cert.clone()), &url).expect("TLS with the server's CA");
+    assert_eq!(
+        src.control_file().unwrap(),
+        std::fs::read(cluster.data_dir().join("global/pg_control")).unwrap()
+    );
+    let (other_ca, _) = self_signed("localhost");
+    assert!(
+        tls(Some(other_ca), &url).is_err(),
+        "a certificate from another CA was accepted"
+    );
+    assert!(
+        tls(None, &url).is_err(),
+        "grpcs:// without --ca was accepted"
+    );
+    // Plain HTTP/2 to a TLS server gets nowhere.
+    assert!(connect(server.url(), Some("t")).is_err());
+    drop(src);
+
+    // Timelines: a fresh cluster is on timeline 1 without history files.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let plain = Failbackd::start(&cluster.data_dir(), None);
+    let mut raw = rt
+        .block_on(pb::failback_client::FailbackClient::connect(format!(
+            "http://{}",
+            plain.addr
+        )))
+        .unwrap();
+    let t = rt
+        .block_on(raw.timelines(pb::TimelinesRequest {}))
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.current_timeline, 1);
+    assert!(t.histories.is_empty());
+}
+
+/// The promoted standby is on timeline 2, with `00000002.history` served verbatim.
+fn timelines_are_served(new_primary: &Cluster) {
+    use failback_proto::v1 as pb;
+    let server = Failbackd::start(&new_primary.data_dir(), None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut raw = rt
+        .block_on(pb::failback_client::FailbackClient::connect(format!(
+            "http://{}",
+            server.addr
+        )))
+        .unwrap();
+    let t = rt
+        .block_on(raw.timelines(pb::TimelinesRequest {}))
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.current_timeline, 2);
+    let h2 = t
+        .histories
+        .iter()
+        .find(|h| h.timeline == 2)
+        .expect("history of 2");
+    assert_eq!(
+        h2.data.as_ref(),
+        std::fs::read(new_primary.data_dir().join("pg_wal/00000002.history")).unwrap()
+    );
 }
