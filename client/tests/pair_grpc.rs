@@ -475,3 +475,152 @@ fn timelines_are_served(new_primary: &Cluster) {
         std::fs::read(new_primary.data_dir().join("pg_wal/00000002.history")).unwrap()
     );
 }
+
+/// A failbackd stand-in that damages the first `damaged` chunks it sends, to see the client
+/// catch them (the real server cannot be made to send a bad chunk).
+mod damaging {
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use failback_common::wire::{Compression, encode};
+    use failback_proto::v1::failback_server::Failback;
+    use failback_proto::v1::*;
+    use tonic::codegen::Bytes;
+    use tonic::codegen::tokio_stream::{self, Stream};
+    use tonic::{Request, Response, Status};
+
+    pub struct Damaging {
+        pub content: Vec<u8>,
+        pub damaged: Arc<AtomicUsize>,
+    }
+
+    type S<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl Failback for Damaging {
+        async fn handshake(
+            &self,
+            _: Request<HandshakeRequest>,
+        ) -> Result<Response<HandshakeResponse>, Status> {
+            Ok(Response::new(HandshakeResponse {
+                protocol_version: failback_proto::PROTOCOL_VERSION,
+                max_chunk: 1 << 20,
+                ..Default::default()
+            }))
+        }
+        async fn control_file(
+            &self,
+            _: Request<ControlFileRequest>,
+        ) -> Result<Response<ControlFileResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn timelines(
+            &self,
+            _: Request<TimelinesRequest>,
+        ) -> Result<Response<TimelinesResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        type ListFilesStream = S<FileEntry>;
+        async fn list_files(
+            &self,
+            _: Request<ListFilesRequest>,
+        ) -> Result<Response<Self::ListFilesStream>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        type ReadRangesStream = S<Chunk>;
+        async fn read_ranges(
+            &self,
+            r: Request<ReadRangesRequest>,
+        ) -> Result<Response<Self::ReadRangesStream>, Status> {
+            let mut out = Vec::new();
+            for range in r.into_inner().ranges {
+                let start = range.offset as usize;
+                let raw = &self.content[start..start + range.length as usize];
+                let e = encode(raw, Compression::Zstd(3)).unwrap();
+                let mut data = e.data;
+                let left = self.damaged.load(Ordering::SeqCst);
+                if left > 0 {
+                    self.damaged.store(left - 1, Ordering::SeqCst);
+                    let mid = data.len() / 2;
+                    data[mid] ^= 0x10;
+                }
+                out.push(Ok(Chunk {
+                    path: range.path,
+                    offset: range.offset,
+                    raw_length: e.raw_length,
+                    codec: e.codec.to_u32(),
+                    data: Bytes::from(data),
+                    hash: Bytes::copy_from_slice(&e.hash),
+                    status: ChunkStatus::Ok as i32,
+                }));
+            }
+            Ok(Response::new(Box::pin(tokio_stream::iter(out))))
+        }
+        type ChunkHashesStream = S<FileHashes>;
+        async fn chunk_hashes(
+            &self,
+            _: Request<ChunkHashesRequest>,
+        ) -> Result<Response<Self::ChunkHashesStream>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn end_of_wal(
+            &self,
+            _: Request<EndOfWalRequest>,
+        ) -> Result<Response<EndOfWalResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+    }
+}
+
+#[test]
+fn a_damaged_chunk_is_retried_once_then_reported() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    let content: Vec<u8> = (0..60_000u32).map(|i| (i / 100) as u8).collect();
+    let damaged = Arc::new(AtomicUsize::new(0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = damaging::Damaging {
+        content: content.clone(),
+        damaged: damaged.clone(),
+    };
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(failback_proto::v1::failback_server::FailbackServer::new(
+                svc,
+            ))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let mut src = connect(format!("grpc://{addr}"), None).unwrap();
+
+    // Damaged once: the retry gets good bytes, and only good bytes reach the sink.
+    damaged.store(1, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        fetch_all(&mut src, "f", 100, 50_000).unwrap(),
+        &content[100..50_100]
+    );
+    // Damaged twice: reported, and nothing reached the sink.
+    damaged.store(2, std::sync::atomic::Ordering::SeqCst);
+    let mut delivered = 0usize;
+    let err = src
+        .fetch(
+            &[FetchRange {
+                path: "f".into(),
+                offset: 0,
+                length: 50_000,
+            }],
+            &mut |_| {
+                delivered += 1;
+                Ok(())
+            },
+        )
+        .expect_err("a twice-damaged chunk was accepted");
+    assert_eq!(delivered, 0);
+    assert!(err.to_string().contains("ReadRanges"), "{err}");
+    let msg = format!("{err}");
+    assert!(msg.contains("does not match"), "{msg}");
+}
