@@ -131,21 +131,30 @@ impl Failback for FailbackService {
     ) -> Result<Response<TimelinesResponse>, Status> {
         self.blocking(|d| {
             let (_, c) = control(&d)?;
+            // Only pg_wal is looked at (through the same confinement as every read), not the
+            // whole directory: a large cluster has many files and histories live in one place.
+            let wal = d.resolve("pg_wal").map_err(status)?;
+            let names = match std::fs::read_dir(&wal) {
+                Ok(rd) => rd
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect::<Vec<_>>(),
+                Err(e) => return Err(Status::unavailable(format!("pg_wal: {e}"))),
+            };
             let mut histories = Vec::new();
-            for e in d.list().map_err(status)? {
-                if e.file_type != FileType::Regular {
-                    continue;
-                }
-                let Some(tli) = history_timeline(&e.path) else {
+            for name in names {
+                let path = format!("pg_wal/{name}");
+                let Some(tli) = history_timeline(&path) else {
                     continue;
                 };
-                if let Some(data) = d.read_file(&e.path).map_err(status)? {
+                if let Some(data) = d.read_file(&path).map_err(status)? {
                     histories.push(HistoryFile {
                         timeline: tli,
                         data: Bytes::from(data),
                     });
                 }
             }
+            histories.sort_by_key(|h| h.timeline);
             Ok(Response::new(TimelinesResponse {
                 current_timeline: c.timeline_for_rewind(),
                 histories,
