@@ -57,14 +57,13 @@ struct RewindArgs {
     /// File holding the bearer token failbackd expects.
     #[arg(long, value_name = "FILE", requires = "source")]
     token_file: Option<PathBuf>,
-    /// Requests to failbackd in flight at once.
-    #[arg(long, value_name = "N", default_value_t = 4, requires = "source",
+    /// Requests to failbackd in flight at once [default: 4].
+    #[arg(long, value_name = "N", requires = "source",
           value_parser = clap::value_parser!(u16).range(1..=256))]
-    jobs: u16,
-    /// Compression of file data from failbackd: a zstd level (1-22), or none.
-    #[arg(long, value_name = "LEVEL|none", default_value = "3", requires = "source",
-          value_parser = parse_compress)]
-    compress: failback_common::wire::Compression,
+    jobs: Option<u16>,
+    /// Compression of file data from failbackd: a zstd level (1-22), or none [default: 3].
+    #[arg(long, value_name = "LEVEL|none", requires = "source", value_parser = parse_compress)]
+    compress: Option<failback_common::wire::Compression>,
     /// Write standby.signal and primary_conninfo, so the target starts as a standby.
     #[arg(short = 'R', long)]
     write_recovery_conf: bool,
@@ -160,6 +159,12 @@ fn read_secret(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
 fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source>> {
     use failback_client::source::grpc::{GrpcOptions, GrpcSource};
     if let Some(dir) = &a.source_pgdata {
+        // clap's `requires` does not fire here (the flags are also in a conflict), so say it.
+        if a.ca.is_some() || a.token_file.is_some() || a.jobs.is_some() || a.compress.is_some() {
+            anyhow::bail!(
+                "--ca, --token-file, --jobs and --compress are for a failbackd source (--source <URL>)"
+            );
+        }
         return Ok(Box::new(failback_client::source::local::LocalSource::new(
             dir.clone(),
         )));
@@ -184,8 +189,10 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source
         url,
         ca,
         token,
-        jobs: usize::from(a.jobs),
-        compression: a.compress,
+        jobs: usize::from(a.jobs.unwrap_or(4)),
+        compression: a
+            .compress
+            .unwrap_or(failback_common::wire::Compression::Zstd(3)),
     })?;
     Ok(Box::new(source))
 }

@@ -236,6 +236,14 @@ fn cli_refuses_two_sources_or_none() {
     assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
     let none = run(&["rewind", "-D", "/nonexistent"]);
     assert!(!none.status.success());
+    let jobs_local = run(&["rewind", "-D", "/x", "--source-pgdata", "/y", "--jobs", "3"]);
+    assert!(String::from_utf8_lossy(&jobs_local.stderr).contains("--source <URL>"));
+    let down = run(&["rewind", "-D", "/x", "--source", "grpc://127.0.0.1:1"]);
+    let err = String::from_utf8_lossy(&down.stderr).into_owned();
+    assert!(
+        err.contains("could not connect") && err.contains("refused"),
+        "{err}"
+    );
     let bad = run(&[
         "rewind",
         "-D",

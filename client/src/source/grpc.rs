@@ -144,7 +144,7 @@ impl GrpcSource {
                 source: e,
             })?;
         let channel = rt.block_on(endpoint.connect()).map_err(|e| {
-            SourceError::Transport(format!("{}: could not connect: {e:?}", opts.url))
+            SourceError::Transport(format!("{}: could not connect: {}", opts.url, chain(&e)))
         })?;
         let mut client = FailbackClient::with_interceptor(channel, Bearer(bearer))
             .max_decoding_message_size((MAX_CHUNK_LIMIT + (1 << 16)) as usize);
@@ -177,6 +177,18 @@ impl GrpcSource {
             max_chunk: hs.max_chunk,
         })
     }
+}
+
+/// An error and its causes on one line (tonic's own message is only "transport error").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// What a batch task hands to the calling thread.
