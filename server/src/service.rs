@@ -29,14 +29,23 @@ pub const MAX_RANGES_PER_REQUEST: usize = 65_536;
 /// The longest path a request may name (PostgreSQL's MAXPGPATH is 1024).
 pub const MAX_PATH_LEN: usize = 4096;
 
+/// ReadRanges streams read at once, over all clients: each holds a reader thread and a few
+/// chunks of memory, so the total is bounded whatever clients open; more requests wait.
+pub const MAX_READERS: usize = 64;
+
 pub struct FailbackService {
     dir: DataDir,
     max_chunk: u64,
+    readers: Arc<tokio::sync::Semaphore>,
 }
 
 impl FailbackService {
     pub fn new(dir: DataDir, max_chunk: u64) -> Self {
-        FailbackService { dir, max_chunk }
+        FailbackService {
+            dir,
+            max_chunk,
+            readers: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
+        }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -214,9 +223,16 @@ impl Failback for FailbackService {
         }
         let dir = self.dir.clone();
         let max_chunk = self.max_chunk;
+        let permit = self
+            .readers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("failbackd is shutting down"))?;
         // A small channel: the reader stays at most a few chunks ahead of the network.
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let mut buf = Vec::new();
             for r in req.ranges {
                 let end = r.offset + r.length;
