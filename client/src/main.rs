@@ -40,8 +40,30 @@ struct RewindArgs {
     #[arg(short = 'D', long = "target-pgdata", value_name = "DIR")]
     target_pgdata: PathBuf,
     /// A shut-down data directory of the new primary (or of a standby of it) on this machine.
-    #[arg(long, value_name = "DIR")]
-    source_pgdata: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "source",
+        conflicts_with = "source"
+    )]
+    source_pgdata: Option<PathBuf>,
+    /// failbackd serving the new primary's (shut-down) data directory: grpc://HOST:PORT, or
+    /// grpcs://HOST:PORT with --ca.
+    #[arg(long, value_name = "URL")]
+    source: Option<String>,
+    /// PEM CA certificate that failbackd's TLS certificate must chain to (grpcs://).
+    #[arg(long, value_name = "FILE", requires = "source")]
+    ca: Option<PathBuf>,
+    /// File holding the bearer token failbackd expects.
+    #[arg(long, value_name = "FILE", requires = "source")]
+    token_file: Option<PathBuf>,
+    /// Requests to failbackd in flight at once [default: 4].
+    #[arg(long, value_name = "N", requires = "source",
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    jobs: Option<u16>,
+    /// Compression of file data from failbackd: a zstd level (1-22), or none [default: 3].
+    #[arg(long, value_name = "LEVEL|none", requires = "source", value_parser = parse_compress)]
+    compress: Option<failback_common::wire::Compression>,
     /// Write standby.signal and primary_conninfo, so the target starts as a standby.
     #[arg(short = 'R', long)]
     write_recovery_conf: bool,
@@ -119,8 +141,65 @@ enum Inspect {
     },
 }
 
+fn parse_compress(s: &str) -> Result<failback_common::wire::Compression, String> {
+    use failback_common::wire::Compression;
+    if s == "none" {
+        return Ok(Compression::None);
+    }
+    match s.parse::<i32>() {
+        Ok(l) if (1..=22).contains(&l) => Ok(Compression::Zstd(l)),
+        _ => Err(format!("{s:?} is neither a zstd level (1-22) nor none")),
+    }
+}
+
+fn read_secret(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("could not read {what} {}", path.display()))
+}
+
+fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source>> {
+    use failback_client::source::grpc::{GrpcOptions, GrpcSource};
+    if let Some(dir) = &a.source_pgdata {
+        // clap's `requires` does not fire here (the flags are also in a conflict), so say it.
+        if a.ca.is_some() || a.token_file.is_some() || a.jobs.is_some() || a.compress.is_some() {
+            anyhow::bail!(
+                "--ca, --token-file, --jobs and --compress are for a failbackd source (--source <URL>)"
+            );
+        }
+        return Ok(Box::new(failback_client::source::local::LocalSource::new(
+            dir.clone(),
+        )));
+    }
+    let url = a
+        .source
+        .clone()
+        .context("give --source-pgdata or --source")?;
+    let token = match &a.token_file {
+        None => None,
+        Some(f) => {
+            let t = String::from_utf8(read_secret(f, "token file")?)
+                .with_context(|| format!("token file {} is not UTF-8", f.display()))?;
+            Some(t.trim().to_string())
+        }
+    };
+    let ca =
+        a.ca.as_deref()
+            .map(|f| read_secret(f, "CA certificate"))
+            .transpose()?;
+    let source = GrpcSource::connect(GrpcOptions {
+        url,
+        ca,
+        token,
+        jobs: usize::from(a.jobs.unwrap_or(4)),
+        compression: a
+            .compress
+            .unwrap_or(failback_common::wire::Compression::Zstd(3)),
+    })?;
+    Ok(Box::new(source))
+}
+
 fn rewind(a: RewindArgs) -> Result<()> {
     use failback_client::rewind::{RewindOptions, rewind};
+    let mut source = open_source(&a)?;
     let opts = RewindOptions {
         target: a.target_pgdata,
         write_recovery_conf: a.write_recovery_conf,
@@ -136,13 +215,12 @@ fn rewind(a: RewindArgs) -> Result<()> {
     };
     if opts.write_recovery_conf && opts.primary_conninfo.is_none() {
         anyhow::bail!(
-            "-R with --source-pgdata needs --primary-conninfo: a local source does not say how \
-             the target reaches the new primary"
+            "-R needs --primary-conninfo: neither a local source nor failbackd says how the \
+             target reaches the new primary"
         );
     }
-    let mut source = failback_client::source::local::LocalSource::new(a.source_pgdata);
     let mut progress = failback_client::progress::Terminal::new(a.progress, a.debug);
-    let (report, plan) = rewind(&opts, &mut source, &mut progress)?;
+    let (report, plan) = rewind(&opts, source.as_mut(), &mut progress)?;
     if opts.dry_run
         && let Some(plan) = &plan
     {

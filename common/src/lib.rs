@@ -18,6 +18,7 @@ pub mod filemap;
 pub mod relpath;
 pub mod timeline;
 pub mod wal;
+pub mod wire;
 pub use control::{CheckPoint, ControlFileData, ControlFileError, DBState, WalLevel};
 pub use relpath::{ForkNumber, RelFileLocator, RelFileSegment};
 pub use timeline::{CommonAncestor, HistoryError, TimeLineHistory, TimeLineHistoryEntry};

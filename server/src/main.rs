@@ -1,3 +1,64 @@
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("failbackd is not built yet")
+//! `failbackd`: serves one shut-down PostgreSQL data directory, read-only, over gRPC.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "failbackd", version, about, long_about = None)]
+struct Args {
+    /// The data directory to serve (read-only).
+    #[arg(short = 'D', long, value_name = "DIR")]
+    pgdata: PathBuf,
+    /// Address to listen on, e.g. 0.0.0.0:7432.
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// PEM certificate chain; with --tls-key, serve TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// File holding the bearer token every client must present.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// The most raw bytes per chunk sent.
+    #[arg(long, value_name = "BYTES", default_value_t = failback_server::DEFAULT_MAX_CHUNK)]
+    max_chunk: u64,
+}
+
+fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("could not read {what} {}", path.display()))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = Args::parse();
+    let mut config = failback_server::Config::new(&a.pgdata);
+    config.max_chunk = a.max_chunk;
+    if let Some(f) = &a.token_file {
+        let t = String::from_utf8(read(f, "token file")?)
+            .with_context(|| format!("token file {} is not UTF-8", f.display()))?;
+        let t = t.trim().to_string();
+        anyhow::ensure!(!t.is_empty(), "token file {} is empty", f.display());
+        config.token = Some(t);
+    }
+    if let (Some(c), Some(k)) = (&a.tls_cert, &a.tls_key) {
+        config.tls = Some((read(c, "certificate")?, read(k, "key")?));
+    }
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("could not listen on {}", a.listen))?;
+    eprintln!(
+        "failbackd: serving {} on {}",
+        a.pgdata.display(),
+        listener.local_addr()?
+    );
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    failback_server::serve(listener, config, shutdown).await?;
+    Ok(())
 }

@@ -10,6 +10,7 @@
 //! remote source can keep many requests in flight on a long link while the engine writes
 //! sequentially. A source never writes anything.
 
+pub mod grpc;
 pub mod local;
 
 use failback_common::filemap::FileEntry;

@@ -1,0 +1,344 @@
+//! The payload format both transports (gRPC, QUIC) carry for file bytes.
+//!
+//! A chunk of a source file travels as `(codec, data, hash, raw_length)`: `data` is either the
+//! raw bytes (`Stored`) or one zstd frame of them (`Zstd`), `hash` is the blake3 of the raw
+//! bytes, and `raw_length` their length. The receiver trusts none of it: it refuses a
+//! `raw_length` above its own limit before allocating anything, decompresses into a buffer of
+//! exactly `raw_length` bytes (so a frame that expands further is refused, not followed), and
+//! compares the blake3 of what it got with `hash`. Compression is done by the application, not
+//! the transport, so the same bytes are hashed and verified whatever carries them.
+
+/// How `data` encodes the raw bytes; the numbers are the wire values of `Chunk.codec`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    Stored,
+    Zstd,
+}
+
+impl Codec {
+    pub fn to_u32(self) -> u32 {
+        match self {
+            Codec::Stored => 0,
+            Codec::Zstd => 1,
+        }
+    }
+
+    pub fn from_u32(v: u32) -> Result<Codec, WireError> {
+        match v {
+            0 => Ok(Codec::Stored),
+            1 => Ok(Codec::Zstd),
+            other => Err(WireError::UnknownCodec(other)),
+        }
+    }
+}
+
+/// What the sender asks for: no compression, or zstd at a level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Zstd(i32),
+}
+
+impl Compression {
+    /// The wire form of `ReadRangesRequest.compression_level`: 0 = none, else a zstd level.
+    pub fn from_level(level: i32) -> Compression {
+        if level == 0 {
+            Compression::None
+        } else {
+            Compression::Zstd(level)
+        }
+    }
+
+    pub fn level(self) -> i32 {
+        match self {
+            Compression::None => 0,
+            Compression::Zstd(l) => l,
+        }
+    }
+}
+
+/// A chunk ready to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encoded {
+    pub codec: Codec,
+    pub data: Vec<u8>,
+    pub hash: [u8; 32],
+    pub raw_length: u64,
+}
+
+/// Why a received chunk was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("unknown chunk codec {0} (0 = stored and 1 = zstd are known)")]
+    UnknownCodec(u32),
+    #[error("zstd level {0} is out of range ({min}..={max})", min = zstd_min(), max = zstd_max())]
+    BadLevel(i32),
+    #[error("chunk claims {raw_length} raw bytes, over the limit of {limit}")]
+    TooLong { raw_length: u64, limit: u64 },
+    #[error("stored chunk carries {got} bytes but claims {raw_length}")]
+    StoredLength { got: u64, raw_length: u64 },
+    #[error("zstd chunk decompresses to more than its claimed {raw_length} bytes")]
+    Expands { raw_length: u64 },
+    #[error("zstd chunk decompresses to {got} bytes, not its claimed {raw_length}")]
+    ZstdLength { got: u64, raw_length: u64 },
+    #[error("zstd chunk is corrupt: {0}")]
+    ZstdCorrupt(String),
+    #[error("chunk hash is {got} bytes long, not 32")]
+    HashLength { got: usize },
+    #[error("blake3 of the chunk's {raw_length} raw bytes does not match the hash it carries")]
+    HashMismatch { raw_length: u64 },
+    #[error("zstd compression failed: {0}")]
+    Compress(String),
+}
+
+fn zstd_min() -> i32 {
+    *zstd::compression_level_range().start()
+}
+
+fn zstd_max() -> i32 {
+    *zstd::compression_level_range().end()
+}
+
+/// Encodes raw bytes. A zstd frame that is not smaller than the raw bytes is sent stored, so
+/// incompressible data costs nothing extra.
+pub fn encode(raw: &[u8], compression: Compression) -> Result<Encoded, WireError> {
+    let hash = *blake3::hash(raw).as_bytes();
+    let raw_length = raw.len() as u64;
+    if let Compression::Zstd(level) = compression {
+        if !zstd::compression_level_range().contains(&level) {
+            return Err(WireError::BadLevel(level));
+        }
+        let data =
+            zstd::bulk::compress(raw, level).map_err(|e| WireError::Compress(e.to_string()))?;
+        if data.len() < raw.len() {
+            return Ok(Encoded {
+                codec: Codec::Zstd,
+                data,
+                hash,
+                raw_length,
+            });
+        }
+    }
+    Ok(Encoded {
+        codec: Codec::Stored,
+        data: raw.to_vec(),
+        hash,
+        raw_length,
+    })
+}
+
+/// Decodes a received chunk into `out` (cleared first) and verifies its hash. `limit` is the
+/// largest `raw_length` this receiver accepts; nothing larger is ever allocated.
+pub fn decode_into(
+    codec: u32,
+    data: &[u8],
+    hash: &[u8],
+    raw_length: u64,
+    limit: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), WireError> {
+    out.clear();
+    let codec = Codec::from_u32(codec)?;
+    if raw_length > limit {
+        return Err(WireError::TooLong { raw_length, limit });
+    }
+    let expected: [u8; 32] = hash
+        .try_into()
+        .map_err(|_| WireError::HashLength { got: hash.len() })?;
+    // raw_length <= limit, and the limit is something this process chose to hold in memory.
+    let len = usize::try_from(raw_length).map_err(|_| WireError::TooLong { raw_length, limit })?;
+    match codec {
+        Codec::Stored => {
+            if data.len() != len {
+                return Err(WireError::StoredLength {
+                    got: data.len() as u64,
+                    raw_length,
+                });
+            }
+            out.extend_from_slice(data);
+        }
+        Codec::Zstd => {
+            out.resize(len, 0);
+            let mut d = zstd::bulk::Decompressor::new()
+                .map_err(|e| WireError::ZstdCorrupt(e.to_string()))?;
+            let got = match d.decompress_to_buffer(data, out.as_mut_slice()) {
+                Ok(n) => n,
+                Err(e) => {
+                    out.clear();
+                    // zstd says "Destination buffer is too small" when the frame expands past
+                    // the space given; anything else is a damaged frame.
+                    let msg = e.to_string();
+                    return Err(if msg.contains("too small") {
+                        WireError::Expands { raw_length }
+                    } else {
+                        WireError::ZstdCorrupt(msg)
+                    });
+                }
+            };
+            if got != len {
+                out.clear();
+                return Err(WireError::ZstdLength {
+                    got: got as u64,
+                    raw_length,
+                });
+            }
+        }
+    }
+    if blake3::hash(out).as_bytes() != &expected {
+        out.clear();
+        return Err(WireError::HashMismatch { raw_length });
+    }
+    Ok(())
+}
+
+/// [`decode_into`] into a new buffer.
+pub fn decode(
+    codec: u32,
+    data: &[u8],
+    hash: &[u8],
+    raw_length: u64,
+    limit: u64,
+) -> Result<Vec<u8>, WireError> {
+    let mut out = Vec::new();
+    decode_into(codec, data, hash, raw_length, limit, &mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LIMIT: u64 = 1 << 20;
+
+    fn page_like(n: usize) -> Vec<u8> {
+        (0..n).map(|i| ((i / 64) % 7) as u8).collect()
+    }
+
+    fn dec(e: &Encoded) -> Result<Vec<u8>, WireError> {
+        decode(e.codec.to_u32(), &e.data, &e.hash, e.raw_length, LIMIT)
+    }
+
+    #[test]
+    fn compressible_data_is_zstd_and_round_trips() {
+        let raw = page_like(8192);
+        let e = encode(&raw, Compression::Zstd(3)).unwrap();
+        assert_eq!(e.codec, Codec::Zstd);
+        assert!(e.data.len() < raw.len() / 4);
+        assert_eq!(dec(&e).unwrap(), raw);
+    }
+
+    #[test]
+    fn incompressible_or_none_is_stored() {
+        let raw: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let e = encode(&raw, Compression::None).unwrap();
+        assert_eq!(e.codec, Codec::Stored);
+        assert_eq!(dec(&e).unwrap(), raw);
+        let empty = encode(&[], Compression::Zstd(1)).unwrap();
+        assert_eq!(empty.codec, Codec::Stored);
+        assert_eq!(dec(&empty).unwrap(), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn flipped_byte_is_caught() {
+        let raw = page_like(8192);
+        for comp in [Compression::None, Compression::Zstd(3)] {
+            let e = encode(&raw, comp).unwrap();
+            for at in [0, e.data.len() / 2, e.data.len() - 1] {
+                let mut bad = e.clone();
+                bad.data[at] ^= 0x40;
+                assert!(dec(&bad).is_err(), "flip at {at} with {comp:?} not caught");
+            }
+            let mut bad = e.clone();
+            bad.hash[5] ^= 1;
+            assert_eq!(
+                dec(&bad),
+                Err(WireError::HashMismatch {
+                    raw_length: raw.len() as u64
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn hostile_lengths_are_refused_before_allocation() {
+        let raw = page_like(8192);
+        let e = encode(&raw, Compression::Zstd(3)).unwrap();
+        assert_eq!(
+            decode(1, &e.data, &e.hash, u64::MAX, LIMIT),
+            Err(WireError::TooLong {
+                raw_length: u64::MAX,
+                limit: LIMIT
+            })
+        );
+        // Claims fewer bytes than the frame holds: refused, not followed.
+        assert_eq!(
+            decode(1, &e.data, &e.hash, 100, LIMIT),
+            Err(WireError::Expands { raw_length: 100 })
+        );
+        // Claims more than the frame holds.
+        assert!(matches!(
+            decode(1, &e.data, &e.hash, 9000, LIMIT),
+            Err(WireError::ZstdLength { got: 8192, .. })
+        ));
+        assert_eq!(
+            decode(0, &raw, &e.hash, 8191, LIMIT),
+            Err(WireError::StoredLength {
+                got: 8192,
+                raw_length: 8191
+            })
+        );
+        assert_eq!(
+            decode(7, &raw, &e.hash, 8192, LIMIT),
+            Err(WireError::UnknownCodec(7))
+        );
+        assert_eq!(
+            decode(0, &raw, &e.hash[..31], 8192, LIMIT),
+            Err(WireError::HashLength { got: 31 })
+        );
+        assert!(matches!(
+            decode(1, b"not a zstd frame", &e.hash, 8192, LIMIT),
+            Err(WireError::ZstdCorrupt(_))
+        ));
+        assert_eq!(
+            encode(&raw, Compression::Zstd(1000)),
+            Err(WireError::BadLevel(1000))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(raw in proptest::collection::vec(any::<u8>(), 0..20000),
+                      level in prop_oneof![Just(0), 1..6i32]) {
+            let e = encode(&raw, Compression::from_level(level)).unwrap();
+            prop_assert_eq!(dec(&e).unwrap(), raw);
+        }
+
+        #[test]
+        fn corruption_never_passes(raw in proptest::collection::vec(0u8..4, 1..20000),
+                                   level in prop_oneof![Just(0), 1..6i32],
+                                   pos in any::<prop::sample::Index>(),
+                                   bit in 0u8..8) {
+            let e = encode(&raw, Compression::from_level(level)).unwrap();
+            let mut bad = e.clone();
+            let at = pos.index(bad.data.len());
+            bad.data[at] ^= 1 << bit;
+            // A flip in a zstd frame's header bits that do not affect the content (the
+            // content-size or window fields) may still yield the same bytes; what must never
+            // happen is other bytes passing the check.
+            if let Ok(v) = dec(&bad) {
+                prop_assert_eq!(e.codec, Codec::Zstd);
+                prop_assert_eq!(v, raw);
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(codec in 0u32..3, data in proptest::collection::vec(any::<u8>(), 0..512),
+                                hash in proptest::collection::vec(any::<u8>(), 0..40),
+                                raw_length in any::<u64>()) {
+            let _ = decode(codec, &data, &hash, raw_length, 4096);
+        }
+    }
+}

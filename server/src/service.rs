@@ -1,0 +1,344 @@
+//! The gRPC service (`failback.v1.Failback`) over one [`DataDir`].
+//!
+//! failbackd answers questions and decides nothing: every answer comes from the data
+//! directory through [`DataDir`], so a path that is absolute, climbs with `..`, or follows a
+//! symlink other than `pg_tblspc/*` and `pg_wal` is refused, and nothing outside the directory
+//! is ever served. File bytes go out in chunks of at most `max_chunk` raw bytes, each encoded
+//! and hashed by [`failback_common::wire`], so the client verifies every chunk whatever the
+//! transport. Reads run on the blocking pool, one request at a time per stream, so a slow or
+//! hostile client occupies one task and nothing else.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use failback_common::ControlFileData;
+use failback_common::filemap::FileType;
+use failback_common::wire::{self, Compression};
+use failback_proto::v1::failback_server::Failback;
+use failback_proto::v1::*;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::datadir::{DataDir, DataDirError, ReadStatus};
+
+/// The most ranges one ReadRanges request may carry.
+pub const MAX_RANGES_PER_REQUEST: usize = 65_536;
+/// The longest path a request may name (PostgreSQL's MAXPGPATH is 1024).
+pub const MAX_PATH_LEN: usize = 4096;
+
+/// ReadRanges streams read at once, over all clients: each holds a reader thread and a few
+/// chunks of memory, so the total is bounded whatever clients open; more requests wait.
+pub const MAX_READERS: usize = 64;
+
+pub struct FailbackService {
+    dir: DataDir,
+    max_chunk: u64,
+    readers: Arc<tokio::sync::Semaphore>,
+}
+
+impl FailbackService {
+    pub fn new(dir: DataDir, max_chunk: u64) -> Self {
+        FailbackService {
+            dir,
+            max_chunk,
+            readers: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(DataDir) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || f(dir))
+            .await
+            .map_err(|e| Status::internal(format!("reader task failed: {e}")))?
+    }
+}
+
+fn status(e: DataDirError) -> Status {
+    match e {
+        DataDirError::PathNotAllowed(_) => Status::permission_denied(e.to_string()),
+        DataDirError::Io { .. } => Status::unavailable(e.to_string()),
+    }
+}
+
+fn control(dir: &DataDir) -> Result<(Vec<u8>, ControlFileData), Status> {
+    let bytes = dir
+        .read_file("global/pg_control")
+        .map_err(status)?
+        .ok_or_else(|| Status::failed_precondition("global/pg_control does not exist"))?;
+    let parsed = ControlFileData::parse(&bytes)
+        .map_err(|e| Status::failed_precondition(format!("global/pg_control: {e}")))?;
+    Ok((bytes, parsed))
+}
+
+/// Timeline history files are named `%08X.history` in pg_wal.
+fn history_timeline(name: &str) -> Option<u32> {
+    let hex = name.strip_prefix("pg_wal/")?.strip_suffix(".history")?;
+    if hex.len() != 8 {
+        return None;
+    }
+    u32::from_str_radix(hex, 16).ok()
+}
+
+fn check_path(p: &str) -> Result<(), Status> {
+    if p.len() > MAX_PATH_LEN {
+        return Err(Status::invalid_argument(format!(
+            "path of {} bytes is over the limit of {MAX_PATH_LEN}",
+            p.len()
+        )));
+    }
+    Ok(())
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Failback for FailbackService {
+    async fn handshake(
+        &self,
+        request: Request<HandshakeRequest>,
+    ) -> Result<Response<HandshakeResponse>, Status> {
+        let v = request.get_ref().protocol_version;
+        if v != failback_proto::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "client speaks protocol {v}, failbackd speaks {}",
+                failback_proto::PROTOCOL_VERSION
+            )));
+        }
+        let max_chunk = self.max_chunk;
+        let (_, c) = self.blocking(|d| control(&d)).await?;
+        Ok(Response::new(HandshakeResponse {
+            protocol_version: failback_proto::PROTOCOL_VERSION,
+            server_version: env!("CARGO_PKG_VERSION").to_string(),
+            pg_major: c.major.number(),
+            system_identifier: c.system_identifier,
+            block_size: c.blcksz,
+            wal_segment_size: c.xlog_seg_size,
+            capabilities: vec!["zstd".into(), "blake3".into()],
+            max_chunk,
+        }))
+    }
+
+    async fn control_file(
+        &self,
+        _: Request<ControlFileRequest>,
+    ) -> Result<Response<ControlFileResponse>, Status> {
+        let (bytes, _) = self.blocking(|d| control(&d)).await?;
+        Ok(Response::new(ControlFileResponse {
+            data: Bytes::from(bytes),
+        }))
+    }
+
+    async fn timelines(
+        &self,
+        _: Request<TimelinesRequest>,
+    ) -> Result<Response<TimelinesResponse>, Status> {
+        self.blocking(|d| {
+            let (_, c) = control(&d)?;
+            // Only pg_wal is looked at (through the same confinement as every read), not the
+            // whole directory: a large cluster has many files and histories live in one place.
+            let wal = d.resolve("pg_wal").map_err(status)?;
+            let names = match std::fs::read_dir(&wal) {
+                Ok(rd) => rd
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect::<Vec<_>>(),
+                Err(e) => return Err(Status::unavailable(format!("pg_wal: {e}"))),
+            };
+            let mut histories = Vec::new();
+            for name in names {
+                let path = format!("pg_wal/{name}");
+                let Some(tli) = history_timeline(&path) else {
+                    continue;
+                };
+                if let Some(data) = d.read_file(&path).map_err(status)? {
+                    histories.push(HistoryFile {
+                        timeline: tli,
+                        data: Bytes::from(data),
+                    });
+                }
+            }
+            histories.sort_by_key(|h| h.timeline);
+            Ok(Response::new(TimelinesResponse {
+                current_timeline: c.timeline_for_rewind(),
+                histories,
+            }))
+        })
+        .await
+    }
+
+    type ListFilesStream = BoxStream<FileEntry>;
+
+    async fn list_files(
+        &self,
+        _: Request<ListFilesRequest>,
+    ) -> Result<Response<Self::ListFilesStream>, Status> {
+        let entries = self.blocking(|d| d.list().map_err(status)).await?;
+        let out = entries.into_iter().map(|e| {
+            Ok(FileEntry {
+                path: e.path,
+                file_type: match e.file_type {
+                    FileType::Regular => failback_proto::v1::FileType::Regular,
+                    FileType::Directory => failback_proto::v1::FileType::Directory,
+                    FileType::Symlink => failback_proto::v1::FileType::Symlink,
+                } as i32,
+                size: e.size,
+                link_target: e.link_target.unwrap_or_default(),
+            })
+        });
+        Ok(Response::new(Box::pin(tokio_stream::iter(out))))
+    }
+
+    type ReadRangesStream = BoxStream<Chunk>;
+
+    async fn read_ranges(
+        &self,
+        request: Request<ReadRangesRequest>,
+    ) -> Result<Response<Self::ReadRangesStream>, Status> {
+        let req = request.into_inner();
+        if req.ranges.len() > MAX_RANGES_PER_REQUEST {
+            return Err(Status::invalid_argument(format!(
+                "{} ranges in one request, over the limit of {MAX_RANGES_PER_REQUEST}",
+                req.ranges.len()
+            )));
+        }
+        for r in &req.ranges {
+            check_path(&r.path)?;
+            if r.offset.checked_add(r.length).is_none() {
+                return Err(Status::invalid_argument(format!(
+                    "range of {:?} at {} of {} bytes overflows 64 bits",
+                    r.path, r.offset, r.length
+                )));
+            }
+        }
+        let compression = Compression::from_level(req.compression_level);
+        if let Compression::Zstd(l) = compression {
+            wire::encode(&[], compression)
+                .map_err(|_| Status::invalid_argument(format!("zstd level {l} is out of range")))?;
+        }
+        let dir = self.dir.clone();
+        let max_chunk = self.max_chunk;
+        let permit = self
+            .readers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("failbackd is shutting down"))?;
+        // A small channel: the reader stays at most a few chunks ahead of the network.
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut buf = Vec::new();
+            for r in req.ranges {
+                let end = r.offset + r.length;
+                let mut off = r.offset;
+                while off < end {
+                    let len = (end - off).min(max_chunk);
+                    let chunk = match dir.read_range(&r.path, off, len, &mut buf) {
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(status(e)));
+                            return;
+                        }
+                        Ok(ReadStatus::Vanished) => Chunk {
+                            path: r.path.clone(),
+                            offset: off,
+                            status: ChunkStatus::Vanished as i32,
+                            ..Default::default()
+                        },
+                        Ok(st) => match wire::encode(&buf, compression) {
+                            Err(e) => {
+                                let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
+                                return;
+                            }
+                            Ok(enc) => Chunk {
+                                path: r.path.clone(),
+                                offset: off,
+                                raw_length: enc.raw_length,
+                                codec: enc.codec.to_u32(),
+                                data: Bytes::from(enc.data),
+                                hash: Bytes::copy_from_slice(&enc.hash),
+                                status: if st == ReadStatus::Short {
+                                    ChunkStatus::Short as i32
+                                } else {
+                                    ChunkStatus::Ok as i32
+                                },
+                            },
+                        },
+                    };
+                    let stop = chunk.status != ChunkStatus::Ok as i32;
+                    if tx.blocking_send(Ok(chunk)).is_err() {
+                        return; // the client went away
+                    }
+                    if stop {
+                        break;
+                    }
+                    off += len;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ChunkHashesStream = BoxStream<FileHashes>;
+
+    async fn chunk_hashes(
+        &self,
+        _: Request<ChunkHashesRequest>,
+    ) -> Result<Response<Self::ChunkHashesStream>, Status> {
+        Err(Status::unimplemented("ChunkHashes is not served yet"))
+    }
+
+    async fn end_of_wal(
+        &self,
+        _: Request<EndOfWalRequest>,
+    ) -> Result<Response<EndOfWalResponse>, Status> {
+        Err(Status::unimplemented(
+            "EndOfWal is not served yet: failbackd serves shut-down data directories only",
+        ))
+    }
+}
+
+/// Checks the bearer token of every call, in constant time over the token's length.
+#[derive(Clone)]
+pub struct TokenCheck {
+    token: Option<Arc<Vec<u8>>>,
+}
+
+impl TokenCheck {
+    pub fn new(token: Option<String>) -> Self {
+        TokenCheck {
+            token: token.map(|t| Arc::new(t.into_bytes())),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(want) = &self.token else {
+            return Ok(request);
+        };
+        let got = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::as_bytes)
+            .unwrap_or_default();
+        let same = got.len() == want.len()
+            && got
+                .iter()
+                .zip(want.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated("missing or wrong bearer token"))
+        }
+    }
+}
