@@ -11,8 +11,9 @@
 //!   server's last insert position, with an unbroken prev-link chain, and it holds block
 //!   references of the tables the workload wrote and the records that create, truncate and drop
 //!   relation files and databases, with the right relfilenodes and database oids.
-//! - `failback inspect control` agrees with `pg_control_checkpoint()` and `pg_control_system()`
-//!   (and, for 13–16, whose layout is PostgreSQL 15's, with `pg_controldata`).
+//! - On the same clusters, `failback inspect control` agrees with `pg_control_checkpoint()` and
+//!   `pg_control_system()` (and, for 13–16, whose layout is PostgreSQL 15's, with
+//!   `pg_controldata`).
 //! - `failback inspect history` reads the history file of a cluster promoted twice, with the
 //!   switch points the standbys had replayed up to.
 //! - Hostile files (a truncated or bit-flipped pg_control, bit-flipped WAL) give a clear error
@@ -193,29 +194,29 @@ fn run_workload(c: &Cluster) -> Workload {
         .unwrap();
     c.execute(
         "CREATE TABLE created_t (id int PRIMARY KEY, v text);
-         INSERT INTO created_t SELECT i, md5(i::text) FROM generate_series(1, 2000) i",
+         INSERT INTO created_t SELECT i, md5(i::text) FROM generate_series(1, 500) i",
     );
     let created = rel_of(c, "postgres", "created_t");
     c.execute(
         "CREATE TABLE in_space (id int, v text) TABLESPACE space;
-         INSERT INTO in_space SELECT i, md5(i::text) FROM generate_series(1, 2000) i",
+         INSERT INTO in_space SELECT i, md5(i::text) FROM generate_series(1, 500) i",
     );
 
     // VACUUM truncates a table whose tail is all dead rows: SMGR TRUNCATE.
-    c.execute("CREATE TABLE shrink_t AS SELECT generate_series(1, 20000) AS i");
+    c.execute("CREATE TABLE shrink_t AS SELECT generate_series(1, 2000) AS i");
     c.execute("DELETE FROM shrink_t");
     c.execute("VACUUM shrink_t");
     let shrunk = rel_of(c, "postgres", "shrink_t");
 
     // TRUNCATE gives the table a new file and drops the old one at commit.
-    c.execute("CREATE TABLE truncated_t AS SELECT generate_series(1, 1000) AS i");
+    c.execute("CREATE TABLE truncated_t AS SELECT generate_series(1, 200) AS i");
     let truncated_old = rel_of(c, "postgres", "truncated_t");
     c.execute("TRUNCATE truncated_t");
     c.execute("INSERT INTO truncated_t SELECT generate_series(1, 10)");
     let truncated_new = rel_of(c, "postgres", "truncated_t");
     assert_ne!(truncated_old, truncated_new);
 
-    c.execute("CREATE TABLE dropped_t AS SELECT generate_series(1, 1000) AS i");
+    c.execute("CREATE TABLE dropped_t AS SELECT generate_series(1, 200) AS i");
     let dropped = rel_of(c, "postgres", "dropped_t");
     c.execute("DROP TABLE dropped_t");
 
@@ -241,7 +242,7 @@ fn run_workload(c: &Cluster) -> Workload {
     c.execute("DROP DATABASE db_gone");
     c.execute_in(
         "db_copy",
-        "CREATE TABLE k AS SELECT generate_series(1, 1000) AS i",
+        "CREATE TABLE k AS SELECT generate_series(1, 200) AS i",
     );
 
     c.pgbench(&["-c", "2", "-j", "2", "-t", "300"]);
@@ -275,72 +276,85 @@ fn run_workload(c: &Cluster) -> Workload {
     }
 }
 
-/// Ends the workload: CHECKPOINT, the insert position then, and a clean stop (which writes the
-/// shutdown checkpoint after it).
-fn checkpoint_and_stop(c: &mut Cluster) -> Lsn {
+/// What the server said just before a clean stop.
+struct Stopped {
+    /// `pg_current_wal_insert_lsn()` after a CHECKPOINT.
+    insert: Lsn,
+    /// `pg_control_system()`, by column.
+    system: Value,
+    /// `pg_control_checkpoint()` after that CHECKPOINT, by column.
+    checkpoint: Value,
+}
+
+/// Ends the workload: CHECKPOINT, what the server says then, and a clean stop (which writes
+/// the shutdown checkpoint after it).
+fn checkpoint_and_stop(c: &mut Cluster) -> Stopped {
     c.execute("CHECKPOINT");
     let insert = lsn(&c.query_one("SELECT pg_current_wal_insert_lsn()"));
+    let system = row_json(c, "SELECT * FROM pg_control_system()");
+    let checkpoint = row_json(c, "SELECT * FROM pg_control_checkpoint()");
     c.stop(StopMode::Fast);
-    insert
+    Stopped {
+        insert,
+        system,
+        checkpoint,
+    }
 }
 
 // ---- failback inspect wal --json ----
 
-#[derive(Debug)]
+/// One line of `failback inspect wal --json`, as far as these tests read it.
+#[derive(Debug, serde::Deserialize)]
 struct JsonRecord {
+    #[serde(deserialize_with = "de_lsn")]
     lsn: Lsn,
+    #[serde(deserialize_with = "de_lsn")]
     end_lsn: Lsn,
+    #[serde(deserialize_with = "de_lsn")]
     prev: Lsn,
-    timeline: u64,
+    /// The timeline in the header of the page where the record starts.
+    timeline: u32,
     rmgr: String,
+    #[serde(rename = "type")]
     kind: String,
+    #[serde(default, deserialize_with = "de_opt_string")]
     detail: String,
-    /// (tablespace, database, relation, fork, block, full-page image)
-    blocks: Vec<(Rel, String, u64, bool)>,
+    blocks: Vec<JsonBlock>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct JsonBlock {
+    tablespace: u32,
+    database: u32,
+    relation: u32,
+    fork: String,
+    block: u32,
+    full_page_image: bool,
+}
+
+impl JsonBlock {
+    fn rel(&self) -> Rel {
+        (self.tablespace, self.database, self.relation)
+    }
+}
+
+fn de_lsn<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Lsn, D::Error> {
+    let s: &str = serde::Deserialize::deserialize(d)?;
+    s.parse()
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not an LSN: {e:?}")))
+}
+
+fn de_opt_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s: Option<String> = serde::Deserialize::deserialize(d)?;
+    Ok(s.unwrap_or_default())
 }
 
 fn parse_json_records(stdout: &str) -> Vec<JsonRecord> {
     stdout
         .lines()
         .map(|line| {
-            let v: Value = serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("not a JSON line: {e}: {line}"));
-            let s = |k: &str| {
-                v[k].as_str()
-                    .unwrap_or_else(|| panic!("no string {k} in {line}"))
-                    .to_string()
-            };
-            let u = |b: &Value, k: &str| {
-                b[k].as_u64()
-                    .unwrap_or_else(|| panic!("no number {k} in {line}"))
-            };
-            let blocks = v["blocks"]
-                .as_array()
-                .unwrap_or_else(|| panic!("no blocks in {line}"))
-                .iter()
-                .map(|b| {
-                    (
-                        (
-                            u(b, "tablespace") as u32,
-                            u(b, "database") as u32,
-                            u(b, "relation") as u32,
-                        ),
-                        b["fork"].as_str().unwrap_or_default().to_string(),
-                        u(b, "block"),
-                        b["full_page_image"].as_bool().unwrap_or_default(),
-                    )
-                })
-                .collect();
-            JsonRecord {
-                lsn: lsn(&s("lsn")),
-                end_lsn: lsn(&s("end_lsn")),
-                prev: lsn(&s("prev")),
-                timeline: u(&v, "timeline"),
-                rmgr: s("rmgr"),
-                kind: s("type"),
-                detail: v["detail"].as_str().unwrap_or_default().to_string(),
-                blocks,
-            }
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a record as JSON: {e}: {line}"))
         })
         .collect()
 }
@@ -425,11 +439,12 @@ fn control_json(data: &Path) -> Value {
 }
 
 // Every major version: the whole WAL of a cluster that ran the workload is walked without an
-// error, and holds what the workload did.
-pg_test!(walks_workload_wal_to_the_end, |major| {
+// error and holds what the workload did; the control file reads as the server reports it.
+pg_test!(workload_wal_and_control_file, |major| {
     let mut c = Cluster::start_new_with(major, "walk", options());
     let w = run_workload(&c);
-    let insert = checkpoint_and_stop(&mut c);
+    let stopped = checkpoint_and_stop(&mut c);
+    let insert = stopped.insert;
     let data = c.data_dir();
     let control = control_json(&data);
     let seg_size = control["xlog_seg_size"].as_u64().unwrap();
@@ -474,7 +489,7 @@ pg_test!(walks_workload_wal_to_the_end, |major| {
     // visibility map and free space map forks that VACUUM writes.
     let refs: BTreeSet<(Rel, String)> = recs
         .iter()
-        .flat_map(|r| r.blocks.iter().map(|b| (b.0, b.1.clone())))
+        .flat_map(|r| r.blocks.iter().map(|b| (b.rel(), b.fork.clone())))
         .collect();
     for (name, rel) in &w.written {
         assert!(
@@ -496,8 +511,19 @@ pg_test!(walks_workload_wal_to_the_end, |major| {
     assert!(
         recs.iter()
             .flat_map(|r| &r.blocks)
-            .any(|b| b.3 && b.0.2 == w.written[0].1.2),
+            .any(|b| b.full_page_image && b.rel() == w.written[0].1),
         "no full-page image of pgbench_accounts"
+    );
+    // pgbench_accounts at scale 1 has 1640 blocks; pgbench updates rows all over it.
+    let top = recs
+        .iter()
+        .flat_map(|r| &r.blocks)
+        .filter(|b| b.rel() == w.written[0].1)
+        .map(|b| b.block)
+        .max();
+    assert!(
+        top >= Some(1500),
+        "highest block of pgbench_accounts seen: {top:?}"
     );
 
     // The special records, naming what they act on.
@@ -542,6 +568,8 @@ pg_test!(walks_workload_wal_to_the_end, |major| {
     });
     find(&recs, "a btree record", |r| r.rmgr == "Btree");
     find(&recs, "a heap2 record", |r| r.rmgr == "Heap2");
+
+    check_control_file(&mut c, &stopped);
 });
 
 // ---- pg_waldump as the oracle (PostgreSQL 15) ----
@@ -727,15 +755,14 @@ fn num_of(v: &Value) -> u64 {
     }
 }
 
-// `failback inspect control` reads what the server reports about its control file; the server
-// is queried after a clean stop and restart (a restart after a clean stop writes no new
-// checkpoint), and before the stop (the identity and versions cannot change).
-pg_test!(control_file_matches_the_server, |major| {
-    let mut c = Cluster::start_new(major, "control");
-    c.execute("CREATE TABLE t AS SELECT generate_series(1, 1000) AS i; CHECKPOINT");
-    let system = row_json(&c, "SELECT * FROM pg_control_system()");
-    let before = row_json(&c, "SELECT * FROM pg_control_checkpoint()");
-    c.stop(StopMode::Fast);
+/// `failback inspect control` on a cleanly stopped cluster reads what the server reports about
+/// its control file: compared with what it said before the stop (identity and versions cannot
+/// change) and, for the checkpoint, after a restart (a start after a clean stop writes no new
+/// checkpoint). Leaves the cluster stopped.
+fn check_control_file(c: &mut Cluster, stopped: &Stopped) {
+    let major = c.major();
+    let system = &stopped.system;
+    let before = &stopped.checkpoint;
     let data = c.data_dir();
     let ours = control_json(&data);
     let text = failback_ok(&["inspect", "control", "-D", path_str(&data)]).stdout;
@@ -755,7 +782,7 @@ pg_test!(control_file_matches_the_server, |major| {
     );
 
     c.start();
-    let after = row_json(&c, "SELECT * FROM pg_control_checkpoint()");
+    let after = row_json(c, "SELECT * FROM pg_control_checkpoint()");
     let cp = &ours["checkPointCopy"];
     assert_eq!(
         ours["checkPoint"], after["checkpoint_lsn"],
@@ -836,7 +863,7 @@ pg_test!(control_file_matches_the_server, |major| {
             "only {compared} lines in common with pg_controldata"
         );
     }
-});
+}
 
 // ---- timeline history ----
 
