@@ -36,7 +36,11 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(e[0].begin, Lsn(0));
     for w in e.windows(2) {
         assert!(w[0].tli < w[1].tli, "timelines increase: {e:?}");
-        assert_eq!(w[0].end, Some(w[1].begin), "each begins where the last ended: {e:?}");
+        assert_eq!(
+            w[0].end,
+            Some(w[1].begin),
+            "each begins where the last ended: {e:?}"
+        );
     }
 
     let text = h.to_text();

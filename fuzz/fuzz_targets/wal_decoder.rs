@@ -216,10 +216,18 @@ fn drive(wal: &[u8], base: u64, params: WalParams, at_page: bool, seed: Option<u
     let mut polls = 0usize;
     let end = loop {
         polls += 1;
-        assert!(polls <= 4 * wal.len() + 64, "the decoder does not make progress");
+        assert!(
+            polls <= 4 * wal.len() + 64,
+            "the decoder does not make progress"
+        );
         match dec.poll() {
             Ok(Decoded::Record(r)) => {
-                assert!(r.end_lsn > r.lsn, "record at {} ends at {}", r.lsn, r.end_lsn);
+                assert!(
+                    r.end_lsn > r.lsn,
+                    "record at {} ends at {}",
+                    r.lsn,
+                    r.end_lsn
+                );
                 if let Some(l) = last {
                     assert!(r.lsn > l, "record at {} after one at {l}", r.lsn);
                 }
@@ -292,12 +300,24 @@ fn summary(r: &WalRecord<'_>) -> String {
     }
     for b in r.blocks {
         let data = r.block_data(b);
-        assert_eq!(data.len(), usize::from(b.data_len), "block data within the record");
+        assert_eq!(
+            data.len(),
+            usize::from(b.data_len),
+            "block data within the record"
+        );
         s.push_str(&format!(" [{b:?} data {}", data.len()));
         if let Some(img) = &b.image {
             let bytes = r.block_image(img);
-            assert_eq!(bytes.len(), usize::from(img.length), "image within the record");
-            s.push_str(&format!(" image {} {}", bytes.len(), img.compression.name()));
+            assert_eq!(
+                bytes.len(),
+                usize::from(img.length),
+                "image within the record"
+            );
+            s.push_str(&format!(
+                " image {} {}",
+                bytes.len(),
+                img.compression.name()
+            ));
         }
         s.push(']');
     }
