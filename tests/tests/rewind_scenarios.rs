@@ -1,0 +1,459 @@
+//! `failback rewind` with a local source on real failovers, for every major version 13–18.
+//!
+//! Each scenario builds a primary and a streaming standby, promotes the standby, lets both
+//! sides write (the old primary's writes after the fork are what the rewind must undo), stops
+//! both, rewinds the old primary from the new primary's data directory, starts it as a standby
+//! of the new primary and checks that, once it has caught up on the new timeline, it holds
+//! exactly the new primary's data (see `failback_tests::rewind`).
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use failback_common::PgMajor;
+use failback_tests::rewind::{
+    self, TreeDigest, assert_refused, failover_and_rewind, promote, rejoin, rewind, rewind_ok,
+    start_rejoined, stop_for_rewind,
+};
+use failback_tests::{Cluster, ClusterOptions, StopMode, pg_test, user};
+
+/// `SELECT ... ORDER BY 1` as one string of lines, to compare lists between nodes.
+fn lines(c: &Cluster, sql: &str) -> String {
+    c.query_rows(sql)
+        .into_iter()
+        .map(|r| {
+            r.into_iter()
+                .map(Option::unwrap_or_default)
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// A table updated, inserted into and deleted from on both sides after the fork, while pgbench
+// runs on both.
+pg_test!(basic, |major| {
+    let mut old = Cluster::start_new(major, "old");
+    old.pgbench_init(1);
+    old.execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT i, 'before the fork' FROM generate_series(1, 2000) i",
+    );
+    let mut new = old.create_standby("new");
+    promote(&old, &new);
+
+    for (side, c) in [("old", &old), ("new", &new)] {
+        c.pgbench(&["-n", "-c", "2", "-T", "2"]);
+        let (k, lo) = if side == "old" { (1, 3000) } else { (2, 5000) };
+        c.execute(&format!(
+            "UPDATE t SET v = 'updated on {side}' WHERE id % 7 = {k};
+             INSERT INTO t SELECT i, 'inserted on {side}' FROM generate_series({lo}, {lo} + 499) i;
+             DELETE FROM t WHERE id % 11 = {k}"
+        ));
+    }
+    let expected = lines(&new, "SELECT v, count(*) FROM t GROUP BY v ORDER BY 1");
+    let run = failover_and_rewind(&mut old, &mut new, StopMode::Fast, &[]);
+    let report = run.report();
+    assert!(report["divergence_lsn"].is_string(), "{}", run.show());
+    assert!(report["checkpoint_lsn"].is_string(), "{}", run.show());
+    assert!(
+        report["changed_blocks"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        run.show()
+    );
+    assert_eq!(
+        lines(&old, "SELECT v, count(*) FROM t GROUP BY v ORDER BY 1"),
+        expected
+    );
+    assert!(!expected.contains("on old"), "{expected}");
+    rewind::assert_owned_by_pg_user(&old);
+});
+
+// A database created on the old primary after the fork (with both strategies where 15+ has
+// two), and one dropped on the new primary.
+pg_test!(databases, |major| {
+    let mut old = Cluster::start_new(major, "old");
+    old.execute("CREATE DATABASE dropped_on_new");
+    old.execute_in(
+        "dropped_on_new",
+        "CREATE TABLE d (i int); INSERT INTO d VALUES (1)",
+    );
+    old.execute("CREATE DATABASE kept");
+    let mut new = old.create_standby("new");
+    promote(&old, &new);
+
+    old.execute("CREATE DATABASE created_on_old");
+    old.execute_in(
+        "created_on_old",
+        "CREATE TABLE c AS SELECT generate_series(1, 5000) i",
+    );
+    if major >= PgMajor::V15 {
+        old.execute("CREATE DATABASE copied_on_old STRATEGY file_copy");
+    }
+    old.execute_in("kept", "CREATE TABLE written_on_old AS SELECT 1 AS i");
+    new.execute("DROP DATABASE dropped_on_new");
+    new.execute("CREATE DATABASE created_on_new");
+    new.execute_in(
+        "created_on_new",
+        "CREATE TABLE n AS SELECT generate_series(1, 100) i",
+    );
+
+    failover_and_rewind(&mut old, &mut new, StopMode::Fast, &[]);
+    let dbs = "SELECT datname FROM pg_database ORDER BY 1";
+    assert_eq!(lines(&old, dbs), lines(&new, dbs));
+    assert_eq!(
+        lines(&old, dbs),
+        "created_on_new\nkept\npostgres\ntemplate0\ntemplate1"
+    );
+});
+
+// Relation files created, truncated and dropped on the old primary after the fork, one
+// truncated on the new primary; a table rewritten (new relfilenode) on the old one.
+pg_test!(smgr, |major| {
+    let mut old = Cluster::start_new(major, "old");
+    old.execute(
+        "CREATE TABLE trunc_on_old AS SELECT i, repeat('x', 100) AS pad FROM generate_series(1, 5000) i;
+         CREATE TABLE drop_on_old AS SELECT i FROM generate_series(1, 5000) i;
+         CREATE TABLE trunc_on_new AS SELECT i, repeat('y', 100) AS pad FROM generate_series(1, 5000) i;
+         CREATE TABLE rewritten_on_old (i int PRIMARY KEY, v text);
+         INSERT INTO rewritten_on_old SELECT i, 'v' FROM generate_series(1, 3000) i",
+    );
+    let mut new = old.create_standby("new");
+    promote(&old, &new);
+
+    old.execute(
+        "CREATE TABLE created_on_old AS SELECT i FROM generate_series(1, 20000) i;
+         TRUNCATE trunc_on_old;
+         INSERT INTO trunc_on_old VALUES (1, 'after truncate');
+         DROP TABLE drop_on_old;
+         BEGIN; CREATE TABLE created_and_truncated (i int);
+         INSERT INTO created_and_truncated SELECT generate_series(1, 1000);
+         TRUNCATE created_and_truncated; COMMIT;
+         CREATE TABLE created_and_dropped AS SELECT 1 AS i; DROP TABLE created_and_dropped;
+         CREATE INDEX ON trunc_on_new (i);",
+    );
+    old.execute("VACUUM FULL rewritten_on_old");
+    new.execute(
+        "TRUNCATE trunc_on_new;
+         INSERT INTO trunc_on_new VALUES (42, 'after truncate on new');
+         INSERT INTO rewritten_on_old SELECT i, 'new' FROM generate_series(3001, 3100) i",
+    );
+    failover_and_rewind(&mut old, &mut new, StopMode::Fast, &[]);
+    let tables = "SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = \
+                  'public'::regnamespace ORDER BY 1";
+    assert_eq!(lines(&old, tables), lines(&new, tables));
+    assert_eq!(old.query_one("SELECT count(*) FROM trunc_on_old"), "5000");
+    assert_eq!(old.query_one("SELECT count(*) FROM drop_on_old"), "5000");
+    assert_eq!(old.query_one("SELECT count(*) FROM trunc_on_new"), "1");
+    assert_eq!(
+        old.query_one("SELECT count(*) FROM rewritten_on_old"),
+        "3100"
+    );
+    // Indexes must be usable too: the rewind copies them like any relation.
+    assert_eq!(
+        old.query_one(
+            "SET enable_seqscan = off; SELECT count(*) FROM rewritten_on_old WHERE i > 2990"
+        ),
+        "110"
+    );
+});
+
+// A table in a tablespace, written on both sides; the old primary also makes a tablespace of
+// its own after the fork, which the rewind removes.
+pg_test!(tablespace, |major| {
+    let mut old = Cluster::start_new(major, "old");
+    old.create_tablespace("space");
+    old.execute(
+        "CREATE TABLE in_space (i int, v text) TABLESPACE space;
+         INSERT INTO in_space SELECT i, 'before' FROM generate_series(1, 5000) i",
+    );
+    let mut new = old.create_standby("new");
+    promote(&old, &new);
+
+    old.execute(
+        "UPDATE in_space SET v = 'old' WHERE i % 3 = 0;
+         INSERT INTO in_space SELECT i, 'old' FROM generate_series(5001, 9000) i;
+         CREATE TABLE also_in_space TABLESPACE space AS SELECT 1 AS i",
+    );
+    old.create_tablespace("only_old");
+    old.execute(
+        "CREATE TABLE in_only_old (i int) TABLESPACE only_old; INSERT INTO in_only_old VALUES (1)",
+    );
+    new.execute(
+        "UPDATE in_space SET v = 'new' WHERE i % 5 = 0;
+         DELETE FROM in_space WHERE i < 100",
+    );
+    failover_and_rewind(&mut old, &mut new, StopMode::Fast, &[]);
+    assert_eq!(
+        lines(
+            &old,
+            "SELECT v, count(*) FROM in_space GROUP BY 1 ORDER BY 1"
+        ),
+        lines(
+            &new,
+            "SELECT v, count(*) FROM in_space GROUP BY 1 ORDER BY 1"
+        )
+    );
+    assert_eq!(
+        old.query_one("SELECT string_agg(spcname, ',' ORDER BY spcname) FROM pg_tablespace"),
+        "pg_default,pg_global,space"
+    );
+    // The old primary's tablespace link is gone from pg_tblspc; its files with it.
+    let links: Vec<_> = fs::read_dir(old.data_dir().join("pg_tblspc"))
+        .unwrap()
+        .flatten()
+        .map(|e| fs::read_link(e.path()).unwrap())
+        .collect();
+    assert_eq!(
+        links,
+        vec![old.base_dir().join("ts").join("space")],
+        "{links:?}"
+    );
+    rewind::assert_owned_by_pg_user(&old);
+});
+
+// Fail over back and forth, rewinding the loser each time, until the timeline history has five
+// entries; then a target that itself switched timelines after the fork.
+pg_test!(many_timelines, |major| {
+    let mut a = Cluster::start_new(major, "a");
+    a.execute("CREATE TABLE t (tli int, side text, i int)");
+    let mut b = a.create_standby("b");
+    // (primary, standby) swap roles at each failover.
+    let (mut primary, mut standby) = (&mut a, &mut b);
+    let mut tli = 1;
+    while tli < 6 {
+        tli = promote(primary, standby);
+        primary.execute(&format!(
+            "INSERT INTO t SELECT {tli}, 'loser', generate_series(1, 200)"
+        ));
+        standby.execute(&format!(
+            "INSERT INTO t SELECT {tli}, 'winner', generate_series(1, 100)"
+        ));
+        let run = failover_and_rewind(primary, standby, StopMode::Fast, &[]);
+        assert_eq!(run.report()["source_timeline"], tli, "{}", run.show());
+        std::mem::swap(&mut primary, &mut standby);
+    }
+    // `standby` is now the rewound loser following `primary` on timeline 6.
+    let history = fs::read_to_string(primary.data_dir().join("pg_wal/00000006.history")).unwrap();
+    let entries = history.lines().filter(|l| !l.trim().is_empty()).count();
+    assert_eq!(entries, 5, "{history}");
+    assert_eq!(
+        primary.query_one("SELECT count(*) FROM t WHERE side = 'loser'"),
+        "0"
+    );
+    assert_eq!(
+        primary.query_one("SELECT count(DISTINCT tli) FROM t WHERE side = 'winner'"),
+        "5"
+    );
+    drop((a, b));
+
+    // A target that switched timeline after the fork: P's standby S2 keeps following P after
+    // S1 was promoted, then S2 is promoted too (split brain) and is the one rewound from S1.
+    // S1 is promoted twice (restarted as a standby of nothing in between) so that its timeline
+    // number differs from the one S2 picks on its own.
+    let mut p = Cluster::start_new(major, "p");
+    p.execute(
+        "CREATE TABLE t (side text, i int); INSERT INTO t SELECT 'common', generate_series(1, 100)",
+    );
+    let mut s1 = p.create_standby("s1");
+    let mut s2 = p.create_standby("s2");
+    promote(&p, &s1);
+    s1.execute("INSERT INTO t SELECT 's1 on 2', generate_series(1, 10)");
+    s1.stop(StopMode::Fast);
+    user::write_file(&s1.data_dir().join("standby.signal"), "");
+    let auto = s1.data_dir().join("postgresql.auto.conf");
+    let text: String = fs::read_to_string(&auto)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("primary_conninfo"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    user::write_file(&auto, text);
+    s1.start();
+    assert_eq!(s1.promote(), 3);
+    s1.execute("INSERT INTO t SELECT 's1 on 3', generate_series(1, 10)");
+    p.execute("INSERT INTO t SELECT 'p after the fork', generate_series(1, 1000)");
+    s2.wait_for_catchup(&p);
+    p.stop(StopMode::Fast);
+    assert_eq!(s2.promote(), 2);
+    s2.execute("INSERT INTO t SELECT 's2 on its own 2', generate_series(1, 500)");
+    let run = failover_and_rewind(&mut s2, &mut s1, StopMode::Fast, &[]);
+    let report = run.report();
+    assert_eq!(report["target_timeline"], 2, "{}", run.show());
+    assert_eq!(report["source_timeline"], 3, "{}", run.show());
+    assert_eq!(report["divergence_timeline"], 1, "{}", run.show());
+    assert_eq!(
+        lines(&s2, "SELECT side, count(*) FROM t GROUP BY 1 ORDER BY 1"),
+        "common|100\ns1 on 2|10\ns1 on 3|10"
+    );
+});
+
+// The old primary's WAL after the fork went to its archive and is gone from pg_wal. Without
+// -c the rewind refuses, naming the missing segment and suggesting -c, and changes nothing;
+// with -c it fetches the segments with the target's restore_command.
+pg_test!(archived_wal, |major| {
+    let options = ClusterOptions::default().archive().wal_segment_size_mb(1);
+    let mut old = Cluster::start_new_with(major, "old", options);
+    old.execute("CREATE TABLE t (i int, v text); INSERT INTO t SELECT i, 'common' FROM generate_series(1, 1000) i");
+    let mut new = old.create_standby("new");
+    let new_tli = promote(&old, &new);
+    // A few segments of WAL on the old primary after the fork.
+    for _ in 0..3 {
+        old.execute(
+            "INSERT INTO t SELECT i, repeat('o', 200) FROM generate_series(1, 3000) i;
+             SELECT pg_switch_wal()",
+        );
+    }
+    old.execute("UPDATE t SET v = 'last' WHERE i < 10");
+    new.execute("INSERT INTO t SELECT i, 'new' FROM generate_series(1, 100) i");
+    stop_for_rewind(&mut old, &mut new, StopMode::Fast);
+
+    // Move every segment from the fork on into the archive.
+    let seg = 1 << 20;
+    let fork = rewind::switch_point(&new, new_tli);
+    let first = rewind::wal_file_name_at(1, fork, seg);
+    let archive = old.archive_dir().unwrap();
+    let mut moved = Vec::new();
+    for name in rewind::wal_segments(&old.data_dir()) {
+        if name.as_str() >= first.as_str() {
+            let from = old.data_dir().join("pg_wal").join(&name);
+            let to = archive.join(&name);
+            if !to.exists() {
+                fs::copy(&from, &to).unwrap();
+                user::give(&to);
+            }
+            fs::remove_file(&from).unwrap();
+            moved.push(name);
+        }
+    }
+    assert!(moved.len() >= 3, "moved {moved:?}");
+    old.append_conf(&format!(
+        "restore_command = 'cp {}/%f %p'",
+        archive.display()
+    ));
+
+    let before = TreeDigest::of(&old.data_dir());
+    let run = rewind(&old, &new, &[]);
+    assert_refused(&run, &["--restore-target-wal"], &[&old, &new]);
+    assert!(
+        moved.iter().any(|m| run.stderr.contains(m.as_str())),
+        "the refusal names none of the missing segments {moved:?}:\n{}",
+        run.show()
+    );
+    before.assert_unchanged(
+        &TreeDigest::of(&old.data_dir()),
+        "refused rewind without -c",
+    );
+
+    let run = rewind_ok(&old, &new, &["-c"]);
+    assert!(run.rewind_needed());
+    rejoin(&mut old, &mut new);
+    assert_eq!(
+        old.query_one("SELECT count(*) FROM t WHERE v = 'new'"),
+        "100"
+    );
+});
+
+// The old primary crashed (immediate stop): failback first runs crash recovery in single-user
+// mode with the target's own postgres binary.
+pg_test!(unclean_target, |major| {
+    let mut old = Cluster::start_new(major, "old");
+    old.pgbench_init(1);
+    let mut new = old.create_standby("new");
+    promote(&old, &new);
+    old.pgbench(&["-n", "-c", "2", "-t", "200"]);
+    new.pgbench(&["-n", "-c", "2", "-t", "100"]);
+    old.execute(
+        "CREATE TABLE crashed (i int); INSERT INTO crashed SELECT generate_series(1, 1000)",
+    );
+    let run = failover_and_rewind(&mut old, &mut new, StopMode::Immediate, &[]);
+    assert!(run.stderr.contains("crash recovery"), "{}", run.show());
+    assert_eq!(
+        old.query_one("SELECT count(*) FROM pg_class WHERE relname = 'crashed'"),
+        "0"
+    );
+    rewind::assert_owned_by_pg_user(&old);
+});
+
+// The source is a shut-down standby of the new primary.
+pg_test!(standby_source, |major| {
+    let mut old = Cluster::start_new(major, "old");
+    old.execute("CREATE TABLE t (side text, i int); INSERT INTO t SELECT 'common', generate_series(1, 1000)");
+    let mut new = old.create_standby("new");
+    promote(&old, &new);
+    new.execute("INSERT INTO t SELECT 'new', generate_series(1, 300)");
+    let mut cascade = new.create_standby("cascade");
+    new.execute("INSERT INTO t SELECT 'new, later', generate_series(1, 30)");
+    old.execute("INSERT INTO t SELECT 'old', generate_series(1, 3000); DELETE FROM t WHERE i < 50");
+    cascade.wait_for_catchup(&new);
+    old.stop(StopMode::Fast);
+    cascade.stop(StopMode::Fast);
+    let run = rewind_ok(&old, &cascade, &[]);
+    assert!(run.rewind_needed(), "{}", run.show());
+    rejoin(&mut old, &mut new);
+    assert_eq!(
+        lines(&old, "SELECT side, count(*) FROM t GROUP BY 1 ORDER BY 1"),
+        "common|1000\nnew|300\nnew, later|30"
+    );
+});
+
+// Nothing to rewind: a standby that was never promoted, and an old primary that stopped before
+// the new one was promoted. failback says so, exits 0 and changes nothing but, with -R, the
+// standby configuration.
+pg_test!(no_rewind_needed, |major| {
+    let mut a = Cluster::start_new(major, "a");
+    a.execute("CREATE TABLE t AS SELECT generate_series(1, 1000) AS i");
+    let mut b = a.create_standby("b");
+    b.wait_for_catchup(&a);
+
+    // A standby never promoted: same timeline.
+    b.stop(StopMode::Fast);
+    a.stop(StopMode::Fast);
+    let before = TreeDigest::of(&b.data_dir());
+    let run = rewind_ok(&b, &a, &[]);
+    assert!(run.stderr.contains("no rewind required"), "{}", run.show());
+    assert!(!run.rewind_needed());
+    before.assert_unchanged(&TreeDigest::of(&b.data_dir()), "no rewind, no -R");
+
+    // The old primary stopped cleanly before the standby was promoted: its WAL ends where the
+    // new timeline begins.
+    a.start();
+    b.start();
+    a.execute("INSERT INTO t SELECT generate_series(1001, 2000)");
+    b.wait_for_catchup(&a);
+    a.stop(StopMode::Fast);
+    let a_end = rewind::control_file(&a).checkPoint;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while b.current_lsn() <= a_end {
+        assert!(
+            Instant::now() < deadline,
+            "b never replayed a's shutdown checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    b.promote();
+    b.execute("INSERT INTO t SELECT generate_series(2001, 2500)");
+    b.stop(StopMode::Fast);
+    let before = TreeDigest::of(&a.data_dir());
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres application_name=a",
+        b.port()
+    );
+    let run = rewind_ok(&a, &b, &["-R", "--primary-conninfo", &conninfo]);
+    assert!(run.stderr.contains("no rewind required"), "{}", run.show());
+    let after = TreeDigest::of(&a.data_dir());
+    let changed: Vec<String> = before.diff(&after);
+    assert!(
+        changed
+            .iter()
+            .all(|l| l.starts_with("standby.signal") || l.starts_with("postgresql.auto.conf")),
+        "only the -R files may change:\n{}",
+        changed.join("\n")
+    );
+    let auto = fs::read_to_string(a.data_dir().join("postgresql.auto.conf")).unwrap();
+    assert_eq!(auto.matches("primary_conninfo").count(), 1, "{auto}");
+    assert!(auto.contains(&format!("port={}", b.port())), "{auto}");
+    // Started with what -R wrote, it follows b.
+    start_rejoined(&mut a, &mut b);
+    assert_eq!(a.query_one("SELECT count(*) FROM t"), "2500");
+});
