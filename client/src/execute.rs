@@ -139,6 +139,16 @@ pub fn execute(
         }
     }
 
+    // Kept WAL segments lose the old primary's WAL past the divergence point (see the planner).
+    for e in &plan.entries {
+        if let Some(from) = e.zero_from {
+            let path = full(&e.path);
+            let size = e.target.as_ref().map_or(0, |t| t.size);
+            zero_range(&path, from, size)
+                .map_err(|err| ExecuteError::target("zero the diverged WAL in", &path, err))?;
+        }
+    }
+
     // Files the source has less of: cut them down before anything is written into them.
     for e in &plan.entries {
         let target_len = e.target.as_ref().map_or(0, |t| t.size);
@@ -270,6 +280,19 @@ pub fn execute(
         }
     }
     Ok(stats)
+}
+
+/// Overwrites `[from, to)` of an existing file with zeros (allocated, as PostgreSQL keeps WAL).
+fn zero_range(path: &Path, from: u64, to: u64) -> io::Result<()> {
+    let f = fs::OpenOptions::new().write(true).open(path)?;
+    let zeros = vec![0u8; 1 << 16];
+    let mut off = from;
+    while off < to {
+        let n = (to - off).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
 }
 
 fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
