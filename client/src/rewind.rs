@@ -342,6 +342,7 @@ pub fn rewind(
         block_size: blcksz,
         wal_segment_size: target.xlog_seg_size,
         oldest_needed_wal_segment: Some(chkpt_redo.segment_number(target.xlog_seg_size)),
+        divergence: Some(ca.divergerec),
     })
     .map_err(wrap("could not plan the rewind"))?;
     report.actions = the_plan
@@ -399,6 +400,14 @@ pub fn rewind(
     }
     let (min_point, min_tli) = match source.end_of_wal().map_err(wrap("source end of WAL"))? {
         Some(end) => (end.lsn, end.tli),
+        // A shut-down standby's data files may hold changes up to its minRecoveryPoint, past
+        // its last restartpoint (pg_rewind takes the checkpoint alone, and a target rewound
+        // from a standby could then call itself consistent too early).
+        None if after.state == DBState::ShutdownedInRecovery
+            && after.minRecoveryPoint > after.checkPoint =>
+        {
+            (after.minRecoveryPoint, after.minRecoveryPointTLI)
+        }
         None => (after.checkPoint, after.checkPointCopy.ThisTimeLineID),
     };
     report.min_recovery_point = Some(min_point.to_string());
