@@ -375,7 +375,10 @@ pg_test!(unclean_target, |major| {
     rewind::assert_owned_by_pg_user(&old);
 });
 
-// The source is a shut-down standby of the new primary.
+// The source is a shut-down standby of the new primary, with no WAL from before its last
+// restartpoint (as a standby made by a base backup after the promotion has none): the segment
+// holding the divergence point is then only the old primary's, and the part of it past the
+// divergence must not survive the rewind, or recovery would replay the lost writes.
 pg_test!(standby_source, |major| {
     let mut old = Cluster::start_new(major, "old");
     old.execute("CREATE TABLE t (side text, i int); INSERT INTO t SELECT 'common', generate_series(1, 1000)");
@@ -385,11 +388,43 @@ pg_test!(standby_source, |major| {
     let mut cascade = new.create_standby("cascade");
     new.execute("INSERT INTO t SELECT 'new, later', generate_series(1, 30)");
     old.execute("INSERT INTO t SELECT 'old', generate_series(1, 3000); DELETE FROM t WHERE i < 50");
+    // The cascade's last restartpoint in a later segment than the divergence point.
+    new.execute("SELECT pg_switch_wal()");
+    new.execute("CHECKPOINT");
     cascade.wait_for_catchup(&new);
+    cascade.execute("CHECKPOINT");
     old.stop(StopMode::Fast);
     cascade.stop(StopMode::Fast);
+    let control = rewind::control_file(&cascade);
+    let seg_size = control.xlog_seg_size;
+    let redo_seg = control.checkPointCopy.redo.segment_number(seg_size);
+    let fork_seg = rewind::switch_point(&new, 2).segment_number(seg_size);
+    assert!(
+        fork_seg < redo_seg,
+        "restartpoint in segment {redo_seg}, fork in {fork_seg}"
+    );
+    for name in rewind::wal_segments(&cascade.data_dir()) {
+        let segno = failback_common::lsn::parse_wal_file_name(&name, seg_size)
+            .unwrap()
+            .1;
+        if segno < redo_seg {
+            fs::remove_file(cascade.data_dir().join("pg_wal").join(&name)).unwrap();
+        }
+    }
     let run = rewind_ok(&old, &cascade, &[]);
     assert!(run.rewind_needed(), "{}", run.show());
+    // Consistent only once replay has passed everything the source's files may hold.
+    let min: failback_common::Lsn = run
+        .report_str("min_recovery_point")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        min >= control.minRecoveryPoint,
+        "{} < {}",
+        min,
+        control.minRecoveryPoint
+    );
     rejoin(&mut old, &mut new);
     assert_eq!(
         lines(&old, "SELECT side, count(*) FROM t GROUP BY 1 ORDER BY 1"),
