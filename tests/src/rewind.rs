@@ -276,6 +276,8 @@ pub fn rewind_ok(target: &Cluster, source: &Cluster, args: &[&str]) -> FailbackR
 
 /// Asserts that `run` failed and that its stderr contains every one of `needles`.
 pub fn assert_refused(run: &FailbackRun, needles: &[&str], clusters: &[&Cluster]) {
+    // Shown with the test's output when it fails, or with --no-capture.
+    eprintln!("{}", run.show());
     assert!(
         !run.success(),
         "failback should have refused, but succeeded:\n{}",
@@ -530,6 +532,61 @@ fn check_owner(dir: &Path, rel: &str, ids: (u32, u32), modes: (u32, u32), bad: &
             check_owner(&path, &rel_path, ids, modes, bad);
         } else if mode != modes.0 {
             bad.push(format!("{rel_path}: file mode {mode:o}"));
+        }
+    }
+}
+
+/// Flips one bit of a file in place (owner and mode kept): a corrupt byte, as a disk or a bad
+/// copy would leave it. Flipping the same bit again restores the file.
+pub fn flip_bit(path: &Path, offset: u64, bit: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    b[0] ^= 1 << bit;
+    f.write_all_at(&b, offset)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Paths made immutable with `chattr +i` (which even root cannot write, unlike permission
+/// bits) until this value is dropped.
+#[derive(Debug)]
+pub struct Immutable {
+    paths: Vec<PathBuf>,
+}
+
+impl Immutable {
+    /// Sets the immutable flag on every path; Err says why it could not (no `chattr`, no
+    /// CAP_LINUX_IMMUTABLE, a file system without the flag), with nothing left immutable.
+    pub fn set(paths: &[PathBuf]) -> Result<Immutable, String> {
+        let mut done = Immutable { paths: Vec::new() };
+        for p in paths {
+            let out = Command::new("chattr").arg("+i").arg(p).output();
+            match out {
+                Ok(o) if o.status.success() => done.paths.push(p.clone()),
+                Ok(o) => {
+                    return Err(format!(
+                        "chattr +i {} failed: {}",
+                        p.display(),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ));
+                }
+                Err(e) => return Err(format!("could not run chattr: {e}")),
+            }
+        }
+        Ok(done)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            let _ = Command::new("chattr").arg("-i").arg(p).status();
         }
     }
 }

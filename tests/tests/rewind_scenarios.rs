@@ -492,3 +492,125 @@ pg_test!(no_rewind_needed, |major| {
     start_rejoined(&mut a, &mut b);
     assert_eq!(a.query_one("SELECT count(*) FROM t"), "2500");
 });
+
+// Refusals: each leaves every file of the target as it was (a hash of every file before and
+// after), says what is wrong, and the pair can still be rewound afterwards.
+pg_test!(refusals, |major| {
+    let mut old = Cluster::start_new(major, "old");
+    old.execute("CREATE TABLE t (i int); INSERT INTO t SELECT generate_series(1, 1000)");
+    let mut new = old.create_standby("new");
+    let tli = promote(&old, &new);
+    old.execute(
+        "INSERT INTO t SELECT generate_series(1, 5000); CREATE TABLE only_old AS SELECT 1 AS i",
+    );
+    let only_old = old.query_one("SELECT pg_relation_filepath('only_old')");
+    new.execute("DELETE FROM t WHERE i < 100");
+    new.stop(StopMode::Fast);
+
+    // A running target.
+    let run = rewind(&old, &new, &[]);
+    assert_refused(&run, &["target server is running"], &[&old, &new]);
+    old.stop(StopMode::Fast);
+    let before = TreeDigest::of(&old.data_dir());
+    let unchanged = |what: &str| before.assert_unchanged(&TreeDigest::of(&old.data_dir()), what);
+    unchanged("after the refusal of a running target");
+
+    // A running source.
+    new.start();
+    let run = rewind(&old, &new, &[]);
+    assert_refused(
+        &run,
+        &["source data directory must be shut down cleanly"],
+        &[&old, &new],
+    );
+    unchanged("running source");
+    new.stop(StopMode::Fast);
+
+    // An unrelated cluster of the same version.
+    let other = Cluster::init(major, "other", ClusterOptions::default());
+    let run = rewind(&old, &other, &[]);
+    assert_refused(&run, &["different systems"], &[&old, &other]);
+    unchanged("different systems");
+    drop(other);
+
+    // A corrupt control file, on either side.
+    let target_control = old.data_dir().join("global/pg_control");
+    rewind::flip_bit(&target_control, 40, 2);
+    let flipped = TreeDigest::of(&old.data_dir());
+    let run = rewind(&old, &new, &[]);
+    assert_refused(&run, &["target control file", "CRC"], &[&old, &new]);
+    flipped.assert_unchanged(
+        &TreeDigest::of(&old.data_dir()),
+        "corrupt target control file",
+    );
+    rewind::flip_bit(&target_control, 40, 2);
+    let source_control = new.data_dir().join("global/pg_control");
+    rewind::flip_bit(&source_control, 100, 5);
+    let run = rewind(&old, &new, &[]);
+    assert_refused(&run, &["source control file", "CRC"], &[&old, &new]);
+    unchanged("corrupt source control file");
+    rewind::flip_bit(&source_control, 100, 5);
+
+    // Target WAL the rewind needs is missing (and there is no -c).
+    let seg_size = rewind::control_file(&old).xlog_seg_size;
+    let needed = rewind::wal_file_name_at(1, rewind::switch_point(&new, tli), seg_size);
+    let wal = old.data_dir().join("pg_wal").join(&needed);
+    let aside = old.base_dir().join(&needed);
+    fs::rename(&wal, &aside).unwrap();
+    let moved = TreeDigest::of(&old.data_dir());
+    let run = rewind(&old, &new, &[]);
+    assert_refused(&run, &[&needed, "--restore-target-wal"], &[&old, &new]);
+    moved.assert_unchanged(&TreeDigest::of(&old.data_dir()), "missing WAL");
+    fs::rename(&aside, &wal).unwrap();
+
+    // A file the plan must overwrite, and a directory it must remove a file from, that cannot
+    // be written (root ignores permission bits, not the immutable flag).
+    let xact = old.data_dir().join("pg_xact/0000");
+    let db_dir = old
+        .data_dir()
+        .join(&only_old)
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    for (path, shown) in [
+        (&xact, "pg_xact/0000".to_string()),
+        (&db_dir, db_dir.display().to_string()),
+    ] {
+        match rewind::Immutable::set(std::slice::from_ref(path)) {
+            Ok(guard) => {
+                let run = rewind(&old, &new, &[]);
+                assert_refused(&run, &[&shown, "cannot be written"], &[&old, &new]);
+                unchanged("unwritable target");
+                drop(guard);
+            }
+            Err(why) => {
+                eprintln!("note: the unwritable-target refusal is not checked here: {why}");
+                break;
+            }
+        }
+    }
+
+    // None of that harmed the pair.
+    unchanged("all refusals");
+    failover_and_rewind(&mut old, &mut new, StopMode::Fast, &[]);
+});
+
+// Clusters of two versions: the refusal names both.
+#[test]
+fn refuses_different_versions() {
+    let (a, b) = (PgMajor::V15, PgMajor::V16);
+    let target = Cluster::init(a, "target", ClusterOptions::default());
+    let source = Cluster::init(b, "source", ClusterOptions::default());
+    let before = TreeDigest::of(&target.data_dir());
+    let run = rewind(&target, &source, &[]);
+    assert_refused(
+        &run,
+        &[
+            "source is PostgreSQL 16",
+            "target is PostgreSQL 15",
+            "same version",
+        ],
+        &[&target, &source],
+    );
+    before.assert_unchanged(&TreeDigest::of(&target.data_dir()), "different versions");
+}
