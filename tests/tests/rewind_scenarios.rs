@@ -614,3 +614,198 @@ fn refuses_different_versions() {
     );
     before.assert_unchanged(&TreeDigest::of(&target.data_dir()), "different versions");
 }
+
+// The oracle (PostgreSQL 15, whose pg_rewind is on the machine): on the same diverged pair,
+// failback's plan copies exactly the (file, block) pairs pg_rewind's does, and takes pg_rewind's
+// action for every file pg_rewind lists, except where failback documents a refinement (WAL
+// older than the last common checkpoint left alone).
+#[test]
+fn plan_matches_pg_rewind() {
+    let major = PgMajor::V15;
+    let mut old = Cluster::start_new(major, "old");
+    old.pgbench_init(2);
+    old.execute(
+        "CREATE TABLE shrinks AS SELECT i, repeat('s', 200) AS pad FROM generate_series(1, 20000) i;
+         CREATE TABLE dropped AS SELECT generate_series(1, 1000) AS i;
+         CREATE TABLE grows (i int)",
+    );
+    let mut new = old.create_standby("new");
+    promote(&old, &new);
+    old.pgbench(&["-n", "-c", "2", "-t", "300"]);
+    old.execute(
+        "DELETE FROM shrinks WHERE i > 100; INSERT INTO grows SELECT generate_series(1, 50000);
+         DROP TABLE dropped; CREATE TABLE created AS SELECT 1 AS i",
+    );
+    old.execute("VACUUM shrinks");
+    new.pgbench(&["-n", "-c", "2", "-t", "100"]);
+    stop_for_rewind(&mut old, &mut new, StopMode::Fast);
+
+    let (theirs, their_output) = rewind::pg_rewind_dry_run(&old, &new);
+    let run = rewind_ok(&old, &new, &["-n", "--debug"]);
+    let ours = run.debug_plan();
+    assert!(
+        theirs.blocks.len() > 50,
+        "the scenario should change blocks:\n{their_output}"
+    );
+    let only_theirs: Vec<_> = theirs.blocks.difference(&ours.blocks).collect();
+    let only_ours: Vec<_> = ours.blocks.difference(&theirs.blocks).collect();
+    assert!(
+        only_theirs.is_empty() && only_ours.is_empty(),
+        "blocks only pg_rewind fetches: {only_theirs:?}\nblocks only failback fetches: \
+         {only_ours:?}\n--- pg_rewind ---\n{their_output}\n{}",
+        run.show()
+    );
+    // failback's documented refinements, each printed as a note on the path's line.
+    let refined = |path: &str| {
+        run.stderr.lines().any(|l| {
+            l.contains(&format!(" {path} ("))
+                && (l.contains("older than the last common checkpoint")
+                    || l.contains("past the divergence point"))
+        })
+    };
+    for (path, action) in &theirs.actions {
+        let mine = ours.actions.get(path).map(String::as_str);
+        assert!(
+            mine == Some(action.as_str()) || refined(path),
+            "{path}: pg_rewind {action}, failback {mine:?} without a documented reason\n{}",
+            run.show()
+        );
+    }
+    // What pg_rewind leaves alone (it lists only what it changes), failback leaves alone too.
+    for (path, action) in &ours.actions {
+        assert!(
+            action == "NONE" || theirs.actions.contains_key(path) || refined(path),
+            "{path}: failback {action}, pg_rewind does nothing\n{}",
+            run.show()
+        );
+    }
+    // And both leave the target as it was.
+    assert!(!old.data_dir().join("backup_label").exists());
+}
+
+/// Makes `path` a sparse file of `len` bytes (extending or creating it, owned by PostgreSQL's
+/// user with mode 0600) and writes `bytes` at each of `at`.
+fn sparse_file(path: &std::path::Path, len: u64, at: &[(u64, &[u8])]) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    f.set_len(len).unwrap();
+    for (off, b) in at {
+        f.write_all_at(b, *off).unwrap();
+    }
+    drop(f);
+    fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    user::give(path);
+}
+
+fn read_at(path: &std::path::Path, off: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, off)
+        .unwrap_or_else(|e| panic!("{} at {off}: {e}", path.display()));
+    buf
+}
+
+// Files past every 32-bit boundary (PostgreSQL 15 only: heavy). A sparse non-relation file of
+// 4.5 GiB on both sides, differing past 2 GiB and past 4 GiB, ends up equal to the source's;
+// a relation whose third segment (`.2`, from 2 GiB on) both sides write to after the fork has
+// those blocks fetched. The relation's first two segments are holes (all-zero pages, which
+// PostgreSQL reads as new, empty pages), made the same on both nodes while they are stopped.
+#[test]
+fn big_files() {
+    const GIB: u64 = 1 << 30;
+    let t0 = Instant::now();
+    let major = PgMajor::V15;
+    let mut old = Cluster::start_new(major, "old");
+    old.execute(
+        "CREATE TABLE big (i int, side text) WITH (autovacuum_enabled = off);
+         INSERT INTO big SELECT g, 'common' FROM generate_series(1, 100) g",
+    );
+    let rel = old.query_one("SELECT pg_relation_filepath('big')");
+    let mut new = old.create_standby("new");
+    new.wait_for_catchup(&old);
+    old.execute("CHECKPOINT");
+    new.wait_for_catchup(&old);
+    new.stop(StopMode::Fast);
+    old.stop(StopMode::Fast);
+    // Segments 0 and 1 full (1 GiB each, holes past the 100 rows), segment 2 four empty pages.
+    for c in [&old, &new] {
+        let base = c.data_dir().join(&rel);
+        sparse_file(&base, GIB, &[]);
+        sparse_file(&base.with_extension("1"), GIB, &[]);
+        sparse_file(&base.with_extension("2"), 4 * 8192, &[]);
+    }
+    old.start();
+    new.start();
+    assert_eq!(
+        old.query_one("SELECT pg_relation_size('big')"),
+        (2 * GIB + 4 * 8192).to_string()
+    );
+    promote(&old, &new);
+    // New rows go to the last page, in segment 2, on both sides.
+    old.execute("INSERT INTO big SELECT g, 'old' FROM generate_series(1, 5000) g");
+    old.execute("UPDATE big SET side = 'old, updated' WHERE i < 50");
+    new.execute("INSERT INTO big SELECT g, 'new' FROM generate_series(1, 300) g");
+    stop_for_rewind(&mut old, &mut new, StopMode::Fast);
+
+    // A stray file over 4 GiB on both sides, differing past 2 GiB and past 4 GiB.
+    let stray = |c: &Cluster| c.data_dir().join("big_stray_file");
+    let (past2, past4) = (2 * GIB + 1, 4 * GIB + 5);
+    sparse_file(
+        &stray(&old),
+        4 * GIB + GIB / 2,
+        &[(past2, b"target"), (past4, b"target")],
+    );
+    sparse_file(
+        &stray(&new),
+        4 * GIB + GIB / 2,
+        &[(past2, b"source"), (past4, b"source")],
+    );
+    let setup = t0.elapsed();
+
+    let t1 = Instant::now();
+    let run = rewind_ok(&old, &new, &["--debug"]);
+    let rewind_time = t1.elapsed();
+    let plan = run.debug_plan();
+    let seg2 = format!("{rel}.2");
+    assert!(
+        plan.blocks.iter().any(|(p, _)| *p == seg2),
+        "no changed block of {seg2} fetched:\n{}",
+        run.show()
+    );
+    assert_eq!(
+        plan.actions.get("big_stray_file").map(String::as_str),
+        Some("COPY")
+    );
+    for off in [past2, past4] {
+        assert_eq!(
+            read_at(&stray(&old), off, 6),
+            b"source",
+            "byte {off} of the stray file"
+        );
+    }
+    assert_eq!(fs::metadata(stray(&old)).unwrap().len(), 4 * GIB + GIB / 2);
+    let exec = &run.report()["execution"];
+    assert!(
+        exec["bytes_identical"].as_u64().unwrap() > 4 * GIB,
+        "the identical parts of the stray file were rewritten: {exec}"
+    );
+
+    let t2 = Instant::now();
+    rejoin(&mut old, &mut new);
+    assert_eq!(
+        lines(&old, "SELECT side, count(*) FROM big GROUP BY 1 ORDER BY 1"),
+        "common|100\nnew|300"
+    );
+    eprintln!(
+        "big_files: setup {setup:.1?}, rewind {rewind_time:.1?} ({}), rejoin and compare {:.1?}",
+        run.report()["seconds"],
+        t2.elapsed()
+    );
+}
