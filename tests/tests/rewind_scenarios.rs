@@ -105,6 +105,7 @@ pg_test!(databases, |major| {
         lines(&old, dbs),
         "created_on_new\nkept\npostgres\ntemplate0\ntemplate1"
     );
+    rewind::assert_owned_by_pg_user(&old);
 });
 
 // Relation files created, truncated and dropped on the old primary after the fork, one
