@@ -32,7 +32,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs;
-use std::hash::Hasher;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -453,27 +452,26 @@ fn digest_dir(dir: &Path, rel: &str, out: &mut BTreeMap<String, String>) {
         } else {
             out.insert(
                 rel_path,
-                format!("file {owner} {} bytes {:016x}", md.len(), hash_file(&path)),
+                format!("file {owner} {} bytes {}", md.len(), hash_file(&path)),
             );
         }
     }
 }
 
-fn hash_file(path: &Path) -> u64 {
-    // SipHash with fixed keys: equal within one test process, which is all a before/after
-    // comparison needs.
-    #[allow(deprecated)]
-    let mut h = std::hash::SipHasher::new();
+fn hash_file(path: &Path) -> String {
+    // blake3 is a dependency, so optimised even in a test build: hashing every file of a data
+    // directory several times per test must not cost more than the test's servers.
+    let mut h = blake3::Hasher::new();
     if let Ok(mut f) = fs::File::open(path) {
         let mut buf = vec![0u8; 1 << 16];
         while let Ok(n) = f.read(&mut buf) {
             if n == 0 {
                 break;
             }
-            h.write(&buf[..n]);
+            h.update(&buf[..n]);
         }
     }
-    h.finish()
+    h.finalize().to_hex()[..32].to_string()
 }
 
 /// Panics, listing the offenders, unless every entry below the data directory (and its
