@@ -5,6 +5,10 @@
 //! both, rewinds the old primary from the new primary's data directory, starts it as a standby
 //! of the new primary and checks that, once it has caught up on the new timeline, it holds
 //! exactly the new primary's data (see `failback_tests::rewind`).
+//!
+//! Then the refusals (each must leave every file of the target as it was), the oracle
+//! (PostgreSQL 15's pg_rewind must plan the same blocks) and files past every 32-bit boundary
+//! (PostgreSQL 15 only).
 
 use std::fs;
 use std::time::{Duration, Instant};
