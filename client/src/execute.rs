@@ -36,6 +36,17 @@ pub enum ExecuteError {
     },
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(
+        "the rewind must change \"{}\" in the target data directory, but it cannot be written \
+         (check its permissions, its owner, `lsattr` for the immutable flag, and whether the file \
+         system is mounted read-only); the plan was not started",
+        path.display()
+    )]
+    NotWritable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl ExecuteError {
@@ -100,6 +111,62 @@ pub fn plan_ranges(plan: &Plan) -> Vec<FetchRange> {
     ranges
 }
 
+/// Checks, before anything is changed, that every file the plan writes and every directory it
+/// creates or removes entries in can be written (`access(W_OK)`, which also sees the immutable
+/// flag and read-only mounts, even for root). A rewind that stopped halfway on an unwritable
+/// file would leave the target neither old nor new.
+pub fn preflight(plan: &Plan, pgdata: &Path) -> Result<(), ExecuteError> {
+    use std::collections::BTreeSet;
+    let mut files: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+    // The commit writes backup_label and global/pg_control through temporary files.
+    dirs.insert(pgdata.to_path_buf());
+    dirs.insert(pgdata.join("global"));
+    for e in &plan.entries {
+        let path = pgdata.join(&e.path);
+        let parent = path.parent().unwrap_or(pgdata).to_path_buf();
+        let writes_in_place = !e.blocks.is_empty()
+            || e.zero_from.is_some()
+            || match e.action {
+                FileAction::Copy => e.target.is_some(),
+                FileAction::CopyTail | FileAction::Truncate => true,
+                _ => false,
+            };
+        if writes_in_place {
+            files.insert(path);
+        }
+        match e.action {
+            FileAction::Create | FileAction::Remove => {
+                dirs.insert(parent);
+            }
+            FileAction::Copy if e.target.is_none() => {
+                dirs.insert(parent);
+            }
+            _ => {}
+        }
+    }
+    // A directory the plan creates does not exist yet; its parent is checked instead.
+    for p in files.iter().chain(dirs.iter()) {
+        if !p.exists() {
+            continue;
+        }
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| {
+            ExecuteError::NotWritable {
+                path: p.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"),
+            }
+        })?;
+        // SAFETY: `c` is a NUL-terminated path that lives across the call.
+        if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+            return Err(ExecuteError::NotWritable {
+                path: p.clone(),
+                source: io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Carries out `plan` on the data directory `pgdata`, fetching from `source`.
 pub fn execute(
     plan: &Plan,
@@ -136,6 +203,16 @@ pub fn execute(
                 }
             }
             FileType::Regular => unreachable!("regular files are copied, not created"),
+        }
+    }
+
+    // Kept WAL segments lose the old primary's WAL past the divergence point (see the planner).
+    for e in &plan.entries {
+        if let Some(from) = e.zero_from {
+            let path = full(&e.path);
+            let size = e.target.as_ref().map_or(0, |t| t.size);
+            zero_range(&path, from, size)
+                .map_err(|err| ExecuteError::target("zero the diverged WAL in", &path, err))?;
         }
     }
 
@@ -270,6 +347,19 @@ pub fn execute(
         }
     }
     Ok(stats)
+}
+
+/// Overwrites `[from, to)` of an existing file with zeros (allocated, as PostgreSQL keeps WAL).
+fn zero_range(path: &Path, from: u64, to: u64) -> io::Result<()> {
+    let f = fs::OpenOptions::new().write(true).open(path)?;
+    let zeros = vec![0u8; 1 << 16];
+    let mut off = from;
+    while off < to {
+        let n = (to - off).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
 }
 
 fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {

@@ -154,8 +154,15 @@ pub fn rewind(
         None
     };
 
-    // Step 1: both control files, and the checks.
+    // Step 1: both control files, and the checks. Everything that does not depend on the
+    // target's state is checked before crash recovery, the first change to the target.
     let mut target = read_target_control(target_dir)?;
+    let source_bytes = source
+        .control_file()
+        .map_err(wrap("could not read the source's control file"))?;
+    let src = ControlFileData::parse(&source_bytes)
+        .map_err(wrap(format!("source control file ({})", source.describe())))?;
+    sanity_checks(&src, &target, source.is_live(), false)?;
     if !target.state.is_shut_down_cleanly() {
         if opts.no_ensure_shutdown {
             return Err(fail(format!(
@@ -173,12 +180,7 @@ pub fn rewind(
             target = read_target_control(target_dir)?;
         }
     }
-    let source_bytes = source
-        .control_file()
-        .map_err(wrap("could not read the source's control file"))?;
-    let src = ControlFileData::parse(&source_bytes)
-        .map_err(wrap(format!("source control file ({})", source.describe())))?;
-    sanity_checks(&src, &target, source.is_live(), opts.dry_run)?;
+    sanity_checks(&src, &target, source.is_live(), !opts.dry_run)?;
 
     // Step 2: timelines and the divergence.
     let src_tli = src.timeline_for_rewind();
@@ -342,6 +344,7 @@ pub fn rewind(
         block_size: blcksz,
         wal_segment_size: target.xlog_seg_size,
         oldest_needed_wal_segment: Some(chkpt_redo.segment_number(target.xlog_seg_size)),
+        divergence: Some(ca.divergerec),
     })
     .map_err(wrap("could not plan the rewind"))?;
     report.actions = the_plan
@@ -366,6 +369,9 @@ pub fn rewind(
             }
         }
     }
+    execute::preflight(&the_plan, target_dir).map_err(wrap(
+        "the target data directory cannot be changed as the rewind needs",
+    ))?;
     if opts.dry_run {
         progress.info("dry run: the target was not changed");
         return Ok((report, Some(the_plan)));
@@ -399,6 +405,14 @@ pub fn rewind(
     }
     let (min_point, min_tli) = match source.end_of_wal().map_err(wrap("source end of WAL"))? {
         Some(end) => (end.lsn, end.tli),
+        // A shut-down standby's data files may hold changes up to its minRecoveryPoint, past
+        // its last restartpoint (pg_rewind takes the checkpoint alone, and a target rewound
+        // from a standby could then call itself consistent too early).
+        None if after.state == DBState::ShutdownedInRecovery
+            && after.minRecoveryPoint > after.checkPoint =>
+        {
+            (after.minRecoveryPoint, after.minRecoveryPointTLI)
+        }
         None => (after.checkPoint, after.checkPointCopy.ThisTimeLineID),
     };
     report.min_recovery_point = Some(min_point.to_string());
@@ -496,25 +510,29 @@ fn refuse_running_target(target: &Path) -> Result<(), RewindError> {
     Ok(())
 }
 
-/// pg_rewind's `sanityChecks`, plus the geometry a block copy depends on.
+/// pg_rewind's `sanityChecks`, plus the geometry a block copy depends on; the target's state
+/// is checked only when `check_target_state` (not before crash recovery, nor in a dry run).
+/// The versions are compared first: clusters of two versions are also two systems, and the
+/// version is the more useful thing to be told.
 fn sanity_checks(
     src: &ControlFileData,
     tgt: &ControlFileData,
     source_live: bool,
-    dry_run: bool,
+    check_target_state: bool,
 ) -> Result<(), RewindError> {
+    if src.major != tgt.major || src.catalog_version_no != tgt.catalog_version_no {
+        return Err(fail(format!(
+            "clusters are not compatible: source is PostgreSQL {} (catalog {}), target is \
+             PostgreSQL {} (catalog {}); a rewind only works between clusters of the same \
+             version",
+            src.major, src.catalog_version_no, tgt.major, tgt.catalog_version_no
+        )));
+    }
     if src.system_identifier != tgt.system_identifier {
         return Err(fail(format!(
             "source and target clusters are from different systems (source system identifier \
              {}, target {}); a rewind only works between a primary and its former standby",
             src.system_identifier, tgt.system_identifier
-        )));
-    }
-    if src.major != tgt.major || src.catalog_version_no != tgt.catalog_version_no {
-        return Err(fail(format!(
-            "clusters are not compatible: source is PostgreSQL {} (catalog {}), target is \
-             PostgreSQL {} (catalog {})",
-            src.major, src.catalog_version_no, tgt.major, tgt.catalog_version_no
         )));
     }
     if src.blcksz != tgt.blcksz || src.xlog_seg_size != tgt.xlog_seg_size {
@@ -529,7 +547,7 @@ fn sanity_checks(
              them, hint-bit changes are not in the WAL and the rewind could miss changed blocks",
         ));
     }
-    if !tgt.state.is_shut_down_cleanly() && !dry_run {
+    if !tgt.state.is_shut_down_cleanly() && check_target_state {
         return Err(fail(format!(
             "target server must be shut down cleanly (its state is \"{}\")",
             tgt.state

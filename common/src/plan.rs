@@ -11,13 +11,24 @@
 //! failback adds one refinement: WAL segments older than the segment holding the last common
 //! checkpoint's redo pointer are never needed by the recovery that follows the rewind, so they
 //! are neither copied from the source nor removed from the target.
+//!
+//! And one safeguard: a kept segment must not carry the target's own WAL from past the
+//! divergence point. The segment holding the divergence point is opened by the backward walk
+//! to the last common checkpoint, so keepwal keeps it; its bytes before the divergence point
+//! are the common history recovery needs, its bytes after it are the old primary's lost writes.
+//! When the source has no copy of that segment on its newer timeline (a standby source made by a
+//! base backup after the promotion has no WAL from before its backup), recovery falls back to
+//! the old timeline's file (`XLogFileReadAnyTLI` tries every timeline of the history, newest
+//! first) and would replay those lost writes on top of the source's blocks. So the part of a
+//! kept segment past the divergence point is zeroed, where recovery sees the end of that file's
+//! WAL and asks the new primary for the rest; a kept segment wholly past it is removed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
 use crate::filemap::{self, FileAction, FileEntry, FileMapError, FileType};
-use crate::lsn::{XLogSegNo, parse_wal_file_name};
+use crate::lsn::{Lsn, XLogSegNo, parse_wal_file_name, segment_start};
 
 /// Blocks of one relation segment file, as a bitmap over block numbers within the segment
 /// (pg_rewind's `datapagemap_t`): memory grows with the highest changed block, not the file.
@@ -100,6 +111,8 @@ pub struct PlanInput<'a> {
     pub wal_segment_size: u32,
     /// The segment of the last common checkpoint's redo pointer; older segments are left alone.
     pub oldest_needed_wal_segment: Option<XLogSegNo>,
+    /// Where the histories diverged: no kept target segment may keep WAL from this point on.
+    pub divergence: Option<Lsn>,
 }
 
 /// One path's part of the plan.
@@ -115,6 +128,10 @@ pub struct PlanEntry {
     /// Why the action is not pg_rewind's (a note for `--debug` and the report).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<&'static str>,
+    /// For a kept target WAL segment holding the divergence point: the offset from which its
+    /// bytes (the old primary's WAL after the divergence) are overwritten with zeros.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zero_from: Option<u64>,
 }
 
 impl PlanEntry {
@@ -199,9 +216,24 @@ pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
         }
         let mut action = filemap::decide_file_action(path, source, target, is_rel)?;
         let mut note = None;
+        let mut zero_from = None;
         if action == FileAction::Remove && input.keep_wal.contains(path) {
             action = FileAction::None;
             note = Some("kept: required for recovery");
+            if let (Some(div), Some(name)) = (input.divergence, path.strip_prefix("pg_wal/"))
+                && let Some((_, segno)) = parse_wal_file_name(name, input.wal_segment_size)
+            {
+                let start = segment_start(segno, input.wal_segment_size);
+                let size = u64::from(input.wal_segment_size);
+                if start >= div {
+                    action = FileAction::Remove;
+                    note = Some("not kept: wholly past the divergence point");
+                } else if div.0 - start.0 < size {
+                    zero_from = Some(div.0 - start.0);
+                    note =
+                        Some("kept: required for recovery; WAL past the divergence point zeroed");
+                }
+            }
         }
         if let (Some(oldest), Some(name)) = (
             input.oldest_needed_wal_segment,
@@ -236,6 +268,7 @@ pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
             target: target.cloned(),
             blocks,
             note,
+            zero_from,
         });
     }
     entries.sort_by(|a, b| filemap::execution_order((&a.path, a.action), (&b.path, b.action)));
@@ -281,6 +314,7 @@ mod tests {
             block_size: 8192,
             wal_segment_size: 16 << 20,
             oldest_needed_wal_segment: Some(2),
+            divergence: None,
         })
         .unwrap();
         let e = plan
@@ -321,6 +355,43 @@ mod tests {
                 bytes: 2 * 8192
             }
         );
+    }
+
+    #[test]
+    fn kept_segments_lose_what_follows_the_divergence() {
+        let seg = 16u32 << 20;
+        let name = |n: u64| format!("pg_wal/0000000100000000000000{n:02X}");
+        let target: Vec<FileEntry> = (2..=5).map(|n| reg(&name(n), u64::from(seg))).collect();
+        let keep: BTreeSet<String> = (2..=4).map(name).collect();
+        let plan = |div: Lsn| {
+            make_plan(&PlanInput {
+                source: &[],
+                target: &target,
+                page_map: &PageMap::default(),
+                keep_wal: &keep,
+                is_relation_file: &|_| false,
+                block_size: 8192,
+                wal_segment_size: seg,
+                oldest_needed_wal_segment: Some(2),
+                divergence: Some(div),
+            })
+            .unwrap()
+        };
+        let find = |p: &Plan, n: u64| {
+            let e = p.entries.iter().find(|e| e.path == name(n)).unwrap();
+            (e.action, e.zero_from)
+        };
+        // Divergence inside segment 3: segment 2 is all common history, segment 3 keeps its
+        // head, segment 4 would hold only lost writes, 5 was never kept.
+        let p = plan(Lsn(3 * u64::from(seg) + 0x1234));
+        assert_eq!(find(&p, 2), (FileAction::None, None));
+        assert_eq!(find(&p, 3), (FileAction::None, Some(0x1234)));
+        assert_eq!(find(&p, 4), (FileAction::Remove, None));
+        assert_eq!(find(&p, 5), (FileAction::Remove, None));
+        // Divergence exactly at the start of segment 4 (the walk read its first record).
+        let p = plan(Lsn(4 * u64::from(seg)));
+        assert_eq!(find(&p, 3), (FileAction::None, None));
+        assert_eq!(find(&p, 4), (FileAction::Remove, None));
     }
 
     proptest! {

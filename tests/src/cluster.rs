@@ -70,6 +70,9 @@ pub struct ClusterOptions {
     pub archive: bool,
     /// More `postgresql.conf` settings, written after the test bed's own (so they win).
     pub settings: Vec<(String, String)>,
+    /// `initdb -g`: the data directory and its files readable by the owner's group (modes
+    /// 0750/0640 instead of 0700/0600).
+    pub group_access: bool,
 }
 
 impl ClusterOptions {
@@ -85,6 +88,11 @@ impl ClusterOptions {
 
     pub fn archive(mut self) -> Self {
         self.archive = true;
+        self
+    }
+
+    pub fn group_access(mut self) -> Self {
+        self.group_access = true;
         self
     }
 
@@ -181,6 +189,9 @@ impl Cluster {
         ]);
         if let Some(mb) = cluster.options.wal_segment_size_mb {
             cmd.arg(format!("--wal-segsize={mb}"));
+        }
+        if cluster.options.group_access {
+            cmd.arg("-g");
         }
         run_ok(&mut cmd, Duration::from_secs(300));
         cluster.append_conf(&cluster.base_conf());

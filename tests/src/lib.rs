@@ -11,6 +11,8 @@
 //!   standbys, waiting for replay on the right timeline, SQL, pgbench, tablespaces, archiving.
 //!   Dropping it stops the server and removes every file, also when a test panics.
 //! - [`fingerprint`]: row counts and hashes of every user table, compared with a readable diff.
+//! - [`rewind`]: running the `failback` binary on a failed-over pair, the steps of a rewind
+//!   test (promote, stop, rewind, rejoin and compare), and checks of a data directory's files.
 //! - [`pg_test!`]: one test body instantiated for every major version, so the runner runs
 //!   them in parallel as `name::pg13` … `name::pg18`.
 //!
@@ -31,6 +33,7 @@ pub mod binaries;
 pub mod cluster;
 pub mod fingerprint;
 pub mod port;
+pub mod rewind;
 pub mod run;
 pub mod user;
 
