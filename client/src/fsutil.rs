@@ -164,7 +164,7 @@ pub fn sync_data_dir(pgdata: &Path, method: SyncMethod) -> io::Result<()> {
 }
 
 /// Makes durable what carrying out `plan` changed in `pgdata`: every file written, extended or
-/// cut, and every directory where an entry was created or removed. The rest of the target was
+/// cut, every directory where an entry was created or removed, and `pg_wal`. The rest of the target was
 /// durable before the rewind began (it was shut down cleanly, or crash recovery ended with a
 /// checkpoint), so unlike pg_rewind this does not flush the whole data directory. `syncfs`
 /// flushes each filesystem whole instead.
@@ -216,6 +216,11 @@ pub fn sync_plan(
         if d.is_dir() {
             fsync_dir(d)?;
         }
+    }
+    // Segments restored from the archive under -c are not in the plan, and recovery needs them.
+    let wal = pgdata.join("pg_wal");
+    if wal.is_dir() {
+        fsync_tree(&wal)?;
     }
     Ok(())
 }

@@ -419,17 +419,15 @@ pub fn rewind(
 
     if !opts.no_sync {
         progress.phase("syncing target data directory");
-        fsutil::sync_data_dir(target_dir, opts.sync_method.unwrap_or(SyncMethod::Fsync))
-            .map_err(wrap("could not sync the target data directory"))?;
+        fsutil::sync_plan(
+            target_dir,
+            &the_plan,
+            opts.sync_method.unwrap_or(SyncMethod::Fsync),
+        )
+        .map_err(wrap("could not sync the target data directory"))?;
     }
     progress.phase("creating backup label and updating control file");
-    let label = recovery::backup_label(
-        redo,
-        tli,
-        ckpt,
-        target.xlog_seg_size,
-        &chrono_free_timestamp(),
-    );
+    let label = recovery::backup_label(redo, tli, ckpt, target.xlog_seg_size, &now_utc());
     fsutil::durable_write(&target_dir.join("backup_label"), label.as_bytes(), &own)
         .map_err(wrap("could not write backup_label"))?;
     let mut new_control = after.clone();
@@ -450,28 +448,12 @@ pub fn rewind(
     Ok((report, Some(the_plan)))
 }
 
-/// `YYYY-MM-DD HH:MM:SS UTC` without a date library (the label's START TIME is informational).
-fn chrono_free_timestamp() -> String {
+/// `YYYY-MM-DD HH:MM:SS UTC` (the label's START TIME is informational).
+fn now_utc() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86400, secs % 86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    failback_common::civil::from_unix(secs as i64).to_string()
 }
 
 fn read_target_control(target: &Path) -> Result<ControlFileData, RewindError> {
