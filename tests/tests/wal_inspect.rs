@@ -36,6 +36,12 @@ use serde_json::Value;
 /// `target/<profile>/failback`, built (or found up to date) once per test process: the tests
 /// run the binary a user runs, and a stale one would test old code. The test binary lives in
 /// `target/<profile>/deps/`.
+///
+/// `cargo nextest run --workspace` (the CI's command) builds every test target but not the
+/// `failback` binary itself, since the client has no integration tests. The build below
+/// selects what that command selects (`--workspace --tests`) so that dependencies resolve with
+/// the same features and nothing but the binary is compiled; `-p failback-client` alone would
+/// resolve serde, futures and others with fewer features and rebuild half the tree.
 fn failback_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -57,8 +63,8 @@ fn failback_bin() -> &'static Path {
         cmd.args([
             "build",
             "--quiet",
-            "-p",
-            "failback-client",
+            "--workspace",
+            "--tests",
             "--bin",
             "failback",
         ])
