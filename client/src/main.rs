@@ -249,7 +249,8 @@ fn inspect_wal(
     let control = inspect::read_control_file(pgdata)?;
     let tli = timeline.unwrap_or_else(|| control.timeline_for_rewind());
     let history = inspect::history_of(pgdata, tli)?;
-    let params = failback_common::wal::WalParams::new(control.major, control.xlog_seg_size);
+    let params = failback_common::wal::WalParams::new(control.major, control.xlog_seg_size)
+        .with_system_identifier(control.system_identifier);
     let mut reader = WalReader::new(pgdata, &history, params, None);
     let (start, at_page) = match start {
         Some(s) => (s, false),

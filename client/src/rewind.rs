@@ -187,7 +187,8 @@ pub fn rewind(
     let tgt_tli = target.timeline_for_rewind();
     report.source_timeline = src_tli;
     report.target_timeline = tgt_tli;
-    let params = WalParams::new(target.major, target.xlog_seg_size);
+    let params = WalParams::new(target.major, target.xlog_seg_size)
+        .with_system_identifier(target.system_identifier);
     let target_history = if tgt_tli == 1 {
         TimeLineHistory::single(1)
     } else {
