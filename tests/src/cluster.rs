@@ -840,6 +840,21 @@ impl Cluster {
         self.try_connect(db)?.batch_execute(sql)
     }
 
+    /// The rows of `sql` as one string, a line per row and `|` between columns (NULL as
+    /// empty), for comparing query results between nodes.
+    pub fn query_lines(&self, sql: &str) -> String {
+        self.query_rows(sql)
+            .into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .map(Option::unwrap_or_default)
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The rows `sql` returns in database `postgres`, every value as text (NULL is None).
     pub fn query_rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
         self.query_rows_in("postgres", sql)

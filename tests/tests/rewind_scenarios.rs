@@ -20,20 +20,6 @@ use failback_tests::rewind::{
 };
 use failback_tests::{Cluster, ClusterOptions, StopMode, pg_test, user};
 
-/// `SELECT ... ORDER BY 1` as one string of lines, to compare lists between nodes.
-fn lines(c: &Cluster, sql: &str) -> String {
-    c.query_rows(sql)
-        .into_iter()
-        .map(|r| {
-            r.into_iter()
-                .map(Option::unwrap_or_default)
-                .collect::<Vec<_>>()
-                .join("|")
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 // A table updated, inserted into and deleted from on both sides after the fork, while pgbench
 // runs on both.
 pg_test!(basic, |major| {
@@ -55,7 +41,7 @@ pg_test!(basic, |major| {
              DELETE FROM t WHERE id % 11 = {k}"
         ));
     }
-    let expected = lines(&new, "SELECT v, count(*) FROM t GROUP BY v ORDER BY 1");
+    let expected = new.query_lines("SELECT v, count(*) FROM t GROUP BY v ORDER BY 1");
     let run = failover_and_rewind(&mut old, &mut new, StopMode::Fast, &[]);
     let report = run.report();
     assert!(report["divergence_lsn"].is_string(), "{}", run.show());
@@ -66,7 +52,7 @@ pg_test!(basic, |major| {
         run.show()
     );
     assert_eq!(
-        lines(&old, "SELECT v, count(*) FROM t GROUP BY v ORDER BY 1"),
+        old.query_lines("SELECT v, count(*) FROM t GROUP BY v ORDER BY 1"),
         expected
     );
     assert!(!expected.contains("on old"), "{expected}");
@@ -104,9 +90,9 @@ pg_test!(databases, |major| {
 
     failover_and_rewind(&mut old, &mut new, StopMode::Fast, &[]);
     let dbs = "SELECT datname FROM pg_database ORDER BY 1";
-    assert_eq!(lines(&old, dbs), lines(&new, dbs));
+    assert_eq!(old.query_lines(dbs), new.query_lines(dbs));
     assert_eq!(
-        lines(&old, dbs),
+        old.query_lines(dbs),
         "created_on_new\nkept\npostgres\ntemplate0\ntemplate1"
     );
     rewind::assert_owned_by_pg_user(&old);
@@ -146,7 +132,7 @@ pg_test!(smgr, |major| {
     failover_and_rewind(&mut old, &mut new, StopMode::Fast, &[]);
     let tables = "SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = \
                   'public'::regnamespace ORDER BY 1";
-    assert_eq!(lines(&old, tables), lines(&new, tables));
+    assert_eq!(old.query_lines(tables), new.query_lines(tables));
     assert_eq!(old.query_one("SELECT count(*) FROM trunc_on_old"), "5000");
     assert_eq!(old.query_one("SELECT count(*) FROM drop_on_old"), "5000");
     assert_eq!(old.query_one("SELECT count(*) FROM trunc_on_new"), "1");
@@ -190,14 +176,8 @@ pg_test!(tablespace, |major| {
     );
     failover_and_rewind(&mut old, &mut new, StopMode::Fast, &[]);
     assert_eq!(
-        lines(
-            &old,
-            "SELECT v, count(*) FROM in_space GROUP BY 1 ORDER BY 1"
-        ),
-        lines(
-            &new,
-            "SELECT v, count(*) FROM in_space GROUP BY 1 ORDER BY 1"
-        )
+        old.query_lines("SELECT v, count(*) FROM in_space GROUP BY 1 ORDER BY 1"),
+        new.query_lines("SELECT v, count(*) FROM in_space GROUP BY 1 ORDER BY 1")
     );
     assert_eq!(
         old.query_one("SELECT string_agg(spcname, ',' ORDER BY spcname) FROM pg_tablespace"),
@@ -288,7 +268,7 @@ pg_test!(many_timelines, |major| {
     assert_eq!(report["source_timeline"], 3, "{}", run.show());
     assert_eq!(report["divergence_timeline"], 1, "{}", run.show());
     assert_eq!(
-        lines(&s2, "SELECT side, count(*) FROM t GROUP BY 1 ORDER BY 1"),
+        s2.query_lines("SELECT side, count(*) FROM t GROUP BY 1 ORDER BY 1"),
         "common|100\ns1 on 2|10\ns1 on 3|10"
     );
 });
@@ -432,7 +412,7 @@ pg_test!(standby_source, |major| {
     );
     rejoin(&mut old, &mut new);
     assert_eq!(
-        lines(&old, "SELECT side, count(*) FROM t GROUP BY 1 ORDER BY 1"),
+        old.query_lines("SELECT side, count(*) FROM t GROUP BY 1 ORDER BY 1"),
         "common|1000\nnew|300\nnew, later|30"
     );
 });
@@ -805,7 +785,7 @@ fn big_files() {
     let t2 = Instant::now();
     rejoin(&mut old, &mut new);
     assert_eq!(
-        lines(&old, "SELECT side, count(*) FROM big GROUP BY 1 ORDER BY 1"),
+        old.query_lines("SELECT side, count(*) FROM big GROUP BY 1 ORDER BY 1"),
         "common|100\nnew|300"
     );
     eprintln!(

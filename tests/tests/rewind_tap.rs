@@ -17,20 +17,6 @@ use failback_tests::rewind::{
 };
 use failback_tests::{Cluster, ClusterOptions, StopMode, assert_same_data, pg_test, user};
 
-/// The rows of `sql` as one string of lines.
-fn rows(c: &Cluster, sql: &str) -> String {
-    c.query_rows(sql)
-        .into_iter()
-        .map(|r| {
-            r.into_iter()
-                .map(Option::unwrap_or_default)
-                .collect::<Vec<_>>()
-                .join("|")
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 // 001_basic: a table extended (trunc_tbl), one shrunk by DELETE + VACUUM (tail_tbl), one
 // dropped (drop_tbl) on the old primary, one in a tablespace written on both (space_tbl); the
 // refusals upstream checks first (running target, with and without --no-ensure-shutdown;
@@ -113,19 +99,19 @@ pg_test!(t001_basic, |major| {
     );
 
     assert_eq!(
-        rows(&primary, "SELECT * FROM space_tbl ORDER BY d"),
+        primary.query_lines("SELECT * FROM space_tbl ORDER BY d"),
         "in primary, before promotion\nin standby, after promotion"
     );
     assert_eq!(
-        rows(&primary, "SELECT * FROM tbl1 ORDER BY d"),
+        primary.query_lines("SELECT * FROM tbl1 ORDER BY d"),
         "in primary\nin primary, before promotion\nin standby, after promotion"
     );
     assert_eq!(
-        rows(&primary, "SELECT * FROM trunc_tbl ORDER BY d"),
+        primary.query_lines("SELECT * FROM trunc_tbl ORDER BY d"),
         "in primary\nin primary, before promotion"
     );
     assert_eq!(primary.query_one("SELECT count(*) FROM tail_tbl"), "10001");
-    assert_eq!(rows(&primary, "SELECT * FROM drop_tbl"), "in primary");
+    assert_eq!(primary.query_lines("SELECT * FROM drop_tbl"), "in primary");
     rewind::assert_owned_by_pg_user(&primary);
     let mode = fs::metadata(primary.data_dir())
         .unwrap()
@@ -159,7 +145,7 @@ pg_test!(t002_databases, |major| {
     rewind::assert_owned_by_pg_user(&primary);
     rejoin(&mut primary, &mut standby);
     assert_eq!(
-        rows(&primary, "SELECT datname FROM pg_database ORDER BY 1"),
+        primary.query_lines("SELECT datname FROM pg_database ORDER BY 1"),
         "beforepromotion\ninprimary\npostgres\nstandby_afterpromotion\ntemplate0\ntemplate1"
     );
 });
@@ -293,7 +279,7 @@ pg_test!(t004_pg_wal_symlink, |major| {
         &["--debug"],
     );
     assert_eq!(
-        rows(&primary, "SELECT * FROM tbl1 ORDER BY d"),
+        primary.query_lines("SELECT * FROM tbl1 ORDER BY d"),
         "in primary\nin primary, before promotion\nin standby, after promotion"
     );
     assert_eq!(fs::read_link(&link).unwrap(), elsewhere);
@@ -365,14 +351,14 @@ pg_test!(t007_standby_source, |major| {
     c.start();
     c.wait_for_replay(&b, a.flush_lsn());
     assert_eq!(
-        rows(&c, "SELECT * FROM tbl1 ORDER BY d"),
+        c.query_lines("SELECT * FROM tbl1 ORDER BY d"),
         "in A\nin A, after C was promoted\nin A, before promotion"
     );
     a.execute("INSERT INTO tbl1 values ('in A, after rewind')");
     b.wait_for_catchup(&a);
     c.wait_for_replay(&b, a.flush_lsn());
     assert_eq!(
-        rows(&c, "SELECT * FROM tbl1 ORDER BY d"),
+        c.query_lines("SELECT * FROM tbl1 ORDER BY d"),
         "in A\nin A, after C was promoted\nin A, after rewind\nin A, before promotion"
     );
     assert_same_data(&a, &c);
@@ -426,10 +412,10 @@ pg_test!(t008_min_recovery_point, |major| {
     assert!(run.rewind_needed(), "{}", run.show());
     rejoin(&mut node_2, &mut node_1);
     assert_eq!(
-        rows(&node_2, "SELECT * FROM public.foo ORDER BY t"),
+        node_2.query_lines("SELECT * FROM public.foo ORDER BY t"),
         "and this\nand this too\nkeep this"
     );
-    assert_eq!(rows(&node_2, "SELECT * FROM public.bar"), "in both");
+    assert_eq!(node_2.query_lines("SELECT * FROM public.bar"), "in both");
 });
 
 // 010_keep_recycled_wals: the old primary's segment holding the last common checkpoint never
