@@ -35,6 +35,7 @@
 //! Helpers panic with a message naming the cluster and showing what went wrong (for a server
 //! that did not start, the tail of its log): this is a test bed, and a panic is a test failure.
 
+use failback_common::control::{ControlFileData, DBState};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -111,39 +112,6 @@ pub enum StopMode {
     /// Kill everything at once, as a crash would: pg_control keeps "in production" (or "in
     /// archive recovery"), and the next start runs crash recovery.
     Immediate,
-}
-
-/// `DBState` in `catalog/pg_control.h`: the state field of pg_control (offset 16 in 13–18).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DbState {
-    Startup,
-    Shutdowned,
-    ShutdownedInRecovery,
-    Shutdowning,
-    InCrashRecovery,
-    InArchiveRecovery,
-    InProduction,
-    Unknown(u32),
-}
-
-impl DbState {
-    fn from_u32(v: u32) -> DbState {
-        match v {
-            0 => DbState::Startup,
-            1 => DbState::Shutdowned,
-            2 => DbState::ShutdownedInRecovery,
-            3 => DbState::Shutdowning,
-            4 => DbState::InCrashRecovery,
-            5 => DbState::InArchiveRecovery,
-            6 => DbState::InProduction,
-            other => DbState::Unknown(other),
-        }
-    }
-
-    /// Whether the cluster was shut down cleanly (as pg_rewind requires of its target).
-    pub fn is_clean_shutdown(self) -> bool {
-        matches!(self, DbState::Shutdowned | DbState::ShutdownedInRecovery)
-    }
 }
 
 /// One PostgreSQL cluster (data directory plus, while started, its server).
@@ -356,15 +324,13 @@ impl Cluster {
     }
 
     /// The state pg_control records (read from `global/pg_control`, no server needed).
-    pub fn control_state(&self) -> DbState {
+    pub fn control_state(&self) -> DBState {
         let path = self.data_dir().join("global").join("pg_control");
         let bytes =
             fs::read(&path).unwrap_or_else(|e| panic!("could not read {}: {e}", path.display()));
-        let state = bytes
-            .get(16..20)
-            .and_then(|b| <[u8; 4]>::try_from(b).ok())
-            .unwrap_or_else(|| panic!("{} is only {} bytes", path.display(), bytes.len()));
-        DbState::from_u32(u32::from_le_bytes(state))
+        ControlFileData::parse(&bytes)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .state
     }
 
     // ---- starting and stopping ----

@@ -38,7 +38,8 @@ pub mod run;
 pub mod user;
 
 pub use binaries::PgBinaries;
-pub use cluster::{Cluster, ClusterOptions, DbState, StopMode};
+pub use cluster::{Cluster, ClusterOptions, StopMode};
+pub use failback_common::control::DBState;
 pub use failback_common::{Lsn, PgMajor, TimeLineId};
 pub use fingerprint::{Diff, Fingerprint, assert_same_data};
 

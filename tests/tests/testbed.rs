@@ -5,7 +5,7 @@ use std::fs;
 use std::time::Duration;
 
 use failback_tests::{
-    Cluster, ClusterOptions, DbState, Fingerprint, Lsn, PgMajor, StopMode, assert_same_data,
+    Cluster, ClusterOptions, DBState, Fingerprint, Lsn, PgMajor, StopMode, assert_same_data,
     pg_test,
 };
 
@@ -80,8 +80,8 @@ pg_test!(immediate_stop_leaves_unclean_control_file, |major| {
     let mut c = Cluster::start_new(major, "crashy");
     c.execute("CREATE TABLE t AS SELECT generate_series(1, 100) AS i");
     c.stop(StopMode::Immediate);
-    assert_eq!(c.control_state(), DbState::InProduction);
-    assert!(!c.control_state().is_clean_shutdown());
+    assert_eq!(c.control_state(), DBState::InProduction);
+    assert!(!c.control_state().is_shut_down_cleanly());
     assert!(
         c.log_tail(20).contains("immediate shutdown"),
         "{}",
@@ -96,7 +96,7 @@ pg_test!(immediate_stop_leaves_unclean_control_file, |major| {
     );
     assert_eq!(c.query_one("SELECT count(*) FROM t"), "100");
     c.stop(StopMode::Fast);
-    assert_eq!(c.control_state(), DbState::Shutdowned);
+    assert_eq!(c.control_state(), DBState::Shutdowned);
     assert!(!c.data_dir().join("postmaster.pid").exists());
 });
 
