@@ -191,6 +191,22 @@ fn check_runs(bins: &PgBinaries) {
 /// The file in a cache directory naming the npm version it holds.
 const VERSION_FILE: &str = "FAILBACK_VERSION";
 
+/// The cargo target directory the running binary was built in: the directory marked with
+/// CACHEDIR.TAG above it (wherever CARGO_TARGET_DIR put it), else the workspace's `target/`.
+pub fn target_dir() -> PathBuf {
+    let target = std::env::current_exe().ok().and_then(|exe| {
+        exe.ancestors()
+            .skip(1)
+            .find(|d| d.join("CACHEDIR.TAG").is_file())
+            .map(Path::to_path_buf)
+    });
+    target.unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("target")
+    })
+}
+
 /// The directory holding the cached packages: `FAILBACK_PG_CACHE`, or `pg/` in the cargo
 /// target directory this test binary was built in. When the servers run as another user who
 /// could not reach that directory (a checkout under a private home directory),
@@ -199,19 +215,7 @@ pub fn cache_root() -> PathBuf {
     if let Some(dir) = std::env::var_os("FAILBACK_PG_CACHE") {
         return PathBuf::from(dir);
     }
-    // cargo marks its target directory with CACHEDIR.TAG; the test binary is below it
-    // (target/debug/deps/...), wherever CARGO_TARGET_DIR put it.
-    let target = std::env::current_exe().ok().and_then(|exe| {
-        exe.ancestors()
-            .skip(1)
-            .find(|d| d.join("CACHEDIR.TAG").is_file())
-            .map(Path::to_path_buf)
-    });
-    let target = target.unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join("target")
-    });
+    let target = target_dir();
     if user::pg_user().switch && !reachable_by_others(&target) {
         return PathBuf::from(SHARED_CACHE);
     }

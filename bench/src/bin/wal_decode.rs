@@ -75,15 +75,7 @@ fn cache_root() -> PathBuf {
     if let Some(dir) = std::env::var_os("FAILBACK_BENCH_WAL") {
         return PathBuf::from(dir);
     }
-    let target = std::env::current_exe().ok().and_then(|exe| {
-        exe.ancestors()
-            .skip(1)
-            .find(|d| d.join("CACHEDIR.TAG").is_file())
-            .map(Path::to_path_buf)
-    });
-    target
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-        .join("bench-wal")
+    failback_tests::binaries::target_dir().join("bench-wal")
 }
 
 /// The cached WAL: segment files in LSN order, all of timeline 1.
