@@ -13,7 +13,7 @@
 //! source reads through it too.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -233,7 +233,7 @@ impl DataDir {
     }
 
     /// Opens a file for sequential reading (hashing, streaming a whole file).
-    pub fn open(&self, rel: &str) -> Result<Option<impl Read + FileExt>, DataDirError> {
+    pub fn open(&self, rel: &str) -> Result<Option<File>, DataDirError> {
         let path = self.resolve(rel)?;
         match File::open(&path) {
             Ok(f) => Ok(Some(f)),

@@ -63,6 +63,14 @@ pub enum SourceError {
     Timeout(String),
     #[error("source transport error: {0}")]
     Transport(String),
+    /// A file of a shut-down source changed between the listing and the copy: something is
+    /// writing into a data directory that should be still.
+    #[error(
+        "size of source file \"{path}\" changed concurrently (listed with {listed} bytes, now \
+         {now}): something is writing into the source data directory; make sure no server runs \
+         on it, then run failback again"
+    )]
+    ChangedConcurrently { path: String, listed: u64, now: u64 },
     #[error("writing what the source sent failed")]
     Sink(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
