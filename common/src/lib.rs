@@ -15,6 +15,7 @@ pub use version::PgMajor;
 pub mod civil;
 pub mod control;
 pub mod filemap;
+pub mod journal;
 pub mod relpath;
 pub mod timeline;
 pub mod wal;
