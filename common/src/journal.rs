@@ -225,10 +225,7 @@ pub fn replay(bytes: &[u8]) -> Result<JournalState, JournalError> {
     }
     let mut at = MAGIC.len();
     let mut state: Option<JournalState> = None;
-    loop {
-        let Some(body) = frame_at(bytes, at) else {
-            break;
-        };
+    while let Some(body) = frame_at(bytes, at) {
         let frame_start = at as u64;
         at += 8 + body.len();
         let (kind, payload) = match body.split_first() {
