@@ -5,8 +5,6 @@ mod support;
 
 use std::process::Command;
 
-use failback_client::progress::Terminal;
-use failback_client::rewind::{RewindOptions, rewind};
 use failback_client::source::Source;
 use failback_client::source::SourceError;
 use failback_client::source::grpc::GrpcSource;
@@ -22,19 +20,8 @@ pg_test!(rewinds_through_failbackd, |major| {
     let (primary, new_primary) = diverged(major);
     let server = Failbackd::start(&new_primary.data_dir(), Some("s3cret"));
     let mut source = connect(server.url(), Some("s3cret")).expect("connect to failbackd");
-    let opts = RewindOptions {
-        target: primary.data_dir(),
-        write_recovery_conf: true,
-        primary_conninfo: Some(conninfo(&new_primary)),
-        pg_bindir: Some(primary.bins().postgres().parent().unwrap().to_path_buf()),
-        ..Default::default()
-    };
-    let (report, _) = rewind(&opts, &mut source, &mut Terminal::new(false, false)).unwrap();
+    rewind_from(&mut source, &primary, &new_primary);
     timelines_are_served(&new_primary);
-    assert!(
-        report.changed_blocks > 0,
-        "the divergence changed no block?"
-    );
     drop(source);
     drop(server);
     rejoin_and_compare(primary, new_primary);
@@ -45,34 +32,8 @@ pg_test!(rewinds_through_failbackd, |major| {
 fn cli_rewinds_through_failbackd() {
     let (primary, new_primary) = diverged(PgMajor::V15);
     let server = Failbackd::start(&new_primary.data_dir(), Some("cli-token"));
-    let dir = tempfile_dir();
-    let token = dir.join("token");
-    std::fs::write(&token, "cli-token\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_failback"))
-        .args(["rewind", "-D"])
-        .arg(primary.data_dir())
-        .args(["--source", &server.url(), "--token-file"])
-        .arg(&token)
-        .args([
-            "--jobs",
-            "5",
-            "--compress",
-            "none",
-            "-R",
-            "--primary-conninfo",
-        ])
-        .arg(conninfo(&new_primary))
-        .arg("--pg-bindir")
-        .arg(primary.bins().postgres().parent().unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "failback rewind failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cli_rewind(&primary, &new_primary, &server.url(), "cli-token", &[]);
     drop(server);
-    std::fs::remove_dir_all(&dir).unwrap();
     rejoin_and_compare(primary, new_primary);
 }
 

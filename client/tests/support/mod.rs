@@ -6,12 +6,16 @@
 // Each test file uses its own part of this module.
 #![allow(dead_code)]
 
+use std::ffi::OsString;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use failback_client::progress::Terminal;
+use failback_client::rewind::{RewindOptions, rewind};
 use failback_client::source::remote::RemoteOptions;
 use failback_client::source::{FetchRange, Fetched, Source, SourceError};
 use failback_common::wire::Compression;
@@ -218,6 +222,63 @@ pub fn rejoin_and_compare(mut primary: Cluster, mut new_primary: Cluster) {
     primary.wait_for_catchup(&new_primary);
     assert!(primary.is_in_recovery());
     assert_same_data(&new_primary, &primary);
+}
+
+/// Rewinds `primary` from `source` (failbackd serving `new_primary`), writing the recovery
+/// configuration; the divergence must have changed blocks.
+pub fn rewind_from(source: &mut dyn Source, primary: &Cluster, new_primary: &Cluster) {
+    let opts = RewindOptions {
+        target: primary.data_dir(),
+        write_recovery_conf: true,
+        primary_conninfo: Some(conninfo(new_primary)),
+        pg_bindir: Some(primary.bins().postgres().parent().unwrap().to_path_buf()),
+        ..Default::default()
+    };
+    let (report, _) = rewind(&opts, source, &mut Terminal::new(false, false)).unwrap();
+    assert!(
+        report.changed_blocks > 0,
+        "the divergence changed no block?"
+    );
+}
+
+/// The `failback` binary rewinds `primary` from `url` with `--token-file`, `--jobs 5`,
+/// `--compress none`, `-R`, and `extra` arguments (files they name may be put in
+/// [`tempfile_dir`], removed afterwards).
+pub fn cli_rewind(
+    primary: &Cluster,
+    new_primary: &Cluster,
+    url: &str,
+    token: &str,
+    extra: &[OsString],
+) {
+    let dir = tempfile_dir();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_failback"))
+        .args(["rewind", "-D"])
+        .arg(primary.data_dir())
+        .args(["--source", url, "--token-file"])
+        .arg(&token_file)
+        .args(extra)
+        .args([
+            "--jobs",
+            "5",
+            "--compress",
+            "none",
+            "-R",
+            "--primary-conninfo",
+        ])
+        .arg(conninfo(new_primary))
+        .arg("--pg-bindir")
+        .arg(primary.bins().postgres().parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "failback rewind failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 pub fn conninfo(c: &Cluster) -> String {
