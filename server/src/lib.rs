@@ -30,6 +30,9 @@ pub const MAX_MAX_CHUNK: u64 = 16 << 20;
 pub const MAX_REQUEST: usize = 8 << 20;
 /// Flow-control window per stream and per connection, in bytes (see the module header).
 pub const DEFAULT_WINDOW: u32 = 16 << 20;
+/// The window's bounds: HTTP/2's initial window, and a gigabyte of memory per stream.
+pub const MIN_WINDOW: u32 = 65_535;
+pub const MAX_WINDOW: u32 = 1 << 30;
 
 /// What failbackd serves and how.
 #[derive(Clone, Debug)]
@@ -72,6 +75,10 @@ pub enum ServeError {
     Tls(#[source] tonic::transport::Error),
     #[error("gRPC server failed")]
     Transport(#[source] tonic::transport::Error),
+    #[error("--window {0} is out of range ({MIN_WINDOW} .. {MAX_WINDOW})")]
+    Window(u32),
+    #[error("--quic-max-connections and --quic-max-streams must be at least 1")]
+    QuicLimits,
     #[error("--client-ca needs --tls-cert and --tls-key: client certificates are checked by TLS")]
     ClientCaWithoutTls,
     #[error("QUIC needs TLS: give --tls-cert and --tls-key")]
@@ -86,6 +93,12 @@ impl Config {
     fn check(&self) -> Result<(), ServeError> {
         if self.max_chunk == 0 || self.max_chunk > MAX_MAX_CHUNK {
             return Err(ServeError::MaxChunk(self.max_chunk));
+        }
+        if !(MIN_WINDOW..=MAX_WINDOW).contains(&self.window) {
+            return Err(ServeError::Window(self.window));
+        }
+        if self.quic.max_connections == 0 || self.quic.max_streams_per_connection == 0 {
+            return Err(ServeError::QuicLimits);
         }
         if self.client_ca.is_some() && self.tls.is_none() {
             return Err(ServeError::ClientCaWithoutTls);

@@ -32,6 +32,17 @@ struct Args {
     /// File holding the bearer token every client must present.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Flow-control window per stream and per connection, both transports (64 KiB .. 1 GiB).
+    #[arg(long, value_name = "BYTES", default_value_t = failback_server::DEFAULT_WINDOW)]
+    window: u32,
+    /// QUIC connections served at once; more are refused.
+    #[arg(long, value_name = "N", requires = "quic_listen",
+          default_value_t = failback_server::quic::QuicLimits::default().max_connections)]
+    quic_max_connections: usize,
+    /// Requests one QUIC connection may have open at once.
+    #[arg(long, value_name = "N", requires = "quic_listen",
+          default_value_t = failback_server::quic::QuicLimits::default().max_streams_per_connection)]
+    quic_max_streams: u32,
     /// The most raw bytes per chunk sent.
     #[arg(long, value_name = "BYTES", default_value_t = failback_server::DEFAULT_MAX_CHUNK)]
     max_chunk: u64,
@@ -46,6 +57,9 @@ async fn main() -> Result<()> {
     let a = Args::parse();
     let mut config = failback_server::Config::new(&a.pgdata);
     config.max_chunk = a.max_chunk;
+    config.window = a.window;
+    config.quic.max_connections = a.quic_max_connections;
+    config.quic.max_streams_per_connection = a.quic_max_streams;
     if let Some(f) = &a.token_file {
         let t = String::from_utf8(read(f, "token file")?)
             .with_context(|| format!("token file {} is not UTF-8", f.display()))?;

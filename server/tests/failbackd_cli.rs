@@ -81,6 +81,18 @@ fn bad_flags_are_refused() {
         !out.status.success(),
         "--tls-cert without --tls-key accepted"
     );
+    let out = Command::new(env!("CARGO_BIN_EXE_failbackd"))
+        .args([
+            "--pgdata",
+            "/x",
+            "--listen",
+            "127.0.0.1:0",
+            "--window",
+            "1000",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--window 1000 is out of range"));
 }
 
 fn self_signed(name: &str) -> (Vec<u8>, Vec<u8>) {
