@@ -302,3 +302,44 @@ fn a_damaged_chunk_is_retried_once_then_reported_over_quic() {
     let mut src = quic_connect(&server, &ca, None).unwrap();
     assert_damage_caught(&mut src, &damaged);
 }
+
+/// With one stream allowed per connection, the reads `--jobs` would run side by side wait for
+/// QUIC stream credit, one after the other, and every byte still arrives where it belongs.
+#[test]
+fn reads_over_the_stream_limit_wait_for_their_turn() {
+    use failback_client::source::{FetchRange, Fetched};
+    let cluster = Cluster::init(PgMajor::V15, "served-1-stream", ClusterOptions::default());
+    let ca = Ca::new("failback test CA");
+    let mut config = with_tls(Failbackd::config(&cluster.data_dir()), &ca);
+    config.quic.max_streams_per_connection = 1;
+    let server = Failbackd::serve(config, true);
+    let mut src = QuicSource::connect(RemoteOptions {
+        jobs: 8,
+        ..quic_options(&server, &ca, None)
+    })
+    .unwrap();
+    // One range per byte: more ranges than one request carries, so several requests.
+    let ranges: Vec<FetchRange> = (0..8192)
+        .map(|i| FetchRange {
+            path: "global/pg_control".into(),
+            offset: i,
+            length: 1,
+        })
+        .collect();
+    let mut got = vec![0u8; 8192];
+    let mut pieces = 0;
+    src.fetch(&ranges, &mut |p| {
+        let Fetched::Data { offset, data, .. } = p else {
+            panic!("{p:?}")
+        };
+        got[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        pieces += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(pieces, 8192);
+    assert_eq!(
+        got,
+        std::fs::read(cluster.data_dir().join("global/pg_control")).unwrap()
+    );
+}

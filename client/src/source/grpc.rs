@@ -23,7 +23,7 @@ pub type GrpcOptions = RemoteOptions;
 pub type GrpcSource = RemoteSource<GrpcTransport>;
 
 #[derive(Clone)]
-pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
