@@ -48,12 +48,18 @@ struct RewindArgs {
     )]
     source_pgdata: Option<PathBuf>,
     /// failbackd serving the new primary's (shut-down) data directory: grpc://HOST:PORT, or
-    /// grpcs://HOST:PORT with --ca.
+    /// grpcs://HOST:PORT or quic://HOST:PORT with --ca.
     #[arg(long, value_name = "URL")]
     source: Option<String>,
-    /// PEM CA certificate that failbackd's TLS certificate must chain to (grpcs://).
+    /// PEM CA certificate that failbackd's TLS certificate must chain to (grpcs://, quic://).
     #[arg(long, value_name = "FILE", requires = "source")]
     ca: Option<PathBuf>,
+    /// PEM client certificate chain, for a failbackd started with --client-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["source", "key"])]
+    cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, value_name = "FILE", requires_all = ["source", "cert"])]
+    key: Option<PathBuf>,
     /// File holding the bearer token failbackd expects.
     #[arg(long, value_name = "FILE", requires = "source")]
     token_file: Option<PathBuf>,
@@ -157,12 +163,18 @@ fn read_secret(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
 }
 
 fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source>> {
-    use failback_client::source::grpc::{GrpcOptions, GrpcSource};
+    use failback_client::source::remote::{RemoteOptions, connect};
     if let Some(dir) = &a.source_pgdata {
         // clap's `requires` does not fire here (the flags are also in a conflict), so say it.
-        if a.ca.is_some() || a.token_file.is_some() || a.jobs.is_some() || a.compress.is_some() {
+        if a.ca.is_some()
+            || a.cert.is_some()
+            || a.token_file.is_some()
+            || a.jobs.is_some()
+            || a.compress.is_some()
+        {
             anyhow::bail!(
-                "--ca, --token-file, --jobs and --compress are for a failbackd source (--source <URL>)"
+                "--ca, --cert, --key, --token-file, --jobs and --compress are for a failbackd \
+                 source (--source <URL>)"
             );
         }
         return Ok(Box::new(failback_client::source::local::LocalSource::new(
@@ -185,16 +197,24 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source
         a.ca.as_deref()
             .map(|f| read_secret(f, "CA certificate"))
             .transpose()?;
-    let source = GrpcSource::connect(GrpcOptions {
+    let identity = match (&a.cert, &a.key) {
+        (Some(c), Some(k)) => Some((
+            read_secret(c, "client certificate")?,
+            read_secret(k, "client key")?,
+        )),
+        _ => None,
+    };
+    let source = connect(RemoteOptions {
         url,
         ca,
+        identity,
         token,
         jobs: usize::from(a.jobs.unwrap_or(4)),
         compression: a
             .compress
             .unwrap_or(failback_common::wire::Compression::Zstd(3)),
     })?;
-    Ok(Box::new(source))
+    Ok(source)
 }
 
 fn rewind(a: RewindArgs) -> Result<()> {

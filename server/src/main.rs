@@ -1,4 +1,5 @@
-//! `failbackd`: serves one shut-down PostgreSQL data directory, read-only, over gRPC.
+//! `failbackd`: serves one shut-down PostgreSQL data directory, read-only, over gRPC and,
+//! with `--quic-listen`, over QUIC too.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,6 +16,13 @@ struct Args {
     /// Address to listen on, e.g. 0.0.0.0:7432.
     #[arg(long, value_name = "ADDR")]
     listen: SocketAddr,
+    /// Also serve QUIC on this UDP address, e.g. 0.0.0.0:7433 (needs --tls-cert/--tls-key).
+    #[arg(long, value_name = "ADDR", requires = "tls_cert")]
+    quic_listen: Option<SocketAddr>,
+    /// PEM CA certificate: only clients presenting a certificate signed by it are served, on
+    /// both transports (needs --tls-cert/--tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
     /// PEM certificate chain; with --tls-key, serve TLS.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -24,6 +32,17 @@ struct Args {
     /// File holding the bearer token every client must present.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Flow-control window per stream and per connection, both transports (64 KiB .. 1 GiB).
+    #[arg(long, value_name = "BYTES", default_value_t = failback_server::DEFAULT_WINDOW)]
+    window: u32,
+    /// QUIC connections served at once; more are refused.
+    #[arg(long, value_name = "N", requires = "quic_listen",
+          default_value_t = failback_server::quic::QuicLimits::default().max_connections)]
+    quic_max_connections: usize,
+    /// Requests one QUIC connection may have open at once.
+    #[arg(long, value_name = "N", requires = "quic_listen",
+          default_value_t = failback_server::quic::QuicLimits::default().max_streams_per_connection)]
+    quic_max_streams: u32,
     /// The most raw bytes per chunk sent.
     #[arg(long, value_name = "BYTES", default_value_t = failback_server::DEFAULT_MAX_CHUNK)]
     max_chunk: u64,
@@ -38,6 +57,9 @@ async fn main() -> Result<()> {
     let a = Args::parse();
     let mut config = failback_server::Config::new(&a.pgdata);
     config.max_chunk = a.max_chunk;
+    config.window = a.window;
+    config.quic.max_connections = a.quic_max_connections;
+    config.quic.max_streams_per_connection = a.quic_max_streams;
     if let Some(f) = &a.token_file {
         let t = String::from_utf8(read(f, "token file")?)
             .with_context(|| format!("token file {} is not UTF-8", f.display()))?;
@@ -48,6 +70,9 @@ async fn main() -> Result<()> {
     if let (Some(c), Some(k)) = (&a.tls_cert, &a.tls_key) {
         config.tls = Some((read(c, "certificate")?, read(k, "key")?));
     }
+    if let Some(f) = &a.client_ca {
+        config.client_ca = Some(read(f, "client CA certificate")?);
+    }
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("could not listen on {}", a.listen))?;
@@ -56,9 +81,52 @@ async fn main() -> Result<()> {
         a.pgdata.display(),
         listener.local_addr()?
     );
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    // Both transports stop on the first Ctrl-C.
+    let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
+    let shutdown = |mut rx: tokio::sync::broadcast::Receiver<()>| async move {
+        let _ = rx.recv().await;
     };
-    failback_server::serve(listener, config, shutdown).await?;
+    let quic = match a.quic_listen {
+        None => None,
+        Some(addr) => {
+            let socket = std::net::UdpSocket::bind(addr)
+                .with_context(|| format!("could not listen on UDP {addr}"))?;
+            eprintln!(
+                "failbackd: serving {} over QUIC on {}",
+                a.pgdata.display(),
+                socket.local_addr()?
+            );
+            Some(tokio::spawn(failback_server::quic::serve_quic(
+                socket,
+                config.clone(),
+                shutdown(stop.subscribe()),
+            )))
+        }
+    };
+    let mut grpc = tokio::spawn(failback_server::serve(
+        listener,
+        config,
+        shutdown(stop.subscribe()),
+    ));
+    // Without QUIC, a stand-in that ends with the rest.
+    let mut quic = quic.unwrap_or_else(|| {
+        let done = shutdown(stop.subscribe());
+        tokio::spawn(async move {
+            done.await;
+            Ok(())
+        })
+    });
+    // Whichever ends first (Ctrl-C, or a server failing) stops the other.
+    let (first, other) = tokio::select! {
+        r = &mut grpc => (r, quic),
+        r = &mut quic => (r, grpc),
+        _ = tokio::signal::ctrl_c() => {
+            let _ = stop.send(());
+            (grpc.await, quic)
+        }
+    };
+    let _ = stop.send(());
+    first.context("a server task failed")??;
+    other.await.context("a server task failed")??;
     Ok(())
 }

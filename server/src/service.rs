@@ -315,20 +315,13 @@ impl TokenCheck {
             token: token.map(|t| Arc::new(t.into_bytes())),
         }
     }
-}
 
-impl tonic::service::Interceptor for TokenCheck {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+    /// Checks the token a caller presented (`None`: none), whatever the transport.
+    pub fn check(&self, got: Option<&str>) -> Result<(), Status> {
         let Some(want) = &self.token else {
-            return Ok(request);
+            return Ok(());
         };
-        let got = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::as_bytes)
-            .unwrap_or_default();
+        let got = got.map(str::as_bytes).unwrap_or_default();
         let same = got.len() == want.len()
             && got
                 .iter()
@@ -336,9 +329,21 @@ impl tonic::service::Interceptor for TokenCheck {
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0;
         if same {
-            Ok(request)
+            Ok(())
         } else {
             Err(Status::unauthenticated("missing or wrong bearer token"))
         }
+    }
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let got = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        self.check(got)?;
+        Ok(request)
     }
 }

@@ -12,6 +12,8 @@
 
 pub mod grpc;
 pub mod local;
+pub mod quic;
+pub mod remote;
 
 use failback_common::filemap::FileEntry;
 use failback_common::{Lsn, TimeLineId};
