@@ -3,7 +3,9 @@
 //! [`serve`] runs the gRPC service on a listener the caller bound, until a shutdown future
 //! completes, so tests start it on port 0 and the binary on `--listen`.
 
+pub mod config;
 pub mod datadir;
+pub mod live;
 pub mod service;
 
 use std::future::Future;
@@ -30,6 +32,9 @@ pub struct Config {
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     /// The most raw bytes per chunk (1 .. [`MAX_MAX_CHUNK`]).
     pub max_chunk: u64,
+    /// A local connection string to the PostgreSQL server running on `pgdata` (`--pg-conn`):
+    /// with it failbackd serves a live source (its end of WAL, its current timeline).
+    pub pg_conn: Option<String>,
 }
 
 impl Config {
@@ -39,6 +44,7 @@ impl Config {
             token: None,
             tls: None,
             max_chunk: DEFAULT_MAX_CHUNK,
+            pg_conn: None,
         }
     }
 }
@@ -62,7 +68,8 @@ pub async fn serve(
     if config.max_chunk == 0 || config.max_chunk > MAX_MAX_CHUNK {
         return Err(ServeError::MaxChunk(config.max_chunk));
     }
-    let svc = FailbackService::new(DataDir::new(config.pgdata), config.max_chunk);
+    let svc = FailbackService::new(DataDir::new(config.pgdata), config.max_chunk)
+        .with_pg_conn(config.pg_conn);
     // Requests are small (lists of ranges); a chunk is at most max_chunk plus framing.
     let svc = FailbackServer::new(svc)
         .max_decoding_message_size(8 << 20)

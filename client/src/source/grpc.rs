@@ -66,7 +66,13 @@ pub struct GrpcSource {
     jobs: usize,
     compression: Compression,
     max_chunk: u64,
+    /// Handshake capabilities: failbackd knows the server's end of WAL (`live`), PostgreSQL
+    /// runs on the served directory (`running`), ChunkHashes is served (`chunk-hashes`).
+    capabilities: Vec<String>,
 }
+
+/// Paths per ChunkHashes request (the server accepts up to 4096).
+const HASH_BATCH: usize = 1024;
 
 fn status_err(what: &str, s: Status) -> SourceError {
     let reason = format!("{} ({:?})", s.message(), s.code());
@@ -175,6 +181,7 @@ impl GrpcSource {
             jobs: opts.jobs.max(1),
             compression: opts.compression,
             max_chunk: hs.max_chunk,
+            capabilities: hs.capabilities,
         })
     }
 }
@@ -535,12 +542,116 @@ impl Source for GrpcSource {
     }
 
     fn is_live(&self) -> bool {
-        // failbackd serves shut-down data directories only, for now.
-        false
+        // A running server without --pg-conn is live too: end_of_wal then reports failbackd's
+        // refusal rather than letting the rewind take a wrong minRecoveryPoint.
+        self.has("live") || self.has("running")
     }
 
     fn end_of_wal(&mut self) -> Result<Option<SourceEnd>, SourceError> {
-        Ok(None)
+        if !self.is_live() {
+            return Ok(None);
+        }
+        let mut c = self.client.clone();
+        let r = self
+            .rt
+            .block_on(c.end_of_wal(pb::EndOfWalRequest {}))
+            .map_err(|s| status_err("the source's end of WAL", s))?
+            .into_inner();
+        Ok(Some(SourceEnd {
+            lsn: failback_common::Lsn(r.lsn),
+            tli: r.timeline,
+        }))
+    }
+
+    fn current_timeline(&mut self) -> Result<Option<failback_common::TimeLineId>, SourceError> {
+        let mut c = self.client.clone();
+        let r = self
+            .rt
+            .block_on(c.timelines(pb::TimelinesRequest {}))
+            .map_err(|s| status_err("the source's timelines", s))?
+            .into_inner();
+        Ok((r.current_timeline != 0).then_some(r.current_timeline))
+    }
+
+    fn chunk_hashes(
+        &mut self,
+        paths: &[String],
+        chunk_size: u64,
+    ) -> Result<Option<Vec<super::FileHashes>>, SourceError> {
+        if !self.has("chunk-hashes") {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(paths.len());
+        for batch in paths.chunks(HASH_BATCH) {
+            let mut c = self.client.clone();
+            let got = self.rt.block_on(async move {
+                let mut s = c
+                    .chunk_hashes(pb::ChunkHashesRequest {
+                        paths: batch.to_vec(),
+                        chunk_size,
+                    })
+                    .await?
+                    .into_inner();
+                let mut v = Vec::new();
+                while let Some(h) = s.message().await? {
+                    v.push(h);
+                }
+                Ok::<_, Status>(v)
+            });
+            let got = match got {
+                Ok(v) => v,
+                // Hashes only save bytes: a refusal (chunks too many, an older failbackd)
+                // means fetching whole files, not failing.
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::InvalidArgument | Code::Unimplemented | Code::FailedPrecondition
+                    ) =>
+                {
+                    return Ok(None);
+                }
+                Err(s) => return Err(status_err("ChunkHashes", s)),
+            };
+            if got.len() != batch.len() {
+                return Err(proto_err(
+                    "ChunkHashes",
+                    format!("{} answers for {} paths", got.len(), batch.len()),
+                ));
+            }
+            for (h, want) in got.into_iter().zip(batch) {
+                if &h.path != want || h.chunk_size != chunk_size {
+                    return Err(proto_err(
+                        "ChunkHashes",
+                        format!(
+                            "hashes of {:?} in chunks of {} where {want:?} in chunks of \
+                             {chunk_size} was due",
+                            h.path, h.chunk_size
+                        ),
+                    ));
+                }
+                let hashes = h
+                    .hashes
+                    .iter()
+                    .map(|b| <[u8; 32]>::try_from(b.as_ref()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| {
+                        proto_err("ChunkHashes", format!("{want:?}: a hash is not 32 bytes"))
+                    })?;
+                out.push(super::FileHashes {
+                    path: h.path,
+                    size: h.size,
+                    hashes,
+                    vanished: h.vanished,
+                });
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+impl GrpcSource {
+    fn has(&self, capability: &str) -> bool {
+        self.capabilities.iter().any(|c| c == capability)
     }
 }
 
