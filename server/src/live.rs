@@ -15,6 +15,8 @@
 //! streams (`pg_stat_wal_receiver.received_tli`), or what its control file says when no
 //! receiver runs.
 //!
+//! Like pg_rewind's libpq source, a live source must run with `full_page_writes = on`.
+//!
 //! Without a connection failbackd cannot know where the WAL ends; it detects a running server
 //! by `postmaster.pid` naming a live process, and says so instead of serving a wrong answer.
 
@@ -54,7 +56,8 @@ const END_OF_WAL: &str = "SELECT pg_is_in_recovery(),
             ELSE pg_walfile_name(pg_current_wal_lsn()) END,
        (SELECT received_tli FROM pg_stat_wal_receiver LIMIT 1)::int8,
        (SELECT min_recovery_end_timeline FROM pg_control_recovery())::int8,
-       (SELECT timeline_id FROM pg_control_checkpoint())::int8";
+       (SELECT timeline_id FROM pg_control_checkpoint())::int8,
+       current_setting('full_page_writes')";
 
 /// Asks the server at `conninfo` where its WAL ends. Blocking: call it off the async runtime.
 pub fn end_of_wal(conninfo: &str) -> Result<EndOfWal, LiveError> {
@@ -94,6 +97,16 @@ pub fn end_of_wal(conninfo: &str) -> Result<EndOfWal, LiveError> {
         value: lsn_text.clone(),
         expected: "an LSN",
     })?;
+    // pg_rewind's libpq source insists on it too: a page copied while it was being written
+    // is repaired by the full-page image that its first change after a checkpoint logged.
+    let fpw = get(6)?.unwrap_or_default();
+    if fpw != "on" {
+        return Err(LiveError::Answer {
+            what: "full_page_writes",
+            value: fpw,
+            expected: "on (pages copied while being written could not be repaired by replay)",
+        });
+    }
     let tli_of = |v: Option<i64>| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
     let timeline = if in_recovery {
         // The receiver's timeline is the one recovery follows; without a receiver (a standby

@@ -73,6 +73,15 @@ impl FailbackService {
         self
     }
 
+    /// One of the [`MAX_READERS`] reader slots, held by a streaming answer until it ends.
+    async fn reader_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.readers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("failbackd is shutting down"))
+    }
+
     /// The source server's end of WAL, or why it cannot be known.
     async fn live_end(&self) -> Result<crate::live::EndOfWal, Status> {
         let Some(conn) = self.pg_conn.clone() else {
@@ -295,12 +304,7 @@ impl Failback for FailbackService {
         }
         let dir = self.dir.clone();
         let max_chunk = self.max_chunk;
-        let permit = self
-            .readers
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Status::unavailable("failbackd is shutting down"))?;
+        let permit = self.reader_permit().await?;
         // A small channel: the reader stays at most a few chunks ahead of the network.
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
@@ -381,12 +385,7 @@ impl Failback for FailbackService {
             self.dir.resolve(p).map_err(status)?;
         }
         let dir = self.dir.clone();
-        let permit = self
-            .readers
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Status::unavailable("failbackd is shutting down"))?;
+        let permit = self.reader_permit().await?;
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
