@@ -500,6 +500,75 @@ fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 mod tests {
     use super::*;
 
+    fn copy(path: &str, src: u64, tgt: Option<u64>) -> failback_common::plan::PlanEntry {
+        let file = |size| failback_common::filemap::FileEntry {
+            path: path.into(),
+            file_type: FileType::Regular,
+            size,
+            link_target: None,
+        };
+        failback_common::plan::PlanEntry {
+            path: path.into(),
+            action: FileAction::Copy,
+            source: Some(file(src)),
+            target: tgt.map(file),
+            blocks: Default::default(),
+            note: None,
+            zero_from: None,
+        }
+    }
+
+    #[test]
+    fn whole_copies_fetch_the_differing_chunks_or_at_least_a_mebibyte_when_live() {
+        let plan = Plan {
+            entries: vec![
+                copy("pg_wal/000000010000000000000003", 16 << 20, Some(16 << 20)),
+                copy("postgresql.auto.conf", 88, Some(100)),
+                copy("pg_xact/0001", 0, None),
+            ],
+            block_size: 8192,
+        };
+        let got = |live, diffs: &HashMap<String, Vec<ByteRange>>| {
+            fetch_ranges(&plan, live, diffs)
+                .into_iter()
+                .map(|r| (r.path, r.offset, r.length))
+                .collect::<Vec<_>>()
+        };
+        let wal = "pg_wal/000000010000000000000003".to_string();
+        let conf = "postgresql.auto.conf".to_string();
+        assert_eq!(
+            got(false, &HashMap::new()),
+            vec![(wal.clone(), 0, 16 << 20), (conf.clone(), 0, 88)]
+        );
+        // Live: a file may have grown since it was listed, even from nothing.
+        assert_eq!(
+            got(true, &HashMap::new()),
+            vec![
+                (wal.clone(), 0, 16 << 20),
+                (conf.clone(), 0, LIVE_MIN_COPY),
+                ("pg_xact/0001".to_string(), 0, LIVE_MIN_COPY)
+            ]
+        );
+        // Hashed: only the differing chunks, live or not; a file with no differing chunk
+        // fetches nothing.
+        let mut diffs = HashMap::new();
+        diffs.insert(
+            wal.clone(),
+            vec![ByteRange {
+                offset: 65536,
+                length: 131072,
+            }],
+        );
+        diffs.insert(conf.clone(), vec![]);
+        assert_eq!(
+            got(true, &diffs),
+            vec![
+                (wal, 65536, 131072),
+                ("pg_xact/0001".to_string(), 0, LIVE_MIN_COPY)
+            ]
+        );
+    }
+
     #[test]
     fn adjacent_blocks_merge() {
         let r = block_ranges("f", [0u32, 1, 2, 5, 7, 8].into_iter(), 8192);

@@ -705,15 +705,57 @@ fn capabilities(server: &Failbackd) -> Vec<String> {
         .capabilities
 }
 
-// The new primary runs under pgbench load during the whole rewind; failbackd without
+/// Runs `f` while pgbench writes on `primary` (from before `f` starts until it returns), and
+/// checks that the load did commit transactions meanwhile.
+fn under_load<T>(primary: &Cluster, f: impl FnOnce() -> T) -> T {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let count = || -> u64 {
+        primary
+            .query_one("SELECT count(*) FROM pgbench_history")
+            .parse()
+            .unwrap()
+    };
+    let stop = AtomicBool::new(false);
+    let runs = AtomicU32::new(0);
+    let (out, before, after) = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                primary.pgbench(&["-n", "-T", "1", "-c", "2"]);
+                runs.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        while runs.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let before = count();
+        let out = f();
+        let after = count();
+        stop.store(true, Ordering::SeqCst);
+        load.join().unwrap();
+        (out, before, after)
+    });
+    assert!(
+        after > before,
+        "the load did not run meanwhile ({before} -> {after} pgbench_history rows)"
+    );
+    out
+}
+
+// The new primary was promoted moments ago (its checkpoint still pending, so pg_control names
+// the old timeline) and runs under pgbench load during the whole rewind; failbackd without
 // --pg-conn refuses it first (the target untouched), then with --pg-conn the rewind succeeds
 // and the old primary rejoins with the same data once the load stops.
 pg_test!(rewinds_a_live_source_under_load, |major| {
-    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-    let mut primary = Cluster::start_new(major, "old-primary");
-    primary.pgbench_init(2);
+    // A slow, spread checkpoint after the promotion keeps pg_control on the old timeline.
+    let options = ClusterOptions::default()
+        .setting("checkpoint_timeout", "1h")
+        .setting("checkpoint_completion_target", "0.9");
+    let mut primary = Cluster::start_new_with(major, "old-primary", options);
     let mut new_primary = primary.create_standby("new-primary");
-    failback_tests::rewind::promote(&primary, &new_primary);
+    // Loaded after the standby exists, so its replay leaves many buffers to checkpoint.
+    primary.pgbench_init(2);
+    new_primary.wait_for_catchup(&primary);
+    assert_eq!(new_primary.query_one("SELECT pg_promote(true, 120)"), "t");
     primary.execute(
         "UPDATE pgbench_accounts SET abalance = abalance - 1 WHERE aid % 30 = 0;
          CREATE TABLE only_old AS SELECT generate_series(1, 1000) AS x",
@@ -744,39 +786,24 @@ pg_test!(rewinds_a_live_source_under_load, |major| {
         "a running source served without --pg-conn",
     );
 
-    let count = |c: &Cluster| -> u64 {
-        c.query_one("SELECT count(*) FROM pgbench_history")
-            .parse()
-            .unwrap()
-    };
-    let stop = AtomicBool::new(false);
-    let runs = AtomicU32::new(0);
-    let (report, history_before, history_after) = std::thread::scope(|s| {
-        let np = &new_primary;
-        let load = s.spawn(|| {
-            while !stop.load(Ordering::SeqCst) {
-                np.pgbench(&["-n", "-T", "1", "-c", "2"]);
-                runs.fetch_add(1, Ordering::SeqCst);
-            }
-        });
-        while runs.load(Ordering::SeqCst) == 0 {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let history_before = count(np);
-        let server = Failbackd::start_live(np);
+    // pg_rewind 13-15 would say "no rewind required" here, going by pg_control alone.
+    assert_eq!(
+        failback_tests::rewind::control_file(&new_primary)
+            .checkPointCopy
+            .ThisTimeLineID,
+        1,
+        "the promotion's checkpoint already finished: the test needs it pending"
+    );
+    let report = under_load(&new_primary, || {
+        let server = Failbackd::start_live(&new_primary);
         assert!(capabilities(&server).iter().any(|c| c == "live"));
         let mut source = connect(server.url(), None).unwrap();
-        let r = rewind(&opts, &mut source, &mut Terminal::new(false, false));
-        let history_after = count(np);
-        stop.store(true, Ordering::SeqCst);
-        load.join().unwrap();
-        (r.unwrap().0, history_before, history_after)
+        rewind(&opts, &mut source, &mut Terminal::new(false, false))
+            .unwrap()
+            .0
     });
     assert!(report.rewind_needed);
-    assert!(
-        history_after > history_before,
-        "the load did not run during the rewind ({history_before} -> {history_after})"
-    );
+    assert_eq!(report.source_timeline, 2);
     // minRecoveryPoint is the source's end of WAL after the copy: past everything the load
     // had written when the rewind started.
     let mrp: failback_common::Lsn = report.min_recovery_point.unwrap().parse().unwrap();
@@ -905,4 +932,41 @@ pg_test!(skips_identical_chunks_and_honours_max_rate, |major| {
     drop(source);
     drop(server);
     failback_tests::rewind::rejoin(&mut primary, &mut new_primary);
+});
+
+// A running standby of the new primary as the source, while the new primary is under load:
+// the standby's end of WAL is its replay position, which becomes the target's minRecoveryPoint.
+pg_test!(rewinds_from_a_live_standby, |major| {
+    let mut primary = Cluster::start_new(major, "old-primary");
+    primary.pgbench_init(1);
+    let mut new_primary = primary.create_standby("new-primary");
+    failback_tests::rewind::promote(&primary, &new_primary);
+    let standby = new_primary.create_standby("standby-of-new");
+    standby.wait_for_catchup(&new_primary);
+    primary.execute(
+        "UPDATE pgbench_accounts SET abalance = abalance - 3 WHERE aid % 20 = 0;
+         CREATE TABLE only_old AS SELECT generate_series(1, 500) AS x",
+    );
+    primary.stop(StopMode::Fast);
+    let opts = opts_for(&primary, &new_primary);
+    let (report, replayed_before) = under_load(&new_primary, || {
+        let replayed_before = standby.current_lsn();
+        let server = Failbackd::start_live(&standby);
+        let end = raw_end_of_wal(&server).unwrap();
+        assert!(end.in_recovery);
+        let mut source = connect(server.url(), None).unwrap();
+        let r = rewind(&opts, &mut source, &mut Terminal::new(false, false));
+        (r.unwrap().0, replayed_before)
+    });
+    assert!(report.rewind_needed);
+    assert_eq!(report.source_timeline, 2);
+    let mrp: failback_common::Lsn = report.min_recovery_point.unwrap().parse().unwrap();
+    assert!(mrp > replayed_before, "{mrp} <= {replayed_before}");
+    let control = failback_tests::rewind::control_file(&primary);
+    assert_eq!(
+        (control.minRecoveryPoint, control.minRecoveryPointTLI),
+        (mrp, 2)
+    );
+    drop(standby);
+    failback_tests::rewind::start_rejoined(&mut primary, &mut new_primary);
 });
