@@ -970,3 +970,61 @@ pg_test!(rewinds_from_a_live_standby, |major| {
     drop(standby);
     failback_tests::rewind::start_rejoined(&mut primary, &mut new_primary);
 });
+
+/// ChunkHashes over the wire: the hashes of real files, the limits, and the confinement.
+#[test]
+fn chunk_hashes_are_served_within_limits() {
+    use failback_proto::v1 as pb;
+    let cluster = Cluster::init(PgMajor::V15, "hashed", ClusterOptions::default());
+    let data = cluster.data_dir();
+    let server = Failbackd::start(&data, None);
+    let wal = failback_tests::rewind::wal_segments(&data)
+        .into_iter()
+        .next()
+        .expect("a WAL segment");
+    let wal = format!("pg_wal/{wal}");
+    let bytes = std::fs::read(data.join(&wal)).unwrap();
+    let mut src = connect(server.url(), None).unwrap();
+    let got = src
+        .chunk_hashes(&[wal.clone(), "base/1/999999".into()], 1 << 16)
+        .unwrap()
+        .expect("failbackd hashes");
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        (got[0].path.as_str(), got[0].size),
+        (wal.as_str(), bytes.len() as u64)
+    );
+    let want: Vec<[u8; 32]> = bytes
+        .chunks(1 << 16)
+        .map(|c| *blake3::hash(c).as_bytes())
+        .collect();
+    assert_eq!(got[0].hashes, want);
+    assert!(got[1].vanished && got[1].hashes.is_empty());
+
+    let mut raw = raw_client(&server);
+    let ask = |paths: Vec<String>, chunk_size| pb::ChunkHashesRequest { paths, chunk_size };
+    let code = |raw: &mut pb::failback_client::FailbackClient<_>, req| {
+        server
+            .rt
+            .block_on(raw.chunk_hashes(req))
+            .map(|_| ())
+            .unwrap_err()
+            .code()
+    };
+    for cs in [0, 4095, (16 << 20) + 1] {
+        assert_eq!(
+            code(&mut raw, ask(vec![wal.clone()], cs)),
+            tonic::Code::InvalidArgument
+        );
+    }
+    assert_eq!(
+        code(&mut raw, ask(vec!["x".into(); 4097], 1 << 16)),
+        tonic::Code::InvalidArgument
+    );
+    for bad in ["../etc/passwd", "/etc/passwd", "base/../../x"] {
+        assert_eq!(
+            code(&mut raw, ask(vec![bad.into()], 1 << 16)),
+            tonic::Code::PermissionDenied
+        );
+    }
+}
