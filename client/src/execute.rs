@@ -21,6 +21,8 @@ use failback_common::filemap::{FileAction, FileType};
 use failback_common::plan::Plan;
 use serde::Serialize;
 
+use failback_server::datadir::read_full_at;
+
 use crate::fsutil::Ownership;
 use crate::progress::Progress;
 use crate::source::{FetchRange, Fetched, Source, SourceError};
@@ -481,19 +483,6 @@ fn zero_range(path: &Path, from: u64, to: u64) -> io::Result<()> {
         off += n as u64;
     }
     Ok(())
-}
-
-fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 #[cfg(test)]

@@ -185,7 +185,8 @@ pg_test!(rewinds_through_failbackd, |major| {
     rejoin_and_compare(primary, new_primary);
 });
 
-/// The `failback` binary with `--source grpc://`, `--token-file`, `--jobs`, `--compress none`.
+/// The `failback` binary with `--source grpc://`, `--token-file`, `--jobs`, `--compress none`,
+/// `--max-rate` and `--report`.
 #[test]
 fn cli_rewinds_through_failbackd() {
     let (primary, new_primary) = diverged(PgMajor::V15);
@@ -209,6 +210,8 @@ fn cli_rewinds_through_failbackd() {
         .arg(conninfo(&new_primary))
         .arg("--pg-bindir")
         .arg(primary.bins().postgres().parent().unwrap())
+        .args(["--max-rate", "2G", "--report"])
+        .arg(dir.join("report.json"))
         .output()
         .unwrap();
     assert!(
@@ -216,6 +219,12 @@ fn cli_rewinds_through_failbackd() {
         "failback rewind failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let ex = &report["execution"];
+    assert!(ex["bytes_fetched"].as_u64().unwrap() > 0, "{report}");
+    assert!(ex["files_hashed"].is_u64(), "{report}");
+    assert!(ex["bytes_skipped_by_hashes"].is_u64(), "{report}");
     drop(server);
     std::fs::remove_dir_all(&dir).unwrap();
     rejoin_and_compare(primary, new_primary);

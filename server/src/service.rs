@@ -8,7 +8,6 @@
 //! transport. Reads run on the blocking pool, one request at a time per stream, so a slow or
 //! hostile client occupies one task and nothing else.
 
-use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -426,18 +425,10 @@ fn hash_file(dir: &DataDir, path: &str, cs: u64, buf: &mut [u8]) -> Result<FileH
         out.vanished = true;
         return Ok(out);
     };
-    let io = |e: std::io::Error| Status::unavailable(format!("{path}: {e}"));
     let mut off = 0u64;
     loop {
-        let mut done = 0usize;
-        while done < buf.len() {
-            match file.read_at(&mut buf[done..], off + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io(e)),
-            }
-        }
+        let done = crate::datadir::read_full_at(&file, buf, off)
+            .map_err(|e| Status::unavailable(format!("{path}: {e}")))?;
         if done == 0 {
             break;
         }
