@@ -47,8 +47,9 @@ struct RewindArgs {
         conflicts_with = "source"
     )]
     source_pgdata: Option<PathBuf>,
-    /// failbackd serving the new primary's (shut-down) data directory: grpc://HOST:PORT, or
-    /// grpcs://HOST:PORT or quic://HOST:PORT with --ca.
+    /// failbackd serving the new primary's data directory (shut down, or running when
+    /// failbackd has --pg-conn): grpc://HOST:PORT, or grpcs://HOST:PORT or quic://HOST:PORT
+    /// with --ca.
     #[arg(long, value_name = "URL")]
     source: Option<String>,
     /// PEM CA certificate that failbackd's TLS certificate must chain to (grpcs://, quic://).
@@ -70,6 +71,10 @@ struct RewindArgs {
     /// Compression of file data from failbackd: a zstd level (1-22), or none [default: 3].
     #[arg(long, value_name = "LEVEL|none", requires = "source", value_parser = parse_compress)]
     compress: Option<failback_common::wire::Compression>,
+    /// Hold the data fetched from the source to this average rate, in bytes per second:
+    /// 50000000, 10M (MiB/s; also K, G), 200Mbit (also kbit, Gbit). Any source.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    max_rate: Option<u64>,
     /// Write standby.signal and primary_conninfo, so the target starts as a standby.
     #[arg(short = 'R', long)]
     write_recovery_conf: bool,
@@ -158,6 +163,10 @@ fn parse_compress(s: &str) -> Result<failback_common::wire::Compression, String>
     }
 }
 
+fn parse_rate(s: &str) -> Result<u64, String> {
+    failback_common::ratelimit::parse_rate(s).map_err(|e| e.to_string())
+}
+
 fn read_secret(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("could not read {what} {}", path.display()))
 }
@@ -220,6 +229,12 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source
 fn rewind(a: RewindArgs) -> Result<()> {
     use failback_client::rewind::{RewindOptions, rewind};
     let mut source = open_source(&a)?;
+    if let Some(rate) = a.max_rate {
+        source = Box::new(
+            failback_client::source::rate::RateLimited::new(source, rate)
+                .context("--max-rate must be at least 1 byte per second")?,
+        );
+    }
     let opts = RewindOptions {
         target: a.target_pgdata,
         write_recovery_conf: a.write_recovery_conf,

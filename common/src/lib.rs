@@ -5,8 +5,10 @@
 //! That is what lets the decoder, the planner and the journal be tested in microseconds and
 //! fed hostile input by property tests and fuzzers.
 
+pub mod chunkdiff;
 pub mod lsn;
 pub mod plan;
+pub mod ratelimit;
 pub mod recovery;
 pub mod version;
 

@@ -9,7 +9,9 @@
 //! round trip needs at least 200e6 / 8 * 0.05 = 2.5 MB of window to stay full. HTTP/2 and QUIC
 //! both default to far less; [`DEFAULT_WINDOW`] is 16 MiB.
 
+pub mod config;
 pub mod datadir;
+pub mod live;
 pub mod quic;
 pub mod service;
 
@@ -20,7 +22,6 @@ use failback_proto::v1::failback_server::FailbackServer;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::datadir::DataDir;
 use crate::service::{FailbackService, TokenCheck};
 
 /// The default and the largest chunk failbackd sends, in raw bytes.
@@ -51,6 +52,9 @@ pub struct Config {
     pub window: u32,
     /// Limits of the QUIC listener.
     pub quic: quic::QuicLimits,
+    /// A local connection string to the PostgreSQL server running on `pgdata` (`--pg-conn`):
+    /// with it failbackd serves a live source (its end of WAL, its current timeline).
+    pub pg_conn: Option<String>,
 }
 
 impl Config {
@@ -63,6 +67,7 @@ impl Config {
             client_ca: None,
             window: DEFAULT_WINDOW,
             quic: quic::QuicLimits::default(),
+            pg_conn: None,
         }
     }
 }
@@ -114,7 +119,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     config.check()?;
-    let svc = FailbackService::new(DataDir::new(config.pgdata), config.max_chunk);
+    let svc = FailbackService::for_config(&config);
     // Requests are small (lists of ranges); a chunk is at most max_chunk plus framing.
     let svc = FailbackServer::new(svc)
         .max_decoding_message_size(MAX_REQUEST)

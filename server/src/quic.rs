@@ -39,7 +39,6 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Status};
 
-use crate::datadir::DataDir;
 use crate::service::{FailbackService, TokenCheck};
 use crate::{Config, ServeError};
 
@@ -298,7 +297,7 @@ pub async fn serve_quic(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     config.check()?;
-    let svc = FailbackService::new(DataDir::new(config.pgdata.clone()), config.max_chunk);
+    let svc = FailbackService::for_config(&config);
     serve_quic_with(socket, svc, &config, shutdown).await
 }
 

@@ -77,6 +77,36 @@ impl Transport for GrpcTransport {
     async fn read_ranges(&self, req: pb::ReadRangesRequest) -> Result<Self::Chunks, Status> {
         Ok(self.0.clone().read_ranges(req).await?.into_inner())
     }
+
+    async fn timelines(&self) -> Result<pb::TimelinesResponse, Status> {
+        Ok(self
+            .0
+            .clone()
+            .timelines(pb::TimelinesRequest {})
+            .await?
+            .into_inner())
+    }
+
+    async fn chunk_hashes(
+        &self,
+        req: pb::ChunkHashesRequest,
+    ) -> Result<Vec<pb::FileHashes>, Status> {
+        let mut s = self.0.clone().chunk_hashes(req).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(h) = s.message().await? {
+            out.push(h);
+        }
+        Ok(out)
+    }
+
+    async fn end_of_wal(&self) -> Result<pb::EndOfWalResponse, Status> {
+        Ok(self
+            .0
+            .clone()
+            .end_of_wal(pb::EndOfWalRequest {})
+            .await?
+            .into_inner())
+    }
 }
 
 impl RemoteSource<GrpcTransport> {

@@ -7,11 +7,10 @@
 //! ("size of source file changed concurrently") rather than copying a torn file.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 
 use failback_common::filemap::{FileEntry, FileType};
 
-use failback_server::datadir::{DataDir, DataDirError};
+use failback_server::datadir::{DataDir, DataDirError, read_full_at};
 
 use super::{FetchRange, Fetched, Source, SourceEnd, SourceError};
 
@@ -96,21 +95,12 @@ impl Source for LocalSource {
             let end = r.offset.saturating_add(r.length);
             while off < end {
                 let want = (end - off).min(PIECE) as usize;
-                let piece = &mut self.buf[..want];
-                let mut done = 0usize;
-                while done < want {
-                    match file.read_at(&mut piece[done..], off + done as u64) {
-                        Ok(0) => break,
-                        Ok(n) => done += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            return Err(SourceError::Io {
-                                what: r.path.clone(),
-                                source: e,
-                            });
-                        }
+                let done = read_full_at(&file, &mut self.buf[..want], off).map_err(|e| {
+                    SourceError::Io {
+                        what: r.path.clone(),
+                        source: e,
                     }
-                }
+                })?;
                 if done > 0 {
                     sink(Fetched::Data {
                         path: &r.path,

@@ -149,6 +149,37 @@ impl Transport for QuicTransport {
         Ok(QuicChunks(self.call(Call::ReadRanges(req)).await?))
     }
 
+    async fn timelines(&self) -> Result<pb::TimelinesResponse, Status> {
+        self.unary(Call::Timelines(pb::TimelinesRequest {}), |r| match r {
+            Reply::Timelines(t) => Some(t),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn chunk_hashes(
+        &self,
+        req: pb::ChunkHashesRequest,
+    ) -> Result<Vec<pb::FileHashes>, Status> {
+        let mut replies = self.call(Call::ChunkHashes(req)).await?;
+        let mut out = Vec::new();
+        while let Some(r) = replies.next().await? {
+            match r {
+                Reply::FileHashes(h) => out.push(h),
+                _ => return Err(unexpected("file hashes")),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn end_of_wal(&self) -> Result<pb::EndOfWalResponse, Status> {
+        self.unary(Call::EndOfWal(pb::EndOfWalRequest {}), |r| match r {
+            Reply::EndOfWal(e) => Some(e),
+            _ => None,
+        })
+        .await
+    }
+
     async fn close(&self) {
         self.conn
             .close(quinn::VarInt::from_u32(0), b"failback is done");

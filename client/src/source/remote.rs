@@ -31,6 +31,8 @@ const BATCH_RANGES: usize = 4096;
 const MAX_SMALL_FILE: u64 = 64 << 20;
 /// The largest chunk accepted whatever the server announces.
 pub(crate) const MAX_CHUNK_LIMIT: u64 = failback_server::MAX_MAX_CHUNK;
+/// Paths per ChunkHashes request (the server accepts up to 4096).
+const HASH_BATCH: usize = 1024;
 /// The largest reply message accepted: a chunk and its framing.
 pub(crate) const MAX_REPLY: usize = (MAX_CHUNK_LIMIT + (1 << 16)) as usize;
 
@@ -88,6 +90,16 @@ pub trait Transport: Clone + Send + Sync + 'static {
         &self,
         req: pb::ReadRangesRequest,
     ) -> impl Future<Output = Result<Self::Chunks, Status>> + Send;
+
+    fn timelines(&self) -> impl Future<Output = Result<pb::TimelinesResponse, Status>> + Send;
+
+    /// Every answer of one ChunkHashes call.
+    fn chunk_hashes(
+        &self,
+        req: pb::ChunkHashesRequest,
+    ) -> impl Future<Output = Result<Vec<pb::FileHashes>, Status>> + Send;
+
+    fn end_of_wal(&self) -> impl Future<Output = Result<pb::EndOfWalResponse, Status>> + Send;
 
     /// Says goodbye, so the server frees the connection now rather than at its idle timeout.
     fn close(&self) -> impl Future<Output = ()> + Send {
@@ -155,6 +167,9 @@ pub struct RemoteSource<T: Transport> {
     jobs: usize,
     compression: Compression,
     max_chunk: u64,
+    /// Handshake capabilities: failbackd knows the server's end of WAL (`live`), PostgreSQL
+    /// runs on the served directory (`running`), ChunkHashes is served (`chunk-hashes`).
+    capabilities: Vec<String>,
 }
 
 impl<T: Transport> RemoteSource<T> {
@@ -191,7 +206,12 @@ impl<T: Transport> RemoteSource<T> {
             jobs: opts.jobs.max(1),
             compression: opts.compression,
             max_chunk: hs.max_chunk,
+            capabilities: hs.capabilities,
         })
+    }
+
+    fn has(&self, capability: &str) -> bool {
+        self.capabilities.iter().any(|c| c == capability)
     }
 }
 
@@ -540,12 +560,97 @@ impl<T: Transport> Source for RemoteSource<T> {
     }
 
     fn is_live(&self) -> bool {
-        // failbackd serves shut-down data directories only, for now.
-        false
+        // A running server without --pg-conn is live too: end_of_wal then reports failbackd's
+        // refusal rather than letting the rewind take a wrong minRecoveryPoint.
+        self.has("live") || self.has("running")
     }
 
     fn end_of_wal(&mut self) -> Result<Option<SourceEnd>, SourceError> {
-        Ok(None)
+        if !self.is_live() {
+            return Ok(None);
+        }
+        let r = self
+            .rt
+            .block_on(self.transport.end_of_wal())
+            .map_err(|s| status_err("the source's end of WAL", s))?;
+        Ok(Some(SourceEnd {
+            lsn: failback_common::Lsn(r.lsn),
+            tli: r.timeline,
+        }))
+    }
+
+    fn current_timeline(&mut self) -> Result<Option<failback_common::TimeLineId>, SourceError> {
+        let r = self
+            .rt
+            .block_on(self.transport.timelines())
+            .map_err(|s| status_err("the source's timelines", s))?;
+        Ok((r.current_timeline != 0).then_some(r.current_timeline))
+    }
+
+    fn chunk_hashes(
+        &mut self,
+        paths: &[String],
+        chunk_size: u64,
+    ) -> Result<Option<Vec<super::FileHashes>>, SourceError> {
+        if !self.has("chunk-hashes") {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(paths.len());
+        for batch in paths.chunks(HASH_BATCH) {
+            let got = self
+                .rt
+                .block_on(self.transport.chunk_hashes(pb::ChunkHashesRequest {
+                    paths: batch.to_vec(),
+                    chunk_size,
+                }));
+            let got = match got {
+                Ok(v) => v,
+                // Hashes only save bytes: a refusal (chunks too many, an older failbackd)
+                // means fetching whole files, not failing.
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::InvalidArgument | Code::Unimplemented | Code::FailedPrecondition
+                    ) =>
+                {
+                    return Ok(None);
+                }
+                Err(s) => return Err(status_err("ChunkHashes", s)),
+            };
+            if got.len() != batch.len() {
+                return Err(proto_err(
+                    "ChunkHashes",
+                    format!("{} answers for {} paths", got.len(), batch.len()),
+                ));
+            }
+            for (h, want) in got.into_iter().zip(batch) {
+                if &h.path != want || h.chunk_size != chunk_size {
+                    return Err(proto_err(
+                        "ChunkHashes",
+                        format!(
+                            "hashes of {:?} in chunks of {} where {want:?} in chunks of \
+                             {chunk_size} was due",
+                            h.path, h.chunk_size
+                        ),
+                    ));
+                }
+                let hashes = h
+                    .hashes
+                    .iter()
+                    .map(|b| <[u8; 32]>::try_from(b.as_ref()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| {
+                        proto_err("ChunkHashes", format!("{want:?}: a hash is not 32 bytes"))
+                    })?;
+                out.push(super::FileHashes {
+                    path: h.path,
+                    size: h.size,
+                    hashes,
+                    vanished: h.vanished,
+                });
+            }
+        }
+        Ok(Some(out))
     }
 }
 

@@ -26,7 +26,7 @@ type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// failbackd in this process, on ports of its own, until dropped.
 pub struct Failbackd {
-    rt: tokio::runtime::Runtime,
+    pub rt: tokio::runtime::Runtime,
     addr: Option<SocketAddr>,
     quic_addr: Option<SocketAddr>,
     stops: Vec<tokio::sync::oneshot::Sender<()>>,
@@ -48,6 +48,13 @@ impl Failbackd {
         let mut config = Failbackd::config(pgdata);
         config.token = token.map(str::to_string);
         config.tls = tls;
+        Failbackd::serve(config, false)
+    }
+
+    /// failbackd on a running cluster, with `--pg-conn` to it.
+    pub fn start_live(cluster: &Cluster) -> Failbackd {
+        let mut config = Failbackd::config(&cluster.data_dir());
+        config.pg_conn = Some(cluster.conninfo());
         Failbackd::serve(config, false)
     }
 
@@ -244,13 +251,15 @@ pub fn rewind_from(source: &mut dyn Source, primary: &Cluster, new_primary: &Clu
 /// The `failback` binary rewinds `primary` from `url` with `--token-file`, `--jobs 5`,
 /// `--compress none`, `-R`, and `extra` arguments (files they name may be put in
 /// [`tempfile_dir`], removed afterwards).
+/// `failback rewind --source url` with a token file, `--jobs 5 --compress none --max-rate 2G
+/// -R`, and `extra`; asserts success and returns the `--report` JSON.
 pub fn cli_rewind(
     primary: &Cluster,
     new_primary: &Cluster,
     url: &str,
     token: &str,
     extra: &[OsString],
-) {
+) -> serde_json::Value {
     let dir = tempfile_dir();
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
@@ -271,6 +280,8 @@ pub fn cli_rewind(
         .arg(conninfo(new_primary))
         .arg("--pg-bindir")
         .arg(primary.bins().postgres().parent().unwrap())
+        .args(["--max-rate", "2G", "--report"])
+        .arg(dir.join("report.json"))
         .output()
         .unwrap();
     assert!(
@@ -278,7 +289,9 @@ pub fn cli_rewind(
         "failback rewind failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let report = serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
+    report
 }
 
 pub fn conninfo(c: &Cluster) -> String {
