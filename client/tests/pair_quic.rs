@@ -110,13 +110,18 @@ fn client_certificates_are_required_on_both_transports() {
     let ours = ca.issue("failback-client", true);
     let theirs = stranger.issue("failback-client", true);
     for url in [server.tls_url(), server.quic_url()] {
-        let connect = |identity: Option<&(Vec<u8>, Vec<u8>)>| {
+        let connect_to = |server_ca: &Ca, identity: Option<&(Vec<u8>, Vec<u8>)>| {
             remote::connect(RemoteOptions {
-                ca: Some(ca.pem.clone()),
+                ca: Some(server_ca.pem.clone()),
                 identity: identity.cloned(),
                 ..options(url.clone(), None)
             })
         };
+        let connect = |identity| connect_to(&ca, identity);
+        assert!(
+            connect_to(&stranger, Some(&ours)).is_err(),
+            "{url}: a server certificate from another CA was accepted"
+        );
         assert!(
             connect(None).is_err(),
             "{url}: a client without a certificate was served"

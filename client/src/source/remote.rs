@@ -29,6 +29,8 @@ const BATCH_BYTES: u64 = 16 << 20;
 const BATCH_RANGES: usize = 4096;
 /// The largest whole file [`Source::read_file`] fetches (history files are a few KB).
 const MAX_SMALL_FILE: u64 = 64 << 20;
+/// How long the retry of a damaged chunk may take before the damage is reported.
+const REFETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// The largest chunk accepted whatever the server announces.
 pub(crate) const MAX_CHUNK_LIMIT: u64 = failback_server::MAX_MAX_CHUNK;
 /// Paths per ChunkHashes request (the server accepts up to 4096).
@@ -399,13 +401,21 @@ async fn refetch<T: Transport>(
         offset,
         length,
     };
-    let chunk = match transport
-        .read_ranges(read_request(std::slice::from_ref(&one), level))
-        .await
-    {
-        Ok(mut s) => s.next().await.ok().flatten(),
-        Err(_) => None,
+    // The retry runs while the batch's own call is still open: on a transport whose calls are
+    // limited per connection (QUIC stream credit), it could wait for a call that waits for it.
+    let again = async {
+        match transport
+            .read_ranges(read_request(std::slice::from_ref(&one), level))
+            .await
+        {
+            Ok(mut s) => s.next().await.ok().flatten(),
+            Err(_) => None,
+        }
     };
+    let chunk = tokio::time::timeout(REFETCH_TIMEOUT, again)
+        .await
+        .ok()
+        .flatten();
     match chunk {
         Some(c) if c.offset == offset && c.path == r.path && c.raw_length == length => {
             wire::decode_into(c.codec, &c.data, &c.hash, c.raw_length, limit, buf)
