@@ -107,14 +107,14 @@ async fn main() -> Result<()> {
         (None, None) => {}
         _ => anyhow::bail!("tls_cert and tls_key go together: give both or neither"),
     }
-    if let Some(f) = &s.client_ca {
-        config.client_ca = Some(read(f, "client CA certificate")?);
-    }
     anyhow::ensure!(
         config.tls.is_some() || (s.quic_listen.is_none() && s.client_ca.is_none()),
         "QUIC (--quic-listen) and client certificates (--client-ca) need TLS: give --tls-cert \
          and --tls-key"
     );
+    if let Some(f) = &s.client_ca {
+        config.client_ca = Some(read(f, "client CA certificate")?);
+    }
     if config.pg_conn.is_none()
         && let Some(pid) = failback_server::live::running_postmaster(&pgdata)
     {

@@ -2,18 +2,19 @@
 //!
 //! The scenarios of a local rewind are run again with the source behind failbackd: the same
 //! failover, the same assertions, only the `failback rewind` command line differs
-//! (`--source grpc://…` instead of `--source-pgdata`). Which way a test reaches its source is a
+//! (`--source grpcs://…` or `quic://…` instead of `--source-pgdata`). Which way a test reaches its source is a
 //! per-thread setting ([`Via`], [`with_via`]) that [`crate::rewind::rewind_dirs`] reads, so a
 //! scenario body is written once; [`scenario_test!`](crate::scenario_test) runs it every way.
 //!
 //! failbackd is started from the same cargo target directory as the test, on port 0 of the
-//! loopback; the address it bound is read from its first line on stderr. It is killed when the
-//! [`Failbackd`] value is dropped, and everything it printed is kept for failure messages.
+//! loopback, serving gRPC and QUIC (with a certificate made for the run: QUIC always runs TLS);
+//! the addresses it bound are read from its stderr. It is killed when the [`Failbackd`] value
+//! is dropped, and everything it printed is kept for failure messages.
 
 use std::cell::Cell;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,8 +26,10 @@ use crate::rewind::failbackd_bin;
 pub enum Via {
     /// `--source-pgdata DIR`.
     Local,
-    /// failbackd over gRPC: `--source grpc://ADDR`.
+    /// failbackd over gRPC with TLS: `--source grpcs://localhost:PORT --ca CERT`.
     Grpc,
+    /// failbackd over QUIC: `--source quic://localhost:PORT --ca CERT`.
+    Quic,
 }
 
 thread_local! {
@@ -50,6 +53,10 @@ pub fn with_via<T>(via: Via, f: impl FnOnce() -> T) -> T {
 pub struct Failbackd {
     child: Child,
     addr: SocketAddr,
+    quic_addr: SocketAddr,
+    /// The self-signed certificate failbackd serves, for the client's `--ca`.
+    cert: PathBuf,
+    _dir: tempfile::TempDir,
     log: Arc<Mutex<String>>,
 }
 
@@ -59,10 +66,20 @@ const STARTUP: Duration = Duration::from_secs(30);
 impl Failbackd {
     /// Serves `pgdata` on a loopback port, with failbackd's defaults.
     pub fn serve(pgdata: &Path) -> Failbackd {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+            .expect("a self-signed certificate");
+        std::fs::write(&cert, ck.cert.pem()).expect("writing the certificate");
+        std::fs::write(&key, ck.signing_key.serialize_pem()).expect("writing the key");
         let mut child = Command::new(failbackd_bin())
             .arg("--pgdata")
             .arg(pgdata)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--quic-listen", "127.0.0.1:0"])
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -80,32 +97,54 @@ impl Failbackd {
                     .filter(|_| line.starts_with("failbackd: serving"))
                     .and_then(|(_, a)| a.trim().parse::<SocketAddr>().ok())
                 {
-                    let _ = tx.send(addr);
+                    let _ = tx.send((line.contains("over QUIC"), addr));
                 }
                 let mut l = sink.lock().unwrap_or_else(|p| p.into_inner());
                 l.push_str(&line);
                 l.push('\n');
             }
         });
-        let addr = match rx.recv_timeout(STARTUP) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "failbackd did not say where it listens within {STARTUP:?}:\n{}",
-                    log.lock().unwrap_or_else(|p| p.into_inner())
-                );
+        let (mut addr, mut quic_addr) = (None, None);
+        while addr.is_none() || quic_addr.is_none() {
+            match rx.recv_timeout(STARTUP) {
+                Ok((true, a)) => quic_addr = Some(a),
+                Ok((false, a)) => addr = Some(a),
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "failbackd did not say where it listens within {STARTUP:?}:\n{}",
+                        log.lock().unwrap_or_else(|p| p.into_inner())
+                    );
+                }
             }
-        };
-        Failbackd { child, addr, log }
+        }
+        Failbackd {
+            child,
+            addr: addr.expect("a gRPC address"),
+            quic_addr: quic_addr.expect("a QUIC address"),
+            cert,
+            _dir: dir,
+            log,
+        }
     }
 
-    /// The `--source` URL for `via`.
-    pub fn url(&self, via: Via) -> String {
+    /// The `failback rewind` arguments that reach this failbackd `via` a transport.
+    pub fn source_args(&self, via: Via) -> Vec<std::ffi::OsString> {
         match via {
             Via::Local => panic!("a local rewind does not go through failbackd"),
-            Via::Grpc => format!("grpc://{}", self.addr),
+            Via::Grpc => vec![
+                "--source".into(),
+                format!("grpcs://localhost:{}", self.addr.port()).into(),
+                "--ca".into(),
+                self.cert.clone().into(),
+            ],
+            Via::Quic => vec![
+                "--source".into(),
+                format!("quic://localhost:{}", self.quic_addr.port()).into(),
+                "--ca".into(),
+                self.cert.clone().into(),
+            ],
         }
     }
 
@@ -124,8 +163,9 @@ impl Drop for Failbackd {
 
 /// Defines a rewind scenario run every way a source can be reached, on every major version.
 ///
-/// `scenario_test!(name, |major| { ... })` expands to a module `name` with submodules `local`
-/// and `grpc`, each holding the tests `pg13` … `pg18`; the body runs with [`with_via`] set.
+/// `scenario_test!(name, |major| { ... })` expands to a module `name` with submodules `local`,
+/// `grpc` and `quic`, each holding the tests `pg13` … `pg18`; the body runs with [`with_via`]
+/// set.
 #[macro_export]
 macro_rules! scenario_test {
     ($name:ident, |$major:ident| $body:expr) => {
@@ -149,6 +189,13 @@ macro_rules! scenario_test {
             mod grpc {
                 fn run(major: $crate::PgMajor) {
                     $crate::failbackd::with_via($crate::failbackd::Via::Grpc, || super::body(major))
+                }
+                $crate::pg_versions!(run);
+            }
+
+            mod quic {
+                fn run(major: $crate::PgMajor) {
+                    $crate::failbackd::with_via($crate::failbackd::Via::Quic, || super::body(major))
                 }
                 $crate::pg_versions!(run);
             }

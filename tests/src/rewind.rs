@@ -253,7 +253,7 @@ pub fn rewind_dirs(target: &Cluster, source_dir: &Path, args: &[&str]) -> Failba
     let mut all: Vec<OsString> = vec!["rewind".into(), "-D".into(), target.data_dir().into()];
     match &server {
         None => all.extend(["--source-pgdata".into(), source_dir.into()]),
-        Some(s) => all.extend(["--source".into(), s.url(via).into()]),
+        Some(s) => all.extend(s.source_args(via)),
     }
     all.extend(["--pg-bindir".into(), target.bins().bin_dir.clone().into()]);
     all.extend(args.iter().map(OsString::from));
