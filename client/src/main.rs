@@ -68,6 +68,11 @@ struct RewindArgs {
     #[arg(long, value_name = "N", requires = "source",
           value_parser = clap::value_parser!(u16).range(1..=256))]
     jobs: Option<u16>,
+    /// Connections to failbackd; the requests in flight (--jobs) are spread over them
+    /// [default: 1].
+    #[arg(long, value_name = "N", requires = "source",
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    connections: Option<u16>,
     /// Compression of file data from failbackd: a zstd level (1-22), or none [default: 3].
     #[arg(long, value_name = "LEVEL|none", requires = "source", value_parser = parse_compress)]
     compress: Option<failback_common::wire::Compression>,
@@ -179,11 +184,12 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source
             || a.cert.is_some()
             || a.token_file.is_some()
             || a.jobs.is_some()
+            || a.connections.is_some()
             || a.compress.is_some()
         {
             anyhow::bail!(
-                "--ca, --cert, --key, --token-file, --jobs and --compress are for a failbackd \
-                 source (--source <URL>)"
+                "--ca, --cert, --key, --token-file, --jobs, --connections and --compress are for \
+                 a failbackd source (--source <URL>)"
             );
         }
         return Ok(Box::new(failback_client::source::local::LocalSource::new(
@@ -219,6 +225,7 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source
         identity,
         token,
         jobs: usize::from(a.jobs.unwrap_or(4)),
+        connections: usize::from(a.connections.unwrap_or(1)),
         compression: a
             .compress
             .unwrap_or(failback_common::wire::Compression::Zstd(3)),

@@ -320,6 +320,7 @@ fn reads_over_the_stream_limit_wait_for_their_turn() {
     let server = Failbackd::serve(config, true);
     let mut src = QuicSource::connect(RemoteOptions {
         jobs: 8,
+        connections: 1,
         ..quic_options(&server, &ca, None)
     })
     .unwrap();

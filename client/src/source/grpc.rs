@@ -155,11 +155,16 @@ impl RemoteSource<GrpcTransport> {
             ),
         };
         let rt = runtime("gRPC")?;
-        let channel = rt.block_on(endpoint.connect()).map_err(|e| {
-            SourceError::Transport(format!("{}: could not connect: {}", opts.url, chain(&e)))
-        })?;
-        let client = FailbackClient::with_interceptor(channel, Bearer(bearer))
-            .max_decoding_message_size(MAX_REPLY);
-        RemoteSource::handshake(rt, GrpcTransport(client), opts)
+        // Each connect() is a TCP connection (and TLS session) of its own.
+        let mut transports = Vec::with_capacity(opts.connections.max(1));
+        for _ in 0..opts.connections.max(1) {
+            let channel = rt.block_on(endpoint.connect()).map_err(|e| {
+                SourceError::Transport(format!("{}: could not connect: {}", opts.url, chain(&e)))
+            })?;
+            let client = FailbackClient::with_interceptor(channel, Bearer(bearer.clone()))
+                .max_decoding_message_size(MAX_REPLY);
+            transports.push(GrpcTransport(client));
+        }
+        RemoteSource::handshake(rt, transports, opts)
     }
 }

@@ -208,7 +208,7 @@ impl RemoteSource<QuicTransport> {
         let rt = runtime("QUIC")?;
         let could_not =
             |why: String| SourceError::Transport(format!("{}: could not connect: {why}", opts.url));
-        let transport = rt.block_on(async {
+        let transports = rt.block_on(async {
             let addr = tokio::net::lookup_host(rest)
                 .await
                 .map_err(|e| could_not(e.to_string()))?
@@ -227,19 +227,27 @@ impl RemoteSource<QuicTransport> {
                 0,
             )));
             endpoint.set_default_client_config(config);
-            let connecting = endpoint
-                .connect(addr, host)
-                .map_err(|e| could_not(chain(&e)))?;
-            let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-                .await
-                .map_err(|_| could_not(format!("no answer in {} s", CONNECT_TIMEOUT.as_secs())))?
-                .map_err(|e| could_not(chain(&e)))?;
-            Ok::<_, SourceError>(QuicTransport {
-                conn,
-                token: opts.token.clone().unwrap_or_default(),
-                endpoint,
-            })
+            // Connections of one endpoint share its UDP socket; each has its own congestion
+            // control and flow-control windows.
+            let mut transports = Vec::with_capacity(opts.connections.max(1));
+            for _ in 0..opts.connections.max(1) {
+                let connecting = endpoint
+                    .connect(addr, host)
+                    .map_err(|e| could_not(chain(&e)))?;
+                let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+                    .await
+                    .map_err(|_| {
+                        could_not(format!("no answer in {} s", CONNECT_TIMEOUT.as_secs()))
+                    })?
+                    .map_err(|e| could_not(chain(&e)))?;
+                transports.push(QuicTransport {
+                    conn,
+                    token: opts.token.clone().unwrap_or_default(),
+                    endpoint: endpoint.clone(),
+                });
+            }
+            Ok::<_, SourceError>(transports)
         })?;
-        RemoteSource::handshake(rt, transport, opts)
+        RemoteSource::handshake(rt, transports, opts)
     }
 }

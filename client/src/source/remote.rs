@@ -50,6 +50,9 @@ pub struct RemoteOptions {
     pub token: Option<String>,
     /// ReadRanges requests in flight at once (at least 1).
     pub jobs: usize,
+    /// Connections to failbackd (at least 1); the requests in flight are spread over them. On a
+    /// long lossy link one TCP connection backs off on every loss; several back off separately.
+    pub connections: usize,
     pub compression: Compression,
 }
 
@@ -164,7 +167,8 @@ fn proto_err(what: &str, why: impl std::fmt::Display) -> SourceError {
 /// failbackd through transport `T`.
 pub struct RemoteSource<T: Transport> {
     rt: Runtime,
-    transport: T,
+    /// One per connection, never empty; the first also carries every call but ReadRanges.
+    transports: Vec<T>,
     url: String,
     jobs: usize,
     compression: Compression,
@@ -175,13 +179,16 @@ pub struct RemoteSource<T: Transport> {
 }
 
 impl<T: Transport> RemoteSource<T> {
-    /// Shakes hands over a connected transport: the protocol version must match and the
-    /// announced chunk size be sane.
+    /// Shakes hands over the first of the connected transports: the protocol version must
+    /// match and the announced chunk size be sane.
     pub(crate) fn handshake(
         rt: Runtime,
-        transport: T,
+        transports: Vec<T>,
         opts: RemoteOptions,
     ) -> Result<Self, SourceError> {
+        let Some(transport) = transports.first() else {
+            return Err(opts.refuse("no connection"));
+        };
         let hs = rt
             .block_on(transport.handshake(pb::HandshakeRequest {
                 protocol_version: failback_proto::PROTOCOL_VERSION,
@@ -203,7 +210,7 @@ impl<T: Transport> RemoteSource<T> {
         }
         Ok(RemoteSource {
             rt,
-            transport,
+            transports,
             url: opts.url,
             jobs: opts.jobs.max(1),
             compression: opts.compression,
@@ -215,15 +222,34 @@ impl<T: Transport> RemoteSource<T> {
     fn has(&self, capability: &str) -> bool {
         self.capabilities.iter().any(|c| c == capability)
     }
+
+    fn transport(&self) -> &T {
+        &self.transports[0]
+    }
 }
 
 impl<T: Transport> Drop for RemoteSource<T> {
     fn drop(&mut self) {
-        let close = self.transport.close();
+        let closes = self.transports.iter().map(Transport::close);
+        let all = futures_join_all(closes);
         self.rt.block_on(async {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), close).await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), all).await;
         });
     }
+}
+
+/// Waits for every future (closing each connection at once rather than one after another).
+async fn futures_join_all<F: Future<Output = ()>>(futures: impl Iterator<Item = F>) {
+    let mut set: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
+    std::future::poll_fn(|cx| {
+        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if set.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
 
 /// What a batch task hands to the calling thread.
@@ -452,7 +478,7 @@ impl<T: Transport> Source for RemoteSource<T> {
     fn control_file(&mut self) -> Result<Vec<u8>, SourceError> {
         let r = self
             .rt
-            .block_on(self.transport.control_file())
+            .block_on(self.transport().control_file())
             .map_err(|s| status_err("global/pg_control", s))?;
         Ok(r.data.to_vec())
     }
@@ -489,7 +515,7 @@ impl<T: Transport> Source for RemoteSource<T> {
     fn list_files(&mut self) -> Result<Vec<FileEntry>, SourceError> {
         let entries = self
             .rt
-            .block_on(self.transport.list_files())
+            .block_on(self.transport().list_files())
             .map_err(|s| status_err("the file list", s))?;
         entries
             .into_iter()
@@ -528,8 +554,9 @@ impl<T: Transport> Source for RemoteSource<T> {
         let permits = Arc::new(Semaphore::new(self.jobs));
         let mut tasks = tokio::task::JoinSet::new();
         let level = self.compression.level();
-        for b in batches {
-            let (transport, tx, permits) = (self.transport.clone(), tx.clone(), permits.clone());
+        for (i, b) in batches.into_iter().enumerate() {
+            let transport = self.transports[i % self.transports.len()].clone();
+            let (tx, permits) = (tx.clone(), permits.clone());
             let limit = self.max_chunk;
             tasks.spawn_on(
                 async move {
@@ -581,7 +608,7 @@ impl<T: Transport> Source for RemoteSource<T> {
         }
         let r = self
             .rt
-            .block_on(self.transport.end_of_wal())
+            .block_on(self.transport().end_of_wal())
             .map_err(|s| status_err("the source's end of WAL", s))?;
         Ok(Some(SourceEnd {
             lsn: failback_common::Lsn(r.lsn),
@@ -592,7 +619,7 @@ impl<T: Transport> Source for RemoteSource<T> {
     fn current_timeline(&mut self) -> Result<Option<failback_common::TimeLineId>, SourceError> {
         let r = self
             .rt
-            .block_on(self.transport.timelines())
+            .block_on(self.transport().timelines())
             .map_err(|s| status_err("the source's timelines", s))?;
         Ok((r.current_timeline != 0).then_some(r.current_timeline))
     }
@@ -609,7 +636,7 @@ impl<T: Transport> Source for RemoteSource<T> {
         for batch in paths.chunks(HASH_BATCH) {
             let got = self
                 .rt
-                .block_on(self.transport.chunk_hashes(pb::ChunkHashesRequest {
+                .block_on(self.transport().chunk_hashes(pb::ChunkHashesRequest {
                     paths: batch.to_vec(),
                     chunk_size,
                 }));

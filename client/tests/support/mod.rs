@@ -168,6 +168,8 @@ pub fn options(url: String, token: Option<&str>) -> RemoteOptions {
         identity: None,
         token: token.map(str::to_string),
         jobs: 3,
+        // Two connections, so that batches are spread over both in every pair test.
+        connections: 2,
         compression: Compression::Zstd(3),
     }
 }
@@ -251,7 +253,7 @@ pub fn rewind_from(source: &mut dyn Source, primary: &Cluster, new_primary: &Clu
 /// The `failback` binary rewinds `primary` from `url` with `--token-file`, `--jobs 5`,
 /// `--compress none`, `-R`, and `extra` arguments (files they name may be put in
 /// [`tempfile_dir`], removed afterwards).
-/// `failback rewind --source url` with a token file, `--jobs 5 --compress none --max-rate 2G
+/// `failback rewind --source url` with a token file, `--jobs 5 --connections 3 --compress none --max-rate 2G
 /// -R`, and `extra`; asserts success and returns the `--report` JSON.
 pub fn cli_rewind(
     primary: &Cluster,
@@ -272,6 +274,8 @@ pub fn cli_rewind(
         .args([
             "--jobs",
             "5",
+            "--connections",
+            "3",
             "--compress",
             "none",
             "-R",
