@@ -74,6 +74,10 @@ pub struct ExecuteStats {
     pub files_hashed: u64,
     /// Bytes of those files that were not fetched because the target's chunk was the same.
     pub bytes_skipped_by_hashes: u64,
+    /// Every regular file whose bytes or length this execution changed: what the sync must
+    /// make durable. A whole copy found identical everywhere is not in it.
+    #[serde(skip)]
+    pub changed: std::collections::BTreeSet<String>,
 }
 
 /// The chunk size whole-file copies are compared in: a WAL page is 8 KiB, a segment 16 MiB
@@ -250,6 +254,7 @@ pub fn execute(
             let size = e.target.as_ref().map_or(0, |t| t.size);
             zero_range(&path, from, size)
                 .map_err(|err| ExecuteError::target("zero the diverged WAL in", &path, err))?;
+            stats.changed.insert(e.path.clone());
         }
     }
 
@@ -266,6 +271,7 @@ pub fn execute(
                 let path = full(&e.path);
                 own.open_for_write(&path, true)
                     .map_err(|err| ExecuteError::target("create", &path, err))?;
+                stats.changed.insert(e.path.clone());
                 continue;
             }
             _ => continue,
@@ -278,6 +284,7 @@ pub fn execute(
                 .map_err(|err| ExecuteError::target("open", &path, err))?;
             f.set_len(new_len)
                 .map_err(|err| ExecuteError::target("truncate", &path, err))?;
+            stats.changed.insert(e.path.clone());
         }
     }
 
@@ -334,6 +341,9 @@ pub fn execute(
                     f.write_all_at(data, offset)
                         .map_err(|err| ExecuteError::target("write", &full_path, err))?;
                     stats.bytes_written += data.len() as u64;
+                    if !stats.changed.contains(path) {
+                        stats.changed.insert(path.to_string());
+                    }
                 }
                 Fetched::Short { path, size } => {
                     // The source file is shorter than listed: so must the copy be. WAL replay
@@ -343,6 +353,7 @@ pub fn execute(
                     if let Ok(f) = fs::OpenOptions::new().write(true).open(&full_path) {
                         f.set_len(size)
                             .map_err(|err| ExecuteError::target("truncate", &full_path, err))?;
+                        stats.changed.insert(path.to_string());
                     }
                 }
                 Fetched::Vanished { path } => {
@@ -445,6 +456,7 @@ fn hash_diffs(
         if size > h.size {
             f.set_len(h.size)
                 .map_err(|err| ExecuteError::target("truncate", &path, err))?;
+            stats.changed.insert(h.path.clone());
         }
         let fetched: u64 = ranges.iter().map(|r| r.length).sum();
         stats.files_hashed += 1;
@@ -566,5 +578,45 @@ mod tests {
             got,
             vec![(0, 3 * 8192), (5 * 8192, 8192), (7 * 8192, 2 * 8192)]
         );
+    }
+
+    // What the sync flushes is what was changed: an identical whole copy is not written, so it
+    // is not in `changed`; a different, a new and a cut-down file are.
+    #[test]
+    fn changed_holds_exactly_the_files_written_or_cut() {
+        let src = tempfile::tempdir().unwrap();
+        let tgt = tempfile::tempdir().unwrap();
+        let put = |d: &tempfile::TempDir, name: &str, bytes: &[u8]| {
+            fs::write(d.path().join(name), bytes).unwrap();
+        };
+        put(&src, "same", b"identical bytes");
+        put(&tgt, "same", b"identical bytes");
+        put(&src, "differs", b"source bytes");
+        put(&tgt, "differs", b"target bytes");
+        put(&src, "new", b"only on the source");
+        put(&src, "shorter", b"abc");
+        put(&tgt, "shorter", b"abcdef");
+        let plan = Plan {
+            entries: vec![
+                copy("same", 15, Some(15)),
+                copy("differs", 12, Some(12)),
+                copy("new", 18, None),
+                copy("shorter", 3, Some(6)),
+            ],
+            block_size: 8192,
+        };
+        let own = Ownership::of_data_dir(tgt.path()).unwrap();
+        let mut source = crate::source::local::LocalSource::new(src.path());
+        let mut progress = crate::progress::Terminal::new(false, false);
+        let stats = execute(&plan, tgt.path(), &own, &mut source, &mut progress).unwrap();
+        let changed: Vec<&str> = stats.changed.iter().map(String::as_str).collect();
+        assert_eq!(changed, ["differs", "new", "shorter"]);
+        for name in ["same", "differs", "new", "shorter"] {
+            assert_eq!(
+                fs::read(tgt.path().join(name)).unwrap(),
+                fs::read(src.path().join(name)).unwrap(),
+                "{name}"
+            );
+        }
     }
 }

@@ -163,35 +163,31 @@ pub fn sync_data_dir(pgdata: &Path, method: SyncMethod) -> io::Result<()> {
     Ok(())
 }
 
-/// Makes durable what carrying out `plan` changed in `pgdata`: every file written, extended or
-/// cut, every directory where an entry was created or removed, and `pg_wal`. The rest of the target was
-/// durable before the rewind began (it was shut down cleanly, or crash recovery ended with a
-/// checkpoint), so unlike pg_rewind this does not flush the whole data directory. `syncfs`
-/// flushes each filesystem whole instead.
+/// Makes durable what carrying out `plan` changed in `pgdata`: every file in `changed` (the
+/// files written, extended or cut), every directory where an entry was created or removed,
+/// and, when segments were restored from the archive (`wal_restored`), `pg_wal`. The rest of
+/// the target was durable before the rewind began (it was shut down cleanly, or crash recovery
+/// ended with a checkpoint) — including whole copies found identical, which were not written —
+/// so unlike pg_rewind this does not flush the whole data directory. `syncfs` flushes each
+/// filesystem whole instead.
 pub fn sync_plan(
     pgdata: &Path,
     plan: &failback_common::plan::Plan,
+    changed: &std::collections::BTreeSet<String>,
+    wal_restored: bool,
     method: SyncMethod,
 ) -> io::Result<()> {
     use failback_common::filemap::FileAction;
     if method == SyncMethod::Syncfs {
         return sync_data_dir(pgdata, method);
     }
-    let mut files = Vec::new();
+    let files: Vec<PathBuf> = changed.iter().map(|p| pgdata.join(p)).collect();
     let mut dirs = std::collections::BTreeSet::new();
     for e in &plan.entries {
-        let path = pgdata.join(&e.path);
-        let parent = path.parent().map(Path::to_path_buf);
-        match e.action {
-            FileAction::Copy | FileAction::CopyTail | FileAction::Truncate => files.push(path),
-            FileAction::None if !e.blocks.is_empty() => files.push(path),
-            FileAction::None => continue,
-            FileAction::Create | FileAction::Remove => {}
-        }
         if matches!(e.action, FileAction::Create | FileAction::Remove)
             || (e.action == FileAction::Copy && e.target.is_none())
         {
-            dirs.extend(parent);
+            dirs.extend(pgdata.join(&e.path).parent().map(Path::to_path_buf));
         }
     }
     let open = |p: &Path| match File::open(p) {
@@ -219,7 +215,7 @@ pub fn sync_plan(
     }
     // Segments restored from the archive under -c are not in the plan, and recovery needs them.
     let wal = pgdata.join("pg_wal");
-    if wal.is_dir() {
+    if wal_restored && wal.is_dir() {
         fsync_tree(&wal)?;
     }
     Ok(())

@@ -460,9 +460,16 @@ pub fn rewind(
 
     if !opts.no_sync {
         progress.phase("syncing target data directory");
+        let changed = report
+            .execution
+            .as_ref()
+            .map(|x| x.changed.clone())
+            .unwrap_or_default();
         fsutil::sync_plan(
             target_dir,
             &the_plan,
+            &changed,
+            restore.is_some(),
             opts.sync_method.unwrap_or(SyncMethod::Fsync),
         )
         .map_err(wrap("could not sync the target data directory"))?;
