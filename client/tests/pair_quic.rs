@@ -280,16 +280,23 @@ fn malformed_and_oversized_requests_get_an_error_and_the_server_keeps_serving() 
     );
 
     // Two connections at most: the raw one and one source; a third is refused until one goes.
-    let mut src = quic_connect(&server, &ca, None).unwrap();
-    assert_eq!(src.control_file().unwrap().len(), 8192);
+    let one = |server: &Failbackd| {
+        QuicSource::connect(RemoteOptions {
+            connections: 1,
+            ..quic_options(server, &ca, None)
+        })
+    };
     assert!(
-        quic_connect(&server, &ca, None).is_err(),
-        "a third connection was served"
+        QuicSource::connect(quic_options(&server, &ca, None)).is_err(),
+        "a source of two connections was served beside the raw one"
     );
+    let mut src = one(&server).unwrap();
+    assert_eq!(src.control_file().unwrap().len(), 8192);
+    assert!(one(&server).is_err(), "a third connection was served");
     drop(src);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut again = loop {
-        match quic_connect(&server, &ca, None) {
+        match one(&server) {
             Ok(s) => break s,
             Err(e) if Instant::now() > deadline => panic!("the freed slot stays taken: {e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(200)),

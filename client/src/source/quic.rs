@@ -188,6 +188,18 @@ impl Transport for QuicTransport {
     }
 }
 
+async fn connect_one(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    host: &str,
+) -> Result<quinn::Connection, String> {
+    let connecting = endpoint.connect(addr, host).map_err(|e| chain(&e))?;
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| format!("no answer in {} s", CONNECT_TIMEOUT.as_secs()))?
+        .map_err(|e| chain(&e))
+}
+
 impl RemoteSource<QuicTransport> {
     /// Connects (TLS 1.3, the server's certificate checked against `--ca`) and shakes hands.
     pub fn connect(opts: RemoteOptions) -> Result<QuicSource, SourceError> {
@@ -229,17 +241,23 @@ impl RemoteSource<QuicTransport> {
             endpoint.set_default_client_config(config);
             // Connections of one endpoint share its UDP socket; each has its own congestion
             // control and flow-control windows.
-            let mut transports = Vec::with_capacity(opts.connections.max(1));
+            let mut transports: Vec<QuicTransport> = Vec::with_capacity(opts.connections.max(1));
             for _ in 0..opts.connections.max(1) {
-                let connecting = endpoint
-                    .connect(addr, host)
-                    .map_err(|e| could_not(chain(&e)))?;
-                let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-                    .await
-                    .map_err(|_| {
-                        could_not(format!("no answer in {} s", CONNECT_TIMEOUT.as_secs()))
-                    })?
-                    .map_err(|e| could_not(chain(&e)))?;
+                let conn = match connect_one(&endpoint, addr, host).await {
+                    Ok(c) => c,
+                    Err(why) => {
+                        // Free the server's slots now, not at its idle timeout.
+                        for t in &transports {
+                            t.conn.close(quinn::VarInt::from_u32(0), b"connect failed");
+                        }
+                        if !transports.is_empty() {
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle())
+                                    .await;
+                        }
+                        return Err(could_not(why));
+                    }
+                };
                 transports.push(QuicTransport {
                     conn,
                     token: opts.token.clone().unwrap_or_default(),
