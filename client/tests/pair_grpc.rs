@@ -884,7 +884,20 @@ pg_test!(end_of_wal_and_the_timeline_after_promotion, |major| {
     assert_eq!(end.timeline, 2);
     drop(live);
     drop(files);
+    // --pg-conn to a server that is shut down: served as a shut-down directory.
     primary.stop(StopMode::Fast);
+    let stopped = Failbackd::start_live(&primary);
+    let caps = capabilities(&stopped);
+    assert!(
+        !caps.iter().any(|c| c == "live" || c == "running"),
+        "{caps:?}"
+    );
+    assert_eq!(raw_timeline(&stopped), 1);
+    assert_eq!(
+        raw_end_of_wal(&stopped).unwrap_err().code(),
+        tonic::Code::Unavailable
+    );
+    assert!(!connect(stopped.url(), None).unwrap().is_live());
 });
 
 // Whole-file copies of files the target has (WAL segments from before the fork) fetch only
