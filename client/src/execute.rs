@@ -401,12 +401,18 @@ fn hash_diffs(
     stats: &mut ExecuteStats,
 ) -> Result<HashMap<String, Vec<ByteRange>>, ExecuteError> {
     let mut diffs = HashMap::new();
+    // failbackd hashes at most MAX_HASHES_PER_FILE chunks of a file (16 GiB here) and
+    // refuses the whole request otherwise: a file over half that (room for a live file to
+    // grow) is copied whole instead.
+    let most = HASH_CHUNK * failback_server::service::MAX_HASHES_PER_FILE;
     let paths: Vec<String> = plan
         .entries
         .iter()
         .filter(|e| {
             e.action == FileAction::Copy
-                && e.source.as_ref().is_some_and(|s| s.size >= HASH_CHUNK)
+                && e.source
+                    .as_ref()
+                    .is_some_and(|s| (HASH_CHUNK..=most / 2).contains(&s.size))
                 && e.target.as_ref().is_some_and(|t| t.size >= HASH_CHUNK)
         })
         .map(|e| e.path.clone())
