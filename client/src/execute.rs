@@ -284,6 +284,14 @@ pub fn execute(
     // Whole copies of files the target has: only the chunks that differ, when the source can
     // say which.
     let diffs = hash_diffs(plan, pgdata, source, &mut stats)?;
+    if stats.files_hashed > 0 {
+        progress.info(&format!(
+            "compared {} files with the source's chunk hashes: {} MB of them already on the \
+             target, not fetched",
+            stats.files_hashed,
+            stats.bytes_skipped_by_hashes / 1_000_000
+        ));
+    }
 
     // Every byte to fetch, as one batch.
     let ranges = fetch_ranges(plan, source.is_live(), &diffs);
