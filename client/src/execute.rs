@@ -219,6 +219,19 @@ pub fn execute(
     let mut stats = ExecuteStats::default();
     let full = |p: &str| pgdata.join(p);
 
+    // Whole copies of files the target has: only the chunks that differ, when the source can
+    // say which. Asked first, before any change: a source that fails to answer leaves the
+    // target as it was.
+    let (diffs, hashed_sizes) = hash_diffs(plan, pgdata, source, &mut stats)?;
+    if stats.files_hashed > 0 {
+        progress.info(&format!(
+            "compared {} files with the source's chunk hashes: {} MB of them already on the \
+             target, not fetched",
+            stats.files_hashed,
+            stats.bytes_skipped_by_hashes / 1_000_000
+        ));
+    }
+
     // Directories and links first, so that files below them can be written.
     for e in plan
         .entries
@@ -263,10 +276,14 @@ pub fn execute(
         let target_len = e.target.as_ref().map_or(0, |t| t.size);
         let new_len = match e.action {
             FileAction::Truncate => e.source.as_ref().map_or(0, |s| s.size),
-            // A whole copy ends at the source's size; bytes past it must go.
-            FileAction::Copy if e.target.is_some() => {
-                e.source.as_ref().map_or(0, |s| s.size).min(target_len)
-            }
+            // A whole copy ends at the source's size (as hashed, when it was); bytes past it
+            // must go.
+            FileAction::Copy if e.target.is_some() => e
+                .source
+                .as_ref()
+                .map_or(0, |s| s.size)
+                .min(target_len)
+                .min(hashed_sizes.get(&e.path).copied().unwrap_or(u64::MAX)),
             FileAction::Copy => {
                 let path = full(&e.path);
                 own.open_for_write(&path, true)
@@ -287,10 +304,6 @@ pub fn execute(
             stats.changed.insert(e.path.clone());
         }
     }
-
-    // Whole copies of files the target has: only the chunks that differ, when the source can
-    // say which.
-    let diffs = hash_diffs(plan, pgdata, source, &mut stats)?;
 
     // Every byte to fetch, as one batch.
     let ranges = fetch_ranges(plan, source.is_live(), &diffs);
@@ -401,32 +414,42 @@ pub fn execute(
     Ok(stats)
 }
 
+/// The ranges to fetch per file, and the size the source hashed per file.
+type HashDiffs = (HashMap<String, Vec<ByteRange>>, HashMap<String, u64>);
+
 /// For each whole-file copy of a file the target has (at least one chunk long), the ranges
-/// that differ from the source's, by comparing the source's chunk hashes with the target's.
-/// The target file is cut to the size the source hashed, so that skipped chunks and fetched
-/// ranges together make the source's file.
+/// that differ from the source's, by comparing the source's chunk hashes with the target's,
+/// and the size the source hashed: the target file must be cut to it, so that skipped chunks
+/// and fetched ranges together make the source's file. Changes nothing.
 fn hash_diffs(
     plan: &Plan,
     pgdata: &Path,
     source: &mut dyn Source,
     stats: &mut ExecuteStats,
-) -> Result<HashMap<String, Vec<ByteRange>>, ExecuteError> {
+) -> Result<HashDiffs, ExecuteError> {
     let mut diffs = HashMap::new();
+    let mut sizes = HashMap::new();
+    // failbackd hashes at most MAX_HASHES_PER_FILE chunks of a file (16 GiB here) and
+    // refuses the whole request otherwise: a file over half that (room for a live file to
+    // grow) is copied whole instead.
+    let most = HASH_CHUNK * failback_server::service::MAX_HASHES_PER_FILE;
     let paths: Vec<String> = plan
         .entries
         .iter()
         .filter(|e| {
             e.action == FileAction::Copy
-                && e.source.as_ref().is_some_and(|s| s.size >= HASH_CHUNK)
+                && e.source
+                    .as_ref()
+                    .is_some_and(|s| (HASH_CHUNK..=most / 2).contains(&s.size))
                 && e.target.as_ref().is_some_and(|t| t.size >= HASH_CHUNK)
         })
         .map(|e| e.path.clone())
         .collect();
     if paths.is_empty() {
-        return Ok(diffs);
+        return Ok((diffs, sizes));
     }
     let Some(hashes) = source.chunk_hashes(&paths, HASH_CHUNK)? else {
-        return Ok(diffs);
+        return Ok((diffs, sizes));
     };
     let mut buf = vec![0u8; HASH_CHUNK as usize];
     for h in hashes {
@@ -435,11 +458,7 @@ fn hash_diffs(
             continue;
         }
         let path = pgdata.join(&h.path);
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|err| ExecuteError::target("open", &path, err))?;
+        let f = File::open(&path).map_err(|err| ExecuteError::target("open", &path, err))?;
         let (size, mine) =
             hash_chunks(&f, &mut buf).map_err(|err| ExecuteError::target("read", &path, err))?;
         let ranges = chunkdiff::ranges_to_fetch(
@@ -453,17 +472,13 @@ fn hash_diffs(
                 hashes: &mine,
             },
         );
-        if size > h.size {
-            f.set_len(h.size)
-                .map_err(|err| ExecuteError::target("truncate", &path, err))?;
-            stats.changed.insert(h.path.clone());
-        }
         let fetched: u64 = ranges.iter().map(|r| r.length).sum();
         stats.files_hashed += 1;
         stats.bytes_skipped_by_hashes += h.size.saturating_sub(fetched);
+        sizes.insert(h.path.clone(), h.size);
         diffs.insert(h.path, ranges);
     }
-    Ok(diffs)
+    Ok((diffs, sizes))
 }
 
 /// blake3 of each `buf.len()`-byte chunk of a file, and its size.

@@ -170,8 +170,8 @@ pub fn rewind(
         let end = source
             .end_of_wal()
             .map_err(wrap(
-                "the source server is running, and its end of WAL cannot be known (failbackd \
-                 needs --pg-conn to serve a running server)",
+                "could not learn where the running source server's WAL ends, which a rewind \
+                 from a running server needs (failbackd serves one only with --pg-conn)",
             ))?
             .ok_or_else(|| {
                 fail("the source server is running, but the source does not say where its WAL ends")

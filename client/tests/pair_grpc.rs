@@ -301,42 +301,6 @@ fn capabilities(server: &Failbackd) -> Vec<String> {
         .capabilities
 }
 
-/// Runs `f` while pgbench writes on `primary` (from before `f` starts until it returns), and
-/// checks that the load did commit transactions meanwhile.
-fn under_load<T>(primary: &Cluster, f: impl FnOnce() -> T) -> T {
-    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-    let count = || -> u64 {
-        primary
-            .query_one("SELECT count(*) FROM pgbench_history")
-            .parse()
-            .unwrap()
-    };
-    let stop = AtomicBool::new(false);
-    let runs = AtomicU32::new(0);
-    let (out, before, after) = std::thread::scope(|s| {
-        let load = s.spawn(|| {
-            while !stop.load(Ordering::SeqCst) {
-                primary.pgbench(&["-n", "-T", "1", "-c", "2"]);
-                runs.fetch_add(1, Ordering::SeqCst);
-            }
-        });
-        while runs.load(Ordering::SeqCst) == 0 {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let before = count();
-        let out = f();
-        let after = count();
-        stop.store(true, Ordering::SeqCst);
-        load.join().unwrap();
-        (out, before, after)
-    });
-    assert!(
-        after > before,
-        "the load did not run meanwhile ({before} -> {after} pgbench_history rows)"
-    );
-    out
-}
-
 // The new primary was promoted moments ago (its checkpoint still pending, so pg_control names
 // the old timeline) and runs under pgbench load during the whole rewind; failbackd without
 // --pg-conn refuses it first (the target untouched), then with --pg-conn the rewind succeeds
@@ -390,7 +354,7 @@ pg_test!(rewinds_a_live_source_under_load, |major| {
         1,
         "the promotion's checkpoint already finished: the test needs it pending"
     );
-    let report = under_load(&new_primary, || {
+    let report = failback_tests::rewind::under_load(&new_primary, || {
         let server = Failbackd::start_live(&new_primary);
         assert!(capabilities(&server).iter().any(|c| c == "live"));
         let mut source = connect(server.url(), None).unwrap();
@@ -471,7 +435,20 @@ pg_test!(end_of_wal_and_the_timeline_after_promotion, |major| {
     assert_eq!(end.timeline, 2);
     drop(live);
     drop(files);
+    // --pg-conn to a server that is shut down: served as a shut-down directory.
     primary.stop(StopMode::Fast);
+    let stopped = Failbackd::start_live(&primary);
+    let caps = capabilities(&stopped);
+    assert!(
+        !caps.iter().any(|c| c == "live" || c == "running"),
+        "{caps:?}"
+    );
+    assert_eq!(raw_timeline(&stopped), 1);
+    assert_eq!(
+        raw_end_of_wal(&stopped).unwrap_err().code(),
+        tonic::Code::Unavailable
+    );
+    assert!(!connect(stopped.url(), None).unwrap().is_live());
 });
 
 // Whole-file copies of files the target has (WAL segments from before the fork) fetch only
@@ -545,7 +522,7 @@ pg_test!(rewinds_from_a_live_standby, |major| {
     );
     primary.stop(StopMode::Fast);
     let opts = opts_for(&primary, &new_primary);
-    let (report, replayed_before) = under_load(&new_primary, || {
+    let (report, replayed_before) = failback_tests::rewind::under_load(&new_primary, || {
         let replayed_before = standby.current_lsn();
         let server = Failbackd::start_live(&standby);
         let end = raw_end_of_wal(&server).unwrap();

@@ -61,7 +61,18 @@ const END_OF_WAL: &str = "SELECT pg_is_in_recovery(),
 
 /// Asks the server at `conninfo` where its WAL ends. Blocking: call it off the async runtime.
 pub fn end_of_wal(conninfo: &str) -> Result<EndOfWal, LiveError> {
-    let mut client = postgres::Client::connect(conninfo, postgres::NoTls)
+    let mut config: postgres::Config = conninfo
+        .parse()
+        .map_err(|e: postgres::Error| LiveError::Connect(error_text(&e)))?;
+    // A server that is down must not hold a client's handshake for a TCP timeout.
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("failbackd");
+    }
+    let mut client = config
+        .connect(postgres::NoTls)
         .map_err(|e| LiveError::Connect(error_text(&e)))?;
     let row = client
         .query_one(END_OF_WAL, &[])

@@ -182,7 +182,11 @@ impl Failback for FailbackService {
             })
             .await?;
         let mut capabilities = vec!["zstd".into(), "blake3".into(), CAP_CHUNK_HASHES.into()];
-        if self.pg_conn.is_some() {
+        // With --pg-conn the source is live while its server runs: seen by postmaster.pid, or,
+        // when failbackd cannot see the postmaster's PID (another PID namespace), by the
+        // server answering. A --pg-conn left in a config file while the server is shut down
+        // serves the directory as shut down.
+        if self.pg_conn.is_some() && (running || self.live_end().await.is_ok()) {
             capabilities.push(CAP_LIVE.into());
         }
         if running {
@@ -215,9 +219,10 @@ impl Failback for FailbackService {
         _: Request<TimelinesRequest>,
     ) -> Result<Response<TimelinesResponse>, Status> {
         // The running server knows its timeline at once; its control file only after the
-        // first checkpoint on the new timeline (see crate::live).
+        // first checkpoint on the new timeline (see crate::live). A server that does not
+        // answer (shut down) leaves the files to say it.
         let live_tli = match self.pg_conn {
-            Some(_) => Some(self.live_end().await?.timeline),
+            Some(_) => self.live_end().await.ok().map(|e| e.timeline),
             None => None,
         };
         self.blocking(move |d| {

@@ -397,6 +397,52 @@ pub fn failover_and_rewind(
     run
 }
 
+/// Runs `f` while pgbench (`pgbench -n -T 1 -c 2`, over and over) writes on `primary`, from
+/// before `f` starts until it returns, and checks that the load committed transactions
+/// meanwhile: the source of a live rewind changing under it. `primary` needs the pgbench
+/// tables (`pgbench_init`).
+pub fn under_load<T>(primary: &Cluster, f: impl FnOnce() -> T) -> T {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let count = || -> u64 {
+        primary
+            .query_one("SELECT count(*) FROM pgbench_history")
+            .parse()
+            .unwrap()
+    };
+    /// Stops the load when dropped, also when `f` panics (the scope would wait for ever).
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let stop = AtomicBool::new(false);
+    let runs = AtomicU32::new(0);
+    let (out, before, after) = std::thread::scope(|s| {
+        let stopper = Stop(&stop);
+        let load = s.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                primary.pgbench(&["-n", "-T", "1", "-c", "2"]);
+                runs.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        while runs.load(Ordering::SeqCst) == 0 && !load.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let before = count();
+        let out = f();
+        let after = count();
+        drop(stopper);
+        load.join().expect("the pgbench load failed");
+        (out, before, after)
+    });
+    assert!(
+        after > before,
+        "the load did not run meanwhile ({before} -> {after} pgbench_history rows)"
+    );
+    out
+}
+
 // ---- files of a data directory ----
 
 /// Every entry below a data directory (following `pg_wal` and `pg_tblspc/*` links, as

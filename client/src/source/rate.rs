@@ -101,3 +101,47 @@ impl<S: Source> Source for RateLimited<S> {
         self.inner.chunk_hashes(paths, chunk_size)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::local::LocalSource;
+
+    /// The limit holds for a source that is not a network one at all: a local directory, read
+    /// at memory speed, delivered no faster than the rate allows.
+    #[test]
+    fn a_local_source_is_held_to_the_rate() {
+        let dir = std::env::temp_dir().join(format!("fb-rate-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("global")).unwrap();
+        let size: u64 = 3 << 20;
+        std::fs::write(dir.join("global/big"), vec![7u8; size as usize]).unwrap();
+        let rate = 4 << 20;
+        let mut src = RateLimited::new(LocalSource::new(&dir), rate).unwrap();
+        let t0 = Instant::now();
+        let mut got = 0u64;
+        src.fetch(
+            &[FetchRange {
+                path: "global/big".into(),
+                offset: 0,
+                length: size,
+            }],
+            &mut |p| {
+                if let Fetched::Data { data, .. } = p {
+                    got += data.len() as u64;
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        let elapsed = t0.elapsed().as_secs_f64();
+        assert_eq!(got, size);
+        let floor = (size - TokenBucket::default_burst(rate)) as f64 / rate as f64;
+        assert!(
+            elapsed >= floor,
+            "{size} bytes in {elapsed:.3} s at {rate} B/s"
+        );
+        assert!(src.waited() > Duration::ZERO);
+        assert!(RateLimited::new(LocalSource::new(&dir), 0).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
