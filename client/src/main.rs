@@ -83,7 +83,8 @@ struct RewindArgs {
     /// Write standby.signal and primary_conninfo, so the target starts as a standby.
     #[arg(short = 'R', long)]
     write_recovery_conf: bool,
-    /// The primary_conninfo -R writes (with a local source it must be given).
+    /// The primary_conninfo -R writes. From failbackd by default (the host it was reached at,
+    /// the port its server listens on, the user of its --pg-conn); a local source needs it.
     #[arg(long, value_name = "CONNINFO")]
     primary_conninfo: Option<String>,
     /// Change nothing; print what would be done.
@@ -255,10 +256,10 @@ fn rewind(a: RewindArgs) -> Result<()> {
         debug: a.debug,
         pg_bindir: a.pg_bindir,
     };
-    if opts.write_recovery_conf && opts.primary_conninfo.is_none() {
+    if opts.write_recovery_conf && opts.primary_conninfo.is_none() && a.source_pgdata.is_some() {
         anyhow::bail!(
-            "-R needs --primary-conninfo: neither a local source nor failbackd says how the \
-             target reaches the new primary"
+            "-R needs --primary-conninfo: a local source does not say how the target reaches \
+             the new primary"
         );
     }
     let mut progress = failback_client::progress::Terminal::new(a.progress, a.debug);

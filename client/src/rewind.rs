@@ -163,6 +163,17 @@ pub fn rewind(
     let src = ControlFileData::parse(&source_bytes)
         .map_err(wrap(format!("source control file ({})", source.describe())))?;
     sanity_checks(&src, &target, source.is_live(), false)?;
+    // -R's conninfo: given, or what the source says (failbackd knows where its server listens).
+    let conninfo = match (opts.write_recovery_conf, &opts.primary_conninfo) {
+        (false, _) => None,
+        (true, Some(c)) => Some(c.clone()),
+        (true, None) => Some(source.primary_conninfo().ok_or_else(|| {
+            fail(
+                "-R needs --primary-conninfo: a local source does not say how the target \
+                 reaches the new primary",
+            )
+        })?),
+    };
     // A live source must be able to say where its WAL ends, or the rewound target could call
     // itself consistent before it has replayed what the copy saw: ask now, before anything
     // changes, so a source that cannot answer is refused with the target untouched.
@@ -279,7 +290,7 @@ pub fn rewind(
     if !rewind_needed {
         progress.info("no rewind required");
         if opts.write_recovery_conf && !opts.dry_run {
-            write_recovery_conf(target_dir, opts, &own)?;
+            write_recovery_conf(target_dir, conninfo.as_deref(), &own)?;
         }
         report.seconds.checks = t0.elapsed().as_secs_f64();
         return Ok((report, None));
@@ -488,7 +499,7 @@ pub fn rewind(
     fsutil::durable_write(&target_dir.join("global/pg_control"), &bytes, &own)
         .map_err(wrap("could not write the target's control file"))?;
     if opts.write_recovery_conf {
-        write_recovery_conf(target_dir, opts, &own)?;
+        write_recovery_conf(target_dir, conninfo.as_deref(), &own)?;
     }
     report.seconds.sync_and_commit = t_commit.elapsed().as_secs_f64();
     report.seconds.checks = (t_scan - t0).as_secs_f64();
@@ -596,10 +607,10 @@ fn sanity_checks(
 /// `-R`: `standby.signal`, and one `primary_conninfo` in `postgresql.auto.conf`.
 fn write_recovery_conf(
     target: &Path,
-    opts: &RewindOptions,
+    conninfo: Option<&str>,
     own: &Ownership,
 ) -> Result<(), RewindError> {
-    let conninfo = opts.primary_conninfo.as_deref().ok_or_else(|| {
+    let conninfo = conninfo.ok_or_else(|| {
         fail("-R needs --primary-conninfo to know how the target reaches the new primary")
     })?;
     fsutil::durable_write(&target.join("standby.signal"), b"", own)

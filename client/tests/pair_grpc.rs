@@ -321,7 +321,11 @@ pg_test!(rewinds_a_live_source_under_load, |major| {
          CREATE TABLE only_old AS SELECT generate_series(1, 1000) AS x",
     );
     primary.stop(StopMode::Fast);
-    let opts = opts_for(&primary, &new_primary);
+    // -R without --primary-conninfo: failbackd says where its server listens.
+    let opts = RewindOptions {
+        primary_conninfo: None,
+        ..opts_for(&primary, &new_primary)
+    };
 
     // Without --pg-conn the end of WAL is unknown: refused before anything changes.
     let before = failback_tests::rewind::TreeDigest::of(&primary.data_dir());
@@ -371,6 +375,13 @@ pg_test!(rewinds_a_live_source_under_load, |major| {
     assert_eq!(control.minRecoveryPoint, mrp);
     assert_eq!(control.minRecoveryPointTLI, 2);
     assert!(mrp > control.checkPoint, "{mrp} vs {}", control.checkPoint);
+    let auto = std::fs::read_to_string(primary.data_dir().join("postgresql.auto.conf")).unwrap();
+    let want = format!(
+        "primary_conninfo = 'host=127.0.0.1 port={} user=postgres'",
+        new_primary.port()
+    );
+    assert!(auto.contains(&want), "{want} not in:\n{auto}");
+    // Started with only what -R wrote, it streams from the new primary.
     failback_tests::rewind::start_rejoined(&mut primary, &mut new_primary);
 });
 

@@ -13,6 +13,7 @@
 //! window = 16777216
 //! quic_max_connections = 64
 //! quic_max_streams = 300
+//! primary_conninfo = "host=db1.example port=5432 user=replicator"
 //! ```
 //!
 //! A flag given on the command line wins over the file. A key the file does not know is
@@ -39,6 +40,7 @@ pub struct Settings {
     pub window: Option<u32>,
     pub quic_max_connections: Option<usize>,
     pub quic_max_streams: Option<u32>,
+    pub primary_conninfo: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +87,7 @@ impl Settings {
             window: flags.window.or(self.window),
             quic_max_connections: flags.quic_max_connections.or(self.quic_max_connections),
             quic_max_streams: flags.quic_max_streams.or(self.quic_max_streams),
+            primary_conninfo: flags.primary_conninfo.or(self.primary_conninfo),
         }
     }
 }
@@ -108,6 +111,12 @@ mod tests {
             token_file = "t"
             max_chunk = 65536
             pg_conn = "host=/tmp user=postgres"
+            quic_listen = "127.0.0.1:7433"
+            client_ca = "ca.pem"
+            window = 1048576
+            quic_max_connections = 8
+            quic_max_streams = 100
+            primary_conninfo = "host=db1 user=replicator"
             "#,
         )
         .unwrap();
@@ -118,6 +127,15 @@ mod tests {
         assert_eq!(s.token_file, Some(PathBuf::from("t")));
         assert_eq!(s.max_chunk, Some(65536));
         assert_eq!(s.pg_conn.as_deref(), Some("host=/tmp user=postgres"));
+        assert_eq!(s.quic_listen, Some("127.0.0.1:7433".parse().unwrap()));
+        assert_eq!(s.client_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(s.window, Some(1 << 20));
+        assert_eq!(s.quic_max_connections, Some(8));
+        assert_eq!(s.quic_max_streams, Some(100));
+        assert_eq!(
+            s.primary_conninfo.as_deref(),
+            Some("host=db1 user=replicator")
+        );
         assert_eq!(parse("").unwrap(), Settings::default());
     }
 

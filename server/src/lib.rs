@@ -55,6 +55,9 @@ pub struct Config {
     /// A local connection string to the PostgreSQL server running on `pgdata` (`--pg-conn`):
     /// with it failbackd serves a live source (its end of WAL, its current timeline).
     pub pg_conn: Option<String>,
+    /// How standbys reach the server (libpq keywords), told to clients for `-R`; by default
+    /// the port the running server listens on and the user of `pg_conn`.
+    pub primary_conninfo: Option<String>,
 }
 
 impl Config {
@@ -68,6 +71,7 @@ impl Config {
             window: DEFAULT_WINDOW,
             quic: quic::QuicLimits::default(),
             pg_conn: None,
+            primary_conninfo: None,
         }
     }
 }

@@ -171,6 +171,50 @@ pub fn running_postmaster(pgdata: &Path) -> Option<i32> {
     alive.then_some(pid)
 }
 
+/// The port a running PostgreSQL listens on: line 4 of `postmaster.pid` (`LOCK_FILE_LINE_PORT`
+/// in PostgreSQL's `miscadmin.h`), when that postmaster runs.
+pub fn running_port(pgdata: &Path) -> Option<u16> {
+    running_postmaster(pgdata)?;
+    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    text.lines().nth(3)?.trim().parse().ok().filter(|p| *p != 0)
+}
+
+/// What failbackd tells a client about reaching its server, when the operator did not say
+/// (`--primary-conninfo`): the port the running server listens on, and the user of
+/// `--pg-conn`. The client adds the host it reached failbackd at.
+pub fn advertised_conninfo(pgdata: &Path, pg_conn: Option<&str>) -> String {
+    let mut parts = Vec::new();
+    if let Some(port) = running_port(pgdata) {
+        parts.push(format!("port={port}"));
+    }
+    if let Some(user) = pg_conn
+        .and_then(|c| c.parse::<postgres::Config>().ok())
+        .and_then(|c| c.get_user().map(str::to_string))
+    {
+        parts.push(format!("user={}", quote_conninfo_value(&user)));
+    }
+    parts.join(" ")
+}
+
+/// A libpq connection-string value, quoted when it holds anything but `[A-Za-z0-9_.]`.
+fn quote_conninfo_value(v: &str) -> String {
+    if !v.is_empty()
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    {
+        return v.to_string();
+    }
+    let mut out = String::from("'");
+    for c in v.chars() {
+        if c == '\'' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
 /// A PostgreSQL error with its server message, not only "db error".
 fn error_text(e: &postgres::Error) -> String {
     match e.as_db_error() {

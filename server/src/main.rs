@@ -53,6 +53,11 @@ struct Args {
     /// any user that may call pg_current_wal_insert_lsn): lets failbackd serve a live source.
     #[arg(long, value_name = "CONNSTR")]
     pg_conn: Option<String>,
+    /// What clients write as primary_conninfo for `failback rewind -R` (libpq keywords) [default:
+    /// the port the running server listens on and the user of --pg-conn; the client adds the
+    /// host it reached failbackd at].
+    #[arg(long, value_name = "CONNINFO")]
+    primary_conninfo: Option<String>,
 }
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
@@ -75,6 +80,7 @@ async fn main() -> Result<()> {
         window: a.window,
         quic_max_connections: a.quic_max_connections,
         quic_max_streams: a.quic_max_streams,
+        primary_conninfo: a.primary_conninfo,
     };
     let s = match &a.config {
         Some(f) => Settings::read(f)?.overridden_by(flags),
@@ -89,6 +95,7 @@ async fn main() -> Result<()> {
     let mut config = failback_server::Config::new(&pgdata);
     config.max_chunk = s.max_chunk.unwrap_or(failback_server::DEFAULT_MAX_CHUNK);
     config.pg_conn = s.pg_conn;
+    config.primary_conninfo = s.primary_conninfo;
     let limits = failback_server::quic::QuicLimits::default();
     config.window = s.window.unwrap_or(failback_server::DEFAULT_WINDOW);
     config.quic.max_connections = s.quic_max_connections.unwrap_or(limits.max_connections);

@@ -54,6 +54,8 @@ pub struct FailbackService {
     max_chunk: u64,
     readers: Arc<tokio::sync::Semaphore>,
     pg_conn: Option<Arc<str>>,
+    /// `--primary-conninfo`: what the handshake tells clients about reaching the server.
+    primary_conninfo: Option<Arc<str>>,
 }
 
 impl FailbackService {
@@ -63,6 +65,7 @@ impl FailbackService {
             max_chunk,
             readers: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
             pg_conn: None,
+            primary_conninfo: None,
         }
     }
 
@@ -71,6 +74,13 @@ impl FailbackService {
     pub fn for_config(config: &crate::Config) -> Self {
         FailbackService::new(DataDir::new(config.pgdata.clone()), config.max_chunk)
             .with_pg_conn(config.pg_conn.clone())
+            .with_primary_conninfo(config.primary_conninfo.clone())
+    }
+
+    /// What to tell clients about reaching the server (`--primary-conninfo`).
+    pub fn with_primary_conninfo(mut self, conninfo: Option<String>) -> Self {
+        self.primary_conninfo = conninfo.map(Arc::from);
+        self
     }
 
     /// A local connection string to the server running on the data directory.
@@ -175,10 +185,15 @@ impl Failback for FailbackService {
             )));
         }
         let max_chunk = self.max_chunk;
-        let (running, c) = self
-            .blocking(|d| {
+        let (advertise, pg_conn) = (self.primary_conninfo.clone(), self.pg_conn.clone());
+        let (running, conninfo, c) = self
+            .blocking(move |d| {
                 let running = crate::live::running_postmaster(d.root()).is_some();
-                Ok((running, control(&d)?.1))
+                let conninfo = match advertise {
+                    Some(c) => c.to_string(),
+                    None => crate::live::advertised_conninfo(d.root(), pg_conn.as_deref()),
+                };
+                Ok((running, conninfo, control(&d)?.1))
             })
             .await?;
         let mut capabilities = vec!["zstd".into(), "blake3".into(), CAP_CHUNK_HASHES.into()];
@@ -201,6 +216,7 @@ impl Failback for FailbackService {
             wal_segment_size: c.xlog_seg_size,
             capabilities,
             max_chunk,
+            primary_conninfo: conninfo,
         }))
     }
 

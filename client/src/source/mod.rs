@@ -127,6 +127,12 @@ pub trait Source {
     /// control file's checkpoint.
     fn end_of_wal(&mut self) -> Result<Option<SourceEnd>, SourceError>;
 
+    /// How a standby of the source reaches it (libpq keywords), when the source knows: what
+    /// `-R` writes unless `--primary-conninfo` is given.
+    fn primary_conninfo(&self) -> Option<String> {
+        None
+    }
+
     /// The source's current timeline when it knows better than its control file (right after
     /// a promotion, `checkPointCopy.ThisTimeLineID` names the old timeline until the first
     /// checkpoint); `None` to go by the control file.
@@ -176,6 +182,9 @@ impl<S: Source + ?Sized> Source for Box<S> {
     }
     fn current_timeline(&mut self) -> Result<Option<TimeLineId>, SourceError> {
         (**self).current_timeline()
+    }
+    fn primary_conninfo(&self) -> Option<String> {
+        (**self).primary_conninfo()
     }
     fn chunk_hashes(
         &mut self,

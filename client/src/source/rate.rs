@@ -93,6 +93,10 @@ impl<S: Source> Source for RateLimited<S> {
         self.inner.current_timeline()
     }
 
+    fn primary_conninfo(&self) -> Option<String> {
+        self.inner.primary_conninfo()
+    }
+
     fn chunk_hashes(
         &mut self,
         paths: &[String],

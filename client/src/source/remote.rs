@@ -176,6 +176,8 @@ pub struct RemoteSource<T: Transport> {
     /// Handshake capabilities: failbackd knows the server's end of WAL (`live`), PostgreSQL
     /// runs on the served directory (`running`), ChunkHashes is served (`chunk-hashes`).
     capabilities: Vec<String>,
+    /// How a standby reaches the source's server, host included.
+    primary_conninfo: String,
 }
 
 impl<T: Transport> RemoteSource<T> {
@@ -208,9 +210,11 @@ impl<T: Transport> RemoteSource<T> {
                 hs.max_chunk
             )));
         }
+        let primary_conninfo = with_host(&hs.primary_conninfo, url_host(&opts.url));
         Ok(RemoteSource {
             rt,
             transports,
+            primary_conninfo,
             url: opts.url,
             jobs: opts.jobs.max(1),
             compression: opts.compression,
@@ -235,6 +239,26 @@ impl<T: Transport> Drop for RemoteSource<T> {
         self.rt.block_on(async {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), all).await;
         });
+    }
+}
+
+/// The host of a `scheme://host:port` URL, without IPv6 brackets.
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// `conninfo` with `host=HOST` in front unless it names a host (libpq's `host` or `hostaddr`).
+fn with_host(conninfo: &str, host: &str) -> String {
+    let names_host = conninfo.split_whitespace().any(|kv| {
+        let key = kv.split('=').next().unwrap_or_default().trim();
+        key == "host" || key == "hostaddr"
+    });
+    match (names_host, conninfo.trim()) {
+        (true, c) => c.to_string(),
+        (false, "") => format!("host={host}"),
+        (false, c) => format!("host={host} {c}"),
     }
 }
 
@@ -596,6 +620,10 @@ impl<T: Transport> Source for RemoteSource<T> {
         result
     }
 
+    fn primary_conninfo(&self) -> Option<String> {
+        Some(self.primary_conninfo.clone())
+    }
+
     fn is_live(&self) -> bool {
         // A running server without --pg-conn is live too: end_of_wal then reports failbackd's
         // refusal rather than letting the rewind take a wrong minRecoveryPoint.
@@ -694,6 +722,22 @@ impl<T: Transport> Source for RemoteSource<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_conninfo_gets_the_host_failbackd_was_reached_at() {
+        assert_eq!(url_host("grpcs://db1.example:7432"), "db1.example");
+        assert_eq!(url_host("quic://[::1]:7433"), "::1");
+        assert_eq!(
+            with_host("port=5433 user=postgres", "db1"),
+            "host=db1 port=5433 user=postgres"
+        );
+        assert_eq!(with_host("", "db1"), "host=db1");
+        assert_eq!(
+            with_host("hostaddr=10.0.0.1 port=5", "db1"),
+            "hostaddr=10.0.0.1 port=5"
+        );
+        assert_eq!(with_host("host = x", "db1"), "host = x");
+    }
 
     #[test]
     fn batches_group_ranges_whole_and_in_order() {
