@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use failback_common::control::{ControlFileData, DBState};
+use failback_common::filemap::FileAction;
 use failback_common::lsn::history_file_name;
 use failback_common::plan::{self, PageMap, Plan, PlanInput};
 use failback_common::recovery;
@@ -387,6 +388,15 @@ pub fn rewind(
         wal_segment_size: target.xlog_seg_size,
         oldest_needed_wal_segment: Some(chkpt_redo.segment_number(target.xlog_seg_size)),
         divergence: Some(ca.divergerec),
+        source_wal_end: Some(match live_start {
+            Some(end) => end.lsn,
+            None if src.state == DBState::ShutdownedInRecovery
+                && src.minRecoveryPoint > src.checkPoint =>
+            {
+                src.minRecoveryPoint
+            }
+            None => src.checkPoint,
+        }),
     })
     .map_err(wrap("could not plan the rewind"))?;
     report.actions = the_plan
@@ -454,6 +464,41 @@ pub fn rewind(
         return Err(fail(
             "the source is live but did not say where its WAL ends after the copy",
         ));
+    }
+    // A live source wrote on during the copy: segments that were past its end of WAL when
+    // the plan was made, and that its end has reached since, hold WAL recovery replays.
+    if let Some(end) = end {
+        let reached: Vec<_> = the_plan
+            .entries
+            .iter()
+            .filter(|e| {
+                e.note == Some(plan::PAST_SOURCE_END)
+                    && !plan::wal_segment_past(&e.path, end.lsn, target.xlog_seg_size)
+            })
+            .map(|e| plan::PlanEntry {
+                action: FileAction::Copy,
+                note: None,
+                ..e.clone()
+            })
+            .collect();
+        if !reached.is_empty() {
+            progress.debug(&format!(
+                "{} WAL segment(s) the source wrote into during the copy",
+                reached.len()
+            ));
+            let more = Plan {
+                entries: reached,
+                block_size: the_plan.block_size,
+            };
+            let extra = execute::execute(&more, target_dir, &own, source, progress).map_err(
+                wrap("could not copy the WAL the source wrote during the copy"),
+            )?;
+            if let Some(x) = report.execution.as_mut() {
+                x.bytes_fetched += extra.bytes_fetched;
+                x.bytes_written += extra.bytes_written;
+                x.changed.extend(extra.changed);
+            }
+        }
     }
     let (min_point, min_tli) = match end {
         Some(end) => (end.lsn, end.tli),

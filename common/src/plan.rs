@@ -113,6 +113,29 @@ pub struct PlanInput<'a> {
     pub oldest_needed_wal_segment: Option<XLogSegNo>,
     /// Where the histories diverged: no kept target segment may keep WAL from this point on.
     pub divergence: Option<Lsn>,
+    /// Where the source's WAL ends when the plan is made (its insert or replay position when
+    /// live, its last checkpoint or minimum recovery point when shut down). A source segment
+    /// that starts more than a WAL page past it holds no WAL yet — a recycled or preallocated
+    /// file — and is not copied to a target that lacks it ([`PAST_SOURCE_END`]).
+    pub source_wal_end: Option<Lsn>,
+}
+
+/// The note of a source WAL segment left out because it starts past the source's end of WAL.
+/// A live source may have written into it by the end of the copy; the caller then fetches the
+/// ones its final end of WAL reaches.
+pub const PAST_SOURCE_END: &str = "not copied: past the source's end of WAL (recycled)";
+
+/// The slack past the source's end of WAL: a shut-down source's end is the start of its last
+/// checkpoint record, whose bytes (and a page header) follow it.
+const END_SLACK: u64 = 8192;
+
+/// Whether the source segment `path` starts past `end` (plus [`END_SLACK`]).
+pub fn wal_segment_past(path: &str, end: Lsn, wal_segment_size: u32) -> bool {
+    path.strip_prefix("pg_wal/")
+        .and_then(|name| parse_wal_file_name(name, wal_segment_size))
+        .is_some_and(|(_, segno)| {
+            segment_start(segno, wal_segment_size).0 > end.0.saturating_add(END_SLACK)
+        })
 }
 
 /// One path's part of the plan.
@@ -245,6 +268,14 @@ pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
             action = FileAction::None;
             note = Some("older than the last common checkpoint: not needed");
         }
+        if let Some(end) = input.source_wal_end
+            && action == FileAction::Copy
+            && target.is_none()
+            && wal_segment_past(path, end, input.wal_segment_size)
+        {
+            action = FileAction::None;
+            note = Some(PAST_SOURCE_END);
+        }
         let mut blocks = BlockBitmap::default();
         if let (Some(s), Some(t), Some(changed)) = (source, target, input.page_map.files.get(path))
             && s.file_type == FileType::Regular
@@ -315,6 +346,7 @@ mod tests {
             wal_segment_size: 16 << 20,
             oldest_needed_wal_segment: Some(2),
             divergence: None,
+            source_wal_end: None,
         })
         .unwrap();
         let e = plan
@@ -358,6 +390,58 @@ mod tests {
     }
 
     #[test]
+    fn source_segments_past_its_end_of_wal_are_not_copied() {
+        let seg = 16u32 << 20;
+        let name = |n: u64| format!("pg_wal/0000000200000000000000{n:02X}");
+        let source: Vec<FileEntry> = (3..=6).map(|n| reg(&name(n), u64::from(seg))).collect();
+        // The target already has segment 6 under the same name: it is copied over, as
+        // pg_rewind does, never left stale.
+        let target = vec![reg(&name(6), u64::from(seg))];
+        let keep = BTreeSet::new();
+        let plan = |end: Lsn| {
+            make_plan(&PlanInput {
+                source: &source,
+                target: &target,
+                page_map: &PageMap::default(),
+                keep_wal: &keep,
+                is_relation_file: &|_| false,
+                block_size: 8192,
+                wal_segment_size: seg,
+                oldest_needed_wal_segment: Some(2),
+                divergence: None,
+                source_wal_end: Some(end),
+            })
+            .unwrap()
+        };
+        let actions = |p: &Plan| -> Vec<(u64, FileAction)> {
+            (3..=6)
+                .map(|n| {
+                    let e = p.entries.iter().find(|e| e.path == name(n)).unwrap();
+                    (n, e.action)
+                })
+                .collect()
+        };
+        // The end in segment 4: 3 and 4 are copied, 5 is not, 6 is (the target has it).
+        let p = plan(Lsn(4 * u64::from(seg) + 100));
+        assert_eq!(
+            actions(&p),
+            [
+                (3, FileAction::Copy),
+                (4, FileAction::Copy),
+                (5, FileAction::None),
+                (6, FileAction::Copy)
+            ]
+        );
+        let five = p.entries.iter().find(|e| e.path == name(5)).unwrap();
+        assert_eq!(five.note, Some(PAST_SOURCE_END));
+        // A checkpoint record that starts in the last page of segment 4 may end in segment 5.
+        let p = plan(Lsn(5 * u64::from(seg) - 100));
+        assert_eq!(actions(&p)[2], (5, FileAction::Copy));
+        assert!(!wal_segment_past("base/1/1", Lsn(0), seg));
+        assert!(!wal_segment_past("pg_wal/00000002.history", Lsn(0), seg));
+    }
+
+    #[test]
     fn kept_segments_lose_what_follows_the_divergence() {
         let seg = 16u32 << 20;
         let name = |n: u64| format!("pg_wal/0000000100000000000000{n:02X}");
@@ -374,6 +458,7 @@ mod tests {
                 wal_segment_size: seg,
                 oldest_needed_wal_segment: Some(2),
                 divergence: Some(div),
+                source_wal_end: None,
             })
             .unwrap()
         };
