@@ -24,7 +24,11 @@
 //! cargo build --release -p failback-client -p failback-server -p failback-bench
 //! target/release/rewind_pair [--scale 100] [--delay-ms 25] [--rate-mbit 200] [--jobs 16]
 //!     [--compress 3] [--bin-dir DIR] [--source-mode auto|stopped|running] [--out FILE]
+//!     [--no-sync] [--log-dir DIR] [--skip-pg-rewind] [--skip-verify]
 //! ```
+//!
+//! `--no-sync` passes `-N` to both tools (no final flush), to see the network's share of the
+//! time; `--log-dir` keeps each run's `--debug` output and failback's report.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -33,7 +37,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use failback_bench::measure::{self, Cost, Sampler};
-use failback_bench::pair::{DivergedPair, arg, copy_dir, workspace_binary};
+use failback_bench::pair::{DivergedPair, arg, copy_dir, flag, workspace_binary};
 use failback_bench::wan::{Counters, LinkSpec, TcpProxy, UdpProxy};
 use failback_tests::port::reserve_port;
 use failback_tests::rewind::rejoin;
@@ -73,6 +77,10 @@ struct Bench {
     compress: String,
     /// failbackd serves the running new primary through `--pg-conn`.
     running_source: bool,
+    /// `-N` for both tools: leave out the final flush to disk, to see the network's share.
+    no_sync: bool,
+    /// Where to keep each run's stderr and failback's report.
+    log_dir: Option<PathBuf>,
 }
 
 fn help_of(bin: &Path, args: &[&str]) -> String {
@@ -198,13 +206,19 @@ impl Bench {
             .arg("--pg-bindir")
             .arg(&self.old.bins().bin_dir)
             .arg("--report")
-            .arg(&report);
+            .arg(&report)
+            .arg("--debug");
+        if self.no_sync {
+            client.arg("-N");
+        }
         eprintln!("running failback rewind --source {url} ({net})");
         let cost = measure::run(&mut client);
         let (up, down, dropped) = proxy.counters().snapshot();
         drop(proxy);
         server.signal(libc::SIGINT);
         let server_cost = server.finish();
+        let name = format!("{}-{net}", if quic { "quic" } else { "grpc" });
+        self.keep(&name, &cost.stderr, Some(&report));
         let phases = std::fs::read(&report)
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -258,13 +272,17 @@ impl Bench {
             proxy.local_addr().port()
         );
         eprintln!("running pg_rewind --source-server '{conninfo}' ({net})");
-        let cost = measure::run(
-            user::command(binaries::pg_rewind())
-                .arg("-D")
-                .arg(self.old.data_dir())
-                .arg("--source-server")
-                .arg(&conninfo),
-        );
+        let mut cmd = user::command(binaries::pg_rewind());
+        cmd.arg("-D")
+            .arg(self.old.data_dir())
+            .arg("--source-server")
+            .arg(&conninfo)
+            .arg("--debug");
+        if self.no_sync {
+            cmd.arg("-N");
+        }
+        let cost = measure::run(&mut cmd);
+        self.keep(&format!("pg_rewind-{net}"), &cost.stderr, None);
         let (server_cpu, server_rss) = sampler.stop();
         let (up, down, dropped) = proxy.counters().snapshot();
         let ok = cost.exit_code == 0;
@@ -281,6 +299,18 @@ impl Bench {
             dropped,
             phases: None,
             note: "server CPU/RSS: the backend, sampled every 20 ms (lower bound)".to_string(),
+        }
+    }
+
+    /// Copies a run's stderr (and report) into `--log-dir`, timestamps kept by the tools.
+    fn keep(&self, name: &str, stderr: &str, report: Option<&Path>) {
+        let Some(dir) = &self.log_dir else {
+            return;
+        };
+        let _ = std::fs::create_dir_all(dir);
+        let _ = std::fs::write(dir.join(format!("{name}.stderr")), stderr);
+        if let Some(r) = report {
+            let _ = std::fs::copy(r, dir.join(format!("{name}.report.json")));
         }
     }
 
@@ -394,6 +424,11 @@ fn main() {
     let compress = arg("--compress", "3".to_string());
     let bin_dir = arg("--bin-dir", String::new());
     let source_mode = arg("--source-mode", "auto".to_string());
+    let no_sync = flag("--no-sync");
+    let skip_pg_rewind = flag("--skip-pg-rewind");
+    let skip_verify = flag("--skip-verify");
+    let log_dir = arg("--log-dir", String::new());
+    let log_dir = (!log_dir.is_empty()).then(|| PathBuf::from(log_dir));
     let bin_dir = (!bin_dir.is_empty()).then(|| PathBuf::from(bin_dir));
     let failback = workspace_binary("failback", bin_dir.as_deref());
     let failbackd = workspace_binary("failbackd", bin_dir.as_deref());
@@ -428,6 +463,8 @@ fn main() {
         jobs,
         compress,
         running_source,
+        no_sync,
+        log_dir,
     };
     eprintln!("pair ready after {:.0?}", started.elapsed());
 
@@ -441,7 +478,7 @@ fn main() {
         let row = b.failback_run(net, spec, false);
         let ok = row.ok;
         rows.push(row);
-        if net == "wan" && ok {
+        if net == "wan" && ok && !skip_verify {
             b.verify();
             verified = "the target rewound by failback (gRPC, WAN) started as a standby of the new primary, caught up, and every table's fingerprint matched".to_string();
             if !b.running_source {
@@ -453,12 +490,14 @@ fn main() {
         }
     }
     // pg_rewind needs the source running, and a checkpoint on its new timeline.
-    if !b.new.is_running() {
-        b.new.start();
-    }
-    b.new.execute("CHECKPOINT");
-    for (net, spec) in nets {
-        rows.push(b.pg_rewind_run(net, spec));
+    if !skip_pg_rewind {
+        if !b.new.is_running() {
+            b.new.start();
+        }
+        b.new.execute("CHECKPOINT");
+        for (net, spec) in nets {
+            rows.push(b.pg_rewind_run(net, spec));
+        }
     }
 
     let mode = if b.running_source {
@@ -492,9 +531,14 @@ fn main() {
         wan.burst / 1024,
         wan.queue / 1024
     );
+    let sync_note = if b.no_sync {
+        "Both tools ran with -N (no final flush to disk): a diagnostic run, not the comparison."
+    } else {
+        "Both tools flushed the target to disk at the end (their default)."
+    };
     let _ = writeln!(
         out,
-        "- Source mode: {mode}.\n- {quic_note}\n- Correctness: {verified}.\n"
+        "- Source mode: {mode}.\n- {quic_note}\n- {sync_note}\n- Correctness: {verified}.\n"
     );
     out.push_str(&table(&rows));
     out.push_str("\n## Against the goals (design.md)\n\n");
