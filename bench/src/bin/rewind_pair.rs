@@ -24,11 +24,12 @@
 //! cargo build --release -p failback-client -p failback-server -p failback-bench
 //! target/release/rewind_pair [--scale 100] [--delay-ms 25] [--rate-mbit 200] [--jobs 16]
 //!     [--compress 3] [--bin-dir DIR] [--source-mode auto|stopped|running] [--out FILE]
-//!     [--no-sync] [--log-dir DIR] [--skip-pg-rewind] [--skip-verify]
+//!     [--no-sync] [--log-dir DIR] [--perf DIR] [--skip-pg-rewind] [--skip-verify]
 //! ```
 //!
 //! `--no-sync` passes `-N` to both tools (no final flush), to see the network's share of the
-//! time; `--log-dir` keeps each run's `--debug` output and failback's report.
+//! time; `--log-dir` keeps each run's `--debug` output and failback's report; `--perf DIR` runs
+//! failback and failbackd under `perf record -g` (a profiling run, not a measurement).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -81,6 +82,8 @@ struct Bench {
     no_sync: bool,
     /// Where to keep each run's stderr and failback's report.
     log_dir: Option<PathBuf>,
+    /// Run failback and failbackd under `perf record -g`, profiles written here.
+    perf_dir: Option<PathBuf>,
 }
 
 fn help_of(bin: &Path, args: &[&str]) -> String {
@@ -138,6 +141,25 @@ impl Proxy {
 }
 
 impl Bench {
+    /// A command for `bin`, under `perf record` when profiling (perf's own CPU time and memory
+    /// are then counted too: a profiling run is not a measurement).
+    fn profiled(&self, bin: &Path, name: &str) -> Command {
+        let mut cmd = match &self.perf_dir {
+            Some(dir) => {
+                let _ = std::fs::create_dir_all(dir);
+                let mut c = Command::new("perf");
+                c.args(["record", "-g", "-q", "-o"])
+                    .arg(dir.join(format!("{name}.data")))
+                    .arg("--")
+                    .arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        user::clean_env(&mut cmd);
+        cmd
+    }
+
     fn restore(&mut self) {
         if self.old.is_running() {
             self.old.stop(StopMode::Fast);
@@ -155,8 +177,8 @@ impl Bench {
         let grpc_port = reserve_port();
         let quic_port = reserve_port();
         let local = |p: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], p)) };
-        let mut cmd = Command::new(&self.failbackd);
-        user::clean_env(&mut cmd);
+        let name = format!("{}-{net}", if quic { "quic" } else { "grpc" });
+        let mut cmd = self.profiled(&self.failbackd, &format!("failbackd-{name}"));
         cmd.arg("-D")
             .arg(self.new.data_dir())
             .arg("--listen")
@@ -191,8 +213,7 @@ impl Bench {
             if quic { "quic" } else { "grpc" }
         ));
         let _ = std::fs::remove_file(&report);
-        let mut client = Command::new(&self.failback);
-        user::clean_env(&mut client);
+        let mut client = self.profiled(&self.failback, &format!("failback-{name}"));
         client
             .arg("rewind")
             .arg("-D")
@@ -217,7 +238,6 @@ impl Bench {
         drop(proxy);
         server.signal(libc::SIGINT);
         let server_cost = server.finish();
-        let name = format!("{}-{net}", if quic { "quic" } else { "grpc" });
         self.keep(&name, &cost.stderr, Some(&report));
         let phases = std::fs::read(&report)
             .ok()
@@ -429,6 +449,8 @@ fn main() {
     let skip_verify = flag("--skip-verify");
     let log_dir = arg("--log-dir", String::new());
     let log_dir = (!log_dir.is_empty()).then(|| PathBuf::from(log_dir));
+    let perf_dir = arg("--perf", String::new());
+    let perf_dir = (!perf_dir.is_empty()).then(|| PathBuf::from(perf_dir));
     let bin_dir = (!bin_dir.is_empty()).then(|| PathBuf::from(bin_dir));
     let failback = workspace_binary("failback", bin_dir.as_deref());
     let failbackd = workspace_binary("failbackd", bin_dir.as_deref());
@@ -465,6 +487,7 @@ fn main() {
         running_source,
         no_sync,
         log_dir,
+        perf_dir,
     };
     eprintln!("pair ready after {:.0?}", started.elapsed());
 
