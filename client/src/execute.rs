@@ -16,9 +16,12 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use failback_common::chunkdiff::{self, ByteRange, ChunkList};
 use failback_common::filemap::{FileAction, FileType};
 use failback_common::plan::Plan;
 use serde::Serialize;
+
+use failback_server::datadir::read_full_at;
 
 use crate::fsutil::Ownership;
 use crate::progress::Progress;
@@ -67,7 +70,19 @@ pub struct ExecuteStats {
     /// Bytes of whole-file copies that were already identical on the target.
     pub bytes_identical: u64,
     pub files_vanished_on_source: u64,
+    /// Whole-file copies whose chunks were compared by hash with the source's (ChunkHashes).
+    pub files_hashed: u64,
+    /// Bytes of those files that were not fetched because the target's chunk was the same.
+    pub bytes_skipped_by_hashes: u64,
 }
+
+/// The chunk size whole-file copies are compared in: a WAL page is 8 KiB, a segment 16 MiB
+/// (256 hashes), and 64 KiB keeps the hash lists under 0.05% of the bytes they describe.
+pub const HASH_CHUNK: u64 = 64 << 10;
+
+/// A live source's file may have grown since it was listed: like pg_rewind's libpq source,
+/// a whole-file copy asks for at least this much, and the source says where the file ends.
+pub const LIVE_MIN_COPY: u64 = 1 << 20;
 
 /// Adjacent changed blocks become one range, so a run of blocks is one request.
 fn block_ranges(path: &str, blocks: impl Iterator<Item = u32>, block_size: u32) -> Vec<FetchRange> {
@@ -89,12 +104,34 @@ fn block_ranges(path: &str, blocks: impl Iterator<Item = u32>, block_size: u32) 
 
 /// The ranges the plan fetches, in plan order.
 pub fn plan_ranges(plan: &Plan) -> Vec<FetchRange> {
+    fetch_ranges(plan, false, &HashMap::new())
+}
+
+/// The ranges to fetch: the plan's, with the whole-file copies in `diffs` cut down to the
+/// chunks that differ, and a live source's whole copies stretched to [`LIVE_MIN_COPY`].
+fn fetch_ranges(
+    plan: &Plan,
+    live: bool,
+    diffs: &HashMap<String, Vec<ByteRange>>,
+) -> Vec<FetchRange> {
     let mut ranges = Vec::new();
     for e in &plan.entries {
         ranges.extend(block_ranges(&e.path, e.blocks.iter(), plan.block_size));
         let src = e.source.as_ref().map_or(0, |s| s.size);
         let tgt = e.target.as_ref().map_or(0, |t| t.size);
         match e.action {
+            FileAction::Copy if diffs.contains_key(&e.path) => {
+                ranges.extend(diffs[&e.path].iter().map(|r| FetchRange {
+                    path: e.path.clone(),
+                    offset: r.offset,
+                    length: r.length,
+                }))
+            }
+            FileAction::Copy if live => ranges.push(FetchRange {
+                path: e.path.clone(),
+                offset: 0,
+                length: src.max(LIVE_MIN_COPY),
+            }),
             FileAction::Copy if src > 0 => ranges.push(FetchRange {
                 path: e.path.clone(),
                 offset: 0,
@@ -244,8 +281,12 @@ pub fn execute(
         }
     }
 
+    // Whole copies of files the target has: only the chunks that differ, when the source can
+    // say which.
+    let diffs = hash_diffs(plan, pgdata, source, &mut stats)?;
+
     // Every byte to fetch, as one batch.
-    let ranges = plan_ranges(plan);
+    let ranges = fetch_ranges(plan, source.is_live(), &diffs);
     let total: u64 = ranges.iter().map(|r| r.length).sum();
     progress.total(total);
     let whole_copies: std::collections::HashSet<&str> = plan
@@ -349,6 +390,88 @@ pub fn execute(
     Ok(stats)
 }
 
+/// For each whole-file copy of a file the target has (at least one chunk long), the ranges
+/// that differ from the source's, by comparing the source's chunk hashes with the target's.
+/// The target file is cut to the size the source hashed, so that skipped chunks and fetched
+/// ranges together make the source's file.
+fn hash_diffs(
+    plan: &Plan,
+    pgdata: &Path,
+    source: &mut dyn Source,
+    stats: &mut ExecuteStats,
+) -> Result<HashMap<String, Vec<ByteRange>>, ExecuteError> {
+    let mut diffs = HashMap::new();
+    let paths: Vec<String> = plan
+        .entries
+        .iter()
+        .filter(|e| {
+            e.action == FileAction::Copy
+                && e.source.as_ref().is_some_and(|s| s.size >= HASH_CHUNK)
+                && e.target.as_ref().is_some_and(|t| t.size >= HASH_CHUNK)
+        })
+        .map(|e| e.path.clone())
+        .collect();
+    if paths.is_empty() {
+        return Ok(diffs);
+    }
+    let Some(hashes) = source.chunk_hashes(&paths, HASH_CHUNK)? else {
+        return Ok(diffs);
+    };
+    let mut buf = vec![0u8; HASH_CHUNK as usize];
+    for h in hashes {
+        // A vanished file is fetched as planned, and the fetch reports it gone.
+        if h.vanished || !paths.contains(&h.path) {
+            continue;
+        }
+        let path = pgdata.join(&h.path);
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|err| ExecuteError::target("open", &path, err))?;
+        let (size, mine) =
+            hash_chunks(&f, &mut buf).map_err(|err| ExecuteError::target("read", &path, err))?;
+        let ranges = chunkdiff::ranges_to_fetch(
+            HASH_CHUNK,
+            &ChunkList {
+                size: h.size,
+                hashes: &h.hashes,
+            },
+            &ChunkList {
+                size,
+                hashes: &mine,
+            },
+        );
+        if size > h.size {
+            f.set_len(h.size)
+                .map_err(|err| ExecuteError::target("truncate", &path, err))?;
+        }
+        let fetched: u64 = ranges.iter().map(|r| r.length).sum();
+        stats.files_hashed += 1;
+        stats.bytes_skipped_by_hashes += h.size.saturating_sub(fetched);
+        diffs.insert(h.path, ranges);
+    }
+    Ok(diffs)
+}
+
+/// blake3 of each `buf.len()`-byte chunk of a file, and its size.
+fn hash_chunks(f: &File, buf: &mut [u8]) -> io::Result<(u64, Vec<[u8; 32]>)> {
+    let mut out = Vec::new();
+    let mut off = 0u64;
+    loop {
+        let n = read_full_at(f, buf, off)?;
+        if n == 0 {
+            break;
+        }
+        out.push(*blake3::hash(&buf[..n]).as_bytes());
+        off += n as u64;
+        if n < buf.len() {
+            break;
+        }
+    }
+    Ok((off, out))
+}
+
 /// Overwrites `[from, to)` of an existing file with zeros (allocated, as PostgreSQL keeps WAL).
 fn zero_range(path: &Path, from: u64, to: u64) -> io::Result<()> {
     let f = fs::OpenOptions::new().write(true).open(path)?;
@@ -362,22 +485,78 @@ fn zero_range(path: &Path, from: u64, to: u64) -> io::Result<()> {
     Ok(())
 }
 
-fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn copy(path: &str, src: u64, tgt: Option<u64>) -> failback_common::plan::PlanEntry {
+        let file = |size| failback_common::filemap::FileEntry {
+            path: path.into(),
+            file_type: FileType::Regular,
+            size,
+            link_target: None,
+        };
+        failback_common::plan::PlanEntry {
+            path: path.into(),
+            action: FileAction::Copy,
+            source: Some(file(src)),
+            target: tgt.map(file),
+            blocks: Default::default(),
+            note: None,
+            zero_from: None,
+        }
+    }
+
+    #[test]
+    fn whole_copies_fetch_the_differing_chunks_or_at_least_a_mebibyte_when_live() {
+        let plan = Plan {
+            entries: vec![
+                copy("pg_wal/000000010000000000000003", 16 << 20, Some(16 << 20)),
+                copy("postgresql.auto.conf", 88, Some(100)),
+                copy("pg_xact/0001", 0, None),
+            ],
+            block_size: 8192,
+        };
+        let got = |live, diffs: &HashMap<String, Vec<ByteRange>>| {
+            fetch_ranges(&plan, live, diffs)
+                .into_iter()
+                .map(|r| (r.path, r.offset, r.length))
+                .collect::<Vec<_>>()
+        };
+        let wal = "pg_wal/000000010000000000000003".to_string();
+        let conf = "postgresql.auto.conf".to_string();
+        assert_eq!(
+            got(false, &HashMap::new()),
+            vec![(wal.clone(), 0, 16 << 20), (conf.clone(), 0, 88)]
+        );
+        // Live: a file may have grown since it was listed, even from nothing.
+        assert_eq!(
+            got(true, &HashMap::new()),
+            vec![
+                (wal.clone(), 0, 16 << 20),
+                (conf.clone(), 0, LIVE_MIN_COPY),
+                ("pg_xact/0001".to_string(), 0, LIVE_MIN_COPY)
+            ]
+        );
+        // Hashed: only the differing chunks, live or not; a file with no differing chunk
+        // fetches nothing.
+        let mut diffs = HashMap::new();
+        diffs.insert(
+            wal.clone(),
+            vec![ByteRange {
+                offset: 65536,
+                length: 131072,
+            }],
+        );
+        diffs.insert(conf.clone(), vec![]);
+        assert_eq!(
+            got(true, &diffs),
+            vec![
+                (wal, 65536, 131072),
+                ("pg_xact/0001".to_string(), 0, LIVE_MIN_COPY)
+            ]
+        );
+    }
 
     #[test]
     fn adjacent_blocks_merge() {

@@ -47,13 +47,20 @@ struct RewindArgs {
         conflicts_with = "source"
     )]
     source_pgdata: Option<PathBuf>,
-    /// failbackd serving the new primary's (shut-down) data directory: grpc://HOST:PORT, or
-    /// grpcs://HOST:PORT with --ca.
+    /// failbackd serving the new primary's data directory (shut down, or running when
+    /// failbackd has --pg-conn): grpc://HOST:PORT, or grpcs://HOST:PORT or quic://HOST:PORT
+    /// with --ca.
     #[arg(long, value_name = "URL")]
     source: Option<String>,
-    /// PEM CA certificate that failbackd's TLS certificate must chain to (grpcs://).
+    /// PEM CA certificate that failbackd's TLS certificate must chain to (grpcs://, quic://).
     #[arg(long, value_name = "FILE", requires = "source")]
     ca: Option<PathBuf>,
+    /// PEM client certificate chain, for a failbackd started with --client-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["source", "key"])]
+    cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, value_name = "FILE", requires_all = ["source", "cert"])]
+    key: Option<PathBuf>,
     /// File holding the bearer token failbackd expects.
     #[arg(long, value_name = "FILE", requires = "source")]
     token_file: Option<PathBuf>,
@@ -64,6 +71,10 @@ struct RewindArgs {
     /// Compression of file data from failbackd: a zstd level (1-22), or none [default: 3].
     #[arg(long, value_name = "LEVEL|none", requires = "source", value_parser = parse_compress)]
     compress: Option<failback_common::wire::Compression>,
+    /// Hold the data fetched from the source to this average rate, in bytes per second:
+    /// 50000000, 10M (MiB/s; also K, G), 200Mbit (also kbit, Gbit). Any source.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    max_rate: Option<u64>,
     /// Write standby.signal and primary_conninfo, so the target starts as a standby.
     #[arg(short = 'R', long)]
     write_recovery_conf: bool,
@@ -152,17 +163,27 @@ fn parse_compress(s: &str) -> Result<failback_common::wire::Compression, String>
     }
 }
 
+fn parse_rate(s: &str) -> Result<u64, String> {
+    failback_common::ratelimit::parse_rate(s).map_err(|e| e.to_string())
+}
+
 fn read_secret(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("could not read {what} {}", path.display()))
 }
 
 fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source>> {
-    use failback_client::source::grpc::{GrpcOptions, GrpcSource};
+    use failback_client::source::remote::{RemoteOptions, connect};
     if let Some(dir) = &a.source_pgdata {
         // clap's `requires` does not fire here (the flags are also in a conflict), so say it.
-        if a.ca.is_some() || a.token_file.is_some() || a.jobs.is_some() || a.compress.is_some() {
+        if a.ca.is_some()
+            || a.cert.is_some()
+            || a.token_file.is_some()
+            || a.jobs.is_some()
+            || a.compress.is_some()
+        {
             anyhow::bail!(
-                "--ca, --token-file, --jobs and --compress are for a failbackd source (--source <URL>)"
+                "--ca, --cert, --key, --token-file, --jobs and --compress are for a failbackd \
+                 source (--source <URL>)"
             );
         }
         return Ok(Box::new(failback_client::source::local::LocalSource::new(
@@ -185,21 +206,35 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source
         a.ca.as_deref()
             .map(|f| read_secret(f, "CA certificate"))
             .transpose()?;
-    let source = GrpcSource::connect(GrpcOptions {
+    let identity = match (&a.cert, &a.key) {
+        (Some(c), Some(k)) => Some((
+            read_secret(c, "client certificate")?,
+            read_secret(k, "client key")?,
+        )),
+        _ => None,
+    };
+    let source = connect(RemoteOptions {
         url,
         ca,
+        identity,
         token,
         jobs: usize::from(a.jobs.unwrap_or(4)),
         compression: a
             .compress
             .unwrap_or(failback_common::wire::Compression::Zstd(3)),
     })?;
-    Ok(Box::new(source))
+    Ok(source)
 }
 
 fn rewind(a: RewindArgs) -> Result<()> {
     use failback_client::rewind::{RewindOptions, rewind};
     let mut source = open_source(&a)?;
+    if let Some(rate) = a.max_rate {
+        source = Box::new(
+            failback_client::source::rate::RateLimited::new(source, rate)
+                .context("--max-rate must be at least 1 byte per second")?,
+        );
+    }
     let opts = RewindOptions {
         target: a.target_pgdata,
         write_recovery_conf: a.write_recovery_conf,

@@ -163,6 +163,27 @@ pub fn rewind(
     let src = ControlFileData::parse(&source_bytes)
         .map_err(wrap(format!("source control file ({})", source.describe())))?;
     sanity_checks(&src, &target, source.is_live(), false)?;
+    // A live source must be able to say where its WAL ends, or the rewound target could call
+    // itself consistent before it has replayed what the copy saw: ask now, before anything
+    // changes, so a source that cannot answer is refused with the target untouched.
+    let live_start = if source.is_live() {
+        let end = source
+            .end_of_wal()
+            .map_err(wrap(
+                "the source server is running, and its end of WAL cannot be known (failbackd \
+                 needs --pg-conn to serve a running server)",
+            ))?
+            .ok_or_else(|| {
+                fail("the source server is running, but the source does not say where its WAL ends")
+            })?;
+        progress.debug(&format!(
+            "source is live: its WAL ends at {} on timeline {}",
+            end.lsn, end.tli
+        ));
+        Some(end)
+    } else {
+        None
+    };
     if !target.state.is_shut_down_cleanly() {
         if opts.no_ensure_shutdown {
             return Err(fail(format!(
@@ -182,8 +203,17 @@ pub fn rewind(
     }
     sanity_checks(&src, &target, source.is_live(), !opts.dry_run)?;
 
-    // Step 2: timelines and the divergence.
-    let src_tli = src.timeline_for_rewind();
+    // Step 2: timelines and the divergence. A live source may have been promoted moments
+    // ago: its control file names the old timeline until the first checkpoint on the new one,
+    // so the server's own answer wins (pg_rewind 13-15 wrongly said "no rewind required" then).
+    let mut src_tli = src.timeline_for_rewind();
+    if let Some(end) = live_start {
+        let current = source
+            .current_timeline()
+            .map_err(wrap("could not read the source's current timeline"))?
+            .unwrap_or(0);
+        src_tli = src_tli.max(current).max(end.tli);
+    }
     let tgt_tli = target.timeline_for_rewind();
     report.source_timeline = src_tli;
     report.target_timeline = tgt_tli;
@@ -404,7 +434,17 @@ pub fn rewind(
         tli = src.checkPointCopy.ThisTimeLineID;
         ckpt = src.checkPoint;
     }
-    let (min_point, min_tli) = match source.end_of_wal().map_err(wrap("source end of WAL"))? {
+    // A live source's end of WAL is asked for after the copy (pg_rewind's libpq source does
+    // the same): every change the copy may have seen is before it.
+    let end = source.end_of_wal().map_err(wrap(
+        "could not read the source's end of WAL after the copy",
+    ))?;
+    if source.is_live() && end.is_none() {
+        return Err(fail(
+            "the source is live but did not say where its WAL ends after the copy",
+        ));
+    }
+    let (min_point, min_tli) = match end {
         Some(end) => (end.lsn, end.tli),
         // A shut-down standby's data files may hold changes up to its minRecoveryPoint, past
         // its last restartpoint (pg_rewind takes the checkpoint alone, and a target rewound
@@ -539,7 +579,7 @@ fn sanity_checks(
     if !source_live && !src.state.is_shut_down_cleanly() {
         return Err(fail(format!(
             "source data directory must be shut down cleanly (its state is \"{}\"); stop the \
-             source server, or use failbackd to rewind from a running server",
+             source server, or serve it with `failbackd --pg-conn` to rewind from it running",
             src.state
         )));
     }

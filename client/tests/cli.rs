@@ -36,6 +36,17 @@ fn usage_errors_exit_non_zero_with_a_message() {
     let (code, _, err) = failback(&["rewind", "-D", "/nonexistent"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--source-pgdata"), "{err}");
+    let (code, _, err) = failback(&[
+        "rewind",
+        "-D",
+        "/nonexistent",
+        "--source-pgdata",
+        "/nonexistent",
+        "--max-rate",
+        "fast",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--max-rate") && err.contains("kbit"), "{err}");
     let (code, _, err) = failback(&["demo", "--pg-version", "12"]);
     assert_eq!(code, 1);
     assert!(err.contains("PostgreSQL 12 is not supported"), "{err}");

@@ -1,218 +1,46 @@
 //! failbackd and failback over gRPC: a real failover rewound through the wire, and the
 //! server's refusals (tokens, paths out of the data directory, oversized requests).
 
-use std::net::SocketAddr;
-use std::path::Path;
+mod support;
+
 use std::process::Command;
 
 use failback_client::progress::Terminal;
 use failback_client::rewind::{RewindOptions, rewind};
-use failback_client::source::grpc::{GrpcOptions, GrpcSource};
-use failback_client::source::{FetchRange, Fetched, Source, SourceError};
-use failback_common::wire::Compression;
-use failback_tests::{Cluster, ClusterOptions, PgMajor, StopMode, assert_same_data, pg_test};
-
-/// failbackd in this process, on a port of its own, until dropped.
-struct Failbackd {
-    rt: tokio::runtime::Runtime,
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    done: Option<tokio::task::JoinHandle<Result<(), failback_server::ServeError>>>,
-}
-
-impl Failbackd {
-    fn start(pgdata: &Path, token: Option<&str>) -> Failbackd {
-        Failbackd::start_with(pgdata, token, None)
-    }
-
-    fn start_with(
-        pgdata: &Path,
-        token: Option<&str>,
-        tls: Option<(Vec<u8>, Vec<u8>)>,
-    ) -> Failbackd {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut config = failback_server::Config::new(pgdata);
-        config.token = token.map(str::to_string);
-        config.tls = tls;
-        // Small chunks, so that files span many chunks and requests.
-        config.max_chunk = 64 << 10;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let done = rt.spawn(failback_server::serve(listener, config, async {
-            let _ = rx.await;
-        }));
-        Failbackd {
-            rt,
-            addr,
-            stop: Some(tx),
-            done: Some(done),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("grpc://{}", self.addr)
-    }
-}
-
-impl Drop for Failbackd {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(d) = self.done.take() {
-            let r = self.rt.block_on(d);
-            if !std::thread::panicking() {
-                r.unwrap().unwrap();
-            }
-        }
-    }
-}
+use failback_client::source::grpc::GrpcSource;
+use failback_client::source::remote::RemoteOptions;
+use failback_client::source::{Source, SourceError};
+use failback_tests::{Cluster, ClusterOptions, PgMajor, StopMode, pg_test};
+use support::*;
 
 fn connect(url: String, token: Option<&str>) -> Result<GrpcSource, SourceError> {
-    GrpcSource::connect(GrpcOptions {
-        url,
-        ca: None,
-        token: token.map(str::to_string),
-        jobs: 3,
-        compression: Compression::Zstd(3),
-    })
-}
-
-/// Fetches one range; the pieces concatenated, or the error.
-fn fetch_all(
-    src: &mut GrpcSource,
-    path: &str,
-    offset: u64,
-    length: u64,
-) -> Result<Vec<u8>, SourceError> {
-    let mut out = Vec::new();
-    src.fetch(
-        &[FetchRange {
-            path: path.into(),
-            offset,
-            length,
-        }],
-        &mut |p| {
-            if let Fetched::Data { data, .. } = p {
-                out.extend_from_slice(data);
-            }
-            Ok(())
-        },
-    )?;
-    Ok(out)
-}
-
-/// Promotes a standby, writes on both sides, stops both: returns (old primary, new primary).
-fn diverged(major: PgMajor) -> (Cluster, Cluster) {
-    let mut primary = Cluster::start_new(major, "old-primary");
-    primary.pgbench_init(2);
-    primary.execute(
-        "CREATE TABLE log (id bigint PRIMARY KEY, note text);
-         INSERT INTO log SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g",
-    );
-    let mut standby = primary.create_standby("new-primary");
-    standby.wait_for_catchup(&primary);
-    standby.promote();
-    primary.execute(
-        "UPDATE pgbench_accounts SET abalance = abalance - 1 WHERE aid % 50 = 0;
-         DELETE FROM log WHERE id <= 500;
-         CREATE TABLE only_old (x int); INSERT INTO only_old VALUES (1)",
-    );
-    standby.execute(
-        "UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid % 70 = 0;
-         INSERT INTO log SELECT g, 'new' FROM generate_series(20001, 30000) g;
-         CREATE TABLE only_new (x int); INSERT INTO only_new SELECT generate_series(1, 100)",
-    );
-    primary.stop(StopMode::Fast);
-    standby.stop(StopMode::Fast);
-    (primary, standby)
-}
-
-fn rejoin_and_compare(mut primary: Cluster, mut new_primary: Cluster) {
-    new_primary.start();
-    primary.start();
-    new_primary.execute("INSERT INTO only_new VALUES (424242)");
-    primary.wait_for_catchup(&new_primary);
-    assert!(primary.is_in_recovery());
-    assert_same_data(&new_primary, &primary);
-}
-
-fn conninfo(c: &Cluster) -> String {
-    format!(
-        "host=127.0.0.1 port={} user=postgres application_name=old-primary",
-        c.port()
-    )
+    GrpcSource::connect(options(url, token))
 }
 
 pg_test!(rewinds_through_failbackd, |major| {
     let (primary, new_primary) = diverged(major);
     let server = Failbackd::start(&new_primary.data_dir(), Some("s3cret"));
     let mut source = connect(server.url(), Some("s3cret")).expect("connect to failbackd");
-    let opts = RewindOptions {
-        target: primary.data_dir(),
-        write_recovery_conf: true,
-        primary_conninfo: Some(conninfo(&new_primary)),
-        pg_bindir: Some(primary.bins().postgres().parent().unwrap().to_path_buf()),
-        ..Default::default()
-    };
-    let (report, _) = rewind(&opts, &mut source, &mut Terminal::new(false, false)).unwrap();
+    rewind_from(&mut source, &primary, &new_primary);
     timelines_are_served(&new_primary);
-    assert!(
-        report.changed_blocks > 0,
-        "the divergence changed no block?"
-    );
     drop(source);
     drop(server);
     rejoin_and_compare(primary, new_primary);
 });
 
-/// The `failback` binary with `--source grpc://`, `--token-file`, `--jobs`, `--compress none`.
+/// The `failback` binary with `--source grpc://`, `--token-file`, `--jobs`, `--compress none`,
+/// `--max-rate` and `--report`.
 #[test]
 fn cli_rewinds_through_failbackd() {
     let (primary, new_primary) = diverged(PgMajor::V15);
     let server = Failbackd::start(&new_primary.data_dir(), Some("cli-token"));
-    let dir = tempfile_dir();
-    let token = dir.join("token");
-    std::fs::write(&token, "cli-token\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_failback"))
-        .args(["rewind", "-D"])
-        .arg(primary.data_dir())
-        .args(["--source", &server.url(), "--token-file"])
-        .arg(&token)
-        .args([
-            "--jobs",
-            "5",
-            "--compress",
-            "none",
-            "-R",
-            "--primary-conninfo",
-        ])
-        .arg(conninfo(&new_primary))
-        .arg("--pg-bindir")
-        .arg(primary.bins().postgres().parent().unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "failback rewind failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = cli_rewind(&primary, &new_primary, &server.url(), "cli-token", &[]);
+    let ex = &report["execution"];
+    assert!(ex["bytes_fetched"].as_u64().unwrap() > 0, "{report}");
+    assert!(ex["files_hashed"].is_u64(), "{report}");
+    assert!(ex["bytes_skipped_by_hashes"].is_u64(), "{report}");
     drop(server);
-    std::fs::remove_dir_all(&dir).unwrap();
     rejoin_and_compare(primary, new_primary);
-}
-
-fn tempfile_dir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("failback-pair-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[test]
@@ -256,92 +84,13 @@ fn cli_refuses_two_sources_or_none() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("neither a zstd level"));
 }
 
-fn refused(r: Result<impl Sized, SourceError>, code: &str) {
-    match r {
-        Err(SourceError::Refused { reason, .. }) => {
-            assert!(
-                reason.contains(code),
-                "refused, but not with {code}: {reason}"
-            )
-        }
-        Err(e) => panic!("expected a refusal with {code}, got {e}"),
-        Ok(_) => panic!("expected a refusal with {code}, got an answer"),
-    }
-}
-
 #[test]
 fn tokens_and_paths_are_enforced_over_the_wire() {
-    let cluster = Cluster::init(PgMajor::V15, "served", ClusterOptions::default());
-    let data = cluster.data_dir();
-    let outside = cluster.base_dir().join("outside");
-    std::fs::create_dir_all(&outside).unwrap();
-    std::fs::write(outside.join("secret"), b"not yours").unwrap();
-    std::os::unix::fs::symlink(&outside, data.join("escape")).unwrap();
-    std::os::unix::fs::symlink(outside.join("secret"), data.join("global/escape")).unwrap();
-    let server = Failbackd::start(&data, Some("right"));
-
-    refused(connect(server.url(), None), "Unauthenticated");
-    refused(connect(server.url(), Some("wrong")), "Unauthenticated");
-    refused(connect(server.url(), Some("righ")), "Unauthenticated");
-
-    let mut src = connect(server.url(), Some("right")).unwrap();
-    for path in [
-        "../outside/secret",
-        "global/../../outside/secret",
-        "/etc/passwd",
-        &outside.join("secret").display().to_string(),
-        "escape/secret",
-        "global/escape",
-    ] {
-        refused(fetch_all(&mut src, path, 0, 100), "PermissionDenied");
-        refused(src.read_file(path), "PermissionDenied");
-    }
-    // The listing shows the stray links as links, never what they point at.
-    let list = src.list_files().unwrap();
-    assert!(list.iter().all(|e| !e.path.contains("secret")));
-    assert!(list.iter().any(|e| e.path == "global/pg_control"));
-
-    // Still serving, also this connection: real bytes, across many chunks, verified.
-    let control = src.control_file().unwrap();
-    assert_eq!(
-        control,
-        std::fs::read(data.join("global/pg_control")).unwrap()
-    );
-    let pg_class = list
-        .iter()
-        .filter(|e| e.path.starts_with("base/") && e.size > 200_000)
-        .max_by_key(|e| e.size)
-        .expect("a relation file over 200 KB")
-        .clone();
-    let got = fetch_all(&mut src, &pg_class.path, 0, pg_class.size).unwrap();
-    assert_eq!(got, std::fs::read(data.join(&pg_class.path)).unwrap());
-    // Past the end: Short at the real size; a missing file: Vanished.
-    let mut seen = Vec::new();
-    src.fetch(
-        &[
-            FetchRange {
-                path: pg_class.path.clone(),
-                offset: pg_class.size - 10,
-                length: 100,
-            },
-            FetchRange {
-                path: "base/1/999999".into(),
-                offset: 0,
-                length: 8192,
-            },
-        ],
-        &mut |p| {
-            seen.push(format!("{p:?}").split(", data").next().unwrap().to_string());
-            Ok(())
-        },
-    )
-    .unwrap();
-    assert_eq!(seen.len(), 3, "{seen:?}");
-    assert!(
-        seen[1].contains(&format!("size: {}", pg_class.size)),
-        "{seen:?}"
-    );
-    assert!(seen[2].starts_with("Vanished"), "{seen:?}");
+    let cluster = cluster_with_escapes("served");
+    let server = Failbackd::start(&cluster.data_dir(), Some("right"));
+    assert_tokens_and_paths_enforced(&cluster, |token| {
+        Ok(Box::new(connect(server.url(), token)?) as Box<dyn Source>)
+    });
 }
 
 #[test]
@@ -353,7 +102,7 @@ fn oversized_requests_are_refused_and_the_server_keeps_serving() {
     let mut raw = rt
         .block_on(pb::failback_client::FailbackClient::connect(format!(
             "http://{}",
-            server.addr
+            server.addr()
         )))
         .unwrap();
     let many = pb::ReadRangesRequest {
@@ -398,28 +147,17 @@ fn oversized_requests_are_refused_and_the_server_keeps_serving() {
     assert_eq!(src.control_file().unwrap().len(), 8192);
 }
 
-fn self_signed(name: &str) -> (Vec<u8>, Vec<u8>) {
-    let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
-    (
-        ck.cert.pem().into_bytes(),
-        ck.signing_key.serialize_pem().into_bytes(),
-    )
-}
-
 #[test]
 fn tls_with_the_right_ca_only() {
     use failback_proto::v1 as pb;
     let cluster = Cluster::init(PgMajor::V15, "served-tls", ClusterOptions::default());
     let (cert, key) = self_signed("localhost");
     let server = Failbackd::start_with(&cluster.data_dir(), Some("t"), Some((cert.clone(), key)));
-    let url = format!("grpcs://localhost:{}", server.addr.port());
+    let url = server.tls_url();
     let tls = |ca: Option<Vec<u8>>, url: &str| {
-        GrpcSource::connect(GrpcOptions {
-            url: url.to_string(),
+        GrpcSource::connect(RemoteOptions {
             ca,
-            token: Some("t".into()),
-            jobs: 2,
-            compression: Compression::Zstd(1),
+            ..options(url.to_string(), Some("t"))
         })
     };
     let mut src = tls(Some(cert.clone()), &url).expect("TLS with the server's CA");
@@ -446,7 +184,7 @@ fn tls_with_the_right_ca_only() {
     let mut raw = rt
         .block_on(pb::failback_client::FailbackClient::connect(format!(
             "http://{}",
-            plain.addr
+            plain.addr()
         )))
         .unwrap();
     let t = rt
@@ -465,7 +203,7 @@ fn timelines_are_served(new_primary: &Cluster) {
     let mut raw = rt
         .block_on(pb::failback_client::FailbackClient::connect(format!(
             "http://{}",
-            server.addr
+            server.addr()
         )))
         .unwrap();
     let t = rt
@@ -484,118 +222,14 @@ fn timelines_are_served(new_primary: &Cluster) {
     );
 }
 
-/// A failbackd stand-in that damages the first `damaged` chunks it sends, to see the client
-/// catch them (the real server cannot be made to send a bad chunk).
-mod damaging {
-    use std::pin::Pin;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use failback_common::wire::{Compression, encode};
-    use failback_proto::v1::failback_server::Failback;
-    use failback_proto::v1::*;
-    use tonic::codegen::Bytes;
-    use tonic::codegen::tokio_stream::{self, Stream};
-    use tonic::{Request, Response, Status};
-
-    pub struct Damaging {
-        pub content: Vec<u8>,
-        pub damaged: Arc<AtomicUsize>,
-    }
-
-    type S<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-    #[tonic::async_trait]
-    impl Failback for Damaging {
-        async fn handshake(
-            &self,
-            _: Request<HandshakeRequest>,
-        ) -> Result<Response<HandshakeResponse>, Status> {
-            Ok(Response::new(HandshakeResponse {
-                protocol_version: failback_proto::PROTOCOL_VERSION,
-                max_chunk: 1 << 20,
-                ..Default::default()
-            }))
-        }
-        async fn control_file(
-            &self,
-            _: Request<ControlFileRequest>,
-        ) -> Result<Response<ControlFileResponse>, Status> {
-            Err(Status::unimplemented(""))
-        }
-        async fn timelines(
-            &self,
-            _: Request<TimelinesRequest>,
-        ) -> Result<Response<TimelinesResponse>, Status> {
-            Err(Status::unimplemented(""))
-        }
-        type ListFilesStream = S<FileEntry>;
-        async fn list_files(
-            &self,
-            _: Request<ListFilesRequest>,
-        ) -> Result<Response<Self::ListFilesStream>, Status> {
-            Err(Status::unimplemented(""))
-        }
-        type ReadRangesStream = S<Chunk>;
-        async fn read_ranges(
-            &self,
-            r: Request<ReadRangesRequest>,
-        ) -> Result<Response<Self::ReadRangesStream>, Status> {
-            let mut out = Vec::new();
-            for range in r.into_inner().ranges {
-                let start = range.offset as usize;
-                let raw = &self.content[start..start + range.length as usize];
-                let e = encode(raw, Compression::Zstd(3)).unwrap();
-                let mut data = e.data;
-                let left = self.damaged.load(Ordering::SeqCst);
-                if left > 0 {
-                    self.damaged.store(left - 1, Ordering::SeqCst);
-                    let mid = data.len() / 2;
-                    data[mid] ^= 0x10;
-                }
-                out.push(Ok(Chunk {
-                    path: range.path,
-                    offset: range.offset,
-                    raw_length: e.raw_length,
-                    codec: e.codec.to_u32(),
-                    data: Bytes::from(data),
-                    hash: Bytes::copy_from_slice(&e.hash),
-                    status: ChunkStatus::Ok as i32,
-                }));
-            }
-            Ok(Response::new(Box::pin(tokio_stream::iter(out))))
-        }
-        type ChunkHashesStream = S<FileHashes>;
-        async fn chunk_hashes(
-            &self,
-            _: Request<ChunkHashesRequest>,
-        ) -> Result<Response<Self::ChunkHashesStream>, Status> {
-            Err(Status::unimplemented(""))
-        }
-        async fn end_of_wal(
-            &self,
-            _: Request<EndOfWalRequest>,
-        ) -> Result<Response<EndOfWalResponse>, Status> {
-            Err(Status::unimplemented(""))
-        }
-    }
-}
-
 #[test]
 fn a_damaged_chunk_is_retried_once_then_reported() {
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicUsize;
-    let content: Vec<u8> = (0..60_000u32).map(|i| (i / 100) as u8).collect();
-    let damaged = Arc::new(AtomicUsize::new(0));
+    let (svc, damaged) = damaging::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = damaging::Damaging {
-        content: content.clone(),
-        damaged: damaged.clone(),
-    };
     rt.spawn(
         tonic::transport::Server::builder()
             .add_service(failback_proto::v1::failback_server::FailbackServer::new(
@@ -604,31 +238,389 @@ fn a_damaged_chunk_is_retried_once_then_reported() {
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
     let mut src = connect(format!("grpc://{addr}"), None).unwrap();
+    assert_damage_caught(&mut src, &damaged);
+}
 
-    // Damaged once: the retry gets good bytes, and only good bytes reach the sink.
-    damaged.store(1, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(
-        fetch_all(&mut src, "f", 100, 50_000).unwrap(),
-        &content[100..50_100]
-    );
-    // Damaged twice: reported, and nothing reached the sink.
-    damaged.store(2, std::sync::atomic::Ordering::SeqCst);
-    let mut delivered = 0usize;
-    let err = src
-        .fetch(
-            &[FetchRange {
-                path: "f".into(),
-                offset: 0,
-                length: 50_000,
-            }],
-            &mut |_| {
-                delivered += 1;
-                Ok(())
-            },
+// ---- a live source: failbackd with --pg-conn beside a running new primary ----
+
+fn opts_for(target: &Cluster, new_primary: &Cluster) -> RewindOptions {
+    RewindOptions {
+        target: target.data_dir(),
+        write_recovery_conf: true,
+        primary_conninfo: Some(conninfo(new_primary)),
+        pg_bindir: Some(target.bins().postgres().parent().unwrap().to_path_buf()),
+        ..Default::default()
+    }
+}
+
+/// The raw gRPC client, for what the `Source` trait does not show (in_recovery, refusals).
+fn raw_client(
+    server: &Failbackd,
+) -> failback_proto::v1::failback_client::FailbackClient<tonic::transport::Channel> {
+    server
+        .rt
+        .block_on(
+            failback_proto::v1::failback_client::FailbackClient::connect(format!(
+                "http://{}",
+                server.addr()
+            )),
         )
-        .expect_err("a twice-damaged chunk was accepted");
-    assert_eq!(delivered, 0);
-    assert!(err.to_string().contains("ReadRanges"), "{err}");
-    let msg = format!("{err}");
-    assert!(msg.contains("does not match"), "{msg}");
+        .unwrap()
+}
+
+fn raw_end_of_wal(
+    server: &Failbackd,
+) -> Result<failback_proto::v1::EndOfWalResponse, tonic::Status> {
+    let mut c = raw_client(server);
+    server
+        .rt
+        .block_on(c.end_of_wal(failback_proto::v1::EndOfWalRequest {}))
+        .map(|r| r.into_inner())
+}
+
+fn raw_timeline(server: &Failbackd) -> u32 {
+    let mut c = raw_client(server);
+    server
+        .rt
+        .block_on(c.timelines(failback_proto::v1::TimelinesRequest {}))
+        .unwrap()
+        .into_inner()
+        .current_timeline
+}
+
+fn capabilities(server: &Failbackd) -> Vec<String> {
+    let mut c = raw_client(server);
+    server
+        .rt
+        .block_on(c.handshake(failback_proto::v1::HandshakeRequest {
+            protocol_version: failback_proto::PROTOCOL_VERSION,
+            client_version: "test".into(),
+        }))
+        .unwrap()
+        .into_inner()
+        .capabilities
+}
+
+/// Runs `f` while pgbench writes on `primary` (from before `f` starts until it returns), and
+/// checks that the load did commit transactions meanwhile.
+fn under_load<T>(primary: &Cluster, f: impl FnOnce() -> T) -> T {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let count = || -> u64 {
+        primary
+            .query_one("SELECT count(*) FROM pgbench_history")
+            .parse()
+            .unwrap()
+    };
+    let stop = AtomicBool::new(false);
+    let runs = AtomicU32::new(0);
+    let (out, before, after) = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                primary.pgbench(&["-n", "-T", "1", "-c", "2"]);
+                runs.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        while runs.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let before = count();
+        let out = f();
+        let after = count();
+        stop.store(true, Ordering::SeqCst);
+        load.join().unwrap();
+        (out, before, after)
+    });
+    assert!(
+        after > before,
+        "the load did not run meanwhile ({before} -> {after} pgbench_history rows)"
+    );
+    out
+}
+
+// The new primary was promoted moments ago (its checkpoint still pending, so pg_control names
+// the old timeline) and runs under pgbench load during the whole rewind; failbackd without
+// --pg-conn refuses it first (the target untouched), then with --pg-conn the rewind succeeds
+// and the old primary rejoins with the same data once the load stops.
+pg_test!(rewinds_a_live_source_under_load, |major| {
+    // A slow, spread checkpoint after the promotion keeps pg_control on the old timeline.
+    let options = ClusterOptions::default()
+        .setting("checkpoint_timeout", "1h")
+        .setting("checkpoint_completion_target", "0.9");
+    let mut primary = Cluster::start_new_with(major, "old-primary", options);
+    let mut new_primary = primary.create_standby("new-primary");
+    // Loaded after the standby exists, so its replay leaves many buffers to checkpoint.
+    primary.pgbench_init(2);
+    new_primary.wait_for_catchup(&primary);
+    assert_eq!(new_primary.query_one("SELECT pg_promote(true, 120)"), "t");
+    primary.execute(
+        "UPDATE pgbench_accounts SET abalance = abalance - 1 WHERE aid % 30 = 0;
+         CREATE TABLE only_old AS SELECT generate_series(1, 1000) AS x",
+    );
+    primary.stop(StopMode::Fast);
+    let opts = opts_for(&primary, &new_primary);
+
+    // Without --pg-conn the end of WAL is unknown: refused before anything changes.
+    let before = failback_tests::rewind::TreeDigest::of(&primary.data_dir());
+    {
+        let server = Failbackd::start(&new_primary.data_dir(), None);
+        let caps = capabilities(&server);
+        assert!(caps.iter().any(|c| c == "running"), "{caps:?}");
+        assert!(!caps.iter().any(|c| c == "live"), "{caps:?}");
+        let mut source = connect(server.url(), None).unwrap();
+        assert!(source.is_live());
+        let e = rewind(&opts, &mut source, &mut Terminal::new(false, false)).unwrap_err();
+        // What failback says, and failbackd's reason below it.
+        let why = std::error::Error::source(&e).map(|s| s.to_string());
+        assert!(e.to_string().contains("--pg-conn"), "{e}");
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains("postmaster.pid")),
+            "{e}: {why:?}"
+        );
+    }
+    before.assert_unchanged(
+        &failback_tests::rewind::TreeDigest::of(&primary.data_dir()),
+        "a running source served without --pg-conn",
+    );
+
+    // pg_rewind 13-15 would say "no rewind required" here, going by pg_control alone.
+    assert_eq!(
+        failback_tests::rewind::control_file(&new_primary)
+            .checkPointCopy
+            .ThisTimeLineID,
+        1,
+        "the promotion's checkpoint already finished: the test needs it pending"
+    );
+    let report = under_load(&new_primary, || {
+        let server = Failbackd::start_live(&new_primary);
+        assert!(capabilities(&server).iter().any(|c| c == "live"));
+        let mut source = connect(server.url(), None).unwrap();
+        rewind(&opts, &mut source, &mut Terminal::new(false, false))
+            .unwrap()
+            .0
+    });
+    assert!(report.rewind_needed);
+    assert_eq!(report.source_timeline, 2);
+    // minRecoveryPoint is the source's end of WAL after the copy: past everything the load
+    // had written when the rewind started.
+    let mrp: failback_common::Lsn = report.min_recovery_point.unwrap().parse().unwrap();
+    let control = failback_tests::rewind::control_file(&primary);
+    assert_eq!(control.minRecoveryPoint, mrp);
+    assert_eq!(control.minRecoveryPointTLI, 2);
+    assert!(mrp > control.checkPoint, "{mrp} vs {}", control.checkPoint);
+    failback_tests::rewind::start_rejoined(&mut primary, &mut new_primary);
+});
+
+// EndOfWal on a primary and on a standby; failbackd without --pg-conn on a running server;
+// the current timeline right after a promotion whose checkpoint has not finished.
+pg_test!(end_of_wal_and_the_timeline_after_promotion, |major| {
+    // A slow, spread checkpoint after the promotion keeps pg_control on the old timeline.
+    let options = ClusterOptions::default()
+        .setting("checkpoint_timeout", "1h")
+        .setting("checkpoint_completion_target", "0.9");
+    let mut primary = Cluster::start_new_with(major, "primary", options);
+    primary.execute("CREATE TABLE t AS SELECT generate_series(1, 1000) AS x");
+    let standby = primary.create_standby("standby");
+    standby.wait_for_catchup(&primary);
+
+    let on_primary = Failbackd::start_live(&primary);
+    let before = primary.current_lsn();
+    let end = raw_end_of_wal(&on_primary).unwrap();
+    assert!(!end.in_recovery);
+    assert_eq!(end.timeline, 1);
+    assert!(end.lsn >= before.0, "{} < {before}", end.lsn);
+    let mut src = connect(on_primary.url(), None).unwrap();
+    assert!(src.is_live());
+    let e = src.end_of_wal().unwrap().unwrap();
+    assert!(e.lsn >= failback_common::Lsn(end.lsn) && e.tli == 1);
+    drop(src);
+    drop(on_primary);
+
+    // Dirty many buffers on the standby, so its post-promotion checkpoint takes long.
+    primary.execute(
+        "CREATE TABLE filler AS SELECT g, repeat('y', 200) AS y FROM generate_series(1, 100000) g",
+    );
+    standby.wait_for_catchup(&primary);
+    let replayed = standby.current_lsn();
+    let live = Failbackd::start_live(&standby);
+    let files = Failbackd::start(&standby.data_dir(), None);
+    let end = raw_end_of_wal(&live).unwrap();
+    assert!(end.in_recovery);
+    assert_eq!(end.timeline, 1);
+    assert!(end.lsn >= replayed.0, "{} < {replayed}", end.lsn);
+    let refused = raw_end_of_wal(&files).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("postmaster.pid") && refused.message().contains("--pg-conn"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(raw_timeline(&live), 1);
+    assert_eq!(raw_timeline(&files), 1);
+
+    assert_eq!(standby.query_one("SELECT pg_promote(true, 120)"), "t");
+    let (with_conn, without_conn) = (raw_timeline(&live), raw_timeline(&files));
+    let end = raw_end_of_wal(&live).unwrap();
+    let control = failback_tests::rewind::control_file(&standby);
+    assert_eq!(
+        control.checkPointCopy.ThisTimeLineID, 1,
+        "the promotion's checkpoint already finished: nothing left to prove"
+    );
+    assert_eq!(with_conn, 2, "Timelines with --pg-conn");
+    assert_eq!(without_conn, 2, "Timelines from the newest history file");
+    assert!(!end.in_recovery);
+    assert_eq!(end.timeline, 2);
+    drop(live);
+    drop(files);
+    primary.stop(StopMode::Fast);
+});
+
+// Whole-file copies of files the target has (WAL segments from before the fork) fetch only
+// the chunks that differ; and --max-rate holds the copy to its rate.
+pg_test!(skips_identical_chunks_and_honours_max_rate, |major| {
+    use failback_client::source::rate::RateLimited;
+    use failback_common::ratelimit::TokenBucket;
+    let options = ClusterOptions::default()
+        .setting("wal_keep_size", "1GB")
+        .setting("checkpoint_timeout", "1h");
+    let mut primary = Cluster::start_new_with(major, "old-primary", options);
+    primary.pgbench_init(1);
+    let mut new_primary = primary.create_standby("new-primary");
+    new_primary.wait_for_catchup(&primary);
+    // WAL between the last common checkpoint and the fork: segments both sides hold alike.
+    primary.execute(
+        "CREATE TABLE filler AS SELECT g, repeat('z', 300) AS z FROM generate_series(1, 100000) g",
+    );
+    failback_tests::rewind::promote(&primary, &new_primary);
+    primary.execute("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 10 = 0");
+    failback_tests::rewind::stop_for_rewind(&mut primary, &mut new_primary, StopMode::Fast);
+
+    let server = Failbackd::start(&new_primary.data_dir(), None);
+    let rate = 16 << 20;
+    let mut source = RateLimited::new(connect(server.url(), None).unwrap(), rate).unwrap();
+    let mut opts = opts_for(&primary, &new_primary);
+    opts.write_recovery_conf = false;
+    let (report, _) = rewind(&opts, &mut source, &mut Terminal::new(false, false)).unwrap();
+    let ex = report.execution.clone().unwrap();
+    assert!(ex.files_hashed > 0, "{ex:?}");
+    assert!(
+        ex.bytes_skipped_by_hashes >= 16 << 20,
+        "not even one identical WAL segment was skipped: {ex:?}"
+    );
+    assert_eq!(
+        ex.bytes_fetched + ex.bytes_skipped_by_hashes,
+        report.bytes_to_fetch,
+        "{ex:?}"
+    );
+    // A lower bound only: never faster than the rate allows, whatever the machine.
+    let burst = TokenBucket::default_burst(rate);
+    assert!(
+        ex.bytes_fetched > 4 * burst,
+        "too little fetched to see the limit: {ex:?}"
+    );
+    let floor = (ex.bytes_fetched - burst) as f64 / rate as f64;
+    assert!(
+        report.seconds.copy >= floor,
+        "{} bytes in {:.3} s at --max-rate {rate} (at least {floor:.3} s)",
+        ex.bytes_fetched,
+        report.seconds.copy
+    );
+    assert!(source.waited() > std::time::Duration::ZERO);
+    drop(source);
+    drop(server);
+    failback_tests::rewind::rejoin(&mut primary, &mut new_primary);
+});
+
+// A running standby of the new primary as the source, while the new primary is under load:
+// the standby's end of WAL is its replay position, which becomes the target's minRecoveryPoint.
+pg_test!(rewinds_from_a_live_standby, |major| {
+    let mut primary = Cluster::start_new(major, "old-primary");
+    primary.pgbench_init(1);
+    let mut new_primary = primary.create_standby("new-primary");
+    failback_tests::rewind::promote(&primary, &new_primary);
+    let standby = new_primary.create_standby("standby-of-new");
+    standby.wait_for_catchup(&new_primary);
+    primary.execute(
+        "UPDATE pgbench_accounts SET abalance = abalance - 3 WHERE aid % 20 = 0;
+         CREATE TABLE only_old AS SELECT generate_series(1, 500) AS x",
+    );
+    primary.stop(StopMode::Fast);
+    let opts = opts_for(&primary, &new_primary);
+    let (report, replayed_before) = under_load(&new_primary, || {
+        let replayed_before = standby.current_lsn();
+        let server = Failbackd::start_live(&standby);
+        let end = raw_end_of_wal(&server).unwrap();
+        assert!(end.in_recovery);
+        let mut source = connect(server.url(), None).unwrap();
+        let r = rewind(&opts, &mut source, &mut Terminal::new(false, false));
+        (r.unwrap().0, replayed_before)
+    });
+    assert!(report.rewind_needed);
+    assert_eq!(report.source_timeline, 2);
+    let mrp: failback_common::Lsn = report.min_recovery_point.unwrap().parse().unwrap();
+    assert!(mrp > replayed_before, "{mrp} <= {replayed_before}");
+    let control = failback_tests::rewind::control_file(&primary);
+    assert_eq!(
+        (control.minRecoveryPoint, control.minRecoveryPointTLI),
+        (mrp, 2)
+    );
+    drop(standby);
+    failback_tests::rewind::start_rejoined(&mut primary, &mut new_primary);
+});
+
+/// ChunkHashes over the wire: the hashes of real files, the limits, and the confinement.
+#[test]
+fn chunk_hashes_are_served_within_limits() {
+    use failback_proto::v1 as pb;
+    let cluster = Cluster::init(PgMajor::V15, "hashed", ClusterOptions::default());
+    let data = cluster.data_dir();
+    let server = Failbackd::start(&data, None);
+    let wal = failback_tests::rewind::wal_segments(&data)
+        .into_iter()
+        .next()
+        .expect("a WAL segment");
+    let wal = format!("pg_wal/{wal}");
+    let bytes = std::fs::read(data.join(&wal)).unwrap();
+    let mut src = connect(server.url(), None).unwrap();
+    let got = src
+        .chunk_hashes(&[wal.clone(), "base/1/999999".into()], 1 << 16)
+        .unwrap()
+        .expect("failbackd hashes");
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        (got[0].path.as_str(), got[0].size),
+        (wal.as_str(), bytes.len() as u64)
+    );
+    let want: Vec<[u8; 32]> = bytes
+        .chunks(1 << 16)
+        .map(|c| *blake3::hash(c).as_bytes())
+        .collect();
+    assert_eq!(got[0].hashes, want);
+    assert!(got[1].vanished && got[1].hashes.is_empty());
+
+    let mut raw = raw_client(&server);
+    let ask = |paths: Vec<String>, chunk_size| pb::ChunkHashesRequest { paths, chunk_size };
+    let code = |raw: &mut pb::failback_client::FailbackClient<_>, req| {
+        server
+            .rt
+            .block_on(raw.chunk_hashes(req))
+            .map(|_| ())
+            .unwrap_err()
+            .code()
+    };
+    for cs in [0, 4095, (16 << 20) + 1] {
+        assert_eq!(
+            code(&mut raw, ask(vec![wal.clone()], cs)),
+            tonic::Code::InvalidArgument
+        );
+    }
+    assert_eq!(
+        code(&mut raw, ask(vec!["x".into(); 4097], 1 << 16)),
+        tonic::Code::InvalidArgument
+    );
+    for bad in ["../etc/passwd", "/etc/passwd", "base/../../x"] {
+        assert_eq!(
+            code(&mut raw, ask(vec![bad.into()], 1 << 16)),
+            tonic::Code::PermissionDenied
+        );
+    }
 }

@@ -54,3 +54,73 @@ fn usage_errors_exit_2_and_change_nothing() {
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+// pg_rewind's 006_options, translated: help and version, then each misuse upstream checks fails
+// with a message that says what is wrong, and the target is left as it was.
+#[test]
+fn t006_options() {
+    for args in [&["--help"][..], &["--version"], &["rewind", "--help"]] {
+        let out = failback(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(!out.stdout.is_empty(), "{args:?} prints something");
+    }
+    let primary = tempfile::tempdir().unwrap();
+    let standby = tempfile::tempdir().unwrap();
+    let (p, s) = (
+        primary.path().to_str().unwrap(),
+        standby.path().to_str().unwrap(),
+    );
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &[
+                "rewind",
+                "--debug",
+                "-D",
+                p,
+                "--source-pgdata",
+                s,
+                "extra_arg1",
+            ],
+            "unexpected argument 'extra_arg1'",
+        ),
+        (&["rewind", "-D", p], "--source-pgdata"),
+        (
+            &[
+                "rewind",
+                "--debug",
+                "-D",
+                p,
+                "--source-pgdata",
+                s,
+                "--source",
+                "grpc://incorrect_source:1",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &[
+                "rewind",
+                "--debug",
+                "-D",
+                p,
+                "--source-pgdata",
+                s,
+                "--write-recovery-conf",
+            ],
+            "-R needs --primary-conninfo",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = failback(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded: {out:?}");
+        assert!(err.contains(needle), "{args:?}: {needle:?} not in:\n{err}");
+    }
+    for dir in [primary.path(), standby.path()] {
+        assert_eq!(
+            std::fs::read_dir(dir).unwrap().count(),
+            0,
+            "{dir:?} changed"
+        );
+    }
+}

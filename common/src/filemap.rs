@@ -90,6 +90,9 @@ const EXCLUDED_FILES: &[&str] = &[
     "backup_manifest",
     "postmaster.pid",
     "postmaster.opts",
+    // failback's own journal of an unfinished rewind (crate::journal): never copied from a
+    // source, never removed from a target by the plan.
+    crate::journal::JOURNAL_FILE,
 ];
 
 /// Files never copied, matched by a prefix of their last path component.

@@ -5,8 +5,10 @@
 //! That is what lets the decoder, the planner and the journal be tested in microseconds and
 //! fed hostile input by property tests and fuzzers.
 
+pub mod chunkdiff;
 pub mod lsn;
 pub mod plan;
+pub mod ratelimit;
 pub mod recovery;
 pub mod version;
 
@@ -15,6 +17,7 @@ pub use version::PgMajor;
 pub mod civil;
 pub mod control;
 pub mod filemap;
+pub mod journal;
 pub mod relpath;
 pub mod timeline;
 pub mod wal;

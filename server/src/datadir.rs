@@ -13,7 +13,7 @@
 //! source reads through it too.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -215,15 +215,7 @@ impl DataDir {
         };
         let len = usize::try_from(len).map_err(|_| DataDirError::PathNotAllowed(rel.into()))?;
         buf.resize(len, 0);
-        let mut done = 0usize;
-        while done < len {
-            match file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(DataDirError::io(rel, e)),
-            }
-        }
+        let done = read_full_at(&file, buf, offset).map_err(|e| DataDirError::io(rel, e))?;
         buf.truncate(done);
         Ok(if done == len {
             ReadStatus::Complete
@@ -233,7 +225,7 @@ impl DataDir {
     }
 
     /// Opens a file for sequential reading (hashing, streaming a whole file).
-    pub fn open(&self, rel: &str) -> Result<Option<impl Read + FileExt>, DataDirError> {
+    pub fn open(&self, rel: &str) -> Result<Option<File>, DataDirError> {
         let path = self.resolve(rel)?;
         match File::open(&path) {
             Ok(f) => Ok(Some(f)),
@@ -241,6 +233,20 @@ impl DataDir {
             Err(e) => Err(DataDirError::io(rel, e)),
         }
     }
+}
+
+/// Reads at `offset` until `buf` is full or the file ends; the bytes read.
+pub fn read_full_at(file: &impl FileExt, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 fn dir_entry(path: String) -> FileEntry {

@@ -1,9 +1,18 @@
 //! failbackd: answers questions about one PostgreSQL data directory; decides nothing.
 //!
-//! [`serve`] runs the gRPC service on a listener the caller bound, until a shutdown future
-//! completes, so tests start it on port 0 and the binary on `--listen`.
+//! [`serve`] runs the gRPC service on a listener the caller bound, and [`quic::serve_quic`] the
+//! same service over QUIC on a bound UDP socket, each until a shutdown future completes, so
+//! tests start them on port 0 and the binary on `--listen` / `--quic-listen`.
+//!
+//! Both transports are tuned for long fat links (a rewind across regions): a sender may only
+//! have one flow-control window of data unacknowledged, so a link of 200 Mbit/s at 50 ms
+//! round trip needs at least 200e6 / 8 * 0.05 = 2.5 MB of window to stay full. HTTP/2 and QUIC
+//! both default to far less; [`DEFAULT_WINDOW`] is 16 MiB.
 
+pub mod config;
 pub mod datadir;
+pub mod live;
+pub mod quic;
 pub mod service;
 
 use std::future::Future;
@@ -11,14 +20,20 @@ use std::path::PathBuf;
 
 use failback_proto::v1::failback_server::FailbackServer;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::datadir::DataDir;
 use crate::service::{FailbackService, TokenCheck};
 
 /// The default and the largest chunk failbackd sends, in raw bytes.
 pub const DEFAULT_MAX_CHUNK: u64 = 1 << 20;
 pub const MAX_MAX_CHUNK: u64 = 16 << 20;
+/// The largest request accepted, on either transport: requests are lists of ranges.
+pub const MAX_REQUEST: usize = 8 << 20;
+/// Flow-control window per stream and per connection, in bytes (see the module header).
+pub const DEFAULT_WINDOW: u32 = 16 << 20;
+/// The window's bounds: HTTP/2's initial window, and a gigabyte of memory per stream.
+pub const MIN_WINDOW: u32 = 65_535;
+pub const MAX_WINDOW: u32 = 1 << 30;
 
 /// What failbackd serves and how.
 #[derive(Clone, Debug)]
@@ -30,6 +45,16 @@ pub struct Config {
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     /// The most raw bytes per chunk (1 .. [`MAX_MAX_CHUNK`]).
     pub max_chunk: u64,
+    /// PEM CA certificate(s): when set, a client must present a certificate signed by one of
+    /// them, on both transports (needs `tls`).
+    pub client_ca: Option<Vec<u8>>,
+    /// Flow-control window in bytes, per stream and per connection (HTTP/2 and QUIC).
+    pub window: u32,
+    /// Limits of the QUIC listener.
+    pub quic: quic::QuicLimits,
+    /// A local connection string to the PostgreSQL server running on `pgdata` (`--pg-conn`):
+    /// with it failbackd serves a live source (its end of WAL, its current timeline).
+    pub pg_conn: Option<String>,
 }
 
 impl Config {
@@ -39,6 +64,10 @@ impl Config {
             token: None,
             tls: None,
             max_chunk: DEFAULT_MAX_CHUNK,
+            client_ca: None,
+            window: DEFAULT_WINDOW,
+            quic: quic::QuicLimits::default(),
+            pg_conn: None,
         }
     }
 }
@@ -51,6 +80,36 @@ pub enum ServeError {
     Tls(#[source] tonic::transport::Error),
     #[error("gRPC server failed")]
     Transport(#[source] tonic::transport::Error),
+    #[error("--window {0} is out of range ({MIN_WINDOW} .. {MAX_WINDOW})")]
+    Window(u32),
+    #[error("--quic-max-connections and --quic-max-streams must be at least 1")]
+    QuicLimits,
+    #[error("--client-ca needs --tls-cert and --tls-key: client certificates are checked by TLS")]
+    ClientCaWithoutTls,
+    #[error("QUIC needs TLS: give --tls-cert and --tls-key")]
+    QuicWithoutTls,
+    #[error("QUIC TLS configuration refused: {0}")]
+    QuicTls(String),
+    #[error("QUIC socket: {0}")]
+    QuicSocket(#[source] std::io::Error),
+}
+
+impl Config {
+    fn check(&self) -> Result<(), ServeError> {
+        if self.max_chunk == 0 || self.max_chunk > MAX_MAX_CHUNK {
+            return Err(ServeError::MaxChunk(self.max_chunk));
+        }
+        if !(MIN_WINDOW..=MAX_WINDOW).contains(&self.window) {
+            return Err(ServeError::Window(self.window));
+        }
+        if self.quic.max_connections == 0 || self.quic.max_streams_per_connection == 0 {
+            return Err(ServeError::QuicLimits);
+        }
+        if self.client_ca.is_some() && self.tls.is_none() {
+            return Err(ServeError::ClientCaWithoutTls);
+        }
+        Ok(())
+    }
 }
 
 /// Serves `config.pgdata` on `listener` until `shutdown` completes.
@@ -59,21 +118,23 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    if config.max_chunk == 0 || config.max_chunk > MAX_MAX_CHUNK {
-        return Err(ServeError::MaxChunk(config.max_chunk));
-    }
-    let svc = FailbackService::new(DataDir::new(config.pgdata), config.max_chunk);
+    config.check()?;
+    let svc = FailbackService::for_config(&config);
     // Requests are small (lists of ranges); a chunk is at most max_chunk plus framing.
     let svc = FailbackServer::new(svc)
-        .max_decoding_message_size(8 << 20)
+        .max_decoding_message_size(MAX_REQUEST)
         .max_encoding_message_size((MAX_MAX_CHUNK + (1 << 16)) as usize);
     let svc =
         tonic::service::interceptor::InterceptedService::new(svc, TokenCheck::new(config.token));
-    let mut builder = Server::builder();
+    let mut builder = Server::builder()
+        .initial_stream_window_size(config.window)
+        .initial_connection_window_size(config.window);
     if let Some((cert, key)) = config.tls {
-        builder = builder
-            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
-            .map_err(ServeError::Tls)?;
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        if let Some(ca) = config.client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(tls).map_err(ServeError::Tls)?;
     }
     builder
         .add_service(svc)

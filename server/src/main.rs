@@ -1,64 +1,189 @@
-//! `failbackd`: serves one shut-down PostgreSQL data directory, read-only, over gRPC.
+//! `failbackd`: serves one PostgreSQL data directory, read-only, over gRPC and, with
+//! `--quic-listen`, over QUIC too; with `--pg-conn`, also while PostgreSQL runs on it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use failback_server::config::Settings;
 
 #[derive(Parser)]
 #[command(name = "failbackd", version, about, long_about = None)]
 struct Args {
+    /// TOML file with the same settings as these flags (flags win over it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The data directory to serve (read-only).
     #[arg(short = 'D', long, value_name = "DIR")]
-    pgdata: PathBuf,
+    pgdata: Option<PathBuf>,
     /// Address to listen on, e.g. 0.0.0.0:7432.
     #[arg(long, value_name = "ADDR")]
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
+    /// Also serve QUIC on this UDP address, e.g. 0.0.0.0:7433 (needs --tls-cert/--tls-key).
+    #[arg(long, value_name = "ADDR")]
+    quic_listen: Option<SocketAddr>,
+    /// PEM CA certificate: only clients presenting a certificate signed by it are served, on
+    /// both transports (needs --tls-cert/--tls-key).
+    #[arg(long, value_name = "FILE")]
+    client_ca: Option<PathBuf>,
     /// PEM certificate chain; with --tls-key, serve TLS.
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    #[arg(long, value_name = "FILE")]
     tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
     /// File holding the bearer token every client must present.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
-    /// The most raw bytes per chunk sent.
-    #[arg(long, value_name = "BYTES", default_value_t = failback_server::DEFAULT_MAX_CHUNK)]
-    max_chunk: u64,
+    /// Flow-control window per stream and per connection, both transports (64 KiB .. 1 GiB)
+    /// [default: 16777216].
+    #[arg(long, value_name = "BYTES")]
+    window: Option<u32>,
+    /// QUIC connections served at once; more are refused [default: 64].
+    #[arg(long, value_name = "N")]
+    quic_max_connections: Option<usize>,
+    /// Requests one QUIC connection may have open at once [default: 300].
+    #[arg(long, value_name = "N")]
+    quic_max_streams: Option<u32>,
+    /// The most raw bytes per chunk sent [default: 1048576].
+    #[arg(long, value_name = "BYTES")]
+    max_chunk: Option<u64>,
+    /// Connection string to the PostgreSQL server running on the data directory (local,
+    /// any user that may call pg_current_wal_insert_lsn): lets failbackd serve a live source.
+    #[arg(long, value_name = "CONNSTR")]
+    pg_conn: Option<String>,
 }
 
-fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>> {
+fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("could not read {what} {}", path.display()))
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = Args::parse();
-    let mut config = failback_server::Config::new(&a.pgdata);
-    config.max_chunk = a.max_chunk;
-    if let Some(f) = &a.token_file {
+    let flags = Settings {
+        pgdata: a.pgdata,
+        listen: a.listen,
+        tls_cert: a.tls_cert,
+        tls_key: a.tls_key,
+        token_file: a.token_file,
+        max_chunk: a.max_chunk,
+        pg_conn: a.pg_conn,
+        quic_listen: a.quic_listen,
+        client_ca: a.client_ca,
+        window: a.window,
+        quic_max_connections: a.quic_max_connections,
+        quic_max_streams: a.quic_max_streams,
+    };
+    let s = match &a.config {
+        Some(f) => Settings::read(f)?.overridden_by(flags),
+        None => flags,
+    };
+    let pgdata = s
+        .pgdata
+        .context("no data directory: give -D/--pgdata, or pgdata in the --config file")?;
+    let listen = s
+        .listen
+        .context("no address to listen on: give --listen, or listen in the --config file")?;
+    let mut config = failback_server::Config::new(&pgdata);
+    config.max_chunk = s.max_chunk.unwrap_or(failback_server::DEFAULT_MAX_CHUNK);
+    config.pg_conn = s.pg_conn;
+    let limits = failback_server::quic::QuicLimits::default();
+    config.window = s.window.unwrap_or(failback_server::DEFAULT_WINDOW);
+    config.quic.max_connections = s.quic_max_connections.unwrap_or(limits.max_connections);
+    config.quic.max_streams_per_connection = s
+        .quic_max_streams
+        .unwrap_or(limits.max_streams_per_connection);
+    if let Some(f) = &s.token_file {
         let t = String::from_utf8(read(f, "token file")?)
             .with_context(|| format!("token file {} is not UTF-8", f.display()))?;
         let t = t.trim().to_string();
         anyhow::ensure!(!t.is_empty(), "token file {} is empty", f.display());
         config.token = Some(t);
     }
-    if let (Some(c), Some(k)) = (&a.tls_cert, &a.tls_key) {
-        config.tls = Some((read(c, "certificate")?, read(k, "key")?));
+    match (&s.tls_cert, &s.tls_key) {
+        (Some(c), Some(k)) => config.tls = Some((read(c, "certificate")?, read(k, "key")?)),
+        (None, None) => {}
+        _ => anyhow::bail!("tls_cert and tls_key go together: give both or neither"),
     }
-    let listener = tokio::net::TcpListener::bind(a.listen)
-        .await
-        .with_context(|| format!("could not listen on {}", a.listen))?;
-    eprintln!(
-        "failbackd: serving {} on {}",
-        a.pgdata.display(),
-        listener.local_addr()?
+    if let Some(f) = &s.client_ca {
+        config.client_ca = Some(read(f, "client CA certificate")?);
+    }
+    anyhow::ensure!(
+        config.tls.is_some() || (s.quic_listen.is_none() && s.client_ca.is_none()),
+        "QUIC (--quic-listen) and client certificates (--client-ca) need TLS: give --tls-cert \
+         and --tls-key"
     );
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    if config.pg_conn.is_none()
+        && let Some(pid) = failback_server::live::running_postmaster(&pgdata)
+    {
+        eprintln!(
+            "failbackd: warning: PostgreSQL is running on {} (PID {pid}) and --pg-conn is \
+             not set: rewinds from it will be refused until failbackd is restarted with \
+             --pg-conn",
+            pgdata.display()
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("could not listen on {listen}"))?;
+    eprintln!(
+        "failbackd: serving {} on {}{}",
+        pgdata.display(),
+        listener.local_addr()?,
+        if config.pg_conn.is_some() {
+            " (live source, --pg-conn)"
+        } else {
+            ""
+        }
+    );
+    // Both transports stop on the first Ctrl-C.
+    let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
+    let shutdown = |mut rx: tokio::sync::broadcast::Receiver<()>| async move {
+        let _ = rx.recv().await;
     };
-    failback_server::serve(listener, config, shutdown).await?;
+    let quic = match s.quic_listen {
+        None => None,
+        Some(addr) => {
+            let socket = std::net::UdpSocket::bind(addr)
+                .with_context(|| format!("could not listen on UDP {addr}"))?;
+            eprintln!(
+                "failbackd: serving {} over QUIC on {}",
+                pgdata.display(),
+                socket.local_addr()?
+            );
+            Some(tokio::spawn(failback_server::quic::serve_quic(
+                socket,
+                config.clone(),
+                shutdown(stop.subscribe()),
+            )))
+        }
+    };
+    let mut grpc = tokio::spawn(failback_server::serve(
+        listener,
+        config,
+        shutdown(stop.subscribe()),
+    ));
+    // Without QUIC, a stand-in that ends with the rest.
+    let mut quic = quic.unwrap_or_else(|| {
+        let done = shutdown(stop.subscribe());
+        tokio::spawn(async move {
+            done.await;
+            Ok(())
+        })
+    });
+    // Whichever ends first (Ctrl-C, or a server failing) stops the other.
+    let (first, other) = tokio::select! {
+        r = &mut grpc => (r, quic),
+        r = &mut quic => (r, grpc),
+        _ = tokio::signal::ctrl_c() => {
+            let _ = stop.send(());
+            (grpc.await, quic)
+        }
+    };
+    let _ = stop.send(());
+    first.context("a server task failed")??;
+    other.await.context("a server task failed")??;
     Ok(())
 }

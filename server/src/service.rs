@@ -33,10 +33,27 @@ pub const MAX_PATH_LEN: usize = 4096;
 /// chunks of memory, so the total is bounded whatever clients open; more requests wait.
 pub const MAX_READERS: usize = 64;
 
+/// The smallest and largest chunk ChunkHashes hashes: smaller chunks would make the hash
+/// lists larger than the bytes they save, larger ones skip too little.
+pub const MIN_HASH_CHUNK: u64 = 4096;
+pub const MAX_HASH_CHUNK: u64 = 16 << 20;
+/// The most paths one ChunkHashes request may name.
+pub const MAX_HASH_PATHS: usize = 4096;
+/// The most hashes one file may get (8 MiB of hashes): a larger file needs larger chunks.
+pub const MAX_HASHES_PER_FILE: u64 = 1 << 18;
+
+/// Capabilities the handshake advertises: `live` when failbackd can tell the source server's
+/// end of WAL (`--pg-conn`); `running` when PostgreSQL runs on the data directory
+/// (`postmaster.pid` names a live process), with or without `--pg-conn`.
+pub const CAP_LIVE: &str = "live";
+pub const CAP_RUNNING: &str = "running";
+pub const CAP_CHUNK_HASHES: &str = "chunk-hashes";
+
 pub struct FailbackService {
     dir: DataDir,
     max_chunk: u64,
     readers: Arc<tokio::sync::Semaphore>,
+    pg_conn: Option<Arc<str>>,
 }
 
 impl FailbackService {
@@ -45,7 +62,54 @@ impl FailbackService {
             dir,
             max_chunk,
             readers: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
+            pg_conn: None,
         }
+    }
+
+    /// The service both transports serve for `config`: its data directory, chunk size and
+    /// connection to the server running there.
+    pub fn for_config(config: &crate::Config) -> Self {
+        FailbackService::new(DataDir::new(config.pgdata.clone()), config.max_chunk)
+            .with_pg_conn(config.pg_conn.clone())
+    }
+
+    /// A local connection string to the server running on the data directory.
+    pub fn with_pg_conn(mut self, pg_conn: Option<String>) -> Self {
+        self.pg_conn = pg_conn.map(Arc::from);
+        self
+    }
+
+    /// One of the [`MAX_READERS`] reader slots, held by a streaming answer until it ends.
+    async fn reader_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.readers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("failbackd is shutting down"))
+    }
+
+    /// The source server's end of WAL, or why it cannot be known.
+    async fn live_end(&self) -> Result<crate::live::EndOfWal, Status> {
+        let Some(conn) = self.pg_conn.clone() else {
+            let root = self.dir.root().to_path_buf();
+            let running =
+                tokio::task::spawn_blocking(move || crate::live::running_postmaster(&root))
+                    .await
+                    .ok()
+                    .flatten();
+            return Err(Status::failed_precondition(match running {
+                Some(pid) => format!(
+                    "PostgreSQL is running on {} (postmaster.pid names live process {pid}) but                      failbackd was started without --pg-conn, so the source's end of WAL is                      unknown and a rewind from it could not be made consistent; restart                      failbackd with --pg-conn, or stop the source server",
+                    self.dir.root().display()
+                ),
+                None => "failbackd was started without --pg-conn: it serves a shut-down data                          directory, whose end of WAL is its control file's checkpoint"
+                    .to_string(),
+            }));
+        };
+        tokio::task::spawn_blocking(move || crate::live::end_of_wal(&conn))
+            .await
+            .map_err(|e| Status::internal(format!("end-of-WAL task failed: {e}")))?
+            .map_err(|e| Status::unavailable(e.to_string()))
     }
 
     async fn blocking<T: Send + 'static>(
@@ -111,7 +175,19 @@ impl Failback for FailbackService {
             )));
         }
         let max_chunk = self.max_chunk;
-        let (_, c) = self.blocking(|d| control(&d)).await?;
+        let (running, c) = self
+            .blocking(|d| {
+                let running = crate::live::running_postmaster(d.root()).is_some();
+                Ok((running, control(&d)?.1))
+            })
+            .await?;
+        let mut capabilities = vec!["zstd".into(), "blake3".into(), CAP_CHUNK_HASHES.into()];
+        if self.pg_conn.is_some() {
+            capabilities.push(CAP_LIVE.into());
+        }
+        if running {
+            capabilities.push(CAP_RUNNING.into());
+        }
         Ok(Response::new(HandshakeResponse {
             protocol_version: failback_proto::PROTOCOL_VERSION,
             server_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -119,7 +195,7 @@ impl Failback for FailbackService {
             system_identifier: c.system_identifier,
             block_size: c.blcksz,
             wal_segment_size: c.xlog_seg_size,
-            capabilities: vec!["zstd".into(), "blake3".into()],
+            capabilities,
             max_chunk,
         }))
     }
@@ -138,7 +214,13 @@ impl Failback for FailbackService {
         &self,
         _: Request<TimelinesRequest>,
     ) -> Result<Response<TimelinesResponse>, Status> {
-        self.blocking(|d| {
+        // The running server knows its timeline at once; its control file only after the
+        // first checkpoint on the new timeline (see crate::live).
+        let live_tli = match self.pg_conn {
+            Some(_) => Some(self.live_end().await?.timeline),
+            None => None,
+        };
+        self.blocking(move |d| {
             let (_, c) = control(&d)?;
             // Only pg_wal is looked at (through the same confinement as every read), not the
             // whole directory: a large cluster has many files and histories live in one place.
@@ -164,8 +246,13 @@ impl Failback for FailbackService {
                 }
             }
             histories.sort_by_key(|h| h.timeline);
+            // Without the server: a promotion writes the new timeline's history file before
+            // anything else, so the newest history file is the current timeline when it is
+            // newer than the control file's.
+            let newest = histories.last().map_or(0, |h| h.timeline);
+            let current_timeline = live_tli.unwrap_or(c.timeline_for_rewind().max(newest));
             Ok(Response::new(TimelinesResponse {
-                current_timeline: c.timeline_for_rewind(),
+                current_timeline,
                 histories,
             }))
         })
@@ -223,12 +310,7 @@ impl Failback for FailbackService {
         }
         let dir = self.dir.clone();
         let max_chunk = self.max_chunk;
-        let permit = self
-            .readers
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Status::unavailable("failbackd is shutting down"))?;
+        let permit = self.reader_permit().await?;
         // A small channel: the reader stays at most a few chunks ahead of the network.
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
@@ -288,19 +370,91 @@ impl Failback for FailbackService {
 
     async fn chunk_hashes(
         &self,
-        _: Request<ChunkHashesRequest>,
+        request: Request<ChunkHashesRequest>,
     ) -> Result<Response<Self::ChunkHashesStream>, Status> {
-        Err(Status::unimplemented("ChunkHashes is not served yet"))
+        let req = request.into_inner();
+        let cs = req.chunk_size;
+        if !(MIN_HASH_CHUNK..=MAX_HASH_CHUNK).contains(&cs) {
+            return Err(Status::invalid_argument(format!(
+                "chunk size {cs} is out of range ({MIN_HASH_CHUNK} .. {MAX_HASH_CHUNK})"
+            )));
+        }
+        if req.paths.len() > MAX_HASH_PATHS {
+            return Err(Status::invalid_argument(format!(
+                "{} paths in one request, over the limit of {MAX_HASH_PATHS}",
+                req.paths.len()
+            )));
+        }
+        for p in &req.paths {
+            check_path(p)?;
+            // Refused up front, like ReadRanges, rather than halfway through the stream.
+            self.dir.resolve(p).map_err(status)?;
+        }
+        let dir = self.dir.clone();
+        let permit = self.reader_permit().await?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut buf = vec![0u8; cs as usize];
+            for path in req.paths {
+                let r = hash_file(&dir, &path, cs, &mut buf);
+                let stop = r.is_err();
+                if tx.blocking_send(r).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn end_of_wal(
         &self,
         _: Request<EndOfWalRequest>,
     ) -> Result<Response<EndOfWalResponse>, Status> {
-        Err(Status::unimplemented(
-            "EndOfWal is not served yet: failbackd serves shut-down data directories only",
-        ))
+        let end = self.live_end().await?;
+        Ok(Response::new(EndOfWalResponse {
+            lsn: end.lsn.0,
+            timeline: end.timeline,
+            in_recovery: end.in_recovery,
+        }))
     }
+}
+
+/// blake3 of each `cs`-byte chunk of one file, read to its current end (a live file may have
+/// grown or shrunk since it was listed: the size sent is the size hashed).
+fn hash_file(dir: &DataDir, path: &str, cs: u64, buf: &mut [u8]) -> Result<FileHashes, Status> {
+    let mut out = FileHashes {
+        path: path.to_string(),
+        chunk_size: cs,
+        ..Default::default()
+    };
+    let Some(file) = dir.open(path).map_err(status)? else {
+        out.vanished = true;
+        return Ok(out);
+    };
+    let mut off = 0u64;
+    loop {
+        let done = crate::datadir::read_full_at(&file, buf, off)
+            .map_err(|e| Status::unavailable(format!("{path}: {e}")))?;
+        if done == 0 {
+            break;
+        }
+        if out.hashes.len() as u64 >= MAX_HASHES_PER_FILE {
+            return Err(Status::invalid_argument(format!(
+                "{path} has more than {MAX_HASHES_PER_FILE} chunks of {cs} bytes; ask with \
+                 larger chunks"
+            )));
+        }
+        out.hashes.push(Bytes::copy_from_slice(
+            blake3::hash(&buf[..done]).as_bytes(),
+        ));
+        off += done as u64;
+        if done < buf.len() {
+            break;
+        }
+    }
+    out.size = off;
+    Ok(out)
 }
 
 /// Checks the bearer token of every call, in constant time over the token's length.
@@ -315,20 +469,13 @@ impl TokenCheck {
             token: token.map(|t| Arc::new(t.into_bytes())),
         }
     }
-}
 
-impl tonic::service::Interceptor for TokenCheck {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+    /// Checks the token a caller presented (`None`: none), whatever the transport.
+    pub fn check(&self, got: Option<&str>) -> Result<(), Status> {
         let Some(want) = &self.token else {
-            return Ok(request);
+            return Ok(());
         };
-        let got = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::as_bytes)
-            .unwrap_or_default();
+        let got = got.map(str::as_bytes).unwrap_or_default();
         let same = got.len() == want.len()
             && got
                 .iter()
@@ -336,9 +483,21 @@ impl tonic::service::Interceptor for TokenCheck {
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0;
         if same {
-            Ok(request)
+            Ok(())
         } else {
             Err(Status::unauthenticated("missing or wrong bearer token"))
         }
+    }
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let got = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        self.check(got)?;
+        Ok(request)
     }
 }

@@ -81,4 +81,134 @@ fn bad_flags_are_refused() {
         !out.status.success(),
         "--tls-cert without --tls-key accepted"
     );
+    let out = Command::new(env!("CARGO_BIN_EXE_failbackd"))
+        .args([
+            "--pgdata",
+            "/x",
+            "--listen",
+            "127.0.0.1:0",
+            "--window",
+            "1000",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--window 1000 is out of range"));
+}
+
+fn self_signed(name: &str) -> (Vec<u8>, Vec<u8>) {
+    let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    (
+        ck.cert.pem().into_bytes(),
+        ck.signing_key.serialize_pem().into_bytes(),
+    )
+}
+
+/// `--quic-listen` beside `--listen`, with `--client-ca`: a QUIC call with a client
+/// certificate is answered, and Ctrl-C stops both transports cleanly.
+#[test]
+fn serves_quic_beside_grpc_and_stops_on_ctrl_c() {
+    use failback_proto::v1::{QuicReply, QuicRequest, quic_reply, quic_request};
+    use failback_server::quic::{client_tls, read_frame, transport_config, write_frame};
+    use prost::Message;
+    use std::sync::Arc;
+
+    let cluster = Cluster::init(PgMajor::V15, "failbackd-quic", ClusterOptions::default());
+    let dir = cluster.base_dir();
+    let (cert, key) = self_signed("localhost");
+    let (client_cert, client_key) = self_signed("failback-client");
+    for (name, pem) in [
+        ("server.pem", &cert),
+        ("server.key", &key),
+        ("clients.pem", &client_cert),
+    ] {
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_failbackd"))
+        .arg("--pgdata")
+        .arg(cluster.data_dir())
+        .args(["--listen", "127.0.0.1:0", "--quic-listen", "127.0.0.1:0"])
+        .arg("--tls-cert")
+        .arg(dir.join("server.pem"))
+        .arg("--tls-key")
+        .arg(dir.join("server.key"))
+        .arg("--client-ca")
+        .arg(dir.join("clients.pem"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut lines = [String::new(), String::new()];
+    for l in &mut lines {
+        stderr.read_line(l).unwrap();
+    }
+    assert!(lines[1].contains("over QUIC"), "{lines:?}");
+    let quic: std::net::SocketAddr = lines[1]
+        .trim()
+        .rsplit(" on ")
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reply = rt.block_on(async {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let tls = client_tls(&cert, Some((&client_cert, &client_key))).unwrap();
+        let mut config = quinn::ClientConfig::new(Arc::new(tls));
+        config.transport_config(Arc::new(transport_config(1 << 20, 0)));
+        endpoint.set_default_client_config(config);
+        let conn = endpoint.connect(quic, "localhost").unwrap().await.unwrap();
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        let req = QuicRequest {
+            token: String::new(),
+            call: Some(quic_request::Call::ControlFile(Default::default())),
+        };
+        write_frame(&mut send, &req).await.unwrap();
+        send.finish().unwrap();
+        let frame = read_frame(&mut tokio::io::BufReader::new(recv), 1 << 20)
+            .await
+            .unwrap()
+            .unwrap();
+        QuicReply::decode(&frame[..]).unwrap()
+    });
+    match reply.reply {
+        Some(quic_reply::Reply::ControlFile(c)) => assert_eq!(
+            c.data.as_ref(),
+            std::fs::read(cluster.data_dir().join("global/pg_control")).unwrap()
+        ),
+        other => panic!("no control file: {other:?}"),
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("failbackd did not stop on Ctrl-C");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn quic_and_client_certificates_need_tls() {
+    for flags in [["--quic-listen", "127.0.0.1:0"], ["--client-ca", "/ca.pem"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_failbackd"))
+            .args(["--pgdata", "/x", "--listen", "127.0.0.1:0"])
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flags:?} without TLS accepted");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--tls-cert"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -31,6 +31,7 @@
 
 pub mod binaries;
 pub mod cluster;
+pub mod failbackd;
 pub mod fingerprint;
 pub mod port;
 pub mod rewind;
@@ -66,35 +67,43 @@ macro_rules! pg_test {
                 $body
             }
 
-            #[test]
-            fn pg13() {
-                body($crate::PgMajor::V13)
-            }
+            $crate::pg_versions!(body);
+        }
+    };
+}
 
-            #[test]
-            fn pg14() {
-                body($crate::PgMajor::V14)
-            }
+/// The six tests `pg13` … `pg18`, each calling `$run` with its [`PgMajor`].
+#[macro_export]
+macro_rules! pg_versions {
+    ($run:path) => {
+        #[test]
+        fn pg13() {
+            $run($crate::PgMajor::V13)
+        }
 
-            #[test]
-            fn pg15() {
-                body($crate::PgMajor::V15)
-            }
+        #[test]
+        fn pg14() {
+            $run($crate::PgMajor::V14)
+        }
 
-            #[test]
-            fn pg16() {
-                body($crate::PgMajor::V16)
-            }
+        #[test]
+        fn pg15() {
+            $run($crate::PgMajor::V15)
+        }
 
-            #[test]
-            fn pg17() {
-                body($crate::PgMajor::V17)
-            }
+        #[test]
+        fn pg16() {
+            $run($crate::PgMajor::V16)
+        }
 
-            #[test]
-            fn pg18() {
-                body($crate::PgMajor::V18)
-            }
+        #[test]
+        fn pg17() {
+            $run($crate::PgMajor::V17)
+        }
+
+        #[test]
+        fn pg18() {
+            $run($crate::PgMajor::V18)
         }
     };
 }

@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use crate::binaries;
 use crate::cluster::{Cluster, StopMode};
+use crate::failbackd::{Failbackd, Via};
 use crate::fingerprint::assert_same_data;
 use crate::run::run_with_timeout;
 use crate::user;
@@ -48,39 +49,47 @@ use crate::user;
 /// How long one failback run may take (crash recovery, big files and WAL restore included).
 pub const FAILBACK_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The `failback` binary built in the same cargo target directory as this test executable.
-/// Panics, saying how to build it, when it is missing.
+/// The `failback` binary built in the same cargo target directory as this test executable
+/// (`FAILBACK_BIN` overrides). Panics, saying how to build it, when it is missing.
 pub fn failback_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("FAILBACK_BIN") {
-            let p = PathBuf::from(p);
-            assert!(p.is_file(), "FAILBACK_BIN={} is not a file", p.display());
-            return p;
-        }
-        let exe = std::env::current_exe().expect("the test executable's path");
-        // target/<profile>/deps/<test>-<hash> → target/<profile>/failback
-        let profile_dir = exe
-            .parent()
-            .filter(|d| d.file_name().is_some_and(|n| n == "deps"))
-            .and_then(Path::parent)
-            .unwrap_or_else(|| {
-                panic!(
-                    "cannot locate the failback binary: the test executable {} is not in a \
-                     cargo target/<profile>/deps directory (set FAILBACK_BIN)",
-                    exe.display()
-                )
-            });
-        let bin = profile_dir.join("failback");
-        assert!(
-            bin.is_file(),
-            "the failback binary {} is missing: build it first with `cargo build -p \
-             failback-client` (same profile as the tests), or run the whole workspace's tests, \
-             which build it for failback-client's own integration tests",
-            bin.display()
-        );
-        bin
-    })
+    BIN.get_or_init(|| workspace_bin("failback", "FAILBACK_BIN", "failback-client"))
+}
+
+/// The `failbackd` binary, found like [`failback_bin`] (`FAILBACKD_BIN` overrides).
+pub fn failbackd_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_bin("failbackd", "FAILBACKD_BIN", "failback-server"))
+}
+
+fn workspace_bin(name: &str, env: &str, package: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "{env}={} is not a file", p.display());
+        return p;
+    }
+    let exe = std::env::current_exe().expect("the test executable's path");
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .filter(|d| d.file_name().is_some_and(|n| n == "deps"))
+        .and_then(Path::parent)
+        .unwrap_or_else(|| {
+            panic!(
+                "cannot locate the {name} binary: the test executable {} is not in a cargo \
+                 target/<profile>/deps directory (set {env})",
+                exe.display()
+            )
+        });
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.is_file(),
+        "the {name} binary {} is missing: build it first with `cargo build -p {package}` (same \
+         profile as the tests), or run the whole workspace's tests, which build it for \
+         {package}'s own integration tests",
+        bin.display()
+    );
+    bin
 }
 
 /// One finished `failback` run.
@@ -94,6 +103,8 @@ pub struct FailbackRun {
     /// The `--report` JSON, when one was asked for and written.
     pub report: Option<serde_json::Value>,
     pub elapsed: Duration,
+    /// What failbackd printed, when the source was reached through it.
+    pub server_log: Option<String>,
 }
 
 impl FailbackRun {
@@ -116,7 +127,11 @@ impl FailbackRun {
             self.elapsed,
             self.stdout,
             self.stderr
-        )
+        ) + &self
+            .server_log
+            .as_ref()
+            .map(|l| format!("--- failbackd stderr ---\n{l}"))
+            .unwrap_or_default()
     }
 
     /// The `--report` JSON; panics when there is none.
@@ -220,6 +235,7 @@ pub fn run_failback(args: &[OsString], report: Option<&Path>) -> FailbackRun {
         stderr: out.stderr,
         report,
         elapsed,
+        server_log: None,
     }
 }
 
@@ -229,20 +245,24 @@ pub fn rewind(target: &Cluster, source: &Cluster, args: &[&str]) -> FailbackRun 
     rewind_dirs(target, &source.data_dir(), args)
 }
 
-/// Like [`rewind`] with any source directory.
+/// Like [`rewind`] with any source directory, reached the way [`crate::failbackd::via`] says:
+/// directly, or through a failbackd serving it for this run only.
 pub fn rewind_dirs(target: &Cluster, source_dir: &Path, args: &[&str]) -> FailbackRun {
-    let mut all: Vec<OsString> = vec![
-        "rewind".into(),
-        "-D".into(),
-        target.data_dir().into(),
-        "--source-pgdata".into(),
-        source_dir.into(),
-        "--pg-bindir".into(),
-        target.bins().bin_dir.clone().into(),
-    ];
+    let via = crate::failbackd::via();
+    let server = (via != Via::Local).then(|| Failbackd::serve(source_dir));
+    let mut all: Vec<OsString> = vec!["rewind".into(), "-D".into(), target.data_dir().into()];
+    match &server {
+        None => all.extend(["--source-pgdata".into(), source_dir.into()]),
+        Some(s) => all.extend(["--source".into(), s.url(via).into()]),
+    }
+    all.extend(["--pg-bindir".into(), target.bins().bin_dir.clone().into()]);
     all.extend(args.iter().map(OsString::from));
     let report = target.base_dir().join("failback-report.json");
-    run_failback(&all, Some(&report))
+    let mut run = run_failback(&all, Some(&report));
+    if let Some(s) = server {
+        run.server_log = Some(s.log());
+    }
+    run
 }
 
 /// What failback said and the tails of the clusters' logs, for a failure message.

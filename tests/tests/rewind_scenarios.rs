@@ -1,4 +1,6 @@
-//! `failback rewind` with a local source on real failovers, for every major version 13–18.
+//! `failback rewind` on real failovers, for every major version 13–18, with the source reached
+//! every way there is: its data directory (`--source-pgdata`) and failbackd (`--source
+//! grpc://…`), each scenario written once (`scenario_test!`, `failback_tests::failbackd::Via`).
 //!
 //! Each scenario builds a primary and a streaming standby, promotes the standby, lets both
 //! sides write (the old primary's writes after the fork are what the rewind must undo), stops
@@ -14,15 +16,16 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use failback_common::PgMajor;
+use failback_tests::failbackd::{Via, with_via};
 use failback_tests::rewind::{
     self, TreeDigest, assert_refused, failover_and_rewind, promote, rejoin, rewind, rewind_ok,
     start_rejoined, stop_for_rewind,
 };
-use failback_tests::{Cluster, ClusterOptions, StopMode, pg_test, user};
+use failback_tests::{Cluster, ClusterOptions, StopMode, pg_test, scenario_test, user};
 
 // A table updated, inserted into and deleted from on both sides after the fork, while pgbench
 // runs on both.
-pg_test!(basic, |major| {
+scenario_test!(basic, |major| {
     let mut old = Cluster::start_new(major, "old");
     old.pgbench_init(1);
     old.execute(
@@ -61,7 +64,7 @@ pg_test!(basic, |major| {
 
 // A database created on the old primary after the fork (with both strategies where 15+ has
 // two), and one dropped on the new primary.
-pg_test!(databases, |major| {
+scenario_test!(databases, |major| {
     let mut old = Cluster::start_new(major, "old");
     old.execute("CREATE DATABASE dropped_on_new");
     old.execute_in(
@@ -100,7 +103,7 @@ pg_test!(databases, |major| {
 
 // Relation files created, truncated and dropped on the old primary after the fork, one
 // truncated on the new primary; a table rewritten (new relfilenode) on the old one.
-pg_test!(smgr, |major| {
+scenario_test!(smgr, |major| {
     let mut old = Cluster::start_new(major, "old");
     old.execute(
         "CREATE TABLE trunc_on_old AS SELECT i, repeat('x', 100) AS pad FROM generate_series(1, 5000) i;
@@ -151,7 +154,7 @@ pg_test!(smgr, |major| {
 
 // A table in a tablespace, written on both sides; the old primary also makes a tablespace of
 // its own after the fork, which the rewind removes.
-pg_test!(tablespace, |major| {
+scenario_test!(tablespace, |major| {
     let mut old = Cluster::start_new(major, "old");
     old.create_tablespace("space");
     old.execute(
@@ -199,7 +202,7 @@ pg_test!(tablespace, |major| {
 
 // Fail over back and forth, rewinding the loser each time, until the timeline history has five
 // entries; then a target that itself switched timelines after the fork.
-pg_test!(many_timelines, |major| {
+scenario_test!(many_timelines, |major| {
     let mut a = Cluster::start_new(major, "a");
     a.execute("CREATE TABLE t (tli int, side text, i int)");
     let mut b = a.create_standby("b");
@@ -276,7 +279,7 @@ pg_test!(many_timelines, |major| {
 // The old primary's WAL after the fork went to its archive and is gone from pg_wal. Without
 // -c the rewind refuses, naming the missing segment and suggesting -c, and changes nothing;
 // with -c it fetches the segments with the target's restore_command.
-pg_test!(archived_wal, |major| {
+scenario_test!(archived_wal, |major| {
     let options = ClusterOptions::default().archive().wal_segment_size_mb(1);
     let mut old = Cluster::start_new_with(major, "old", options);
     old.execute("CREATE TABLE t (i int, v text); INSERT INTO t SELECT i, 'common' FROM generate_series(1, 1000) i");
@@ -341,7 +344,7 @@ pg_test!(archived_wal, |major| {
 
 // The old primary crashed (immediate stop): failback first runs crash recovery in single-user
 // mode with the target's own postgres binary.
-pg_test!(unclean_target, |major| {
+scenario_test!(unclean_target, |major| {
     let mut old = Cluster::start_new(major, "old");
     old.pgbench_init(1);
     let mut new = old.create_standby("new");
@@ -364,7 +367,7 @@ pg_test!(unclean_target, |major| {
 // restartpoint (as a standby made by a base backup after the promotion has none): the segment
 // holding the divergence point is then only the old primary's, and the part of it past the
 // divergence must not survive the rewind, or recovery would replay the lost writes.
-pg_test!(standby_source, |major| {
+scenario_test!(standby_source, |major| {
     let mut old = Cluster::start_new(major, "old");
     old.execute("CREATE TABLE t (side text, i int); INSERT INTO t SELECT 'common', generate_series(1, 1000)");
     let mut new = old.create_standby("new");
@@ -420,7 +423,7 @@ pg_test!(standby_source, |major| {
 // Nothing to rewind: a standby that was never promoted, and an old primary that stopped before
 // the new one was promoted. failback says so, exits 0 and changes nothing but, with -R, the
 // standby configuration.
-pg_test!(no_rewind_needed, |major| {
+scenario_test!(no_rewind_needed, |major| {
     let mut a = Cluster::start_new(major, "a");
     a.execute("CREATE TABLE t AS SELECT generate_series(1, 1000) AS i");
     let mut b = a.create_standby("b");
@@ -704,6 +707,19 @@ fn read_at(path: &std::path::Path, off: u64, len: usize) -> Vec<u8> {
 // PostgreSQL reads as new, empty pages), made the same on both nodes while they are stopped.
 #[test]
 fn big_files() {
+    big_files_via(Via::Local);
+}
+
+#[test]
+fn big_files_grpc() {
+    big_files_via(Via::Grpc);
+}
+
+fn big_files_via(via: Via) {
+    with_via(via, big_files_body);
+}
+
+fn big_files_body() {
     const GIB: u64 = 1 << 30;
     let t0 = Instant::now();
     let major = PgMajor::V15;

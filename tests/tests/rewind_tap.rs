@@ -418,6 +418,55 @@ pg_test!(t008_min_recovery_point, |major| {
     assert_eq!(node_2.query_lines("SELECT * FROM public.bar"), "in both");
 });
 
+// 009_growing_files: a file of the (shut-down) source grows while failback copies it — the
+// run's own output is appended to it — so the rewind stops with "size of source file changed
+// concurrently" instead of copying a torn file.
+pg_test!(t009_growing_files, |major| {
+    let mut primary = Cluster::start_new(major, "primary");
+    primary.execute("CREATE TABLE tbl1 (d text); INSERT INTO tbl1 VALUES ('in primary')");
+    primary.execute("CHECKPOINT");
+    let mut standby = primary.create_standby("standby");
+    primary.execute("INSERT INTO tbl1 values ('in primary, before promotion')");
+    primary.execute("CHECKPOINT");
+    promote(&primary, &standby);
+    primary.execute("INSERT INTO tbl1 VALUES ('in primary, after promotion')");
+    standby.execute("INSERT INTO tbl1 VALUES ('in standby, after promotion')");
+    stop_for_rewind(&mut primary, &mut standby, StopMode::Fast);
+
+    let grown = standby.data_dir().join("tst_both_dir/file1");
+    fs::create_dir(grown.parent().unwrap()).unwrap();
+    fs::write(&grown, "a").unwrap();
+    // failback --debug lists the plan, file by file, after the listing and before the copy:
+    // with its output appended to file1, file1 grows between the two.
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"exec "$0" "$@" >>"$FILE" 2>&1"#)
+        .arg(rewind::failback_bin())
+        .args(["rewind", "--debug", "--no-sync", "-D"])
+        .arg(primary.data_dir())
+        .arg("--source-pgdata")
+        .arg(standby.data_dir())
+        .arg("--pg-bindir")
+        .arg(&primary.bins().bin_dir)
+        .env("FILE", &grown);
+    let out = failback_tests::run::run_with_timeout(&mut cmd, std::time::Duration::from_secs(300))
+        .unwrap();
+    let log = fs::read_to_string(&grown).unwrap();
+    assert!(!out.status.success(), "the rewind did not fail:\n{log}");
+    let copied = primary.data_dir().join("tst_both_dir/file1");
+    assert_ne!(
+        fs::metadata(&copied).map(|m| m.len()).ok(),
+        Some(log.len() as u64),
+        "the copy of the growing file has the source's final size"
+    );
+    let last = log.lines().rev().take(4).collect::<Vec<_>>().join("\n");
+    assert!(
+        last.contains("error:")
+            && last.contains("size of source file \"tst_both_dir/file1\" changed concurrently"),
+        "the run must end with the concurrent-change error:\n{last}"
+    );
+});
+
 // 010_keep_recycled_wals: the old primary's segment holding the last common checkpoint never
 // reached its archive (its archive_command fails for it), and the new primary no longer has it
 // either (recycled; removed here by hand): the rewind must not remove it from the old primary,

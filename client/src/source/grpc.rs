@@ -1,49 +1,26 @@
 //! failbackd over gRPC (`--source grpc://host:port`, `grpcs://` for TLS).
 //!
-//! The engine is synchronous; this source owns a small tokio runtime and blocks on it. A
-//! fetch splits its ranges into batches and keeps up to `jobs` ReadRanges streams in flight, so
-//! a long link stays busy, while every piece is handed to the sink on the calling thread. Each
-//! chunk is decoded and its blake3 verified by [`failback_common::wire`] before the sink sees
-//! it; a chunk that fails verification is asked for once more, then reported. Chunks must
-//! arrive for the requested ranges, in order, at the expected offsets: the server cannot make
-//! the client write anywhere it did not ask for.
+//! Only the transport lives here: a tonic channel (HTTP/2, rustls for `grpcs://`, with the
+//! large flow-control windows a long link needs), the bearer token as `authorization`
+//! metadata, and the calls. Batching, verification and retries are [`super::remote`]'s.
 
-use std::sync::Arc;
-
-use failback_common::filemap::{FileEntry, FileType};
-use failback_common::wire::{self, Compression, WireError};
 use failback_proto::v1 as pb;
 use failback_proto::v1::failback_client::FailbackClient;
-use tokio::runtime::Runtime;
-use tokio::sync::{Semaphore, mpsc};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Status};
 
-use super::{FetchRange, Fetched, Source, SourceEnd, SourceError};
+use super::SourceError;
+use super::remote::{
+    ChunkStream, MAX_REPLY, RemoteOptions, RemoteSource, Transport, chain, runtime,
+};
 
-/// Bytes per ReadRanges request: large enough to stream, small enough to spread over jobs.
-const BATCH_BYTES: u64 = 16 << 20;
-/// Ranges per ReadRanges request (the server accepts up to 65536).
-const BATCH_RANGES: usize = 4096;
-/// The largest whole file [`Source::read_file`] fetches (history files are a few KB).
-const MAX_SMALL_FILE: u64 = 64 << 20;
-/// The largest chunk accepted whatever the server announces.
-const MAX_CHUNK_LIMIT: u64 = failback_server::MAX_MAX_CHUNK;
+/// How to reach failbackd over gRPC.
+pub type GrpcOptions = RemoteOptions;
 
-/// How to reach failbackd.
-#[derive(Clone, Debug)]
-pub struct GrpcOptions {
-    /// `grpc://host:port` or `grpcs://host:port`.
-    pub url: String,
-    /// PEM CA certificate(s) the server's certificate must chain to (`grpcs://` only).
-    pub ca: Option<Vec<u8>>,
-    pub token: Option<String>,
-    /// ReadRanges requests in flight at once (at least 1).
-    pub jobs: usize,
-    pub compression: Compression,
-}
+/// failbackd over gRPC.
+pub type GrpcSource = RemoteSource<GrpcTransport>;
 
 #[derive(Clone)]
 struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
@@ -57,514 +34,132 @@ impl Interceptor for Bearer {
     }
 }
 
-type Client = FailbackClient<InterceptedService<Channel, Bearer>>;
+/// A tonic client with the token attached to every call.
+#[derive(Clone)]
+pub struct GrpcTransport(FailbackClient<InterceptedService<Channel, Bearer>>);
 
-pub struct GrpcSource {
-    rt: Runtime,
-    client: Client,
-    url: String,
-    jobs: usize,
-    compression: Compression,
-    max_chunk: u64,
-}
-
-fn status_err(what: &str, s: Status) -> SourceError {
-    let reason = format!("{} ({:?})", s.message(), s.code());
-    match s.code() {
-        Code::Unauthenticated
-        | Code::PermissionDenied
-        | Code::InvalidArgument
-        | Code::FailedPrecondition
-        | Code::Unimplemented
-        | Code::NotFound => SourceError::Refused {
-            what: what.to_string(),
-            reason,
-        },
-        Code::DeadlineExceeded => SourceError::Timeout(format!("{what}: {reason}")),
-        _ => SourceError::Transport(format!("{what}: {reason}")),
+impl ChunkStream for tonic::Streaming<pb::Chunk> {
+    async fn next(&mut self) -> Result<Option<pb::Chunk>, Status> {
+        self.message().await
     }
 }
 
-fn proto_err(what: &str, why: impl std::fmt::Display) -> SourceError {
-    SourceError::Transport(format!("{what}: {why}"))
+impl Transport for GrpcTransport {
+    type Chunks = tonic::Streaming<pb::Chunk>;
+
+    async fn handshake(&self, req: pb::HandshakeRequest) -> Result<pb::HandshakeResponse, Status> {
+        Ok(self.0.clone().handshake(req).await?.into_inner())
+    }
+
+    async fn control_file(&self) -> Result<pb::ControlFileResponse, Status> {
+        Ok(self
+            .0
+            .clone()
+            .control_file(pb::ControlFileRequest {})
+            .await?
+            .into_inner())
+    }
+
+    async fn list_files(&self) -> Result<Vec<pb::FileEntry>, Status> {
+        let mut s = self
+            .0
+            .clone()
+            .list_files(pb::ListFilesRequest {})
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(e) = s.message().await? {
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    async fn read_ranges(&self, req: pb::ReadRangesRequest) -> Result<Self::Chunks, Status> {
+        Ok(self.0.clone().read_ranges(req).await?.into_inner())
+    }
+
+    async fn timelines(&self) -> Result<pb::TimelinesResponse, Status> {
+        Ok(self
+            .0
+            .clone()
+            .timelines(pb::TimelinesRequest {})
+            .await?
+            .into_inner())
+    }
+
+    async fn chunk_hashes(
+        &self,
+        req: pb::ChunkHashesRequest,
+    ) -> Result<Vec<pb::FileHashes>, Status> {
+        let mut s = self.0.clone().chunk_hashes(req).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(h) = s.message().await? {
+            out.push(h);
+        }
+        Ok(out)
+    }
+
+    async fn end_of_wal(&self) -> Result<pb::EndOfWalResponse, Status> {
+        Ok(self
+            .0
+            .clone()
+            .end_of_wal(pb::EndOfWalRequest {})
+            .await?
+            .into_inner())
+    }
 }
 
-impl GrpcSource {
+impl RemoteSource<GrpcTransport> {
     /// Connects and shakes hands: the protocol version must match.
     pub fn connect(opts: GrpcOptions) -> Result<GrpcSource, SourceError> {
-        let refuse = |reason: String| SourceError::Refused {
-            what: opts.url.clone(),
-            reason,
-        };
         let (tls, rest) = if let Some(r) = opts.url.strip_prefix("grpc://") {
             (false, r)
         } else if let Some(r) = opts.url.strip_prefix("grpcs://") {
             (true, r)
         } else {
-            return Err(refuse(
-                "the source URL must start with grpc:// or grpcs://".into(),
-            ));
+            return Err(opts.refuse("the source URL must start with grpc:// or grpcs://"));
         };
         let http = format!("{}://{rest}", if tls { "https" } else { "http" });
+        let window = failback_server::DEFAULT_WINDOW;
         let mut endpoint = Endpoint::from_shared(http)
-            .map_err(|e| refuse(format!("not a valid address: {e}")))?
+            .map_err(|e| opts.refuse(format!("not a valid address: {e}")))?
             .connect_timeout(std::time::Duration::from_secs(10))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .initial_stream_window_size(window)
+            .initial_connection_window_size(window);
         if tls {
             let ca = opts
                 .ca
                 .clone()
-                .ok_or_else(|| refuse("grpcs:// needs --ca".into()))?;
+                .ok_or_else(|| opts.refuse("grpcs:// needs --ca"))?;
             let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h);
             let host = host.trim_start_matches('[').trim_end_matches(']');
+            let mut config = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name(host);
+            if let Some((cert, key)) = &opts.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
             endpoint = endpoint
-                .tls_config(
-                    ClientTlsConfig::new()
-                        .ca_certificate(Certificate::from_pem(ca))
-                        .domain_name(host),
-                )
-                .map_err(|e| refuse(format!("TLS configuration: {e}")))?;
-        } else if opts.ca.is_some() {
-            return Err(refuse("--ca is for grpcs:// sources".into()));
+                .tls_config(config)
+                .map_err(|e| opts.refuse(format!("TLS configuration: {e}")))?;
+        } else if opts.ca.is_some() || opts.identity.is_some() {
+            return Err(opts.refuse("--ca, --cert and --key are for grpcs:// and quic:// sources"));
         }
         let bearer = match &opts.token {
             None => None,
             Some(t) => Some(
                 format!("Bearer {t}")
                     .parse()
-                    .map_err(|_| refuse("the token is not printable ASCII".into()))?,
+                    .map_err(|_| opts.refuse("the token is not printable ASCII"))?,
             ),
         };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|e| SourceError::Io {
-                what: "the gRPC runtime".into(),
-                source: e,
-            })?;
+        let rt = runtime("gRPC")?;
         let channel = rt.block_on(endpoint.connect()).map_err(|e| {
             SourceError::Transport(format!("{}: could not connect: {}", opts.url, chain(&e)))
         })?;
-        let mut client = FailbackClient::with_interceptor(channel, Bearer(bearer))
-            .max_decoding_message_size((MAX_CHUNK_LIMIT + (1 << 16)) as usize);
-        let hs = rt
-            .block_on(client.handshake(pb::HandshakeRequest {
-                protocol_version: failback_proto::PROTOCOL_VERSION,
-                client_version: env!("CARGO_PKG_VERSION").into(),
-            }))
-            .map_err(|s| status_err("the handshake", s))?
-            .into_inner();
-        if hs.protocol_version != failback_proto::PROTOCOL_VERSION {
-            return Err(refuse(format!(
-                "failbackd speaks protocol {}, this client {}",
-                hs.protocol_version,
-                failback_proto::PROTOCOL_VERSION
-            )));
-        }
-        if hs.max_chunk == 0 || hs.max_chunk > MAX_CHUNK_LIMIT {
-            return Err(refuse(format!(
-                "failbackd announces chunks of {} bytes (1 .. {MAX_CHUNK_LIMIT} accepted)",
-                hs.max_chunk
-            )));
-        }
-        Ok(GrpcSource {
-            rt,
-            client,
-            url: opts.url,
-            jobs: opts.jobs.max(1),
-            compression: opts.compression,
-            max_chunk: hs.max_chunk,
-        })
-    }
-}
-
-/// An error and its causes on one line (tonic's own message is only "transport error").
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-/// What a batch task hands to the calling thread.
-enum Piece {
-    Data {
-        path: Arc<str>,
-        offset: u64,
-        data: Vec<u8>,
-    },
-    Short {
-        path: Arc<str>,
-        size: u64,
-    },
-    Vanished {
-        path: Arc<str>,
-    },
-}
-
-/// Streams one batch, checking that chunks follow the requested ranges, and sends pieces.
-async fn run_batch(
-    mut client: Client,
-    ranges: Vec<FetchRange>,
-    level: i32,
-    limit: u64,
-    tx: mpsc::Sender<Result<Piece, SourceError>>,
-) -> Result<(), SourceError> {
-    let req = pb::ReadRangesRequest {
-        ranges: ranges
-            .iter()
-            .map(|r| pb::Range {
-                path: r.path.clone(),
-                offset: r.offset,
-                length: r.length,
-            })
-            .collect(),
-        compression_level: level,
-    };
-    let mut stream = client
-        .read_ranges(req)
-        .await
-        .map_err(|s| status_err("ReadRanges", s))?
-        .into_inner();
-    let mut idx = 0usize;
-    let mut next = ranges.first().map_or(0, |r| r.offset);
-    // Zero-length ranges get no chunk.
-    let skip_empty = |idx: &mut usize, next: &mut u64| {
-        while let Some(r) = ranges.get(*idx) {
-            if *next < r.offset.saturating_add(r.length) {
-                break;
-            }
-            *idx += 1;
-            *next = ranges.get(*idx).map_or(0, |r| r.offset);
-        }
-    };
-    skip_empty(&mut idx, &mut next);
-    let mut buf = Vec::new();
-    while let Some(chunk) = stream
-        .message()
-        .await
-        .map_err(|s| status_err("ReadRanges", s))?
-    {
-        let Some(r) = ranges.get(idx) else {
-            return Err(proto_err("ReadRanges", "a chunk past the requested ranges"));
-        };
-        let end = r.offset.saturating_add(r.length);
-        if chunk.path != r.path || chunk.offset != next {
-            return Err(proto_err(
-                "ReadRanges",
-                format!(
-                    "chunk for {:?} at {} where {:?} at {next} was due",
-                    chunk.path, chunk.offset, r.path
-                ),
-            ));
-        }
-        let path: Arc<str> = Arc::from(r.path.as_str());
-        let st = pb::ChunkStatus::try_from(chunk.status)
-            .map_err(|_| proto_err("ReadRanges", format!("chunk status {}", chunk.status)))?;
-        if st == pb::ChunkStatus::Vanished {
-            if tx.send(Ok(Piece::Vanished { path })).await.is_err() {
-                return Ok(());
-            }
-            idx += 1;
-            next = ranges.get(idx).map_or(0, |r| r.offset);
-            skip_empty(&mut idx, &mut next);
-            continue;
-        }
-        if chunk.raw_length > end - next {
-            return Err(proto_err(
-                "ReadRanges",
-                format!(
-                    "chunk of {} bytes at {next} of {:?} runs past the requested end {end}",
-                    chunk.raw_length, r.path
-                ),
-            ));
-        }
-        let mut attempt = wire::decode_into(
-            chunk.codec,
-            &chunk.data,
-            &chunk.hash,
-            chunk.raw_length,
-            limit,
-            &mut buf,
-        );
-        if matches!(attempt, Err(WireError::HashMismatch { .. })) {
-            // Damaged on the way (or on the server's disk between two reads): ask once more.
-            attempt = refetch(
-                &mut client,
-                r,
-                next,
-                chunk.raw_length,
-                level,
-                limit,
-                &mut buf,
-            )
-            .await;
-        }
-        attempt.map_err(|e| {
-            proto_err(
-                "ReadRanges",
-                format!("chunk of {:?} at {next}: {e}", r.path),
-            )
-        })?;
-        let got = buf.len() as u64;
-        if !buf.is_empty()
-            && tx
-                .send(Ok(Piece::Data {
-                    path: path.clone(),
-                    offset: next,
-                    data: std::mem::take(&mut buf),
-                }))
-                .await
-                .is_err()
-        {
-            return Ok(());
-        }
-        next += got;
-        if st == pb::ChunkStatus::Short {
-            if tx
-                .send(Ok(Piece::Short { path, size: next }))
-                .await
-                .is_err()
-            {
-                return Ok(());
-            }
-            idx += 1;
-            next = ranges.get(idx).map_or(0, |r| r.offset);
-        } else if got == 0 {
-            return Err(proto_err("ReadRanges", "an empty chunk that is not Short"));
-        }
-        skip_empty(&mut idx, &mut next);
-    }
-    if idx < ranges.len() {
-        return Err(proto_err(
-            "ReadRanges",
-            format!("the stream ended before {:?} at {next}", ranges[idx].path),
-        ));
-    }
-    Ok(())
-}
-
-/// Asks for one chunk again after a hash mismatch.
-async fn refetch(
-    client: &mut Client,
-    r: &FetchRange,
-    offset: u64,
-    length: u64,
-    level: i32,
-    limit: u64,
-    buf: &mut Vec<u8>,
-) -> Result<(), WireError> {
-    let again = client
-        .read_ranges(pb::ReadRangesRequest {
-            ranges: vec![pb::Range {
-                path: r.path.clone(),
-                offset,
-                length,
-            }],
-            compression_level: level,
-        })
-        .await;
-    let chunk = match again {
-        Ok(s) => s.into_inner().message().await.ok().flatten(),
-        Err(_) => None,
-    };
-    match chunk {
-        Some(c) if c.offset == offset && c.path == r.path && c.raw_length == length => {
-            wire::decode_into(c.codec, &c.data, &c.hash, c.raw_length, limit, buf)
-        }
-        _ => Err(WireError::HashMismatch { raw_length: length }),
-    }
-}
-
-/// Groups ranges into requests. A range is never split between requests: a file that ends
-/// early must be reported Short once, at its real size.
-fn batches(ranges: &[FetchRange]) -> Vec<Vec<FetchRange>> {
-    let mut out = Vec::new();
-    let mut cur = Vec::new();
-    let mut bytes = 0u64;
-    for r in ranges {
-        cur.push(r.clone());
-        bytes = bytes.saturating_add(r.length);
-        if bytes >= BATCH_BYTES || cur.len() >= BATCH_RANGES {
-            out.push(std::mem::take(&mut cur));
-            bytes = 0;
-        }
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
-impl Source for GrpcSource {
-    fn describe(&self) -> String {
-        self.url.clone()
-    }
-
-    fn control_file(&mut self) -> Result<Vec<u8>, SourceError> {
-        let mut c = self.client.clone();
-        let r = self
-            .rt
-            .block_on(c.control_file(pb::ControlFileRequest {}))
-            .map_err(|s| status_err("global/pg_control", s))?;
-        Ok(r.into_inner().data.to_vec())
-    }
-
-    fn read_file(&mut self, path: &str) -> Result<Option<Vec<u8>>, SourceError> {
-        let mut out = Vec::new();
-        let mut vanished = false;
-        let range = FetchRange {
-            path: path.to_string(),
-            offset: 0,
-            length: MAX_SMALL_FILE + 1,
-        };
-        let mut complete = true;
-        self.fetch(std::slice::from_ref(&range), &mut |p| {
-            match p {
-                Fetched::Data { data, .. } => out.extend_from_slice(data),
-                Fetched::Short { .. } => complete = false,
-                Fetched::Vanished { .. } => vanished = true,
-            }
-            Ok(())
-        })?;
-        if vanished {
-            return Ok(None);
-        }
-        if complete {
-            return Err(SourceError::Refused {
-                what: path.to_string(),
-                reason: format!("larger than {MAX_SMALL_FILE} bytes"),
-            });
-        }
-        Ok(Some(out))
-    }
-
-    fn list_files(&mut self) -> Result<Vec<FileEntry>, SourceError> {
-        let mut c = self.client.clone();
-        self.rt.block_on(async move {
-            let mut s = c
-                .list_files(pb::ListFilesRequest {})
-                .await
-                .map_err(|s| status_err("the file list", s))?
-                .into_inner();
-            let mut out = Vec::new();
-            while let Some(e) = s
-                .message()
-                .await
-                .map_err(|s| status_err("the file list", s))?
-            {
-                let file_type = match pb::FileType::try_from(e.file_type) {
-                    Ok(pb::FileType::Regular) => FileType::Regular,
-                    Ok(pb::FileType::Directory) => FileType::Directory,
-                    Ok(pb::FileType::Symlink) => FileType::Symlink,
-                    _ => {
-                        return Err(proto_err(
-                            "the file list",
-                            format!("{:?} has file type {}", e.path, e.file_type),
-                        ));
-                    }
-                };
-                out.push(FileEntry {
-                    path: e.path,
-                    file_type,
-                    size: e.size,
-                    link_target: (file_type == FileType::Symlink).then_some(e.link_target),
-                });
-            }
-            Ok(out)
-        })
-    }
-
-    fn fetch(
-        &mut self,
-        ranges: &[FetchRange],
-        sink: &mut dyn FnMut(Fetched<'_>) -> Result<(), SourceError>,
-    ) -> Result<(), SourceError> {
-        let batches = batches(ranges);
-        if batches.is_empty() {
-            return Ok(());
-        }
-        let (tx, mut rx) = mpsc::channel::<Result<Piece, SourceError>>(self.jobs * 4);
-        let permits = Arc::new(Semaphore::new(self.jobs));
-        let mut tasks = tokio::task::JoinSet::new();
-        let level = self.compression.level();
-        for b in batches {
-            let (client, tx, permits) = (self.client.clone(), tx.clone(), permits.clone());
-            let limit = self.max_chunk;
-            tasks.spawn_on(
-                async move {
-                    let Ok(_permit) = permits.acquire_owned().await else {
-                        return;
-                    };
-                    if let Err(e) = run_batch(client, b, level, limit, tx.clone()).await {
-                        let _ = tx.send(Err(e)).await;
-                    }
-                },
-                self.rt.handle(),
-            );
-        }
-        drop(tx);
-        // Every sender is dropped once all batches are done: then recv() says None.
-        let result = loop {
-            let Some(piece) = self.rt.block_on(rx.recv()) else {
-                break Ok(());
-            };
-            let r = match piece {
-                Err(e) => Err(e),
-                Ok(Piece::Data { path, offset, data }) => sink(Fetched::Data {
-                    path: &path,
-                    offset,
-                    data: &data,
-                }),
-                Ok(Piece::Short { path, size }) => sink(Fetched::Short { path: &path, size }),
-                Ok(Piece::Vanished { path }) => sink(Fetched::Vanished { path: &path }),
-            };
-            if let Err(e) = r {
-                break Err(e);
-            }
-        };
-        let _guard = self.rt.enter();
-        tasks.abort_all();
-        drop(tasks);
-        result
-    }
-
-    fn is_live(&self) -> bool {
-        // failbackd serves shut-down data directories only, for now.
-        false
-    }
-
-    fn end_of_wal(&mut self) -> Result<Option<SourceEnd>, SourceError> {
-        Ok(None)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batches_group_ranges_whole_and_in_order() {
-        let r = |p: &str, o, l| FetchRange {
-            path: p.into(),
-            offset: o,
-            length: l,
-        };
-        let input = [
-            r("a", 0, 40 << 20),
-            r("b", 8192, 8192),
-            r("c", 0, 0),
-            r("d", 0, 10 << 20),
-            r("e", 0, 10 << 20),
-        ];
-        let b = batches(&input);
-        assert_eq!(b.len(), 2);
-        assert_eq!(b[0], vec![input[0].clone()]);
-        assert_eq!(b[1], input[1..].to_vec());
+        let client = FailbackClient::with_interceptor(channel, Bearer(bearer))
+            .max_decoding_message_size(MAX_REPLY);
+        RemoteSource::handshake(rt, GrpcTransport(client), opts)
     }
 }

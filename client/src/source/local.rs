@@ -1,10 +1,16 @@
 //! A shut-down data directory on this machine (`--source-pgdata`), read through the same
 //! confined reader failbackd serves with.
+//!
+//! Nothing may write into a shut-down source: a file whose size differs, after its range is
+//! read, from the size the listing saw means a server (or anything else) is running on it, and
+//! the copy cannot be trusted. As pg_rewind's local source does, that stops the rewind
+//! ("size of source file changed concurrently") rather than copying a torn file.
 
-use failback_common::filemap::FileEntry;
-use std::os::unix::fs::FileExt;
+use std::collections::HashMap;
 
-use failback_server::datadir::{DataDir, DataDirError};
+use failback_common::filemap::{FileEntry, FileType};
+
+use failback_server::datadir::{DataDir, DataDirError, read_full_at};
 
 use super::{FetchRange, Fetched, Source, SourceEnd, SourceError};
 
@@ -14,6 +20,8 @@ const PIECE: u64 = 1 << 20;
 pub struct LocalSource {
     dir: DataDir,
     buf: Vec<u8>,
+    /// Regular files' sizes as [`Source::list_files`] saw them.
+    listed: HashMap<String, u64>,
 }
 
 impl LocalSource {
@@ -21,6 +29,7 @@ impl LocalSource {
         LocalSource {
             dir: DataDir::new(path),
             buf: Vec::new(),
+            listed: HashMap::new(),
         }
     }
 }
@@ -58,7 +67,13 @@ impl Source for LocalSource {
     }
 
     fn list_files(&mut self) -> Result<Vec<FileEntry>, SourceError> {
-        self.dir.list().map_err(|e| err("the file list", e))
+        let entries = self.dir.list().map_err(|e| err("the file list", e))?;
+        self.listed = entries
+            .iter()
+            .filter(|e| e.file_type == FileType::Regular)
+            .map(|e| (e.path.clone(), e.size))
+            .collect();
+        Ok(entries)
     }
 
     fn fetch(
@@ -80,21 +95,12 @@ impl Source for LocalSource {
             let end = r.offset.saturating_add(r.length);
             while off < end {
                 let want = (end - off).min(PIECE) as usize;
-                let piece = &mut self.buf[..want];
-                let mut done = 0usize;
-                while done < want {
-                    match file.read_at(&mut piece[done..], off + done as u64) {
-                        Ok(0) => break,
-                        Ok(n) => done += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            return Err(SourceError::Io {
-                                what: r.path.clone(),
-                                source: e,
-                            });
-                        }
+                let done = read_full_at(&file, &mut self.buf[..want], off).map_err(|e| {
+                    SourceError::Io {
+                        what: r.path.clone(),
+                        source: e,
                     }
-                }
+                })?;
                 if done > 0 {
                     sink(Fetched::Data {
                         path: &r.path,
@@ -111,6 +117,22 @@ impl Source for LocalSource {
                     break;
                 }
                 off += done as u64;
+            }
+            if let Some(&listed) = self.listed.get(&r.path) {
+                let now = file
+                    .metadata()
+                    .map_err(|e| SourceError::Io {
+                        what: r.path.clone(),
+                        source: e,
+                    })?
+                    .len();
+                if now != listed {
+                    return Err(SourceError::ChangedConcurrently {
+                        path: r.path.clone(),
+                        listed,
+                        now,
+                    });
+                }
             }
         }
         Ok(())

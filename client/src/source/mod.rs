@@ -12,6 +12,9 @@
 
 pub mod grpc;
 pub mod local;
+pub mod quic;
+pub mod rate;
+pub mod remote;
 
 use failback_common::filemap::FileEntry;
 use failback_common::{Lsn, TimeLineId};
@@ -48,6 +51,18 @@ pub struct SourceEnd {
     pub tli: TimeLineId,
 }
 
+/// blake3 hashes of fixed-size chunks of one source file (see
+/// [`failback_common::chunkdiff`]), as the source read it just now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileHashes {
+    pub path: String,
+    /// The size hashed: a live source's file may have changed since it was listed.
+    pub size: u64,
+    pub hashes: Vec<[u8; 32]>,
+    /// The file no longer exists on the source.
+    pub vanished: bool,
+}
+
 /// Why the source could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -63,6 +78,14 @@ pub enum SourceError {
     Timeout(String),
     #[error("source transport error: {0}")]
     Transport(String),
+    /// A file of a shut-down source changed between the listing and the copy: something is
+    /// writing into a data directory that should be still.
+    #[error(
+        "size of source file \"{path}\" changed concurrently (listed with {listed} bytes, now \
+         {now}): something is writing into the source data directory; make sure no server runs \
+         on it, then run failback again"
+    )]
+    ChangedConcurrently { path: String, listed: u64, now: u64 },
     #[error("writing what the source sent failed")]
     Sink(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -103,4 +126,62 @@ pub trait Source {
     /// replay position on a standby). `None` for a shut-down data directory, whose end is its
     /// control file's checkpoint.
     fn end_of_wal(&mut self) -> Result<Option<SourceEnd>, SourceError>;
+
+    /// The source's current timeline when it knows better than its control file (right after
+    /// a promotion, `checkPointCopy.ThisTimeLineID` names the old timeline until the first
+    /// checkpoint); `None` to go by the control file.
+    fn current_timeline(&mut self) -> Result<Option<TimeLineId>, SourceError> {
+        Ok(None)
+    }
+
+    /// blake3 hashes of `chunk_size`-byte chunks of each path, in the order asked, so that only
+    /// the chunks the target lacks are fetched; `None` when the source cannot hash (then whole
+    /// files are fetched). Worth it only where reading costs less than sending.
+    fn chunk_hashes(
+        &mut self,
+        paths: &[String],
+        chunk_size: u64,
+    ) -> Result<Option<Vec<FileHashes>>, SourceError> {
+        let _ = (paths, chunk_size);
+        Ok(None)
+    }
+}
+
+/// A boxed source is a source (the CLI picks one at run time and may wrap it).
+impl<S: Source + ?Sized> Source for Box<S> {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn control_file(&mut self) -> Result<Vec<u8>, SourceError> {
+        (**self).control_file()
+    }
+    fn read_file(&mut self, path: &str) -> Result<Option<Vec<u8>>, SourceError> {
+        (**self).read_file(path)
+    }
+    fn list_files(&mut self) -> Result<Vec<FileEntry>, SourceError> {
+        (**self).list_files()
+    }
+    fn fetch(
+        &mut self,
+        ranges: &[FetchRange],
+        sink: &mut dyn FnMut(Fetched<'_>) -> Result<(), SourceError>,
+    ) -> Result<(), SourceError> {
+        (**self).fetch(ranges, sink)
+    }
+    fn is_live(&self) -> bool {
+        (**self).is_live()
+    }
+    fn end_of_wal(&mut self) -> Result<Option<SourceEnd>, SourceError> {
+        (**self).end_of_wal()
+    }
+    fn current_timeline(&mut self) -> Result<Option<TimeLineId>, SourceError> {
+        (**self).current_timeline()
+    }
+    fn chunk_hashes(
+        &mut self,
+        paths: &[String],
+        chunk_size: u64,
+    ) -> Result<Option<Vec<FileHashes>>, SourceError> {
+        (**self).chunk_hashes(paths, chunk_size)
+    }
 }

@@ -1,0 +1,245 @@
+//! failbackd over QUIC (`--source quic://host:port`).
+//!
+//! Only the transport lives here: one quinn connection (TLS 1.3 always, so `--ca` is
+//! required; `--cert/--key` when failbackd asks for client certificates), and one
+//! bidirectional stream per call, framed as [`failback_server::quic`] describes. Batching,
+//! verification and retries are [`super::remote`]'s, exactly as over gRPC; `--jobs` reads run
+//! as that many streams of the one connection, each with its own flow control, so a lost
+//! packet delays one of them and not all.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use failback_proto::v1 as pb;
+use failback_proto::v1::{QuicReply, QuicRequest, quic_reply::Reply, quic_request::Call};
+use failback_server::quic::{client_tls, read_frame, reply_status, transport_config, write_frame};
+use prost::Message;
+use tokio::io::BufReader;
+use tonic::Status;
+
+use super::SourceError;
+use super::remote::{
+    ChunkStream, MAX_REPLY, RemoteOptions, RemoteSource, Transport, chain, runtime,
+};
+
+/// failbackd over QUIC.
+pub type QuicSource = RemoteSource<QuicTransport>;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One QUIC connection to failbackd, and the token every call carries.
+#[derive(Clone)]
+pub struct QuicTransport {
+    conn: quinn::Connection,
+    token: String,
+    // The endpoint drives the connection's socket; it lives as long as the connection.
+    endpoint: quinn::Endpoint,
+}
+
+fn lost(e: impl std::error::Error) -> Status {
+    Status::unavailable(format!("QUIC: {}", chain(&e)))
+}
+
+/// The replies of one call, up to its end or its error.
+pub struct Replies {
+    recv: BufReader<quinn::RecvStream>,
+    done: bool,
+}
+
+impl Replies {
+    async fn next(&mut self) -> Result<Option<Reply>, Status> {
+        if self.done {
+            return Ok(None);
+        }
+        let Some(frame) = read_frame(&mut self.recv, MAX_REPLY).await.map_err(lost)? else {
+            self.done = true;
+            return Ok(None);
+        };
+        let reply = QuicReply::decode(&frame[..])
+            .map_err(|e| Status::internal(format!("malformed reply from failbackd: {e}")))?;
+        match reply.reply {
+            Some(Reply::Error(s)) => {
+                self.done = true;
+                Err(reply_status(s))
+            }
+            Some(r) => Ok(Some(r)),
+            None => Err(Status::internal("an empty reply from failbackd")),
+        }
+    }
+}
+
+fn unexpected(what: &str) -> Status {
+    Status::internal(format!(
+        "failbackd answered with something other than {what}"
+    ))
+}
+
+/// The chunks of one ReadRanges call.
+pub struct QuicChunks(Replies);
+
+impl ChunkStream for QuicChunks {
+    async fn next(&mut self) -> Result<Option<pb::Chunk>, Status> {
+        match self.0.next().await? {
+            None => Ok(None),
+            Some(Reply::Chunk(c)) => Ok(Some(c)),
+            Some(_) => Err(unexpected("a chunk")),
+        }
+    }
+}
+
+impl QuicTransport {
+    /// Opens a stream, sends the request and finishes the sending side.
+    async fn call(&self, call: Call) -> Result<Replies, Status> {
+        let (mut send, recv) = self.conn.open_bi().await.map_err(lost)?;
+        let req = QuicRequest {
+            token: self.token.clone(),
+            call: Some(call),
+        };
+        write_frame(&mut send, &req).await.map_err(lost)?;
+        send.finish().map_err(lost)?;
+        Ok(Replies {
+            recv: BufReader::with_capacity(64 << 10, recv),
+            done: false,
+        })
+    }
+
+    async fn unary<T>(&self, call: Call, pick: fn(Reply) -> Option<T>) -> Result<T, Status> {
+        match self.call(call).await?.next().await? {
+            Some(r) => pick(r).ok_or_else(|| unexpected("the answer asked for")),
+            None => Err(Status::unavailable(
+                "failbackd finished the call without an answer",
+            )),
+        }
+    }
+}
+
+impl Transport for QuicTransport {
+    type Chunks = QuicChunks;
+
+    async fn handshake(&self, req: pb::HandshakeRequest) -> Result<pb::HandshakeResponse, Status> {
+        self.unary(Call::Handshake(req), |r| match r {
+            Reply::Handshake(h) => Some(h),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn control_file(&self) -> Result<pb::ControlFileResponse, Status> {
+        self.unary(Call::ControlFile(pb::ControlFileRequest {}), |r| match r {
+            Reply::ControlFile(c) => Some(c),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn list_files(&self) -> Result<Vec<pb::FileEntry>, Status> {
+        let mut replies = self.call(Call::ListFiles(pb::ListFilesRequest {})).await?;
+        let mut out = Vec::new();
+        while let Some(r) = replies.next().await? {
+            match r {
+                Reply::FileEntry(e) => out.push(e),
+                _ => return Err(unexpected("a file entry")),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_ranges(&self, req: pb::ReadRangesRequest) -> Result<QuicChunks, Status> {
+        Ok(QuicChunks(self.call(Call::ReadRanges(req)).await?))
+    }
+
+    async fn timelines(&self) -> Result<pb::TimelinesResponse, Status> {
+        self.unary(Call::Timelines(pb::TimelinesRequest {}), |r| match r {
+            Reply::Timelines(t) => Some(t),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn chunk_hashes(
+        &self,
+        req: pb::ChunkHashesRequest,
+    ) -> Result<Vec<pb::FileHashes>, Status> {
+        let mut replies = self.call(Call::ChunkHashes(req)).await?;
+        let mut out = Vec::new();
+        while let Some(r) = replies.next().await? {
+            match r {
+                Reply::FileHashes(h) => out.push(h),
+                _ => return Err(unexpected("file hashes")),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn end_of_wal(&self) -> Result<pb::EndOfWalResponse, Status> {
+        self.unary(Call::EndOfWal(pb::EndOfWalRequest {}), |r| match r {
+            Reply::EndOfWal(e) => Some(e),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        self.conn
+            .close(quinn::VarInt::from_u32(0), b"failback is done");
+        // Until the close is sent and acknowledged (or times out).
+        self.endpoint.wait_idle().await;
+    }
+}
+
+impl RemoteSource<QuicTransport> {
+    /// Connects (TLS 1.3, the server's certificate checked against `--ca`) and shakes hands.
+    pub fn connect(opts: RemoteOptions) -> Result<QuicSource, SourceError> {
+        let Some(rest) = opts.url.strip_prefix("quic://") else {
+            return Err(opts.refuse("the source URL must start with quic://"));
+        };
+        let ca = opts
+            .ca
+            .as_deref()
+            .ok_or_else(|| opts.refuse("quic:// needs --ca: QUIC always runs TLS"))?;
+        let identity = opts
+            .identity
+            .as_ref()
+            .map(|(c, k)| (c.as_slice(), k.as_slice()));
+        let tls = client_tls(ca, identity).map_err(|e| opts.refuse(e.to_string()))?;
+        let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let rt = runtime("QUIC")?;
+        let could_not =
+            |why: String| SourceError::Transport(format!("{}: could not connect: {why}", opts.url));
+        let transport = rt.block_on(async {
+            let addr = tokio::net::lookup_host(rest)
+                .await
+                .map_err(|e| could_not(e.to_string()))?
+                .next()
+                .ok_or_else(|| could_not(format!("{rest} has no address")))?;
+            let any: SocketAddr = if addr.is_ipv6() {
+                "[::]:0".parse().expect("an address")
+            } else {
+                "0.0.0.0:0".parse().expect("an address")
+            };
+            let mut endpoint = quinn::Endpoint::client(any).map_err(|e| could_not(chain(&e)))?;
+            let mut config = quinn::ClientConfig::new(Arc::new(tls));
+            // failbackd opens no streams towards the client.
+            config.transport_config(Arc::new(transport_config(
+                failback_server::DEFAULT_WINDOW,
+                0,
+            )));
+            endpoint.set_default_client_config(config);
+            let connecting = endpoint
+                .connect(addr, host)
+                .map_err(|e| could_not(chain(&e)))?;
+            let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+                .await
+                .map_err(|_| could_not(format!("no answer in {} s", CONNECT_TIMEOUT.as_secs())))?
+                .map_err(|e| could_not(chain(&e)))?;
+            Ok::<_, SourceError>(QuicTransport {
+                conn,
+                token: opts.token.clone().unwrap_or_default(),
+                endpoint,
+            })
+        })?;
+        RemoteSource::handshake(rt, transport, opts)
+    }
+}

@@ -1,0 +1,659 @@
+//! The rewind journal: what an interrupted rewind needs to finish, kept in the target itself.
+//!
+//! pg_rewind reads the target's WAL from the last common checkpoint to learn which blocks the
+//! old primary changed, then overwrites the target — `pg_wal` included. Interrupted half-way,
+//! the target's own WAL may be gone, so nothing can recompute the plan: PostgreSQL's
+//! documentation calls such a directory "likely not in a state that can be recovered". failback
+//! writes the plan and everything the commit needs (the divergence point, the last common
+//! checkpoint, the source's identity) to a journal **before the first change**, then appends a
+//! record for each range once its bytes are written and synced, and one per phase. Run again,
+//! failback replays the journal instead of the target's WAL and fetches only what is missing.
+//!
+//! The journal is an append-only file (`failback.journal` at the root of the data directory):
+//! an 8-byte magic, then frames `[len u32][crc32c u32][kind u8][payload]`, little-endian, the CRC
+//! covering kind and payload. A crash can leave a torn last frame; replay stops at the first
+//! frame that is short or fails its CRC and reports where (the writer truncates there before
+//! appending). Everything before it was fsynced before anything it describes was relied on.
+//!
+//! This module is pure: it encodes records to bytes and replays bytes into a [`JournalState`].
+
+use std::collections::BTreeMap;
+
+use crate::filemap::{FileAction, FileEntry, FileType};
+use crate::lsn::{Lsn, TimeLineId};
+use crate::plan::{BlockBitmap, Plan, PlanEntry};
+
+/// The journal's file name, at the root of the target data directory.
+pub const JOURNAL_FILE: &str = "failback.journal";
+
+const MAGIC: &[u8; 8] = b"FBJRNL01";
+/// A frame larger than this is corruption, not a plan (a plan of a terabyte cluster with every
+/// block changed is far smaller).
+const MAX_FRAME: u32 = 1 << 30;
+
+const KIND_BEGIN: u8 = 1;
+const KIND_DONE: u8 = 2;
+const KIND_PHASE: u8 = 3;
+
+/// Everything a rewind needs to finish without the target's WAL.
+#[derive(Clone, Debug)]
+pub struct JournalHeader {
+    pub system_identifier: u64,
+    pub pg_major: u32,
+    /// Where the histories part, and on which timeline of the target.
+    pub divergence: Lsn,
+    pub divergence_tli: TimeLineId,
+    /// The last common checkpoint: where replay starts (backup_label's CHECKPOINT LOCATION).
+    pub checkpoint: Lsn,
+    pub checkpoint_redo: Lsn,
+    pub checkpoint_tli: TimeLineId,
+    /// The source's timeline when the plan was made; a resumed run checks that the source's
+    /// history still passes through `divergence` on the same timelines.
+    pub source_tli: TimeLineId,
+    pub plan: Plan,
+}
+
+/// How far a rewind got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// The plan is written; the target is being changed.
+    Copying = 1,
+    /// Every range is written and the target is synced; the commit may start.
+    Copied = 2,
+    /// `backup_label` and the control file are written and durable.
+    Committed = 3,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Option<Phase> {
+        match v {
+            1 => Some(Phase::Copying),
+            2 => Some(Phase::Copied),
+            3 => Some(Phase::Committed),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Copying => "copying",
+            Phase::Copied => "copied, not committed",
+            Phase::Committed => "committed",
+        }
+    }
+}
+
+/// Why a journal cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    #[error("{JOURNAL_FILE} does not start with failback's journal magic: not a journal")]
+    BadMagic,
+    #[error("{JOURNAL_FILE} holds no complete plan (torn at byte {0}): the rewind never started")]
+    NoHeader(u64),
+    #[error("{JOURNAL_FILE}: frame at byte {at}: {what}")]
+    Corrupt { at: u64, what: String },
+}
+
+/// One record of the journal.
+#[derive(Clone, Debug)]
+pub enum Record {
+    Begin(Box<JournalHeader>),
+    /// `length` bytes of `path` from `offset` are written and synced.
+    Done {
+        path: String,
+        offset: u64,
+        length: u64,
+    },
+    Phase(Phase),
+}
+
+/// The journal's magic, which the file starts with.
+pub fn magic() -> &'static [u8] {
+    MAGIC
+}
+
+/// One record as a frame, ready to append.
+pub fn encode(record: &Record) -> Vec<u8> {
+    let mut payload = Vec::new();
+    let kind = match record {
+        Record::Begin(h) => {
+            put_header(&mut payload, h);
+            KIND_BEGIN
+        }
+        Record::Done {
+            path,
+            offset,
+            length,
+        } => {
+            put_str(&mut payload, path);
+            payload.extend_from_slice(&offset.to_le_bytes());
+            payload.extend_from_slice(&length.to_le_bytes());
+            KIND_DONE
+        }
+        Record::Phase(p) => {
+            payload.push(*p as u8);
+            KIND_PHASE
+        }
+    };
+    let mut body = Vec::with_capacity(payload.len() + 1);
+    body.push(kind);
+    body.extend_from_slice(&payload);
+    let mut frame = Vec::with_capacity(body.len() + 8);
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Byte ranges of one file, merged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RangeSet {
+    /// start → end (exclusive), disjoint and not touching.
+    spans: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    pub fn insert(&mut self, offset: u64, length: u64) {
+        if length == 0 {
+            return;
+        }
+        let (mut start, mut end) = (offset, offset.saturating_add(length));
+        // Absorb every span that overlaps or touches [start, end).
+        let touching: Vec<(u64, u64)> = self
+            .spans
+            .range(..=end)
+            .rev()
+            .take_while(|(_, e)| **e >= start)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, e) in touching {
+            self.spans.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.spans.insert(start, end);
+    }
+
+    /// Whether every byte of `[offset, offset + length)` is in the set.
+    pub fn covers(&self, offset: u64, length: u64) -> bool {
+        if length == 0 {
+            return true;
+        }
+        let end = offset.saturating_add(length);
+        self.spans
+            .range(..=offset)
+            .next_back()
+            .is_some_and(|(_, e)| *e >= end)
+    }
+
+    /// Bytes in the set.
+    pub fn bytes(&self) -> u64 {
+        self.spans.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
+/// What a journal says, replayed.
+#[derive(Clone, Debug)]
+pub struct JournalState {
+    pub header: JournalHeader,
+    pub phase: Phase,
+    /// Ranges written and synced, per path.
+    pub done: BTreeMap<String, RangeSet>,
+    /// Where the valid frames end; a torn frame (if any) starts here.
+    pub valid_len: u64,
+    /// Whether bytes after `valid_len` were dropped (a torn or corrupt last frame).
+    pub torn_tail: bool,
+}
+
+impl JournalState {
+    pub fn is_done(&self, path: &str, offset: u64, length: u64) -> bool {
+        self.done
+            .get(path)
+            .is_some_and(|r| r.covers(offset, length))
+    }
+
+    pub fn done_bytes(&self) -> u64 {
+        self.done.values().map(RangeSet::bytes).sum()
+    }
+}
+
+/// Replays a whole journal file. The first frame must be a complete plan; every later frame
+/// that is short or fails its CRC ends the replay there (a crash mid-append).
+pub fn replay(bytes: &[u8]) -> Result<JournalState, JournalError> {
+    if bytes.get(..MAGIC.len()) != Some(&MAGIC[..]) {
+        return Err(JournalError::BadMagic);
+    }
+    let mut at = MAGIC.len();
+    let mut state: Option<JournalState> = None;
+    while let Some(body) = frame_at(bytes, at) {
+        let frame_start = at as u64;
+        at += 8 + body.len();
+        let (kind, payload) = match body.split_first() {
+            Some((k, p)) => (*k, p),
+            None => {
+                return Err(JournalError::Corrupt {
+                    at: frame_start,
+                    what: "empty frame".into(),
+                });
+            }
+        };
+        let corrupt = |what: &str| JournalError::Corrupt {
+            at: frame_start,
+            what: what.to_string(),
+        };
+        match (&mut state, kind) {
+            (None, KIND_BEGIN) => {
+                let mut c = Cursor::new(payload);
+                let header = get_header(&mut c).ok_or_else(|| corrupt("unreadable plan"))?;
+                state = Some(JournalState {
+                    header,
+                    phase: Phase::Copying,
+                    done: BTreeMap::new(),
+                    valid_len: 0,
+                    torn_tail: false,
+                });
+            }
+            (None, _) => return Err(corrupt("the first record is not the plan")),
+            (Some(_), KIND_BEGIN) => return Err(corrupt("a second plan")),
+            (Some(s), KIND_DONE) => {
+                let mut c = Cursor::new(payload);
+                let (path, offset, length) = c
+                    .str()
+                    .and_then(|p| Some((p, c.u64()?, c.u64()?)))
+                    .ok_or_else(|| corrupt("unreadable range"))?;
+                s.done.entry(path).or_default().insert(offset, length);
+            }
+            (Some(s), KIND_PHASE) => {
+                let p = payload
+                    .first()
+                    .and_then(|v| Phase::from_u8(*v))
+                    .ok_or_else(|| corrupt("unknown phase"))?;
+                s.phase = s.phase.max(p);
+            }
+            (Some(_), k) => return Err(corrupt(&format!("unknown record kind {k}"))),
+        }
+        if let Some(s) = &mut state {
+            s.valid_len = at as u64;
+        }
+    }
+    let mut s = state.ok_or(JournalError::NoHeader(at as u64))?;
+    s.torn_tail = s.valid_len < bytes.len() as u64;
+    Ok(s)
+}
+
+/// The body of the frame at `at`, if it is whole and its CRC matches.
+fn frame_at(bytes: &[u8], at: usize) -> Option<&[u8]> {
+    let len = u32::from_le_bytes(bytes.get(at..at.checked_add(4)?)?.try_into().ok()?);
+    if len == 0 || len > MAX_FRAME {
+        return None;
+    }
+    let crc = u32::from_le_bytes(bytes.get(at + 4..at + 8)?.try_into().ok()?);
+    let body = bytes.get(at + 8..(at + 8).checked_add(len as usize)?)?;
+    (crc32c::crc32c(body) == crc).then_some(body)
+}
+
+// ---- encoding of the header and plan ----
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_entry(out: &mut Vec<u8>, e: &Option<FileEntry>) {
+    match e {
+        None => out.push(0),
+        Some(f) => {
+            out.push(match f.file_type {
+                FileType::Regular => 1,
+                FileType::Directory => 2,
+                FileType::Symlink => 3,
+            });
+            out.extend_from_slice(&f.size.to_le_bytes());
+            match &f.link_target {
+                None => out.push(0),
+                Some(t) => {
+                    out.push(1);
+                    put_str(out, t);
+                }
+            }
+        }
+    }
+}
+
+const ACTIONS: [FileAction; 6] = [
+    FileAction::Create,
+    FileAction::Copy,
+    FileAction::CopyTail,
+    FileAction::None,
+    FileAction::Truncate,
+    FileAction::Remove,
+];
+
+fn put_header(out: &mut Vec<u8>, h: &JournalHeader) {
+    for v in [
+        h.system_identifier,
+        u64::from(h.pg_major),
+        h.divergence.0,
+        u64::from(h.divergence_tli),
+        h.checkpoint.0,
+        h.checkpoint_redo.0,
+        u64::from(h.checkpoint_tli),
+        u64::from(h.source_tli),
+        u64::from(h.plan.block_size),
+        h.plan.entries.len() as u64,
+    ] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    for e in &h.plan.entries {
+        put_str(out, &e.path);
+        out.push(ACTIONS.iter().position(|a| *a == e.action).unwrap_or(0) as u8);
+        put_entry(out, &e.source);
+        put_entry(out, &e.target);
+        match e.zero_from {
+            None => out.push(0),
+            Some(z) => {
+                out.push(1);
+                out.extend_from_slice(&z.to_le_bytes());
+            }
+        }
+        let blocks: Vec<u32> = e.blocks.iter().collect();
+        out.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
+        for b in blocks {
+            out.extend_from_slice(&b.to_le_bytes());
+        }
+    }
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn new(b: &'a [u8]) -> Self {
+        Cursor { b }
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.b.split_at_checked(n)?;
+        self.b = rest;
+        Some(head)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn str(&mut self) -> Option<String> {
+        let n = self.u32()? as usize;
+        String::from_utf8(self.take(n)?.to_vec()).ok()
+    }
+
+    fn entry(&mut self, path: &str) -> Option<Option<FileEntry>> {
+        let file_type = match self.u8()? {
+            0 => return Some(None),
+            1 => FileType::Regular,
+            2 => FileType::Directory,
+            3 => FileType::Symlink,
+            _ => return None,
+        };
+        let size = self.u64()?;
+        let link_target = match self.u8()? {
+            0 => None,
+            1 => Some(self.str()?),
+            _ => return None,
+        };
+        Some(Some(FileEntry {
+            path: path.to_string(),
+            file_type,
+            size,
+            link_target,
+        }))
+    }
+}
+
+fn get_header(c: &mut Cursor<'_>) -> Option<JournalHeader> {
+    let system_identifier = c.u64()?;
+    let pg_major = u32::try_from(c.u64()?).ok()?;
+    let divergence = Lsn(c.u64()?);
+    let divergence_tli = u32::try_from(c.u64()?).ok()?;
+    let checkpoint = Lsn(c.u64()?);
+    let checkpoint_redo = Lsn(c.u64()?);
+    let checkpoint_tli = u32::try_from(c.u64()?).ok()?;
+    let source_tli = u32::try_from(c.u64()?).ok()?;
+    let block_size = u32::try_from(c.u64()?).ok()?;
+    let n = c.u64()?;
+    let mut entries = Vec::new();
+    for _ in 0..n {
+        let path = c.str()?;
+        let action = *ACTIONS.get(usize::from(c.u8()?))?;
+        let source = c.entry(&path)?;
+        let target = c.entry(&path)?;
+        let zero_from = match c.u8()? {
+            0 => None,
+            1 => Some(c.u64()?),
+            _ => return None,
+        };
+        let mut blocks = BlockBitmap::default();
+        for _ in 0..c.u32()? {
+            let blk = c.u32()?;
+            // A segment of 2^24 blocks is 128 GiB; more is corruption, and would size the bitmap.
+            if blk >= 1 << 24 {
+                return None;
+            }
+            blocks.insert(blk);
+        }
+        entries.push(PlanEntry {
+            path,
+            action,
+            source,
+            target,
+            blocks,
+            note: None,
+            zero_from,
+        });
+    }
+    c.b.is_empty().then_some(JournalHeader {
+        system_identifier,
+        pg_major,
+        divergence,
+        divergence_tli,
+        checkpoint,
+        checkpoint_redo,
+        checkpoint_tli,
+        source_tli,
+        plan: Plan {
+            entries,
+            block_size,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, size: u64) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            file_type: FileType::Regular,
+            size,
+            link_target: None,
+        }
+    }
+
+    fn header() -> JournalHeader {
+        let mut blocks = BlockBitmap::default();
+        for b in [0, 7, 8, 131_071] {
+            blocks.insert(b);
+        }
+        JournalHeader {
+            system_identifier: 0x7000_0000_1234_5678,
+            pg_major: 16,
+            divergence: Lsn(0x3_0000_2760),
+            divergence_tli: 1,
+            checkpoint: Lsn(0x3_0000_0100),
+            checkpoint_redo: Lsn(0x3_0000_00c8),
+            checkpoint_tli: 1,
+            source_tli: 2,
+            plan: Plan {
+                block_size: 8192,
+                entries: vec![
+                    PlanEntry {
+                        path: "base/5/16384".into(),
+                        action: FileAction::None,
+                        source: Some(file("base/5/16384", 1 << 30)),
+                        target: Some(file("base/5/16384", 1 << 30)),
+                        blocks,
+                        note: None,
+                        zero_from: None,
+                    },
+                    PlanEntry {
+                        path: "pg_tblspc/16400".into(),
+                        action: FileAction::Create,
+                        source: Some(FileEntry {
+                            path: "pg_tblspc/16400".into(),
+                            file_type: FileType::Symlink,
+                            size: 0,
+                            link_target: Some("/srv/ts".into()),
+                        }),
+                        target: None,
+                        blocks: BlockBitmap::default(),
+                        note: None,
+                        zero_from: None,
+                    },
+                    PlanEntry {
+                        path: "pg_wal/000000010000000000000003".into(),
+                        action: FileAction::None,
+                        source: None,
+                        target: Some(file("pg_wal/000000010000000000000003", 16 << 20)),
+                        blocks: BlockBitmap::default(),
+                        note: None,
+                        zero_from: Some(0x2760),
+                    },
+                    PlanEntry {
+                        path: "big".into(),
+                        action: FileAction::Copy,
+                        source: Some(file("big", 5 << 30)),
+                        target: None,
+                        blocks: BlockBitmap::default(),
+                        note: None,
+                        zero_from: None,
+                    },
+                ],
+            },
+        }
+    }
+
+    fn journal(records: &[Record]) -> Vec<u8> {
+        let mut out = magic().to_vec();
+        for r in records {
+            out.extend(encode(r));
+        }
+        out
+    }
+
+    fn sample() -> Vec<u8> {
+        journal(&[
+            Record::Begin(Box::new(header())),
+            Record::Done {
+                path: "big".into(),
+                offset: 0,
+                length: 1 << 30,
+            },
+            Record::Done {
+                path: "big".into(),
+                offset: 2 << 30,
+                length: 1 << 30,
+            },
+            Record::Done {
+                path: "big".into(),
+                offset: 1 << 30,
+                length: 1 << 30,
+            },
+            Record::Phase(Phase::Copied),
+        ])
+    }
+
+    #[test]
+    fn replays_what_was_written() {
+        let s = replay(&sample()).unwrap();
+        assert!(!s.torn_tail);
+        assert_eq!(s.phase, Phase::Copied);
+        assert_eq!(s.header.system_identifier, 0x7000_0000_1234_5678);
+        assert_eq!(s.header.divergence, Lsn(0x3_0000_2760));
+        assert_eq!(s.header.source_tli, 2);
+        let want = header().plan;
+        assert_eq!(s.header.plan.entries.len(), want.entries.len());
+        for (a, b) in s.header.plan.entries.iter().zip(&want.entries) {
+            assert_eq!(a.path, b.path);
+            assert_eq!(a.action, b.action);
+            assert_eq!(a.source, b.source);
+            assert_eq!(a.target, b.target);
+            assert_eq!(a.blocks, b.blocks);
+            assert_eq!(a.zero_from, b.zero_from);
+        }
+        assert!(
+            s.is_done("big", 0, 3 << 30),
+            "three adjacent gigabytes merge"
+        );
+        assert!(!s.is_done("big", 0, (3 << 30) + 1));
+        assert!(!s.is_done("other", 0, 1));
+        assert_eq!(s.done_bytes(), 3 << 30);
+    }
+
+    #[test]
+    fn a_torn_tail_is_dropped_at_every_cut() {
+        let full = sample();
+        let whole = replay(&full).unwrap();
+        let header_end = MAGIC.len() + 8 + encode(&Record::Begin(Box::new(header()))).len() - 8;
+        for cut in 0..full.len() {
+            match replay(&full[..cut]) {
+                Ok(s) => {
+                    assert!(cut >= header_end, "a plan replayed from {cut} bytes");
+                    assert!(s.valid_len <= cut as u64);
+                    assert_eq!(s.torn_tail, s.valid_len < cut as u64);
+                    assert!(s.done_bytes() <= whole.done_bytes());
+                    assert!(s.phase <= whole.phase);
+                }
+                Err(JournalError::BadMagic) => assert!(cut < MAGIC.len()),
+                Err(JournalError::NoHeader(_)) => assert!(cut < header_end),
+                Err(e) => panic!("cut at {cut}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_ends_the_replay_there_and_never_panics() {
+        let full = sample();
+        for i in MAGIC.len()..full.len() {
+            let mut b = full.clone();
+            b[i] ^= 0x10;
+            if let Ok(s) = replay(&b) {
+                assert!(s.valid_len <= i as u64 || s.valid_len == full.len() as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn range_sets_merge_overlaps_and_neighbours() {
+        let mut r = RangeSet::default();
+        r.insert(10, 10);
+        r.insert(30, 10);
+        assert!(!r.covers(10, 30));
+        r.insert(20, 10);
+        assert!(r.covers(10, 30));
+        r.insert(5, 100);
+        assert_eq!(r.bytes(), 100);
+        r.insert(u64::MAX - 1, 10);
+        assert!(r.covers(u64::MAX - 1, 1));
+        assert!(r.covers(7, 0));
+    }
+}

@@ -1,0 +1,218 @@
+//! A token bucket for `--max-rate`, as a state machine that is told the time.
+//!
+//! The bucket holds up to `burst` bytes of credit and refills at `rate` bytes per second.
+//! Taking `n` bytes spends `n` of credit, possibly into debt; the caller must then wait until
+//! the debt is paid off before it hands the bytes on. So at every moment a byte is released,
+//! the bytes released since the start are at most `burst + rate × elapsed`: the average is
+//! honoured over any window, and no burst is larger than `burst` (plus the piece that caused
+//! the wait, which was itself waited for). The clock is a parameter (nanoseconds from any
+//! origin that never goes back), so the arithmetic is tested with a fake clock.
+//!
+//! Credit is kept in units of bytes × 10⁹ so that nanosecond refills are exact integers.
+
+const NANOS: u128 = 1_000_000_000;
+
+/// Why a rate was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RateError {
+    #[error(
+        "rate {0:?} is not a number of bytes per second with an optional unit (K, M, G, or kbit, Mbit, Gbit)"
+    )]
+    Syntax(String),
+    #[error("rate {0:?} must be at least 1 byte per second")]
+    Zero(String),
+    #[error("rate {0:?} is too large")]
+    Overflow(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: u128,
+    burst: u128,
+    /// Credit in bytes × 10⁹; negative is debt.
+    credit: i128,
+    last_ns: u64,
+}
+
+impl TokenBucket {
+    /// A full bucket at time `now_ns`; `None` when `rate` is zero.
+    pub fn new(rate: u64, burst: u64, now_ns: u64) -> Option<TokenBucket> {
+        if rate == 0 {
+            return None;
+        }
+        let burst = u128::from(burst) * NANOS;
+        Some(TokenBucket {
+            rate: u128::from(rate),
+            burst,
+            credit: burst as i128,
+            last_ns: now_ns,
+        })
+    }
+
+    /// The burst a rate gets by default: a tenth of a second of it, at least 64 KiB, so that
+    /// the link can be kept full with pieces of any size without exceeding the average.
+    pub fn default_burst(rate: u64) -> u64 {
+        (rate / 10).max(64 << 10)
+    }
+
+    fn refill(&mut self, now_ns: u64) {
+        let elapsed = now_ns.saturating_sub(self.last_ns);
+        self.last_ns = self.last_ns.max(now_ns);
+        let gained = u128::from(elapsed).saturating_mul(self.rate);
+        let credit = self
+            .credit
+            .saturating_add(gained.min(i128::MAX as u128) as i128);
+        self.credit = credit.min(self.burst as i128);
+    }
+
+    /// Spends `n` bytes at `now_ns`; returns how many nanoseconds to wait before releasing
+    /// them (0 when the bucket had the credit).
+    pub fn take(&mut self, n: u64, now_ns: u64) -> u64 {
+        self.refill(now_ns);
+        self.credit = self
+            .credit
+            .saturating_sub((u128::from(n) * NANOS).min(i128::MAX as u128) as i128);
+        if self.credit >= 0 {
+            return 0;
+        }
+        let debt = self.credit.unsigned_abs();
+        let wait = debt.div_ceil(self.rate);
+        u64::try_from(wait).unwrap_or(u64::MAX)
+    }
+}
+
+/// Parses a rate in bytes per second: a plain number, or with `K`/`M`/`G` (powers of 1024,
+/// optionally followed by `B`, `iB` or `/s`), or in bits with `kbit`/`Mbit`/`Gbit` (powers of
+/// 1000, as links are sold).
+pub fn parse_rate(text: &str) -> Result<u64, RateError> {
+    let t = text.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    let digits = t.bytes().take_while(|b| b.is_ascii_digit()).count();
+    let (num, unit) = t.split_at(digits);
+    if num.is_empty() {
+        return Err(RateError::Syntax(text.to_string()));
+    }
+    let n: u128 = num
+        .parse()
+        .map_err(|_| RateError::Overflow(text.to_string()))?;
+    let (mul, div): (u128, u128) = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => (1, 1),
+        "k" | "kb" | "kib" => (1 << 10, 1),
+        "m" | "mb" | "mib" => (1 << 20, 1),
+        "g" | "gb" | "gib" => (1 << 30, 1),
+        "bit" => (1, 8),
+        "kbit" => (1_000, 8),
+        "mbit" => (1_000_000, 8),
+        "gbit" => (1_000_000_000, 8),
+        _ => return Err(RateError::Syntax(text.to_string())),
+    };
+    let v = n
+        .checked_mul(mul)
+        .ok_or_else(|| RateError::Overflow(text.to_string()))?
+        / div;
+    let v = u64::try_from(v).map_err(|_| RateError::Overflow(text.to_string()))?;
+    if v == 0 {
+        return Err(RateError::Zero(text.to_string()));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    /// Releases `pieces` as fast as the bucket allows on a fake clock; returns the release
+    /// time of each piece.
+    fn run(rate: u64, burst: u64, pieces: &[u64]) -> Vec<u64> {
+        let mut now = 5 * S; // any origin
+        let start = now;
+        let mut b = TokenBucket::new(rate, burst, now).unwrap();
+        pieces
+            .iter()
+            .map(|&n| {
+                now += b.take(n, now);
+                now - start
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_average_is_honoured_and_bursts_are_bounded() {
+        let rate = 1_000_000;
+        let burst = 100_000;
+        for piece in [1u64, 4096, 65_536, 1 << 20, 3_000_001] {
+            let pieces = vec![piece; (8_000_000 / piece).max(3) as usize];
+            let times = run(rate, burst, &pieces);
+            let mut released = 0u64;
+            for (t, n) in times.iter().zip(&pieces) {
+                released += n;
+                // Never more than burst + rate × elapsed at any release.
+                assert!(
+                    u128::from(released) * u128::from(S)
+                        <= (u128::from(burst) * u128::from(S)) + u128::from(rate) * u128::from(*t),
+                    "piece {piece}: {released} bytes by {t} ns"
+                );
+            }
+            // And the average is the rate (within one nanosecond per piece of rounding).
+            let total: u64 = pieces.iter().sum();
+            let last = *times.last().unwrap();
+            let ideal = (total - burst) as u128 * u128::from(S) / u128::from(rate);
+            assert!(u128::from(last) >= ideal, "piece {piece}: too fast");
+            assert!(
+                u128::from(last) <= ideal + pieces.len() as u128,
+                "piece {piece}: {last} ns, ideal {ideal}"
+            );
+        }
+    }
+
+    #[test]
+    fn credit_refills_up_to_the_burst_only() {
+        let mut b = TokenBucket::new(1000, 500, 0).unwrap();
+        assert_eq!(b.take(500, 0), 0);
+        assert_eq!(b.take(1, 0), 1_000_000); // one byte at 1000 B/s: 1 ms
+        // A long idle period refills only up to the burst.
+        assert_eq!(b.take(500, 1000 * S), 0);
+        assert_eq!(b.take(100, 1000 * S), 100 * 1_000_000);
+    }
+
+    #[test]
+    fn hostile_values_do_not_overflow_or_panic() {
+        assert!(TokenBucket::new(0, 10, 0).is_none());
+        let mut b = TokenBucket::new(1, u64::MAX, u64::MAX).unwrap();
+        assert_eq!(b.take(u64::MAX, u64::MAX), 0);
+        assert!(b.take(u64::MAX, 0) > 0); // clock going back: no refill, no panic
+        let mut b = TokenBucket::new(u64::MAX, 0, 0).unwrap();
+        assert_eq!(b.take(0, u64::MAX), 0);
+        let mut b = TokenBucket::new(1, 0, 0).unwrap();
+        assert_eq!(b.take(u64::MAX, 0), u64::MAX);
+    }
+
+    #[test]
+    fn rates_parse_with_units() {
+        assert_eq!(parse_rate("1000"), Ok(1000));
+        assert_eq!(parse_rate("10K"), Ok(10 << 10));
+        assert_eq!(parse_rate("10M"), Ok(10 << 20));
+        assert_eq!(parse_rate("2G"), Ok(2 << 30));
+        assert_eq!(parse_rate("5MB/s"), Ok(5 << 20));
+        assert_eq!(parse_rate("5MiB"), Ok(5 << 20));
+        assert_eq!(parse_rate("200Mbit"), Ok(25_000_000));
+        assert_eq!(parse_rate("1Gbit/s"), Ok(125_000_000));
+        assert_eq!(parse_rate(" 64 k "), Ok(64 << 10));
+        assert!(matches!(parse_rate("0"), Err(RateError::Zero(_))));
+        assert!(matches!(parse_rate("1bit"), Err(RateError::Zero(_))));
+        assert!(matches!(parse_rate("fast"), Err(RateError::Syntax(_))));
+        assert!(matches!(parse_rate("10X"), Err(RateError::Syntax(_))));
+        assert!(matches!(parse_rate(""), Err(RateError::Syntax(_))));
+        assert!(matches!(parse_rate("-5"), Err(RateError::Syntax(_))));
+        assert!(matches!(
+            parse_rate("99999999999999999999G"),
+            Err(RateError::Overflow(_))
+        ));
+        assert!(matches!(
+            parse_rate("999999999999999999999999999999999999999999"),
+            Err(RateError::Overflow(_))
+        ));
+    }
+}
