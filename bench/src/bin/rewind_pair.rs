@@ -24,10 +24,11 @@
 //! cargo build --release -p failback-client -p failback-server -p failback-bench
 //! target/release/rewind_pair [--scale 100] [--delay-ms 25] [--rate-mbit 200] [--jobs 16]
 //!     [--compress 3] [--bin-dir DIR] [--source-mode auto|stopped|running] [--out FILE]
-//!     [--no-sync] [--log-dir DIR] [--perf DIR] [--skip-pg-rewind] [--skip-verify]
+//!     [--rounds N] [--no-sync] [--log-dir DIR] [--perf DIR] [--skip-pg-rewind] [--skip-verify]
 //! ```
 //!
-//! `--no-sync` passes `-N` to both tools (no final flush), to see the network's share of the
+//! `--rounds N` runs every configuration N times and reports the round with the median wall
+//! time (the machine is shared: single runs are noisy). `--no-sync` passes `-N` to both tools (no final flush), to see the network's share of the
 //! time; `--log-dir` keeps each run's `--debug` output and failback's report; `--perf DIR` runs
 //! failback and failbackd under `perf record -g` (a profiling run, not a measurement).
 
@@ -183,9 +184,23 @@ impl Bench {
             .arg(self.new.data_dir())
             .arg("--listen")
             .arg(local(grpc_port.port).to_string());
+        let ca = self.work.join("tls-cert.pem");
         if quic {
+            // QUIC always runs TLS: a throwaway self-signed certificate, trusted by the client.
+            let key = self.work.join("tls-key.pem");
+            let ck = rcgen::generate_simple_self_signed(vec![
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+            ])
+            .expect("a self-signed certificate");
+            std::fs::write(&ca, ck.cert.pem()).expect("write the certificate");
+            std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write the key");
             cmd.arg("--quic-listen")
-                .arg(local(quic_port.port).to_string());
+                .arg(local(quic_port.port).to_string())
+                .arg("--tls-cert")
+                .arg(&ca)
+                .arg("--tls-key")
+                .arg(&key);
         }
         if self.running_source {
             cmd.arg("--pg-conn").arg(self.new.conninfo());
@@ -229,6 +244,9 @@ impl Bench {
             .arg("--report")
             .arg(&report)
             .arg("--debug");
+        if quic {
+            client.arg("--ca").arg(&ca);
+        }
         if self.no_sync {
             client.arg("-N");
         }
@@ -342,6 +360,28 @@ impl Bench {
     }
 }
 
+/// The round with the median wall time (failed rounds first, so a failure is not hidden),
+/// its note listing every round's wall time.
+fn median(mut rounds: Vec<Row>) -> Row {
+    rounds.sort_by(|a, b| a.ok.cmp(&b.ok).then(a.client.wall.cmp(&b.client.wall)));
+    let walls: Vec<String> = rounds
+        .iter()
+        .map(|r| format!("{:.2}", r.client.wall.as_secs_f64()))
+        .collect();
+    let failed = rounds.iter().any(|r| !r.ok);
+    let mid = if failed { 0 } else { rounds.len() / 2 };
+    let n = rounds.len();
+    let mut row = rounds.swap_remove(mid);
+    if n > 1 {
+        row.note = format!(
+            "median of {n} rounds (walls {} s). {}",
+            walls.join(" / "),
+            row.note
+        );
+    }
+    row
+}
+
 fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     s.push_str(
@@ -428,6 +468,13 @@ fn goals(rows: &[Row], rate_bits: u64) -> String {
     s
 }
 
+/// The machine's load average (1, 5, 15 minutes): the benchmark shares two cores with others.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
 fn today() -> String {
     Command::new("date")
         .args(["-u", "+%Y-%m-%d"])
@@ -445,6 +492,7 @@ fn main() {
     let bin_dir = arg("--bin-dir", String::new());
     let source_mode = arg("--source-mode", "auto".to_string());
     let no_sync = flag("--no-sync");
+    let rounds = arg("--rounds", 1usize).max(1);
     let skip_pg_rewind = flag("--skip-pg-rewind");
     let skip_verify = flag("--skip-verify");
     let log_dir = arg("--log-dir", String::new());
@@ -467,6 +515,7 @@ fn main() {
     let nets: [(&'static str, LinkSpec); 2] = [("loopback", LinkSpec::unlimited()), ("wan", wan)];
 
     let started = Instant::now();
+    let load_before = loadavg();
     let DivergedPair {
         old, new, changed, ..
     } = DivergedPair::build(scale);
@@ -498,18 +547,26 @@ fn main() {
         b.new.execute("CHECKPOINT");
     }
     for (net, spec) in nets {
-        let row = b.failback_run(net, spec, false);
+        let row = median(
+            (0..rounds)
+                .map(|_| b.failback_run(net, spec, false))
+                .collect(),
+        );
         let ok = row.ok;
         rows.push(row);
         if net == "wan" && ok && !skip_verify {
             b.verify();
-            verified = "the target rewound by failback (gRPC, WAN) started as a standby of the new primary, caught up, and every table's fingerprint matched".to_string();
+            verified = "the target rewound by failback (gRPC, WAN; its last round) started as a standby of the new primary, caught up, and every table's fingerprint matched".to_string();
             if !b.running_source {
                 b.new.stop(StopMode::Fast);
             }
         }
         if quic {
-            rows.push(b.failback_run(net, spec, true));
+            rows.push(median(
+                (0..rounds)
+                    .map(|_| b.failback_run(net, spec, true))
+                    .collect(),
+            ));
         }
     }
     // pg_rewind needs the source running, and a checkpoint on its new timeline.
@@ -519,7 +576,9 @@ fn main() {
         }
         b.new.execute("CHECKPOINT");
         for (net, spec) in nets {
-            rows.push(b.pg_rewind_run(net, spec));
+            rows.push(median(
+                (0..rounds).map(|_| b.pg_rewind_run(net, spec)).collect(),
+            ));
         }
     }
 
@@ -535,6 +594,8 @@ fn main() {
     } else {
         "QUIC: skipped — this failbackd has no --quic-listen (or this failback no quic:// source)."
     };
+    let load_after = loadavg();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -561,7 +622,9 @@ fn main() {
     };
     let _ = writeln!(
         out,
-        "- Source mode: {mode}.\n- {quic_note}\n- {sync_note}\n- Correctness: {verified}.\n"
+        "- Source mode: {mode}.\n- {quic_note}\n- {sync_note}\n- Correctness: {verified}.\n\
+         - Machine: {cpus} CPUs, load average {load_before} at the start and {load_after} at the \
+         end (other work shares the machine; CPU-bound steps slow down with it).\n"
     );
     out.push_str(&table(&rows));
     out.push_str("\n## Against the goals (design.md)\n\n");
