@@ -1,3 +1,5 @@
 //! Benchmarks of failback, each side by side with its anchor in one run.
 
 pub mod measure;
+pub mod pair;
+pub mod wan;

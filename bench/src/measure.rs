@@ -26,12 +26,19 @@ fn io_field(text: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs `cmd` to completion and measures it.
-pub fn run(cmd: &mut Command) -> Cost {
+/// A measured child process still running (a server measured over a whole run).
+pub struct Running {
+    pid: i32,
+    start: Instant,
+    reader: std::thread::JoinHandle<String>,
+}
+
+/// Starts `cmd` (stdout discarded, stderr collected) to be measured by [`Running::finish`].
+pub fn spawn(cmd: &mut Command) -> std::io::Result<Running> {
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     let start = Instant::now();
-    let mut child = cmd.spawn().expect("spawn benchmarked command");
+    let mut child = cmd.spawn()?;
     let pid = child.id() as i32;
     let stderr = child.stderr.take();
     let reader = std::thread::spawn(move || {
@@ -42,39 +49,146 @@ pub fn run(cmd: &mut Command) -> Cost {
         }
         s
     });
-    // SAFETY: waitid on our own child; the siginfo struct is plain data.
-    unsafe {
-        let mut info: libc::siginfo_t = std::mem::zeroed();
-        libc::waitid(
-            libc::P_PID,
-            pid as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOWAIT,
-        );
-    }
-    let wall = start.elapsed();
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
-    // SAFETY: reaping our own zombie child and reading its resource usage.
-    let (status, usage) = unsafe {
-        let mut status = 0;
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::wait4(pid, &mut status, 0, &mut usage);
-        (status, usage)
-    };
+    // Reaped by `finish` with wait4, which std's Child does not know about.
     std::mem::forget(child);
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    Cost {
-        wall,
-        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
-        max_rss_kb: usage.ru_maxrss as u64,
-        bytes_read: io_field(&io, "rchar:"),
-        bytes_written: io_field(&io, "wchar:"),
-        exit_code: if libc::WIFEXITED(status) {
-            libc::WEXITSTATUS(status)
-        } else {
-            -1
-        },
-        stderr: reader.join().unwrap_or_default(),
+    Ok(Running { pid, start, reader })
+}
+
+impl Running {
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGINT` to stop a server).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill on our own, not yet reaped, child.
+        unsafe {
+            libc::kill(self.pid, signal);
+        }
+    }
+
+    /// Waits for the process to exit and measures it.
+    pub fn finish(self) -> Cost {
+        let pid = self.pid;
+        // SAFETY: waitid on our own child; the siginfo struct is plain data.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            );
+        }
+        let wall = self.start.elapsed();
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+        // SAFETY: reaping our own zombie child and reading its resource usage.
+        let (status, usage) = unsafe {
+            let mut status = 0;
+            let mut usage: libc::rusage = std::mem::zeroed();
+            libc::wait4(pid, &mut status, 0, &mut usage);
+            (status, usage)
+        };
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        Cost {
+            wall,
+            cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+            max_rss_kb: usage.ru_maxrss as u64,
+            bytes_read: io_field(&io, "rchar:"),
+            bytes_written: io_field(&io, "wchar:"),
+            exit_code: if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                -1
+            },
+            stderr: self.reader.join().unwrap_or_default(),
+        }
+    }
+}
+
+/// Runs `cmd` to completion and measures it.
+pub fn run(cmd: &mut Command) -> Cost {
+    spawn(cmd).expect("spawn benchmarked command").finish()
+}
+
+/// CPU time and peak memory of processes that are not our children (a PostgreSQL backend
+/// serving a client), sampled from `/proc` until [`Sampler::stop`]. The last few milliseconds
+/// of a process that exits between two samples are missed, so this is a lower bound.
+pub struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(Duration, u64)>,
+}
+
+/// utime + stime in clock ticks and VmHWM in kB of `pid`, if it still exists.
+fn proc_usage(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    Some((ticks, hwm))
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+impl Sampler {
+    /// Samples every child of `parent` whose command line contains `needle` and not `unless`.
+    pub fn start(parent: u32, needle: &str, unless: &str) -> Sampler {
+        use std::collections::HashMap;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (s, needle, unless) = (stop.clone(), needle.to_string(), unless.to_string());
+        let thread = std::thread::spawn(move || {
+            let mut seen: HashMap<u32, (u64, u64)> = HashMap::new();
+            while !s.load(Ordering::Relaxed) {
+                if let Ok(dir) = std::fs::read_dir("/proc") {
+                    for e in dir.flatten() {
+                        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                            continue;
+                        };
+                        if parent_of(pid) != Some(parent) {
+                            continue;
+                        }
+                        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                        let cmd = String::from_utf8_lossy(&cmd);
+                        if !cmd.contains(&needle) || (!unless.is_empty() && cmd.contains(&unless)) {
+                            continue;
+                        }
+                        if let Some(u) = proc_usage(pid) {
+                            let entry = seen.entry(pid).or_default();
+                            *entry = (entry.0.max(u.0), entry.1.max(u.1));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // SAFETY: sysconf has no preconditions.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+            let ticks: u64 = seen.values().map(|v| v.0).sum();
+            let hwm = seen.values().map(|v| v.1).max().unwrap_or(0);
+            (Duration::from_millis(ticks * 1000 / hz), hwm)
+        });
+        Sampler { stop, thread }
+    }
+
+    /// Stops sampling: (CPU time, largest peak RSS in kB) of the processes seen.
+    pub fn stop(self) -> (Duration, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
     }
 }
 

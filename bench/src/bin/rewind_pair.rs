@@ -1,0 +1,677 @@
+//! failback's server/client pair vs `pg_rewind --source-server`, on loopback and through a
+//! simulated WAN, side by side in one run.
+//!
+//! The input is [`failback_bench::pair::DivergedPair`] (pgbench scale 100 by default, 1 % of
+//! the accounts changed on each side). The old primary's data directory is saved once and
+//! restored before every run, so every tool rewinds the very same target:
+//!
+//! - `pg_rewind --source-server` (PostgreSQL 15's) against the running new primary, through
+//!   a TCP [`TcpProxy`];
+//! - `failback rewind --source grpc://…` through `failbackd`, through a TCP proxy;
+//! - `failback rewind --source quic://…` through a UDP [`UdpProxy`], when `failbackd --help`
+//!   offers `--quic-listen`.
+//!
+//! `failbackd` serves the running new primary when it offers `--pg-conn`, otherwise its
+//! shut-down data directory (the output says which). Each tool runs once on loopback (the proxy
+//! with no delay and no cap, so bytes on the wire are counted the same way) and once through
+//! the WAN (`--delay-ms` each way, `--rate-mbit` each way). Reported: wall time, bytes on the
+//! wire each way, CPU time and peak RSS of the client and of the server side (failbackd; the
+//! PostgreSQL backend that served pg_rewind, sampled from /proc). After the gRPC WAN run the
+//! rewound target is started as a standby of the new primary and the fingerprints of all tables
+//! compared. The table goes to stdout and to `bench/results/rewind_pair-<date>.md`.
+//!
+//! ```text
+//! cargo build --release -p failback-client -p failback-server -p failback-bench
+//! target/release/rewind_pair [--scale 100] [--delay-ms 25] [--rate-mbit 200] [--jobs 16]
+//!     [--compress 3] [--bin-dir DIR] [--source-mode auto|stopped|running] [--out FILE]
+//!     [--rounds N] [--no-sync] [--log-dir DIR] [--perf DIR] [--skip-pg-rewind] [--skip-verify]
+//! ```
+//!
+//! `--rounds N` runs every configuration N times and reports the round with the median wall
+//! time (the machine is shared: single runs are noisy). `--no-sync` passes `-N` to both tools (no final flush), to see the network's share of the
+//! time; `--log-dir` keeps each run's `--debug` output and failback's report; `--perf DIR` runs
+//! failback and failbackd under `perf record -g` (a profiling run, not a measurement).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use failback_bench::measure::{self, Cost, Sampler};
+use failback_bench::pair::{DivergedPair, arg, copy_dir, flag, workspace_binary};
+use failback_bench::wan::{Counters, LinkSpec, TcpProxy, UdpProxy};
+use failback_tests::port::reserve_port;
+use failback_tests::rewind::rejoin;
+use failback_tests::{Cluster, StopMode, binaries, user};
+
+/// One measured rewind.
+struct Row {
+    tool: String,
+    net: &'static str,
+    ok: bool,
+    client: Cost,
+    /// Server side: failbackd, or the backend that served pg_rewind.
+    server_cpu: Option<Duration>,
+    server_rss_kb: Option<u64>,
+    up: u64,
+    down: u64,
+    dropped: u64,
+    /// failback's `--report` phase times.
+    phases: Option<serde_json::Value>,
+    note: String,
+}
+
+impl Row {
+    fn wire(&self) -> u64 {
+        self.up + self.down
+    }
+}
+
+struct Bench {
+    old: Cluster,
+    new: Cluster,
+    pristine: PathBuf,
+    work: PathBuf,
+    failback: PathBuf,
+    failbackd: PathBuf,
+    jobs: u32,
+    compress: String,
+    /// failbackd serves the running new primary through `--pg-conn`.
+    running_source: bool,
+    /// `-N` for both tools: leave out the final flush to disk, to see the network's share.
+    no_sync: bool,
+    /// Where to keep each run's stderr and failback's report.
+    log_dir: Option<PathBuf>,
+    /// Run failback and failbackd under `perf record -g`, profiles written here.
+    perf_dir: Option<PathBuf>,
+}
+
+fn help_of(bin: &Path, args: &[&str]) -> String {
+    Command::new(bin)
+        .args(args)
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+fn wait_listening(addr: SocketAddr, server: &measure::Running) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return true;
+        }
+        // SAFETY: probing whether our child still exists.
+        if unsafe { libc::kill(server.pid(), 0) } != 0 {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+enum Proxy {
+    Tcp(TcpProxy),
+    Udp(UdpProxy),
+}
+
+impl Proxy {
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Proxy::Tcp(p) => p.local_addr(),
+            Proxy::Udp(p) => p.local_addr(),
+        }
+    }
+
+    fn counters(&self) -> std::sync::Arc<Counters> {
+        match self {
+            Proxy::Tcp(p) => p.counters(),
+            Proxy::Udp(p) => p.counters(),
+        }
+    }
+}
+
+impl Bench {
+    /// A command for `bin`, under `perf record` when profiling (perf's own CPU time and memory
+    /// are then counted too: a profiling run is not a measurement).
+    fn profiled(&self, bin: &Path, name: &str) -> Command {
+        let mut cmd = match &self.perf_dir {
+            Some(dir) => {
+                let _ = std::fs::create_dir_all(dir);
+                let mut c = Command::new("perf");
+                c.args(["record", "-g", "-q", "-o"])
+                    .arg(dir.join(format!("{name}.data")))
+                    .arg("--")
+                    .arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        user::clean_env(&mut cmd);
+        cmd
+    }
+
+    fn restore(&mut self) {
+        if self.old.is_running() {
+            self.old.stop(StopMode::Fast);
+        }
+        copy_dir(&self.pristine, &self.old.data_dir());
+    }
+
+    fn failback_run(&mut self, net: &'static str, spec: LinkSpec, quic: bool) -> Row {
+        self.restore();
+        let tool = if quic {
+            "failback (QUIC)"
+        } else {
+            "failback (gRPC)"
+        };
+        let grpc_port = reserve_port();
+        let quic_port = reserve_port();
+        let local = |p: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], p)) };
+        let name = format!("{}-{net}", if quic { "quic" } else { "grpc" });
+        let mut cmd = self.profiled(&self.failbackd, &format!("failbackd-{name}"));
+        cmd.arg("-D")
+            .arg(self.new.data_dir())
+            .arg("--listen")
+            .arg(local(grpc_port.port).to_string());
+        let ca = self.work.join("tls-cert.pem");
+        if quic {
+            // QUIC always runs TLS: a throwaway self-signed certificate, trusted by the client.
+            let key = self.work.join("tls-key.pem");
+            let ck = rcgen::generate_simple_self_signed(vec![
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+            ])
+            .expect("a self-signed certificate");
+            std::fs::write(&ca, ck.cert.pem()).expect("write the certificate");
+            std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write the key");
+            cmd.arg("--quic-listen")
+                .arg(local(quic_port.port).to_string())
+                .arg("--tls-cert")
+                .arg(&ca)
+                .arg("--tls-key")
+                .arg(&key);
+        }
+        if self.running_source {
+            cmd.arg("--pg-conn").arg(self.new.conninfo());
+        }
+        let server = measure::spawn(&mut cmd).expect("start failbackd");
+        if !wait_listening(local(grpc_port.port), &server) {
+            server.signal(libc::SIGKILL);
+            let c = server.finish();
+            panic!("failbackd did not start listening:\n{}", c.stderr);
+        }
+        let proxy = if quic {
+            // QUIC listens on UDP; give it a moment after the TCP listener is up.
+            std::thread::sleep(Duration::from_millis(200));
+            Proxy::Udp(
+                UdpProxy::start(local(0), local(quic_port.port), spec, spec).expect("UDP proxy"),
+            )
+        } else {
+            Proxy::Tcp(
+                TcpProxy::start(local(0), local(grpc_port.port), spec, spec).expect("TCP proxy"),
+            )
+        };
+        let url = format!("{}://{}", if quic { "quic" } else { "grpc" }, proxy.addr());
+        let report = self.work.join(format!(
+            "report-{}-{net}.json",
+            if quic { "quic" } else { "grpc" }
+        ));
+        let _ = std::fs::remove_file(&report);
+        let mut client = self.profiled(&self.failback, &format!("failback-{name}"));
+        client
+            .arg("rewind")
+            .arg("-D")
+            .arg(self.old.data_dir())
+            .arg("--source")
+            .arg(&url)
+            .arg("--jobs")
+            .arg(self.jobs.to_string())
+            .arg("--compress")
+            .arg(&self.compress)
+            .arg("--pg-bindir")
+            .arg(&self.old.bins().bin_dir)
+            .arg("--report")
+            .arg(&report)
+            .arg("--debug");
+        if quic {
+            client.arg("--ca").arg(&ca);
+        }
+        if self.no_sync {
+            client.arg("-N");
+        }
+        eprintln!("running failback rewind --source {url} ({net})");
+        let cost = measure::run(&mut client);
+        let (up, down, dropped) = proxy.counters().snapshot();
+        drop(proxy);
+        server.signal(libc::SIGINT);
+        let server_cost = server.finish();
+        self.keep(&name, &cost.stderr, Some(&report));
+        let phases = std::fs::read(&report)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .map(|v| v["seconds"].clone());
+        let ok = cost.exit_code == 0;
+        let note = if ok {
+            String::new()
+        } else {
+            format!(
+                "failed (exit {}): {}",
+                cost.exit_code,
+                tail(&cost.stderr, 5)
+            )
+        };
+        if !ok {
+            eprintln!(
+                "{tool} over {net} failed:\n{}\n--- failbackd ---\n{}",
+                cost.stderr,
+                tail(&server_cost.stderr, 20)
+            );
+        }
+        Row {
+            tool: tool.to_string(),
+            net,
+            ok,
+            client: cost,
+            server_cpu: Some(server_cost.cpu),
+            server_rss_kb: Some(server_cost.max_rss_kb),
+            up,
+            down,
+            dropped,
+            phases,
+            note,
+        }
+    }
+
+    fn pg_rewind_run(&mut self, net: &'static str, spec: LinkSpec) -> Row {
+        self.restore();
+        let target = SocketAddr::from(([127, 0, 0, 1], self.new.port()));
+        let proxy = TcpProxy::start(SocketAddr::from(([127, 0, 0, 1], 0)), target, spec, spec)
+            .expect("TCP proxy");
+        let postmaster: u32 = std::fs::read_to_string(self.new.data_dir().join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+            .expect("the new primary's postmaster.pid");
+        // The backend serving pg_rewind is the one connected over TCP (the test bed's own
+        // connections may be TCP too, but none is open while pg_rewind runs).
+        let sampler = Sampler::start(postmaster, "127.0.0.1(", "walsender");
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            proxy.local_addr().port()
+        );
+        eprintln!("running pg_rewind --source-server '{conninfo}' ({net})");
+        let mut cmd = user::command(binaries::pg_rewind());
+        cmd.arg("-D")
+            .arg(self.old.data_dir())
+            .arg("--source-server")
+            .arg(&conninfo)
+            .arg("--debug");
+        if self.no_sync {
+            cmd.arg("-N");
+        }
+        let cost = measure::run(&mut cmd);
+        self.keep(&format!("pg_rewind-{net}"), &cost.stderr, None);
+        let (server_cpu, server_rss) = sampler.stop();
+        let (up, down, dropped) = proxy.counters().snapshot();
+        let ok = cost.exit_code == 0;
+        assert!(ok, "pg_rewind over {net} failed:\n{}", cost.stderr);
+        Row {
+            tool: "pg_rewind --source-server".to_string(),
+            net,
+            ok,
+            client: cost,
+            server_cpu: Some(server_cpu),
+            server_rss_kb: Some(server_rss),
+            up,
+            down,
+            dropped,
+            phases: None,
+            note: "server CPU/RSS: the backend, sampled every 20 ms (lower bound)".to_string(),
+        }
+    }
+
+    /// Copies a run's stderr (and report) into `--log-dir`, timestamps kept by the tools.
+    fn keep(&self, name: &str, stderr: &str, report: Option<&Path>) {
+        let Some(dir) = &self.log_dir else {
+            return;
+        };
+        let _ = std::fs::create_dir_all(dir);
+        let _ = std::fs::write(dir.join(format!("{name}.stderr")), stderr);
+        if let Some(r) = report {
+            let _ = std::fs::copy(r, dir.join(format!("{name}.report.json")));
+        }
+    }
+
+    /// Starts the rewound target as a standby of the new primary and compares fingerprints.
+    fn verify(&mut self) {
+        eprintln!("verifying: the rewound target rejoins as a standby, fingerprints compared");
+        rejoin(&mut self.old, &mut self.new);
+        self.old.stop(StopMode::Fast);
+    }
+}
+
+/// The round with the median wall time (failed rounds first, so a failure is not hidden),
+/// its note listing every round's wall time.
+fn median(mut rounds: Vec<Row>) -> Row {
+    rounds.sort_by(|a, b| a.ok.cmp(&b.ok).then(a.client.wall.cmp(&b.client.wall)));
+    let walls: Vec<String> = rounds
+        .iter()
+        .map(|r| format!("{:.2}", r.client.wall.as_secs_f64()))
+        .collect();
+    let failed = rounds.iter().any(|r| !r.ok);
+    let mid = if failed { 0 } else { rounds.len() / 2 };
+    let n = rounds.len();
+    let mut row = rounds.swap_remove(mid);
+    if n > 1 {
+        row.note = format!(
+            "median of {n} rounds (walls {} s). {}",
+            walls.join(" / "),
+            row.note
+        );
+    }
+    row
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str(
+        "| tool | network | wall (s) | wire client→server (MB) | wire server→client (MB) | wire total (MB) | client CPU (s) | server CPU (s) | client peak RSS (MB) | server peak RSS (MB) | note |\n",
+    );
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1} | {} | {} |",
+            r.tool,
+            r.net,
+            r.client.wall.as_secs_f64(),
+            mb(r.up),
+            mb(r.down),
+            mb(r.wire()),
+            r.client.cpu.as_secs_f64(),
+            r.server_cpu
+                .map_or("-".to_string(), |c| format!("{:.2}", c.as_secs_f64())),
+            r.client.max_rss_kb as f64 / 1024.0,
+            r.server_rss_kb
+                .map_or("-".to_string(), |k| format!("{:.1}", k as f64 / 1024.0)),
+            if r.ok {
+                if r.dropped > 0 {
+                    format!(
+                        "{} datagrams dropped at the bottleneck. {}",
+                        r.dropped, r.note
+                    )
+                } else {
+                    r.note.clone()
+                }
+            } else {
+                r.note.replace('\n', " ")
+            }
+        );
+    }
+    s
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
+fn goals(rows: &[Row], rate_bits: u64) -> String {
+    let mut s = String::new();
+    let find = |tool: &str, net: &str| rows.iter().find(|r| r.tool == tool && r.net == net && r.ok);
+    s.push_str(
+        "| pair | network | measure | value | goal | verdict |\n|---|---|---|---:|---|---|\n",
+    );
+    for tool in ["failback (gRPC)", "failback (QUIC)"] {
+        for net in ["loopback", "wan"] {
+            let (Some(f), Some(p)) = (find(tool, net), find("pg_rewind --source-server", net))
+            else {
+                continue;
+            };
+            let bytes = f.wire() as f64 / p.wire().max(1) as f64;
+            let _ = writeln!(
+                s,
+                "| {tool} | {net} | bytes on the wire ÷ pg_rewind's | {bytes:.3} | ≤ 0.333 | {} |",
+                verdict(bytes <= 1.0 / 3.0)
+            );
+            let speed = p.client.wall.as_secs_f64() / f.client.wall.as_secs_f64().max(1e-9);
+            let (goal, need) = if net == "wan" {
+                ("≥ 5×", 5.0)
+            } else {
+                ("≥ 2×", 2.0)
+            };
+            let _ = writeln!(
+                s,
+                "| {tool} | {net} | speed-up (pg_rewind wall ÷ failback wall) | {speed:.2}× | {goal} | {} |",
+                verdict(speed >= need)
+            );
+            if net == "wan" {
+                let floor = f.down as f64 * 8.0 / rate_bits.max(1) as f64;
+                let ratio = f.client.wall.as_secs_f64() / floor.max(1e-9);
+                let _ = writeln!(
+                    s,
+                    "| {tool} | {net} | wall ÷ (server→client bytes ÷ link rate = {floor:.2} s) | {ratio:.2} | ≤ 1.3 | {} |",
+                    verdict(ratio <= 1.3)
+                );
+            }
+        }
+    }
+    s
+}
+
+/// The machine's load average (1, 5, 15 minutes): the benchmark shares two cores with others.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+fn today() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "undated".to_string())
+}
+
+fn main() {
+    let scale = arg("--scale", 100u32);
+    let delay_ms = arg("--delay-ms", 25u64);
+    let rate_mbit = arg("--rate-mbit", 200u64);
+    let jobs = arg("--jobs", 16u32);
+    let compress = arg("--compress", "3".to_string());
+    let bin_dir = arg("--bin-dir", String::new());
+    let source_mode = arg("--source-mode", "auto".to_string());
+    let no_sync = flag("--no-sync");
+    let rounds = arg("--rounds", 1usize).max(1);
+    let skip_pg_rewind = flag("--skip-pg-rewind");
+    let skip_verify = flag("--skip-verify");
+    let log_dir = arg("--log-dir", String::new());
+    let log_dir = (!log_dir.is_empty()).then(|| PathBuf::from(log_dir));
+    let perf_dir = arg("--perf", String::new());
+    let perf_dir = (!perf_dir.is_empty()).then(|| PathBuf::from(perf_dir));
+    let bin_dir = (!bin_dir.is_empty()).then(|| PathBuf::from(bin_dir));
+    let failback = workspace_binary("failback", bin_dir.as_deref());
+    let failbackd = workspace_binary("failbackd", bin_dir.as_deref());
+    let daemon_help = help_of(&failbackd, &[]);
+    let client_help = help_of(&failback, &["rewind"]);
+    let quic = daemon_help.contains("--quic-listen") && client_help.contains("quic");
+    let pg_conn = daemon_help.contains("--pg-conn");
+    let running_source = match source_mode.as_str() {
+        "running" => true,
+        "stopped" => false,
+        _ => pg_conn,
+    };
+    let wan = LinkSpec::wan(Duration::from_millis(delay_ms), rate_mbit);
+    let nets: [(&'static str, LinkSpec); 2] = [("loopback", LinkSpec::unlimited()), ("wan", wan)];
+
+    let started = Instant::now();
+    let load_before = loadavg();
+    let DivergedPair {
+        old, new, changed, ..
+    } = DivergedPair::build(scale);
+    let work = old.base_dir().join("bench");
+    user::create_dir(&work);
+    let pristine = work.join("pristine");
+    copy_dir(&old.data_dir(), &pristine);
+    let target_size: u64 = dir_size(&old.data_dir());
+    let mut b = Bench {
+        old,
+        new,
+        pristine,
+        work,
+        failback,
+        failbackd,
+        jobs,
+        compress,
+        running_source,
+        no_sync,
+        log_dir,
+        perf_dir,
+    };
+    eprintln!("pair ready after {:.0?}", started.elapsed());
+
+    let mut rows = Vec::new();
+    let mut verified = String::from("not run");
+    if b.running_source {
+        b.new.start();
+        b.new.execute("CHECKPOINT");
+    }
+    for (net, spec) in nets {
+        let row = median(
+            (0..rounds)
+                .map(|_| b.failback_run(net, spec, false))
+                .collect(),
+        );
+        let ok = row.ok;
+        rows.push(row);
+        if net == "wan" && ok && !skip_verify {
+            b.verify();
+            verified = "the target rewound by failback (gRPC, WAN; its last round) started as a standby of the new primary, caught up, and every table's fingerprint matched".to_string();
+            if !b.running_source {
+                b.new.stop(StopMode::Fast);
+            }
+        }
+        if quic {
+            rows.push(median(
+                (0..rounds)
+                    .map(|_| b.failback_run(net, spec, true))
+                    .collect(),
+            ));
+        }
+    }
+    // pg_rewind needs the source running, and a checkpoint on its new timeline.
+    if !skip_pg_rewind {
+        if !b.new.is_running() {
+            b.new.start();
+        }
+        b.new.execute("CHECKPOINT");
+        for (net, spec) in nets {
+            rows.push(median(
+                (0..rounds).map(|_| b.pg_rewind_run(net, spec)).collect(),
+            ));
+        }
+    }
+
+    let mode = if b.running_source {
+        "failbackd served the RUNNING new primary (--pg-conn), as pg_rewind --source-server does"
+    } else if pg_conn {
+        "failbackd served the new primary's data directory while it was SHUT DOWN (--source-mode stopped); pg_rewind ran against the running server"
+    } else {
+        "failbackd served the new primary's data directory while it was SHUT DOWN (this failbackd has no --pg-conn yet); pg_rewind ran against the running server"
+    };
+    let quic_note = if quic {
+        "QUIC: measured (failbackd --quic-listen, failback --source quic://) through the UDP proxy."
+    } else {
+        "QUIC: skipped — this failbackd has no --quic-listen (or this failback no quic:// source)."
+    };
+    let load_after = loadavg();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# failback pair vs pg_rewind --source-server — {}\n",
+        today()
+    );
+    let _ = writeln!(
+        out,
+        "PostgreSQL 15, pgbench scale {scale} (target data directory {:.0} MB), {changed} accounts changed on each side. \
+         failback: --jobs {} --compress {}. Loopback: the proxy with no delay and no cap. \
+         WAN: {delay_ms} ms each way ({} ms RTT), {rate_mbit} Mbit/s each way, token bucket {} KiB, queue {} KiB \
+         (`failback_bench::wan`). Each tool rewound a fresh copy of the same diverged target.\n",
+        mb(target_size),
+        b.jobs,
+        b.compress,
+        2 * delay_ms,
+        wan.burst / 1024,
+        wan.queue / 1024
+    );
+    let sync_note = if b.no_sync {
+        "Both tools ran with -N (no final flush to disk): a diagnostic run, not the comparison."
+    } else {
+        "Both tools flushed the target to disk at the end (their default)."
+    };
+    let _ = writeln!(
+        out,
+        "- Source mode: {mode}.\n- {quic_note}\n- {sync_note}\n- Correctness: {verified}.\n\
+         - Machine: {cpus} CPUs, load average {load_before} at the start and {load_after} at the \
+         end (other work shares the machine; CPU-bound steps slow down with it).\n"
+    );
+    out.push_str(&table(&rows));
+    out.push_str("\n## Against the goals (design.md)\n\n");
+    out.push_str(&goals(&rows, rate_mbit * 1_000_000));
+    out.push_str("\n## failback's time per phase (`--report`, seconds)\n\n");
+    for r in rows.iter().filter(|r| r.phases.is_some()) {
+        let _ = writeln!(
+            out,
+            "- {} over {}: `{}`",
+            r.tool,
+            r.net,
+            r.phases.as_ref().map(|p| p.to_string()).unwrap_or_default()
+        );
+    }
+    println!("{out}");
+    let path = arg(
+        "--out",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("results")
+            .join(format!("rewind_pair-{}.md", today()))
+            .display()
+            .to_string(),
+    );
+    let path = PathBuf::from(path);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    match std::fs::write(&path, &out) {
+        Ok(()) => eprintln!("written to {}", path.display()),
+        Err(e) => eprintln!("could not write {}: {e}", path.display()),
+    }
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
