@@ -76,12 +76,16 @@ fn main() -> Result<()> {
         spec.queue = q * 1024;
     }
     // Block the termination signals before any thread starts, so only sigwait sees them.
-    // SAFETY: plain signal-set manipulation on this thread; no handlers are installed.
+    // SAFETY: signal-set manipulation and default dispositions; no handlers are installed.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        // A shell starts background jobs with SIGINT ignored, and sigwait never sees an
+        // ignored signal: restore the default first (it stays blocked, so it only wakes us).
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
