@@ -389,6 +389,29 @@ mod tests {
         );
     }
 
+    /// A plan of WAL segments only (16 MiB), the last common checkpoint in segment 2.
+    fn wal_plan(
+        source: &[FileEntry],
+        target: &[FileEntry],
+        keep: &BTreeSet<String>,
+        divergence: Option<Lsn>,
+        source_wal_end: Option<Lsn>,
+    ) -> Plan {
+        make_plan(&PlanInput {
+            source,
+            target,
+            page_map: &PageMap::default(),
+            keep_wal: keep,
+            is_relation_file: &|_| false,
+            block_size: 8192,
+            wal_segment_size: 16 << 20,
+            oldest_needed_wal_segment: Some(2),
+            divergence,
+            source_wal_end,
+        })
+        .unwrap()
+    }
+
     #[test]
     fn source_segments_past_its_end_of_wal_are_not_copied() {
         let seg = 16u32 << 20;
@@ -398,21 +421,7 @@ mod tests {
         // pg_rewind does, never left stale.
         let target = vec![reg(&name(6), u64::from(seg))];
         let keep = BTreeSet::new();
-        let plan = |end: Lsn| {
-            make_plan(&PlanInput {
-                source: &source,
-                target: &target,
-                page_map: &PageMap::default(),
-                keep_wal: &keep,
-                is_relation_file: &|_| false,
-                block_size: 8192,
-                wal_segment_size: seg,
-                oldest_needed_wal_segment: Some(2),
-                divergence: None,
-                source_wal_end: Some(end),
-            })
-            .unwrap()
-        };
+        let plan = |end: Lsn| wal_plan(&source, &target, &keep, None, Some(end));
         let actions = |p: &Plan| -> Vec<(u64, FileAction)> {
             (3..=6)
                 .map(|n| {
@@ -447,21 +456,7 @@ mod tests {
         let name = |n: u64| format!("pg_wal/0000000100000000000000{n:02X}");
         let target: Vec<FileEntry> = (2..=5).map(|n| reg(&name(n), u64::from(seg))).collect();
         let keep: BTreeSet<String> = (2..=4).map(name).collect();
-        let plan = |div: Lsn| {
-            make_plan(&PlanInput {
-                source: &[],
-                target: &target,
-                page_map: &PageMap::default(),
-                keep_wal: &keep,
-                is_relation_file: &|_| false,
-                block_size: 8192,
-                wal_segment_size: seg,
-                oldest_needed_wal_segment: Some(2),
-                divergence: Some(div),
-                source_wal_end: None,
-            })
-            .unwrap()
-        };
+        let plan = |div: Lsn| wal_plan(&[], &target, &keep, Some(div), None);
         let find = |p: &Plan, n: u64| {
             let e = p.entries.iter().find(|e| e.path == name(n)).unwrap();
             (e.action, e.zero_from)
