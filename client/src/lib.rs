@@ -7,4 +7,5 @@ pub mod pgbin;
 pub mod progress;
 pub mod rewind;
 pub mod source;
+pub mod unfinished;
 pub mod walread;

@@ -32,6 +32,13 @@ enum Command {
     /// Show what failback sees: the control file, timeline histories, WAL records.
     #[command(subcommand)]
     Inspect(Inspect),
+    /// Say whether a rewind of a data directory is unfinished, and how far it got (exit status
+    /// 0: none is; 3: one is, run `failback rewind` again to finish it).
+    Status {
+        /// The data directory.
+        #[arg(short = 'D', long = "target-pgdata", value_name = "DIR")]
+        target_pgdata: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -336,8 +343,36 @@ fn inspect_wal(
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// `failback status`: the journal of an unfinished rewind, in words.
+fn status(target: &std::path::Path) -> Result<ExitCode> {
+    let Some(st) = failback_client::unfinished::load(target)? else {
+        println!("no unfinished rewind in {}", target.display());
+        return Ok(ExitCode::SUCCESS);
+    };
+    let h = &st.header;
+    println!("an unfinished rewind of {}", target.display());
+    println!("  phase:                  {}", st.phase.name());
+    println!(
+        "  diverged at:            {} on timeline {}",
+        h.divergence, h.divergence_tli
+    );
+    println!(
+        "  last common checkpoint: {} (redo {}) on timeline {}",
+        h.checkpoint, h.checkpoint_redo, h.checkpoint_tli
+    );
+    println!("  source system:          {}", h.system_identifier);
+    println!("  planned to fetch:       {} bytes", h.plan.fetch_bytes());
+    println!(
+        "PostgreSQL will not start on it until it is finished: run failback rewind -D {} again, \
+         from the same new primary",
+        target.display()
+    );
+    Ok(ExitCode::from(3))
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Status { target_pgdata } => return status(&target_pgdata),
         Command::Rewind(a) => rewind(*a)?,
         Command::Demo { pg_version, debug } => {
             let major = failback_common::PgMajor::from_number(pg_version)
@@ -373,12 +408,12 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // The whole chain, outermost first, so the user sees both what failed and why.
             eprintln!("failback: error: {e}");

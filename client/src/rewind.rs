@@ -34,7 +34,9 @@ use crate::fsutil::{self, Ownership, SyncMethod};
 use crate::pgbin;
 use crate::progress::Progress;
 use crate::source::Source;
+use crate::unfinished;
 use crate::walread::{RestoreCommand, WalReader};
+use failback_common::journal::{JournalHeader, JournalState, Phase};
 
 /// XLOG rmgr id and its checkpoint record types (`catalog/pg_control.h`).
 const RM_XLOG_ID: u8 = 0;
@@ -121,6 +123,8 @@ pub struct RewindReport {
     pub bytes_to_fetch: u64,
     pub execution: Option<ExecuteStats>,
     pub seconds: PhaseTimes,
+    /// The run finished a rewind an earlier run had started (its journal was found).
+    pub resumed: bool,
 }
 
 /// Runs a rewind of `opts.target` from `source`.
@@ -196,7 +200,26 @@ pub fn rewind(
     } else {
         None
     };
-    if !target.state.is_shut_down_cleanly() {
+    // An earlier run that stopped half-way left its journal: finish what it planned. Its
+    // plan stands in for the target's WAL, which the copy may already have replaced.
+    let resume = unfinished::load(target_dir).map_err(wrap(
+        "an earlier rewind of this data directory was left unfinished",
+    ))?;
+    if let Some(st) = &resume {
+        if st.header.system_identifier != src.system_identifier {
+            return Err(fail(format!(
+                "an unfinished rewind of this data directory came from database system {}, but \
+                 the source is system {}: resume it from the same new primary",
+                st.header.system_identifier, src.system_identifier
+            )));
+        }
+        progress.info(&format!(
+            "resuming an unfinished rewind (it got as far as: {})",
+            st.phase.name()
+        ));
+        report.resumed = true;
+    }
+    if !target.state.is_shut_down_cleanly() && resume.is_none() {
         if opts.no_ensure_shutdown {
             return Err(fail(format!(
                 "target server must be shut down cleanly (its state is \"{}\"); start and stop it \
@@ -213,214 +236,230 @@ pub fn rewind(
             target = read_target_control(target_dir)?;
         }
     }
-    sanity_checks(&src, &target, source.is_live(), !opts.dry_run)?;
+    sanity_checks(
+        &src,
+        &target,
+        source.is_live(),
+        !opts.dry_run && resume.is_none(),
+    )?;
 
-    // Step 2: timelines and the divergence. A live source may have been promoted moments
-    // ago: its control file names the old timeline until the first checkpoint on the new one,
-    // so the server's own answer wins (pg_rewind 13-15 wrongly said "no rewind required" then).
-    let mut src_tli = src.timeline_for_rewind();
-    if let Some(end) = live_start {
-        let current = source
-            .current_timeline()
-            .map_err(wrap("could not read the source's current timeline"))?
-            .unwrap_or(0);
-        src_tli = src_tli.max(current).max(end.tli);
-    }
-    let tgt_tli = target.timeline_for_rewind();
-    report.source_timeline = src_tli;
-    report.target_timeline = tgt_tli;
-    let params = WalParams::new(target.major, target.xlog_seg_size)
-        .with_system_identifier(target.system_identifier);
-    let target_history = if tgt_tli == 1 {
-        TimeLineHistory::single(1)
+    let (the_plan, header, t_scan) = if let Some(st) = &resume {
+        resumed_plan(st, source, &src, live_start, &mut report)?
     } else {
-        let name = history_file_name(tgt_tli);
-        let bytes = std::fs::read(target_dir.join("pg_wal").join(&name)).map_err(wrap(format!(
-            "could not read target timeline history file pg_wal/{name}"
-        )))?;
-        TimeLineHistory::parse(&bytes, tgt_tli, &format!("target pg_wal/{name}"))
-            .map_err(wrap("target timeline history"))?
-    };
-
-    let rewind_needed;
-    let mut divergence = None;
-    if src_tli == tgt_tli {
-        progress.info("source and target cluster are on the same timeline");
-        rewind_needed = false;
-    } else {
-        let source_history = if src_tli == 1 {
+        // Step 2: timelines and the divergence. A live source may have been promoted moments
+        // ago: its control file names the old timeline until the first checkpoint on the new one,
+        // so the server's own answer wins (pg_rewind 13-15 wrongly said "no rewind required" then).
+        let mut src_tli = src.timeline_for_rewind();
+        if let Some(end) = live_start {
+            let current = source
+                .current_timeline()
+                .map_err(wrap("could not read the source's current timeline"))?
+                .unwrap_or(0);
+            src_tli = src_tli.max(current).max(end.tli);
+        }
+        let tgt_tli = target.timeline_for_rewind();
+        report.source_timeline = src_tli;
+        report.target_timeline = tgt_tli;
+        let params = WalParams::new(target.major, target.xlog_seg_size)
+            .with_system_identifier(target.system_identifier);
+        let target_history = if tgt_tli == 1 {
             TimeLineHistory::single(1)
         } else {
-            let name = history_file_name(src_tli);
-            let bytes = source
-                .read_file(&format!("pg_wal/{name}"))
-                .map_err(wrap("could not read the source's timeline history"))?
-                .ok_or_else(|| {
-                    fail(format!("source has no timeline history file pg_wal/{name}"))
-                })?;
-            TimeLineHistory::parse(&bytes, src_tli, &format!("source pg_wal/{name}"))
-                .map_err(wrap("source timeline history"))?
+            let name = history_file_name(tgt_tli);
+            let bytes = std::fs::read(target_dir.join("pg_wal").join(&name)).map_err(wrap(
+                format!("could not read target timeline history file pg_wal/{name}"),
+            ))?;
+            TimeLineHistory::parse(&bytes, tgt_tli, &format!("target pg_wal/{name}"))
+                .map_err(wrap("target timeline history"))?
         };
-        for (side, h) in [("Source", &source_history), ("Target", &target_history)] {
-            progress.debug(&format!("{side} timeline history:"));
-            for e in h.entries() {
-                let end = e.end.map_or("(current)".to_string(), |l| l.to_string());
-                progress.debug(&format!("{}: {} - {}", e.tli, e.begin, end));
+
+        let rewind_needed;
+        let mut divergence = None;
+        if src_tli == tgt_tli {
+            progress.info("source and target cluster are on the same timeline");
+            rewind_needed = false;
+        } else {
+            let source_history = source_history(source, src_tli)?;
+            for (side, h) in [("Source", &source_history), ("Target", &target_history)] {
+                progress.debug(&format!("{side} timeline history:"));
+                for e in h.entries() {
+                    let end = e.end.map_or("(current)".to_string(), |l| l.to_string());
+                    progress.debug(&format!("{}: {} - {}", e.tli, e.begin, end));
+                }
             }
-        }
-        let ca = find_common_ancestor(&source_history, &target_history)
-            .map_err(wrap("could not find where source and target diverged"))?;
-        progress.info(&format!(
-            "servers diverged at WAL location {} on timeline {}",
-            ca.divergerec, ca.tli
-        ));
-        report.divergence_lsn = Some(ca.divergerec.to_string());
-        report.divergence_timeline = Some(ca.tli);
+            let ca = find_common_ancestor(&source_history, &target_history)
+                .map_err(wrap("could not find where source and target diverged"))?;
+            progress.info(&format!(
+                "servers diverged at WAL location {} on timeline {}",
+                ca.divergerec, ca.tli
+            ));
+            report.divergence_lsn = Some(ca.divergerec.to_string());
+            report.divergence_timeline = Some(ca.tli);
 
-        // Did the target write anything past the divergence? Its WAL ends at the end of its
-        // last checkpoint record, or at its minimum recovery point if it was a standby.
+            // Did the target write anything past the divergence? Its WAL ends at the end of its
+            // last checkpoint record, or at its minimum recovery point if it was a standby.
+            let mut wal = WalReader::new(target_dir, &target_history, params, restore.clone());
+            let chkpt = wal
+                .read_record(target.checkPoint)
+                .map_err(wrap("could not read the target's latest checkpoint record"))?;
+            let target_wal_end = chkpt.end_lsn.max(target.minRecoveryPoint);
+            rewind_needed = target_wal_end > ca.divergerec;
+            divergence = Some((ca, target_wal_end));
+        }
+
+        if !rewind_needed {
+            progress.info("no rewind required");
+            if opts.write_recovery_conf && !opts.dry_run {
+                write_recovery_conf(target_dir, conninfo.as_deref(), &own)?;
+            }
+            report.seconds.checks = t0.elapsed().as_secs_f64();
+            return Ok((report, None));
+        }
+        let (ca, target_wal_end) = divergence.expect("a rewind is needed only after a divergence");
+        report.rewind_needed = true;
+
+        // Step 3: the last common checkpoint, walking back from the divergence.
+        let t_scan = Instant::now();
         let mut wal = WalReader::new(target_dir, &target_history, params, restore.clone());
-        let chkpt = wal
-            .read_record(target.checkPoint)
-            .map_err(wrap("could not read the target's latest checkpoint record"))?;
-        let target_wal_end = chkpt.end_lsn.max(target.minRecoveryPoint);
-        rewind_needed = target_wal_end > ca.divergerec;
-        divergence = Some((ca, target_wal_end));
-    }
-
-    if !rewind_needed {
-        progress.info("no rewind required");
-        if opts.write_recovery_conf && !opts.dry_run {
-            write_recovery_conf(target_dir, conninfo.as_deref(), &own)?;
+        let mut search = ca.divergerec;
+        if search.page_offset(params.page_size) == 0 {
+            search = Lsn(search.0
+                + if search.segment_offset(target.xlog_seg_size) == 0 {
+                    SIZE_OF_LONG_PHD
+                } else {
+                    SIZE_OF_SHORT_PHD
+                });
         }
-        report.seconds.checks = t0.elapsed().as_secs_f64();
-        return Ok((report, None));
-    }
-    let (ca, target_wal_end) = divergence.expect("a rewind is needed only after a divergence");
-    report.rewind_needed = true;
-
-    // Step 3: the last common checkpoint, walking back from the divergence.
-    let t_scan = Instant::now();
-    let mut wal = WalReader::new(target_dir, &target_history, params, restore.clone());
-    let mut search = ca.divergerec;
-    if search.page_offset(params.page_size) == 0 {
-        search = Lsn(search.0
-            + if search.segment_offset(target.xlog_seg_size) == 0 {
-                SIZE_OF_LONG_PHD
-            } else {
-                SIZE_OF_SHORT_PHD
-            });
-    }
-    let fork = search;
-    let (chkpt_rec, chkpt_redo, chkpt_tli) = loop {
-        let r = wal.read_record(search).map_err(wrap(format!(
+        let fork = search;
+        let (chkpt_rec, chkpt_redo, chkpt_tli) = loop {
+            let r = wal.read_record(search).map_err(wrap(format!(
             "could not find previous WAL record at {search} while looking for the last common checkpoint"
         )))?;
-        if r.rmid == RM_XLOG_ID
-            && matches!(
-                r.info & 0xF0,
-                XLOG_CHECKPOINT_SHUTDOWN | XLOG_CHECKPOINT_ONLINE
-            )
-            && search < fork
-        {
-            let cp = failback_common::control::CheckPoint::parse(&r.main_data, target.major)
-                .map_err(wrap(format!("checkpoint record at {search}")))?;
-            break (search, cp.redo, cp.ThisTimeLineID);
+            if r.rmid == RM_XLOG_ID
+                && matches!(
+                    r.info & 0xF0,
+                    XLOG_CHECKPOINT_SHUTDOWN | XLOG_CHECKPOINT_ONLINE
+                )
+                && search < fork
+            {
+                let cp = failback_common::control::CheckPoint::parse(&r.main_data, target.major)
+                    .map_err(wrap(format!("checkpoint record at {search}")))?;
+                break (search, cp.redo, cp.ThisTimeLineID);
+            }
+            if !r.xl_prev.is_valid() || r.xl_prev >= search {
+                return Err(fail(format!(
+                    "could not find a checkpoint before the divergence point {} in the target's WAL",
+                    ca.divergerec
+                )));
+            }
+            search = r.xl_prev;
+        };
+        let keep_wal: std::collections::BTreeSet<String> =
+            wal.opened.iter().map(|n| format!("pg_wal/{n}")).collect();
+        progress.info(&format!(
+            "rewinding from last common checkpoint at {chkpt_rec} on timeline {chkpt_tli}"
+        ));
+        report.checkpoint_lsn = Some(chkpt_rec.to_string());
+        report.checkpoint_redo = Some(chkpt_redo.to_string());
+        report.checkpoint_timeline = Some(chkpt_tli);
+
+        // Step 4: every block the target touched since then.
+        progress.phase("reading WAL in target");
+        let mut page_map = PageMap::default();
+        let (relseg, blcksz, major) = (target.relseg_size, target.blcksz, target.major);
+        wal.scan(chkpt_rec, target_wal_end, |rec| {
+            for b in rec.blocks {
+                if i32::from(b.fork()) != ForkNumber::Main.to_i32() {
+                    continue;
+                }
+                let loc =
+                    RelFileLocator::new(b.locator.spc_oid, b.locator.db_oid, b.locator.rel_number);
+                if let Some((path, offset)) =
+                    relpath::block_path(loc, ForkNumber::Main, b.blkno, relseg, blcksz, major)
+                {
+                    page_map.insert(&path, (offset / u64::from(blcksz)) as u32);
+                }
+            }
+            Ok(())
+        })
+        .map_err(wrap("could not read the target's WAL"))?;
+        report.changed_blocks = page_map.block_count() as u64;
+        report.seconds.wal_scan = t_scan.elapsed().as_secs_f64();
+
+        // Step 5: both file lists, the plan.
+        let t_lists = Instant::now();
+        progress.phase("reading source file list");
+        let source_files = source
+            .list_files()
+            .map_err(wrap("could not list the source's files"))?;
+        progress.phase("reading target file list");
+        let target_files = DataDir::new(target_dir)
+            .list()
+            .map_err(wrap("could not list the target's files"))?;
+        let is_rel = |p: &str| relpath::is_rel_data_file(p, major).is_some();
+        let the_plan = plan::make_plan(&PlanInput {
+            source: &source_files,
+            target: &target_files,
+            page_map: &page_map,
+            keep_wal: &keep_wal,
+            is_relation_file: &is_rel,
+            block_size: blcksz,
+            wal_segment_size: target.xlog_seg_size,
+            oldest_needed_wal_segment: Some(chkpt_redo.segment_number(target.xlog_seg_size)),
+            divergence: Some(ca.divergerec),
+            source_wal_end: Some(match live_start {
+                Some(end) => end.lsn,
+                None if src.state == DBState::ShutdownedInRecovery
+                    && src.minRecoveryPoint > src.checkPoint =>
+                {
+                    src.minRecoveryPoint
+                }
+                None => src.checkPoint,
+            }),
+        })
+        .map_err(wrap("could not plan the rewind"))?;
+        let mut the_plan = the_plan;
+        hold_auto_conf(&mut the_plan);
+        report.actions = the_plan
+            .totals()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        report.bytes_to_fetch = the_plan.fetch_bytes();
+        report.seconds.file_lists = t_lists.elapsed().as_secs_f64();
+        let total_size: u64 = source_files.iter().map(|f| f.size).sum();
+        progress.info(&format!(
+            "need to copy {} MB (total source directory size is {} MB)",
+            report.bytes_to_fetch / 1_000_000,
+            total_size / 1_000_000
+        ));
+        if opts.debug {
+            for e in &the_plan.entries {
+                let note = e.note.map(|n| format!(" -- {n}")).unwrap_or_default();
+                progress.debug(&format!("{} ({}){note}", e.path, e.action.name()));
+                for b in e.blocks.iter() {
+                    progress.debug(&format!("  block {b}"));
+                }
+            }
         }
-        if !r.xl_prev.is_valid() || r.xl_prev >= search {
-            return Err(fail(format!(
-                "could not find a checkpoint before the divergence point {} in the target's WAL",
-                ca.divergerec
-            )));
-        }
-        search = r.xl_prev;
+        let header = JournalHeader {
+            system_identifier: target.system_identifier,
+            pg_major: target.major.number(),
+            divergence: ca.divergerec,
+            divergence_tli: ca.tli,
+            checkpoint: chkpt_rec,
+            checkpoint_redo: chkpt_redo,
+            checkpoint_tli: chkpt_tli,
+            source_tli: src_tli,
+            plan: the_plan,
+        };
+        (header.plan.clone(), header, t_scan)
     };
-    let keep_wal: std::collections::BTreeSet<String> =
-        wal.opened.iter().map(|n| format!("pg_wal/{n}")).collect();
-    progress.info(&format!(
-        "rewinding from last common checkpoint at {chkpt_rec} on timeline {chkpt_tli}"
-    ));
-    report.checkpoint_lsn = Some(chkpt_rec.to_string());
-    report.checkpoint_redo = Some(chkpt_redo.to_string());
-    report.checkpoint_timeline = Some(chkpt_tli);
-
-    // Step 4: every block the target touched since then.
-    progress.phase("reading WAL in target");
-    let mut page_map = PageMap::default();
-    let (relseg, blcksz, major) = (target.relseg_size, target.blcksz, target.major);
-    wal.scan(chkpt_rec, target_wal_end, |rec| {
-        for b in rec.blocks {
-            if i32::from(b.fork()) != ForkNumber::Main.to_i32() {
-                continue;
-            }
-            let loc =
-                RelFileLocator::new(b.locator.spc_oid, b.locator.db_oid, b.locator.rel_number);
-            if let Some((path, offset)) =
-                relpath::block_path(loc, ForkNumber::Main, b.blkno, relseg, blcksz, major)
-            {
-                page_map.insert(&path, (offset / u64::from(blcksz)) as u32);
-            }
-        }
-        Ok(())
-    })
-    .map_err(wrap("could not read the target's WAL"))?;
-    report.changed_blocks = page_map.block_count() as u64;
-    report.seconds.wal_scan = t_scan.elapsed().as_secs_f64();
-
-    // Step 5: both file lists, the plan.
-    let t_lists = Instant::now();
-    progress.phase("reading source file list");
-    let source_files = source
-        .list_files()
-        .map_err(wrap("could not list the source's files"))?;
-    progress.phase("reading target file list");
-    let target_files = DataDir::new(target_dir)
-        .list()
-        .map_err(wrap("could not list the target's files"))?;
-    let is_rel = |p: &str| relpath::is_rel_data_file(p, major).is_some();
-    let the_plan = plan::make_plan(&PlanInput {
-        source: &source_files,
-        target: &target_files,
-        page_map: &page_map,
-        keep_wal: &keep_wal,
-        is_relation_file: &is_rel,
-        block_size: blcksz,
-        wal_segment_size: target.xlog_seg_size,
-        oldest_needed_wal_segment: Some(chkpt_redo.segment_number(target.xlog_seg_size)),
-        divergence: Some(ca.divergerec),
-        source_wal_end: Some(match live_start {
-            Some(end) => end.lsn,
-            None if src.state == DBState::ShutdownedInRecovery
-                && src.minRecoveryPoint > src.checkPoint =>
-            {
-                src.minRecoveryPoint
-            }
-            None => src.checkPoint,
-        }),
-    })
-    .map_err(wrap("could not plan the rewind"))?;
-    report.actions = the_plan
-        .totals()
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-    report.bytes_to_fetch = the_plan.fetch_bytes();
-    report.seconds.file_lists = t_lists.elapsed().as_secs_f64();
-    let total_size: u64 = source_files.iter().map(|f| f.size).sum();
-    progress.info(&format!(
-        "need to copy {} MB (total source directory size is {} MB)",
-        report.bytes_to_fetch / 1_000_000,
-        total_size / 1_000_000
-    ));
-    if opts.debug {
-        for e in &the_plan.entries {
-            let note = e.note.map(|n| format!(" -- {n}")).unwrap_or_default();
-            progress.debug(&format!("{} ({}){note}", e.path, e.action.name()));
-            for b in e.blocks.iter() {
-                progress.debug(&format!("  block {b}"));
-            }
-        }
-    }
+    let (chkpt_rec, chkpt_redo, chkpt_tli) = (
+        header.checkpoint,
+        header.checkpoint_redo,
+        header.checkpoint_tli,
+    );
     execute::preflight(&the_plan, target_dir).map_err(wrap(
         "the target data directory cannot be changed as the rewind needs",
     ))?;
@@ -429,7 +468,12 @@ pub fn rewind(
         return Ok((report, Some(the_plan)));
     }
 
-    // Step 6: the point of no return.
+    // Step 6: the point of no return. First the journal and the marker, so that from the
+    // first change on, the target can neither be started nor lose its plan.
+    if resume.is_none() {
+        unfinished::begin(target_dir, header, &own)
+            .map_err(wrap("could not record the rewind's plan in the target"))?;
+    }
     let t_copy = Instant::now();
     progress.phase("copying");
     let stats = execute::execute(&the_plan, target_dir, &own, source, progress)
@@ -516,11 +560,15 @@ pub fn rewind(
 
     if !opts.no_sync {
         progress.phase("syncing target data directory");
-        let changed = report
+        let mut changed = report
             .execution
             .as_ref()
             .map(|x| x.changed.clone())
             .unwrap_or_default();
+        if report.resumed {
+            // What the interrupted run wrote may not have reached the disk.
+            changed.extend(written_by(&the_plan));
+        }
         fsutil::sync_plan(
             target_dir,
             &the_plan,
@@ -530,6 +578,7 @@ pub fn rewind(
         )
         .map_err(wrap("could not sync the target data directory"))?;
     }
+    unfinished::record(target_dir, Phase::Copied).map_err(wrap("could not update the journal"))?;
     progress.phase("creating backup label and updating control file");
     let label = recovery::backup_label(redo, tli, ckpt, target.xlog_seg_size, &now_utc());
     fsutil::durable_write(&target_dir.join("backup_label"), label.as_bytes(), &own)
@@ -543,13 +592,118 @@ pub fn rewind(
         .map_err(wrap("could not build the new control file"))?;
     fsutil::durable_write(&target_dir.join("global/pg_control"), &bytes, &own)
         .map_err(wrap("could not write the target's control file"))?;
+    unfinished::record(target_dir, Phase::Committed)
+        .map_err(wrap("could not update the journal"))?;
+    // Last, the configuration: the source's postgresql.auto.conf (held back by the plan), with
+    // -R's primary_conninfo. Writing it removes the marker, so PostgreSQL can start.
+    let mut auto_conf = source
+        .read_file("postgresql.auto.conf")
+        .map_err(wrap("could not read the source's postgresql.auto.conf"))?
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     if opts.write_recovery_conf {
-        write_recovery_conf(target_dir, conninfo.as_deref(), &own)?;
+        fsutil::durable_write(&target_dir.join("standby.signal"), b"", &own)
+            .map_err(wrap("could not write standby.signal"))?;
+        let conninfo = conninfo.as_deref().ok_or_else(|| {
+            fail("-R needs --primary-conninfo to know how the target reaches the new primary")
+        })?;
+        auto_conf = recovery::set_auto_conf(&auto_conf, "primary_conninfo", conninfo);
     }
+    unfinished::finish(target_dir, &auto_conf, &own)
+        .map_err(wrap("could not write the target's postgresql.auto.conf"))?;
     report.seconds.sync_and_commit = t_commit.elapsed().as_secs_f64();
     report.seconds.checks = (t_scan - t0).as_secs_f64();
     progress.info("Done!");
     Ok((report, Some(the_plan)))
+}
+
+/// The plan of a resumed rewind: the journal's, once the source is checked to be the same
+/// system still on the history the plan was made from.
+fn resumed_plan(
+    st: &JournalState,
+    source: &mut dyn Source,
+    src: &ControlFileData,
+    live_start: Option<crate::source::SourceEnd>,
+    report: &mut RewindReport,
+) -> Result<(Plan, JournalHeader, Instant), RewindError> {
+    let h = &st.header;
+    let mut src_tli = src.timeline_for_rewind();
+    if let Some(end) = live_start {
+        let current = source
+            .current_timeline()
+            .map_err(wrap("could not read the source's current timeline"))?
+            .unwrap_or(0);
+        src_tli = src_tli.max(current).max(end.tli);
+    }
+    let history = source_history(source, src_tli)?;
+    let still = history
+        .entries()
+        .iter()
+        .any(|e| e.tli == h.divergence_tli && e.end.is_none_or(|end| end >= h.divergence));
+    if src_tli == h.divergence_tli || !still {
+        return Err(fail(format!(
+            "the source is no longer on the history the unfinished rewind was planned from (it \
+             forked from timeline {} at {}); the target cannot be finished from it",
+            h.divergence_tli, h.divergence
+        )));
+    }
+    report.rewind_needed = true;
+    report.source_timeline = src_tli;
+    report.divergence_lsn = Some(h.divergence.to_string());
+    report.divergence_timeline = Some(h.divergence_tli);
+    report.checkpoint_lsn = Some(h.checkpoint.to_string());
+    report.checkpoint_redo = Some(h.checkpoint_redo.to_string());
+    report.checkpoint_timeline = Some(h.checkpoint_tli);
+    report.actions = h
+        .plan
+        .totals()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    report.bytes_to_fetch = h.plan.fetch_bytes();
+    Ok((h.plan.clone(), h.clone(), Instant::now()))
+}
+
+/// The source's timeline history, through the source.
+fn source_history(
+    source: &mut dyn Source,
+    src_tli: TimeLineId,
+) -> Result<TimeLineHistory, RewindError> {
+    if src_tli == 1 {
+        return Ok(TimeLineHistory::single(1));
+    }
+    let name = history_file_name(src_tli);
+    let bytes = source
+        .read_file(&format!("pg_wal/{name}"))
+        .map_err(wrap("could not read the source's timeline history"))?
+        .ok_or_else(|| fail(format!("source has no timeline history file pg_wal/{name}")))?;
+    TimeLineHistory::parse(&bytes, src_tli, &format!("source pg_wal/{name}"))
+        .map_err(wrap("source timeline history"))
+}
+
+/// `postgresql.auto.conf` is written once, at the end of the commit (it carries the marker
+/// of an unfinished rewind until then), not copied with the rest.
+fn hold_auto_conf(plan: &mut Plan) {
+    for e in &mut plan.entries {
+        if e.path == "postgresql.auto.conf" && e.action != FileAction::None {
+            e.action = FileAction::None;
+            e.note = Some("written at the end of the commit");
+        }
+    }
+}
+
+/// Every regular file the plan writes into.
+fn written_by(plan: &Plan) -> impl Iterator<Item = String> + '_ {
+    plan.entries
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.action,
+                FileAction::Copy | FileAction::CopyTail | FileAction::Truncate
+            ) || !e.blocks.is_empty()
+                || e.zero_from.is_some()
+        })
+        .map(|e| e.path.clone())
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC` (the label's START TIME is informational).

@@ -96,7 +96,17 @@ pub fn quote_guc_value(v: &str) -> String {
 /// `postgresql.auto.conf` with `setting = 'value'` set once: every existing line for the
 /// setting is dropped and one line appended, so the file never holds two that disagree.
 pub fn set_auto_conf(auto_conf: &str, setting: &str, value: &str) -> String {
-    let mut out = String::with_capacity(auto_conf.len() + value.len() + 32);
+    let mut out = drop_auto_conf(auto_conf, setting);
+    out.push_str(setting);
+    out.push_str(" = ");
+    out.push_str(&quote_guc_value(value));
+    out.push('\n');
+    out
+}
+
+/// `postgresql.auto.conf` without any line for `setting`.
+pub fn drop_auto_conf(auto_conf: &str, setting: &str) -> String {
+    let mut out = String::with_capacity(auto_conf.len() + 64);
     for line in auto_conf.lines() {
         let name = line
             .trim_start()
@@ -109,10 +119,6 @@ pub fn set_auto_conf(auto_conf: &str, setting: &str, value: &str) -> String {
         out.push_str(line);
         out.push('\n');
     }
-    out.push_str(setting);
-    out.push_str(" = ");
-    out.push_str(&quote_guc_value(value));
-    out.push('\n');
     out
 }
 

@@ -648,7 +648,9 @@ fn plan_matches_pg_rewind() {
         run.stderr.lines().any(|l| {
             l.contains(&format!(" {path} ("))
                 && (l.contains("older than the last common checkpoint")
-                    || l.contains("past the divergence point"))
+                    || l.contains("past the divergence point")
+                    || l.contains("past the source's end of WAL")
+                    || l.contains("written at the end of the commit"))
         })
     };
     for (path, action) in &theirs.actions {
