@@ -26,6 +26,8 @@ use failback_server::datadir::read_full_at;
 use crate::fsutil::Ownership;
 use crate::progress::Progress;
 use crate::source::{FetchRange, Fetched, Source, SourceError};
+use crate::unfinished::Recorder;
+use failback_common::journal::JournalState;
 
 /// Why the plan could not be carried out.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,8 @@ pub enum ExecuteError {
     },
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Journal(#[from] crate::unfinished::UnfinishedError),
     #[error(
         "the rewind must change \"{}\" in the target data directory, but it cannot be written \
          (check its permissions, its owner, `lsattr` for the immutable flag, and whether the file \
@@ -74,6 +78,8 @@ pub struct ExecuteStats {
     pub files_hashed: u64,
     /// Bytes of those files that were not fetched because the target's chunk was the same.
     pub bytes_skipped_by_hashes: u64,
+    /// Bytes a resumed run did not fetch because the interrupted one had written them.
+    pub bytes_already_done: u64,
     /// Every regular file whose bytes or length this execution changed: what the sync must
     /// make durable. A whole copy found identical everywhere is not in it.
     #[serde(skip)]
@@ -216,6 +222,20 @@ pub fn execute(
     source: &mut dyn Source,
     progress: &mut dyn Progress,
 ) -> Result<ExecuteStats, ExecuteError> {
+    execute_journaled(plan, pgdata, own, source, progress, None, None)
+}
+
+/// [`execute`], skipping what `done` (the journal of an interrupted run) says is on the target
+/// already, and recording with `recorder` what this run writes.
+pub fn execute_journaled(
+    plan: &Plan,
+    pgdata: &Path,
+    own: &Ownership,
+    source: &mut dyn Source,
+    progress: &mut dyn Progress,
+    done: Option<&JournalState>,
+    mut recorder: Option<&mut Recorder>,
+) -> Result<ExecuteStats, ExecuteError> {
     let mut stats = ExecuteStats::default();
     let full = |p: &str| pgdata.join(p);
 
@@ -286,7 +306,9 @@ pub fn execute(
                 .min(hashed_sizes.get(&e.path).copied().unwrap_or(u64::MAX)),
             FileAction::Copy => {
                 let path = full(&e.path);
-                own.open_for_write(&path, true)
+                // An interrupted run's part of the copy stays: only what it lacks is fetched.
+                let resumed = done.is_some_and(|d| d.done.contains_key(&e.path));
+                own.open_for_write(&path, !resumed)
                     .map_err(|err| ExecuteError::target("create", &path, err))?;
                 stats.changed.insert(e.path.clone());
                 continue;
@@ -306,7 +328,25 @@ pub fn execute(
     }
 
     // Every byte to fetch, as one batch.
-    let ranges = fetch_ranges(plan, source.is_live(), &diffs);
+    let mut ranges = fetch_ranges(plan, source.is_live(), &diffs);
+    if let Some(d) = done {
+        let mut left = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            let Some(set) = d.done.get(&r.path) else {
+                left.push(r);
+                continue;
+            };
+            let missing = set.missing(r.offset, r.length);
+            let kept: u64 = missing.iter().map(|(_, l)| l).sum();
+            stats.bytes_already_done += r.length - kept;
+            left.extend(missing.into_iter().map(|(offset, length)| FetchRange {
+                path: r.path.clone(),
+                offset,
+                length,
+            }));
+        }
+        ranges = left;
+    }
     let total: u64 = ranges.iter().map(|r| r.length).sum();
     progress.total(total);
     let whole_copies: std::collections::HashSet<&str> = plan
@@ -348,6 +388,9 @@ pub fn execute(
                             && compare == data
                         {
                             stats.bytes_identical += data.len() as u64;
+                            if let Some(rec) = recorder.as_deref_mut() {
+                                rec.note(path, &full_path, offset, data.len() as u64)?;
+                            }
                             return Ok(());
                         }
                     }
@@ -355,6 +398,9 @@ pub fn execute(
                         .map_err(|err| ExecuteError::target("write", &full_path, err))?;
                     start_writeback(f, offset, data.len() as u64);
                     stats.bytes_written += data.len() as u64;
+                    if let Some(rec) = recorder.as_deref_mut() {
+                        rec.note(path, &full_path, offset, data.len() as u64)?;
+                    }
                     fault::after_write(stats.bytes_written);
                     if !stats.changed.contains(path) {
                         stats.changed.insert(path.to_string());
@@ -394,6 +440,9 @@ pub fn execute(
         return Err(write_error.take().unwrap_or(ExecuteError::Source(e)));
     }
     drop(files);
+    if let Some(rec) = recorder {
+        rec.flush()?;
+    }
 
     // Last, what the source does not have: deepest first (the plan's order).
     for e in plan

@@ -476,8 +476,18 @@ pub fn rewind(
     }
     let t_copy = Instant::now();
     progress.phase("copying");
-    let stats = execute::execute(&the_plan, target_dir, &own, source, progress)
-        .map_err(wrap("could not carry out the rewind plan"))?;
+    let mut recorder = unfinished::Recorder::open(target_dir)
+        .map_err(wrap("could not open the rewind's journal"))?;
+    let stats = execute::execute_journaled(
+        &the_plan,
+        target_dir,
+        &own,
+        source,
+        progress,
+        resume.as_ref(),
+        Some(&mut recorder),
+    )
+    .map_err(wrap("could not carry out the rewind plan"))?;
     report.execution = Some(stats);
     report.seconds.copy = t_copy.elapsed().as_secs_f64();
 

@@ -100,3 +100,84 @@ pub fn finish(target: &Path, auto_conf: &str, own: &Ownership) -> Result<(), Unf
     let path = target.join(JOURNAL_FILE);
     fsutil::durable_remove(&path).map_err(io("remove", &path))
 }
+
+/// Records, as the copy goes, which bytes are on the target for good: pieces are noted as they
+/// are written, and every [`Recorder::FLUSH_BYTES`] the files they went to are fsynced and then
+/// the pieces appended to the journal as done. A resumed rewind skips what the journal says is
+/// done; a piece is never recorded before it is durable.
+pub struct Recorder {
+    path: std::path::PathBuf,
+    journal: std::fs::File,
+    pending: Vec<(String, u64, u64)>,
+    pending_bytes: u64,
+    files: std::collections::BTreeSet<std::path::PathBuf>,
+}
+
+impl Recorder {
+    /// Bytes written between two flushes: large enough that the fsyncs cost little, small
+    /// enough that a resume re-fetches little.
+    pub const FLUSH_BYTES: u64 = 16 << 20;
+
+    pub fn open(target: &Path) -> Result<Recorder, UnfinishedError> {
+        let path = target.join(JOURNAL_FILE);
+        let journal = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        Ok(Recorder {
+            path,
+            journal,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            files: Default::default(),
+        })
+    }
+
+    /// `len` bytes of `path` (at `full`) from `offset` are written; flushes when enough are.
+    pub fn note(
+        &mut self,
+        path: &str,
+        full: &Path,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), UnfinishedError> {
+        self.pending.push((path.to_string(), offset, len));
+        self.pending_bytes += len;
+        if !self.files.contains(full) {
+            self.files.insert(full.to_path_buf());
+        }
+        if self.pending_bytes >= Self::FLUSH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the noted pieces durable, then records them as done.
+    pub fn flush(&mut self) -> Result<(), UnfinishedError> {
+        for f in std::mem::take(&mut self.files) {
+            match std::fs::File::open(&f) {
+                Ok(file) => file.sync_data().map_err(io("fsync", &f))?,
+                // Removed since (it vanished on the source): nothing of it is recorded below
+                // that a resume could trust wrongly, as it will be fetched and found gone again.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("open", &f)(e)),
+            }
+        }
+        let mut frames = Vec::new();
+        for (path, offset, length) in self.pending.drain(..) {
+            frames.extend(journal::encode(&Record::Done {
+                path,
+                offset,
+                length,
+            }));
+        }
+        self.pending_bytes = 0;
+        if frames.is_empty() {
+            return Ok(());
+        }
+        self.journal
+            .write_all(&frames)
+            .and_then(|()| self.journal.sync_data())
+            .map_err(io("append to", &self.path))
+    }
+}

@@ -186,6 +186,32 @@ impl RangeSet {
             .is_some_and(|(_, e)| *e >= end)
     }
 
+    /// The parts of `[offset, offset + length)` not in the set, in order.
+    pub fn missing(&self, offset: u64, length: u64) -> Vec<(u64, u64)> {
+        let end = offset.saturating_add(length);
+        let mut out = Vec::new();
+        let mut at = offset;
+        // The span that may cover `offset`, then every span starting inside the range.
+        let first = self.spans.range(..=offset).next_back();
+        let rest = self.spans.range(offset.saturating_add(1)..end);
+        for (&s, &e) in first.into_iter().chain(rest) {
+            if e <= at {
+                continue;
+            }
+            if s > at {
+                out.push((at, s.min(end) - at));
+            }
+            at = at.max(e);
+            if at >= end {
+                break;
+            }
+        }
+        if at < end {
+            out.push((at, end - at));
+        }
+        out
+    }
+
     /// Bytes in the set.
     pub fn bytes(&self) -> u64 {
         self.spans.iter().map(|(s, e)| e - s).sum()
@@ -652,6 +678,16 @@ mod tests {
         assert!(r.covers(10, 30));
         r.insert(5, 100);
         assert_eq!(r.bytes(), 100);
+        assert_eq!(r.missing(0, 200), vec![(0, 5), (105, 95)]);
+        assert_eq!(r.missing(5, 100), vec![]);
+        assert_eq!(r.missing(50, 10), vec![]);
+        assert_eq!(r.missing(100, 10), vec![(105, 5)]);
+        let mut holes = RangeSet::default();
+        holes.insert(10, 10);
+        holes.insert(30, 10);
+        assert_eq!(holes.missing(0, 50), vec![(0, 10), (20, 10), (40, 10)]);
+        assert_eq!(holes.missing(15, 20), vec![(20, 10)]);
+        assert_eq!(RangeSet::default().missing(7, 3), vec![(7, 3)]);
         r.insert(u64::MAX - 1, 10);
         assert!(r.covers(u64::MAX - 1, 1));
         assert!(r.covers(7, 0));

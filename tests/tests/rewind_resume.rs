@@ -1,11 +1,12 @@
 //! A rewind killed half-way can be neither started by mistake nor lost: it is resumed.
 //!
 //! failback is killed with SIGKILL (its own fault hook, `FAILBACK_FAULT=kill-after-bytes=N`)
-//! after its first write to the target, when the journal and the marker are in place and part
-//! of the copy is done. Then, on every major version 13–18: `failback status` says the rewind is
+//! after 24 MiB of writes to the target, when the journal and the marker are in place and the
+//! journal records a first 16 MiB as done (written and synced). Then, on every major version 13–18: `failback status` says the rewind is
 //! unfinished; PostgreSQL refuses to start on the target and names the marker; `failback
-//! rewind` run again resumes from the journal (the target's own WAL is no longer needed) and
-//! the rejoined old primary holds the new primary's data.
+//! rewind` run again resumes from the journal (the target's own WAL is no longer needed),
+//! fetches only what the journal does not record as done, and the rejoined old primary holds
+//! the new primary's data.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
@@ -25,7 +26,11 @@ pg_test!(killed_mid_copy_then_resumed, |major| {
     let mut new = old.create_standby("new");
     promote(&old, &new);
     old.execute("UPDATE t SET v = 'lost on old' WHERE id % 3 = 0; CREATE TABLE only_old (x int)");
-    new.execute("UPDATE t SET v = 'kept on new' WHERE id % 5 = 0; CREATE TABLE only_new (x int)");
+    // A relation only the new primary has and the WAL that made it: tens of MB to copy.
+    new.execute(
+        "UPDATE t SET v = 'kept on new' WHERE id % 5 = 0;
+         CREATE TABLE only_new AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 150000) g",
+    );
     stop_for_rewind(&mut old, &mut new, StopMode::Immediate);
 
     let mut killed = Command::new(failback_bin());
@@ -36,7 +41,7 @@ pg_test!(killed_mid_copy_then_resumed, |major| {
         .arg(new.data_dir())
         .arg("--pg-bindir")
         .arg(&old.bins().bin_dir)
-        .env("FAILBACK_FAULT", "kill-after-bytes=1");
+        .env("FAILBACK_FAULT", format!("kill-after-bytes={}", 24 << 20));
     let out = run_with_timeout(&mut killed, Duration::from_secs(300)).unwrap();
     assert_eq!(
         out.status.signal(),
@@ -63,7 +68,16 @@ pg_test!(killed_mid_copy_then_resumed, |major| {
     );
 
     let run = rewind_ok(&old, &new, &[]);
-    assert_eq!(run.report()["resumed"], true, "{}", run.show());
+    let report = run.report();
+    assert_eq!(report["resumed"], true, "{}", run.show());
+    let done = report["execution"]["bytes_already_done"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        done >= 16 << 20,
+        "the resumed run fetched again what the killed one had recorded:\n{}",
+        run.show()
+    );
     let st = run_with_timeout(&mut status, Duration::from_secs(60)).unwrap();
     assert_eq!(st.status.code(), Some(0), "{}", st.both());
     rejoin(&mut old, &mut new);
@@ -71,4 +85,5 @@ pg_test!(killed_mid_copy_then_resumed, |major| {
         old.query_one("SELECT count(*) FROM t WHERE v = 'lost on old'"),
         "0"
     );
+    assert_eq!(old.query_one("SELECT count(*) FROM only_new"), "150000");
 });
