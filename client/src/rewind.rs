@@ -246,17 +246,8 @@ pub fn rewind(
     let (the_plan, header, t_scan) = if let Some(st) = &resume {
         resumed_plan(st, source, &src, live_start, &mut report)?
     } else {
-        // Step 2: timelines and the divergence. A live source may have been promoted moments
-        // ago: its control file names the old timeline until the first checkpoint on the new one,
-        // so the server's own answer wins (pg_rewind 13-15 wrongly said "no rewind required" then).
-        let mut src_tli = src.timeline_for_rewind();
-        if let Some(end) = live_start {
-            let current = source
-                .current_timeline()
-                .map_err(wrap("could not read the source's current timeline"))?
-                .unwrap_or(0);
-            src_tli = src_tli.max(current).max(end.tli);
-        }
+        // Step 2: timelines and the divergence.
+        let src_tli = source_timeline(source, &src, live_start)?;
         let tgt_tli = target.timeline_for_rewind();
         report.source_timeline = src_tli;
         report.target_timeline = tgt_tli;
@@ -637,14 +628,7 @@ fn resumed_plan(
     report: &mut RewindReport,
 ) -> Result<(Plan, JournalHeader, Instant), RewindError> {
     let h = &st.header;
-    let mut src_tli = src.timeline_for_rewind();
-    if let Some(end) = live_start {
-        let current = source
-            .current_timeline()
-            .map_err(wrap("could not read the source's current timeline"))?
-            .unwrap_or(0);
-        src_tli = src_tli.max(current).max(end.tli);
-    }
+    let src_tli = source_timeline(source, src, live_start)?;
     let history = source_history(source, src_tli)?;
     let still = history
         .entries()
@@ -672,6 +656,25 @@ fn resumed_plan(
         .collect();
     report.bytes_to_fetch = h.plan.fetch_bytes();
     Ok((h.plan.clone(), h.clone(), Instant::now()))
+}
+
+/// The source's timeline. A live source may have been promoted moments ago: its control file
+/// names the old timeline until the first checkpoint on the new one, so the server's own
+/// answer wins (pg_rewind 13-15 wrongly said "no rewind required" then).
+fn source_timeline(
+    source: &mut dyn Source,
+    src: &ControlFileData,
+    live_start: Option<crate::source::SourceEnd>,
+) -> Result<TimeLineId, RewindError> {
+    let mut tli = src.timeline_for_rewind();
+    if let Some(end) = live_start {
+        let current = source
+            .current_timeline()
+            .map_err(wrap("could not read the source's current timeline"))?
+            .unwrap_or(0);
+        tli = tli.max(current).max(end.tli);
+    }
+    Ok(tli)
 }
 
 /// The source's timeline history, through the source.
