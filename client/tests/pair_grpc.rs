@@ -149,7 +149,6 @@ fn oversized_requests_are_refused_and_the_server_keeps_serving() {
 
 #[test]
 fn tls_with_the_right_ca_only() {
-    use failback_proto::v1 as pb;
     let cluster = Cluster::init(PgMajor::V15, "served-tls", ClusterOptions::default());
     let (cert, key) = self_signed("localhost");
     let server = Failbackd::start_with(&cluster.data_dir(), Some("t"), Some((cert.clone(), key)));
@@ -179,37 +178,16 @@ fn tls_with_the_right_ca_only() {
     drop(src);
 
     // Timelines: a fresh cluster is on timeline 1 without history files.
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let plain = Failbackd::start(&cluster.data_dir(), None);
-    let mut raw = rt
-        .block_on(pb::failback_client::FailbackClient::connect(format!(
-            "http://{}",
-            plain.addr()
-        )))
-        .unwrap();
-    let t = rt
-        .block_on(raw.timelines(pb::TimelinesRequest {}))
-        .unwrap()
-        .into_inner();
+    let t = raw_timelines(&plain);
     assert_eq!(t.current_timeline, 1);
     assert!(t.histories.is_empty());
 }
 
 /// The promoted standby is on timeline 2, with `00000002.history` served verbatim.
 fn timelines_are_served(new_primary: &Cluster) {
-    use failback_proto::v1 as pb;
     let server = Failbackd::start(&new_primary.data_dir(), None);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut raw = rt
-        .block_on(pb::failback_client::FailbackClient::connect(format!(
-            "http://{}",
-            server.addr()
-        )))
-        .unwrap();
-    let t = rt
-        .block_on(raw.timelines(pb::TimelinesRequest {}))
-        .unwrap()
-        .into_inner();
+    let t = raw_timelines(&server);
     assert_eq!(t.current_timeline, 2);
     let h2 = t
         .histories
@@ -278,14 +256,17 @@ fn raw_end_of_wal(
         .map(|r| r.into_inner())
 }
 
-fn raw_timeline(server: &Failbackd) -> u32 {
+fn raw_timelines(server: &Failbackd) -> failback_proto::v1::TimelinesResponse {
     let mut c = raw_client(server);
     server
         .rt
         .block_on(c.timelines(failback_proto::v1::TimelinesRequest {}))
         .unwrap()
         .into_inner()
-        .current_timeline
+}
+
+fn raw_timeline(server: &Failbackd) -> u32 {
+    raw_timelines(server).current_timeline
 }
 
 fn capabilities(server: &Failbackd) -> Vec<String> {
