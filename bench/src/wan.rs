@@ -867,8 +867,15 @@ mod tests {
                 total += msg.len() as u64;
             }
         }
-        let (up, down, dropped) = proxy.counters().snapshot();
-        assert_eq!((up, down, dropped), (total, total, 0));
+        // The writer counts a datagram after send() returns, so the echo of the last one can
+        // reach the client a moment before it is counted.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut seen = proxy.counters().snapshot();
+        while seen != (total, total, 0) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+            seen = proxy.counters().snapshot();
+        }
+        assert_eq!(seen, (total, total, 0));
     }
 
     #[test]
