@@ -7,6 +7,7 @@
 
 pub mod chunkdiff;
 pub mod lsn;
+pub mod patience;
 pub mod plan;
 pub mod ratelimit;
 pub mod recovery;
