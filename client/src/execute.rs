@@ -401,7 +401,7 @@ pub fn execute_journaled(
                     if let Some(rec) = recorder.as_deref_mut() {
                         rec.note(path, &full_path, offset, data.len() as u64)?;
                     }
-                    fault::after_write(stats.bytes_written);
+                    crate::fault::passed(crate::fault::Point::Bytes, data.len() as u64);
                     if !stats.changed.contains(path) {
                         stats.changed.insert(path.to_string());
                     }
@@ -550,32 +550,6 @@ fn hash_chunks(f: &File, buf: &mut [u8]) -> io::Result<(u64, Vec<[u8; 32]>)> {
     Ok((off, out))
 }
 
-/// Overwrites `[from, to)` of an existing file with zeros (allocated, as PostgreSQL keeps WAL).
-/// Fault injection for the crash tests: `FAILBACK_FAULT=kill-after-bytes=N` makes the process
-/// kill itself (SIGKILL, as a crash or an OOM kill would) once N bytes are written to the
-/// target. Read once; without the variable, nothing happens.
-mod fault {
-    use std::sync::OnceLock;
-
-    fn kill_after() -> Option<u64> {
-        static AT: OnceLock<Option<u64>> = OnceLock::new();
-        *AT.get_or_init(|| {
-            std::env::var("FAILBACK_FAULT")
-                .ok()?
-                .strip_prefix("kill-after-bytes=")?
-                .parse()
-                .ok()
-        })
-    }
-
-    pub fn after_write(written: u64) {
-        if kill_after().is_some_and(|n| written >= n) {
-            // SAFETY: raising a signal on our own process.
-            unsafe { libc::raise(libc::SIGKILL) };
-        }
-    }
-}
-
 /// Asks the kernel to start writing these bytes to disk now, without waiting
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): the disk works while the next pieces cross the
 /// network, and the final fsync finds little left to flush. Only a hint: durability is still
@@ -589,6 +563,7 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
     unsafe { libc::sync_file_range(f.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
+/// Overwrites `[from, to)` of an existing file with zeros (allocated, as PostgreSQL keeps WAL).
 fn zero_range(path: &Path, from: u64, to: u64) -> io::Result<()> {
     let f = fs::OpenOptions::new().write(true).open(path)?;
     let zeros = vec![0u8; 1 << 16];

@@ -1,6 +1,7 @@
 //! failback: the client run on the old primary.
 pub mod demo;
 pub mod execute;
+pub mod fault;
 pub mod fsutil;
 pub mod inspect;
 pub mod pgbin;

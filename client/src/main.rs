@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use failback_client::inspect;
+use failback_common::patience::Patience;
 use failback_common::{Lsn, TimeLineId};
 
 #[derive(Parser)]
@@ -83,6 +84,12 @@ struct RewindArgs {
     /// Compression of file data from failbackd: a zstd level (1-22), or none [default: 3].
     #[arg(long, value_name = "LEVEL|none", requires = "source", value_parser = parse_compress)]
     compress: Option<failback_common::wire::Compression>,
+    /// How long failbackd may make no progress (no answer, a broken or silent connection)
+    /// before the rewind stops; failures within it are retried with back-off on a fresh
+    /// connection. In seconds [default: 60].
+    #[arg(long, value_name = "SECONDS", requires = "source",
+          value_parser = clap::value_parser!(u32).range(1..=86400))]
+    timeout: Option<u32>,
     /// Hold the data fetched from the source to this average rate, in bytes per second:
     /// 50000000, 10M (MiB/s; also K, G), 200Mbit (also kbit, Gbit). Any source.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
@@ -194,10 +201,11 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source
             || a.jobs.is_some()
             || a.connections.is_some()
             || a.compress.is_some()
+            || a.timeout.is_some()
         {
             anyhow::bail!(
-                "--ca, --cert, --key, --token-file, --jobs, --connections and --compress are for \
-                 a failbackd source (--source <URL>)"
+                "--ca, --cert, --key, --token-file, --jobs, --connections, --compress and \
+                 --timeout are for a failbackd source (--source <URL>)"
             );
         }
         return Ok(Box::new(failback_client::source::local::LocalSource::new(
@@ -237,6 +245,9 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source
         compression: a
             .compress
             .unwrap_or(failback_common::wire::Compression::Zstd(3)),
+        patience: a.timeout.map_or(Patience::DEFAULT, |t| Patience {
+            timeout: std::time::Duration::from_secs(u64::from(t)),
+        }),
     })?;
     Ok(source)
 }
@@ -270,7 +281,20 @@ fn rewind(a: RewindArgs) -> Result<()> {
         );
     }
     let mut progress = failback_client::progress::Terminal::new(a.progress, a.debug);
-    let (report, plan) = rewind(&opts, source.as_mut(), &mut progress)?;
+    let (report, plan) = match rewind(&opts, source.as_mut(), &mut progress) {
+        Ok(done) => done,
+        // Say so when the target was left mid-way: it is safe (PostgreSQL will not start on
+        // it) and one more run finishes it.
+        Err(e) if matches!(failback_client::unfinished::load(&opts.target), Ok(Some(_))) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "the rewind of {} stopped before it finished; PostgreSQL will not start on it \
+                 until it is: run failback rewind again, from the same new primary, to resume \
+                 where it stopped",
+                opts.target.display()
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
     if opts.dry_run
         && let Some(plan) = &plan
     {

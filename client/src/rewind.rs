@@ -30,6 +30,7 @@ use failback_server::datadir::DataDir;
 use serde::Serialize;
 
 use crate::execute::{self, ExecuteStats};
+use crate::fault::{self, Point};
 use crate::fsutil::{self, Ownership, SyncMethod};
 use crate::pgbin;
 use crate::progress::Progress;
@@ -359,6 +360,7 @@ pub fn rewind(
         let mut page_map = PageMap::default();
         let (relseg, blcksz, major) = (target.relseg_size, target.blcksz, target.major);
         wal.scan(chkpt_rec, target_wal_end, |rec| {
+            fault::passed(Point::Scan, 1);
             for b in rec.blocks {
                 if i32::from(b.fork()) != ForkNumber::Main.to_i32() {
                     continue;
@@ -580,10 +582,12 @@ pub fn rewind(
         .map_err(wrap("could not sync the target data directory"))?;
     }
     unfinished::record(target_dir, Phase::Copied).map_err(wrap("could not update the journal"))?;
+    fault::passed(Point::Commit, 1);
     progress.phase("creating backup label and updating control file");
     let label = recovery::backup_label(redo, tli, ckpt, target.xlog_seg_size, &now_utc());
     fsutil::durable_write(&target_dir.join("backup_label"), label.as_bytes(), &own)
         .map_err(wrap("could not write backup_label"))?;
+    fault::passed(Point::Commit, 1);
     let mut new_control = after.clone();
     new_control.minRecoveryPoint = min_point;
     new_control.minRecoveryPointTLI = min_tli;
@@ -593,8 +597,10 @@ pub fn rewind(
         .map_err(wrap("could not build the new control file"))?;
     fsutil::durable_write(&target_dir.join("global/pg_control"), &bytes, &own)
         .map_err(wrap("could not write the target's control file"))?;
+    fault::passed(Point::Commit, 1);
     unfinished::record(target_dir, Phase::Committed)
         .map_err(wrap("could not update the journal"))?;
+    fault::passed(Point::Commit, 1);
     // Last, the configuration: the source's postgresql.auto.conf (held back by the plan), with
     // -R's primary_conninfo. Writing it removes the marker, so PostgreSQL can start.
     let mut auto_conf = source
@@ -605,6 +611,7 @@ pub fn rewind(
     if opts.write_recovery_conf {
         fsutil::durable_write(&target_dir.join("standby.signal"), b"", &own)
             .map_err(wrap("could not write standby.signal"))?;
+        fault::passed(Point::Commit, 1);
         let conninfo = conninfo.as_deref().ok_or_else(|| {
             fail("-R needs --primary-conninfo to know how the target reaches the new primary")
         })?;

@@ -19,6 +19,7 @@ use std::path::Path;
 use failback_common::journal::{self, JOURNAL_FILE, JournalHeader, JournalState, Phase, Record};
 use failback_common::recovery;
 
+use crate::fault::{self, Point};
 use crate::fsutil::{self, Ownership};
 
 /// The setting that keeps PostgreSQL from starting while a rewind is unfinished.
@@ -97,8 +98,11 @@ pub fn finish(target: &Path, auto_conf: &str, own: &Ownership) -> Result<(), Unf
     let auto = target.join("postgresql.auto.conf");
     let clean = recovery::drop_auto_conf(auto_conf, MARKER);
     fsutil::durable_write(&auto, clean.as_bytes(), own).map_err(io("write", &auto))?;
+    fault::passed(Point::Commit, 1);
     let path = target.join(JOURNAL_FILE);
-    fsutil::durable_remove(&path).map_err(io("remove", &path))
+    fsutil::durable_remove(&path).map_err(io("remove", &path))?;
+    fault::passed(Point::Commit, 1);
+    Ok(())
 }
 
 /// Records, as the copy goes, which bytes are on the target for good: pieces are noted as they

@@ -91,7 +91,11 @@ impl Stall {
     pub fn failed(&mut self, now: Instant) -> Next {
         self.failures = self.failures.saturating_add(1);
         let stalled = now.saturating_duration_since(self.last_progress);
-        let Some(left) = self.patience.timeout.checked_sub(stalled).filter(|l| !l.is_zero())
+        let Some(left) = self
+            .patience
+            .timeout
+            .checked_sub(stalled)
+            .filter(|l| !l.is_zero())
         else {
             return Next::GiveUp {
                 stalled,
@@ -101,6 +105,10 @@ impl Stall {
         let doublings = (self.failures - 1).min(16);
         let delay = FIRST_DELAY.saturating_mul(1 << doublings).min(MAX_DELAY);
         Next::RetryAfter(delay.min(left))
+    }
+
+    pub fn patience(&self) -> Patience {
+        self.patience
     }
 
     pub fn failures(&self) -> u32 {
@@ -180,7 +188,13 @@ mod tests {
         assert_eq!(Patience { timeout: MS(10) }.liveness(), S(1));
         assert_eq!(Patience { timeout: S(30) }.liveness(), S(10));
         assert_eq!(Patience { timeout: S(3600) }.liveness(), S(60));
-        assert_eq!(Patience { timeout: Duration::ZERO }.liveness(), S(1));
+        assert_eq!(
+            Patience {
+                timeout: Duration::ZERO
+            }
+            .liveness(),
+            S(1)
+        );
     }
 
     #[test]

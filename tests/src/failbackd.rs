@@ -52,10 +52,12 @@ pub fn with_via<T>(via: Via, f: impl FnOnce() -> T) -> T {
 /// A running failbackd, killed on drop.
 pub struct Failbackd {
     child: Child,
+    pgdata: PathBuf,
     addr: SocketAddr,
     quic_addr: SocketAddr,
     /// The self-signed certificate failbackd serves, for the client's `--ca`.
     cert: PathBuf,
+    key: PathBuf,
     _dir: tempfile::TempDir,
     log: Arc<Mutex<String>>,
 }
@@ -72,80 +74,81 @@ impl Failbackd {
             .expect("a self-signed certificate");
         std::fs::write(&cert, ck.cert.pem()).expect("writing the certificate");
         std::fs::write(&key, ck.signing_key.serialize_pem()).expect("writing the key");
-        let mut child = Command::new(failbackd_bin())
-            .arg("--pgdata")
-            .arg(pgdata)
-            .args(["--listen", "127.0.0.1:0", "--quic-listen", "127.0.0.1:0"])
-            .arg("--tls-cert")
-            .arg(&cert)
-            .arg("--tls-key")
-            .arg(&key)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("could not start {}: {e}", failbackd_bin().display()));
         let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = Arc::clone(&log);
-        // Drains stderr for failbackd's whole life, so it never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line
-                    .rsplit_once(" on ")
-                    .filter(|_| line.starts_with("failbackd: serving"))
-                    .and_then(|(_, a)| a.trim().parse::<SocketAddr>().ok())
-                {
-                    let _ = tx.send((line.contains("over QUIC"), addr));
-                }
-                let mut l = sink.lock().unwrap_or_else(|p| p.into_inner());
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let (mut addr, mut quic_addr) = (None, None);
-        while addr.is_none() || quic_addr.is_none() {
-            match rx.recv_timeout(STARTUP) {
-                Ok((true, a)) => quic_addr = Some(a),
-                Ok((false, a)) => addr = Some(a),
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "failbackd did not say where it listens within {STARTUP:?}:\n{}",
-                        log.lock().unwrap_or_else(|p| p.into_inner())
-                    );
-                }
-            }
-        }
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+        let (child, addr, quic_addr) = spawn(pgdata, any, any, &cert, &key, &log);
         Failbackd {
             child,
-            addr: addr.expect("a gRPC address"),
-            quic_addr: quic_addr.expect("a QUIC address"),
+            pgdata: pgdata.to_path_buf(),
+            addr,
+            quic_addr,
             cert,
+            key,
             _dir: dir,
             log,
         }
     }
 
+    /// Kills failbackd with SIGKILL, as a crash would: no goodbye to its clients.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops (`SIGSTOP`) or continues (`SIGCONT`) failbackd: a hung server still holds its
+    /// connections open but answers nothing.
+    pub fn pause(&self, paused: bool) {
+        let sig = if paused { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill")
+            .arg(sig)
+            .arg(self.child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "could not send {sig} to failbackd");
+    }
+
+    /// Starts failbackd again after [`Failbackd::kill`], on the same ports.
+    pub fn restart(&mut self) {
+        self.kill();
+        let (child, addr, quic_addr) = spawn(
+            &self.pgdata,
+            self.addr,
+            self.quic_addr,
+            &self.cert,
+            &self.key,
+            &self.log,
+        );
+        assert_eq!((addr, quic_addr), (self.addr, self.quic_addr));
+        self.child = child;
+    }
+
+    /// The gRPC and QUIC addresses failbackd listens on.
+    pub fn addrs(&self) -> (SocketAddr, SocketAddr) {
+        (self.addr, self.quic_addr)
+    }
+
+    /// The client arguments that reach `via` at `port` instead of failbackd's own (a proxy).
+    pub fn source_args_at(&self, via: Via, port: u16) -> Vec<std::ffi::OsString> {
+        let scheme = match via {
+            Via::Local => panic!("a local rewind does not go through failbackd"),
+            Via::Grpc => "grpcs",
+            Via::Quic => "quic",
+        };
+        vec![
+            "--source".into(),
+            format!("{scheme}://localhost:{port}").into(),
+            "--ca".into(),
+            self.cert.clone().into(),
+        ]
+    }
+
     /// The `failback rewind` arguments that reach this failbackd `via` a transport.
     pub fn source_args(&self, via: Via) -> Vec<std::ffi::OsString> {
-        match via {
-            Via::Local => panic!("a local rewind does not go through failbackd"),
-            Via::Grpc => vec![
-                "--source".into(),
-                format!("grpcs://localhost:{}", self.addr.port()).into(),
-                "--ca".into(),
-                self.cert.clone().into(),
-            ],
-            Via::Quic => vec![
-                "--source".into(),
-                format!("quic://localhost:{}", self.quic_addr.port()).into(),
-                "--ca".into(),
-                self.cert.clone().into(),
-            ],
-        }
+        let port = match via {
+            Via::Quic => self.quic_addr.port(),
+            _ => self.addr.port(),
+        };
+        self.source_args_at(via, port)
     }
 
     /// What failbackd printed so far.
@@ -156,9 +159,75 @@ impl Failbackd {
 
 impl Drop for Failbackd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // SIGKILL ends a paused process too.
+        self.kill();
     }
+}
+
+/// Starts failbackd on `listen` and `quic_listen`, appending what it prints to `log`; returns
+/// the child and the addresses it bound.
+fn spawn(
+    pgdata: &Path,
+    listen: SocketAddr,
+    quic_listen: SocketAddr,
+    cert: &Path,
+    key: &Path,
+    log: &Arc<Mutex<String>>,
+) -> (Child, SocketAddr, SocketAddr) {
+    let mut child = Command::new(failbackd_bin())
+        .arg("--pgdata")
+        .arg(pgdata)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--quic-listen")
+        .arg(quic_listen.to_string())
+        .arg("--tls-cert")
+        .arg(cert)
+        .arg("--tls-key")
+        .arg(key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not start {}: {e}", failbackd_bin().display()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().expect("piped stderr");
+    let sink = Arc::clone(log);
+    // Drains stderr for failbackd's whole life, so it never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line
+                .rsplit_once(" on ")
+                .filter(|_| line.starts_with("failbackd: serving"))
+                .and_then(|(_, a)| a.trim().parse::<SocketAddr>().ok())
+            {
+                let _ = tx.send((line.contains("over QUIC"), addr));
+            }
+            let mut l = sink.lock().unwrap_or_else(|p| p.into_inner());
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    let (mut addr, mut quic_addr) = (None, None);
+    while addr.is_none() || quic_addr.is_none() {
+        match rx.recv_timeout(STARTUP) {
+            Ok((true, a)) => quic_addr = Some(a),
+            Ok((false, a)) => addr = Some(a),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "failbackd did not say where it listens within {STARTUP:?}:\n{}",
+                    log.lock().unwrap_or_else(|p| p.into_inner())
+                );
+            }
+        }
+    }
+    (
+        child,
+        addr.expect("a gRPC address"),
+        quic_addr.expect("a QUIC address"),
+    )
 }
 
 /// Defines a rewind scenario run every way a source can be reached, on every major version.

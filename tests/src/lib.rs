@@ -34,6 +34,7 @@ pub mod cluster;
 pub mod failbackd;
 pub mod fingerprint;
 pub mod port;
+pub mod proxy;
 pub mod rewind;
 pub mod run;
 pub mod user;

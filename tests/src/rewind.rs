@@ -208,6 +208,15 @@ pub fn parse_debug_plan(text: &str, prefix: &str) -> DebugPlan {
 /// exceeds [`FAILBACK_TIMEOUT`]. When `report` is given, `--report <report>` is added and the
 /// file parsed afterwards (a missing file leaves `report` empty).
 pub fn run_failback(args: &[OsString], report: Option<&Path>) -> FailbackRun {
+    run_failback_with(args, report, &[])
+}
+
+/// [`run_failback`] with variables added to failback's environment (`FAILBACK_FAULT`).
+pub fn run_failback_with(
+    args: &[OsString],
+    report: Option<&Path>,
+    env: &[(&str, &str)],
+) -> FailbackRun {
     let mut all: Vec<OsString> = args.to_vec();
     if let Some(r) = report {
         let _ = fs::remove_file(r);
@@ -216,7 +225,7 @@ pub fn run_failback(args: &[OsString], report: Option<&Path>) -> FailbackRun {
     }
     let mut cmd = Command::new(failback_bin());
     user::clean_env(&mut cmd);
-    cmd.args(&all).current_dir("/");
+    cmd.args(&all).envs(env.iter().copied()).current_dir("/");
     let t0 = Instant::now();
     let out = run_with_timeout(&mut cmd, FAILBACK_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
     let elapsed = t0.elapsed();

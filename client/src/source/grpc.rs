@@ -2,7 +2,12 @@
 //!
 //! Only the transport lives here: a tonic channel (HTTP/2, rustls for `grpcs://`, with the
 //! large flow-control windows a long link needs), the bearer token as `authorization`
-//! metadata, and the calls. Batching, verification and retries are [`super::remote`]'s.
+//! metadata, and the calls. Batching, verification and retries are [`super::remote`]'s; a
+//! broken connection is replaced by a new one from the same endpoint, and HTTP/2 keep-alives
+//! find a silent peer within the liveness that `--timeout` sets.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use failback_proto::v1 as pb;
 use failback_proto::v1::failback_client::FailbackClient;
@@ -13,7 +18,7 @@ use tonic::{Request, Status};
 
 use super::SourceError;
 use super::remote::{
-    ChunkStream, MAX_REPLY, RemoteOptions, RemoteSource, Transport, chain, runtime,
+    ChunkStream, Current, MAX_REPLY, RemoteOptions, RemoteSource, Transport, chain, runtime,
 };
 
 /// How to reach failbackd over gRPC.
@@ -34,9 +39,27 @@ impl Interceptor for Bearer {
     }
 }
 
-/// A tonic client with the token attached to every call.
+type Client = FailbackClient<InterceptedService<Channel, Bearer>>;
+
+/// A tonic client with the token attached to every call, and how to connect it again.
 #[derive(Clone)]
-pub struct GrpcTransport(FailbackClient<InterceptedService<Channel, Bearer>>);
+pub struct GrpcTransport {
+    current: Arc<Current<Client>>,
+    endpoint: Endpoint,
+    bearer: Bearer,
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn client(channel: Channel, bearer: Bearer) -> Client {
+    FailbackClient::with_interceptor(channel, bearer).max_decoding_message_size(MAX_REPLY)
+}
+
+impl GrpcTransport {
+    fn c(&self) -> Client {
+        self.current.get()
+    }
+}
 
 impl ChunkStream for tonic::Streaming<pb::Chunk> {
     async fn next(&mut self) -> Result<Option<pb::Chunk>, Status> {
@@ -48,13 +71,12 @@ impl Transport for GrpcTransport {
     type Chunks = tonic::Streaming<pb::Chunk>;
 
     async fn handshake(&self, req: pb::HandshakeRequest) -> Result<pb::HandshakeResponse, Status> {
-        Ok(self.0.clone().handshake(req).await?.into_inner())
+        Ok(self.c().handshake(req).await?.into_inner())
     }
 
     async fn control_file(&self) -> Result<pb::ControlFileResponse, Status> {
         Ok(self
-            .0
-            .clone()
+            .c()
             .control_file(pb::ControlFileRequest {})
             .await?
             .into_inner())
@@ -62,8 +84,7 @@ impl Transport for GrpcTransport {
 
     async fn list_files(&self) -> Result<Vec<pb::FileEntry>, Status> {
         let mut s = self
-            .0
-            .clone()
+            .c()
             .list_files(pb::ListFilesRequest {})
             .await?
             .into_inner();
@@ -75,13 +96,12 @@ impl Transport for GrpcTransport {
     }
 
     async fn read_ranges(&self, req: pb::ReadRangesRequest) -> Result<Self::Chunks, Status> {
-        Ok(self.0.clone().read_ranges(req).await?.into_inner())
+        Ok(self.c().read_ranges(req).await?.into_inner())
     }
 
     async fn timelines(&self) -> Result<pb::TimelinesResponse, Status> {
         Ok(self
-            .0
-            .clone()
+            .c()
             .timelines(pb::TimelinesRequest {})
             .await?
             .into_inner())
@@ -91,7 +111,7 @@ impl Transport for GrpcTransport {
         &self,
         req: pb::ChunkHashesRequest,
     ) -> Result<Vec<pb::FileHashes>, Status> {
-        let mut s = self.0.clone().chunk_hashes(req).await?.into_inner();
+        let mut s = self.c().chunk_hashes(req).await?.into_inner();
         let mut out = Vec::new();
         while let Some(h) = s.message().await? {
             out.push(h);
@@ -99,10 +119,22 @@ impl Transport for GrpcTransport {
         Ok(out)
     }
 
+    fn generation(&self) -> u64 {
+        self.current.generation()
+    }
+
+    async fn reconnect(&self, generation: u64) {
+        self.current
+            .replace(generation, |_broken| async {
+                let channel = tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint.connect());
+                Some(client(channel.await.ok()?.ok()?, self.bearer.clone()))
+            })
+            .await;
+    }
+
     async fn end_of_wal(&self) -> Result<pb::EndOfWalResponse, Status> {
         Ok(self
-            .0
-            .clone()
+            .c()
             .end_of_wal(pb::EndOfWalRequest {})
             .await?
             .into_inner())
@@ -123,8 +155,11 @@ impl RemoteSource<GrpcTransport> {
         let window = failback_server::DEFAULT_WINDOW;
         let mut endpoint = Endpoint::from_shared(http)
             .map_err(|e| opts.refuse(format!("not a valid address: {e}")))?
-            .connect_timeout(std::time::Duration::from_secs(10))
+            .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
+            .http2_keep_alive_interval(opts.patience.liveness() / 3)
+            .keep_alive_timeout(opts.patience.liveness())
+            .keep_alive_while_idle(true)
             .initial_stream_window_size(window)
             .initial_connection_window_size(window);
         if tls {
@@ -146,14 +181,14 @@ impl RemoteSource<GrpcTransport> {
         } else if opts.ca.is_some() || opts.identity.is_some() {
             return Err(opts.refuse("--ca, --cert and --key are for grpcs:// and quic:// sources"));
         }
-        let bearer = match &opts.token {
+        let bearer = Bearer(match &opts.token {
             None => None,
             Some(t) => Some(
                 format!("Bearer {t}")
                     .parse()
                     .map_err(|_| opts.refuse("the token is not printable ASCII"))?,
             ),
-        };
+        });
         let rt = runtime("gRPC")?;
         // Each connect() is a TCP connection (and TLS session) of its own.
         let mut transports = Vec::with_capacity(opts.connections.max(1));
@@ -161,9 +196,11 @@ impl RemoteSource<GrpcTransport> {
             let channel = rt.block_on(endpoint.connect()).map_err(|e| {
                 SourceError::Transport(format!("{}: could not connect: {}", opts.url, chain(&e)))
             })?;
-            let client = FailbackClient::with_interceptor(channel, Bearer(bearer.clone()))
-                .max_decoding_message_size(MAX_REPLY);
-            transports.push(GrpcTransport(client));
+            transports.push(GrpcTransport {
+                current: Arc::new(Current::new(client(channel, bearer.clone()))),
+                endpoint: endpoint.clone(),
+                bearer: bearer.clone(),
+            });
         }
         RemoteSource::handshake(rt, transports, opts)
     }

@@ -78,6 +78,23 @@ pub enum SourceError {
     Timeout(String),
     #[error("source transport error: {0}")]
     Transport(String),
+    /// failbackd answered against the protocol (a chunk nobody asked for, data that failed its
+    /// hash twice): asking again would not help.
+    #[error("source broke the protocol: {0}")]
+    Protocol(String),
+    /// Failures that could heal did not within `--timeout`.
+    #[error(
+        "source made no progress for {:.1} s ({attempts} attempts, --timeout {} s)",
+        stalled.as_secs_f64(),
+        timeout.as_secs()
+    )]
+    Stalled {
+        stalled: std::time::Duration,
+        attempts: u32,
+        timeout: std::time::Duration,
+        #[source]
+        last: Box<SourceError>,
+    },
     /// A file of a shut-down source changed between the listing and the copy: something is
     /// writing into a data directory that should be still.
     #[error(
@@ -93,7 +110,10 @@ pub enum SourceError {
 impl SourceError {
     /// Whether trying again can help (a stalled or broken link can heal; a refusal will not).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, SourceError::Timeout(_) | SourceError::Transport(_))
+        matches!(
+            self,
+            SourceError::Timeout(_) | SourceError::Transport(_) | SourceError::Stalled { .. }
+        )
     }
 }
 

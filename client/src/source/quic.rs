@@ -5,7 +5,8 @@
 //! bidirectional stream per call, framed as [`failback_server::quic`] describes. Batching,
 //! verification and retries are [`super::remote`]'s, exactly as over gRPC; `--jobs` reads run
 //! as that many streams of the one connection, each with its own flow control, so a lost
-//! packet delays one of them and not all.
+//! packet delays one of them and not all. A connection that breaks or goes silent for the
+//! liveness `--timeout` sets (keep-alives unanswered) is closed and a new one made.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use tonic::Status;
 
 use super::SourceError;
 use super::remote::{
-    ChunkStream, MAX_REPLY, RemoteOptions, RemoteSource, Transport, chain, runtime,
+    ChunkStream, Current, MAX_REPLY, RemoteOptions, RemoteSource, Transport, chain, runtime,
 };
 
 /// failbackd over QUIC.
@@ -28,10 +29,12 @@ pub type QuicSource = RemoteSource<QuicTransport>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One QUIC connection to failbackd, and the token every call carries.
+/// One QUIC connection to failbackd, the token every call carries, and where to connect again.
 #[derive(Clone)]
 pub struct QuicTransport {
-    conn: quinn::Connection,
+    current: Arc<Current<quinn::Connection>>,
+    addr: SocketAddr,
+    host: Arc<str>,
     token: String,
     // The endpoint drives the connection's socket; it lives as long as the connection.
     endpoint: quinn::Endpoint,
@@ -91,7 +94,7 @@ impl ChunkStream for QuicChunks {
 impl QuicTransport {
     /// Opens a stream, sends the request and finishes the sending side.
     async fn call(&self, call: Call) -> Result<Replies, Status> {
-        let (mut send, recv) = self.conn.open_bi().await.map_err(lost)?;
+        let (mut send, recv) = self.current.get().open_bi().await.map_err(lost)?;
         let req = QuicRequest {
             token: self.token.clone(),
             call: Some(call),
@@ -180,8 +183,25 @@ impl Transport for QuicTransport {
         .await
     }
 
+    fn generation(&self) -> u64 {
+        self.current.generation()
+    }
+
+    async fn reconnect(&self, generation: u64) {
+        self.current
+            .replace(generation, |broken| async move {
+                // Calls still waiting on it fail now rather than at its idle timeout.
+                broken.close(quinn::VarInt::from_u32(1), b"connection replaced");
+                connect_one(&self.endpoint, self.addr, &self.host)
+                    .await
+                    .ok()
+            })
+            .await;
+    }
+
     async fn close(&self) {
-        self.conn
+        self.current
+            .get()
             .close(quinn::VarInt::from_u32(0), b"failback is done");
         // Until the close is sent and acknowledged (or times out).
         self.endpoint.wait_idle().await;
@@ -234,10 +254,16 @@ impl RemoteSource<QuicTransport> {
             let mut endpoint = quinn::Endpoint::client(any).map_err(|e| could_not(chain(&e)))?;
             let mut config = quinn::ClientConfig::new(Arc::new(tls));
             // failbackd opens no streams towards the client.
-            config.transport_config(Arc::new(transport_config(
-                failback_server::DEFAULT_WINDOW,
-                0,
-            )));
+            let mut transport = transport_config(failback_server::DEFAULT_WINDOW, 0);
+            // A silent peer (failbackd stopped, the path gone) is found within the liveness,
+            // whatever failbackd's own idle timeout.
+            let liveness = opts.patience.liveness();
+            if let Ok(idle) = quinn::IdleTimeout::try_from(liveness) {
+                transport
+                    .max_idle_timeout(Some(idle))
+                    .keep_alive_interval(Some(liveness / 3));
+            }
+            config.transport_config(Arc::new(transport));
             endpoint.set_default_client_config(config);
             // Connections of one endpoint share its UDP socket; each has its own congestion
             // control and flow-control windows.
@@ -248,7 +274,9 @@ impl RemoteSource<QuicTransport> {
                     Err(why) => {
                         // Free the server's slots now, not at its idle timeout.
                         for t in &transports {
-                            t.conn.close(quinn::VarInt::from_u32(0), b"connect failed");
+                            t.current
+                                .get()
+                                .close(quinn::VarInt::from_u32(0), b"connect failed");
                         }
                         if !transports.is_empty() {
                             let _ =
@@ -259,7 +287,9 @@ impl RemoteSource<QuicTransport> {
                     }
                 };
                 transports.push(QuicTransport {
-                    conn,
+                    current: Arc::new(Current::new(conn)),
+                    addr,
+                    host: Arc::from(host),
                     token: opts.token.clone().unwrap_or_default(),
                     endpoint: endpoint.clone(),
                 });

@@ -8,13 +8,20 @@
 //! retry of a damaged chunk, the Short/Vanished mapping, and the mapping of statuses to
 //! [`SourceError`]s.
 //!
+//! A source that stops answering is not a hang: every call and every batch is retried with
+//! back-off after a failure that can heal (a reset connection, a restarted failbackd, a silent
+//! peer), on a fresh connection, picking a batch up at the first byte not yet received, until
+//! the source has made no progress for `--timeout` ([`failback_common::patience`]).
+//!
 //! The engine is synchronous; a source owns a small tokio runtime and blocks on it, while every
 //! piece is handed to the sink on the calling thread.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
 use failback_common::filemap::{FileEntry, FileType};
+use failback_common::patience::{Next, Patience, Stall};
 use failback_common::wire::{self, Compression, WireError};
 use failback_proto::v1 as pb;
 use tokio::runtime::Runtime;
@@ -54,6 +61,8 @@ pub struct RemoteOptions {
     /// long lossy link one TCP connection backs off on every loss; several back off separately.
     pub connections: usize,
     pub compression: Compression,
+    /// How long the source may make no progress before the rewind gives up.
+    pub patience: Patience,
 }
 
 impl RemoteOptions {
@@ -110,6 +119,64 @@ pub trait Transport: Clone + Send + Sync + 'static {
     fn close(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
+
+    /// Which connection calls go over now; [`Transport::reconnect`] moves it on.
+    fn generation(&self) -> u64 {
+        0
+    }
+
+    /// Replaces connection `generation` after a failure that may have broken it, unless another
+    /// call already did. A failure to connect is the next attempt's to report.
+    fn reconnect(&self, generation: u64) -> impl Future<Output = ()> + Send {
+        let _ = generation;
+        async {}
+    }
+}
+
+/// The connection a transport's calls go over now, and its replacement after a failure: many
+/// calls fail together when a connection breaks, and only the first to ask replaces it.
+pub(crate) struct Current<C> {
+    now: std::sync::Mutex<(u64, C)>,
+    replacing: tokio::sync::Mutex<()>,
+}
+
+impl<C: Clone> Current<C> {
+    pub(crate) fn new(conn: C) -> Current<C> {
+        Current {
+            now: std::sync::Mutex::new((0, conn)),
+            replacing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, C)> {
+        // Nothing panics while holding it; a poisoned lock still holds a usable connection.
+        self.now.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn get(&self) -> C {
+        self.lock().1.clone()
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.lock().0
+    }
+
+    /// Replaces connection `seen` by what `connect` makes of it (it may close the old one
+    /// first), unless another caller already replaced it. When `connect` makes nothing, the
+    /// old connection stays and the next failure asks again.
+    pub(crate) async fn replace<F>(&self, seen: u64, connect: impl FnOnce(C) -> F)
+    where
+        F: Future<Output = Option<C>>,
+    {
+        let _one_at_a_time = self.replacing.lock().await;
+        let (generation, old) = self.lock().clone();
+        if generation != seen {
+            return;
+        }
+        if let Some(new) = connect(old).await {
+            *self.lock() = (generation + 1, new);
+        }
+    }
 }
 
 /// The chunks of one ReadRanges call, in the order the server sent them.
@@ -161,7 +228,64 @@ pub(crate) fn status_err(what: &str, s: Status) -> SourceError {
 }
 
 fn proto_err(what: &str, why: impl std::fmt::Display) -> SourceError {
-    SourceError::Transport(format!("{what}: {why}"))
+    SourceError::Protocol(format!("{what}: {why}"))
+}
+
+/// Runs `call` until it answers, trying again after failures that can heal, each time on a
+/// fresh connection, until the source has been silent for the whole timeout.
+async fn patiently<T: Transport, R, F, Fut>(
+    transport: &T,
+    patience: Patience,
+    what: &str,
+    mut call: F,
+) -> Result<R, SourceError>
+where
+    F: FnMut(T) -> Fut,
+    Fut: Future<Output = Result<R, Status>>,
+{
+    let mut stall = Stall::new(patience, Instant::now());
+    loop {
+        let generation = transport.generation();
+        let budget = stall.budget(Instant::now());
+        let err = match tokio::time::timeout(budget, call(transport.clone())).await {
+            Ok(Ok(r)) => return Ok(r),
+            Ok(Err(s)) => status_err(what, s),
+            Err(_) => SourceError::Timeout(format!(
+                "{what}: no answer in {:.1} s",
+                budget.as_secs_f64()
+            )),
+        };
+        wait_to_retry(transport, &mut stall, generation, err).await?;
+    }
+}
+
+/// After a failed attempt: `Err` when it is final (it cannot heal, or the timeout is used up),
+/// otherwise waits the back-off and replaces the connection the attempt used.
+async fn wait_to_retry<T: Transport>(
+    transport: &T,
+    stall: &mut Stall,
+    generation: u64,
+    err: SourceError,
+) -> Result<(), SourceError> {
+    if !err.is_retryable() {
+        return Err(err);
+    }
+    match stall.failed(Instant::now()) {
+        Next::RetryAfter(delay) => {
+            tokio::time::sleep(delay).await;
+            // Connecting to a server that does not answer takes its own time-out: keep it
+            // within what is left of ours.
+            let budget = stall.budget(Instant::now());
+            let _ = tokio::time::timeout(budget, transport.reconnect(generation)).await;
+            Ok(())
+        }
+        Next::GiveUp { stalled, attempts } => Err(SourceError::Stalled {
+            stalled,
+            attempts,
+            timeout: stall.patience().timeout,
+            last: Box::new(err),
+        }),
+    }
 }
 
 /// failbackd through transport `T`.
@@ -172,6 +296,7 @@ pub struct RemoteSource<T: Transport> {
     url: String,
     jobs: usize,
     compression: Compression,
+    patience: Patience,
     max_chunk: u64,
     /// Handshake capabilities: failbackd knows the server's end of WAL (`live`), PostgreSQL
     /// runs on the served directory (`running`), ChunkHashes is served (`chunk-hashes`).
@@ -218,6 +343,7 @@ impl<T: Transport> RemoteSource<T> {
             url: opts.url,
             jobs: opts.jobs.max(1),
             compression: opts.compression,
+            patience: opts.patience,
             max_chunk: hs.max_chunk,
             capabilities: hs.capabilities,
         })
@@ -227,8 +353,14 @@ impl<T: Transport> RemoteSource<T> {
         self.capabilities.iter().any(|c| c == capability)
     }
 
-    fn transport(&self) -> &T {
-        &self.transports[0]
+    /// One call over the first connection, with the patience `--timeout` allows.
+    fn call<R, F, Fut>(&self, what: &str, call: F) -> Result<R, SourceError>
+    where
+        F: FnMut(T) -> Fut,
+        Fut: Future<Output = Result<R, Status>>,
+    {
+        self.rt
+            .block_on(patiently(&self.transports[0], self.patience, what, call))
     }
 }
 
@@ -306,38 +438,113 @@ fn read_request(ranges: &[FetchRange], level: i32) -> pb::ReadRangesRequest {
     }
 }
 
-/// Streams one batch, checking that chunks follow the requested ranges, and sends pieces.
+/// Streams one batch and sends its pieces; after a failure that can heal, asks again for what
+/// has not arrived yet.
 async fn run_batch<T: Transport>(
     transport: T,
-    ranges: Vec<FetchRange>,
+    mut ranges: Vec<FetchRange>,
     level: i32,
     limit: u64,
+    patience: Patience,
     tx: mpsc::Sender<Result<Piece, SourceError>>,
 ) -> Result<(), SourceError> {
-    let mut stream = transport
-        .read_ranges(read_request(&ranges, level))
-        .await
-        .map_err(|s| status_err("ReadRanges", s))?;
-    let mut idx = 0usize;
-    let mut next = ranges.first().map_or(0, |r| r.offset);
-    // Zero-length ranges get no chunk.
-    let skip_empty = |idx: &mut usize, next: &mut u64| {
-        while let Some(r) = ranges.get(*idx) {
-            if *next < r.offset.saturating_add(r.length) {
+    let mut stall = Stall::new(patience, Instant::now());
+    loop {
+        let generation = transport.generation();
+        let mut at = Cursor::new(&ranges);
+        let err =
+            match stream_batch(&transport, &ranges, &mut at, level, limit, &mut stall, &tx).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+        ranges = at.rest(&ranges);
+        if ranges.is_empty() && err.is_retryable() {
+            // Everything arrived; only the end of the call was lost.
+            return Ok(());
+        }
+        wait_to_retry(&transport, &mut stall, generation, err).await?;
+    }
+}
+
+/// How far a batch got: the range due next and the offset due in it. Zero-length ranges and
+/// ranges already answered in full are stepped over, so `idx` always names one still owed.
+struct Cursor {
+    idx: usize,
+    next: u64,
+}
+
+impl Cursor {
+    fn new(ranges: &[FetchRange]) -> Cursor {
+        let mut c = Cursor {
+            idx: 0,
+            next: ranges.first().map_or(0, |r| r.offset),
+        };
+        c.skip_done(ranges);
+        c
+    }
+
+    fn skip_done(&mut self, ranges: &[FetchRange]) {
+        while let Some(r) = ranges.get(self.idx) {
+            if self.next < r.offset.saturating_add(r.length) {
                 break;
             }
-            *idx += 1;
-            *next = ranges.get(*idx).map_or(0, |r| r.offset);
+            self.step(ranges);
         }
+    }
+
+    /// On to the next range.
+    fn step(&mut self, ranges: &[FetchRange]) {
+        self.idx += 1;
+        self.next = ranges.get(self.idx).map_or(0, |r| r.offset);
+    }
+
+    /// The ranges still owed, the current one from `next`.
+    fn rest(&self, ranges: &[FetchRange]) -> Vec<FetchRange> {
+        let mut rest = ranges.get(self.idx..).unwrap_or_default().to_vec();
+        if let Some(first) = rest.first_mut() {
+            let end = first.offset.saturating_add(first.length);
+            first.length = end.saturating_sub(self.next);
+            first.offset = self.next;
+        }
+        rest
+    }
+}
+
+/// One attempt at a batch: streams it, checking that chunks follow the requested ranges, and
+/// sends pieces, moving `at` and `stall` on as they arrive.
+async fn stream_batch<T: Transport>(
+    transport: &T,
+    ranges: &[FetchRange],
+    at: &mut Cursor,
+    level: i32,
+    limit: u64,
+    stall: &mut Stall,
+    tx: &mpsc::Sender<Result<Piece, SourceError>>,
+) -> Result<(), SourceError> {
+    let silent = |stall: &Stall| {
+        let budget = stall.budget(Instant::now());
+        let what = format!("ReadRanges: nothing in {:.1} s", budget.as_secs_f64());
+        (budget, what)
     };
-    skip_empty(&mut idx, &mut next);
+    let (budget, what) = silent(stall);
+    let mut stream =
+        tokio::time::timeout(budget, transport.read_ranges(read_request(ranges, level)))
+            .await
+            .map_err(|_| SourceError::Timeout(what))?
+            .map_err(|s| status_err("ReadRanges", s))?;
     let mut buf = Vec::new();
-    while let Some(chunk) = stream
-        .next()
-        .await
-        .map_err(|s| status_err("ReadRanges", s))?
-    {
-        let Some(r) = ranges.get(idx) else {
+    loop {
+        let (budget, what) = silent(stall);
+        let Some(chunk) = tokio::time::timeout(budget, stream.next())
+            .await
+            .map_err(|_| SourceError::Timeout(what))?
+            .map_err(|s| status_err("ReadRanges", s))?
+        else {
+            break;
+        };
+        stall.progress(Instant::now());
+        let next = at.next;
+        let Some(r) = ranges.get(at.idx) else {
             return Err(proto_err("ReadRanges", "a chunk past the requested ranges"));
         };
         let end = r.offset.saturating_add(r.length);
@@ -357,9 +564,8 @@ async fn run_batch<T: Transport>(
             if tx.send(Ok(Piece::Vanished { path })).await.is_err() {
                 return Ok(());
             }
-            idx += 1;
-            next = ranges.get(idx).map_or(0, |r| r.offset);
-            skip_empty(&mut idx, &mut next);
+            at.step(ranges);
+            at.skip_done(ranges);
             continue;
         }
         if chunk.raw_length > end - next {
@@ -381,16 +587,7 @@ async fn run_batch<T: Transport>(
         );
         if matches!(attempt, Err(WireError::HashMismatch { .. })) {
             // Damaged on the way (or on the server's disk between two reads): ask once more.
-            attempt = refetch(
-                &transport,
-                r,
-                next,
-                chunk.raw_length,
-                level,
-                limit,
-                &mut buf,
-            )
-            .await;
+            attempt = refetch(transport, r, next, chunk.raw_length, level, limit, &mut buf).await;
         }
         attempt.map_err(|e| {
             proto_err(
@@ -411,27 +608,31 @@ async fn run_batch<T: Transport>(
         {
             return Ok(());
         }
-        next += got;
+        at.next += got;
         if st == pb::ChunkStatus::Short {
             if tx
-                .send(Ok(Piece::Short { path, size: next }))
+                .send(Ok(Piece::Short {
+                    path,
+                    size: at.next,
+                }))
                 .await
                 .is_err()
             {
                 return Ok(());
             }
-            idx += 1;
-            next = ranges.get(idx).map_or(0, |r| r.offset);
+            at.step(ranges);
         } else if got == 0 {
             return Err(proto_err("ReadRanges", "an empty chunk that is not Short"));
         }
-        skip_empty(&mut idx, &mut next);
+        at.skip_done(ranges);
     }
-    if let Some(r) = ranges.get(idx) {
-        return Err(proto_err(
-            "ReadRanges",
-            format!("the stream ended before {:?} at {next}", r.path),
-        ));
+    if let Some(r) = ranges.get(at.idx) {
+        // A call that ends early lost its connection (a failbackd that restarted, a proxy that
+        // cut it): ask again for the rest.
+        return Err(SourceError::Transport(format!(
+            "ReadRanges: the stream ended before {:?} at {}",
+            r.path, at.next
+        )));
     }
     Ok(())
 }
@@ -500,10 +701,10 @@ impl<T: Transport> Source for RemoteSource<T> {
     }
 
     fn control_file(&mut self) -> Result<Vec<u8>, SourceError> {
-        let r = self
-            .rt
-            .block_on(self.transport().control_file())
-            .map_err(|s| status_err("global/pg_control", s))?;
+        let r = self.call(
+            "global/pg_control",
+            |t| async move { t.control_file().await },
+        )?;
         Ok(r.data.to_vec())
     }
 
@@ -537,10 +738,7 @@ impl<T: Transport> Source for RemoteSource<T> {
     }
 
     fn list_files(&mut self) -> Result<Vec<FileEntry>, SourceError> {
-        let entries = self
-            .rt
-            .block_on(self.transport().list_files())
-            .map_err(|s| status_err("the file list", s))?;
+        let entries = self.call("the file list", |t| async move { t.list_files().await })?;
         entries
             .into_iter()
             .map(|e| {
@@ -582,12 +780,15 @@ impl<T: Transport> Source for RemoteSource<T> {
             let transport = self.transports[i % self.transports.len()].clone();
             let (tx, permits) = (tx.clone(), permits.clone());
             let limit = self.max_chunk;
+            let patience = self.patience;
             tasks.spawn_on(
                 async move {
                     let Ok(_permit) = permits.acquire_owned().await else {
                         return;
                     };
-                    if let Err(e) = run_batch(transport, b, level, limit, tx.clone()).await {
+                    if let Err(e) =
+                        run_batch(transport, b, level, limit, patience, tx.clone()).await
+                    {
                         let _ = tx.send(Err(e)).await;
                     }
                 },
@@ -634,10 +835,9 @@ impl<T: Transport> Source for RemoteSource<T> {
         if !self.is_live() {
             return Ok(None);
         }
-        let r = self
-            .rt
-            .block_on(self.transport().end_of_wal())
-            .map_err(|s| status_err("the source's end of WAL", s))?;
+        let r = self.call("the source's end of WAL", |t| async move {
+            t.end_of_wal().await
+        })?;
         Ok(Some(SourceEnd {
             lsn: failback_common::Lsn(r.lsn),
             tli: r.timeline,
@@ -645,10 +845,10 @@ impl<T: Transport> Source for RemoteSource<T> {
     }
 
     fn current_timeline(&mut self) -> Result<Option<failback_common::TimeLineId>, SourceError> {
-        let r = self
-            .rt
-            .block_on(self.transport().timelines())
-            .map_err(|s| status_err("the source's timelines", s))?;
+        let r = self.call(
+            "the source's timelines",
+            |t| async move { t.timelines().await },
+        )?;
         Ok((r.current_timeline != 0).then_some(r.current_timeline))
     }
 
@@ -662,25 +862,33 @@ impl<T: Transport> Source for RemoteSource<T> {
         }
         let mut out = Vec::with_capacity(paths.len());
         for batch in paths.chunks(HASH_BATCH) {
-            let got = self
-                .rt
-                .block_on(self.transport().chunk_hashes(pb::ChunkHashesRequest {
-                    paths: batch.to_vec(),
-                    chunk_size,
-                }));
-            let got = match got {
-                Ok(v) => v,
-                // Hashes only save bytes: a refusal (chunks too many, an older failbackd)
-                // means fetching whole files, not failing.
-                Err(s)
-                    if matches!(
-                        s.code(),
-                        Code::InvalidArgument | Code::Unimplemented | Code::FailedPrecondition
-                    ) =>
-                {
-                    return Ok(None);
+            let req = pb::ChunkHashesRequest {
+                paths: batch.to_vec(),
+                chunk_size,
+            };
+            let got = self.call("ChunkHashes", |t| {
+                let req = req.clone();
+                async move {
+                    match t.chunk_hashes(req).await {
+                        Ok(v) => Ok(Some(v)),
+                        // Hashes only save bytes: a refusal (chunks too many, an older
+                        // failbackd) means fetching whole files, not failing.
+                        Err(s)
+                            if matches!(
+                                s.code(),
+                                Code::InvalidArgument
+                                    | Code::Unimplemented
+                                    | Code::FailedPrecondition
+                            ) =>
+                        {
+                            Ok(None)
+                        }
+                        Err(s) => Err(s),
+                    }
                 }
-                Err(s) => return Err(status_err("ChunkHashes", s)),
+            })?;
+            let Some(got) = got else {
+                return Ok(None);
             };
             if got.len() != batch.len() {
                 return Err(proto_err(

@@ -171,6 +171,7 @@ pub fn options(url: String, token: Option<&str>) -> RemoteOptions {
         // Two connections, so that batches are spread over both in every pair test.
         connections: 2,
         compression: Compression::Zstd(3),
+        patience: failback_common::patience::Patience::DEFAULT,
     }
 }
 

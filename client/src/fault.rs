@@ -1,0 +1,75 @@
+//! Fault injection for the crash tests.
+//!
+//! `FAILBACK_FAULT=kill-at=POINT:N` makes failback kill itself with SIGKILL — as a crash, an
+//! OOM kill or a lost machine would stop it, with no chance to clean up — when it passes POINT
+//! for the N-th time:
+//!
+//! - `scan`: a record of the target's WAL decoded (before anything is changed);
+//! - `bytes`: N bytes written to the target's files (the copy; `kill-after-bytes=N` is the
+//!   same);
+//! - `sync`: a file flushed to disk at the end of the copy;
+//! - `commit`: a step of the commit made durable, in order: 1 the journal says "copied",
+//!   2 `backup_label`, 3 `global/pg_control`, 4 the journal says "committed", 5
+//!   `standby.signal` (with `-R`), 6 `postgresql.auto.conf` without the marker, 7 the journal
+//!   removed.
+//!
+//! The variable is read once; without it every call is one relaxed load.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A place where a crash is injected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Point {
+    Scan,
+    Bytes,
+    Sync,
+    Commit,
+}
+
+impl Point {
+    fn name(self) -> &'static str {
+        match self {
+            Point::Scan => "scan",
+            Point::Bytes => "bytes",
+            Point::Sync => "sync",
+            Point::Commit => "commit",
+        }
+    }
+}
+
+fn armed() -> Option<(&'static str, u64)> {
+    static AT: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    AT.get_or_init(|| {
+        let v = std::env::var("FAILBACK_FAULT").ok()?;
+        if let Some(n) = v.strip_prefix("kill-after-bytes=") {
+            return Some(("bytes".to_string(), n.parse().ok()?));
+        }
+        let (point, n) = v.strip_prefix("kill-at=")?.split_once(':')?;
+        Some((point.to_string(), n.parse().ok()?))
+    })
+    .as_ref()
+    .map(|(p, n)| (p.as_str(), *n))
+}
+
+static COUNTS: [AtomicU64; 4] = [
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+];
+
+/// `point` was passed `times` more times (bytes: `times` more bytes written).
+pub fn passed(point: Point, times: u64) {
+    let Some((name, at)) = armed() else {
+        return;
+    };
+    if name != point.name() {
+        return;
+    }
+    let total = COUNTS[point as usize].fetch_add(times, Ordering::Relaxed) + times;
+    if total >= at {
+        // SAFETY: raising a signal on our own process.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+}

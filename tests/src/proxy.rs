@@ -1,0 +1,169 @@
+//! Loopback proxies that break the path between failback and failbackd on demand, as a
+//! flapping link does: [`TcpCut`] cuts every TCP connection at once (a NAT or firewall that
+//! forgets its flows), [`UdpCut`] drops every datagram while it is "down" (a route that
+//! vanishes for a while). Both forward everything else untouched.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+/// How often the proxies' threads look at their stop flag.
+const TICK: Duration = Duration::from_millis(100);
+
+/// A TCP proxy to one target; [`TcpCut::cut`] closes every connection it carries.
+pub struct TcpCut {
+    addr: SocketAddr,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TcpCut {
+    pub fn start(target: SocketAddr) -> TcpCut {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let addr = listener.local_addr().expect("the bound address");
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, a, s) = (conns.clone(), accepted.clone(), stop.clone());
+        thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((client, _)) => client,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        thread::sleep(TICK / 10);
+                        continue;
+                    }
+                    Err(_) => break,
+                };
+                a.fetch_add(1, Ordering::Relaxed);
+                let _ = client.set_nonblocking(false);
+                let Ok(upstream) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let pair = [client, upstream];
+                {
+                    let mut all = c.lock().unwrap_or_else(|p| p.into_inner());
+                    all.extend(pair.iter().filter_map(|s| s.try_clone().ok()));
+                }
+                let [client, upstream] = pair;
+                for (mut from, mut to) in [
+                    (client.try_clone(), upstream.try_clone()),
+                    (upstream.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(f, t)| Some((f.ok()?, t.ok()?)))
+                {
+                    thread::spawn(move || {
+                        let _ = io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                        let _ = from.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        TcpCut {
+            addr,
+            conns,
+            accepted,
+            stop,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Closes every connection carried now, both ways; new ones are still accepted.
+    pub fn cut(&self) {
+        let mut all = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        for s in all.drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for TcpCut {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.cut();
+    }
+}
+
+/// A UDP proxy to one target, one upstream socket per client address; while
+/// [`UdpCut::set_down`] holds it down, datagrams both ways are dropped.
+pub struct UdpCut {
+    addr: SocketAddr,
+    down: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpCut {
+    pub fn start(target: SocketAddr) -> UdpCut {
+        let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").expect("a loopback port"));
+        sock.set_read_timeout(Some(TICK)).expect("a read timeout");
+        let addr = sock.local_addr().expect("the bound address");
+        let down = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, s) = (down.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut buf = vec![0u8; 65536];
+            while !s.load(Ordering::Relaxed) {
+                let Ok((n, client)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                if d.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let up = upstreams.entry(client).or_insert_with(|| {
+                    let up = Arc::new(UdpSocket::bind("127.0.0.1:0").expect("a loopback port"));
+                    up.connect(target).expect("a connected upstream socket");
+                    up.set_read_timeout(Some(TICK)).expect("a read timeout");
+                    let (up2, back, d, s) = (up.clone(), sock.clone(), d.clone(), s.clone());
+                    thread::spawn(move || {
+                        let mut buf = vec![0u8; 65536];
+                        while !s.load(Ordering::Relaxed) {
+                            let Ok(n) = up2.recv(&mut buf) else {
+                                continue;
+                            };
+                            if !d.load(Ordering::Relaxed) {
+                                let _ = back.send_to(&buf[..n], client);
+                            }
+                        }
+                    });
+                    up
+                });
+                let _ = up.send(&buf[..n]);
+            }
+        });
+        UdpCut { addr, down, stop }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Drops (`true`) or forwards (`false`) every datagram from now on.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
+    }
+}
+
+impl Drop for UdpCut {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,348 @@
+//! A rewind interrupted anywhere ends, after one more run, with the new primary's data.
+//!
+//! - `crash_anywhere`: for deterministic seeds, failback kills itself with SIGKILL (its fault
+//!   hook, `FAILBACK_FAULT=kill-at=POINT:N`) during the WAL scan, the copy, the final sync or
+//!   one of the commit's steps, on a fresh copy of the same diverged target. Then: a kill
+//!   during the scan left no rewind begun; a later one left it marked unfinished, and
+//!   PostgreSQL refuses to start on it while the marker is there; `failback rewind` run again
+//!   completes, and the old primary rejoins with the new primary's fingerprint. A few seeds on
+//!   every version 13–18, many on one.
+//! - The source side, through failbackd (gRPC and QUIC), mid-copy: failbackd killed and
+//!   restarted (failback waits and goes on), failbackd gone for longer than `--timeout`
+//!   (failback stops with a clear message; a run once it is back resumes), and the link cut
+//!   (every TCP connection closed; every datagram dropped for a while).
+
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use failback_common::journal::JOURNAL_FILE;
+use failback_tests::failbackd::{Failbackd, Via};
+use failback_tests::proxy::{TcpCut, UdpCut};
+use failback_tests::rewind::{
+    FailbackRun, failback_bin, promote, rejoin, run_failback, run_failback_with, stop_for_rewind,
+};
+use failback_tests::run::{run_ok, run_with_timeout};
+use failback_tests::{Cluster, PgMajor, StopMode, pg_test};
+
+/// An old primary and its promoted standby, both shut down, diverged by a few MB on the old
+/// side and about 30 MB on the new (a table only the new primary has, and its WAL).
+fn diverged(major: PgMajor) -> (Cluster, Cluster) {
+    let mut old = Cluster::start_new(major, "old");
+    old.execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT i, 'before the fork' FROM generate_series(1, 5000) i",
+    );
+    let mut new = old.create_standby("new");
+    promote(&old, &new);
+    old.execute("UPDATE t SET v = 'lost on old' WHERE id % 3 = 0; CREATE TABLE only_old (x int)");
+    new.execute(
+        "UPDATE t SET v = 'kept on new' WHERE id % 5 = 0;
+         CREATE TABLE only_new AS SELECT g, md5(g::text) || repeat('x', 160) AS pad
+           FROM generate_series(1, 60000) g",
+    );
+    stop_for_rewind(&mut old, &mut new, StopMode::Immediate);
+    (old, new)
+}
+
+fn rewind_args(old: &Cluster, source: Vec<OsString>, extra: &[&str]) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec!["rewind".into(), "-D".into(), old.data_dir().into()];
+    a.extend(source);
+    a.extend(["--pg-bindir".into(), old.bins().bin_dir.clone().into()]);
+    a.extend(extra.iter().map(OsString::from));
+    a
+}
+
+fn local(new: &Cluster) -> Vec<OsString> {
+    vec!["--source-pgdata".into(), new.data_dir().into()]
+}
+
+/// `failback status -D`'s exit code: 0 nothing unfinished, 3 an unfinished rewind.
+fn status_code(old: &Cluster) -> i32 {
+    let mut st = Command::new(failback_bin());
+    st.args(["status", "-D"]).arg(old.data_dir());
+    let out = run_with_timeout(&mut st, Duration::from_secs(60)).unwrap();
+    out.status.code().unwrap_or(-1)
+}
+
+fn assert_killed(run: &FailbackRun, what: &str) {
+    assert_eq!(
+        run.status.signal(),
+        Some(9),
+        "{what}: failback was not killed where asked:\n{}",
+        run.show()
+    );
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    run_ok(
+        Command::new("cp").arg("-a").arg(from).arg(to),
+        Duration::from_secs(120),
+    );
+}
+
+// ---- the client killed anywhere ----
+
+/// A crash point for `seed`: the phase by turns (scan, copy, sync, commit), how far into it by
+/// a splitmix64 draw. Counts past the end of a phase leave the run unharmed, which the test
+/// accepts: most seeds land inside.
+fn crash_point(seed: u64) -> (&'static str, u64) {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let (point, hi) = match seed % 4 {
+        0 => ("scan", 400),
+        1 => ("bytes", 24 << 20),
+        2 => ("sync", 12),
+        // With -R: 1 journal "copied", 2 backup_label, 3 pg_control, 4 journal "committed",
+        // 5 standby.signal, 6 postgresql.auto.conf without the marker.
+        _ => ("commit", 6),
+    };
+    (point, 1 + z % hi)
+}
+
+fn crash_anywhere(major: PgMajor, seeds: std::ops::Range<u64>) {
+    let (mut old, mut new) = diverged(major);
+    let snapshot = old.base_dir().join("diverged");
+    copy_tree(&old.data_dir(), &snapshot);
+    let conninfo = new.conninfo();
+    let args = rewind_args(&old, local(&new), &["-R", "--primary-conninfo", &conninfo]);
+    let mut killed = 0;
+    for seed in seeds {
+        copy_tree(&snapshot, &old.data_dir());
+        let (point, n) = crash_point(seed);
+        let fault = format!("kill-at={point}:{n}");
+        let what = format!("PostgreSQL {major}, seed {seed} ({fault})");
+        let first = run_failback_with(&args, None, &[("FAILBACK_FAULT", &fault)]);
+        if first.success() {
+            eprintln!("{what}: past the end of the phase, the run finished");
+        } else {
+            assert_killed(&first, &what);
+            killed += 1;
+            let code = status_code(&old);
+            if point == "scan" {
+                // The crash recovery that cleans up an old primary that crashed runs before
+                // the scan; the rewind itself has not begun.
+                assert_eq!(
+                    code, 0,
+                    "{what}: status says {code} after a kill in the scan"
+                );
+            } else {
+                assert_eq!(code, 3, "{what}: status does not say unfinished");
+            }
+            // Until its last step the commit leaves the marker in place.
+            if code == 3 && !(point == "commit" && n >= 6) {
+                assert!(
+                    old.try_start().is_err(),
+                    "{what}: PostgreSQL started on a half-rewound target"
+                );
+            }
+            let again = run_failback(&args, Some(&old.base_dir().join("again.json")));
+            assert!(
+                again.success(),
+                "{what}: the run after the crash failed:\n{}\n--- old's log ---\n{}",
+                again.show(),
+                old.log_tail(20)
+            );
+            assert_eq!(
+                status_code(&old),
+                0,
+                "{what}: still unfinished after the rerun"
+            );
+        }
+        rejoin(&mut old, &mut new);
+        assert_eq!(
+            old.query_one("SELECT count(*) FROM t WHERE v = 'lost on old'"),
+            "0",
+            "{what}"
+        );
+        old.stop(StopMode::Fast);
+        new.stop(StopMode::Fast);
+    }
+    assert!(
+        killed > 0,
+        "no seed killed failback: the fault hook does nothing"
+    );
+}
+
+pg_test!(crash_anywhere_four_seeds, |major| crash_anywhere(
+    major,
+    0..4
+));
+
+mod crash_anywhere_many_seeds {
+    use super::*;
+
+    fn body(major: PgMajor) {
+        crash_anywhere(major, 4..24)
+    }
+
+    #[test]
+    fn pg17() {
+        body(PgMajor::V17)
+    }
+}
+
+// ---- the source side breaks mid-copy ----
+
+/// failback run in the background through `source`, its fetch held to 4 MiB/s so that the copy
+/// lasts seconds.
+fn background(
+    old: &Cluster,
+    source: Vec<OsString>,
+    timeout_s: u32,
+) -> thread::JoinHandle<FailbackRun> {
+    let timeout = timeout_s.to_string();
+    let args = rewind_args(
+        old,
+        source,
+        &["--max-rate", "4M", "--timeout", &timeout, "--jobs", "4"],
+    );
+    let report = old.base_dir().join("background.json");
+    thread::spawn(move || run_failback(&args, Some(&report)))
+}
+
+/// Waits until the copy has begun (the journal exists) and run a little.
+fn wait_for_copy(old: &Cluster) {
+    let journal = old.data_dir().join(JOURNAL_FILE);
+    let t0 = Instant::now();
+    while !journal.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the rewind never began to copy"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    thread::sleep(Duration::from_millis(800));
+}
+
+fn finish_and_compare(mut old: Cluster, mut new: Cluster, run: &FailbackRun, server: &Failbackd) {
+    assert!(
+        run.success(),
+        "failback did not ride out the fault:\n{}\n--- failbackd ---\n{}",
+        run.show(),
+        server.log()
+    );
+    rejoin(&mut old, &mut new);
+}
+
+fn via_of(quic: bool) -> Via {
+    if quic { Via::Quic } else { Via::Grpc }
+}
+
+/// failbackd killed mid-copy and back two seconds later: failback goes on and finishes.
+fn server_restarted(quic: bool) {
+    let (old, new) = diverged(PgMajor::V16);
+    let mut server = Failbackd::serve(&new.data_dir());
+    let client = background(&old, server.source_args(via_of(quic)), 30);
+    wait_for_copy(&old);
+    server.kill();
+    thread::sleep(Duration::from_secs(2));
+    server.restart();
+    let run = client.join().expect("the failback thread");
+    finish_and_compare(old, new, &run, &server);
+}
+
+/// failbackd killed mid-copy and not back within `--timeout`: failback stops, says so and
+/// how to go on, and leaves the target unfinished; once failbackd is back, a run resumes.
+fn server_gone(quic: bool) {
+    let (old, new) = diverged(PgMajor::V16);
+    let mut server = Failbackd::serve(&new.data_dir());
+    let client = background(&old, server.source_args(via_of(quic)), 4);
+    wait_for_copy(&old);
+    server.kill();
+    let t0 = Instant::now();
+    let run = client.join().expect("the failback thread");
+    let waited = t0.elapsed();
+    eprintln!("{}", run.show());
+    assert_eq!(run.status.code(), Some(1), "{}", run.show());
+    for needle in [
+        "made no progress",
+        "--timeout 4 s",
+        "run failback rewind again",
+    ] {
+        assert!(
+            run.stderr.contains(needle),
+            "no {needle:?}:\n{}",
+            run.show()
+        );
+    }
+    assert!(
+        waited < Duration::from_secs(30),
+        "failback took {waited:?} to give up on a --timeout of 4 s"
+    );
+    assert_eq!(status_code(&old), 3);
+    server.restart();
+    let args = rewind_args(&old, server.source_args(via_of(quic)), &[]);
+    let again = run_failback(&args, Some(&old.base_dir().join("again.json")));
+    assert_eq!(again.report()["resumed"], true, "{}", again.show());
+    finish_and_compare(old, new, &again, &server);
+}
+
+/// The link breaks mid-copy: every TCP connection closed (twice), or every datagram dropped
+/// for longer than the liveness check; failback connects again and finishes.
+fn link_cut(quic: bool) {
+    let (old, new) = diverged(PgMajor::V16);
+    let server = Failbackd::serve(&new.data_dir());
+    let (grpc_addr, quic_addr) = server.addrs();
+    if quic {
+        let proxy = UdpCut::start(quic_addr);
+        // --timeout 15: a connection silent for 5 s is replaced.
+        let client = background(&old, server.source_args_at(Via::Quic, proxy.port()), 15);
+        wait_for_copy(&old);
+        proxy.set_down(true);
+        thread::sleep(Duration::from_secs(7));
+        proxy.set_down(false);
+        let run = client.join().expect("the failback thread");
+        finish_and_compare(old, new, &run, &server);
+    } else {
+        let proxy = TcpCut::start(grpc_addr);
+        let client = background(&old, server.source_args_at(Via::Grpc, proxy.port()), 15);
+        wait_for_copy(&old);
+        proxy.cut();
+        thread::sleep(Duration::from_secs(1));
+        proxy.cut();
+        let run = client.join().expect("the failback thread");
+        assert!(
+            proxy.accepted() >= 3,
+            "failback did not connect again after the cuts ({} connections)",
+            proxy.accepted()
+        );
+        finish_and_compare(old, new, &run, &server);
+    }
+}
+
+#[test]
+fn server_restarted_mid_copy_grpc() {
+    server_restarted(false)
+}
+
+#[test]
+fn server_restarted_mid_copy_quic() {
+    server_restarted(true)
+}
+
+#[test]
+fn server_gone_past_the_timeout_then_resumed_grpc() {
+    server_gone(false)
+}
+
+#[test]
+fn server_gone_past_the_timeout_then_resumed_quic() {
+    server_gone(true)
+}
+
+#[test]
+fn link_cut_mid_copy_grpc() {
+    link_cut(false)
+}
+
+#[test]
+fn link_cut_mid_copy_quic() {
+    link_cut(true)
+}
