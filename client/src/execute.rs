@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use failback_server::datadir::read_full_at;
 
-use crate::fsutil::Ownership;
+use crate::fsutil::{self, Ownership, TargetFull};
 use crate::progress::Progress;
 use crate::source::{FetchRange, Fetched, Source, SourceError};
 use crate::unfinished::Recorder;
@@ -39,6 +39,9 @@ pub enum ExecuteError {
         #[source]
         source: io::Error,
     },
+    /// The target's file system filled up: the one error for it, wherever it was written.
+    #[error(transparent)]
+    TargetFull(#[from] TargetFull),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -58,10 +61,33 @@ pub enum ExecuteError {
 
 impl ExecuteError {
     fn target(what: &'static str, path: &Path, source: io::Error) -> Self {
-        ExecuteError::Target {
+        fsutil::target_error(path, source, |source| ExecuteError::Target {
             what,
             path: path.to_path_buf(),
             source,
+        })
+    }
+
+    /// A full file system, wherever it was met (the copy or the journal), with how much the
+    /// rest of the plan may still write.
+    fn needing(self, bytes: u64) -> Self {
+        match self {
+            ExecuteError::TargetFull(f) => ExecuteError::TargetFull(f.needing(bytes)),
+            ExecuteError::Journal(crate::unfinished::UnfinishedError::TargetFull(f)) => {
+                ExecuteError::Journal(crate::unfinished::UnfinishedError::TargetFull(
+                    f.needing(bytes),
+                ))
+            }
+            e => e,
+        }
+    }
+
+    /// The target's file system is full, if that is what this error says.
+    pub fn target_full(&self) -> Option<&TargetFull> {
+        match self {
+            ExecuteError::TargetFull(f)
+            | ExecuteError::Journal(crate::unfinished::UnfinishedError::TargetFull(f)) => Some(f),
+            _ => None,
         }
     }
 }
@@ -252,6 +278,159 @@ pub fn execute_journaled(
         ));
     }
 
+    // Every byte to fetch, as one batch; worked out before any change, so that a full disk
+    // can be told how much the rest of the plan needs.
+    let mut ranges = fetch_ranges(plan, source.is_live(), &diffs);
+    if let Some(d) = done {
+        let mut left = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            let Some(set) = d.done.get(&r.path) else {
+                left.push(r);
+                continue;
+            };
+            let missing = set.missing(r.offset, r.length);
+            let kept: u64 = missing.iter().map(|(_, l)| l).sum();
+            stats.bytes_already_done += r.length - kept;
+            left.extend(missing.into_iter().map(|(offset, length)| FetchRange {
+                path: r.path.clone(),
+                offset,
+                length,
+            }));
+        }
+        ranges = left;
+    }
+    let total: u64 = ranges.iter().map(|r| r.length).sum();
+    prepare(plan, pgdata, own, done, &hashed_sizes, &mut stats).map_err(|e| e.needing(total))?;
+    progress.total(total);
+    let whole_copies: std::collections::HashSet<&str> = plan
+        .entries
+        .iter()
+        .filter(|e| e.action == FileAction::Copy && e.target.is_some())
+        .map(|e| e.path.as_str())
+        .collect();
+    let mut files: HashMap<String, File> = HashMap::new();
+    let mut compare = Vec::new();
+    let mut write_error: Option<ExecuteError> = None;
+    let mut sink = |piece: Fetched<'_>| -> Result<(), SourceError> {
+        let left = total.saturating_sub(stats.bytes_fetched);
+        let r = (|| -> Result<(), ExecuteError> {
+            match piece {
+                Fetched::Data { path, offset, data } => {
+                    stats.bytes_fetched += data.len() as u64;
+                    progress.advance(data.len() as u64);
+                    let full_path = full(path);
+                    if !files.contains_key(path) {
+                        if files.len() >= 64 {
+                            files.clear();
+                        }
+                        let f = own
+                            .open_for_write(&full_path, false)
+                            .map_err(|err| ExecuteError::target("open", &full_path, err))?;
+                        // Reading back the target's bytes needs a readable handle.
+                        drop(f);
+                        let f = fs::OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .open(&full_path)
+                            .map_err(|err| ExecuteError::target("open", &full_path, err))?;
+                        files.insert(path.to_string(), f);
+                    }
+                    let f = &files[path];
+                    if whole_copies.contains(path) {
+                        compare.resize(data.len(), 0);
+                        if read_full_at(f, &mut compare, offset).is_ok_and(|n| n == data.len())
+                            && compare == data
+                        {
+                            stats.bytes_identical += data.len() as u64;
+                            if let Some(rec) = recorder.as_deref_mut() {
+                                rec.note(path, &full_path, offset, data.len() as u64)?;
+                            }
+                            return Ok(());
+                        }
+                    }
+                    f.write_all_at(data, offset)
+                        .map_err(|err| ExecuteError::target("write", &full_path, err))?;
+                    start_writeback(f, offset, data.len() as u64);
+                    stats.bytes_written += data.len() as u64;
+                    if let Some(rec) = recorder.as_deref_mut() {
+                        rec.note(path, &full_path, offset, data.len() as u64)?;
+                    }
+                    crate::fault::passed(crate::fault::Point::Bytes, data.len() as u64);
+                    if !stats.changed.contains(path) {
+                        stats.changed.insert(path.to_string());
+                    }
+                }
+                Fetched::Short { path, size } => {
+                    // The source file is shorter than listed: so must the copy be. WAL replay
+                    // recreates whatever a live source appended or cut meanwhile.
+                    let full_path = full(path);
+                    files.remove(path);
+                    if let Ok(f) = fs::OpenOptions::new().write(true).open(&full_path) {
+                        f.set_len(size)
+                            .map_err(|err| ExecuteError::target("truncate", &full_path, err))?;
+                        stats.changed.insert(path.to_string());
+                    }
+                }
+                Fetched::Vanished { path } => {
+                    stats.files_vanished_on_source += 1;
+                    files.remove(path);
+                    let full_path = full(path);
+                    match fs::remove_file(&full_path) {
+                        Ok(()) => {}
+                        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                        Err(err) => return Err(ExecuteError::target("remove", &full_path, err)),
+                    }
+                }
+            }
+            Ok(())
+        })();
+        r.map_err(|e| {
+            let e = e.needing(left);
+            let msg = e.to_string();
+            write_error = Some(e);
+            SourceError::Sink(msg.into())
+        })
+    };
+    if let Err(e) = source.fetch(&ranges, &mut sink) {
+        return Err(write_error.take().unwrap_or(ExecuteError::Source(e)));
+    }
+    drop(files);
+    if let Some(rec) = recorder {
+        rec.flush()?;
+    }
+
+    // Last, what the source does not have: deepest first (the plan's order).
+    for e in plan
+        .entries
+        .iter()
+        .filter(|e| e.action == FileAction::Remove)
+    {
+        let path = full(&e.path);
+        let t = e.target.as_ref().map_or(FileType::Regular, |t| t.file_type);
+        let r = match t {
+            FileType::Directory => fs::remove_dir(&path),
+            FileType::Regular | FileType::Symlink => fs::remove_file(&path),
+        };
+        match r {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(ExecuteError::target("remove", &path, err)),
+        }
+    }
+    Ok(stats)
+}
+
+/// What comes before the fetch: directories and links are created, the diverged WAL of kept
+/// segments is zeroed, and files are cut down or created empty.
+fn prepare(
+    plan: &Plan,
+    pgdata: &Path,
+    own: &Ownership,
+    done: Option<&JournalState>,
+    hashed_sizes: &HashMap<String, u64>,
+    stats: &mut ExecuteStats,
+) -> Result<(), ExecuteError> {
+    let full = |p: &str| pgdata.join(p);
     // Directories and links first, so that files below them can be written.
     for e in plan
         .entries
@@ -327,142 +506,7 @@ pub fn execute_journaled(
         }
     }
 
-    // Every byte to fetch, as one batch.
-    let mut ranges = fetch_ranges(plan, source.is_live(), &diffs);
-    if let Some(d) = done {
-        let mut left = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            let Some(set) = d.done.get(&r.path) else {
-                left.push(r);
-                continue;
-            };
-            let missing = set.missing(r.offset, r.length);
-            let kept: u64 = missing.iter().map(|(_, l)| l).sum();
-            stats.bytes_already_done += r.length - kept;
-            left.extend(missing.into_iter().map(|(offset, length)| FetchRange {
-                path: r.path.clone(),
-                offset,
-                length,
-            }));
-        }
-        ranges = left;
-    }
-    let total: u64 = ranges.iter().map(|r| r.length).sum();
-    progress.total(total);
-    let whole_copies: std::collections::HashSet<&str> = plan
-        .entries
-        .iter()
-        .filter(|e| e.action == FileAction::Copy && e.target.is_some())
-        .map(|e| e.path.as_str())
-        .collect();
-    let mut files: HashMap<String, File> = HashMap::new();
-    let mut compare = Vec::new();
-    let mut write_error: Option<ExecuteError> = None;
-    let mut sink = |piece: Fetched<'_>| -> Result<(), SourceError> {
-        let r = (|| -> Result<(), ExecuteError> {
-            match piece {
-                Fetched::Data { path, offset, data } => {
-                    stats.bytes_fetched += data.len() as u64;
-                    progress.advance(data.len() as u64);
-                    let full_path = full(path);
-                    if !files.contains_key(path) {
-                        if files.len() >= 64 {
-                            files.clear();
-                        }
-                        let f = own
-                            .open_for_write(&full_path, false)
-                            .map_err(|err| ExecuteError::target("open", &full_path, err))?;
-                        // Reading back the target's bytes needs a readable handle.
-                        drop(f);
-                        let f = fs::OpenOptions::new()
-                            .read(true)
-                            .write(true)
-                            .open(&full_path)
-                            .map_err(|err| ExecuteError::target("open", &full_path, err))?;
-                        files.insert(path.to_string(), f);
-                    }
-                    let f = &files[path];
-                    if whole_copies.contains(path) {
-                        compare.resize(data.len(), 0);
-                        if read_full_at(f, &mut compare, offset).is_ok_and(|n| n == data.len())
-                            && compare == data
-                        {
-                            stats.bytes_identical += data.len() as u64;
-                            if let Some(rec) = recorder.as_deref_mut() {
-                                rec.note(path, &full_path, offset, data.len() as u64)?;
-                            }
-                            return Ok(());
-                        }
-                    }
-                    f.write_all_at(data, offset)
-                        .map_err(|err| ExecuteError::target("write", &full_path, err))?;
-                    start_writeback(f, offset, data.len() as u64);
-                    stats.bytes_written += data.len() as u64;
-                    if let Some(rec) = recorder.as_deref_mut() {
-                        rec.note(path, &full_path, offset, data.len() as u64)?;
-                    }
-                    crate::fault::passed(crate::fault::Point::Bytes, data.len() as u64);
-                    if !stats.changed.contains(path) {
-                        stats.changed.insert(path.to_string());
-                    }
-                }
-                Fetched::Short { path, size } => {
-                    // The source file is shorter than listed: so must the copy be. WAL replay
-                    // recreates whatever a live source appended or cut meanwhile.
-                    let full_path = full(path);
-                    files.remove(path);
-                    if let Ok(f) = fs::OpenOptions::new().write(true).open(&full_path) {
-                        f.set_len(size)
-                            .map_err(|err| ExecuteError::target("truncate", &full_path, err))?;
-                        stats.changed.insert(path.to_string());
-                    }
-                }
-                Fetched::Vanished { path } => {
-                    stats.files_vanished_on_source += 1;
-                    files.remove(path);
-                    let full_path = full(path);
-                    match fs::remove_file(&full_path) {
-                        Ok(()) => {}
-                        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                        Err(err) => return Err(ExecuteError::target("remove", &full_path, err)),
-                    }
-                }
-            }
-            Ok(())
-        })();
-        r.map_err(|e| {
-            let msg = e.to_string();
-            write_error = Some(e);
-            SourceError::Sink(msg.into())
-        })
-    };
-    if let Err(e) = source.fetch(&ranges, &mut sink) {
-        return Err(write_error.take().unwrap_or(ExecuteError::Source(e)));
-    }
-    drop(files);
-    if let Some(rec) = recorder {
-        rec.flush()?;
-    }
-
-    // Last, what the source does not have: deepest first (the plan's order).
-    for e in plan
-        .entries
-        .iter()
-        .filter(|e| e.action == FileAction::Remove)
-    {
-        let path = full(&e.path);
-        let t = e.target.as_ref().map_or(FileType::Regular, |t| t.file_type);
-        let r = match t {
-            FileType::Directory => fs::remove_dir(&path),
-            FileType::Regular | FileType::Symlink => fs::remove_file(&path),
-        };
-        match r {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => return Err(ExecuteError::target("remove", &path, err)),
-        }
-    }
-    Ok(stats)
+    Ok(())
 }
 
 /// The ranges to fetch per file, and the size the source hashed per file.
@@ -647,6 +691,33 @@ mod tests {
                 ("pg_xact/0001".to_string(), 0, LIVE_MIN_COPY)
             ]
         );
+    }
+
+    // A copy that fills the target's file system stops with the one error for it, saying how
+    // much the rest of the plan may still write.
+    #[test]
+    fn a_full_target_is_said_with_what_the_plan_still_needs() {
+        let src = tempfile::tempdir().unwrap();
+        let base = tempfile::tempdir().unwrap();
+        let disk = failback_tests::tmpfs::Tmpfs::mount(&base.path().join("disk"), 4 << 20)
+            .unwrap_or_else(|e| panic!("{e}"));
+        fs::write(src.path().join("new"), vec![1u8; 3 << 20]).unwrap();
+        disk.fill_leaving("ballast", 1 << 20);
+        let plan = Plan {
+            entries: vec![copy("new", 3 << 20, None)],
+            block_size: 8192,
+        };
+        let own = Ownership::of_data_dir(disk.path()).unwrap();
+        let mut source = crate::source::local::LocalSource::new(src.path());
+        let mut progress = crate::progress::Terminal::new(false, false);
+        let err = execute(&plan, disk.path(), &own, &mut source, &mut progress).unwrap_err();
+        let full = err
+            .target_full()
+            .unwrap_or_else(|| panic!("not a full disk: {err}"));
+        assert_eq!(full.path, disk.path().join("new"));
+        let needed = full.still_needed.expect("how much is left");
+        assert!((1..=3 << 20).contains(&needed), "{needed}");
+        assert!(!full.nothing_changed);
     }
 
     #[test]

@@ -107,14 +107,94 @@ pub fn durable_rename(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 /// Writes `data` to `path` durably and atomically: into `path.tmp`, then `durable_rename`.
+/// When that fails (a full disk, most likely), `path` keeps its old content and the temporary
+/// file is removed, so a failed write neither leaves a half file under the real name nor
+/// holds on to the space it took.
 pub fn durable_write(path: &Path, data: &[u8], own: &Ownership) -> io::Result<()> {
     let tmp = with_suffix(path, ".failback.tmp");
-    {
-        use std::io::Write;
-        let mut f = own.open_for_write(&tmp, true)?;
-        f.write_all(data)?;
+    let written = write_new(&tmp, data, own).and_then(|()| durable_rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-    durable_rename(&tmp, path)
+    written
+}
+
+fn write_new(path: &Path, data: &[u8], own: &Ownership) -> io::Result<()> {
+    use std::io::Write;
+    own.open_for_write(path, true)?.write_all(data)
+}
+
+/// The target's file system has no room left (`ENOSPC`), or the quota of the user writing is
+/// used up (`EDQUOT`). Trying the same write again cannot help, so nothing retries it: the
+/// rewind stops, and once space is freed, running it again resumes from the journal — what
+/// was written and recorded as done is not fetched again.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the target's file system is full while writing \"{}\"{}{}",
+    path.display(),
+    still_needed.map_or(String::new(), |n| format!(
+        " (the rest of the rewind writes up to {} MB)",
+        n.div_ceil(1_000_000)
+    )),
+    if *nothing_changed {
+        "; nothing was changed in the target: free space on it, then run failback rewind again"
+    } else {
+        ": free space on it, then run failback rewind again: it resumes where this run stopped"
+    }
+)]
+pub struct TargetFull {
+    /// The file being written (for an atomic rewrite, the name it replaces).
+    pub path: PathBuf,
+    /// Bytes the rest of the plan may still write, when known: an upper bound, as pieces
+    /// found identical on the target are not written, and rewrites in place take no new room.
+    pub still_needed: Option<u64>,
+    /// It happened before the journal existed: the target is as it was before this run.
+    pub nothing_changed: bool,
+    #[source]
+    pub source: io::Error,
+}
+
+impl TargetFull {
+    /// Whether `err` says the file system is full or the quota used up.
+    pub fn is_full(err: &io::Error) -> bool {
+        matches!(err.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+            || matches!(
+                err.kind(),
+                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+            )
+    }
+
+    /// Says how much the rest of the plan may still write, unless that is already said.
+    pub fn needing(mut self, bytes: u64) -> TargetFull {
+        self.still_needed.get_or_insert(bytes);
+        self
+    }
+
+    /// Marks it as having happened before the rewind's first change.
+    pub fn before_first_change(mut self) -> TargetFull {
+        self.nothing_changed = true;
+        self
+    }
+}
+
+/// The one mapping of an I/O error while writing `path` in the target: a full file system
+/// becomes [`TargetFull`] (in whatever error type the caller returns), any other error is
+/// left to `other`.
+pub fn target_error<E: From<TargetFull>>(
+    path: &Path,
+    err: io::Error,
+    other: impl FnOnce(io::Error) -> E,
+) -> E {
+    if TargetFull::is_full(&err) {
+        E::from(TargetFull {
+            path: path.to_path_buf(),
+            still_needed: None,
+            nothing_changed: false,
+            source: err,
+        })
+    } else {
+        other(err)
+    }
 }
 
 /// Removes a file and makes the removal durable.
@@ -281,5 +361,54 @@ mod tests {
         durable_remove(&p).unwrap();
         assert!(!p.exists());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_full_file_system_or_quota_is_one_error_saying_what_to_do() {
+        let at = Path::new("/data/base/5/16384");
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let e: Box<dyn std::error::Error + Send + Sync> =
+                target_error(at, io::Error::from_raw_os_error(errno), |e| e.into());
+            let full = e.downcast_ref::<TargetFull>().expect("a TargetFull");
+            assert_eq!(full.source.raw_os_error(), Some(errno));
+        }
+        let other: Box<dyn std::error::Error + Send + Sync> =
+            target_error(at, io::Error::from_raw_os_error(libc::EACCES), |e| e.into());
+        assert!(other.downcast_ref::<io::Error>().is_some());
+
+        let full = |nothing_changed| TargetFull {
+            path: at.to_path_buf(),
+            still_needed: None,
+            nothing_changed,
+            source: io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert_eq!(
+            full(false).needing(80_000_001).needing(5).to_string(),
+            "the target's file system is full while writing \"/data/base/5/16384\" (the rest \
+             of the rewind writes up to 81 MB): free space on it, then run failback rewind \
+             again: it resumes where this run stopped"
+        );
+        assert_eq!(
+            full(true).to_string(),
+            "the target's file system is full while writing \"/data/base/5/16384\"; nothing \
+             was changed in the target: free space on it, then run failback rewind again"
+        );
+    }
+
+    // A rewrite that meets a full disk leaves the old content under the name, and no
+    // temporary file taking space.
+    #[test]
+    fn durable_write_on_a_full_disk_keeps_the_old_file() {
+        let base = tempfile::tempdir().unwrap();
+        let disk = failback_tests::tmpfs::Tmpfs::mount(&base.path().join("disk"), 1 << 20)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let own = Ownership::of_data_dir(disk.path()).unwrap();
+        let p = disk.path().join("pg_control");
+        durable_write(&p, b"old", &own).unwrap();
+        disk.fill_leaving("ballast", 0);
+        let err = durable_write(&p, &vec![7u8; 64 << 10], &own).unwrap_err();
+        assert!(TargetFull::is_full(&err), "{err}");
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+        assert!(!with_suffix(&p, ".failback.tmp").exists());
     }
 }

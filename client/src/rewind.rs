@@ -86,6 +86,45 @@ fn fail(message: impl Into<String>) -> RewindError {
     }
 }
 
+impl RewindError {
+    /// The target's file system is full (or the quota used up), if that is why the rewind
+    /// stopped: the one error for it, wherever on the target it was met.
+    pub fn target_full(&self) -> Option<&fsutil::TargetFull> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = match &self.source {
+            Some(b) => Some(b.as_ref()),
+            None => None,
+        };
+        while let Some(e) = cause {
+            let found = e
+                .downcast_ref::<fsutil::TargetFull>()
+                .or_else(|| e.downcast_ref::<execute::ExecuteError>()?.target_full())
+                .or_else(|| match e.downcast_ref::<unfinished::UnfinishedError>()? {
+                    unfinished::UnfinishedError::TargetFull(f) => Some(f),
+                    _ => None,
+                });
+            if found.is_some() {
+                return found;
+            }
+            cause = e.source();
+        }
+        None
+    }
+}
+
+/// [`wrap`] for an I/O error while writing `path` in the target, which says a full file
+/// system as [`fsutil::TargetFull`].
+fn wrap_write(
+    message: impl Into<String>,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> RewindError {
+    let message = message.into();
+    let path = path.to_path_buf();
+    move |e| RewindError {
+        message,
+        source: Some(fsutil::target_error(&path, e, |e| e.into())),
+    }
+}
+
 fn wrap<E: std::error::Error + Send + Sync + 'static>(
     message: impl Into<String>,
 ) -> impl FnOnce(E) -> RewindError {
@@ -467,6 +506,11 @@ pub fn rewind(
         unfinished::begin(target_dir, header, &own)
             .map_err(wrap("could not record the rewind's plan in the target"))?;
     }
+    if let Some(st) = &resume {
+        unfinished::drop_torn_tail(target_dir, st)
+            .and_then(|()| unfinished::mark(target_dir, &own))
+            .map_err(wrap("could not take up the unfinished rewind's journal"))?;
+    }
     let t_copy = Instant::now();
     progress.phase("copying");
     let mut recorder = unfinished::Recorder::open(target_dir)
@@ -579,14 +623,18 @@ pub fn rewind(
             restore.is_some(),
             opts.sync_method.unwrap_or(SyncMethod::Fsync),
         )
-        .map_err(wrap("could not sync the target data directory"))?;
+        .map_err(wrap_write(
+            "could not sync the target data directory",
+            target_dir,
+        ))?;
     }
     unfinished::record(target_dir, Phase::Copied).map_err(wrap("could not update the journal"))?;
     fault::passed(Point::Commit, 1);
     progress.phase("creating backup label and updating control file");
     let label = recovery::backup_label(redo, tli, ckpt, target.xlog_seg_size, &now_utc());
-    fsutil::durable_write(&target_dir.join("backup_label"), label.as_bytes(), &own)
-        .map_err(wrap("could not write backup_label"))?;
+    let label_path = target_dir.join("backup_label");
+    fsutil::durable_write(&label_path, label.as_bytes(), &own)
+        .map_err(wrap_write("could not write backup_label", &label_path))?;
     fault::passed(Point::Commit, 1);
     let mut new_control = after.clone();
     new_control.minRecoveryPoint = min_point;
@@ -595,8 +643,11 @@ pub fn rewind(
     let bytes = new_control
         .to_bytes()
         .map_err(wrap("could not build the new control file"))?;
-    fsutil::durable_write(&target_dir.join("global/pg_control"), &bytes, &own)
-        .map_err(wrap("could not write the target's control file"))?;
+    let control_path = target_dir.join("global/pg_control");
+    fsutil::durable_write(&control_path, &bytes, &own).map_err(wrap_write(
+        "could not write the target's control file",
+        &control_path,
+    ))?;
     fault::passed(Point::Commit, 1);
     unfinished::record(target_dir, Phase::Committed)
         .map_err(wrap("could not update the journal"))?;
@@ -609,8 +660,9 @@ pub fn rewind(
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
     if opts.write_recovery_conf {
-        fsutil::durable_write(&target_dir.join("standby.signal"), b"", &own)
-            .map_err(wrap("could not write standby.signal"))?;
+        let signal = target_dir.join("standby.signal");
+        fsutil::durable_write(&signal, b"", &own)
+            .map_err(wrap_write("could not write standby.signal", &signal))?;
         fault::passed(Point::Commit, 1);
         let conninfo = conninfo.as_deref().ok_or_else(|| {
             fail("-R needs --primary-conninfo to know how the target reaches the new primary")
@@ -832,12 +884,13 @@ fn write_recovery_conf(
     let conninfo = conninfo.ok_or_else(|| {
         fail("-R needs --primary-conninfo to know how the target reaches the new primary")
     })?;
-    fsutil::durable_write(&target.join("standby.signal"), b"", own)
-        .map_err(wrap("could not write standby.signal"))?;
+    let signal = target.join("standby.signal");
+    fsutil::durable_write(&signal, b"", own)
+        .map_err(wrap_write("could not write standby.signal", &signal))?;
     let auto = target.join("postgresql.auto.conf");
     let text = std::fs::read_to_string(&auto).unwrap_or_default();
     let new = recovery::set_auto_conf(&text, "primary_conninfo", conninfo);
     fsutil::durable_write(&auto, new.as_bytes(), own)
-        .map_err(wrap("could not write postgresql.auto.conf"))?;
+        .map_err(wrap_write("could not write postgresql.auto.conf", &auto))?;
     Ok(())
 }

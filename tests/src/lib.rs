@@ -13,6 +13,7 @@
 //! - [`fingerprint`]: row counts and hashes of every user table, compared with a readable diff.
 //! - [`rewind`]: running the `failback` binary on a failed-over pair, the steps of a rewind
 //!   test (promote, stop, rewind, rejoin and compare), and checks of a data directory's files.
+//! - [`tmpfs`]: a small file system of a test's own (a data directory on it), to fill up.
 //! - [`pg_test!`]: one test body instantiated for every major version, so the runner runs
 //!   them in parallel as `name::pg13` … `name::pg18`.
 //!
@@ -37,6 +38,7 @@ pub mod port;
 pub mod proxy;
 pub mod rewind;
 pub mod run;
+pub mod tmpfs;
 pub mod user;
 
 pub use binaries::PgBinaries;

@@ -274,6 +274,34 @@ pub fn rewind_dirs(target: &Cluster, source_dir: &Path, args: &[&str]) -> Failba
     run
 }
 
+/// `failback status -D <target>`: exit status 0 when no rewind of it is unfinished, 3 when one
+/// is (and stdout says how far it got).
+pub fn status(target: &Cluster) -> FailbackRun {
+    run_failback(
+        &["status".into(), "-D".into(), target.data_dir().into()],
+        None,
+    )
+}
+
+/// Asserts that a rewind of `target` is unfinished and that it shows: `failback status` says so
+/// (exit status 3), and PostgreSQL refuses to start on it, naming failback's marker.
+pub fn assert_unfinished(target: &mut Cluster) {
+    let st = status(target);
+    assert_eq!(st.status.code(), Some(3), "{}", st.show());
+    assert!(st.stdout.contains("unfinished rewind"), "{}", st.show());
+    let refused = target.try_start();
+    assert!(
+        refused.is_err(),
+        "PostgreSQL started on a half-rewound target '{}'",
+        target.name()
+    );
+    let log = target.log_tail(30);
+    assert!(
+        log.contains("failback_unfinished_rewind"),
+        "the refusal does not name failback's marker:\n{log}"
+    );
+}
+
 /// What failback said and the tails of the clusters' logs, for a failure message.
 pub fn context(run: &FailbackRun, clusters: &[&Cluster]) -> String {
     let mut s = run.show();
@@ -338,6 +366,37 @@ pub fn assert_refused(run: &FailbackRun, needles: &[&str], clusters: &[&Cluster]
 pub fn promote(primary: &Cluster, standby: &Cluster) -> failback_common::TimeLineId {
     standby.wait_for_catchup(primary);
     standby.promote()
+}
+
+/// A failed-over pair, both still running, where the rewind has tens of MB to copy: the old
+/// primary changed rows of `t` and made `only_old` after the promotion; the new one changed
+/// other rows and made `only_new`, a relation of about 35 MB, and the WAL that made it.
+/// [`assert_tens_of_mb_rewound`] checks the rejoined old primary.
+pub fn diverged_with_tens_of_mb(major: failback_common::PgMajor) -> (Cluster, Cluster) {
+    let mut old = Cluster::start_new(major, "old");
+    old.pgbench_init(1);
+    old.execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT i, 'before the fork' FROM generate_series(1, 5000) i",
+    );
+    let new = old.create_standby("new");
+    promote(&old, &new);
+    old.execute("UPDATE t SET v = 'lost on old' WHERE id % 3 = 0; CREATE TABLE only_old (x int)");
+    new.execute(
+        "UPDATE t SET v = 'kept on new' WHERE id % 5 = 0;
+         CREATE TABLE only_new AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 150000) g",
+    );
+    (old, new)
+}
+
+/// The old primary of [`diverged_with_tens_of_mb`], rewound and rejoined, lost its own writes
+/// and holds the new primary's.
+pub fn assert_tens_of_mb_rewound(old: &Cluster) {
+    assert_eq!(
+        old.query_one("SELECT count(*) FROM t WHERE v = 'lost on old'"),
+        "0"
+    );
+    assert_eq!(old.query_one("SELECT count(*) FROM only_new"), "150000");
 }
 
 /// Stops both sides for a local-source rewind: the new primary cleanly (a source data

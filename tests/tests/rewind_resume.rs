@@ -12,25 +12,15 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::time::Duration;
 
-use failback_tests::rewind::{failback_bin, promote, rejoin, rewind_ok, stop_for_rewind};
+use failback_tests::rewind::{
+    assert_tens_of_mb_rewound, assert_unfinished, diverged_with_tens_of_mb, failback_bin, rejoin,
+    rewind_ok, status, stop_for_rewind,
+};
 use failback_tests::run::run_with_timeout;
-use failback_tests::{Cluster, StopMode, pg_test};
+use failback_tests::{StopMode, pg_test};
 
 pg_test!(killed_mid_copy_then_resumed, |major| {
-    let mut old = Cluster::start_new(major, "old");
-    old.pgbench_init(1);
-    old.execute(
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t SELECT i, 'before the fork' FROM generate_series(1, 5000) i",
-    );
-    let mut new = old.create_standby("new");
-    promote(&old, &new);
-    old.execute("UPDATE t SET v = 'lost on old' WHERE id % 3 = 0; CREATE TABLE only_old (x int)");
-    // A relation only the new primary has and the WAL that made it: tens of MB to copy.
-    new.execute(
-        "UPDATE t SET v = 'kept on new' WHERE id % 5 = 0;
-         CREATE TABLE only_new AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 150000) g",
-    );
+    let (mut old, mut new) = diverged_with_tens_of_mb(major);
     stop_for_rewind(&mut old, &mut new, StopMode::Immediate);
 
     let mut killed = Command::new(failback_bin());
@@ -50,22 +40,7 @@ pg_test!(killed_mid_copy_then_resumed, |major| {
         out.both()
     );
 
-    let mut status = Command::new(failback_bin());
-    status.args(["status", "-D"]).arg(old.data_dir());
-    let st = run_with_timeout(&mut status, Duration::from_secs(60)).unwrap();
-    assert_eq!(st.status.code(), Some(3), "{}", st.both());
-    assert!(st.stdout.contains("unfinished rewind"), "{}", st.both());
-
-    let refused = old.try_start();
-    assert!(
-        refused.is_err(),
-        "PostgreSQL started on a half-rewound target"
-    );
-    let log = old.log_tail(30);
-    assert!(
-        log.contains("failback_unfinished_rewind"),
-        "the refusal does not name failback's marker:\n{log}"
-    );
+    assert_unfinished(&mut old);
 
     let run = rewind_ok(&old, &new, &[]);
     let report = run.report();
@@ -78,12 +53,8 @@ pg_test!(killed_mid_copy_then_resumed, |major| {
         "the resumed run fetched again what the killed one had recorded:\n{}",
         run.show()
     );
-    let st = run_with_timeout(&mut status, Duration::from_secs(60)).unwrap();
-    assert_eq!(st.status.code(), Some(0), "{}", st.both());
+    let st = status(&old);
+    assert_eq!(st.status.code(), Some(0), "{}", st.show());
     rejoin(&mut old, &mut new);
-    assert_eq!(
-        old.query_one("SELECT count(*) FROM t WHERE v = 'lost on old'"),
-        "0"
-    );
-    assert_eq!(old.query_one("SELECT count(*) FROM only_new"), "150000");
+    assert_tens_of_mb_rewound(&old);
 });
