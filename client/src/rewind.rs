@@ -259,6 +259,15 @@ pub fn rewind(
         ));
         report.resumed = true;
     }
+    if resume.is_none() && already_rewound(target_dir, &target) {
+        return Err(fail(format!(
+            "{} was already rewound and has not been started since (its control file says \
+             \"{}\" and its backup_label was written by a rewind): there is nothing to rewind; \
+             start it as a standby of the new primary",
+            target_dir.display(),
+            target.state
+        )));
+    }
     if !target.state.is_shut_down_cleanly() && resume.is_none() {
         if opts.no_ensure_shutdown {
             return Err(fail(format!(
@@ -675,6 +684,16 @@ pub fn rewind(
     report.seconds.checks = (t_scan - t0).as_secs_f64();
     progress.info("Done!");
     Ok((report, Some(the_plan)))
+}
+
+/// Whether `target` is what a finished rewind leaves before its first start: a control file
+/// "in archive recovery" and a `backup_label` a rewind wrote (failback's and pg_rewind's say
+/// `BACKUP METHOD: pg_rewind`). Crash recovery in single-user mode would fail on it, and a
+/// second rewind has nothing to do.
+fn already_rewound(target_dir: &Path, target: &ControlFileData) -> bool {
+    target.state == DBState::InArchiveRecovery
+        && std::fs::read_to_string(target_dir.join("backup_label"))
+            .is_ok_and(|l| l.lines().any(|l| l.trim() == "BACKUP METHOD: pg_rewind"))
 }
 
 /// The plan of a resumed rewind: the journal's, once the source is checked to be the same

@@ -302,6 +302,24 @@ pub fn assert_unfinished(target: &mut Cluster) {
     );
 }
 
+/// Asserts that `run` resumed an unfinished rewind and did not fetch again at least `min_done`
+/// bytes the interrupted run had recorded as done (the report's
+/// `execution.bytes_already_done`); returns that count.
+pub fn assert_resumed(run: &FailbackRun, min_done: u64) -> u64 {
+    let report = run.report();
+    assert_eq!(report["resumed"], true, "{}", run.show());
+    let done = report["execution"]["bytes_already_done"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        done >= min_done,
+        "the resumed run fetched again what the interrupted one had recorded as done \
+         ({done} bytes skipped, at least {min_done} expected):\n{}",
+        run.show()
+    );
+    done
+}
+
 /// What failback said and the tails of the clusters' logs, for a failure message.
 pub fn context(run: &FailbackRun, clusters: &[&Cluster]) -> String {
     let mut s = run.show();

@@ -15,8 +15,8 @@
 use std::time::Instant;
 
 use failback_tests::rewind::{
-    assert_refused, assert_tens_of_mb_rewound, assert_unfinished, diverged_with_tens_of_mb, rejoin,
-    rewind, rewind_ok, status, stop_for_rewind,
+    assert_refused, assert_resumed, assert_tens_of_mb_rewound, assert_unfinished,
+    diverged_with_tens_of_mb, rejoin, rewind, rewind_ok, status, stop_for_rewind,
 };
 use failback_tests::tmpfs::Tmpfs;
 use failback_tests::{StopMode, pg_test};
@@ -77,17 +77,7 @@ pg_test!(full_disk_then_freed_then_resumed, |major| {
 
     std::fs::remove_file(&ballast).unwrap_or_else(|e| panic!("{}: {e}", ballast.display()));
     let run = rewind_ok(&old, &new, &[]);
-    let report = run.report();
-    assert_eq!(report["resumed"], true, "{}", run.show());
-    let done = report["execution"]["bytes_already_done"]
-        .as_u64()
-        .unwrap_or(0);
-    assert!(
-        done > 0,
-        "the resumed run fetched again everything the one stopped by the full disk had \
-         recorded as done:\n{}",
-        run.show()
-    );
+    let done = assert_resumed(&run, 1);
     let st = status(&old);
     assert_eq!(st.status.code(), Some(0), "{}", st.show());
     assert!(

@@ -23,27 +23,15 @@ use failback_common::journal::JOURNAL_FILE;
 use failback_tests::failbackd::{Failbackd, Via};
 use failback_tests::proxy::{TcpCut, UdpCut};
 use failback_tests::rewind::{
-    FailbackRun, failback_bin, promote, rejoin, run_failback, run_failback_with, stop_for_rewind,
+    FailbackRun, assert_refused, assert_resumed, assert_tens_of_mb_rewound, assert_unfinished,
+    diverged_with_tens_of_mb, rejoin, run_failback, run_failback_with, status, stop_for_rewind,
 };
-use failback_tests::run::{run_ok, run_with_timeout};
+use failback_tests::run::run_ok;
 use failback_tests::{Cluster, PgMajor, StopMode, pg_test};
 
-/// An old primary and its promoted standby, both shut down, diverged by a few MB on the old
-/// side and about 30 MB on the new (a table only the new primary has, and its WAL).
+/// An old primary and its promoted standby, both shut down, diverged by tens of MB.
 fn diverged(major: PgMajor) -> (Cluster, Cluster) {
-    let mut old = Cluster::start_new(major, "old");
-    old.execute(
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t SELECT i, 'before the fork' FROM generate_series(1, 5000) i",
-    );
-    let mut new = old.create_standby("new");
-    promote(&old, &new);
-    old.execute("UPDATE t SET v = 'lost on old' WHERE id % 3 = 0; CREATE TABLE only_old (x int)");
-    new.execute(
-        "UPDATE t SET v = 'kept on new' WHERE id % 5 = 0;
-         CREATE TABLE only_new AS SELECT g, md5(g::text) || repeat('x', 160) AS pad
-           FROM generate_series(1, 60000) g",
-    );
+    let (mut old, mut new) = diverged_with_tens_of_mb(major);
     stop_for_rewind(&mut old, &mut new, StopMode::Immediate);
     (old, new)
 }
@@ -62,10 +50,7 @@ fn local(new: &Cluster) -> Vec<OsString> {
 
 /// `failback status -D`'s exit code: 0 nothing unfinished, 3 an unfinished rewind.
 fn status_code(old: &Cluster) -> i32 {
-    let mut st = Command::new(failback_bin());
-    st.args(["status", "-D"]).arg(old.data_dir());
-    let out = run_with_timeout(&mut st, Duration::from_secs(60)).unwrap();
-    out.status.code().unwrap_or(-1)
+    status(old).status.code().unwrap_or(-1)
 }
 
 fn assert_killed(run: &FailbackRun, what: &str) {
@@ -100,8 +85,8 @@ fn crash_point(seed: u64) -> (&'static str, u64) {
         1 => ("bytes", 24 << 20),
         2 => ("sync", 12),
         // With -R: 1 journal "copied", 2 backup_label, 3 pg_control, 4 journal "committed",
-        // 5 standby.signal, 6 postgresql.auto.conf without the marker.
-        _ => ("commit", 6),
+        // 5 standby.signal, 6 postgresql.auto.conf without the marker, 7 the journal removed.
+        _ => ("commit", 7),
     };
     (point, 1 + z % hi)
 }
@@ -125,24 +110,33 @@ fn crash_anywhere(major: PgMajor, seeds: std::ops::Range<u64>) {
             assert_killed(&first, &what);
             killed += 1;
             let code = status_code(&old);
-            if point == "scan" {
-                // The crash recovery that cleans up an old primary that crashed runs before
-                // the scan; the rewind itself has not begun.
-                assert_eq!(
-                    code, 0,
-                    "{what}: status says {code} after a kill in the scan"
-                );
+            // Killed in the scan, the rewind had not begun (the crash recovery that cleans up
+            // an old primary that crashed runs before it); killed after its last step, it was
+            // over. In between, it is unfinished.
+            let expected = if point == "scan" || (point == "commit" && n == 7) {
+                0
             } else {
-                assert_eq!(code, 3, "{what}: status does not say unfinished");
-            }
+                3
+            };
+            assert_eq!(code, expected, "{what}: failback status exits with {code}");
             // Until its last step the commit leaves the marker in place.
             if code == 3 && !(point == "commit" && n >= 6) {
-                assert!(
-                    old.try_start().is_err(),
-                    "{what}: PostgreSQL started on a half-rewound target"
-                );
+                assert_unfinished(&mut old);
             }
             let again = run_failback(&args, Some(&old.base_dir().join("again.json")));
+            if point == "commit" && n == 7 {
+                // Killed once all was done: one more run finds nothing to do and says so.
+                assert_refused(
+                    &again,
+                    &["was already rewound", "nothing to rewind"],
+                    &[&old],
+                );
+                rejoin(&mut old, &mut new);
+                assert_tens_of_mb_rewound(&old);
+                old.stop(StopMode::Fast);
+                new.stop(StopMode::Fast);
+                continue;
+            }
             assert!(
                 again.success(),
                 "{what}: the run after the crash failed:\n{}\n--- old's log ---\n{}",
@@ -156,11 +150,7 @@ fn crash_anywhere(major: PgMajor, seeds: std::ops::Range<u64>) {
             );
         }
         rejoin(&mut old, &mut new);
-        assert_eq!(
-            old.query_one("SELECT count(*) FROM t WHERE v = 'lost on old'"),
-            "0",
-            "{what}"
-        );
+        assert_tens_of_mb_rewound(&old);
         old.stop(StopMode::Fast);
         new.stop(StopMode::Fast);
     }
@@ -229,6 +219,7 @@ fn finish_and_compare(mut old: Cluster, mut new: Cluster, run: &FailbackRun, ser
         server.log()
     );
     rejoin(&mut old, &mut new);
+    assert_tens_of_mb_rewound(&old);
 }
 
 fn via_of(quic: bool) -> Via {
@@ -280,11 +271,12 @@ fn server_gone(quic: bool) {
     server.restart();
     let args = rewind_args(&old, server.source_args(via_of(quic)), &[]);
     let again = run_failback(&args, Some(&old.base_dir().join("again.json")));
-    assert_eq!(again.report()["resumed"], true, "{}", again.show());
+    assert_resumed(&again, 0);
     finish_and_compare(old, new, &again, &server);
 }
 
-/// The link breaks mid-copy: every TCP connection closed (twice), or every datagram dropped
+/// The link breaks mid-copy: every TCP connection closed (twice, the second time on the
+/// connection failback made after the first), or every datagram dropped
 /// for longer than the liveness check; failback connects again and finishes.
 fn link_cut(quic: bool) {
     let (old, new) = diverged(PgMajor::V16);
@@ -305,7 +297,12 @@ fn link_cut(quic: bool) {
         let client = background(&old, server.source_args_at(Via::Grpc, proxy.port()), 15);
         wait_for_copy(&old);
         proxy.cut();
-        thread::sleep(Duration::from_secs(1));
+        // Once failback is back (on a second connection), cut that one too.
+        let t0 = Instant::now();
+        while proxy.accepted() < 2 && t0.elapsed() < Duration::from_secs(30) {
+            thread::sleep(Duration::from_millis(20));
+        }
+        thread::sleep(Duration::from_millis(500));
         proxy.cut();
         let run = client.join().expect("the failback thread");
         assert!(

@@ -13,8 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use failback_tests::rewind::{
-    assert_tens_of_mb_rewound, assert_unfinished, diverged_with_tens_of_mb, failback_bin, rejoin,
-    rewind_ok, status, stop_for_rewind,
+    assert_resumed, assert_tens_of_mb_rewound, assert_unfinished, diverged_with_tens_of_mb,
+    failback_bin, rejoin, rewind_ok, status, stop_for_rewind,
 };
 use failback_tests::run::run_with_timeout;
 use failback_tests::{StopMode, pg_test};
@@ -43,16 +43,7 @@ pg_test!(killed_mid_copy_then_resumed, |major| {
     assert_unfinished(&mut old);
 
     let run = rewind_ok(&old, &new, &[]);
-    let report = run.report();
-    assert_eq!(report["resumed"], true, "{}", run.show());
-    let done = report["execution"]["bytes_already_done"]
-        .as_u64()
-        .unwrap_or(0);
-    assert!(
-        done >= 16 << 20,
-        "the resumed run fetched again what the killed one had recorded:\n{}",
-        run.show()
-    );
+    assert_resumed(&run, 16 << 20);
     let st = status(&old);
     assert_eq!(st.status.code(), Some(0), "{}", st.show());
     rejoin(&mut old, &mut new);
