@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use failback_common::filemap::{FileEntry, FileType};
+use failback_common::lsn::history_file_name;
 use failback_common::patience::{Next, Patience, Stall};
 use failback_common::wire::{self, Compression, WireError};
 use failback_proto::v1 as pb;
@@ -303,6 +304,73 @@ pub struct RemoteSource<T: Transport> {
     capabilities: Vec<String>,
     /// How a standby reaches the source's server, host included.
     primary_conninfo: String,
+    early: Early,
+}
+
+/// What every rewind asks first — the control file, the timelines and their history files,
+/// the end of WAL, the file list — asked together with the handshake, so that over a long link
+/// they cost one round trip instead of one each. Each answer is used once, by the first call
+/// for it; later calls ask again. They are a head start only: one attempt each, and a call
+/// whose early answer failed is made again, with the patience `--timeout` allows (an early
+/// call never replaces a connection).
+struct Early {
+    control: Option<Answer<pb::ControlFileResponse>>,
+    timelines: Option<Answer<pb::TimelinesResponse>>,
+    end_of_wal: Option<Answer<pb::EndOfWalResponse>>,
+    files: Option<Answer<Vec<pb::FileEntry>>>,
+    asked: Instant,
+    /// History files from the timelines answer, by path (`pg_wal/NNNNNNNN.history`): they
+    /// never change once written, so they need no read of their own.
+    histories: std::collections::BTreeMap<String, Vec<u8>>,
+}
+
+type Answer<R> = tokio::task::JoinHandle<Option<R>>;
+
+/// The oldest file list used as an early answer: a live source's files change, and the target's
+/// crash recovery and WAL scan may take a while between the handshake and the listing.
+const EARLY_LIST_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Early {
+    fn ask<T: Transport>(rt: &Runtime, t: &T, patience: Patience) -> Early {
+        fn spawn<T: Transport, R: Send + 'static, Fut>(
+            rt: &Runtime,
+            t: &T,
+            patience: Patience,
+            call: fn(T) -> Fut,
+        ) -> Option<Answer<R>>
+        where
+            Fut: Future<Output = Result<R, Status>> + Send + 'static,
+        {
+            let limit = patience.liveness();
+            let t = t.clone();
+            Some(rt.spawn(async move { tokio::time::timeout(limit, call(t)).await.ok()?.ok() }))
+        }
+        Early {
+            control: spawn(rt, t, patience, |t| async move { t.control_file().await }),
+            timelines: spawn(rt, t, patience, |t| async move { t.timelines().await }),
+            end_of_wal: spawn(rt, t, patience, |t| async move { t.end_of_wal().await }),
+            files: spawn(rt, t, patience, |t| async move { t.list_files().await }),
+            asked: Instant::now(),
+            histories: Default::default(),
+        }
+    }
+
+    /// The early answer in `slot`, if it is still there and came (and then never again).
+    fn take<R>(rt: &Runtime, slot: &mut Option<Answer<R>>) -> Option<R> {
+        rt.block_on(slot.take()?).ok().flatten()
+    }
+
+    fn abort(&mut self) {
+        let handles = [
+            self.control.take().map(|h| h.abort_handle()),
+            self.timelines.take().map(|h| h.abort_handle()),
+            self.end_of_wal.take().map(|h| h.abort_handle()),
+            self.files.take().map(|h| h.abort_handle()),
+        ];
+        for h in handles.into_iter().flatten() {
+            h.abort();
+        }
+    }
 }
 
 impl<T: Transport> RemoteSource<T> {
@@ -316,13 +384,18 @@ impl<T: Transport> RemoteSource<T> {
         let Some(transport) = transports.first() else {
             return Err(opts.refuse("no connection"));
         };
+        let mut early = Early::ask(&rt, transport, opts.patience);
         let hs = rt
             .block_on(transport.handshake(pb::HandshakeRequest {
                 protocol_version: failback_proto::PROTOCOL_VERSION,
                 client_version: env!("CARGO_PKG_VERSION").into(),
             }))
-            .map_err(|s| status_err("the handshake", s))?;
+            .map_err(|s| {
+                early.abort();
+                status_err("the handshake", s)
+            })?;
         if hs.protocol_version != failback_proto::PROTOCOL_VERSION {
+            early.abort();
             return Err(opts.refuse(format!(
                 "failbackd speaks protocol {}, this client {}",
                 hs.protocol_version,
@@ -330,6 +403,7 @@ impl<T: Transport> RemoteSource<T> {
             )));
         }
         if hs.max_chunk == 0 || hs.max_chunk > MAX_CHUNK_LIMIT {
+            early.abort();
             return Err(opts.refuse(format!(
                 "failbackd announces chunks of {} bytes (1 .. {MAX_CHUNK_LIMIT} accepted)",
                 hs.max_chunk
@@ -346,7 +420,18 @@ impl<T: Transport> RemoteSource<T> {
             patience: opts.patience,
             max_chunk: hs.max_chunk,
             capabilities: hs.capabilities,
+            early,
         })
+    }
+
+    /// The early timelines answer, once; keeps its history files for [`Source::read_file`].
+    fn early_timelines(&mut self) -> Option<pb::TimelinesResponse> {
+        let r = Early::take(&self.rt, &mut self.early.timelines)?;
+        for h in &r.histories {
+            let path = format!("pg_wal/{}", history_file_name(h.timeline));
+            self.early.histories.insert(path, h.data.to_vec());
+        }
+        Some(r)
     }
 
     fn has(&self, capability: &str) -> bool {
@@ -701,14 +786,21 @@ impl<T: Transport> Source for RemoteSource<T> {
     }
 
     fn control_file(&mut self) -> Result<Vec<u8>, SourceError> {
-        let r = self.call(
-            "global/pg_control",
-            |t| async move { t.control_file().await },
-        )?;
+        let r = match Early::take(&self.rt, &mut self.early.control) {
+            Some(r) => r,
+            None => self.call(
+                "global/pg_control",
+                |t| async move { t.control_file().await },
+            )?,
+        };
         Ok(r.data.to_vec())
     }
 
     fn read_file(&mut self, path: &str) -> Result<Option<Vec<u8>>, SourceError> {
+        let _ = self.early_timelines();
+        if let Some(h) = self.early.histories.get(path) {
+            return Ok(Some(h.clone()));
+        }
         let mut out = Vec::new();
         let mut vanished = false;
         let range = FetchRange {
@@ -738,7 +830,12 @@ impl<T: Transport> Source for RemoteSource<T> {
     }
 
     fn list_files(&mut self) -> Result<Vec<FileEntry>, SourceError> {
-        let entries = self.call("the file list", |t| async move { t.list_files().await })?;
+        let early = Early::take(&self.rt, &mut self.early.files)
+            .filter(|_| self.early.asked.elapsed() <= EARLY_LIST_MAX_AGE);
+        let entries = match early {
+            Some(r) => r,
+            None => self.call("the file list", |t| async move { t.list_files().await })?,
+        };
         entries
             .into_iter()
             .map(|e| {
@@ -835,9 +932,12 @@ impl<T: Transport> Source for RemoteSource<T> {
         if !self.is_live() {
             return Ok(None);
         }
-        let r = self.call("the source's end of WAL", |t| async move {
-            t.end_of_wal().await
-        })?;
+        let r = match Early::take(&self.rt, &mut self.early.end_of_wal) {
+            Some(r) => r,
+            None => self.call("the source's end of WAL", |t| async move {
+                t.end_of_wal().await
+            })?,
+        };
         Ok(Some(SourceEnd {
             lsn: failback_common::Lsn(r.lsn),
             tli: r.timeline,
@@ -845,10 +945,13 @@ impl<T: Transport> Source for RemoteSource<T> {
     }
 
     fn current_timeline(&mut self) -> Result<Option<failback_common::TimeLineId>, SourceError> {
-        let r = self.call(
-            "the source's timelines",
-            |t| async move { t.timelines().await },
-        )?;
+        let r = match self.early_timelines() {
+            Some(r) => r,
+            None => self.call(
+                "the source's timelines",
+                |t| async move { t.timelines().await },
+            )?,
+        };
         Ok((r.current_timeline != 0).then_some(r.current_timeline))
     }
 
