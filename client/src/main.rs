@@ -248,6 +248,10 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source
         patience: a.timeout.map_or(Patience::DEFAULT, |t| Patience {
             timeout: std::time::Duration::from_secs(u64::from(t)),
         }),
+        // A stall the rewind rides out is still worth knowing about.
+        notice: Some(std::sync::Arc::new(|note: &str| {
+            eprintln!("failback: warning: {note}")
+        })),
     })?;
     Ok(source)
 }

@@ -211,12 +211,25 @@ fn wait_for_copy(old: &Cluster) {
     thread::sleep(Duration::from_millis(800));
 }
 
-fn finish_and_compare(mut old: Cluster, mut new: Cluster, run: &FailbackRun, server: &Failbackd) {
+/// Asserts that `run` succeeded — after retrying, which it said, when `retried` — then rejoins
+/// and compares.
+fn finish_and_compare(
+    mut old: Cluster,
+    mut new: Cluster,
+    run: &FailbackRun,
+    server: &Failbackd,
+    retried: bool,
+) {
     assert!(
         run.success(),
         "failback did not ride out the fault:\n{}\n--- failbackd ---\n{}",
         run.show(),
         server.log()
+    );
+    assert!(
+        !retried || run.stderr.contains("trying again in"),
+        "the fault did not hit the copy (failback never retried):\n{}",
+        run.show()
     );
     rejoin(&mut old, &mut new);
     assert_tens_of_mb_rewound(&old);
@@ -236,7 +249,7 @@ fn server_restarted(quic: bool) {
     thread::sleep(Duration::from_secs(2));
     server.restart();
     let run = client.join().expect("the failback thread");
-    finish_and_compare(old, new, &run, &server);
+    finish_and_compare(old, new, &run, &server, true);
 }
 
 /// failbackd killed mid-copy and not back within `--timeout`: failback stops, says so and
@@ -272,7 +285,7 @@ fn server_gone(quic: bool) {
     let args = rewind_args(&old, server.source_args(via_of(quic)), &[]);
     let again = run_failback(&args, Some(&old.base_dir().join("again.json")));
     assert_resumed(&again, 0);
-    finish_and_compare(old, new, &again, &server);
+    finish_and_compare(old, new, &again, &server, false);
 }
 
 /// The link breaks mid-copy: every TCP connection closed (twice, the second time on the
@@ -291,7 +304,7 @@ fn link_cut(quic: bool) {
         thread::sleep(Duration::from_secs(7));
         proxy.set_down(false);
         let run = client.join().expect("the failback thread");
-        finish_and_compare(old, new, &run, &server);
+        finish_and_compare(old, new, &run, &server, true);
     } else {
         let proxy = TcpCut::start(grpc_addr);
         let client = background(&old, server.source_args_at(Via::Grpc, proxy.port()), 15);
@@ -310,7 +323,7 @@ fn link_cut(quic: bool) {
             "failback did not connect again after the cuts ({} connections)",
             proxy.accepted()
         );
-        finish_and_compare(old, new, &run, &server);
+        finish_and_compare(old, new, &run, &server, true);
     }
 }
 

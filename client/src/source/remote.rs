@@ -47,7 +47,7 @@ const HASH_BATCH: usize = 1024;
 pub(crate) const MAX_REPLY: usize = (MAX_CHUNK_LIMIT + (1 << 16)) as usize;
 
 /// How to reach failbackd.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RemoteOptions {
     /// `grpc://host:port`, `grpcs://host:port` or `quic://host:port`.
     pub url: String,
@@ -64,6 +64,18 @@ pub struct RemoteOptions {
     pub compression: Compression,
     /// How long the source may make no progress before the rewind gives up.
     pub patience: Patience,
+    /// Told of every failure that is retried, in words (the CLI prints it as a warning).
+    pub notice: Option<Notice>,
+}
+
+/// Where a source's notes on retried failures go.
+pub type Notice = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// How a call or batch waits for a stalled source, and whom it tells.
+#[derive(Clone)]
+pub(crate) struct Retry {
+    patience: Patience,
+    notice: Option<Notice>,
 }
 
 impl RemoteOptions {
@@ -236,7 +248,7 @@ fn proto_err(what: &str, why: impl std::fmt::Display) -> SourceError {
 /// fresh connection, until the source has been silent for the whole timeout.
 async fn patiently<T: Transport, R, F, Fut>(
     transport: &T,
-    patience: Patience,
+    retry: &Retry,
     what: &str,
     mut call: F,
 ) -> Result<R, SourceError>
@@ -244,7 +256,7 @@ where
     F: FnMut(T) -> Fut,
     Fut: Future<Output = Result<R, Status>>,
 {
-    let mut stall = Stall::new(patience, Instant::now());
+    let mut stall = Stall::new(retry.patience, Instant::now());
     loop {
         let generation = transport.generation();
         let budget = stall.budget(Instant::now());
@@ -256,7 +268,7 @@ where
                 budget.as_secs_f64()
             )),
         };
-        wait_to_retry(transport, &mut stall, generation, err).await?;
+        wait_to_retry(transport, retry, &mut stall, generation, err).await?;
     }
 }
 
@@ -264,6 +276,7 @@ where
 /// otherwise waits the back-off and replaces the connection the attempt used.
 async fn wait_to_retry<T: Transport>(
     transport: &T,
+    retry: &Retry,
     stall: &mut Stall,
     generation: u64,
     err: SourceError,
@@ -273,6 +286,13 @@ async fn wait_to_retry<T: Transport>(
     }
     match stall.failed(Instant::now()) {
         Next::RetryAfter(delay) => {
+            if let Some(notice) = &retry.notice {
+                notice(&format!(
+                    "{err}; trying again in {:.2} s on a new connection (attempt {})",
+                    delay.as_secs_f64(),
+                    stall.failures() + 1
+                ));
+            }
             tokio::time::sleep(delay).await;
             // Connecting to a server that does not answer takes its own time-out: keep it
             // within what is left of ours.
@@ -297,7 +317,7 @@ pub struct RemoteSource<T: Transport> {
     url: String,
     jobs: usize,
     compression: Compression,
-    patience: Patience,
+    retry: Retry,
     max_chunk: u64,
     /// Handshake capabilities: failbackd knows the server's end of WAL (`live`), PostgreSQL
     /// runs on the served directory (`running`), ChunkHashes is served (`chunk-hashes`).
@@ -417,7 +437,10 @@ impl<T: Transport> RemoteSource<T> {
             url: opts.url,
             jobs: opts.jobs.max(1),
             compression: opts.compression,
-            patience: opts.patience,
+            retry: Retry {
+                patience: opts.patience,
+                notice: opts.notice,
+            },
             max_chunk: hs.max_chunk,
             capabilities: hs.capabilities,
             early,
@@ -445,7 +468,7 @@ impl<T: Transport> RemoteSource<T> {
         Fut: Future<Output = Result<R, Status>>,
     {
         self.rt
-            .block_on(patiently(&self.transports[0], self.patience, what, call))
+            .block_on(patiently(&self.transports[0], &self.retry, what, call))
     }
 }
 
@@ -530,10 +553,10 @@ async fn run_batch<T: Transport>(
     mut ranges: Vec<FetchRange>,
     level: i32,
     limit: u64,
-    patience: Patience,
+    retry: Retry,
     tx: mpsc::Sender<Result<Piece, SourceError>>,
 ) -> Result<(), SourceError> {
-    let mut stall = Stall::new(patience, Instant::now());
+    let mut stall = Stall::new(retry.patience, Instant::now());
     loop {
         let generation = transport.generation();
         let mut at = Cursor::new(&ranges);
@@ -547,7 +570,7 @@ async fn run_batch<T: Transport>(
             // Everything arrived; only the end of the call was lost.
             return Ok(());
         }
-        wait_to_retry(&transport, &mut stall, generation, err).await?;
+        wait_to_retry(&transport, &retry, &mut stall, generation, err).await?;
     }
 }
 
@@ -877,15 +900,13 @@ impl<T: Transport> Source for RemoteSource<T> {
             let transport = self.transports[i % self.transports.len()].clone();
             let (tx, permits) = (tx.clone(), permits.clone());
             let limit = self.max_chunk;
-            let patience = self.patience;
+            let retry = self.retry.clone();
             tasks.spawn_on(
                 async move {
                     let Ok(_permit) = permits.acquire_owned().await else {
                         return;
                     };
-                    if let Err(e) =
-                        run_batch(transport, b, level, limit, patience, tx.clone()).await
-                    {
+                    if let Err(e) = run_batch(transport, b, level, limit, retry, tx.clone()).await {
                         let _ = tx.send(Err(e)).await;
                     }
                 },

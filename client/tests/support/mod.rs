@@ -172,6 +172,7 @@ pub fn options(url: String, token: Option<&str>) -> RemoteOptions {
         connections: 2,
         compression: Compression::Zstd(3),
         patience: failback_common::patience::Patience::DEFAULT,
+        notice: None,
     }
 }
 
