@@ -302,9 +302,10 @@ pub fn assert_unfinished(target: &mut Cluster) {
     );
 }
 
-/// Asserts that `run` resumed an unfinished rewind and did not fetch again at least `min_done`
+/// Asserts that `run` resumed an unfinished rewind, did not fetch again at least `min_done`
 /// bytes the interrupted run had recorded as done (the report's
-/// `execution.bytes_already_done`); returns that count.
+/// `execution.bytes_already_done`), and fetched no more than what was left of the plan; returns
+/// the bytes already done.
 pub fn assert_resumed(run: &FailbackRun, min_done: u64) -> u64 {
     let report = run.report();
     assert_eq!(report["resumed"], true, "{}", run.show());
@@ -315,6 +316,17 @@ pub fn assert_resumed(run: &FailbackRun, min_done: u64) -> u64 {
         done >= min_done,
         "the resumed run fetched again what the interrupted one had recorded as done \
          ({done} bytes skipped, at least {min_done} expected):\n{}",
+        run.show()
+    );
+    // What was left, and no more: with what the interrupted run did, no more than the plan.
+    let fetched = report["execution"]["bytes_fetched"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    let planned = report["bytes_to_fetch"].as_u64().unwrap_or(0);
+    assert!(
+        fetched.saturating_add(done) <= planned,
+        "the resumed run fetched {fetched} bytes besides the {done} already done, more than \
+         the {planned} bytes the plan fetches:\n{}",
         run.show()
     );
     done
