@@ -391,6 +391,10 @@ fn status(target: &std::path::Path) -> Result<ExitCode> {
     println!("  source system:          {}", h.system_identifier);
     println!("  planned to fetch:       {} bytes", h.plan.fetch_bytes());
     println!(
+        "  written and synced:     {} bytes (a run resumes after them)",
+        st.done_bytes()
+    );
+    println!(
         "PostgreSQL will not start on it until it is finished: run failback rewind -D {} again, \
          from the same new primary",
         target.display()
