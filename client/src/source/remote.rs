@@ -641,7 +641,13 @@ async fn stream_batch<T: Transport>(
             .map_err(|_| SourceError::Timeout(what))?
             .map_err(|s| status_err("ReadRanges", s))?;
     let mut buf = Vec::new();
+    let mut received = false;
     loop {
+        if received {
+            // The clock runs from when the last chunk was handed over, not received: a writer
+            // held back by --max-rate is not a stalled source.
+            stall.progress(Instant::now());
+        }
         let (budget, what) = silent(stall);
         let Some(chunk) = tokio::time::timeout(budget, stream.next())
             .await
@@ -650,7 +656,7 @@ async fn stream_batch<T: Transport>(
         else {
             break;
         };
-        stall.progress(Instant::now());
+        received = true;
         let next = at.next;
         let Some(r) = ranges.get(at.idx) else {
             return Err(proto_err("ReadRanges", "a chunk past the requested ranges"));
