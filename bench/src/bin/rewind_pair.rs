@@ -25,12 +25,15 @@
 //! target/release/rewind_pair [--scale 100] [--delay-ms 25] [--rate-mbit 200] [--jobs 16]
 //!     [--compress 3] [--bin-dir DIR] [--source-mode auto|stopped|running] [--out FILE]
 //!     [--rounds N] [--no-sync] [--log-dir DIR] [--perf DIR] [--skip-pg-rewind] [--skip-verify]
+//!     [--hold FILE]
 //! ```
 //!
 //! `--rounds N` runs every configuration N times and reports the round with the median wall
 //! time (the machine is shared: single runs are noisy). `--no-sync` passes `-N` to both tools (no final flush), to see the network's share of the
 //! time; `--log-dir` keeps each run's `--debug` output and failback's report; `--perf DIR` runs
-//! failback and failbackd under `perf record -g` (a profiling run, not a measurement).
+//! failback and failbackd under `perf record -g` (a profiling run, not a measurement);
+//! `--hold FILE` builds the pair, starts the source, writes where everything is to FILE and
+//! waits until FILE is removed, for runs by hand.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -546,6 +549,11 @@ fn main() {
         b.new.start();
         b.new.execute("CHECKPOINT");
     }
+    let hold = arg("--hold", String::new());
+    if !hold.is_empty() {
+        hold_for_manual_runs(&b, Path::new(&hold));
+        return;
+    }
     for (net, spec) in nets {
         let row = median(
             (0..rounds)
@@ -655,6 +663,27 @@ fn main() {
     match std::fs::write(&path, &out) {
         Ok(()) => eprintln!("written to {}", path.display()),
         Err(e) => eprintln!("could not write {}: {e}", path.display()),
+    }
+}
+
+/// `--hold FILE`: writes to FILE, as shell assignments, where the pair is (the target, its
+/// pristine copy, the source's data directory, conninfo and binaries), then waits until FILE
+/// is removed: for profiling and tracing single runs by hand on one pair.
+fn hold_for_manual_runs(b: &Bench, file: &Path) {
+    let text = format!(
+        "OLD={}\nPRISTINE={}\nNEW={}\nCONN='{}'\nPGBIN={}\nFAILBACK={}\nFAILBACKD={}\n",
+        b.old.data_dir().display(),
+        b.pristine.display(),
+        b.new.data_dir().display(),
+        b.new.conninfo(),
+        b.old.bins().bin_dir.display(),
+        b.failback.display(),
+        b.failbackd.display(),
+    );
+    std::fs::write(file, text).expect("write the --hold file");
+    eprintln!("holding the pair: remove {} to end", file.display());
+    while file.exists() {
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
