@@ -516,19 +516,43 @@ fn hash_diffs(
     if paths.is_empty() {
         return Ok((diffs, sizes));
     }
-    let Some(hashes) = source.chunk_hashes(&paths, HASH_CHUNK)? else {
+    // The target's own hashes are computed while the source computes its (a round trip and
+    // the source's reading), not after.
+    let (hashes, mut local) = std::thread::scope(|scope| {
+        let local = scope.spawn(|| {
+            let mut buf = vec![0u8; HASH_CHUNK as usize];
+            paths
+                .iter()
+                .map(|p| {
+                    let path = pgdata.join(p);
+                    let hashed = File::open(&path)
+                        .map_err(|err| ExecuteError::target("open", &path, err))
+                        .and_then(|f| {
+                            hash_chunks(&f, &mut buf)
+                                .map_err(|err| ExecuteError::target("read", &path, err))
+                        });
+                    (p.clone(), hashed)
+                })
+                .collect::<HashMap<_, _>>()
+        });
+        let hashes = source.chunk_hashes(&paths, HASH_CHUNK);
+        let local = local
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (hashes, local)
+    });
+    let Some(hashes) = hashes? else {
         return Ok((diffs, sizes));
     };
-    let mut buf = vec![0u8; HASH_CHUNK as usize];
     for h in hashes {
         // A vanished file is fetched as planned, and the fetch reports it gone.
-        if h.vanished || !paths.contains(&h.path) {
+        if h.vanished {
             continue;
         }
-        let path = pgdata.join(&h.path);
-        let f = File::open(&path).map_err(|err| ExecuteError::target("open", &path, err))?;
-        let (size, mine) =
-            hash_chunks(&f, &mut buf).map_err(|err| ExecuteError::target("read", &path, err))?;
+        let Some(hashed) = local.remove(&h.path) else {
+            continue;
+        };
+        let (size, mine) = hashed?;
         let ranges = chunkdiff::ranges_to_fetch(
             HASH_CHUNK,
             &ChunkList {

@@ -169,6 +169,14 @@ impl Bench {
             self.old.stop(StopMode::Fast);
         }
         copy_dir(&self.pristine, &self.old.data_dir());
+        // The copy leaves gigabytes of dirty pages; whichever tool fsyncs first would write
+        // them back on its own clock (ext4 commits them with the first fsync's transaction).
+        // Every tool starts with none dirty instead.
+        let dir = std::fs::File::open(self.old.data_dir()).expect("open the target directory");
+        use std::os::fd::AsRawFd;
+        // SAFETY: syncfs only reads the descriptor, which lives until the call returns.
+        let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+        assert_eq!(rc, 0, "syncfs: {}", std::io::Error::last_os_error());
     }
 
     fn failback_run(&mut self, net: &'static str, spec: LinkSpec, quic: bool) -> Row {
@@ -615,7 +623,8 @@ fn main() {
         "PostgreSQL 15, pgbench scale {scale} (target data directory {:.0} MB), {changed} accounts changed on each side. \
          failback: --jobs {} --compress {}. Loopback: the proxy with no delay and no cap. \
          WAN: {delay_ms} ms each way ({} ms RTT), {rate_mbit} Mbit/s each way, token bucket {} KiB, queue {} KiB \
-         (`failback_bench::wan`). Each tool rewound a fresh copy of the same diverged target.\n",
+         (`failback_bench::wan`). Each tool rewound a fresh copy of the same diverged target, \
+         written back to disk (syncfs) before the tool started.\n",
         mb(target_size),
         b.jobs,
         b.compress,
