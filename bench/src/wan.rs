@@ -551,7 +551,9 @@ impl UdpProxy {
         up: LinkSpec,
         down: LinkSpec,
     ) -> io::Result<UdpProxy> {
-        let sock = Arc::new(UdpSocket::bind(listen)?);
+        let sock = UdpSocket::bind(listen)?;
+        deep_receive_buffer(&sock);
+        let sock = Arc::new(sock);
         sock.set_read_timeout(Some(Duration::from_millis(100)))?;
         let addr = sock.local_addr()?;
         let link = Link::new(up, down);
@@ -637,6 +639,30 @@ fn udp_forward(link: &Link, dir: &Direction, pipe: &Pipe<Datagram>, d: Datagram)
     }
 }
 
+/// The proxy's sockets must not drop what the modelled link would carry: a burst larger than
+/// the kernel's default receive buffer (208 KiB) would be lost before the proxy reads it,
+/// losses the link model (its queue, `LinkSpec::queue`) never decided. 8 MiB, forced past
+/// `rmem_max` when running as root; best effort otherwise.
+fn deep_receive_buffer(sock: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let bytes: libc::c_int = 8 << 20;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt reads `bytes` (a c_int that outlives the call) on our socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
+
 /// A socket connected to `target` for `client`, and the thread relaying its replies.
 fn udp_upstream(
     link: &Arc<Link>,
@@ -651,6 +677,7 @@ fn udp_upstream(
         "[::]:0".parse().expect("literal address")
     };
     let up = UdpSocket::bind(bind)?;
+    deep_receive_buffer(&up);
     up.connect(target)?;
     up.set_read_timeout(Some(Duration::from_millis(100)))?;
     let up = Arc::new(up);

@@ -3,8 +3,8 @@
 //! The plan says, per path, what pg_rewind would do; this module does it through one writer:
 //! directories and tablespace links are created first, files are cut down, then every byte to
 //! fetch (whole files, tails, changed blocks) is requested from the source in one batch, so a
-//! remote source can keep its link full, and written at its 64-bit offset as it arrives; last,
-//! what the source no longer has is removed, deepest paths first.
+//! remote source can keep its link full, and written at its 64-bit offset as it arrives; while
+//! it arrives, what the source no longer has is removed, deepest paths first.
 //!
 //! A whole-file copy writes only the pieces whose bytes differ from what the target already
 //! holds at the same offset: configuration files, SLRUs and WAL segments from before the fork
@@ -391,21 +391,38 @@ pub fn execute_journaled(
             SourceError::Sink(msg.into())
         })
     };
-    if let Err(e) = source.fetch(&ranges, &mut sink) {
+    // What the source does not have goes while the fetch runs, on a thread of its own:
+    // unlinking a 16 MiB WAL segment costs the file system several milliseconds, and a
+    // diverged old primary has dozens of them. No fetched path is removed (the plan removes
+    // only what the source lacks), and a removal that is lost to a crash is done again by
+    // the resumed run.
+    let fetched = std::thread::scope(|scope| {
+        let removals = scope.spawn(|| remove_what_the_source_lacks(plan, pgdata));
+        let fetched = source.fetch(&ranges, &mut sink);
+        let removed = removals
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (fetched, removed)
+    });
+    if let Err(e) = fetched.0 {
         return Err(write_error.take().unwrap_or(ExecuteError::Source(e)));
     }
+    fetched.1?;
     drop(files);
     if let Some(rec) = recorder {
         rec.flush()?;
     }
+    Ok(stats)
+}
 
-    // Last, what the source does not have: deepest first (the plan's order).
+/// Removes, deepest first (the plan's order), every path the plan removes.
+fn remove_what_the_source_lacks(plan: &Plan, pgdata: &Path) -> Result<(), ExecuteError> {
     for e in plan
         .entries
         .iter()
         .filter(|e| e.action == FileAction::Remove)
     {
-        let path = full(&e.path);
+        let path = pgdata.join(&e.path);
         let t = e.target.as_ref().map_or(FileType::Regular, |t| t.file_type);
         let r = match t {
             FileType::Directory => fs::remove_dir(&path),
@@ -417,7 +434,7 @@ pub fn execute_journaled(
             Err(err) => return Err(ExecuteError::target("remove", &path, err)),
         }
     }
-    Ok(stats)
+    Ok(())
 }
 
 /// What comes before the fetch: directories and links are created, the diverged WAL of kept
@@ -543,19 +560,43 @@ fn hash_diffs(
     if paths.is_empty() {
         return Ok((diffs, sizes));
     }
-    let Some(hashes) = source.chunk_hashes(&paths, HASH_CHUNK)? else {
+    // The target's own hashes are computed while the source computes its (a round trip and
+    // the source's reading), not after.
+    let (hashes, mut local) = std::thread::scope(|scope| {
+        let local = scope.spawn(|| {
+            let mut buf = vec![0u8; HASH_CHUNK as usize];
+            paths
+                .iter()
+                .map(|p| {
+                    let path = pgdata.join(p);
+                    let hashed = File::open(&path)
+                        .map_err(|err| ExecuteError::target("open", &path, err))
+                        .and_then(|f| {
+                            hash_chunks(&f, &mut buf)
+                                .map_err(|err| ExecuteError::target("read", &path, err))
+                        });
+                    (p.clone(), hashed)
+                })
+                .collect::<HashMap<_, _>>()
+        });
+        let hashes = source.chunk_hashes(&paths, HASH_CHUNK);
+        let local = local
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (hashes, local)
+    });
+    let Some(hashes) = hashes? else {
         return Ok((diffs, sizes));
     };
-    let mut buf = vec![0u8; HASH_CHUNK as usize];
     for h in hashes {
         // A vanished file is fetched as planned, and the fetch reports it gone.
-        if h.vanished || !paths.contains(&h.path) {
+        if h.vanished {
             continue;
         }
-        let path = pgdata.join(&h.path);
-        let f = File::open(&path).map_err(|err| ExecuteError::target("open", &path, err))?;
-        let (size, mine) =
-            hash_chunks(&f, &mut buf).map_err(|err| ExecuteError::target("read", &path, err))?;
+        let Some(hashed) = local.remove(&h.path) else {
+            continue;
+        };
+        let (size, mine) = hashed?;
         let ranges = chunkdiff::ranges_to_fetch(
             HASH_CHUNK,
             &ChunkList {

@@ -7,7 +7,7 @@
 //! - `scan`: a record of the target's WAL decoded (before anything is changed);
 //! - `bytes`: N bytes written to the target's files (the copy; `kill-after-bytes=N` is the
 //!   same);
-//! - `sync`: a file flushed to disk at the end of the copy;
+//! - `sync`: a file flushed to disk (by the copy's periodic flushes or the final sync);
 //! - `commit`: a step of the commit made durable, in order: 1 the journal says "copied",
 //!   2 `backup_label`, 3 `global/pg_control`, 4 the journal says "committed", 5
 //!   `standby.signal` (with `-R`), 6 `postgresql.auto.conf` without the marker, 7 the journal

@@ -218,15 +218,12 @@ impl Recorder {
 
     /// Makes the noted pieces durable, then records them as done.
     pub fn flush(&mut self) -> Result<(), UnfinishedError> {
-        for f in std::mem::take(&mut self.files) {
-            match std::fs::File::open(&f) {
-                Ok(file) => file.sync_data().map_err(io("fsync", &f))?,
-                // Removed since (it vanished on the source): nothing of it is recorded below
-                // that a resume could trust wrongly, as it will be fetched and found gone again.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io("open", &f)(e)),
-            }
-        }
+        // A file removed since (it vanished on the source) is skipped: nothing of it is
+        // recorded below that a resume could trust wrongly, as it will be fetched and found
+        // gone again. fsync, not fdatasync: the sync at the end of the rewind fsyncs these
+        // files again, and finds nothing left to write.
+        let files: Vec<std::path::PathBuf> = std::mem::take(&mut self.files).into_iter().collect();
+        fsutil::fsync_files(&files).map_err(|(path, e)| io("fsync", &path)(e))?;
         let mut frames = Vec::new();
         for (path, offset, length) in self.pending.drain(..) {
             frames.extend(journal::encode(&Record::Done {

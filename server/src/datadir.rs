@@ -198,7 +198,7 @@ impl DataDir {
         }
     }
 
-    /// Reads `len` bytes at the 64-bit `offset` of a file into `buf` (cleared first).
+    /// Reads `len` bytes at the 64-bit `offset` of a file into `buf` (its old content replaced).
     pub fn read_range(
         &self,
         rel: &str,
@@ -206,14 +206,17 @@ impl DataDir {
         len: u64,
         buf: &mut Vec<u8>,
     ) -> Result<ReadStatus, DataDirError> {
-        buf.clear();
         let path = self.resolve(rel)?;
         let file = match File::open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ReadStatus::Vanished),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                buf.clear();
+                return Ok(ReadStatus::Vanished);
+            }
             Err(e) => return Err(DataDirError::io(rel, e)),
         };
         let len = usize::try_from(len).map_err(|_| DataDirError::PathNotAllowed(rel.into()))?;
+        // The old bytes are read over, so only growth is zeroed: not a megabyte per chunk.
         buf.resize(len, 0);
         let done = read_full_at(&file, buf, offset).map_err(|e| DataDirError::io(rel, e))?;
         buf.truncate(done);

@@ -142,7 +142,12 @@ pub async fn serve(
     }
     builder
         .add_service(svc)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        // Without TCP_NODELAY a reply's last small frame (the trailers after the message)
+        // waits for the client's delayed ACK, 40 ms on Linux: every unary call cost that.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
         .map_err(ServeError::Transport)
 }

@@ -353,9 +353,9 @@ impl Failback for FailbackService {
                             status: ChunkStatus::Vanished as i32,
                             ..Default::default()
                         },
-                        Ok(st) => match wire::encode(&buf, compression) {
+                        Ok(st) => match encode(&buf, compression) {
                             Err(e) => {
-                                let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
+                                let _ = tx.blocking_send(Err(Status::internal(e)));
                                 return;
                             }
                             Ok(enc) => Chunk {
@@ -439,6 +439,54 @@ impl Failback for FailbackService {
             in_recovery: end.in_recovery,
         }))
     }
+}
+
+thread_local! {
+    /// This reader thread's zstd context and the level it is set to. A context costs about a
+    /// megabyte of tables at level 3: made once per thread, not once per chunk, and reused
+    /// across frames, zstd does not rebuild and clear them for every chunk.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// [`wire::encode`]'s format (a zstd frame when it is smaller, else the raw bytes; the blake3
+/// of the raw bytes), with this thread's reused zstd context.
+fn encode(raw: &[u8], compression: Compression) -> Result<wire::Encoded, String> {
+    let hash = *blake3::hash(raw).as_bytes();
+    let raw_length = raw.len() as u64;
+    if let Compression::Zstd(level) = compression {
+        let data = COMPRESSOR.with(|cell| -> std::io::Result<Vec<u8>> {
+            let mut slot = cell.borrow_mut();
+            let c = match &mut *slot {
+                Some((l, c)) if *l == level => c,
+                Some((l, c)) => {
+                    c.set_compression_level(level)?;
+                    *l = level;
+                    c
+                }
+                None => &mut slot.insert((level, zstd::bulk::Compressor::new(level)?)).1,
+            };
+            // Room for the frame without zeroing it: zstd writes into the spare capacity.
+            let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
+            c.compress_to_buffer(raw, &mut out)?;
+            Ok(out)
+        });
+        let data = data.map_err(|e| format!("zstd level {level} compression failed: {e}"))?;
+        if data.len() < raw.len() {
+            return Ok(wire::Encoded {
+                codec: wire::Codec::Zstd,
+                data,
+                hash,
+                raw_length,
+            });
+        }
+    }
+    Ok(wire::Encoded {
+        codec: wire::Codec::Stored,
+        data: raw.to_vec(),
+        hash,
+        raw_length,
+    })
 }
 
 /// blake3 of each `cs`-byte chunk of one file, read to its current end (a live file may have

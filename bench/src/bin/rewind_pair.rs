@@ -16,21 +16,27 @@
 //! with no delay and no cap, so bytes on the wire are counted the same way) and once through
 //! the WAN (`--delay-ms` each way, `--rate-mbit` each way). Reported: wall time, bytes on the
 //! wire each way, CPU time and peak RSS of the client and of the server side (failbackd; the
-//! PostgreSQL backend that served pg_rewind, sampled from /proc). After the gRPC WAN run the
-//! rewound target is started as a standby of the new primary and the fingerprints of all tables
-//! compared. The table goes to stdout and to `bench/results/rewind_pair-<date>.md`.
+//! PostgreSQL backend that served pg_rewind, sampled from /proc). After all measured runs, one
+//! more failback rewind (gRPC, WAN) is started as a standby of the new primary and the
+//! fingerprints of all tables compared: last, because the rejoin makes the source write WAL
+//! that a later run would have to copy too. Before every run the restored target is written
+//! back to disk (syncfs), so no tool pays for the restore's dirty pages. The table goes to
+//! stdout and to `bench/results/rewind_pair-<date>.md`.
 //!
 //! ```text
 //! cargo build --release -p failback-client -p failback-server -p failback-bench
 //! target/release/rewind_pair [--scale 100] [--delay-ms 25] [--rate-mbit 200] [--jobs 16]
 //!     [--compress 3] [--bin-dir DIR] [--source-mode auto|stopped|running] [--out FILE]
 //!     [--rounds N] [--no-sync] [--log-dir DIR] [--perf DIR] [--skip-pg-rewind] [--skip-verify]
+//!     [--hold FILE]
 //! ```
 //!
 //! `--rounds N` runs every configuration N times and reports the round with the median wall
 //! time (the machine is shared: single runs are noisy). `--no-sync` passes `-N` to both tools (no final flush), to see the network's share of the
 //! time; `--log-dir` keeps each run's `--debug` output and failback's report; `--perf DIR` runs
-//! failback and failbackd under `perf record -g` (a profiling run, not a measurement).
+//! failback and failbackd under `perf record -g` (a profiling run, not a measurement);
+//! `--hold FILE` builds the pair, starts the source, writes where everything is to FILE and
+//! waits until FILE is removed, for runs by hand.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -166,6 +172,14 @@ impl Bench {
             self.old.stop(StopMode::Fast);
         }
         copy_dir(&self.pristine, &self.old.data_dir());
+        // The copy leaves gigabytes of dirty pages; whichever tool fsyncs first would write
+        // them back on its own clock (ext4 commits them with the first fsync's transaction).
+        // Every tool starts with none dirty instead.
+        let dir = std::fs::File::open(self.old.data_dir()).expect("open the target directory");
+        use std::os::fd::AsRawFd;
+        // SAFETY: syncfs only reads the descriptor, which lives until the call returns.
+        let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+        assert_eq!(rc, 0, "syncfs: {}", std::io::Error::last_os_error());
     }
 
     fn failback_run(&mut self, net: &'static str, spec: LinkSpec, quic: bool) -> Row {
@@ -546,21 +560,18 @@ fn main() {
         b.new.start();
         b.new.execute("CHECKPOINT");
     }
+    let hold = arg("--hold", String::new());
+    if !hold.is_empty() {
+        hold_for_manual_runs(&b, Path::new(&hold));
+        return;
+    }
     for (net, spec) in nets {
         let row = median(
             (0..rounds)
                 .map(|_| b.failback_run(net, spec, false))
                 .collect(),
         );
-        let ok = row.ok;
         rows.push(row);
-        if net == "wan" && ok && !skip_verify {
-            b.verify();
-            verified = "the target rewound by failback (gRPC, WAN; its last round) started as a standby of the new primary, caught up, and every table's fingerprint matched".to_string();
-            if !b.running_source {
-                b.new.stop(StopMode::Fast);
-            }
-        }
         if quic {
             rows.push(median(
                 (0..rounds)
@@ -582,6 +593,19 @@ fn main() {
         }
     }
 
+    // Last, not before a measured run: the rejoin makes the source write WAL, and a later
+    // run would have more to copy than the others.
+    if !skip_verify {
+        if !b.running_source && b.new.is_running() {
+            b.new.stop(StopMode::Fast);
+        }
+        if b.failback_run("wan", wan, false).ok {
+            b.verify();
+            verified = "after all measured runs, one more failback rewind (gRPC, WAN; not in the table) started as a standby of the new primary, caught up, and every table's fingerprint matched".to_string();
+        } else {
+            verified = "FAILED: the verification rewind (gRPC, WAN) did not succeed".to_string();
+        }
+    }
     let mode = if b.running_source {
         "failbackd served the RUNNING new primary (--pg-conn), as pg_rewind --source-server does"
     } else if pg_conn {
@@ -607,7 +631,8 @@ fn main() {
         "PostgreSQL 15, pgbench scale {scale} (target data directory {:.0} MB), {changed} accounts changed on each side. \
          failback: --jobs {} --compress {}. Loopback: the proxy with no delay and no cap. \
          WAN: {delay_ms} ms each way ({} ms RTT), {rate_mbit} Mbit/s each way, token bucket {} KiB, queue {} KiB \
-         (`failback_bench::wan`). Each tool rewound a fresh copy of the same diverged target.\n",
+         (`failback_bench::wan`). Each tool rewound a fresh copy of the same diverged target, \
+         written back to disk (syncfs) before the tool started.\n",
         mb(target_size),
         b.jobs,
         b.compress,
@@ -655,6 +680,27 @@ fn main() {
     match std::fs::write(&path, &out) {
         Ok(()) => eprintln!("written to {}", path.display()),
         Err(e) => eprintln!("could not write {}: {e}", path.display()),
+    }
+}
+
+/// `--hold FILE`: writes to FILE, as shell assignments, where the pair is (the target, its
+/// pristine copy, the source's data directory, conninfo and binaries), then waits until FILE
+/// is removed: for profiling and tracing single runs by hand on one pair.
+fn hold_for_manual_runs(b: &Bench, file: &Path) {
+    let text = format!(
+        "OLD={}\nPRISTINE={}\nNEW={}\nCONN='{}'\nPGBIN={}\nFAILBACK={}\nFAILBACKD={}\n",
+        b.old.data_dir().display(),
+        b.pristine.display(),
+        b.new.data_dir().display(),
+        b.new.conninfo(),
+        b.old.bins().bin_dir.display(),
+        b.failback.display(),
+        b.failbackd.display(),
+    );
+    std::fs::write(file, text).expect("write the --hold file");
+    eprintln!("holding the pair: remove {} to end", file.display());
+    while file.exists() {
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
