@@ -34,7 +34,7 @@ use crate::fault::{self, Point};
 use crate::fsutil::{self, Ownership, SyncMethod};
 use crate::pgbin;
 use crate::progress::Progress;
-use crate::source::Source;
+use crate::source::{Ask, Source};
 use crate::unfinished;
 use crate::walread::{RestoreCommand, WalReader};
 use failback_common::journal::{JournalHeader, JournalState, Phase};
@@ -538,6 +538,13 @@ pub fn rewind(
     report.seconds.copy = t_copy.elapsed().as_secs_f64();
 
     let t_commit = Instant::now();
+    // What the commit needs from the source, asked together: over a long link one round trip
+    // instead of three. postgresql.auto.conf is read now rather than at the end of the commit;
+    // either is after the copy.
+    source.ask_ahead(&[Ask::ControlFile, Ask::EndOfWal]);
+    let source_auto_conf = source
+        .read_file("postgresql.auto.conf")
+        .map_err(wrap("could not read the source's postgresql.auto.conf"))?;
     let after_bytes = source
         .control_file()
         .map_err(wrap("could not read the source's control file again"))?;
@@ -663,9 +670,7 @@ pub fn rewind(
     fault::passed(Point::Commit, 1);
     // Last, the configuration: the source's postgresql.auto.conf (held back by the plan), with
     // -R's primary_conninfo. Writing it removes the marker, so PostgreSQL can start.
-    let mut auto_conf = source
-        .read_file("postgresql.auto.conf")
-        .map_err(wrap("could not read the source's postgresql.auto.conf"))?
+    let mut auto_conf = source_auto_conf
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
     if opts.write_recovery_conf {

@@ -239,14 +239,17 @@ fn via_of(quic: bool) -> Via {
     if quic { Via::Quic } else { Via::Grpc }
 }
 
-/// failbackd killed mid-copy and back two seconds later: failback goes on and finishes.
+/// failbackd killed mid-copy and back six seconds later: failback retries, goes on and finishes.
 fn server_restarted(quic: bool) {
     let (old, new) = diverged(PgMajor::V16);
     let mut server = Failbackd::serve(&new.data_dir());
     let client = background(&old, server.source_args(via_of(quic)), 30);
     wait_for_copy(&old);
     server.kill();
-    thread::sleep(Duration::from_secs(2));
+    // Longer than the flow-control windows' worth of chunks lasts at 4 MiB/s (16 MiB: 4 s),
+    // so that failback has to ask while failbackd is down (a call made after it is back would
+    // just reconnect).
+    thread::sleep(Duration::from_secs(6));
     server.restart();
     let run = client.join().expect("the failback thread");
     finish_and_compare(old, new, &run, &server, true);

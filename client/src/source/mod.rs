@@ -63,6 +63,13 @@ pub struct FileHashes {
     pub vanished: bool,
 }
 
+/// A question the engine is about to ask (see [`Source::ask_ahead`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask {
+    ControlFile,
+    EndOfWal,
+}
+
 /// Why the source could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -160,6 +167,12 @@ pub trait Source {
         Ok(None)
     }
 
+    /// The engine will ask these next, in some order, with other calls in between: a remote
+    /// source may send them now, all together, so that they cost one round trip.
+    fn ask_ahead(&mut self, asks: &[Ask]) {
+        let _ = asks;
+    }
+
     /// blake3 hashes of `chunk_size`-byte chunks of each path, in the order asked, so that only
     /// the chunks the target lacks are fetched; `None` when the source cannot hash (then whole
     /// files are fetched). Worth it only where reading costs less than sending.
@@ -205,6 +218,9 @@ impl<S: Source + ?Sized> Source for Box<S> {
     }
     fn primary_conninfo(&self) -> Option<String> {
         (**self).primary_conninfo()
+    }
+    fn ask_ahead(&mut self, asks: &[Ask]) {
+        (**self).ask_ahead(asks)
     }
     fn chunk_hashes(
         &mut self,

@@ -251,7 +251,17 @@ impl RemoteSource<QuicTransport> {
             } else {
                 "0.0.0.0:0".parse().expect("an address")
             };
-            let mut endpoint = quinn::Endpoint::client(any).map_err(|e| could_not(chain(&e)))?;
+            let socket = std::net::UdpSocket::bind(any)
+                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                .map_err(|e| could_not(chain(&e)))?;
+            failback_server::quic::deepen_buffers(&socket);
+            let mut endpoint = quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .map_err(|e| could_not(chain(&e)))?;
             let mut config = quinn::ClientConfig::new(Arc::new(tls));
             // failbackd opens no streams towards the client.
             let mut transport = transport_config(failback_server::DEFAULT_WINDOW, 0);

@@ -97,6 +97,10 @@ impl<S: Source> Source for RateLimited<S> {
         self.inner.primary_conninfo()
     }
 
+    fn ask_ahead(&mut self, asks: &[super::Ask]) {
+        self.inner.ask_ahead(asks)
+    }
+
     fn chunk_hashes(
         &mut self,
         paths: &[String],

@@ -350,26 +350,28 @@ type Answer<R> = tokio::task::JoinHandle<Option<R>>;
 /// crash recovery and WAL scan may take a while between the handshake and the listing.
 const EARLY_LIST_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// One attempt at `call`, on the runtime, bounded by the liveness the patience gives.
+fn ask_early<T: Transport, R: Send + 'static, Fut>(
+    rt: &Runtime,
+    t: &T,
+    patience: Patience,
+    call: fn(T) -> Fut,
+) -> Option<Answer<R>>
+where
+    Fut: Future<Output = Result<R, Status>> + Send + 'static,
+{
+    let limit = patience.liveness();
+    let t = t.clone();
+    Some(rt.spawn(async move { tokio::time::timeout(limit, call(t)).await.ok()?.ok() }))
+}
+
 impl Early {
     fn ask<T: Transport>(rt: &Runtime, t: &T, patience: Patience) -> Early {
-        fn spawn<T: Transport, R: Send + 'static, Fut>(
-            rt: &Runtime,
-            t: &T,
-            patience: Patience,
-            call: fn(T) -> Fut,
-        ) -> Option<Answer<R>>
-        where
-            Fut: Future<Output = Result<R, Status>> + Send + 'static,
-        {
-            let limit = patience.liveness();
-            let t = t.clone();
-            Some(rt.spawn(async move { tokio::time::timeout(limit, call(t)).await.ok()?.ok() }))
-        }
         Early {
-            control: spawn(rt, t, patience, |t| async move { t.control_file().await }),
-            timelines: spawn(rt, t, patience, |t| async move { t.timelines().await }),
-            end_of_wal: spawn(rt, t, patience, |t| async move { t.end_of_wal().await }),
-            files: spawn(rt, t, patience, |t| async move { t.list_files().await }),
+            control: ask_early(rt, t, patience, |t| async move { t.control_file().await }),
+            timelines: ask_early(rt, t, patience, |t| async move { t.timelines().await }),
+            end_of_wal: ask_early(rt, t, patience, |t| async move { t.end_of_wal().await }),
+            files: ask_early(rt, t, patience, |t| async move { t.list_files().await }),
             asked: Instant::now(),
             histories: Default::default(),
         }
@@ -980,6 +982,23 @@ impl<T: Transport> Source for RemoteSource<T> {
             )?,
         };
         Ok((r.current_timeline != 0).then_some(r.current_timeline))
+    }
+
+    fn ask_ahead(&mut self, asks: &[super::Ask]) {
+        let (rt, t, patience) = (&self.rt, &self.transports[0], self.retry.patience);
+        for ask in asks {
+            match ask {
+                super::Ask::ControlFile => {
+                    self.early.control =
+                        ask_early(rt, t, patience, |t| async move { t.control_file().await });
+                }
+                super::Ask::EndOfWal if self.has("live") => {
+                    self.early.end_of_wal =
+                        ask_early(rt, t, patience, |t| async move { t.end_of_wal().await });
+                }
+                super::Ask::EndOfWal => {}
+            }
+        }
     }
 
     fn chunk_hashes(
