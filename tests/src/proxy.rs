@@ -1,6 +1,6 @@
 //! Loopback proxies that break the path between failback and failbackd on demand, as a
-//! flapping link does: [`TcpCut`] cuts every TCP connection at once (a NAT or firewall that
-//! forgets its flows), [`UdpCut`] drops every datagram while it is "down" (a route that
+//! flapping link does: [`TcpCut`] cuts every TCP connection at once and refuses new ones for a
+//! while (a NAT or firewall that forgets its flows, a route that comes back), [`UdpCut`] drops every datagram while it is "down" (a route that
 //! vanishes for a while). Both forward everything else untouched.
 
 use std::collections::HashMap;
@@ -14,10 +14,12 @@ use std::time::Duration;
 /// How often the proxies' threads look at their stop flag.
 const TICK: Duration = Duration::from_millis(100);
 
-/// A TCP proxy to one target; [`TcpCut::cut`] closes every connection it carries.
+/// A TCP proxy to one target; [`TcpCut::cut_for`] closes every connection it carries and
+/// refuses new ones for a while.
 pub struct TcpCut {
     addr: SocketAddr,
     conns: Arc<Mutex<Vec<TcpStream>>>,
+    down_until: Arc<Mutex<Option<std::time::Instant>>>,
     accepted: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
@@ -32,7 +34,13 @@ impl TcpCut {
         let conns = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (c, a, s) = (conns.clone(), accepted.clone(), stop.clone());
+        let down_until = Arc::new(Mutex::new(None::<std::time::Instant>));
+        let (c, a, s, d) = (
+            conns.clone(),
+            accepted.clone(),
+            stop.clone(),
+            down_until.clone(),
+        );
         thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 let client = match listener.accept() {
@@ -43,6 +51,15 @@ impl TcpCut {
                     }
                     Err(_) => break,
                 };
+                let down = d
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_some_and(|t| std::time::Instant::now() < t);
+                if down {
+                    // Refused: the client sees its connection reset.
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
                 a.fetch_add(1, Ordering::Relaxed);
                 let _ = client.set_nonblocking(false);
                 let Ok(upstream) = TcpStream::connect(target) else {
@@ -72,6 +89,7 @@ impl TcpCut {
         TcpCut {
             addr,
             conns,
+            down_until,
             accepted,
             stop,
         }
@@ -81,7 +99,14 @@ impl TcpCut {
         self.addr.port()
     }
 
-    /// Connections accepted so far.
+    /// Closes every connection carried now and refuses new ones for `outage`.
+    pub fn cut_for(&self, outage: Duration) {
+        *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now() + outage);
+        self.cut();
+    }
+
+    /// Connections accepted (and carried) so far.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::Relaxed)
     }
