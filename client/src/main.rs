@@ -81,7 +81,8 @@ struct RewindArgs {
     #[arg(long, value_name = "N", requires = "source",
           value_parser = clap::value_parser!(u16).range(1..=64))]
     connections: Option<u16>,
-    /// Compression of file data from failbackd: a zstd level (1-22), or none [default: 3].
+    /// Compression of file data from failbackd: a zstd level (1-22), or none [default: 1;
+    /// higher levels send fewer bytes for more of failbackd's CPU: worth it on thin links].
     #[arg(long, value_name = "LEVEL|none", requires = "source", value_parser = parse_compress)]
     compress: Option<failback_common::wire::Compression>,
     /// How long failbackd may make no progress (no answer, a broken or silent connection)
@@ -244,7 +245,7 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source
         connections: usize::from(a.connections.unwrap_or(1)),
         compression: a
             .compress
-            .unwrap_or(failback_common::wire::Compression::Zstd(3)),
+            .unwrap_or(failback_common::wire::Compression::DEFAULT),
         patience: a.timeout.map_or(Patience::DEFAULT, |t| Patience {
             timeout: std::time::Duration::from_secs(u64::from(t)),
         }),
