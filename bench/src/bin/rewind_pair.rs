@@ -788,3 +788,20 @@ fn dir_size(dir: &Path) -> u64 {
     }
     total
 }
+
+#[cfg(test)]
+mod tests {
+    use super::paired_speedup;
+
+    #[test]
+    fn paired_speedup_is_the_median_of_each_rounds_ratio() {
+        // Round 2 ran while the machine was busy: both tools slowed down, the ratio held.
+        let slow = [2.0, 4.0, 1.8];
+        let fast = [1.0, 2.0, 1.2];
+        assert_eq!(paired_speedup(&slow, &fast), Some(2.0));
+        // The ratio of the medians would say 2.0 / 1.2 = 1.67.
+        assert_eq!(paired_speedup(&[3.0, 1.0], &[1.0, 1.0]), Some(2.0));
+        assert_eq!(paired_speedup(&[3.0], &[1.0]), None, "one round pairs nothing");
+        assert_eq!(paired_speedup(&[3.0, 1.0], &[1.0]), None);
+    }
+}
