@@ -3,8 +3,8 @@
 //! A chunk of a source file travels as `(codec, data, hash, raw_length)`: `data` is either the
 //! raw bytes (`Stored`) or one zstd frame of them (`Zstd`), `hash` is the blake3 of the raw
 //! bytes, and `raw_length` their length. The receiver trusts none of it: it refuses a
-//! `raw_length` above its own limit before allocating anything, decompresses into a buffer of
-//! exactly `raw_length` bytes (so a frame that expands further is refused, not followed), and
+//! `raw_length` above its own limit before allocating anything, decompresses into room for
+//! `raw_length` bytes (so a frame that expands further is refused, not followed), and
 //! compares the blake3 of what it got with `hash`. Compression is done by the application, not
 //! the transport, so the same bytes are hashed and verified whatever carries them.
 
@@ -134,6 +134,12 @@ pub fn encode(raw: &[u8], compression: Compression) -> Result<Encoded, WireError
     })
 }
 
+thread_local! {
+    /// This thread's zstd decompression context: made once, not once per chunk.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Decodes a received chunk into `out` (cleared first) and verifies its hash. `limit` is the
 /// largest `raw_length` this receiver accepts; nothing larger is ever allocated.
 pub fn decode_into(
@@ -165,21 +171,35 @@ pub fn decode_into(
             out.extend_from_slice(data);
         }
         Codec::Zstd => {
-            out.resize(len, 0);
-            let mut d = zstd::bulk::Decompressor::new()
-                .map_err(|e| WireError::ZstdCorrupt(e.to_string()))?;
-            let got = match d.decompress_to_buffer(data, out.as_mut_slice()) {
-                Ok(n) => n,
-                Err(e) => {
-                    out.clear();
+            // Room for `len` bytes, not zeroed: zstd writes into the spare capacity, and the
+            // Vec's length covers only what it wrote. A buffer reused from a larger chunk may
+            // have more room; a frame that fills it past `len` is refused below all the same.
+            out.reserve_exact(len);
+            let got = DECOMPRESSOR.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                let d = match &mut *slot {
+                    Some(d) => d,
+                    None => slot.insert(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|e| WireError::ZstdCorrupt(e.to_string()))?,
+                    ),
+                };
+                d.decompress_to_buffer(data, out).map_err(|e| {
                     // zstd says "Destination buffer is too small" when the frame expands past
                     // the space given; anything else is a damaged frame.
                     let msg = e.to_string();
-                    return Err(if msg.contains("too small") {
+                    if msg.contains("too small") {
                         WireError::Expands { raw_length }
                     } else {
                         WireError::ZstdCorrupt(msg)
-                    });
+                    }
+                })
+            });
+            let got = match got {
+                Ok(n) => n,
+                Err(e) => {
+                    out.clear();
+                    return Err(e);
                 }
             };
             if got != len {
@@ -285,6 +305,14 @@ mod tests {
             decode(1, &e.data, &e.hash, 100, LIMIT),
             Err(WireError::Expands { raw_length: 100 })
         );
+        // The same into a buffer that kept a larger chunk's room: refused all the same, and
+        // nothing of it is left in the buffer.
+        let mut roomy = Vec::with_capacity(1 << 20);
+        assert!(matches!(
+            decode_into(1, &e.data, &e.hash, 100, LIMIT, &mut roomy),
+            Err(WireError::ZstdLength { got: 8192, raw_length: 100 })
+        ));
+        assert!(roomy.is_empty());
         // Claims more than the frame holds.
         assert!(matches!(
             decode(1, &e.data, &e.hash, 9000, LIMIT),
