@@ -310,7 +310,10 @@ mod tests {
         let mut roomy = Vec::with_capacity(1 << 20);
         assert!(matches!(
             decode_into(1, &e.data, &e.hash, 100, LIMIT, &mut roomy),
-            Err(WireError::ZstdLength { got: 8192, raw_length: 100 })
+            Err(WireError::ZstdLength {
+                got: 8192,
+                raw_length: 100
+            })
         ));
         assert!(roomy.is_empty());
         // Claims more than the frame holds.

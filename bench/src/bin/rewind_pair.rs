@@ -382,10 +382,7 @@ impl Bench {
 /// The round with the median wall time (failed rounds first, so a failure is not hidden),
 /// its note listing every round's wall time.
 fn median(mut rounds: Vec<Row>) -> Row {
-    let in_order: Vec<f64> = rounds
-        .iter()
-        .map(|r| r.client.wall.as_secs_f64())
-        .collect();
+    let in_order: Vec<f64> = rounds.iter().map(|r| r.client.wall.as_secs_f64()).collect();
     rounds.sort_by(|a, b| a.ok.cmp(&b.ok).then(a.client.wall.cmp(&b.client.wall)));
     let walls: Vec<String> = rounds
         .iter()
@@ -801,7 +798,11 @@ mod tests {
         assert_eq!(paired_speedup(&slow, &fast), Some(2.0));
         // The ratio of the medians would say 2.0 / 1.2 = 1.67.
         assert_eq!(paired_speedup(&[3.0, 1.0], &[1.0, 1.0]), Some(2.0));
-        assert_eq!(paired_speedup(&[3.0], &[1.0]), None, "one round pairs nothing");
+        assert_eq!(
+            paired_speedup(&[3.0], &[1.0]),
+            None,
+            "one round pairs nothing"
+        );
         assert_eq!(paired_speedup(&[3.0, 1.0], &[1.0]), None);
     }
 }
