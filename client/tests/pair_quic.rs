@@ -150,7 +150,7 @@ impl Raw {
         let conn = rt.block_on(async {
             let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
             let mut config = quinn::ClientConfig::new(Arc::new(client_tls(&ca.pem, None).unwrap()));
-            config.transport_config(Arc::new(transport_config(1 << 20, 0)));
+            config.transport_config(Arc::new(transport_config(1 << 20, 0, 1 << 20)));
             endpoint.set_default_client_config(config);
             endpoint
                 .connect(server.quic_addr(), "localhost")

@@ -13,6 +13,7 @@
 //! window = 16777216
 //! quic_max_connections = 64
 //! quic_max_streams = 300
+//! quic_initial_window = 1048576
 //! primary_conninfo = "host=db1.example port=5432 user=replicator"
 //! ```
 //!
@@ -40,6 +41,7 @@ pub struct Settings {
     pub window: Option<u32>,
     pub quic_max_connections: Option<usize>,
     pub quic_max_streams: Option<u32>,
+    pub quic_initial_window: Option<u64>,
     pub primary_conninfo: Option<String>,
 }
 
@@ -87,6 +89,7 @@ impl Settings {
             window: flags.window.or(self.window),
             quic_max_connections: flags.quic_max_connections.or(self.quic_max_connections),
             quic_max_streams: flags.quic_max_streams.or(self.quic_max_streams),
+            quic_initial_window: flags.quic_initial_window.or(self.quic_initial_window),
             primary_conninfo: flags.primary_conninfo.or(self.primary_conninfo),
         }
     }
@@ -116,6 +119,7 @@ mod tests {
             window = 1048576
             quic_max_connections = 8
             quic_max_streams = 100
+            quic_initial_window = 262144
             primary_conninfo = "host=db1 user=replicator"
             "#,
         )
@@ -132,6 +136,7 @@ mod tests {
         assert_eq!(s.window, Some(1 << 20));
         assert_eq!(s.quic_max_connections, Some(8));
         assert_eq!(s.quic_max_streams, Some(100));
+        assert_eq!(s.quic_initial_window, Some(256 << 10));
         assert_eq!(
             s.primary_conninfo.as_deref(),
             Some("host=db1 user=replicator")

@@ -88,6 +88,11 @@ pub enum ServeError {
     Window(u32),
     #[error("--quic-max-connections and --quic-max-streams must be at least 1")]
     QuicLimits,
+    #[error(
+        "--quic-initial-window {0} is out of range ({min} .. {MAX_WINDOW})",
+        min = quic::MIN_INITIAL_WINDOW
+    )]
+    QuicInitialWindow(u64),
     #[error("--client-ca needs --tls-cert and --tls-key: client certificates are checked by TLS")]
     ClientCaWithoutTls,
     #[error("QUIC needs TLS: give --tls-cert and --tls-key")]
@@ -108,6 +113,9 @@ impl Config {
         }
         if self.quic.max_connections == 0 || self.quic.max_streams_per_connection == 0 {
             return Err(ServeError::QuicLimits);
+        }
+        if !(quic::MIN_INITIAL_WINDOW..=u64::from(MAX_WINDOW)).contains(&self.quic.initial_window) {
+            return Err(ServeError::QuicInitialWindow(self.quic.initial_window));
         }
         if self.client_ca.is_some() && self.tls.is_none() {
             return Err(ServeError::ClientCaWithoutTls);

@@ -46,6 +46,11 @@ struct Args {
     /// Requests one QUIC connection may have open at once [default: 300].
     #[arg(long, value_name = "N")]
     quic_max_streams: Option<u32>,
+    /// Bytes a new QUIC connection may send before its first acknowledgement, paced over the
+    /// first round trip; about one round trip's worth of the link fills it from the start
+    /// (14720 .. 1 GiB) [default: 1048576].
+    #[arg(long, value_name = "BYTES")]
+    quic_initial_window: Option<u64>,
     /// The most raw bytes per chunk sent [default: 1048576].
     #[arg(long, value_name = "BYTES")]
     max_chunk: Option<u64>,
@@ -80,6 +85,7 @@ async fn main() -> Result<()> {
         window: a.window,
         quic_max_connections: a.quic_max_connections,
         quic_max_streams: a.quic_max_streams,
+        quic_initial_window: a.quic_initial_window,
         primary_conninfo: a.primary_conninfo,
     };
     let s = match &a.config {
@@ -102,6 +108,7 @@ async fn main() -> Result<()> {
     config.quic.max_streams_per_connection = s
         .quic_max_streams
         .unwrap_or(limits.max_streams_per_connection);
+    config.quic.initial_window = s.quic_initial_window.unwrap_or(limits.initial_window);
     if let Some(f) = &s.token_file {
         let t = String::from_utf8(read(f, "token file")?)
             .with_context(|| format!("token file {} is not UTF-8", f.display()))?;

@@ -61,7 +61,21 @@ pub struct QuicLimits {
     pub max_streams_per_connection: u32,
     /// Connections served at once; more are refused.
     pub max_connections: usize,
+    /// Bytes a new connection may have in flight before its first acknowledgement
+    /// ([`DEFAULT_INITIAL_WINDOW`]).
+    pub initial_window: u64,
 }
+
+/// The congestion window a QUIC connection starts with: 1 MiB, paced over the first round
+/// trip. RFC 9002 suggests ten datagrams (about 14 KB), from which slow start needs seven round
+/// trips to fill a link of 200 Mbit/s at 50 ms (1.25 MB in flight); a rewind's fetch is over
+/// in a handful of round trips, so most of it would run at a fraction of the link. failbackd
+/// talks to a few clients an operator sends it, over links chosen for the job, as TCP on such
+/// links is given a larger `initcwnd`; a shallow or shared path loses part of the first flight
+/// and Cubic backs off from there (`--quic-initial-window` to choose less).
+pub const DEFAULT_INITIAL_WINDOW: u64 = 1 << 20;
+/// The smallest initial window accepted: RFC 9002's ten datagrams of 1472 bytes.
+pub const MIN_INITIAL_WINDOW: u64 = 14_720;
 
 impl Default for QuicLimits {
     fn default() -> Self {
@@ -70,14 +84,21 @@ impl Default for QuicLimits {
             // The client keeps at most 256 reads (--jobs) plus a few small calls in flight.
             max_streams_per_connection: 300,
             max_connections: 64,
+            initial_window: DEFAULT_INITIAL_WINDOW,
         }
     }
 }
 
 /// The QUIC transport settings of both ends: large windows for long fat links (see the crate
-/// header), keep-alives so an idle rewind phase does not drop the connection, and BBR, which
-/// finds a long link's bandwidth without the losses Cubic needs to probe it.
-pub fn transport_config(window: u32, max_streams: u32) -> quinn::TransportConfig {
+/// header), keep-alives so an idle rewind phase does not drop the connection, and Cubic
+/// congestion control starting from `initial_window` bytes in flight. Not quinn's BBR: on a
+/// 50 ms path its window fell to a few datagrams for hundreds of milliseconds in the middle of
+/// a fetch (bench/results/rewind_pair-2026-11-24e.md).
+pub fn transport_config(
+    window: u32,
+    max_streams: u32,
+    initial_window: u64,
+) -> quinn::TransportConfig {
     let window = u64::from(window);
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(quinn::VarInt::from_u32(window as u32))
@@ -90,8 +111,14 @@ pub fn transport_config(window: u32, max_streams: u32) -> quinn::TransportConfig
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("60 s is a valid idle timeout"),
         ))
-        .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        .congestion_controller_factory(congestion(initial_window));
     t
+}
+
+fn congestion(initial_window: u64) -> Arc<quinn::congestion::CubicConfig> {
+    let mut c = quinn::congestion::CubicConfig::default();
+    c.initial_window(initial_window);
+    Arc::new(c)
 }
 
 /// ring, explicitly: rustls refuses to guess when more than one provider is compiled in.
@@ -352,6 +379,7 @@ pub async fn serve_quic_with<S: Failback>(
     server.transport_config(Arc::new(transport_config(
         config.window,
         limits.max_streams_per_connection,
+        limits.initial_window,
     )));
     socket
         .set_nonblocking(true)
@@ -565,6 +593,15 @@ mod tests {
             decode_request(b"\x03\xff\xff\xff").unwrap_err().code(),
             Code::InvalidArgument
         );
+    }
+
+    #[test]
+    fn connections_start_with_the_initial_window_asked_for() {
+        use quinn::congestion::ControllerFactory;
+        for w in [MIN_INITIAL_WINDOW, DEFAULT_INITIAL_WINDOW, 5 << 20] {
+            let c = congestion(w).build(std::time::Instant::now(), 1200);
+            assert_eq!(c.window(), w);
+        }
     }
 
     /// Run as root (as the test bed is), the forced options pass `net.core.rmem_max`.

@@ -93,6 +93,16 @@ fn bad_flags_are_refused() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--window 1000 is out of range"));
+    let out = Command::new(env!("CARGO_BIN_EXE_failbackd"))
+        .args(["--pgdata", "/x", "--listen", "127.0.0.1:0"])
+        .args(["--quic-initial-window", "1200"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--quic-initial-window 1200 is out of range"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn self_signed(name: &str) -> (Vec<u8>, Vec<u8>) {
@@ -154,7 +164,7 @@ fn serves_quic_beside_grpc_and_stops_on_ctrl_c() {
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         let tls = client_tls(&cert, Some((&client_cert, &client_key))).unwrap();
         let mut config = quinn::ClientConfig::new(Arc::new(tls));
-        config.transport_config(Arc::new(transport_config(1 << 20, 0)));
+        config.transport_config(Arc::new(transport_config(1 << 20, 0, 1 << 20)));
         endpoint.set_default_client_config(config);
         let conn = endpoint.connect(quic, "localhost").unwrap().await.unwrap();
         let (mut send, recv) = conn.open_bi().await.unwrap();

@@ -269,7 +269,11 @@ impl RemoteSource<QuicTransport> {
             .map_err(|e| could_not(chain(&e)))?;
             let mut config = quinn::ClientConfig::new(Arc::new(tls));
             // failbackd opens no streams towards the client.
-            let mut transport = transport_config(failback_server::DEFAULT_WINDOW, 0);
+            let mut transport = transport_config(
+                failback_server::DEFAULT_WINDOW,
+                0,
+                failback_server::quic::DEFAULT_INITIAL_WINDOW,
+            );
             // A silent peer (failbackd stopped, the path gone) is found within the liveness,
             // whatever failbackd's own idle timeout.
             let liveness = opts.patience.liveness();
