@@ -666,12 +666,7 @@ mod tests {
     use super::*;
 
     fn copy(path: &str, src: u64, tgt: Option<u64>) -> failback_common::plan::PlanEntry {
-        let file = |size| failback_common::filemap::FileEntry {
-            path: path.into(),
-            file_type: FileType::Regular,
-            size,
-            link_target: None,
-        };
+        let file = |size| failback_common::filemap::FileEntry::regular(path, size);
         failback_common::plan::PlanEntry {
             path: path.into(),
             action: FileAction::Copy,

@@ -39,6 +39,18 @@ pub struct FileEntry {
     pub link_target: Option<String>,
 }
 
+impl FileEntry {
+    /// A regular file of `size` bytes.
+    pub fn regular(path: impl Into<String>, size: u64) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            file_type: FileType::Regular,
+            size,
+            link_target: None,
+        }
+    }
+}
+
 /// What to do with a path; the order is the order of execution (pg_rewind's `file_action_t`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -205,12 +217,7 @@ mod tests {
     use super::*;
 
     fn reg(path: &str, size: u64) -> FileEntry {
-        FileEntry {
-            path: path.into(),
-            file_type: FileType::Regular,
-            size,
-            link_target: None,
-        }
+        FileEntry::regular(path, size)
     }
 
     fn dir(path: &str) -> FileEntry {

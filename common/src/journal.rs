@@ -507,12 +507,7 @@ mod tests {
     use super::*;
 
     fn file(path: &str, size: u64) -> FileEntry {
-        FileEntry {
-            path: path.into(),
-            file_type: FileType::Regular,
-            size,
-            link_target: None,
-        }
+        FileEntry::regular(path, size)
     }
 
     fn header() -> JournalHeader {

@@ -315,12 +315,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn reg(path: &str, size: u64) -> FileEntry {
-        FileEntry {
-            path: path.into(),
-            file_type: FileType::Regular,
-            size,
-            link_target: None,
-        }
+        FileEntry::regular(path, size)
     }
 
     #[test]

@@ -175,12 +175,7 @@ impl DataDir {
                 out.push(dir_entry(rel.clone()));
                 self.walk(&full, &rel, out)?;
             } else if ft.is_file() {
-                out.push(FileEntry {
-                    path: rel,
-                    file_type: FileType::Regular,
-                    size: md.len(),
-                    link_target: None,
-                });
+                out.push(FileEntry::regular(rel, md.len()));
             }
             // Sockets, fifos and devices have no place in a data directory; they are skipped.
         }

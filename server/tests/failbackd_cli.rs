@@ -57,51 +57,30 @@ fn serves_a_data_directory_with_a_token() {
     assert_eq!(ok.max_chunk, failback_server::DEFAULT_MAX_CHUNK);
 }
 
+/// failbackd's stderr when it refuses to start with `args`.
+fn refused(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_failbackd"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "failbackd accepted {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn bad_flags_are_refused() {
-    let out = Command::new(env!("CARGO_BIN_EXE_failbackd"))
-        .args(["--pgdata", "/nonexistent", "--listen", "127.0.0.1:0"])
-        .args(["--max-chunk", "0"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--max-chunk 0 is out of range"));
-    let out = Command::new(env!("CARGO_BIN_EXE_failbackd"))
-        .args([
-            "--pgdata",
-            "/x",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            "/c",
-        ])
-        .output()
-        .unwrap();
+    let base = ["--pgdata", "/x", "--listen", "127.0.0.1:0"];
+    let with = |extra: &[&'static str]| [&base[..], extra].concat();
+    let err = refused(&with(&["--max-chunk", "0"]));
+    assert!(err.contains("--max-chunk 0 is out of range"), "{err}");
+    // --tls-cert without --tls-key
+    refused(&with(&["--tls-cert", "/c"]));
+    let err = refused(&with(&["--window", "1000"]));
+    assert!(err.contains("--window 1000 is out of range"), "{err}");
+    let err = refused(&with(&["--quic-initial-window", "1200"]));
     assert!(
-        !out.status.success(),
-        "--tls-cert without --tls-key accepted"
-    );
-    let out = Command::new(env!("CARGO_BIN_EXE_failbackd"))
-        .args([
-            "--pgdata",
-            "/x",
-            "--listen",
-            "127.0.0.1:0",
-            "--window",
-            "1000",
-        ])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--window 1000 is out of range"));
-    let out = Command::new(env!("CARGO_BIN_EXE_failbackd"))
-        .args(["--pgdata", "/x", "--listen", "127.0.0.1:0"])
-        .args(["--quic-initial-window", "1200"])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--quic-initial-window 1200 is out of range"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains("--quic-initial-window 1200 is out of range"),
+        "{err}"
     );
 }
 
