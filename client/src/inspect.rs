@@ -144,9 +144,9 @@ pub fn wal_record_json(r: &failback_common::wal::WalRecord<'_>) -> serde_json::V
         .map(|b| {
             serde_json::json!({
                 "id": b.id,
-                "tablespace": b.locator.spc_oid,
-                "database": b.locator.db_oid,
-                "relation": b.locator.rel_number,
+                "tablespace": b.locator.spcOid,
+                "database": b.locator.dbOid,
+                "relation": b.locator.relNumber,
                 "fork": failback_common::wal::fork_name(b.fork()).unwrap_or("?"),
                 "block": b.blkno,
                 "full_page_image": b.image.is_some(),

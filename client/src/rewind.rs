@@ -22,7 +22,7 @@ use failback_common::filemap::FileAction;
 use failback_common::lsn::history_file_name;
 use failback_common::plan::{self, PageMap, Plan, PlanInput};
 use failback_common::recovery;
-use failback_common::relpath::{self, ForkNumber, RelFileLocator};
+use failback_common::relpath::{self, ForkNumber};
 use failback_common::timeline::{TimeLineHistory, find_common_ancestor};
 use failback_common::wal::WalParams;
 use failback_common::{Lsn, TimeLineId};
@@ -413,10 +413,8 @@ pub fn rewind(
                 if i32::from(b.fork()) != ForkNumber::Main.to_i32() {
                     continue;
                 }
-                let loc =
-                    RelFileLocator::new(b.locator.spc_oid, b.locator.db_oid, b.locator.rel_number);
                 if let Some((path, offset)) =
-                    relpath::block_path(loc, ForkNumber::Main, b.blkno, relseg, blcksz, major)
+                    relpath::block_path(b.locator, ForkNumber::Main, b.blkno, relseg, blcksz, major)
                 {
                     page_map.insert(&path, (offset / u64::from(blcksz)) as u32);
                 }

@@ -32,9 +32,10 @@ pub const DEFAULT_BLCKSZ: u32 = 8192;
 /// `RELSEG_SIZE` of a default build: blocks per segment file (1 GiB of 8 KiB blocks).
 pub const DEFAULT_RELSEG_SIZE: u32 = 131072;
 
-/// `RelFileLocator` (`RelFileNode` before 16): which files hold a relation.
+/// `RelFileLocator` (`RelFileNode` before 16, the same 12 bytes in WAL): which files hold a
+/// relation.
 #[allow(non_snake_case)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct RelFileLocator {
     pub spcOid: u32,
     /// 0 for shared relations.
@@ -51,9 +52,18 @@ impl RelFileLocator {
             relNumber,
         }
     }
+
+    /// Reads the 12 bytes at the start of `b` as WAL stores them (`None` if shorter).
+    pub fn parse(b: &[u8]) -> Option<RelFileLocator> {
+        let word = |i: usize| -> Option<u32> {
+            Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?))
+        };
+        Some(RelFileLocator::new(word(0)?, word(4)?, word(8)?))
+    }
 }
 
 impl std::fmt::Display for RelFileLocator {
+    /// `spc/db/rel`, as pg_waldump prints block references.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}/{}", self.spcOid, self.dbOid, self.relNumber)
     }

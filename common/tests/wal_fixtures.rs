@@ -56,8 +56,7 @@ fn survey(fx: &Fixture) -> (Seen, Outcome) {
         }
         for b in r.blocks {
             let l = b.locator;
-            s.blocks
-                .insert((l.spc_oid, l.db_oid, l.rel_number, b.fork()));
+            s.blocks.insert((l.spcOid, l.dbOid, l.relNumber, b.fork()));
             if let Some(img) = b.image {
                 *s.images.entry(img.compression.name()).or_default() += 1;
                 assert_eq!(r.block_image(&img).len(), usize::from(img.length));
@@ -193,19 +192,11 @@ fn check_version(major: u32) {
     // SMGR CREATE of every table's main fork; SMGR TRUNCATE of t3 by VACUUM.
     for t in ["t1", "t1_pkey", "t2", "t3", "t5"] {
         let (spc, db, rel) = fx.table(t);
-        let l = RelFileLocator {
-            spc_oid: spc,
-            db_oid: db,
-            rel_number: rel,
-        };
+        let l = RelFileLocator::new(spc, db, rel);
         assert!(s.smgr_create.contains(&(l, 0)), "no SMGR CREATE of {t}");
     }
     let (spc, db, rel) = fx.table("t3");
-    let t3 = RelFileLocator {
-        spc_oid: spc,
-        db_oid: db,
-        rel_number: rel,
-    };
+    let t3 = RelFileLocator::new(spc, db, rel);
     assert!(
         s.smgr_truncate
             .iter()

@@ -153,7 +153,7 @@ fn desc_list(desc: &str, label: &str) -> Vec<String> {
 fn check_kind(fx: &Fixture, r: &WalRecord<'_>, d: &DumpRec) -> bool {
     let m = fx.major;
     let path = |l: failback_common::wal::RelFileLocator, fork: u8| {
-        relpath(m, l.spc_oid, l.db_oid, l.rel_number, fork)
+        relpath(m, l.spcOid, l.dbOid, l.relNumber, fork)
     };
     let paths = |it: &mut dyn Iterator<Item = failback_common::wal::RelFileLocator>| {
         it.map(|l| path(l, 0)).collect::<Vec<_>>()

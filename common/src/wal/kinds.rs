@@ -115,7 +115,7 @@ impl RecordKind<'_> {
     /// tli 1`, `rel 1663/5/16384 to 0 blocks flags 7`, `rels: 1663/5/16384`); `None` for kinds
     /// with nothing to add to their type name.
     pub fn detail(&self) -> Option<String> {
-        let rel = |l: RelFileLocator| format!("{}/{}/{}", l.spc_oid, l.db_oid, l.rel_number);
+        let rel = |l: RelFileLocator| format!("{}/{}/{}", l.spcOid, l.dbOid, l.relNumber);
         Some(match self {
             RecordKind::Checkpoint {
                 redo,
@@ -783,7 +783,7 @@ mod tests {
         assert_eq!(x.dbinfo, Some((5, 1663)));
         assert_eq!(x.subxacts.iter().collect::<Vec<_>>(), [900]);
         assert_eq!(x.rels.len(), 2);
-        assert_eq!(x.rels.get(1).unwrap().rel_number, 16385);
+        assert_eq!(x.rels.get(1).unwrap().relNumber, 16385);
         assert_eq!((x.nstats, x.nmsgs), (1, 1));
         assert_eq!(x.twophase_xid, Some(777));
         assert_eq!(x.twophase_gid, Some(&b"gid"[..]));

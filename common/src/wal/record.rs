@@ -126,33 +126,8 @@ pub fn record_crc(rec: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(body), head)
 }
 
-/// A relation's identity on disk (`RelFileLocator`, called `RelFileNode` before 16; the same
-/// 12 bytes): tablespace, database (0 for shared relations) and relfilenumber.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RelFileLocator {
-    pub spc_oid: u32,
-    pub db_oid: u32,
-    pub rel_number: u32,
-}
-
-impl RelFileLocator {
-    /// Reads the 12 bytes at the start of `b` (`None` if shorter).
-    pub fn parse(b: &[u8]) -> Option<RelFileLocator> {
-        let s = b.get(..12)?;
-        Some(RelFileLocator {
-            spc_oid: le_u32(s, 0),
-            db_oid: le_u32(s, 4),
-            rel_number: le_u32(s, 8),
-        })
-    }
-}
-
-impl std::fmt::Display for RelFileLocator {
-    /// `spc/db/rel`, as pg_waldump prints block references.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}/{}", self.spc_oid, self.db_oid, self.rel_number)
-    }
-}
+/// A relation's identity on disk, as block references and drop records carry it.
+pub use crate::relpath::RelFileLocator;
 
 /// How a full-page image is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
