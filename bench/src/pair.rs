@@ -2,8 +2,9 @@
 //! rewind benchmarks (`rewind_local`, `rewind_pair`).
 //!
 //! A PostgreSQL 15 primary with a pgbench database (scale 100 is about 1.5 GB) gets a streaming
-//! standby; the standby is promoted; then about 1 % of the accounts are updated on each side (a
-//! contiguous range on each, so the change is 1 % of the pages too), with some history rows.
+//! standby; the standby is promoted; then a share of the accounts (1 % unless a benchmark asks
+//! for more) is updated on each side (a contiguous range on each, so the change is that share
+//! of the pages too), with some history rows.
 //! Both are stopped cleanly: the old primary is the rewind's target, the promoted standby its
 //! source.
 
@@ -24,9 +25,14 @@ pub struct DivergedPair {
 }
 
 impl DivergedPair {
-    pub fn build(scale: u32) -> DivergedPair {
+    /// `percent` (1 to 50) of the accounts changed on each side, in ranges that do not meet.
+    pub fn build(scale: u32, percent: u32) -> DivergedPair {
+        assert!(
+            (1..=50).contains(&percent),
+            "the share of accounts changed must be 1 to 50 %"
+        );
         let accounts = u64::from(scale) * 100_000;
-        let changed = accounts / 100;
+        let changed = accounts * u64::from(percent) / 100;
         eprintln!(
             "building a diverged pair: pgbench scale {scale}, {changed} accounts changed on each side"
         );
@@ -37,6 +43,15 @@ impl DivergedPair {
         let mut new = old.create_standby("bench-new-primary");
         new.wait_for_catchup(&old);
         new.promote();
+        if percent > 1 {
+            // A larger change writes more WAL than max_wal_size: both sides keep theirs back to
+            // the divergence, as their archives would, or the old primary has nothing to rewind
+            // from and, rewound, nothing to replay up to the new primary's WAL.
+            for c in [&old, &new] {
+                c.execute("ALTER SYSTEM SET wal_keep_size = '16GB'");
+                c.execute("SELECT pg_reload_conf()");
+            }
+        }
         old.execute(&format!(
             "UPDATE pgbench_accounts SET abalance = abalance - 1 WHERE aid BETWEEN 1 AND {changed};
              INSERT INTO pgbench_history SELECT 1, 1, g, -1, now() FROM generate_series(1, 10000) g"

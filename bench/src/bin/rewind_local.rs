@@ -17,7 +17,7 @@ fn main() {
     let scale = arg("--scale", 100u32);
     let rounds = arg("--rounds", 2u32);
     let failback = workspace_binary("failback", None);
-    let pair = DivergedPair::build(scale);
+    let pair = DivergedPair::build(scale, 1);
     let (primary, source) = (&pair.old, &pair.new);
 
     let work = primary.base_dir().join("bench");

@@ -2,7 +2,7 @@
 //! simulated WAN, side by side in one run.
 //!
 //! The input is [`failback_bench::pair::DivergedPair`] (pgbench scale 100 by default, 1 % of
-//! the accounts changed on each side). The old primary's data directory is saved once and
+//! the accounts changed on each side unless `--changed-percent`). The old primary's data directory is saved once and
 //! restored before every run, so every tool rewinds the very same target:
 //!
 //! - `pg_rewind --source-server` (PostgreSQL 15's) against the running new primary, through
@@ -25,12 +25,14 @@
 //!
 //! ```text
 //! cargo build --release -p failback-client -p failback-server -p failback-bench
-//! target/release/rewind_pair [--scale 100] [--delay-ms 25] [--rate-mbit 200] [--jobs 16]
+//! target/release/rewind_pair [--scale 100] [--changed-percent 1] [--delay-ms 25] [--rate-mbit 200] [--jobs 16]
 //!     [--compress 1] [--bin-dir DIR] [--source-mode auto|stopped|running] [--out FILE]
 //!     [--rounds N] [--no-sync] [--log-dir DIR] [--perf DIR] [--skip-pg-rewind] [--skip-verify]
 //!     [--hold FILE]
 //! ```
 //!
+//! `--changed-percent P` changes P % of the accounts on each side instead of 1 %: a rewind
+//! whose bytes, not its round trips, take most of the time on the link.
 //! `--rounds N` runs every configuration N times, round by round (each round runs every tool
 //! once, so all see the same neighbours), and reports the round with the median wall time
 //! and the median of the per-round speed-ups (the machine is shared: single runs are noisy). `--no-sync` passes `-N` to both tools (no final flush), to see the network's share of the
@@ -551,6 +553,7 @@ fn today() -> String {
 
 fn main() {
     let scale = arg("--scale", 100u32);
+    let percent = arg("--changed-percent", 1u32);
     let delay_ms = arg("--delay-ms", 25u64);
     let rate_mbit = arg("--rate-mbit", 200u64);
     let jobs = arg("--jobs", 16u32);
@@ -584,7 +587,7 @@ fn main() {
     let load_before = loadavg();
     let DivergedPair {
         old, new, changed, ..
-    } = DivergedPair::build(scale);
+    } = DivergedPair::build(scale, percent);
     let work = old.base_dir().join("bench");
     user::create_dir(&work);
     let pristine = work.join("pristine");
