@@ -20,7 +20,7 @@ use std::time::Instant;
 use failback_common::control::{ControlFileData, DBState};
 use failback_common::filemap::FileAction;
 use failback_common::lsn::history_file_name;
-use failback_common::plan::{self, PageMap, Plan, PlanInput};
+use failback_common::plan::{self, ChangedBlocks, Plan, PlanInput};
 use failback_common::recovery;
 use failback_common::relpath::{self, ForkNumber};
 use failback_common::timeline::{TimeLineHistory, find_common_ancestor};
@@ -405,7 +405,7 @@ pub fn rewind(
 
         // Step 4: every block the target touched since then.
         progress.phase("reading WAL in target");
-        let mut page_map = PageMap::default();
+        let mut changed = ChangedBlocks::default();
         let (relseg, blcksz, major) = (target.relseg_size, target.blcksz, target.major);
         wal.scan(chkpt_rec, target_wal_end, |rec| {
             fault::passed(Point::Scan, 1);
@@ -413,15 +413,12 @@ pub fn rewind(
                 if i32::from(b.fork()) != ForkNumber::Main.to_i32() {
                     continue;
                 }
-                if let Some((path, offset)) =
-                    relpath::block_path(b.locator, ForkNumber::Main, b.blkno, relseg, blcksz, major)
-                {
-                    page_map.insert(&path, (offset / u64::from(blcksz)) as u32);
-                }
+                changed.insert(b.locator, b.blkno, relseg);
             }
             Ok(())
         })
         .map_err(wrap("could not read the target's WAL"))?;
+        let page_map = changed.into_page_map(major);
         report.changed_blocks = page_map.block_count() as u64;
         report.seconds.wal_scan = t_scan.elapsed().as_secs_f64();
 
