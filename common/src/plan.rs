@@ -114,13 +114,12 @@ impl ChangedBlocks {
     /// Block `blkno` of `locator`'s main fork, in segments of `relseg_size` blocks
     /// (`RELSEG_SIZE`; 0 ignores the block, as no file can hold it).
     pub fn insert(&mut self, locator: RelFileLocator, blkno: u32, relseg_size: u32) {
-        if relseg_size == 0 {
-            return;
+        if let Some((segno, in_seg)) = relpath::block_segment(blkno, relseg_size) {
+            self.segments
+                .entry((locator, segno))
+                .or_default()
+                .insert(in_seg);
         }
-        self.segments
-            .entry((locator, blkno / relseg_size))
-            .or_default()
-            .insert(blkno % relseg_size);
     }
 
     /// The page map: each segment's blocks under its file's path for `major`.

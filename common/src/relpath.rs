@@ -267,12 +267,17 @@ pub fn is_rel_data_file(path: &str, major: PgMajor) -> Option<(RelFileLocator, u
 /// for a cluster with `relseg_size` blocks of `blcksz` bytes per segment. All arithmetic is in
 /// 64 bits, so offsets past 2 GiB and relations past 4 GiB are exact. `None` if either size is 0.
 pub fn block_location(blkno: u32, relseg_size: u32, blcksz: u32) -> Option<(u32, u64)> {
-    if relseg_size == 0 || blcksz == 0 {
+    if blcksz == 0 {
         return None;
     }
-    let segno = blkno / relseg_size;
-    let in_seg = blkno % relseg_size;
+    let (segno, in_seg) = block_segment(blkno, relseg_size)?;
     Some((segno, u64::from(in_seg) * u64::from(blcksz)))
+}
+
+/// Block `blkno` of a fork as (segment number, block number inside that segment file), in
+/// segments of `relseg_size` blocks. `None` if `relseg_size` is 0.
+pub fn block_segment(blkno: u32, relseg_size: u32) -> Option<(u32, u32)> {
+    (relseg_size != 0).then(|| (blkno / relseg_size, blkno % relseg_size))
 }
 
 /// The file holding block `blkno` of a fork and the byte offset of the block in it: what a
