@@ -25,11 +25,11 @@ pub struct DivergedPair {
 }
 
 impl DivergedPair {
-    /// `percent` (1 to 50) of the accounts changed on each side, in ranges that do not meet.
+    /// `percent` (1 to 49) of the accounts changed on each side, in ranges that do not meet.
     pub fn build(scale: u32, percent: u32) -> DivergedPair {
         assert!(
-            (1..=50).contains(&percent),
-            "the share of accounts changed must be 1 to 50 %"
+            (1..50).contains(&percent),
+            "the share of accounts changed must be 1 to 49 %"
         );
         let accounts = u64::from(scale) * 100_000;
         let changed = accounts * u64::from(percent) / 100;
