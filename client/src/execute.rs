@@ -673,7 +673,7 @@ mod tests {
             source: Some(file(src)),
             target: tgt.map(file),
             blocks: Default::default(),
-            note: None,
+            reason: None,
             zero_from: None,
         }
     }

@@ -471,7 +471,7 @@ pub fn rewind(
         ));
         if opts.debug {
             for e in &the_plan.entries {
-                let note = e.note.map(|n| format!(" -- {n}")).unwrap_or_default();
+                let note = e.reason.map(|n| format!(" -- {n}")).unwrap_or_default();
                 progress.debug(&format!("{} ({}){note}", e.path, e.action.name()));
                 for b in e.blocks.iter() {
                     progress.debug(&format!("  block {b}"));
@@ -574,12 +574,12 @@ pub fn rewind(
             .entries
             .iter()
             .filter(|e| {
-                e.note == Some(plan::PAST_SOURCE_END)
+                e.reason == Some(plan::Reason::PastSourceEnd)
                     && !plan::wal_segment_past(&e.path, end.lsn, target.xlog_seg_size)
             })
             .map(|e| plan::PlanEntry {
                 action: FileAction::Copy,
-                note: None,
+                reason: None,
                 ..e.clone()
             })
             .collect();
@@ -778,7 +778,7 @@ fn hold_auto_conf(plan: &mut Plan) {
     for e in &mut plan.entries {
         if e.path == "postgresql.auto.conf" && e.action != FileAction::None {
             e.action = FileAction::None;
-            e.note = Some("written at the end of the commit");
+            e.reason = Some(plan::Reason::WrittenAtCommit);
         }
     }
 }

@@ -21,12 +21,14 @@ use std::collections::BTreeMap;
 
 use crate::filemap::{FileAction, FileEntry, FileType};
 use crate::lsn::{Lsn, TimeLineId};
-use crate::plan::{BlockBitmap, Plan, PlanEntry};
+use crate::plan::{BlockBitmap, Plan, PlanEntry, Reason};
 
 /// The journal's file name, at the root of the target data directory.
 pub const JOURNAL_FILE: &str = "failback.journal";
 
-const MAGIC: &[u8; 8] = b"FBJRNL01";
+const MAGIC: &[u8; 8] = b"FBJRNL02";
+/// The magic of the first format, which did not keep why the plan left an entry alone.
+const MAGIC_V1: &[u8; 8] = b"FBJRNL01";
 /// A frame larger than this is corruption, not a plan (a plan of a terabyte cluster with every
 /// block changed is far smaller).
 const MAX_FRAME: u32 = 1 << 30;
@@ -88,6 +90,11 @@ impl Phase {
 pub enum JournalError {
     #[error("{JOURNAL_FILE} does not start with failback's journal magic: not a journal")]
     BadMagic,
+    #[error(
+        "{JOURNAL_FILE} was written by an older failback, whose journal lacks what this one \
+         needs to resume it; finish the rewind with the failback that began it"
+    )]
+    OlderFormat,
     #[error("{JOURNAL_FILE} holds no complete plan (torn at byte {0}): the rewind never started")]
     NoHeader(u64),
     #[error("{JOURNAL_FILE}: frame at byte {at}: {what}")]
@@ -246,6 +253,9 @@ impl JournalState {
 /// Replays a whole journal file. The first frame must be a complete plan; every later frame
 /// that is short or fails its CRC ends the replay there (a crash mid-append).
 pub fn replay(bytes: &[u8]) -> Result<JournalState, JournalError> {
+    if bytes.get(..MAGIC.len()) == Some(&MAGIC_V1[..]) {
+        return Err(JournalError::OlderFormat);
+    }
     if bytes.get(..MAGIC.len()) != Some(&MAGIC[..]) {
         return Err(JournalError::BadMagic);
     }
@@ -382,12 +392,21 @@ fn put_header(out: &mut Vec<u8>, h: &JournalHeader) {
                 out.extend_from_slice(&z.to_le_bytes());
             }
         }
+        out.push(e.reason.map_or(0, reason_code));
         let blocks: Vec<u32> = e.blocks.iter().collect();
         out.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
         for b in blocks {
             out.extend_from_slice(&b.to_le_bytes());
         }
     }
+}
+
+/// A reason's journal code: its place in [`Reason::ALL`], from 1 (0 is "none").
+fn reason_code(r: Reason) -> u8 {
+    Reason::ALL
+        .iter()
+        .position(|a| *a == r)
+        .map_or(0, |i| i as u8 + 1)
 }
 
 struct Cursor<'a> {
@@ -467,6 +486,10 @@ fn get_header(c: &mut Cursor<'_>) -> Option<JournalHeader> {
             1 => Some(c.u64()?),
             _ => return None,
         };
+        let reason = match c.u8()? {
+            0 => None,
+            code => Some(*Reason::ALL.get(usize::from(code) - 1)?),
+        };
         let mut blocks = BlockBitmap::default();
         for _ in 0..c.u32()? {
             let blk = c.u32()?;
@@ -482,7 +505,7 @@ fn get_header(c: &mut Cursor<'_>) -> Option<JournalHeader> {
             source,
             target,
             blocks,
-            note: None,
+            reason,
             zero_from,
         });
     }
@@ -533,7 +556,7 @@ mod tests {
                         source: Some(file("base/5/16384", 1 << 30)),
                         target: Some(file("base/5/16384", 1 << 30)),
                         blocks,
-                        note: None,
+                        reason: None,
                         zero_from: None,
                     },
                     PlanEntry {
@@ -547,7 +570,7 @@ mod tests {
                         }),
                         target: None,
                         blocks: BlockBitmap::default(),
-                        note: None,
+                        reason: None,
                         zero_from: None,
                     },
                     PlanEntry {
@@ -556,7 +579,7 @@ mod tests {
                         source: None,
                         target: Some(file("pg_wal/000000010000000000000003", 16 << 20)),
                         blocks: BlockBitmap::default(),
-                        note: None,
+                        reason: Some(Reason::KeptDivergenceZeroed),
                         zero_from: Some(0x2760),
                     },
                     PlanEntry {
@@ -565,7 +588,7 @@ mod tests {
                         source: Some(file("big", 5 << 30)),
                         target: None,
                         blocks: BlockBitmap::default(),
-                        note: None,
+                        reason: None,
                         zero_from: None,
                     },
                 ],
@@ -620,6 +643,7 @@ mod tests {
             assert_eq!(a.target, b.target);
             assert_eq!(a.blocks, b.blocks);
             assert_eq!(a.zero_from, b.zero_from);
+            assert_eq!(a.reason, b.reason, "{}", a.path);
         }
         assert!(
             s.is_done("big", 0, 3 << 30),
@@ -628,6 +652,29 @@ mod tests {
         assert!(!s.is_done("big", 0, (3 << 30) + 1));
         assert!(!s.is_done("other", 0, 1));
         assert_eq!(s.done_bytes(), 3 << 30);
+    }
+
+    // Every reason the plan can give survives the journal, so a resumed run decides what the
+    // run that planned it would have (the WAL a live source wrote during the copy is fetched by
+    // its reason).
+    #[test]
+    fn every_reason_round_trips() {
+        let mut h = header();
+        let template = h.plan.entries[0].clone();
+        h.plan.entries = Reason::ALL
+            .iter()
+            .map(|r| PlanEntry {
+                reason: Some(*r),
+                ..template.clone()
+            })
+            .collect();
+        let s = replay(&journal(&[Record::Begin(Box::new(h))])).unwrap();
+        let got: Vec<_> = s.header.plan.entries.iter().map(|e| e.reason).collect();
+        let want: Vec<_> = Reason::ALL.iter().map(|r| Some(*r)).collect();
+        assert_eq!(got, want);
+        let mut old = sample();
+        old[..MAGIC_V1.len()].copy_from_slice(MAGIC_V1);
+        assert_eq!(replay(&old).unwrap_err(), JournalError::OlderFormat);
     }
 
     #[test]
@@ -644,7 +691,9 @@ mod tests {
                     assert!(s.done_bytes() <= whole.done_bytes());
                     assert!(s.phase <= whole.phase);
                 }
-                Err(JournalError::BadMagic) => assert!(cut < MAGIC.len()),
+                Err(JournalError::BadMagic | JournalError::OlderFormat) => {
+                    assert!(cut < MAGIC.len())
+                }
                 Err(JournalError::NoHeader(_)) => assert!(cut < header_end),
                 Err(e) => panic!("cut at {cut}: {e}"),
             }

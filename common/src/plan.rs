@@ -157,14 +157,68 @@ pub struct PlanInput<'a> {
     /// Where the source's WAL ends when the plan is made (its insert or replay position when
     /// live, its last checkpoint or minimum recovery point when shut down). A source segment
     /// that starts more than a WAL page past it holds no WAL yet — a recycled or preallocated
-    /// file — and is not copied to a target that lacks it ([`PAST_SOURCE_END`]).
+    /// file — and is not copied to a target that lacks it ([`Reason::PastSourceEnd`]).
     pub source_wal_end: Option<Lsn>,
 }
 
-/// The note of a source WAL segment left out because it starts past the source's end of WAL.
-/// A live source may have written into it by the end of the copy; the caller then fetches the
-/// ones its final end of WAL reaches.
-pub const PAST_SOURCE_END: &str = "not copied: past the source's end of WAL (recycled)";
+/// Why an entry's action is not pg_rewind's: what the plan decided, kept as data (the journal
+/// stores it), so that a resumed rewind acts on it exactly as the run that planned it would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// A target WAL segment the source lacks, kept because recovery may need it (pg_rewind's
+    /// keepwal).
+    KeptForRecovery,
+    /// A kept target WAL segment holding the divergence point: its bytes from there on (the
+    /// old primary's lost writes) are zeroed.
+    KeptDivergenceZeroed,
+    /// A target WAL segment recovery would keep, but that starts at or past the divergence
+    /// point: it holds only lost writes, and goes.
+    PastDivergence,
+    /// A WAL segment older than the segment of the last common checkpoint's redo pointer:
+    /// recovery never reads it, so it is neither copied nor removed.
+    OlderThanCheckpoint,
+    /// A source WAL segment that started past the source's end of WAL when the plan was made
+    /// (a recycled or preallocated file, holding no WAL yet): not copied. A live source may
+    /// write into it by the end of the copy; the rewind then fetches those its final end of
+    /// WAL reaches.
+    PastSourceEnd,
+    /// `postgresql.auto.conf`: it carries the marker of an unfinished rewind, so it is written
+    /// once, at the end of the commit, not copied with the rest.
+    WrittenAtCommit,
+}
+
+impl Reason {
+    /// Every reason, in the order of their journal codes (1, 2, ...).
+    pub const ALL: [Reason; 6] = [
+        Reason::KeptForRecovery,
+        Reason::KeptDivergenceZeroed,
+        Reason::PastDivergence,
+        Reason::OlderThanCheckpoint,
+        Reason::PastSourceEnd,
+        Reason::WrittenAtCommit,
+    ];
+
+    /// The words `--debug` shows after the entry.
+    pub fn text(self) -> &'static str {
+        match self {
+            Reason::KeptForRecovery => "kept: required for recovery",
+            Reason::KeptDivergenceZeroed => {
+                "kept: required for recovery; WAL past the divergence point zeroed"
+            }
+            Reason::PastDivergence => "not kept: wholly past the divergence point",
+            Reason::OlderThanCheckpoint => "older than the last common checkpoint: not needed",
+            Reason::PastSourceEnd => "not copied: past the source's end of WAL (recycled)",
+            Reason::WrittenAtCommit => "written at the end of the commit",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.text())
+    }
+}
 
 /// The slack past the source's end of WAL: a shut-down source's end is the start of its last
 /// checkpoint record, whose bytes (and a page header) follow it.
@@ -189,9 +243,9 @@ pub struct PlanEntry {
     /// Changed blocks within the file to fetch from the source (block numbers in the segment).
     #[serde(skip)]
     pub blocks: BlockBitmap,
-    /// Why the action is not pg_rewind's (a note for `--debug` and the report).
+    /// Why the action is not pg_rewind's, when it is not.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<&'static str>,
+    pub reason: Option<Reason>,
     /// For a kept target WAL segment holding the divergence point: the offset from which its
     /// bytes (the old primary's WAL after the divergence) are overwritten with zeros.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -279,11 +333,11 @@ pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
             return Err(FileMapError::RelationNotRegular { path: path.into() });
         }
         let mut action = filemap::decide_file_action(path, source, target, is_rel)?;
-        let mut note = None;
+        let mut reason = None;
         let mut zero_from = None;
         if action == FileAction::Remove && input.keep_wal.contains(path) {
             action = FileAction::None;
-            note = Some("kept: required for recovery");
+            reason = Some(Reason::KeptForRecovery);
             if let (Some(div), Some(name)) = (input.divergence, path.strip_prefix("pg_wal/"))
                 && let Some((_, segno)) = parse_wal_file_name(name, input.wal_segment_size)
             {
@@ -291,11 +345,10 @@ pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
                 let size = u64::from(input.wal_segment_size);
                 if start >= div {
                     action = FileAction::Remove;
-                    note = Some("not kept: wholly past the divergence point");
+                    reason = Some(Reason::PastDivergence);
                 } else if div.0 - start.0 < size {
                     zero_from = Some(div.0 - start.0);
-                    note =
-                        Some("kept: required for recovery; WAL past the divergence point zeroed");
+                    reason = Some(Reason::KeptDivergenceZeroed);
                 }
             }
         }
@@ -307,7 +360,7 @@ pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
             && matches!(action, FileAction::Copy | FileAction::Remove)
         {
             action = FileAction::None;
-            note = Some("older than the last common checkpoint: not needed");
+            reason = Some(Reason::OlderThanCheckpoint);
         }
         if let Some(end) = input.source_wal_end
             && action == FileAction::Copy
@@ -315,7 +368,7 @@ pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
             && wal_segment_past(path, end, input.wal_segment_size)
         {
             action = FileAction::None;
-            note = Some(PAST_SOURCE_END);
+            reason = Some(Reason::PastSourceEnd);
         }
         let mut blocks = BlockBitmap::default();
         if let (Some(s), Some(t), Some(changed)) = (source, target, input.page_map.files.get(path))
@@ -339,7 +392,7 @@ pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
             source: source.cloned(),
             target: target.cloned(),
             blocks,
-            note,
+            reason,
             zero_from,
         });
     }
@@ -513,7 +566,7 @@ mod tests {
             ]
         );
         let five = p.entries.iter().find(|e| e.path == name(5)).unwrap();
-        assert_eq!(five.note, Some(PAST_SOURCE_END));
+        assert_eq!(five.reason, Some(Reason::PastSourceEnd));
         // A checkpoint record that starts in the last page of segment 4 may end in segment 5.
         let p = plan(Lsn(5 * u64::from(seg) - 100));
         assert_eq!(actions(&p)[2], (5, FileAction::Copy));

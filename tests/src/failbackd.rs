@@ -58,6 +58,8 @@ pub struct Failbackd {
     /// The self-signed certificate failbackd serves, for the client's `--ca`.
     cert: PathBuf,
     key: PathBuf,
+    /// Arguments beyond the listeners and TLS (`--pg-conn`), kept for [`Failbackd::restart`].
+    extra: Vec<std::ffi::OsString>,
     _dir: tempfile::TempDir,
     log: Arc<Mutex<String>>,
 }
@@ -68,6 +70,18 @@ const STARTUP: Duration = Duration::from_secs(30);
 impl Failbackd {
     /// Serves `pgdata` on a loopback port, with failbackd's defaults.
     pub fn serve(pgdata: &Path) -> Failbackd {
+        Failbackd::serve_with(pgdata, Vec::new())
+    }
+
+    /// Serves the data directory of a running cluster live: with `--pg-conn` to its server.
+    pub fn serve_live(cluster: &crate::Cluster) -> Failbackd {
+        Failbackd::serve_with(
+            &cluster.data_dir(),
+            vec!["--pg-conn".into(), cluster.conninfo().into()],
+        )
+    }
+
+    fn serve_with(pgdata: &Path, extra: Vec<std::ffi::OsString>) -> Failbackd {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
@@ -76,7 +90,7 @@ impl Failbackd {
         std::fs::write(&key, ck.signing_key.serialize_pem()).expect("writing the key");
         let log = Arc::new(Mutex::new(String::new()));
         let any: SocketAddr = "127.0.0.1:0".parse().expect("an address");
-        let (child, addr, quic_addr) = spawn(pgdata, any, any, &cert, &key, &log);
+        let (child, addr, quic_addr) = spawn(pgdata, any, any, &cert, &key, &extra, &log);
         Failbackd {
             child,
             pgdata: pgdata.to_path_buf(),
@@ -84,6 +98,7 @@ impl Failbackd {
             quic_addr,
             cert,
             key,
+            extra,
             _dir: dir,
             log,
         }
@@ -116,6 +131,7 @@ impl Failbackd {
             self.quic_addr,
             &self.cert,
             &self.key,
+            &self.extra,
             &self.log,
         );
         assert_eq!((addr, quic_addr), (self.addr, self.quic_addr));
@@ -172,6 +188,7 @@ fn spawn(
     quic_listen: SocketAddr,
     cert: &Path,
     key: &Path,
+    extra: &[std::ffi::OsString],
     log: &Arc<Mutex<String>>,
 ) -> (Child, SocketAddr, SocketAddr) {
     let mut child = Command::new(failbackd_bin())
@@ -185,6 +202,7 @@ fn spawn(
         .arg(cert)
         .arg("--tls-key")
         .arg(key)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -199,7 +217,7 @@ fn spawn(
             if let Some(addr) = line
                 .rsplit_once(" on ")
                 .filter(|_| line.starts_with("failbackd: serving"))
-                .and_then(|(_, a)| a.trim().parse::<SocketAddr>().ok())
+                .and_then(|(_, a)| a.split_whitespace().next()?.parse::<SocketAddr>().ok())
             {
                 let _ = tx.send((line.contains("over QUIC"), addr));
             }
