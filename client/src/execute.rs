@@ -21,7 +21,7 @@ use failback_common::filemap::{FileAction, FileType};
 use failback_common::plan::Plan;
 use serde::Serialize;
 
-use failback_server::datadir::read_full_at;
+use failback_datadir::{hash_chunks, read_full_at};
 
 use crate::fsutil::{self, Ownership, TargetFull};
 use crate::progress::Progress;
@@ -544,7 +544,7 @@ fn hash_diffs(
     // failbackd hashes at most MAX_HASHES_PER_FILE chunks of a file (16 GiB here) and
     // refuses the whole request otherwise: a file over half that (room for a live file to
     // grow) is copied whole instead.
-    let most = HASH_CHUNK * failback_server::service::MAX_HASHES_PER_FILE;
+    let most = HASH_CHUNK * failback_proto::limits::MAX_HASHES_PER_FILE;
     let paths: Vec<String> = plan
         .entries
         .iter()
@@ -572,8 +572,13 @@ fn hash_diffs(
                     let hashed = File::open(&path)
                         .map_err(|err| ExecuteError::target("open", &path, err))
                         .and_then(|f| {
-                            hash_chunks(&f, &mut buf)
-                                .map_err(|err| ExecuteError::target("read", &path, err))
+                            hash_chunks(&f, &mut buf, u64::MAX).map_err(|err| {
+                                let err = match err {
+                                    failback_datadir::HashError::Io(e) => e,
+                                    e => io::Error::other(e),
+                                };
+                                ExecuteError::target("read", &path, err)
+                            })
                         });
                     (p.clone(), hashed)
                 })
@@ -615,24 +620,6 @@ fn hash_diffs(
         diffs.insert(h.path, ranges);
     }
     Ok((diffs, sizes))
-}
-
-/// blake3 of each `buf.len()`-byte chunk of a file, and its size.
-fn hash_chunks(f: &File, buf: &mut [u8]) -> io::Result<(u64, Vec<[u8; 32]>)> {
-    let mut out = Vec::new();
-    let mut off = 0u64;
-    loop {
-        let n = read_full_at(f, buf, off)?;
-        if n == 0 {
-            break;
-        }
-        out.push(*blake3::hash(&buf[..n]).as_bytes());
-        off += n as u64;
-        if n < buf.len() {
-            break;
-        }
-    }
-    Ok((off, out))
 }
 
 /// Asks the kernel to start writing these bytes to disk now, without waiting
@@ -727,33 +714,6 @@ mod tests {
                 ("pg_xact/0001".to_string(), 0, LIVE_MIN_COPY)
             ]
         );
-    }
-
-    // A copy that fills the target's file system stops with the one error for it, saying how
-    // much the rest of the plan may still write.
-    #[test]
-    fn a_full_target_is_said_with_what_the_plan_still_needs() {
-        let src = tempfile::tempdir().unwrap();
-        let base = tempfile::tempdir().unwrap();
-        let disk = failback_tests::tmpfs::Tmpfs::mount(&base.path().join("disk"), 4 << 20)
-            .unwrap_or_else(|e| panic!("{e}"));
-        fs::write(src.path().join("new"), vec![1u8; 3 << 20]).unwrap();
-        disk.fill_leaving("ballast", 1 << 20);
-        let plan = Plan {
-            entries: vec![copy("new", 3 << 20, None)],
-            block_size: 8192,
-        };
-        let own = Ownership::of_data_dir(disk.path()).unwrap();
-        let mut source = crate::source::local::LocalSource::new(src.path());
-        let mut progress = crate::progress::Terminal::new(false, false);
-        let err = execute(&plan, disk.path(), &own, &mut source, &mut progress).unwrap_err();
-        let full = err
-            .target_full()
-            .unwrap_or_else(|| panic!("not a full disk: {err}"));
-        assert_eq!(full.path, disk.path().join("new"));
-        let needed = full.still_needed.expect("how much is left");
-        assert!((1..=3 << 20).contains(&needed), "{needed}");
-        assert!(!full.nothing_changed);
     }
 
     #[test]

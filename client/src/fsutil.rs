@@ -433,21 +433,4 @@ mod tests {
              was changed in the target: free space on it, then run failback rewind again"
         );
     }
-
-    // A rewrite that meets a full disk leaves the old content under the name, and no
-    // temporary file taking space.
-    #[test]
-    fn durable_write_on_a_full_disk_keeps_the_old_file() {
-        let base = tempfile::tempdir().unwrap();
-        let disk = failback_tests::tmpfs::Tmpfs::mount(&base.path().join("disk"), 1 << 20)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let own = Ownership::of_data_dir(disk.path()).unwrap();
-        let p = disk.path().join("pg_control");
-        durable_write(&p, b"old", &own).unwrap();
-        disk.fill_leaving("ballast", 0);
-        let err = durable_write(&p, &vec![7u8; 64 << 10], &own).unwrap_err();
-        assert!(TargetFull::is_full(&err), "{err}");
-        assert_eq!(fs::read(&p).unwrap(), b"old");
-        assert!(!with_suffix(&p, ".failback.tmp").exists());
-    }
 }

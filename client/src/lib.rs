@@ -1,5 +1,4 @@
 //! failback: the client run on the old primary.
-pub mod demo;
 pub mod execute;
 pub mod fault;
 pub mod fsutil;

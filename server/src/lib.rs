@@ -4,13 +4,11 @@
 //! same service over QUIC on a bound UDP socket, each until a shutdown future completes, so
 //! tests start them on port 0 and the binary on `--listen` / `--quic-listen`.
 //!
-//! Both transports are tuned for long fat links (a rewind across regions): a sender may only
-//! have one flow-control window of data unacknowledged, so a link of 200 Mbit/s at 50 ms
-//! round trip needs at least 200e6 / 8 * 0.05 = 2.5 MB of window to stay full. HTTP/2 and QUIC
-//! both default to far less; [`DEFAULT_WINDOW`] is 16 MiB.
+//! What it reads comes through `failback-datadir` (confined to the data directory), what it
+//! asks a running server through `failback-sql`, and both transports are tuned for long fat
+//! links by `failback-transport` ([`failback_transport::tune`]).
 
 pub mod config;
-pub mod datadir;
 pub mod live;
 pub mod quic;
 pub mod service;
@@ -22,18 +20,10 @@ use failback_proto::v1::failback_server::FailbackServer;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::service::{FailbackService, TokenCheck};
+use failback_proto::limits::{DEFAULT_MAX_CHUNK, MAX_MAX_CHUNK, MAX_REPLY, MAX_REQUEST};
+use failback_transport::tune::{DEFAULT_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW, MIN_WINDOW};
 
-/// The default and the largest chunk failbackd sends, in raw bytes.
-pub const DEFAULT_MAX_CHUNK: u64 = 1 << 20;
-pub const MAX_MAX_CHUNK: u64 = 16 << 20;
-/// The largest request accepted, on either transport: requests are lists of ranges.
-pub const MAX_REQUEST: usize = 8 << 20;
-/// Flow-control window per stream and per connection, in bytes (see the module header).
-pub const DEFAULT_WINDOW: u32 = 16 << 20;
-/// The window's bounds: HTTP/2's initial window, and a gigabyte of memory per stream.
-pub const MIN_WINDOW: u32 = 65_535;
-pub const MAX_WINDOW: u32 = 1 << 30;
+use crate::service::{FailbackService, TokenCheck};
 
 /// What failbackd serves and how.
 #[derive(Clone, Debug)]
@@ -90,7 +80,7 @@ pub enum ServeError {
     QuicLimits,
     #[error(
         "--quic-initial-window {0} is out of range ({min} .. {MAX_WINDOW})",
-        min = quic::MIN_INITIAL_WINDOW
+        min = MIN_INITIAL_WINDOW
     )]
     QuicInitialWindow(u64),
     #[error("--client-ca needs --tls-cert and --tls-key: client certificates are checked by TLS")]
@@ -114,7 +104,7 @@ impl Config {
         if self.quic.max_connections == 0 || self.quic.max_streams_per_connection == 0 {
             return Err(ServeError::QuicLimits);
         }
-        if !(quic::MIN_INITIAL_WINDOW..=u64::from(MAX_WINDOW)).contains(&self.quic.initial_window) {
+        if !(MIN_INITIAL_WINDOW..=u64::from(MAX_WINDOW)).contains(&self.quic.initial_window) {
             return Err(ServeError::QuicInitialWindow(self.quic.initial_window));
         }
         if self.client_ca.is_some() && self.tls.is_none() {
@@ -135,7 +125,7 @@ pub async fn serve(
     // Requests are small (lists of ranges); a chunk is at most max_chunk plus framing.
     let svc = FailbackServer::new(svc)
         .max_decoding_message_size(MAX_REQUEST)
-        .max_encoding_message_size((MAX_MAX_CHUNK + (1 << 16)) as usize);
+        .max_encoding_message_size(MAX_REPLY);
     let svc =
         tonic::service::interceptor::InterceptedService::new(svc, TokenCheck::new(config.token));
     let mut builder = Server::builder()

@@ -1,182 +1,23 @@
-//! The source server itself, for a data directory that is served while PostgreSQL runs on it.
+//! The server running on the data directory, when failbackd serves it live (`--pg-conn`).
 //!
-//! A running server's files change while they are copied, so a rewind from it must replay the
-//! source's WAL up to a point reached *after* the copy: pg_rewind's libpq source asks for
-//! `pg_current_wal_insert_lsn()` on a primary, and uses the control file's minRecoveryPoint on
-//! a standby (`src/bin/pg_rewind/pg_rewind.c`, `perform_rewind`). failbackd answers the same
-//! question through a local connection (`--pg-conn`): the insert position on a primary, the
-//! replay position (`pg_last_wal_replay_lsn()`, never behind minRecoveryPoint) on a standby.
-//!
-//! The timeline needs the server too: right after a promotion, pg_control's
-//! `checkPointCopy.ThisTimeLineID` (and `pg_control_checkpoint()`, which reads it) still names
-//! the old timeline until the first checkpoint on the new one completes. The WAL file the
-//! primary writes now is named after its current timeline, so `pg_walfile_name()` of the
-//! current WAL position gives it at once; a standby reports the timeline its WAL receiver
-//! streams (`pg_stat_wal_receiver.received_tli`), or what its control file says when no
-//! receiver runs.
-//!
-//! Like pg_rewind's libpq source, a live source must run with `full_page_writes = on`.
-//!
-//! Without a connection failbackd cannot know where the WAL ends; it detects a running server
-//! by `postmaster.pid` naming a live process, and says so instead of serving a wrong answer.
+//! failbackd connects per question, asks in read-only SQL (`failback-sql`), and keeps no
+//! session open: the source server is never held up by failbackd between rewinds. Without a
+//! connection failbackd cannot know where the WAL ends; it sees a running server by its
+//! `postmaster.pid` and says so instead of serving a wrong answer.
 
 use std::path::Path;
 
-use failback_common::{Lsn, TimeLineId};
+use failback_datadir::postmaster::running_port;
+use failback_sql::{EndOfWal, LiveError, conninfo};
 
-/// Why the source server could not answer.
-#[derive(Debug, thiserror::Error)]
-pub enum LiveError {
-    #[error("could not connect to the source server with --pg-conn: {0}")]
-    Connect(String),
-    #[error("the source server refused {query:?}: {reason}")]
-    Query { query: &'static str, reason: String },
-    #[error("the source server answered {what} with {value:?}, which is not {expected}")]
-    Answer {
-        what: &'static str,
-        value: String,
-        expected: &'static str,
-    },
-}
+/// The application name failbackd's connections show in `pg_stat_activity`.
+const APPLICATION: &str = "failbackd";
 
-/// The source server's end of WAL.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EndOfWal {
-    pub lsn: Lsn,
-    pub timeline: TimeLineId,
-    pub in_recovery: bool,
-}
-
-/// One statement, so that a promotion cannot fall between the recovery test and the position:
-/// `pg_walfile_name` errors out during recovery, hence the CASE (volatile, never folded).
-const END_OF_WAL: &str = "SELECT pg_is_in_recovery(),
-       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
-             ELSE pg_current_wal_insert_lsn() END)::text,
-       CASE WHEN pg_is_in_recovery() THEN NULL
-            ELSE pg_walfile_name(pg_current_wal_lsn()) END,
-       (SELECT received_tli FROM pg_stat_wal_receiver LIMIT 1)::int8,
-       (SELECT min_recovery_end_timeline FROM pg_control_recovery())::int8,
-       (SELECT timeline_id FROM pg_control_checkpoint())::int8,
-       current_setting('full_page_writes')";
-
-/// Asks the server at `conninfo` where its WAL ends. Blocking: call it off the async runtime.
-pub fn end_of_wal(conninfo: &str) -> Result<EndOfWal, LiveError> {
-    let mut config: postgres::Config = conninfo
-        .parse()
-        .map_err(|e: postgres::Error| LiveError::Connect(error_text(&e)))?;
-    // A server that is down must not hold a client's handshake for a TCP timeout.
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(std::time::Duration::from_secs(10));
-    }
-    if config.get_application_name().is_none() {
-        config.application_name("failbackd");
-    }
-    let mut client = config
-        .connect(postgres::NoTls)
-        .map_err(|e| LiveError::Connect(error_text(&e)))?;
-    let row = client
-        .query_one(END_OF_WAL, &[])
-        .map_err(|e| LiveError::Query {
-            query: "the end of WAL",
-            reason: error_text(&e),
-        })?;
-    let get = |i: usize| -> Result<Option<String>, LiveError> {
-        row.try_get::<_, Option<String>>(i)
-            .map_err(|e| LiveError::Query {
-                query: "the end of WAL",
-                reason: error_text(&e),
-            })
-    };
-    let get_int = |i: usize| -> Result<Option<i64>, LiveError> {
-        row.try_get::<_, Option<i64>>(i)
-            .map_err(|e| LiveError::Query {
-                query: "the end of WAL",
-                reason: error_text(&e),
-            })
-    };
-    let in_recovery: bool = row.try_get(0).map_err(|e| LiveError::Query {
-        query: "pg_is_in_recovery()",
-        reason: error_text(&e),
-    })?;
-    let lsn_text = get(1)?.ok_or(LiveError::Answer {
-        what: "the WAL position",
-        value: "NULL".into(),
-        expected: "an LSN (a standby that has replayed nothing yet cannot be a source)",
-    })?;
-    let lsn: Lsn = lsn_text.parse().map_err(|_| LiveError::Answer {
-        what: "the WAL position",
-        value: lsn_text.clone(),
-        expected: "an LSN",
-    })?;
-    // pg_rewind's libpq source insists on it too: a page copied while it was being written
-    // is repaired by the full-page image that its first change after a checkpoint logged.
-    let fpw = get(6)?.unwrap_or_default();
-    if fpw != "on" {
-        return Err(LiveError::Answer {
-            what: "full_page_writes",
-            value: fpw,
-            expected: "on (pages copied while being written could not be repaired by replay)",
-        });
-    }
-    let tli_of = |v: Option<i64>| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
-    let timeline = if in_recovery {
-        // The receiver's timeline is the one recovery follows; without a receiver (a standby
-        // restoring from an archive) the control file is the best there is.
-        tli_of(get_int(3)?)
-            .max(tli_of(get_int(4)?))
-            .max(tli_of(get_int(5)?))
-    } else {
-        let name = get(2)?.unwrap_or_default();
-        timeline_of_wal_file(&name).ok_or(LiveError::Answer {
-            what: "pg_walfile_name(pg_current_wal_lsn())",
-            value: name,
-            expected: "a WAL file name",
-        })?
-    };
-    if timeline == 0 {
-        return Err(LiveError::Answer {
-            what: "the timeline",
-            value: "0".into(),
-            expected: "a timeline ID",
-        });
-    }
-    Ok(EndOfWal {
-        lsn,
-        timeline,
-        in_recovery,
-    })
-}
-
-/// A WAL file name is `TTTTTTTTXXXXXXXXYYYYYYYY`: the first eight hex digits are its timeline.
-pub fn timeline_of_wal_file(name: &str) -> Option<TimeLineId> {
-    if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let tli = u32::from_str_radix(name.get(..8)?, 16).ok()?;
-    (tli != 0).then_some(tli)
-}
-
-/// The PID in `postmaster.pid` when that process exists: PostgreSQL is running on `pgdata`.
-/// A PID owned by another user still counts (EPERM means it exists); a stale file left by a
-/// crash names a process that is gone.
-pub fn running_postmaster(pgdata: &Path) -> Option<i32> {
-    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
-    let pid = text.lines().next()?.trim().parse::<i32>().ok()?;
-    if pid <= 0 {
-        return None;
-    }
-    // SAFETY: signal 0 only checks whether the process exists.
-    let alive = unsafe { libc::kill(pid, 0) } == 0
-        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    alive.then_some(pid)
-}
-
-/// The port a running PostgreSQL listens on: line 4 of `postmaster.pid` (`LOCK_FILE_LINE_PORT`
-/// in PostgreSQL's `miscadmin.h`), when that postmaster runs.
-pub fn running_port(pgdata: &Path) -> Option<u16> {
-    running_postmaster(pgdata)?;
-    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
-    text.lines().nth(3)?.trim().parse().ok().filter(|p| *p != 0)
+/// Asks the server at `pg_conn` where its WAL ends. Blocking: call it off the async runtime.
+pub fn end_of_wal(pg_conn: &str) -> Result<EndOfWal, LiveError> {
+    let mut client = conninfo::connect(pg_conn, APPLICATION)
+        .map_err(|e| LiveError::Connect(format!("--pg-conn: {e}")))?;
+    failback_sql::end_of_wal(&mut client)
 }
 
 /// What failbackd tells a client about reaching its server, when the operator did not say
@@ -187,77 +28,8 @@ pub fn advertised_conninfo(pgdata: &Path, pg_conn: Option<&str>) -> String {
     if let Some(port) = running_port(pgdata) {
         parts.push(format!("port={port}"));
     }
-    if let Some(user) = pg_conn
-        .and_then(|c| c.parse::<postgres::Config>().ok())
-        .and_then(|c| c.get_user().map(str::to_string))
-    {
-        parts.push(format!("user={}", quote_conninfo_value(&user)));
+    if let Some(user) = pg_conn.and_then(conninfo::user) {
+        parts.push(format!("user={}", conninfo::quote_value(&user)));
     }
     parts.join(" ")
-}
-
-/// A libpq connection-string value, quoted when it holds anything but `[A-Za-z0-9_.]`.
-fn quote_conninfo_value(v: &str) -> String {
-    if !v.is_empty()
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-    {
-        return v.to_string();
-    }
-    let mut out = String::from("'");
-    for c in v.chars() {
-        if c == '\'' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('\'');
-    out
-}
-
-/// A PostgreSQL error with its server message, not only "db error".
-fn error_text(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.severity(), db.message()),
-        None => {
-            let mut s = e.to_string();
-            let mut cur = std::error::Error::source(e);
-            while let Some(c) = cur {
-                s.push_str(": ");
-                s.push_str(&c.to_string());
-                cur = c.source();
-            }
-            s
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timeline_from_wal_file_names() {
-        assert_eq!(timeline_of_wal_file("000000020000000000000003"), Some(2));
-        assert_eq!(timeline_of_wal_file("0000001A00000001000000FF"), Some(26));
-        assert_eq!(timeline_of_wal_file("000000000000000000000003"), None);
-        assert_eq!(timeline_of_wal_file("00000002000000000000003"), None);
-        assert_eq!(timeline_of_wal_file("00000002.history"), None);
-        assert_eq!(timeline_of_wal_file(""), None);
-        assert_eq!(timeline_of_wal_file("é0000002000000000000003"), None);
-    }
-
-    #[test]
-    fn a_missing_or_stale_pid_file_is_not_a_running_server() {
-        let dir = std::env::temp_dir().join(format!("fb-live-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        assert_eq!(running_postmaster(&dir), None);
-        std::fs::write(dir.join("postmaster.pid"), "garbage\n").unwrap();
-        assert_eq!(running_postmaster(&dir), None);
-        // This process is alive: its PID counts as a running postmaster.
-        let me = std::process::id() as i32;
-        std::fs::write(dir.join("postmaster.pid"), format!("{me}\n/data\n")).unwrap();
-        assert_eq!(running_postmaster(&dir), Some(me));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 }

@@ -99,11 +99,13 @@ async fn main() -> Result<()> {
         .listen
         .context("no address to listen on: give --listen, or listen in the --config file")?;
     let mut config = failback_server::Config::new(&pgdata);
-    config.max_chunk = s.max_chunk.unwrap_or(failback_server::DEFAULT_MAX_CHUNK);
+    config.max_chunk = s
+        .max_chunk
+        .unwrap_or(failback_proto::limits::DEFAULT_MAX_CHUNK);
     config.pg_conn = s.pg_conn;
     config.primary_conninfo = s.primary_conninfo;
     let limits = failback_server::quic::QuicLimits::default();
-    config.window = s.window.unwrap_or(failback_server::DEFAULT_WINDOW);
+    config.window = s.window.unwrap_or(failback_transport::tune::DEFAULT_WINDOW);
     config.quic.max_connections = s.quic_max_connections.unwrap_or(limits.max_connections);
     config.quic.max_streams_per_connection = s
         .quic_max_streams
@@ -130,7 +132,7 @@ async fn main() -> Result<()> {
         config.client_ca = Some(read(f, "client CA certificate")?);
     }
     if config.pg_conn.is_none()
-        && let Some(pid) = failback_server::live::running_postmaster(&pgdata)
+        && let Some(pid) = failback_datadir::postmaster::running_postmaster(&pgdata)
     {
         eprintln!(
             "failbackd: warning: PostgreSQL is running on {} (PID {pid}) and --pg-conn is \

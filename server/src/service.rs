@@ -1,4 +1,4 @@
-//! The gRPC service (`failback.v1.Failback`) over one [`DataDir`].
+//! The gRPC service (`failback.v1.Failback`) over one [`DataDir`]; QUIC serves the same.
 //!
 //! failbackd answers questions and decides nothing: every answer comes from the data
 //! directory through [`DataDir`], so a path that is absolute, climbs with `..`, or follows a
@@ -15,6 +15,13 @@ use bytes::Bytes;
 use failback_common::ControlFileData;
 use failback_common::filemap::FileType;
 use failback_common::wire::{self, Compression};
+use failback_datadir::postmaster::running_postmaster;
+use failback_datadir::{DataDir, DataDirError, HashError, ReadStatus, hash_chunks};
+use failback_proto::capability;
+use failback_proto::limits::{
+    MAX_HASH_CHUNK, MAX_HASH_PATHS, MAX_HASHES_PER_FILE, MAX_PATH_LEN, MAX_RANGES_PER_REQUEST,
+    MIN_HASH_CHUNK,
+};
 use failback_proto::v1::failback_server::Failback;
 use failback_proto::v1::*;
 use tokio::sync::mpsc;
@@ -22,32 +29,9 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::datadir::{DataDir, DataDirError, ReadStatus};
-
-/// The most ranges one ReadRanges request may carry.
-pub const MAX_RANGES_PER_REQUEST: usize = 65_536;
-/// The longest path a request may name (PostgreSQL's MAXPGPATH is 1024).
-pub const MAX_PATH_LEN: usize = 4096;
-
 /// ReadRanges streams read at once, over all clients: each holds a reader thread and a few
 /// chunks of memory, so the total is bounded whatever clients open; more requests wait.
 pub const MAX_READERS: usize = 64;
-
-/// The smallest and largest chunk ChunkHashes hashes: smaller chunks would make the hash
-/// lists larger than the bytes they save, larger ones skip too little.
-pub const MIN_HASH_CHUNK: u64 = 4096;
-pub const MAX_HASH_CHUNK: u64 = 16 << 20;
-/// The most paths one ChunkHashes request may name.
-pub const MAX_HASH_PATHS: usize = 4096;
-/// The most hashes one file may get (8 MiB of hashes): a larger file needs larger chunks.
-pub const MAX_HASHES_PER_FILE: u64 = 1 << 18;
-
-/// Capabilities the handshake advertises: `live` when failbackd can tell the source server's
-/// end of WAL (`--pg-conn`); `running` when PostgreSQL runs on the data directory
-/// (`postmaster.pid` names a live process), with or without `--pg-conn`.
-pub const CAP_LIVE: &str = "live";
-pub const CAP_RUNNING: &str = "running";
-pub const CAP_CHUNK_HASHES: &str = "chunk-hashes";
 
 pub struct FailbackService {
     dir: DataDir,
@@ -99,20 +83,23 @@ impl FailbackService {
     }
 
     /// The source server's end of WAL, or why it cannot be known.
-    async fn live_end(&self) -> Result<crate::live::EndOfWal, Status> {
+    async fn live_end(&self) -> Result<failback_sql::EndOfWal, Status> {
         let Some(conn) = self.pg_conn.clone() else {
             let root = self.dir.root().to_path_buf();
-            let running =
-                tokio::task::spawn_blocking(move || crate::live::running_postmaster(&root))
-                    .await
-                    .ok()
-                    .flatten();
+            let running = tokio::task::spawn_blocking(move || running_postmaster(&root))
+                .await
+                .ok()
+                .flatten();
             return Err(Status::failed_precondition(match running {
                 Some(pid) => format!(
-                    "PostgreSQL is running on {} (postmaster.pid names live process {pid}) but                      failbackd was started without --pg-conn, so the source's end of WAL is                      unknown and a rewind from it could not be made consistent; restart                      failbackd with --pg-conn, or stop the source server",
+                    "PostgreSQL is running on {} (postmaster.pid names live process {pid}) but \
+                     failbackd was started without --pg-conn, so the source's end of WAL is \
+                     unknown and a rewind from it could not be made consistent; restart \
+                     failbackd with --pg-conn, or stop the source server",
                     self.dir.root().display()
                 ),
-                None => "failbackd was started without --pg-conn: it serves a shut-down data                          directory, whose end of WAL is its control file's checkpoint"
+                None => "failbackd was started without --pg-conn: it serves a shut-down data \
+                         directory, whose end of WAL is its control file's checkpoint"
                     .to_string(),
             }));
         };
@@ -188,7 +175,7 @@ impl Failback for FailbackService {
         let (advertise, pg_conn) = (self.primary_conninfo.clone(), self.pg_conn.clone());
         let (running, conninfo, c) = self
             .blocking(move |d| {
-                let running = crate::live::running_postmaster(d.root()).is_some();
+                let running = running_postmaster(d.root()).is_some();
                 let conninfo = match advertise {
                     Some(c) => c.to_string(),
                     None => crate::live::advertised_conninfo(d.root(), pg_conn.as_deref()),
@@ -196,16 +183,20 @@ impl Failback for FailbackService {
                 Ok((running, conninfo, control(&d)?.1))
             })
             .await?;
-        let mut capabilities = vec!["zstd".into(), "blake3".into(), CAP_CHUNK_HASHES.into()];
+        let mut capabilities = vec![
+            capability::ZSTD.into(),
+            capability::BLAKE3.into(),
+            capability::CHUNK_HASHES.into(),
+        ];
         // With --pg-conn the source is live while its server runs: seen by postmaster.pid, or,
         // when failbackd cannot see the postmaster's PID (another PID namespace), by the
         // server answering. A --pg-conn left in a config file while the server is shut down
         // serves the directory as shut down.
         if self.pg_conn.is_some() && (running || self.live_end().await.is_ok()) {
-            capabilities.push(CAP_LIVE.into());
+            capabilities.push(capability::LIVE.into());
         }
         if running {
-            capabilities.push(CAP_RUNNING.into());
+            capabilities.push(capability::RUNNING.into());
         }
         Ok(Response::new(HandshakeResponse {
             protocol_version: failback_proto::PROTOCOL_VERSION,
@@ -353,9 +344,9 @@ impl Failback for FailbackService {
                             status: ChunkStatus::Vanished as i32,
                             ..Default::default()
                         },
-                        Ok(st) => match encode(&buf, compression) {
+                        Ok(st) => match wire::encode(&buf, compression) {
                             Err(e) => {
-                                let _ = tx.blocking_send(Err(Status::internal(e)));
+                                let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
                                 return;
                             }
                             Ok(enc) => Chunk {
@@ -441,56 +432,8 @@ impl Failback for FailbackService {
     }
 }
 
-thread_local! {
-    /// This reader thread's zstd context and the level it is set to. A context costs about a
-    /// megabyte of tables at level 3: made once per thread, not once per chunk, and reused
-    /// across frames, zstd does not rebuild and clear them for every chunk.
-    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// [`wire::encode`]'s format (a zstd frame when it is smaller, else the raw bytes; the blake3
-/// of the raw bytes), with this thread's reused zstd context.
-fn encode(raw: &[u8], compression: Compression) -> Result<wire::Encoded, String> {
-    let hash = *blake3::hash(raw).as_bytes();
-    let raw_length = raw.len() as u64;
-    if let Compression::Zstd(level) = compression {
-        let data = COMPRESSOR.with(|cell| -> std::io::Result<Vec<u8>> {
-            let mut slot = cell.borrow_mut();
-            let c = match &mut *slot {
-                Some((l, c)) if *l == level => c,
-                Some((l, c)) => {
-                    c.set_compression_level(level)?;
-                    *l = level;
-                    c
-                }
-                None => &mut slot.insert((level, zstd::bulk::Compressor::new(level)?)).1,
-            };
-            // Room for the frame without zeroing it: zstd writes into the spare capacity.
-            let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
-            c.compress_to_buffer(raw, &mut out)?;
-            Ok(out)
-        });
-        let data = data.map_err(|e| format!("zstd level {level} compression failed: {e}"))?;
-        if data.len() < raw.len() {
-            return Ok(wire::Encoded {
-                codec: wire::Codec::Zstd,
-                data,
-                hash,
-                raw_length,
-            });
-        }
-    }
-    Ok(wire::Encoded {
-        codec: wire::Codec::Stored,
-        data: raw.to_vec(),
-        hash,
-        raw_length,
-    })
-}
-
-/// blake3 of each `cs`-byte chunk of one file, read to its current end (a live file may have
-/// grown or shrunk since it was listed: the size sent is the size hashed).
+/// The chunk hashes of one file, read to its current end (a live file may have grown or
+/// shrunk since it was listed: the size sent is the size hashed).
 fn hash_file(dir: &DataDir, path: &str, cs: u64, buf: &mut [u8]) -> Result<FileHashes, Status> {
     let mut out = FileHashes {
         path: path.to_string(),
@@ -501,28 +444,14 @@ fn hash_file(dir: &DataDir, path: &str, cs: u64, buf: &mut [u8]) -> Result<FileH
         out.vanished = true;
         return Ok(out);
     };
-    let mut off = 0u64;
-    loop {
-        let done = crate::datadir::read_full_at(&file, buf, off)
-            .map_err(|e| Status::unavailable(format!("{path}: {e}")))?;
-        if done == 0 {
-            break;
-        }
-        if out.hashes.len() as u64 >= MAX_HASHES_PER_FILE {
-            return Err(Status::invalid_argument(format!(
-                "{path} has more than {MAX_HASHES_PER_FILE} chunks of {cs} bytes; ask with \
-                 larger chunks"
-            )));
-        }
-        out.hashes.push(Bytes::copy_from_slice(
-            blake3::hash(&buf[..done]).as_bytes(),
-        ));
-        off += done as u64;
-        if done < buf.len() {
-            break;
-        }
-    }
-    out.size = off;
+    let (size, hashes) = hash_chunks(&file, buf, MAX_HASHES_PER_FILE).map_err(|e| match e {
+        HashError::TooManyChunks { max } => Status::invalid_argument(format!(
+            "{path} has more than {max} chunks of {cs} bytes; ask with larger chunks"
+        )),
+        HashError::Io(e) => Status::unavailable(format!("{path}: {e}")),
+    })?;
+    out.size = size;
+    out.hashes = hashes.iter().map(|h| Bytes::copy_from_slice(h)).collect();
     Ok(out)
 }
 

@@ -54,7 +54,7 @@ fn serves_a_data_directory_with_a_token() {
     let ok = ok.unwrap();
     assert_eq!(ok.pg_major, 15);
     assert_eq!(ok.wal_segment_size, 16 << 20);
-    assert_eq!(ok.max_chunk, failback_server::DEFAULT_MAX_CHUNK);
+    assert_eq!(ok.max_chunk, failback_proto::limits::DEFAULT_MAX_CHUNK);
 }
 
 /// failbackd's stderr when it refuses to start with `args`.
@@ -97,7 +97,9 @@ fn self_signed(name: &str) -> (Vec<u8>, Vec<u8>) {
 #[test]
 fn serves_quic_beside_grpc_and_stops_on_ctrl_c() {
     use failback_proto::v1::{QuicReply, QuicRequest, quic_reply, quic_request};
-    use failback_server::quic::{client_tls, read_frame, transport_config, write_frame};
+    use failback_transport::frame::{read_frame, write_frame};
+    use failback_transport::tls::client_tls;
+    use failback_transport::tune::transport_config;
     use prost::Message;
     use std::sync::Arc;
 

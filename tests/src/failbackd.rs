@@ -6,7 +6,7 @@
 //! per-thread setting ([`Via`], [`with_via`]) that [`crate::rewind::rewind_dirs`] reads, so a
 //! scenario body is written once; [`scenario_test!`](crate::scenario_test) runs it every way.
 //!
-//! failbackd is started from the same cargo target directory as the test, on port 0 of the
+//! failbackd is the binary cargo built for the run ([`crate::programs`]), started on port 0 of the
 //! loopback, serving gRPC and QUIC (with a certificate made for the run: QUIC always runs TLS);
 //! the addresses it bound are read from its stderr. It is killed when the [`Failbackd`] value
 //! is dropped, and everything it printed is kept for failure messages.
@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::rewind::failbackd_bin;
+use crate::programs::failbackd as failbackd_bin;
 
 /// How a rewind reaches its source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

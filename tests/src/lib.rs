@@ -11,6 +11,7 @@
 //!   standbys, waiting for replay on the right timeline, SQL, pgbench, tablespaces, archiving.
 //!   Dropping it stops the server and removes every file, also when a test panics.
 //! - [`fingerprint`]: row counts and hashes of every user table, compared with a readable diff.
+//! - [`programs`]: the workspace's `failback` and `failbackd`, built by cargo for the run.
 //! - [`rewind`]: running the `failback` binary on a failed-over pair, the steps of a rewind
 //!   test (promote, stop, rewind, rejoin and compare), and checks of a data directory's files.
 //! - [`tmpfs`]: a small file system of a test's own (a data directory on it), to fill up.
@@ -35,6 +36,7 @@ pub mod cluster;
 pub mod failbackd;
 pub mod fingerprint;
 pub mod port;
+pub mod programs;
 pub mod proxy;
 pub mod rewind;
 pub mod run;

@@ -7,8 +7,8 @@
 //! as a standby, replays the source's WAL from that checkpoint. With a local source
 //! (`--source-pgdata`) the source's data directory must be shut down cleanly, like the target.
 //!
-//! The program under test is the `failback` binary of the same cargo target directory as the
-//! test executable (`target/<profile>/deps/<test>` → `target/<profile>/failback`). It is run as
+//! The program under test is the `failback` binary cargo built for this test run
+//! ([`crate::programs`]). It is run as
 //! the test process's user (root in CI, as an operator would), with a time limit, and its exit
 //! status, stdout, stderr and `--report` JSON are kept in a [`FailbackRun`]. Assertions on a run
 //! print what failback said and the tails of the servers' logs.
@@ -36,7 +36,6 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::binaries;
@@ -48,49 +47,6 @@ use crate::user;
 
 /// How long one failback run may take (crash recovery, big files and WAL restore included).
 pub const FAILBACK_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// The `failback` binary built in the same cargo target directory as this test executable
-/// (`FAILBACK_BIN` overrides). Panics, saying how to build it, when it is missing.
-pub fn failback_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| workspace_bin("failback", "FAILBACK_BIN", "failback-client"))
-}
-
-/// The `failbackd` binary, found like [`failback_bin`] (`FAILBACKD_BIN` overrides).
-pub fn failbackd_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| workspace_bin("failbackd", "FAILBACKD_BIN", "failback-server"))
-}
-
-fn workspace_bin(name: &str, env: &str, package: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(env) {
-        let p = PathBuf::from(p);
-        assert!(p.is_file(), "{env}={} is not a file", p.display());
-        return p;
-    }
-    let exe = std::env::current_exe().expect("the test executable's path");
-    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
-    let profile_dir = exe
-        .parent()
-        .filter(|d| d.file_name().is_some_and(|n| n == "deps"))
-        .and_then(Path::parent)
-        .unwrap_or_else(|| {
-            panic!(
-                "cannot locate the {name} binary: the test executable {} is not in a cargo \
-                 target/<profile>/deps directory (set {env})",
-                exe.display()
-            )
-        });
-    let bin = profile_dir.join(name);
-    assert!(
-        bin.is_file(),
-        "the {name} binary {} is missing: build it first with `cargo build -p {package}` (same \
-         profile as the tests), or run the whole workspace's tests, which build it for \
-         {package}'s own integration tests",
-        bin.display()
-    );
-    bin
-}
 
 /// One finished `failback` run.
 #[derive(Debug)]
@@ -223,7 +179,7 @@ pub fn run_failback_with(
         all.push("--report".into());
         all.push(r.into());
     }
-    let mut cmd = Command::new(failback_bin());
+    let mut cmd = Command::new(crate::programs::failback());
     user::clean_env(&mut cmd);
     cmd.args(&all).envs(env.iter().copied()).current_dir("/");
     let t0 = Instant::now();
@@ -419,6 +375,50 @@ pub fn diverged_with_tens_of_mb(major: failback_common::PgMajor) -> (Cluster, Cl
     (old, new)
 }
 
+/// The pair a newcomer sees in the demo, and the wire tests rewind: a primary with pgbench's
+/// tables and a log table, its streaming standby promoted, both written to after the split
+/// (pgbench rows updated on each side, log rows added and removed, a table made on each side),
+/// then both shut down cleanly. `step` hears each step in words as it begins. Returns (old
+/// primary, new primary).
+pub fn pgbench_pair(
+    major: failback_common::PgMajor,
+    step: &mut dyn FnMut(&str),
+) -> (Cluster, Cluster) {
+    step(&format!(
+        "creating a PostgreSQL {major} primary with data checksums, and a pgbench database"
+    ));
+    let mut old = Cluster::start_new(major, "old-primary");
+    old.pgbench_init(2);
+    old.execute(
+        "CREATE TABLE accounts_log (id bigint PRIMARY KEY, note text);
+         INSERT INTO accounts_log
+             SELECT g, 'before the failover ' || repeat('x', 180) FROM generate_series(1, 20000) g",
+    );
+    step("creating a streaming standby and letting it catch up");
+    let mut new = old.create_standby("new-primary");
+    new.wait_for_catchup(&old);
+    step("failover: promoting the standby; it is now the new primary");
+    new.promote();
+    step("split brain: both sides take writes the other never sees");
+    old.execute(
+        "UPDATE pgbench_accounts SET abalance = abalance - 1 WHERE aid % 50 = 0;
+         INSERT INTO accounts_log
+             SELECT g, 'written on the old primary' FROM generate_series(20001, 21000) g;
+         DELETE FROM accounts_log WHERE id <= 500;
+         CREATE TABLE only_on_old (x int); INSERT INTO only_on_old VALUES (1)",
+    );
+    new.execute(
+        "UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid % 70 = 0;
+         INSERT INTO accounts_log
+             SELECT g, 'written on the new primary' FROM generate_series(20001, 30000) g;
+         CREATE TABLE only_on_new (x int); INSERT INTO only_on_new SELECT generate_series(1, 100)",
+    );
+    step("stopping both servers");
+    old.stop(StopMode::Fast);
+    new.stop(StopMode::Fast);
+    (old, new)
+}
+
 /// The old primary of [`diverged_with_tens_of_mb`], rewound and rejoined, lost its own writes
 /// and holds the new primary's.
 pub fn assert_tens_of_mb_rewound(old: &Cluster) {
@@ -468,6 +468,10 @@ pub fn start_rejoined(old: &mut Cluster, new: &mut Cluster) {
          INSERT INTO failback_rejoin_marker (note) VALUES ('written after the rewind')",
     );
     old.wait_for_catchup(new);
+    assert!(
+        old.is_in_recovery(),
+        "the rejoined node must run as a standby"
+    );
     assert_eq!(
         old.timeline(),
         new.timeline(),

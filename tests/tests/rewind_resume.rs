@@ -13,8 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use failback_tests::rewind::{
-    assert_resumed, assert_tens_of_mb_rewound, assert_unfinished, diverged_with_tens_of_mb,
-    failback_bin, rejoin, rewind_ok, status, stop_for_rewind,
+    assert_resumed, assert_tens_of_mb_rewound, assert_unfinished, diverged_with_tens_of_mb, rejoin,
+    rewind_ok, status, stop_for_rewind,
 };
 use failback_tests::run::run_with_timeout;
 use failback_tests::{StopMode, pg_test};
@@ -23,7 +23,7 @@ pg_test!(killed_mid_copy_then_resumed, |major| {
     let (mut old, mut new) = diverged_with_tens_of_mb(major);
     stop_for_rewind(&mut old, &mut new, StopMode::Immediate);
 
-    let mut killed = Command::new(failback_bin());
+    let mut killed = Command::new(failback_tests::programs::failback());
     killed
         .args(["rewind", "-D"])
         .arg(old.data_dir())

@@ -441,7 +441,7 @@ pg_test!(t009_growing_files, |major| {
     let mut cmd = std::process::Command::new("sh");
     cmd.arg("-c")
         .arg(r#"exec "$0" "$@" >>"$FILE" 2>&1"#)
-        .arg(rewind::failback_bin())
+        .arg(failback_tests::programs::failback())
         .args(["rewind", "--debug", "--no-sync", "-D"])
         .arg(primary.data_dir())
         .arg("--source-pgdata")

@@ -21,9 +21,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use failback_tests::binaries;
@@ -33,60 +32,9 @@ use serde_json::Value;
 
 // ---- the failback binary ----
 
-/// `target/<profile>/failback`, built (or found up to date) once per test process: the tests
-/// run the binary a user runs, and a stale one would test old code. The test binary lives in
-/// `target/<profile>/deps/`.
-///
-/// `cargo nextest run --workspace` (the CI's command) builds every test target but not the
-/// `failback` binary itself, since the client has no integration tests. The build below
-/// selects what that command selects (`--workspace --tests`) so that dependencies resolve with
-/// the same features and nothing but the binary is compiled; `-p failback-client` alone would
-/// resolve serde, futures and others with fewer features and rebuild half the tree.
-fn failback_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("the test binary's path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .unwrap_or_else(|| panic!("{} is not in target/<profile>/deps", exe.display()));
-        let target_dir = profile_dir.parent().expect("target/<profile> has a parent");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev",
-            Some(other) => other,
-        };
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join("Cargo.toml");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "--workspace",
-            "--tests",
-            "--bin",
-            "failback",
-        ])
-        .args(["--profile", profile])
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(target_dir);
-        match run_with_timeout(&mut cmd, Duration::from_secs(900)) {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => panic!("could not build failback ({cmd:?}):\n{}", out.both()),
-            Err(e) => panic!("could not build failback: {e}"),
-        }
-        let bin = profile_dir.join("failback");
-        assert!(bin.is_file(), "{} missing after cargo build", bin.display());
-        bin
-    })
-}
-
 /// Runs `failback args...`; returns what it printed, whatever its exit status.
 fn failback(args: &[&str]) -> Output {
-    let mut cmd = Command::new(failback_bin());
+    let mut cmd = Command::new(failback_tests::programs::failback());
     cmd.args(args);
     run_with_timeout(&mut cmd, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"))
 }

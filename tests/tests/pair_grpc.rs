@@ -46,7 +46,7 @@ fn cli_rewinds_through_failbackd() {
 #[test]
 fn cli_refuses_two_sources_or_none() {
     let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_failback"))
+        Command::new(failback_tests::programs::failback())
             .args(args)
             .output()
             .unwrap()

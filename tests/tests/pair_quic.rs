@@ -14,8 +14,10 @@ use failback_client::source::remote::{self, RemoteOptions};
 use failback_client::source::{Source, SourceError};
 use failback_proto::v1::{self as pb, QuicReply, QuicRequest, quic_reply::Reply, quic_request};
 use failback_server::Config;
-use failback_server::quic::{client_tls, read_frame, transport_config};
 use failback_tests::{Cluster, ClusterOptions, PgMajor, pg_test};
+use failback_transport::frame::read_frame;
+use failback_transport::tls::client_tls;
+use failback_transport::tune::transport_config;
 use prost::Message;
 use support::*;
 

@@ -1,4 +1,4 @@
-//! Read-only access to one PostgreSQL data directory.
+//! failback-datadir: read-only access to one PostgreSQL data directory, as both ends need it.
 //!
 //! A data directory holds regular files and directories, plus symlinks in two places:
 //! `pg_tblspc/<oid>` points at a tablespace location outside the directory, and `pg_wal` may
@@ -9,8 +9,14 @@
 //!
 //! Everything here is confined to the data directory: a path is relative, has no `..` or empty
 //! components, and is resolved component by component so that no symlink except a tablespace
-//! link or `pg_wal` can lead out. failbackd serves through this module, and the client's local
-//! source reads through it too.
+//! link or `pg_wal` can lead out. failbackd serves through this crate, the client's local
+//! source reads through it too, and the client lists its target with it.
+//!
+//! Beside the files: [`hash_chunks`], the one way both ends hash a file in fixed-size chunks
+//! to compare them without sending them, and [`postmaster`], whether PostgreSQL runs on a data
+//! directory (its `postmaster.pid`).
+
+pub mod postmaster;
 
 use std::fs::{self, File};
 use std::io;
@@ -247,6 +253,43 @@ pub fn read_full_at(file: &impl FileExt, buf: &mut [u8], offset: u64) -> io::Res
     Ok(done)
 }
 
+/// Why a file could not be hashed.
+#[derive(Debug, thiserror::Error)]
+pub enum HashError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("the file has more than {max} chunks")]
+    TooManyChunks { max: u64 },
+}
+
+/// The blake3 hash of each `buf.len()`-byte chunk of `file`, read to its current end (a file
+/// of a live source may have grown or shrunk since it was listed), and the size hashed. A file
+/// of more than `max_chunks` chunks is refused rather than hashed: the caller asked for chunks
+/// too small for it.
+pub fn hash_chunks(
+    file: &impl FileExt,
+    buf: &mut [u8],
+    max_chunks: u64,
+) -> Result<(u64, Vec<[u8; 32]>), HashError> {
+    let mut hashes = Vec::new();
+    let mut off = 0u64;
+    loop {
+        let n = read_full_at(file, buf, off)?;
+        if n == 0 {
+            break;
+        }
+        if hashes.len() as u64 >= max_chunks {
+            return Err(HashError::TooManyChunks { max: max_chunks });
+        }
+        hashes.push(*blake3::hash(&buf[..n]).as_bytes());
+        off += n as u64;
+        if n < buf.len() {
+            break;
+        }
+    }
+    Ok((off, hashes))
+}
+
 fn dir_entry(path: String) -> FileEntry {
     FileEntry {
         path,
@@ -339,5 +382,31 @@ mod tests {
         fs::remove_dir_all(&root).unwrap();
         fs::remove_dir_all(&outside).unwrap();
         fs::remove_dir_all(&secret_dir).unwrap();
+    }
+
+    #[test]
+    fn chunks_are_hashed_to_the_end_of_the_file_and_counted() {
+        let root = tmp().with_extension("hash");
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        let path = root.join("f");
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        fs::write(&path, &bytes).unwrap();
+        let f = File::open(&path).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let (size, hashes) = hash_chunks(&f, &mut buf, 3).unwrap();
+        assert_eq!(size, 10_000);
+        let want: Vec<[u8; 32]> = bytes
+            .chunks(4096)
+            .map(|c| *blake3::hash(c).as_bytes())
+            .collect();
+        assert_eq!(hashes, want);
+        assert!(matches!(
+            hash_chunks(&f, &mut buf, 2),
+            Err(HashError::TooManyChunks { max: 2 })
+        ));
+        fs::write(&path, b"").unwrap();
+        assert_eq!(hash_chunks(&f, &mut buf, 0).unwrap(), (0, vec![]));
+        fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -20,7 +20,7 @@ use failback_client::source::remote::RemoteOptions;
 use failback_client::source::{FetchRange, Fetched, Source, SourceError};
 use failback_common::wire::Compression;
 use failback_server::{Config, ServeError};
-use failback_tests::{Cluster, PgMajor, StopMode, assert_same_data};
+use failback_tests::{Cluster, PgMajor};
 
 type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -163,7 +163,7 @@ impl Drop for Failbackd {
 /// Options for `url` with a token, jobs 3 and zstd 3; no certificates.
 pub fn options(url: String, token: Option<&str>) -> RemoteOptions {
     RemoteOptions {
-        url,
+        url: failback_transport::url::SourceUrl::parse(&url).expect("a failbackd URL"),
         ca: None,
         identity: None,
         token: token.map(str::to_string),
@@ -200,39 +200,15 @@ pub fn fetch_all(
     Ok(out)
 }
 
-/// Promotes a standby, writes on both sides, stops both: returns (old primary, new primary).
+/// The demo's pair, shut down: (old primary, new primary).
 pub fn diverged(major: PgMajor) -> (Cluster, Cluster) {
-    let mut primary = Cluster::start_new(major, "old-primary");
-    primary.pgbench_init(2);
-    primary.execute(
-        "CREATE TABLE log (id bigint PRIMARY KEY, note text);
-         INSERT INTO log SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g",
-    );
-    let mut standby = primary.create_standby("new-primary");
-    standby.wait_for_catchup(&primary);
-    standby.promote();
-    primary.execute(
-        "UPDATE pgbench_accounts SET abalance = abalance - 1 WHERE aid % 50 = 0;
-         DELETE FROM log WHERE id <= 500;
-         CREATE TABLE only_old (x int); INSERT INTO only_old VALUES (1)",
-    );
-    standby.execute(
-        "UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid % 70 = 0;
-         INSERT INTO log SELECT g, 'new' FROM generate_series(20001, 30000) g;
-         CREATE TABLE only_new (x int); INSERT INTO only_new SELECT generate_series(1, 100)",
-    );
-    primary.stop(StopMode::Fast);
-    standby.stop(StopMode::Fast);
-    (primary, standby)
+    failback_tests::rewind::pgbench_pair(major, &mut |_| {})
 }
 
+/// Starts both, the old primary as the standby `-R` made it, and compares their data once it
+/// caught up.
 pub fn rejoin_and_compare(mut primary: Cluster, mut new_primary: Cluster) {
-    new_primary.start();
-    primary.start();
-    new_primary.execute("INSERT INTO only_new VALUES (424242)");
-    primary.wait_for_catchup(&new_primary);
-    assert!(primary.is_in_recovery());
-    assert_same_data(&new_primary, &primary);
+    failback_tests::rewind::start_rejoined(&mut primary, &mut new_primary);
 }
 
 /// Rewinds `primary` from `source` (failbackd serving `new_primary`), writing the recovery
@@ -267,7 +243,7 @@ pub fn cli_rewind(
     let dir = tempfile_dir();
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_failback"))
+    let out = Command::new(failback_tests::programs::failback())
         .args(["rewind", "-D"])
         .arg(primary.data_dir())
         .args(["--source", url, "--token-file"])

@@ -1,0 +1,96 @@
+//! libpq connection strings (`keyword=value ...`), as far as failback reads or writes them.
+//!
+//! Values are quoted as libpq's `conninfo_parse` reads them (`fe-connect.c`): a value holding
+//! anything but letters, digits, `_` and `.` goes between single quotes, with `\` before every
+//! `'` and `\` inside.
+
+/// Connects to the server `conninfo` names, as `application`, within a connect timeout of its
+/// own unless the string sets one: a server that is down must not hold a caller for a TCP
+/// timeout. The error is in words.
+pub fn connect(conninfo: &str, application: &str) -> Result<postgres::Client, String> {
+    let mut config: postgres::Config = conninfo
+        .parse()
+        .map_err(|e: postgres::Error| crate::error_text(&e))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    if config.get_application_name().is_none() {
+        config.application_name(application);
+    }
+    config
+        .connect(postgres::NoTls)
+        .map_err(|e| crate::error_text(&e))
+}
+
+/// The user a connection string connects as, when it says.
+pub fn user(conninfo: &str) -> Option<String> {
+    conninfo
+        .parse::<postgres::Config>()
+        .ok()?
+        .get_user()
+        .map(str::to_string)
+}
+
+/// A value as a connection string writes it: bare when it is letters, digits, `_` and `.`
+/// only, quoted otherwise.
+pub fn quote_value(v: &str) -> String {
+    if !v.is_empty()
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    {
+        return v.to_string();
+    }
+    let mut out = String::from("'");
+    for c in v.chars() {
+        if c == '\'' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
+/// `conninfo` with `host=HOST` in front, unless it names a host already (`host` or `hostaddr`).
+pub fn with_host(conninfo: &str, host: &str) -> String {
+    let names_host = conninfo.split_whitespace().any(|kv| {
+        let key = kv.split('=').next().unwrap_or_default().trim();
+        key == "host" || key == "hostaddr"
+    });
+    match (names_host, conninfo.trim()) {
+        (true, c) => c.to_string(),
+        (false, "") => format!("host={}", quote_value(host)),
+        (false, c) => format!("host={} {c}", quote_value(host)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_is_added_unless_one_is_named() {
+        assert_eq!(
+            with_host("port=5433 user=postgres", "db1"),
+            "host=db1 port=5433 user=postgres"
+        );
+        assert_eq!(with_host("", "db1"), "host=db1");
+        assert_eq!(with_host("", "::1"), "host='::1'");
+        assert_eq!(
+            with_host("hostaddr=10.0.0.1 port=5", "db1"),
+            "hostaddr=10.0.0.1 port=5"
+        );
+        assert_eq!(with_host("host = x", "db1"), "host = x");
+    }
+
+    #[test]
+    fn values_are_quoted_as_libpq_reads_them() {
+        assert_eq!(quote_value("postgres"), "postgres");
+        assert_eq!(quote_value("db1.example"), "db1.example");
+        assert_eq!(quote_value("o'neil"), "'o\\'neil'");
+        assert_eq!(quote_value("a b\\c"), "'a b\\\\c'");
+        assert_eq!(quote_value(""), "''");
+        assert_eq!(user("host=x user='re pl'").as_deref(), Some("re pl"));
+        assert_eq!(user("host=x"), None);
+    }
+}

@@ -1,0 +1,154 @@
+//! failback-sql: what failback asks a running PostgreSQL server, in read-only SQL, and the
+//! libpq connection strings it asks with.
+//!
+//! A running server's files change while they are copied, so a rewind from it must replay the
+//! source's WAL up to a point reached *after* the copy: pg_rewind's libpq source asks for
+//! `pg_current_wal_insert_lsn()` on a primary, and uses the control file's minRecoveryPoint on
+//! a standby (`src/bin/pg_rewind/pg_rewind.c`, `perform_rewind`). [`end_of_wal`] answers the
+//! same question: the insert position on a primary, the replay position
+//! (`pg_last_wal_replay_lsn()`, never behind minRecoveryPoint) on a standby.
+//!
+//! The timeline needs the server too: right after a promotion, pg_control's
+//! `checkPointCopy.ThisTimeLineID` (and `pg_control_checkpoint()`, which reads it) still names
+//! the old timeline until the first checkpoint on the new one completes. The WAL file the
+//! primary writes now is named after its current timeline, so `pg_walfile_name()` of the
+//! current WAL position gives it at once; a standby reports the timeline its WAL receiver
+//! streams (`pg_stat_wal_receiver.received_tli`), or what its control file says when no
+//! receiver runs.
+//!
+//! Like pg_rewind's libpq source, a live source must run with `full_page_writes = on`.
+//!
+//! failbackd asks through its `--pg-conn`; a client that rewinds over a plain connection asks
+//! the same queries.
+
+pub mod conninfo;
+
+use failback_common::{Lsn, TimeLineId};
+
+/// Why the source server could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error("could not connect to the source server: {0}")]
+    Connect(String),
+    #[error("the source server refused {query:?}: {reason}")]
+    Query { query: &'static str, reason: String },
+    #[error("the source server answered {what} with {value:?}, which is not {expected}")]
+    Answer {
+        what: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+}
+
+/// The source server's end of WAL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndOfWal {
+    pub lsn: Lsn,
+    pub timeline: TimeLineId,
+    pub in_recovery: bool,
+}
+
+/// One statement, so that a promotion cannot fall between the recovery test and the position:
+/// `pg_walfile_name` errors out during recovery, hence the CASE (volatile, never folded).
+const END_OF_WAL: &str = "SELECT pg_is_in_recovery(),
+       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+             ELSE pg_current_wal_insert_lsn() END)::text,
+       CASE WHEN pg_is_in_recovery() THEN NULL
+            ELSE pg_walfile_name(pg_current_wal_lsn()) END,
+       (SELECT received_tli FROM pg_stat_wal_receiver LIMIT 1)::int8,
+       (SELECT min_recovery_end_timeline FROM pg_control_recovery())::int8,
+       (SELECT timeline_id FROM pg_control_checkpoint())::int8,
+       current_setting('full_page_writes')";
+
+/// Asks the server `client` is connected to where its WAL ends. Blocking: call it off an
+/// async runtime.
+pub fn end_of_wal(client: &mut postgres::Client) -> Result<EndOfWal, LiveError> {
+    let row = client
+        .query_one(END_OF_WAL, &[])
+        .map_err(|e| LiveError::Query {
+            query: "the end of WAL",
+            reason: error_text(&e),
+        })?;
+    let get = |i: usize| -> Result<Option<String>, LiveError> {
+        row.try_get::<_, Option<String>>(i)
+            .map_err(|e| LiveError::Query {
+                query: "the end of WAL",
+                reason: error_text(&e),
+            })
+    };
+    let get_int = |i: usize| -> Result<Option<i64>, LiveError> {
+        row.try_get::<_, Option<i64>>(i)
+            .map_err(|e| LiveError::Query {
+                query: "the end of WAL",
+                reason: error_text(&e),
+            })
+    };
+    let in_recovery: bool = row.try_get(0).map_err(|e| LiveError::Query {
+        query: "pg_is_in_recovery()",
+        reason: error_text(&e),
+    })?;
+    let lsn_text = get(1)?.ok_or(LiveError::Answer {
+        what: "the WAL position",
+        value: "NULL".into(),
+        expected: "an LSN (a standby that has replayed nothing yet cannot be a source)",
+    })?;
+    let lsn: Lsn = lsn_text.parse().map_err(|_| LiveError::Answer {
+        what: "the WAL position",
+        value: lsn_text.clone(),
+        expected: "an LSN",
+    })?;
+    // pg_rewind's libpq source insists on it too: a page copied while it was being written
+    // is repaired by the full-page image that its first change after a checkpoint logged.
+    let fpw = get(6)?.unwrap_or_default();
+    if fpw != "on" {
+        return Err(LiveError::Answer {
+            what: "full_page_writes",
+            value: fpw,
+            expected: "on (pages copied while being written could not be repaired by replay)",
+        });
+    }
+    let tli_of = |v: Option<i64>| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+    let timeline = if in_recovery {
+        // The receiver's timeline is the one recovery follows; without a receiver (a standby
+        // restoring from an archive) the control file is the best there is.
+        tli_of(get_int(3)?)
+            .max(tli_of(get_int(4)?))
+            .max(tli_of(get_int(5)?))
+    } else {
+        let name = get(2)?.unwrap_or_default();
+        failback_common::lsn::wal_file_timeline(&name).ok_or(LiveError::Answer {
+            what: "pg_walfile_name(pg_current_wal_lsn())",
+            value: name,
+            expected: "a WAL file name",
+        })?
+    };
+    if timeline == 0 {
+        return Err(LiveError::Answer {
+            what: "the timeline",
+            value: "0".into(),
+            expected: "a timeline ID",
+        });
+    }
+    Ok(EndOfWal {
+        lsn,
+        timeline,
+        in_recovery,
+    })
+}
+
+/// A PostgreSQL error with its server message, not only "db error".
+pub fn error_text(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => {
+            let mut s = e.to_string();
+            let mut cur = std::error::Error::source(e);
+            while let Some(c) = cur {
+                s.push_str(": ");
+                s.push_str(&c.to_string());
+                cur = c.source();
+            }
+            s
+        }
+    }
+}

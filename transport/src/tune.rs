@@ -1,0 +1,148 @@
+//! How both ends tune their connections for long fat links (a rewind across regions).
+//!
+//! A sender may only have one flow-control window of data unacknowledged, so a link of
+//! 200 Mbit/s at 50 ms round trip needs at least 200e6 / 8 * 0.05 = 2.5 MB of window to stay
+//! full. HTTP/2 and QUIC both default to far less; [`DEFAULT_WINDOW`] is 16 MiB, per stream and
+//! per connection, on both transports. QUIC's congestion control and socket buffers are chosen
+//! here too, rather than by the kernel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Flow-control window per stream and per connection, in bytes (see the module header).
+pub const DEFAULT_WINDOW: u32 = 16 << 20;
+/// The window's bounds: HTTP/2's initial window, and a gigabyte of memory per stream.
+pub const MIN_WINDOW: u32 = 65_535;
+pub const MAX_WINDOW: u32 = 1 << 30;
+
+/// A QUIC connection with no packet for this long is gone (keep-alives are sent well within
+/// it).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// The congestion window a QUIC connection starts with: 1 MiB, paced over the first round
+/// trip. RFC 9002 suggests ten datagrams (about 14 KB), from which slow start needs seven round
+/// trips to fill a link of 200 Mbit/s at 50 ms (1.25 MB in flight); a rewind's fetch is over
+/// in a handful of round trips, so most of it would run at a fraction of the link. failbackd
+/// talks to a few clients an operator sends it, over links chosen for the job, as TCP on such
+/// links is given a larger `initcwnd`; a shallow or shared path loses part of the first flight
+/// and Cubic backs off from there (`--quic-initial-window` to choose less).
+pub const DEFAULT_INITIAL_WINDOW: u64 = 1 << 20;
+/// The smallest initial window accepted: RFC 9002's ten datagrams of 1472 bytes.
+pub const MIN_INITIAL_WINDOW: u64 = 14_720;
+
+/// The QUIC transport settings of both ends: large windows, keep-alives so an idle rewind
+/// phase does not drop the connection, and Cubic congestion control starting from
+/// `initial_window` bytes in flight. Not quinn's BBR: on a 50 ms path its window fell to a few
+/// datagrams for hundreds of milliseconds in the middle of a fetch
+/// (bench/results/rewind_pair-2026-11-24e.md).
+pub fn transport_config(
+    window: u32,
+    max_streams: u32,
+    initial_window: u64,
+) -> quinn::TransportConfig {
+    let window = u64::from(window);
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(quinn::VarInt::from_u32(window as u32))
+        // Several streams share the connection: let a few of them fill their window at once.
+        .receive_window(quinn::VarInt::from_u64(window * 4).unwrap_or(quinn::VarInt::MAX))
+        .send_window(window * 4)
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_streams))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("60 s is a valid idle timeout"),
+        ))
+        .congestion_controller_factory(congestion(initial_window));
+    t
+}
+
+fn congestion(initial_window: u64) -> Arc<quinn::congestion::CubicConfig> {
+    let mut c = quinn::congestion::CubicConfig::default();
+    c.initial_window(initial_window);
+    Arc::new(c)
+}
+
+/// The receive and send buffers asked for a QUIC socket. The kernel's default receive buffer
+/// (about 208 KiB) holds some 150 datagrams: a burst of a 16 MiB window overflows it and every
+/// datagram dropped there costs a retransmission and a congestion back-off.
+pub const SOCKET_BUFFER: usize = 8 << 20;
+
+/// Makes `socket`'s buffers [`SOCKET_BUFFER`] deep: with `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`
+/// when allowed (root, `CAP_NET_ADMIN`), which pass the `net.core.rmem_max` cap, otherwise as
+/// deep as that cap allows. Best effort: a shallow buffer only costs speed.
+pub fn deepen_buffers(socket: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let size = libc::c_int::try_from(SOCKET_BUFFER).unwrap_or(libc::c_int::MAX);
+    let set = |option: libc::c_int| {
+        // SAFETY: setsockopt on a descriptor we own, with a pointer to a c_int and its size.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) == 0
+        }
+    };
+    for (forced, capped) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if !set(forced) {
+            set(capped);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_start_with_the_initial_window_asked_for() {
+        use quinn::congestion::ControllerFactory;
+        for w in [MIN_INITIAL_WINDOW, DEFAULT_INITIAL_WINDOW, 5 << 20] {
+            let c = congestion(w).build(std::time::Instant::now(), 1200);
+            assert_eq!(c.window(), w);
+        }
+    }
+
+    /// Run as root (as the test bed is), the forced options pass `net.core.rmem_max`;
+    /// otherwise the buffers only grow to that cap, which the test then skips, saying so.
+    #[test]
+    fn quic_sockets_get_deep_buffers() {
+        use std::os::fd::AsRawFd;
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let get = |option| {
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt into a c_int we own.
+            let rc = unsafe {
+                libc::getsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0);
+            usize::try_from(v).unwrap()
+        };
+        let before = get(libc::SO_RCVBUF);
+        deepen_buffers(&socket);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: not root, so the buffers stop at net.core.rmem_max");
+            return;
+        }
+        // Linux reports twice what was set (the other half is its bookkeeping).
+        let (rcv, snd) = (get(libc::SO_RCVBUF), get(libc::SO_SNDBUF));
+        assert!(
+            rcv >= SOCKET_BUFFER && snd >= SOCKET_BUFFER,
+            "receive {before} -> {rcv}, send {snd}"
+        );
+    }
+}
