@@ -1,4 +1,4 @@
-//! Durable file operations on the target data directory.
+//! Durable file operations: the mechanisms [`crate::target::Target`] changes the target with.
 //!
 //! PostgreSQL trusts what is on disk after a crash only if it was fsynced: a file's data by
 //! `fsync` of the file, its name by `fsync` of the directory holding it. A rewind that writes
@@ -168,79 +168,6 @@ fn write_new(path: &Path, data: &[u8], own: &Ownership) -> io::Result<()> {
     own.open_for_write(path, true)?.write_all(data)
 }
 
-/// The target's file system has no room left (`ENOSPC`), or the quota of the user writing is
-/// used up (`EDQUOT`). Trying the same write again cannot help, so nothing retries it: the
-/// rewind stops, and once space is freed, running it again resumes from the journal — what
-/// was written and recorded as done is not fetched again.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "the target's file system is full while writing \"{}\"{}{}",
-    path.display(),
-    still_needed.map_or(String::new(), |n| format!(
-        " (the rest of the rewind writes up to {} MB)",
-        n.div_ceil(1_000_000)
-    )),
-    if *nothing_changed {
-        "; nothing was changed in the target: free space on it, then run failback rewind again"
-    } else {
-        ": free space on it, then run failback rewind again: it resumes where this run stopped"
-    }
-)]
-pub struct TargetFull {
-    /// The file being written (for an atomic rewrite, the name it replaces).
-    pub path: PathBuf,
-    /// Bytes the rest of the plan may still write, when known: an upper bound, as pieces
-    /// found identical on the target are not written, and rewrites in place take no new room.
-    pub still_needed: Option<u64>,
-    /// It happened before the journal existed: the target is as it was before this run.
-    pub nothing_changed: bool,
-    #[source]
-    pub source: io::Error,
-}
-
-impl TargetFull {
-    /// Whether `err` says the file system is full or the quota used up.
-    pub fn is_full(err: &io::Error) -> bool {
-        matches!(err.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
-            || matches!(
-                err.kind(),
-                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
-            )
-    }
-
-    /// Says how much the rest of the plan may still write, unless that is already said.
-    pub fn needing(mut self, bytes: u64) -> TargetFull {
-        self.still_needed.get_or_insert(bytes);
-        self
-    }
-
-    /// Marks it as having happened before the rewind's first change.
-    pub fn before_first_change(mut self) -> TargetFull {
-        self.nothing_changed = true;
-        self
-    }
-}
-
-/// The one mapping of an I/O error while writing `path` in the target: a full file system
-/// becomes [`TargetFull`] (in whatever error type the caller returns), any other error is
-/// left to `other`.
-pub fn target_error<E: From<TargetFull>>(
-    path: &Path,
-    err: io::Error,
-    other: impl FnOnce(io::Error) -> E,
-) -> E {
-    if TargetFull::is_full(&err) {
-        E::from(TargetFull {
-            path: path.to_path_buf(),
-            still_needed: None,
-            nothing_changed: false,
-            source: err,
-        })
-    } else {
-        other(err)
-    }
-}
-
 /// Removes a file and makes the removal durable.
 pub fn durable_remove(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {
@@ -283,48 +210,6 @@ pub fn sync_data_dir(pgdata: &Path, method: SyncMethod) -> io::Result<()> {
             }
             SyncMethod::Fsync => fsync_tree(root)?,
         }
-    }
-    Ok(())
-}
-
-/// Makes durable what carrying out `plan` changed in `pgdata`: every file in `changed` (the
-/// files written, extended or cut), every directory where an entry was created or removed,
-/// and, when segments were restored from the archive (`wal_restored`), `pg_wal`. The rest of
-/// the target was durable before the rewind began (it was shut down cleanly, or crash recovery
-/// ended with a checkpoint) — including whole copies found identical, which were not written —
-/// so unlike pg_rewind this does not flush the whole data directory. `syncfs` flushes each
-/// filesystem whole instead.
-pub fn sync_plan(
-    pgdata: &Path,
-    plan: &failback_common::plan::Plan,
-    changed: &std::collections::BTreeSet<String>,
-    wal_restored: bool,
-    method: SyncMethod,
-) -> io::Result<()> {
-    use failback_common::filemap::FileAction;
-    if method == SyncMethod::Syncfs {
-        return sync_data_dir(pgdata, method);
-    }
-    let files: Vec<PathBuf> = changed.iter().map(|p| pgdata.join(p)).collect();
-    let mut dirs = std::collections::BTreeSet::new();
-    for e in &plan.entries {
-        if matches!(e.action, FileAction::Create | FileAction::Remove)
-            || (e.action == FileAction::Copy && e.target.is_none())
-        {
-            dirs.extend(pgdata.join(&e.path).parent().map(Path::to_path_buf));
-        }
-    }
-    // A file removed meanwhile because the source no longer had it has nothing to flush.
-    fsync_files(&files).map_err(|(_, e)| e)?;
-    for d in &dirs {
-        if d.is_dir() {
-            fsync_dir(d)?;
-        }
-    }
-    // Segments restored from the archive under -c are not in the plan, and recovery needs them.
-    let wal = pgdata.join("pg_wal");
-    if wal_restored && wal.is_dir() {
-        fsync_tree(&wal)?;
     }
     Ok(())
 }
@@ -400,37 +285,5 @@ mod tests {
         durable_remove(&p).unwrap();
         assert!(!p.exists());
         fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_full_file_system_or_quota_is_one_error_saying_what_to_do() {
-        let at = Path::new("/data/base/5/16384");
-        for errno in [libc::ENOSPC, libc::EDQUOT] {
-            let e: Box<dyn std::error::Error + Send + Sync> =
-                target_error(at, io::Error::from_raw_os_error(errno), |e| e.into());
-            let full = e.downcast_ref::<TargetFull>().expect("a TargetFull");
-            assert_eq!(full.source.raw_os_error(), Some(errno));
-        }
-        let other: Box<dyn std::error::Error + Send + Sync> =
-            target_error(at, io::Error::from_raw_os_error(libc::EACCES), |e| e.into());
-        assert!(other.downcast_ref::<io::Error>().is_some());
-
-        let full = |nothing_changed| TargetFull {
-            path: at.to_path_buf(),
-            still_needed: None,
-            nothing_changed,
-            source: io::Error::from_raw_os_error(libc::ENOSPC),
-        };
-        assert_eq!(
-            full(false).needing(80_000_001).needing(5).to_string(),
-            "the target's file system is full while writing \"/data/base/5/16384\" (the rest \
-             of the rewind writes up to 81 MB): free space on it, then run failback rewind \
-             again: it resumes where this run stopped"
-        );
-        assert_eq!(
-            full(true).to_string(),
-            "the target's file system is full while writing \"/data/base/5/16384\"; nothing \
-             was changed in the target: free space on it, then run failback rewind again"
-        );
     }
 }

@@ -1,5 +1,17 @@
 //! failback: the client run on the old primary.
-pub mod execute;
+//!
+//! - [`rewind`]: the rewind, phase by phase, and its report;
+//! - [`source`]: where the new primary's files come from (a local directory, failbackd over gRPC
+//!   or QUIC), and `--max-rate`;
+//! - [`copy`]: carrying a plan out, from the source to the target;
+//! - [`target`]: the one owner of every change to the target, and why it is crash-safe;
+//! - [`error`]: why a rewind stopped, and the exit status that says whether to run it again;
+//! - [`walread`]: the target's WAL from its files (and its archive, with `-c`);
+//! - [`inspect`], [`progress`], [`pgbin`], [`fsutil`], [`fault`]: what the CLI shows, how
+//!   progress reaches a terminal, the target's own `postgres`, durable file operations and the
+//!   crash tests' fault hook.
+pub mod copy;
+pub mod error;
 pub mod fault;
 pub mod fsutil;
 pub mod inspect;
@@ -7,5 +19,5 @@ pub mod pgbin;
 pub mod progress;
 pub mod rewind;
 pub mod source;
-pub mod unfinished;
+pub mod target;
 pub mod walread;

@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use failback_client::error::{RewindError, exit};
 use failback_client::inspect;
+use failback_client::source::Source;
+use failback_common::errors;
 use failback_common::patience::Patience;
 use failback_common::{Lsn, TimeLineId};
 
@@ -178,11 +181,16 @@ fn parse_rate(s: &str) -> Result<u64, String> {
     failback_common::ratelimit::parse_rate(s).map_err(|e| e.to_string())
 }
 
-fn read_secret(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("could not read {what} {}", path.display()))
+/// An argument that does not make a rewind: exit status 2, nothing looked at or changed.
+fn usage(message: impl Into<String>) -> RewindError {
+    RewindError::Usage(message.into())
 }
 
-fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source>> {
+fn read_secret(path: &std::path::Path, what: &str) -> Result<Vec<u8>, RewindError> {
+    std::fs::read(path).map_err(|e| usage(format!("could not read {what} {}: {e}", path.display())))
+}
+
+fn open_source(a: &RewindArgs) -> Result<Box<dyn Source>, RewindError> {
     use failback_client::source::remote::{RemoteOptions, connect};
     if let Some(dir) = &a.source_pgdata {
         // clap's `requires` does not fire here (the flags are also in a conflict), so say it.
@@ -194,10 +202,10 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source
             || a.compress.is_some()
             || a.timeout.is_some()
         {
-            anyhow::bail!(
+            return Err(usage(
                 "--ca, --cert, --key, --token-file, --jobs, --connections, --compress and \
-                 --timeout are for a failbackd source (--source <URL>)"
-            );
+                 --timeout are for a failbackd source (--source <URL>)",
+            ));
         }
         return Ok(Box::new(failback_client::source::local::LocalSource::new(
             dir.clone(),
@@ -206,12 +214,12 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source
     let url = a
         .source
         .clone()
-        .context("give --source-pgdata or --source")?;
+        .ok_or_else(|| usage("give --source-pgdata or --source"))?;
     let token = match &a.token_file {
         None => None,
         Some(f) => {
             let t = String::from_utf8(read_secret(f, "token file")?)
-                .with_context(|| format!("token file {} is not UTF-8", f.display()))?;
+                .map_err(|_| usage(format!("token file {} is not UTF-8", f.display())))?;
             Some(t.trim().to_string())
         }
     };
@@ -227,8 +235,8 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source
         _ => None,
     };
     let url = failback_transport::url::SourceUrl::parse(&url)
-        .with_context(|| format!("--source {url}"))?;
-    let source = connect(RemoteOptions {
+        .map_err(|e| usage(format!("--source {url}: {e}")))?;
+    connect(RemoteOptions {
         url,
         ca,
         identity,
@@ -245,67 +253,62 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn failback_client::source::Source
         notice: Some(std::sync::Arc::new(|note: &str| {
             eprintln!("failback: warning: {note}")
         })),
-    })?;
-    Ok(source)
+    })
+    .map_err(|source| RewindError::Source {
+        doing: "could not connect to failbackd".into(),
+        source,
+    })
 }
 
-fn rewind(a: RewindArgs) -> Result<()> {
+/// `failback rewind`: the exit status says whether to run it again (see
+/// [`failback_client::error::exit`]).
+fn rewind(a: RewindArgs) -> Result<ExitCode> {
     use failback_client::rewind::{RewindOptions, rewind};
-    let mut source = open_source(&a)?;
-    if let Some(rate) = a.max_rate {
-        source = Box::new(
-            failback_client::source::rate::RateLimited::new(source, rate)
-                .context("--max-rate must be at least 1 byte per second")?,
-        );
-    }
-    let opts = RewindOptions {
-        target: a.target_pgdata,
-        write_recovery_conf: a.write_recovery_conf,
-        primary_conninfo: a.primary_conninfo,
-        dry_run: a.dry_run,
-        no_sync: a.no_sync,
-        restore_target_wal: a.restore_target_wal,
-        config_file: a.config_file,
-        no_ensure_shutdown: a.no_ensure_shutdown,
-        sync_method: a.sync_method,
-        debug: a.debug,
-        pg_bindir: a.pg_bindir,
-    };
-    if opts.write_recovery_conf && opts.primary_conninfo.is_none() && a.source_pgdata.is_some() {
-        anyhow::bail!(
-            "-R needs --primary-conninfo: a local source does not say how the target reaches \
-             the new primary"
-        );
-    }
-    let mut progress = failback_client::progress::Terminal::new(a.progress, a.debug);
-    let (report, plan) = match rewind(&opts, source.as_mut(), &mut progress) {
-        Ok(done) => done,
-        // Say so when the target was left mid-way: it is safe (PostgreSQL will not start on
-        // it) and one more run finishes it.
-        Err(e) if matches!(failback_client::unfinished::load(&opts.target), Ok(Some(_))) => {
-            return Err(anyhow::Error::new(e).context(format!(
-                "the rewind of {} stopped before it finished; PostgreSQL will not start on it \
-                 until it is: run failback rewind again, from the same new primary, to resume \
-                 where it stopped",
-                opts.target.display()
-            )));
+    let report_path = a.report.clone();
+    let outcome = (|| {
+        let mut source = open_source(&a)?;
+        if let Some(rate) = a.max_rate {
+            source = Box::new(
+                failback_client::source::rate::RateLimited::new(source, rate)
+                    .ok_or_else(|| usage("--max-rate must be at least 1 byte per second"))?,
+            );
         }
-        Err(e) => return Err(e.into()),
+        let opts = RewindOptions {
+            target: a.target_pgdata,
+            write_recovery_conf: a.write_recovery_conf,
+            primary_conninfo: a.primary_conninfo,
+            dry_run: a.dry_run,
+            no_sync: a.no_sync,
+            restore_target_wal: a.restore_target_wal,
+            config_file: a.config_file,
+            no_ensure_shutdown: a.no_ensure_shutdown,
+            sync_method: a.sync_method,
+            debug: a.debug,
+            pg_bindir: a.pg_bindir,
+        };
+        let mut progress = failback_client::progress::Terminal::new(a.progress, a.debug);
+        let outcome = rewind(&opts, source.as_mut(), &mut progress)?;
+        Ok::<_, RewindError>((opts.dry_run, outcome))
+    })();
+    let (dry_run, outcome) = match outcome {
+        Ok(done) => done,
+        Err(e) => {
+            eprintln!("{}", errors::error_message("failback", &e));
+            return Ok(ExitCode::from(e.kind().exit_code()));
+        }
     };
-    if opts.dry_run
-        && let Some(plan) = &plan
-    {
+    if dry_run && let Some(plan) = &outcome.plan {
         println!("{:<10} {:>8} {:>16}", "action", "files", "bytes");
         for (action, t) in plan.totals() {
             println!("{action:<10} {:>8} {:>16}", t.files, t.bytes);
         }
         println!("{:<10} {:>8} {:>16}", "fetch", "", plan.fetch_bytes());
     }
-    if let Some(path) = a.report {
-        std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+    if let Some(path) = report_path {
+        std::fs::write(&path, serde_json::to_string_pretty(&outcome.report)? + "\n")
             .with_context(|| format!("could not write report {}", path.display()))?;
     }
-    Ok(())
+    Ok(ExitCode::from(exit::DONE))
 }
 
 fn inspect_wal(
@@ -366,9 +369,9 @@ fn inspect_wal(
 
 /// `failback status`: the journal of an unfinished rewind, in words.
 fn status(target: &std::path::Path) -> Result<ExitCode> {
-    let Some(st) = failback_client::unfinished::load(target)? else {
+    let Some(st) = failback_client::target::Target::unfinished(target)? else {
         println!("no unfinished rewind in {}", target.display());
-        return Ok(ExitCode::SUCCESS);
+        return Ok(ExitCode::from(exit::DONE));
     };
     let h = &st.header;
     println!("an unfinished rewind of {}", target.display());
@@ -392,13 +395,13 @@ fn status(target: &std::path::Path) -> Result<ExitCode> {
          from the same new primary",
         target.display()
     );
-    Ok(ExitCode::from(3))
+    Ok(ExitCode::from(exit::UNFINISHED))
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Status { target_pgdata } => return status(&target_pgdata),
-        Command::Rewind(a) => rewind(*a)?,
+        Command::Rewind(a) => return rewind(*a),
         Command::Inspect(Inspect::Wal {
             pgdata,
             start,
@@ -427,7 +430,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(ExitCode::from(exit::DONE))
 }
 
 fn main() -> ExitCode {
@@ -435,11 +438,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // The whole chain, outermost first, so the user sees both what failed and why.
-            eprintln!("failback: error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            ExitCode::FAILURE
+            eprintln!("{}", errors::error_message("failback", e.as_ref()));
+            ExitCode::from(exit::FAILED)
         }
     }
 }

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use failback_common::PgMajor;
 
-use crate::rewind::RewindError;
+use crate::error::RewindError;
 
 pub struct PgBin {
     bindir: Option<PathBuf>,
@@ -19,10 +19,7 @@ pub struct PgBin {
 }
 
 fn error(message: String) -> RewindError {
-    RewindError {
-        message,
-        source: None,
-    }
+    RewindError::refused(message)
 }
 
 impl PgBin {

@@ -6,6 +6,7 @@
 //! fed hostile input by property tests and fuzzers.
 
 pub mod chunkdiff;
+pub mod errors;
 pub mod lsn;
 pub mod patience;
 pub mod plan;
@@ -20,6 +21,7 @@ pub mod control;
 pub mod filemap;
 pub mod journal;
 pub mod relpath;
+pub mod rewind;
 pub mod timeline;
 pub mod wal;
 pub mod wire;

@@ -220,6 +220,10 @@ impl std::fmt::Display for Reason {
     }
 }
 
+/// The configuration file `ALTER SYSTEM` writes, which carries the marker of an unfinished
+/// rewind: the rewind writes it last ([`Reason::WrittenAtCommit`]).
+pub const AUTO_CONF: &str = "postgresql.auto.conf";
+
 /// The slack past the source's end of WAL: a shut-down source's end is the start of its last
 /// checkpoint record, whose bytes (and a page header) follow it.
 const END_SLACK: u64 = 8192;
@@ -369,6 +373,10 @@ pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
         {
             action = FileAction::None;
             reason = Some(Reason::PastSourceEnd);
+        }
+        if path == AUTO_CONF && action != FileAction::None {
+            action = FileAction::None;
+            reason = Some(Reason::WrittenAtCommit);
         }
         let mut blocks = BlockBitmap::default();
         if let (Some(s), Some(t), Some(changed)) = (source, target, input.page_map.files.get(path))
@@ -572,6 +580,25 @@ mod tests {
         assert_eq!(actions(&p)[2], (5, FileAction::Copy));
         assert!(!wal_segment_past("base/1/1", Lsn(0), seg));
         assert!(!wal_segment_past("pg_wal/00000002.history", Lsn(0), seg));
+    }
+
+    #[test]
+    fn the_auto_conf_is_written_at_the_commit_not_copied() {
+        let source = vec![reg(AUTO_CONF, 120), reg("postgresql.conf", 30)];
+        let target = vec![reg(AUTO_CONF, 88), reg("postgresql.conf", 30)];
+        let plan = wal_plan(&source, &target, &BTreeSet::new(), None, None);
+        let e = plan.entries.iter().find(|e| e.path == AUTO_CONF).unwrap();
+        assert_eq!(
+            (e.action, e.reason),
+            (FileAction::None, Some(Reason::WrittenAtCommit))
+        );
+        assert_eq!(e.fetch_bytes(8192), 0);
+        let conf = plan
+            .entries
+            .iter()
+            .find(|e| e.path == "postgresql.conf")
+            .unwrap();
+        assert_eq!(conf.action, FileAction::Copy);
     }
 
     #[test]

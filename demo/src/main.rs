@@ -105,7 +105,7 @@ fn run(major: PgMajor, progress: &mut dyn Progress) -> Result<()> {
     };
     let mut source = LocalSource::new(new_primary.data_dir());
     let t = Instant::now();
-    let (report, _) = rewind(&opts, &mut source, progress)?;
+    let report = rewind(&opts, &mut source, progress)?.report;
     let exec = report.execution.clone().unwrap_or_default();
     println!(
         "    rewound in {:.2} s: {} changed blocks, {} bytes fetched, {} bytes written, {} bytes already identical",

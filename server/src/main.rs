@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -69,9 +70,27 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("could not read {what} {}", path.display()))
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> ExitCode {
     let a = Args::parse();
+    let run = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("could not start the async runtime")
+        .and_then(|rt| rt.block_on(serve(a)));
+    match run {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // As failback reports its errors: the chain, outermost first, never a debug dump.
+            eprintln!(
+                "{}",
+                failback_common::errors::error_message("failbackd", e.as_ref())
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(a: Args) -> Result<()> {
     let flags = Settings {
         pgdata: a.pgdata,
         listen: a.listen,

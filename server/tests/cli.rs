@@ -44,3 +44,32 @@ fn config_files_are_checked_and_flags_win() {
     assert!(err.contains("could not read config file"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+// failbackd reports an error as failback does: what failed, then each cause on a line of its
+// own; never a debug dump or a backtrace, whatever RUST_BACKTRACE asks for.
+#[test]
+fn errors_are_reported_with_their_causes_and_no_backtrace() {
+    let out = Command::new(env!("CARGO_BIN_EXE_failbackd"))
+        .args([
+            "-D",
+            "/nonexistent",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            "/nonexistent/token",
+        ])
+        .env("RUST_BACKTRACE", "full")
+        .output()
+        .expect("run failbackd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "failbackd: error: could not read token file /nonexistent/token",
+            "  caused by: No such file or directory (os error 2)",
+        ],
+        "{err}"
+    );
+}

@@ -1,8 +1,7 @@
 //! libpq connection strings (`keyword=value ...`), as far as failback reads or writes them.
 //!
-//! Values are quoted as libpq's `conninfo_parse` reads them (`fe-connect.c`): a value holding
-//! anything but letters, digits, `_` and `.` goes between single quotes, with `\` before every
-//! `'` and `\` inside.
+//! Values are quoted as libpq's `conninfo_parse` reads them (`fe-connect.c`), by
+//! [`quote_value`].
 
 /// Connects to the server `conninfo` names, as `application`, within a connect timeout of its
 /// own unless the string sets one: a server that is down must not hold a caller for a TCP
@@ -31,25 +30,9 @@ pub fn user(conninfo: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// A value as a connection string writes it: bare when it is letters, digits, `_` and `.`
-/// only, quoted otherwise.
-pub fn quote_value(v: &str) -> String {
-    if !v.is_empty()
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-    {
-        return v.to_string();
-    }
-    let mut out = String::from("'");
-    for c in v.chars() {
-        if c == '\'' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('\'');
-    out
-}
+/// A value as a connection string writes it (the one quoting rule, pure, in
+/// `failback-common`).
+pub use failback_common::recovery::quote_conninfo_value as quote_value;
 
 /// `conninfo` with `host=HOST` in front, unless it names a host already (`host` or `hostaddr`).
 pub fn with_host(conninfo: &str, host: &str) -> String {
@@ -84,12 +67,7 @@ mod tests {
     }
 
     #[test]
-    fn values_are_quoted_as_libpq_reads_them() {
-        assert_eq!(quote_value("postgres"), "postgres");
-        assert_eq!(quote_value("db1.example"), "db1.example");
-        assert_eq!(quote_value("o'neil"), "'o\\'neil'");
-        assert_eq!(quote_value("a b\\c"), "'a b\\\\c'");
-        assert_eq!(quote_value(""), "''");
+    fn the_user_is_read_back() {
         assert_eq!(user("host=x user='re pl'").as_deref(), Some("re pl"));
         assert_eq!(user("host=x"), None);
     }

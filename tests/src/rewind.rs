@@ -316,25 +316,52 @@ pub fn rewind_ok(target: &Cluster, source: &Cluster, args: &[&str]) -> FailbackR
     run
 }
 
-/// Asserts that `run` failed and that its stderr contains every one of `needles`.
+/// `failback rewind`'s exit status for a refusal that left the target untouched (README, "Exit
+/// status").
+pub const EXIT_REFUSED: i32 = 4;
+/// `failback rewind`'s exit status for a rewind that stopped after its first change: the target
+/// is marked unfinished; run it again.
+pub const EXIT_UNFINISHED: i32 = 3;
+/// `failback rewind`'s exit status when the source could not be reached (target untouched).
+pub const EXIT_SOURCE_UNAVAILABLE: i32 = 5;
+
+/// Asserts that `run` was refused with the target untouched (exit status 4) and that its
+/// stderr contains every one of `needles`.
 pub fn assert_refused(run: &FailbackRun, needles: &[&str], clusters: &[&Cluster]) {
+    assert_failed(run, EXIT_REFUSED, needles, clusters);
+}
+
+/// Asserts that `run` stopped after its first change (exit status 3: run it again) and that
+/// its stderr contains every one of `needles`.
+pub fn assert_stopped_unfinished(run: &FailbackRun, needles: &[&str], clusters: &[&Cluster]) {
+    assert_failed(run, EXIT_UNFINISHED, needles, clusters);
+    assert!(
+        run.stderr.contains("run failback rewind again"),
+        "an unfinished rewind must say to run it again:\n{}",
+        context(run, clusters)
+    );
+}
+
+/// Asserts that `run` failed with exit status `code`, saying every one of `needles`, without
+/// a panic.
+pub fn assert_failed(run: &FailbackRun, code: i32, needles: &[&str], clusters: &[&Cluster]) {
     // Shown with the test's output when it fails, or with --no-capture.
     eprintln!("{}", run.show());
     assert!(
         !run.success(),
-        "failback should have refused, but succeeded:\n{}",
+        "failback should have failed, but succeeded:\n{}",
         context(run, clusters)
     );
     assert_eq!(
         run.status.code(),
-        Some(1),
-        "a refusal exits with status 1, not a crash or a signal:\n{}",
+        Some(code),
+        "failback must exit with status {code} here, not another, a crash or a signal:\n{}",
         context(run, clusters)
     );
     for n in needles {
         assert!(
             run.stderr.contains(n),
-            "failback's refusal does not say {n:?}:\n{}",
+            "failback's error does not say {n:?}:\n{}",
             context(run, clusters)
         );
     }

@@ -345,7 +345,7 @@ pg_test!(rewinds_a_live_source_under_load, |major| {
         let mut source = connect(server.url(), None).unwrap();
         rewind(&opts, &mut source, &mut Terminal::new(false, false))
             .unwrap()
-            .0
+            .report
     });
     assert!(report.rewind_needed);
     assert_eq!(report.source_timeline, 2);
@@ -468,7 +468,9 @@ pg_test!(skips_identical_chunks_and_honours_max_rate, |major| {
     let mut source = RateLimited::new(connect(server.url(), None).unwrap(), rate).unwrap();
     let mut opts = opts_for(&primary, &new_primary);
     opts.write_recovery_conf = false;
-    let (report, _) = rewind(&opts, &mut source, &mut Terminal::new(false, false)).unwrap();
+    let report = rewind(&opts, &mut source, &mut Terminal::new(false, false))
+        .unwrap()
+        .report;
     let ex = report.execution.clone().unwrap();
     assert!(ex.files_hashed > 0, "{ex:?}");
     assert!(
@@ -520,7 +522,7 @@ pg_test!(rewinds_from_a_live_standby, |major| {
         assert!(end.in_recovery);
         let mut source = connect(server.url(), None).unwrap();
         let r = rewind(&opts, &mut source, &mut Terminal::new(false, false));
-        (r.unwrap().0, replayed_before)
+        (r.unwrap().report, replayed_before)
     });
     assert!(report.rewind_needed);
     assert_eq!(report.source_timeline, 2);

@@ -343,13 +343,12 @@ fn reads_over_the_stream_limit_wait_for_their_turn() {
         .collect();
     let mut got = vec![0u8; 8192];
     let mut pieces = 0;
-    src.fetch(&ranges, &mut |p| {
+    each_piece(&mut src, ranges, |p| {
         let Fetched::Data { offset, data, .. } = p else {
             panic!("{p:?}")
         };
         got[offset as usize..offset as usize + data.len()].copy_from_slice(data);
         pieces += 1;
-        Ok(())
     })
     .unwrap();
     assert_eq!(pieces, 8192);

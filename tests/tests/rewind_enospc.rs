@@ -15,7 +15,7 @@
 use std::time::Instant;
 
 use failback_tests::rewind::{
-    assert_refused, assert_resumed, assert_tens_of_mb_rewound, assert_unfinished,
+    assert_resumed, assert_stopped_unfinished, assert_tens_of_mb_rewound, assert_unfinished,
     diverged_with_tens_of_mb, rejoin, rewind, rewind_ok, status, stop_for_rewind,
 };
 use failback_tests::tmpfs::Tmpfs;
@@ -64,7 +64,7 @@ pg_test!(full_disk_then_freed_then_resumed, |major| {
     let ballast = disk.fill_leaving("ballast", FREE);
 
     let full = rewind(&old, &new, &[]);
-    assert_refused(
+    assert_stopped_unfinished(
         &full,
         &[
             "the target's file system is full while writing",

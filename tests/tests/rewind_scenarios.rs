@@ -44,21 +44,39 @@ scenario_test!(basic, |major| {
              DELETE FROM t WHERE id % 11 = {k}"
         ));
     }
-    let expected = new.query_lines("SELECT v, count(*) FROM t GROUP BY v ORDER BY 1");
+    let count_by_value = "SELECT v, count(*) FROM t GROUP BY v ORDER BY 1";
+    let expected = new.query_lines(count_by_value);
+    // The old primary holds writes the rewind must undo.
+    let before = old.query_lines(count_by_value);
+    assert!(before.contains("updated on old"), "{before}");
     let run = failover_and_rewind(&mut old, &mut new, StopMode::Fast, &[]);
     let report = run.report();
-    assert!(report["divergence_lsn"].is_string(), "{}", run.show());
-    assert!(report["checkpoint_lsn"].is_string(), "{}", run.show());
+    let lsn = |key: &str| -> failback_common::Lsn {
+        report[key]
+            .as_str()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or_else(|| panic!("{key} is not an LSN:\n{}", run.show()))
+    };
+    // The histories part where the new primary's timeline began, and replay starts before.
+    assert_eq!(
+        lsn("divergence_lsn"),
+        rewind::switch_point(&new, 2),
+        "{}",
+        run.show()
+    );
+    assert!(
+        lsn("checkpoint_lsn") < lsn("divergence_lsn"),
+        "{}",
+        run.show()
+    );
     assert!(
         report["changed_blocks"].as_u64().unwrap_or(0) > 0,
         "{}",
         run.show()
     );
-    assert_eq!(
-        old.query_lines("SELECT v, count(*) FROM t GROUP BY v ORDER BY 1"),
-        expected
-    );
-    assert!(!expected.contains("on old"), "{expected}");
+    let after = old.query_lines(count_by_value);
+    assert_eq!(after, expected);
+    assert!(!after.contains("on old"), "{after}");
     rewind::assert_owned_by_pg_user(&old);
 });
 

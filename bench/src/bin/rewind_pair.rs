@@ -26,11 +26,14 @@
 //! ```text
 //! cargo build --release -p failback-client -p failback-server -p failback-bench
 //! target/release/rewind_pair [--scale 100] [--changed-percent 1] [--delay-ms 25] [--rate-mbit 200] [--jobs 16]
-//!     [--compress 1] [--bin-dir DIR] [--source-mode auto|stopped|running] [--out FILE]
+//!     [--compress 1] [--bin-dir DIR] [--baseline-bin-dir DIR] [--source-mode auto|stopped|running] [--out FILE]
 //!     [--rounds N] [--no-sync] [--log-dir DIR] [--perf DIR] [--skip-pg-rewind] [--skip-verify]
 //!     [--hold FILE]
 //! ```
 //!
+//! `--baseline-bin-dir DIR` also runs the `failback`/`failbackd` of another build (an earlier
+//! commit's `target/release`) in every round, beside this build's, and reports this build's
+//! wall time against it round by round: a change is no slower when the median ratio is about 1.
 //! `--changed-percent P` changes P % of the accounts on each side instead of 1 %: a rewind
 //! whose bytes, not its round trips, take most of the time on the link.
 //! `--rounds N` runs every configuration N times, round by round (each round runs every tool
@@ -86,6 +89,8 @@ struct Bench {
     work: PathBuf,
     failback: PathBuf,
     failbackd: PathBuf,
+    /// Another build's `failback` and `failbackd`, run beside these (`--baseline-bin-dir`).
+    baseline: Option<(PathBuf, PathBuf)>,
     jobs: u32,
     compress: String,
     /// failbackd serves the running new primary through `--pg-conn`.
@@ -188,17 +193,41 @@ impl Bench {
     }
 
     fn failback_run(&mut self, net: &'static str, spec: LinkSpec, quic: bool) -> Row {
-        self.restore();
+        let (failback, failbackd) = (self.failback.clone(), self.failbackd.clone());
         let tool = if quic {
             "failback (QUIC)"
         } else {
             "failback (gRPC)"
         };
+        self.failback_run_of(&failback, &failbackd, tool, net, spec, quic)
+    }
+
+    /// [`Bench::failback_run`] with the baseline build's binaries, labelled as such.
+    fn baseline_run(&mut self, net: &'static str, spec: LinkSpec, quic: bool) -> Option<Row> {
+        let (failback, failbackd) = self.baseline.clone()?;
+        let tool = if quic {
+            "failback (QUIC), baseline"
+        } else {
+            "failback (gRPC), baseline"
+        };
+        Some(self.failback_run_of(&failback, &failbackd, tool, net, spec, quic))
+    }
+
+    fn failback_run_of(
+        &mut self,
+        failback: &Path,
+        failbackd: &Path,
+        tool: &'static str,
+        net: &'static str,
+        spec: LinkSpec,
+        quic: bool,
+    ) -> Row {
+        self.restore();
         let grpc_port = reserve_port();
         let quic_port = reserve_port();
         let local = |p: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], p)) };
         let name = format!("{}-{net}", if quic { "quic" } else { "grpc" });
-        let mut cmd = self.profiled(&self.failbackd, &format!("failbackd-{name}"));
+        let mut cmd = self.profiled(failbackd, &format!("failbackd-{name}"));
         cmd.arg("-D")
             .arg(self.new.data_dir())
             .arg("--listen")
@@ -247,7 +276,7 @@ impl Bench {
             if quic { "quic" } else { "grpc" }
         ));
         let _ = std::fs::remove_file(&report);
-        let mut client = self.profiled(&self.failback, &format!("failback-{name}"));
+        let mut client = self.profiled(failback, &format!("failback-{name}"));
         client
             .arg("rewind")
             .arg("-D")
@@ -518,6 +547,33 @@ fn goals(rows: &[Row], rate_bits: u64) -> String {
     s
 }
 
+/// This build's wall time against the baseline build's, per tool and network: the ratio of the
+/// medians, and the median of each round's ratio (both ran in the same round, back to back).
+fn against_baseline(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| tool | network | wall (s) | baseline wall (s) | wall ÷ baseline's | round by round |\n\
+         |---|---|---:|---:|---:|---:|\n",
+    );
+    for tool in ["failback (gRPC)", "failback (QUIC)"] {
+        for net in ["loopback", "wan"] {
+            let base = format!("{tool}, baseline");
+            let find = |t: &str| rows.iter().find(|r| r.tool == t && r.net == net && r.ok);
+            let (Some(new), Some(old)) = (find(tool), find(&base)) else {
+                continue;
+            };
+            let (w, b) = (new.client.wall.as_secs_f64(), old.client.wall.as_secs_f64());
+            let paired = paired_speedup(&new.walls, &old.walls)
+                .map_or("-".to_string(), |r| format!("{r:.2}"));
+            let _ = writeln!(
+                s,
+                "| {tool} | {net} | {w:.2} | {b:.2} | {:.2} | {paired} |",
+                w / b.max(1e-9)
+            );
+        }
+    }
+    s
+}
+
 /// The machine's load average (1, 5, 15 minutes): the benchmark shares two cores with others.
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -571,6 +627,14 @@ fn main() {
     let bin_dir = (!bin_dir.is_empty()).then(|| PathBuf::from(bin_dir));
     let failback = workspace_binary("failback", bin_dir.as_deref());
     let failbackd = workspace_binary("failbackd", bin_dir.as_deref());
+    let baseline = arg("--baseline-bin-dir", String::new());
+    let baseline = (!baseline.is_empty()).then(|| {
+        let dir = PathBuf::from(baseline);
+        (
+            workspace_binary("failback", Some(&dir)),
+            workspace_binary("failbackd", Some(&dir)),
+        )
+    });
     let daemon_help = help_of(&failbackd, &[]);
     let client_help = help_of(&failback, &["rewind"]);
     let quic = daemon_help.contains("--quic-listen") && client_help.contains("quic");
@@ -600,6 +664,7 @@ fn main() {
         work,
         failback,
         failbackd,
+        baseline,
         jobs,
         compress,
         running_source,
@@ -632,8 +697,10 @@ fn main() {
                 b.new.stop(StopMode::Fast);
             }
             this_round.push(b.failback_run(net, spec, false));
+            this_round.extend(b.baseline_run(net, spec, false));
             if quic {
                 this_round.push(b.failback_run(net, spec, true));
+                this_round.extend(b.baseline_run(net, spec, true));
             }
             // pg_rewind needs the source running, and a checkpoint on its new timeline.
             if !skip_pg_rewind {
@@ -721,6 +788,10 @@ fn main() {
     out.push_str(&table(&rows));
     out.push_str("\n## Against the goals (design.md)\n\n");
     out.push_str(&goals(&rows, rate_mbit * 1_000_000));
+    if b.baseline.is_some() {
+        out.push_str("\n## Against the baseline build (`--baseline-bin-dir`)\n\n");
+        out.push_str(&against_baseline(&rows));
+    }
     out.push_str("\n## failback's time per phase (`--report`, seconds)\n\n");
     for r in rows.iter().filter(|r| r.phases.is_some()) {
         let _ = writeln!(

@@ -12,7 +12,7 @@ use failback_common::filemap::{FileEntry, FileType};
 
 use failback_datadir::{DataDir, DataDirError, read_full_at};
 
-use super::{FetchRange, Fetched, Source, SourceEnd, SourceError};
+use super::{Fetch, FetchRange, Fetched, Source, SourceEnd, SourceError};
 
 /// How much of a file is read at a time; large enough to stream, small enough to bound memory.
 const PIECE: u64 = 1 << 20;
@@ -76,66 +76,17 @@ impl Source for LocalSource {
         Ok(entries)
     }
 
-    fn fetch(
-        &mut self,
-        ranges: &[FetchRange],
-        sink: &mut dyn FnMut(Fetched<'_>) -> Result<(), SourceError>,
-    ) -> Result<(), SourceError> {
+    fn fetch(&mut self, ranges: Vec<FetchRange>) -> Result<Box<dyn Fetch + '_>, SourceError> {
         // One buffer, zeroed once: a buffer cleared and re-filled per piece costs a byte loop
         // per byte fetched in an unoptimised build, which made multi-GiB copies crawl.
         if self.buf.len() < PIECE as usize {
             self.buf = vec![0; PIECE as usize];
         }
-        for r in ranges {
-            let Some(file) = self.dir.open(&r.path).map_err(|e| err(&r.path, e))? else {
-                sink(Fetched::Vanished { path: &r.path })?;
-                continue;
-            };
-            let mut off = r.offset;
-            let end = r.offset.saturating_add(r.length);
-            while off < end {
-                let want = (end - off).min(PIECE) as usize;
-                let done = read_full_at(&file, &mut self.buf[..want], off).map_err(|e| {
-                    SourceError::Io {
-                        what: r.path.clone(),
-                        source: e,
-                    }
-                })?;
-                if done > 0 {
-                    sink(Fetched::Data {
-                        path: &r.path,
-                        offset: off,
-                        data: &self.buf[..done],
-                    })?;
-                }
-                if done < want {
-                    // The file ended before the range did.
-                    sink(Fetched::Short {
-                        path: &r.path,
-                        size: off + done as u64,
-                    })?;
-                    break;
-                }
-                off += done as u64;
-            }
-            if let Some(&listed) = self.listed.get(&r.path) {
-                let now = file
-                    .metadata()
-                    .map_err(|e| SourceError::Io {
-                        what: r.path.clone(),
-                        source: e,
-                    })?
-                    .len();
-                if now != listed {
-                    return Err(SourceError::ChangedConcurrently {
-                        path: r.path.clone(),
-                        listed,
-                        now,
-                    });
-                }
-            }
-        }
-        Ok(())
+        Ok(Box::new(LocalFetch {
+            src: self,
+            ranges: ranges.into_iter(),
+            cur: None,
+        }))
     }
 
     fn is_live(&self) -> bool {
@@ -144,5 +95,134 @@ impl Source for LocalSource {
 
     fn end_of_wal(&mut self) -> Result<Option<SourceEnd>, SourceError> {
         Ok(None)
+    }
+}
+
+/// A fetch from a local directory: each range read piece by piece, in order.
+struct LocalFetch<'s> {
+    src: &'s mut LocalSource,
+    ranges: std::vec::IntoIter<FetchRange>,
+    cur: Option<Reading>,
+}
+
+/// The range being read.
+struct Reading {
+    path: String,
+    /// `None` once the file turned out to be gone.
+    file: Option<std::fs::File>,
+    next: u64,
+    end: u64,
+    /// The file ended at this size before the range did: said next, then the range is over.
+    short: Option<u64>,
+    over: bool,
+}
+
+impl LocalFetch<'_> {
+    /// A shut-down source's file must still have the size it was listed with.
+    fn check_unchanged(src: &LocalSource, r: &Reading) -> Result<(), SourceError> {
+        let (Some(file), Some(&listed)) = (&r.file, src.listed.get(&r.path)) else {
+            return Ok(());
+        };
+        let now = file
+            .metadata()
+            .map_err(|e| SourceError::Io {
+                what: r.path.clone(),
+                source: e,
+            })?
+            .len();
+        if now != listed {
+            return Err(SourceError::ChangedConcurrently {
+                path: r.path.clone(),
+                listed,
+                now,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What the next piece is, without borrowing the fetch (the piece itself is made from the
+/// fetch's state once the state has moved on).
+enum Emit {
+    End,
+    Vanished,
+    Short(u64),
+    Data { offset: u64, len: usize },
+}
+
+impl LocalFetch<'_> {
+    /// Moves the reading on to the next piece.
+    fn advance(&mut self) -> Result<Emit, SourceError> {
+        loop {
+            if self.cur.as_ref().is_some_and(|r| r.over) {
+                let done = self.cur.take().expect("a range being read");
+                Self::check_unchanged(self.src, &done)?;
+            }
+            let Some(r) = self.cur.as_mut() else {
+                let Some(range) = self.ranges.next() else {
+                    return Ok(Emit::End);
+                };
+                let file = self
+                    .src
+                    .dir
+                    .open(&range.path)
+                    .map_err(|e| err(&range.path, e))?;
+                let vanished = file.is_none();
+                self.cur = Some(Reading {
+                    path: range.path,
+                    file,
+                    next: range.offset,
+                    end: range.offset.saturating_add(range.length),
+                    short: None,
+                    over: vanished,
+                });
+                if vanished {
+                    return Ok(Emit::Vanished);
+                }
+                continue;
+            };
+            if let Some(size) = r.short.take() {
+                r.over = true;
+                return Ok(Emit::Short(size));
+            }
+            if r.next >= r.end {
+                r.over = true;
+                continue;
+            }
+            let want = (r.end - r.next).min(PIECE) as usize;
+            let file = r.file.as_ref().expect("an open file");
+            let done = read_full_at(file, &mut self.src.buf[..want], r.next).map_err(|e| {
+                SourceError::Io {
+                    what: r.path.clone(),
+                    source: e,
+                }
+            })?;
+            let offset = r.next;
+            r.next += done as u64;
+            if done < want {
+                // The file ended before the range did.
+                r.short = Some(r.next);
+            }
+            if done > 0 {
+                return Ok(Emit::Data { offset, len: done });
+            }
+        }
+    }
+}
+
+impl Fetch for LocalFetch<'_> {
+    fn next(&mut self) -> Result<Option<Fetched<'_>>, SourceError> {
+        let emit = self.advance()?;
+        let path = || self.cur.as_ref().map_or("", |r| r.path.as_str());
+        Ok(match emit {
+            Emit::End => None,
+            Emit::Vanished => Some(Fetched::Vanished { path: path() }),
+            Emit::Short(size) => Some(Fetched::Short { path: path(), size }),
+            Emit::Data { offset, len } => Some(Fetched::Data {
+                path: path(),
+                offset,
+                data: &self.src.buf[..len],
+            }),
+        })
     }
 }

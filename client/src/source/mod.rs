@@ -6,9 +6,10 @@
 //! [`Source`]: the control file, timeline history files, the file list, ranges of files at
 //! 64-bit offsets, and — for a live source — where its WAL ends once the copy is done.
 //!
-//! Fetching takes a whole batch of ranges and hands each piece to a sink as it arrives, so a
-//! remote source can keep many requests in flight on a long link while the engine writes
-//! sequentially. A source never writes anything.
+//! Fetching takes a whole batch of ranges and hands back a [`Fetch`] from which the engine
+//! pulls each piece as it arrives, so a remote source can keep many requests in flight on a
+//! long link while the engine writes sequentially, and the engine's own errors stay its own. A
+//! source never writes anything.
 
 pub mod grpc;
 pub mod local;
@@ -41,6 +42,30 @@ pub enum Fetched<'a> {
     Short { path: &'a str, size: u64 },
     /// The file is gone from the source.
     Vanished { path: &'a str },
+}
+
+/// The pieces of one fetch, pulled one at a time.
+pub trait Fetch {
+    /// The next piece; `None` once every range has been answered. The piece borrows from the
+    /// fetch, so it is used before the next one is asked for.
+    fn next(&mut self) -> Result<Option<Fetched<'_>>, SourceError>;
+}
+
+/// Every piece of one range, concatenated (small files, tests): `None` when the file vanished.
+pub fn fetch_whole(
+    source: &mut dyn Source,
+    range: FetchRange,
+) -> Result<Option<Vec<u8>>, SourceError> {
+    let mut out = Vec::new();
+    let mut fetch = source.fetch(vec![range])?;
+    while let Some(piece) = fetch.next()? {
+        match piece {
+            Fetched::Data { data, .. } => out.extend_from_slice(data),
+            Fetched::Short { .. } => {}
+            Fetched::Vanished { .. } => return Ok(None),
+        }
+    }
+    Ok(Some(out))
 }
 
 /// The source's end of WAL once the copy is done: where the rewound target must replay to
@@ -110,8 +135,6 @@ pub enum SourceError {
          on it, then run failback again"
     )]
     ChangedConcurrently { path: String, listed: u64, now: u64 },
-    #[error("writing what the source sent failed")]
-    Sink(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl SourceError {
@@ -138,13 +161,9 @@ pub trait Source {
     /// Every entry of the data directory and its tablespaces.
     fn list_files(&mut self) -> Result<Vec<FileEntry>, SourceError>;
 
-    /// Fetches every range, calling `sink` for each piece as it arrives (pieces of one range
-    /// arrive in order; ranges may interleave).
-    fn fetch(
-        &mut self,
-        ranges: &[FetchRange],
-        sink: &mut dyn FnMut(Fetched<'_>) -> Result<(), SourceError>,
-    ) -> Result<(), SourceError>;
+    /// Starts fetching every range; the pieces are pulled from the [`Fetch`] as they arrive
+    /// (pieces of one range in order; ranges may interleave). Dropping it stops the fetch.
+    fn fetch(&mut self, ranges: Vec<FetchRange>) -> Result<Box<dyn Fetch + '_>, SourceError>;
 
     /// Whether a PostgreSQL server is running on the source (its files change under us).
     fn is_live(&self) -> bool;
@@ -200,12 +219,8 @@ impl<S: Source + ?Sized> Source for Box<S> {
     fn list_files(&mut self) -> Result<Vec<FileEntry>, SourceError> {
         (**self).list_files()
     }
-    fn fetch(
-        &mut self,
-        ranges: &[FetchRange],
-        sink: &mut dyn FnMut(Fetched<'_>) -> Result<(), SourceError>,
-    ) -> Result<(), SourceError> {
-        (**self).fetch(ranges, sink)
+    fn fetch(&mut self, ranges: Vec<FetchRange>) -> Result<Box<dyn Fetch + '_>, SourceError> {
+        (**self).fetch(ranges)
     }
     fn is_live(&self) -> bool {
         (**self).is_live()

@@ -46,7 +46,7 @@ pub struct QuicTransport {
     endpoint: quinn::Endpoint,
 }
 
-fn lost(e: impl std::error::Error) -> Status {
+fn lost(e: impl std::error::Error + 'static) -> Status {
     Status::unavailable(format!("QUIC: {}", chain(&e)))
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use failback_common::ratelimit::TokenBucket;
 use failback_common::{TimeLineId, filemap::FileEntry};
 
-use super::{FetchRange, Fetched, FileHashes, Source, SourceEnd, SourceError};
+use super::{Fetch, FetchRange, Fetched, FileHashes, Source, SourceEnd, SourceError};
 
 pub struct RateLimited<S> {
     inner: S,
@@ -55,30 +55,19 @@ impl<S: Source> Source for RateLimited<S> {
         self.inner.list_files()
     }
 
-    fn fetch(
-        &mut self,
-        ranges: &[FetchRange],
-        sink: &mut dyn FnMut(Fetched<'_>) -> Result<(), SourceError>,
-    ) -> Result<(), SourceError> {
+    fn fetch(&mut self, ranges: Vec<FetchRange>) -> Result<Box<dyn Fetch + '_>, SourceError> {
         let RateLimited {
             inner,
             bucket,
             origin,
             waited,
         } = self;
-        let origin = *origin;
-        let now = || u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        inner.fetch(ranges, &mut |piece| {
-            if let Fetched::Data { data, .. } = &piece {
-                let wait = bucket.take(data.len() as u64, now());
-                if wait > 0 {
-                    let d = Duration::from_nanos(wait);
-                    std::thread::sleep(d);
-                    *waited += d;
-                }
-            }
-            sink(piece)
-        })
+        Ok(Box::new(RateFetch {
+            inner: inner.fetch(ranges)?,
+            bucket,
+            origin: *origin,
+            waited,
+        }))
     }
 
     fn is_live(&self) -> bool {
@@ -110,6 +99,36 @@ impl<S: Source> Source for RateLimited<S> {
     }
 }
 
+/// A fetch whose pieces are each paid for before they are handed on.
+struct RateFetch<'s> {
+    inner: Box<dyn Fetch + 's>,
+    bucket: &'s mut TokenBucket,
+    origin: Instant,
+    waited: &'s mut Duration,
+}
+
+impl Fetch for RateFetch<'_> {
+    fn next(&mut self) -> Result<Option<Fetched<'_>>, SourceError> {
+        let RateFetch {
+            inner,
+            bucket,
+            origin,
+            waited,
+        } = self;
+        let piece = inner.next()?;
+        if let Some(Fetched::Data { data, .. }) = &piece {
+            let now = u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let wait = bucket.take(data.len() as u64, now);
+            if wait > 0 {
+                let d = Duration::from_nanos(wait);
+                std::thread::sleep(d);
+                **waited += d;
+            }
+        }
+        Ok(piece)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,21 +145,17 @@ mod tests {
         let rate = 4 << 20;
         let mut src = RateLimited::new(LocalSource::new(&dir), rate).unwrap();
         let t0 = Instant::now();
-        let mut got = 0u64;
-        src.fetch(
-            &[FetchRange {
+        let got = crate::source::fetch_whole(
+            &mut src,
+            FetchRange {
                 path: "global/big".into(),
                 offset: 0,
                 length: size,
-            }],
-            &mut |p| {
-                if let Fetched::Data { data, .. } = p {
-                    got += data.len() as u64;
-                }
-                Ok(())
             },
         )
-        .unwrap();
+        .unwrap()
+        .unwrap()
+        .len() as u64;
         let elapsed = t0.elapsed().as_secs_f64();
         assert_eq!(got, size);
         let floor = (size - TokenBucket::default_burst(rate)) as f64 / rate as f64;

@@ -32,7 +32,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::{Semaphore, mpsc};
 use tonic::{Code, Status};
 
-use super::{FetchRange, Fetched, Source, SourceEnd, SourceError};
+use super::{Fetch, FetchRange, Fetched, Source, SourceEnd, SourceError};
 
 /// Bytes per ReadRanges request: large enough to stream, small enough to spread over jobs.
 const BATCH_BYTES: u64 = 16 << 20;
@@ -209,15 +209,8 @@ pub(crate) fn runtime(what: &str) -> Result<Runtime, SourceError> {
 }
 
 /// An error and its causes on one line (tonic's and quinn's own messages are terse).
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    failback_common::errors::one_line(e)
 }
 
 pub(crate) fn status_err(what: &str, s: Status) -> SourceError {
@@ -494,6 +487,42 @@ async fn futures_join_all<F: Future<Output = ()>>(futures: impl Iterator<Item = 
         }
     })
     .await
+}
+
+/// A fetch's batches running on the source's runtime; their pieces are handed over on the
+/// calling thread. Every sender is dropped once all batches are done: then the channel says
+/// there is nothing more. Dropped early, the batches still running are aborted.
+struct RemoteFetch<'s> {
+    rt: &'s Runtime,
+    rx: mpsc::Receiver<Result<Piece, SourceError>>,
+    tasks: tokio::task::JoinSet<()>,
+    /// The piece handed out last, which the caller borrows.
+    piece: Option<Piece>,
+}
+
+impl Fetch for RemoteFetch<'_> {
+    fn next(&mut self) -> Result<Option<Fetched<'_>>, SourceError> {
+        self.piece = None;
+        let Some(piece) = self.rt.block_on(self.rx.recv()) else {
+            return Ok(None);
+        };
+        Ok(Some(match self.piece.insert(piece?) {
+            Piece::Data { path, offset, data } => Fetched::Data {
+                path,
+                offset: *offset,
+                data,
+            },
+            Piece::Short { path, size } => Fetched::Short { path, size: *size },
+            Piece::Vanished { path } => Fetched::Vanished { path },
+        }))
+    }
+}
+
+impl Drop for RemoteFetch<'_> {
+    fn drop(&mut self) {
+        let _guard = self.rt.enter();
+        self.tasks.abort_all();
+    }
 }
 
 /// What a batch task hands to the calling thread.
@@ -811,23 +840,18 @@ impl<T: Transport> Source for RemoteSource<T> {
             return Ok(Some(h.clone()));
         }
         let mut out = Vec::new();
-        let mut vanished = false;
-        let range = FetchRange {
+        let mut complete = true;
+        let mut fetch = self.fetch(vec![FetchRange {
             path: path.to_string(),
             offset: 0,
             length: MAX_SMALL_FILE + 1,
-        };
-        let mut complete = true;
-        self.fetch(std::slice::from_ref(&range), &mut |p| {
-            match p {
+        }])?;
+        while let Some(piece) = fetch.next()? {
+            match piece {
                 Fetched::Data { data, .. } => out.extend_from_slice(data),
                 Fetched::Short { .. } => complete = false,
-                Fetched::Vanished { .. } => vanished = true,
+                Fetched::Vanished { .. } => return Ok(None),
             }
-            Ok(())
-        })?;
-        if vanished {
-            return Ok(None);
         }
         if complete {
             return Err(SourceError::Refused {
@@ -869,16 +893,9 @@ impl<T: Transport> Source for RemoteSource<T> {
             .collect()
     }
 
-    fn fetch(
-        &mut self,
-        ranges: &[FetchRange],
-        sink: &mut dyn FnMut(Fetched<'_>) -> Result<(), SourceError>,
-    ) -> Result<(), SourceError> {
-        let batches = batches(ranges);
-        if batches.is_empty() {
-            return Ok(());
-        }
-        let (tx, mut rx) = mpsc::channel::<Result<Piece, SourceError>>(self.jobs * 4);
+    fn fetch(&mut self, ranges: Vec<FetchRange>) -> Result<Box<dyn Fetch + '_>, SourceError> {
+        let batches = batches(&ranges);
+        let (tx, rx) = mpsc::channel::<Result<Piece, SourceError>>(self.jobs * 4);
         let permits = Arc::new(Semaphore::new(self.jobs));
         let mut tasks = tokio::task::JoinSet::new();
         let level = self.compression.level();
@@ -899,30 +916,12 @@ impl<T: Transport> Source for RemoteSource<T> {
                 self.rt.handle(),
             );
         }
-        drop(tx);
-        // Every sender is dropped once all batches are done: then recv() says None.
-        let result = loop {
-            let Some(piece) = self.rt.block_on(rx.recv()) else {
-                break Ok(());
-            };
-            let r = match piece {
-                Err(e) => Err(e),
-                Ok(Piece::Data { path, offset, data }) => sink(Fetched::Data {
-                    path: &path,
-                    offset,
-                    data: &data,
-                }),
-                Ok(Piece::Short { path, size }) => sink(Fetched::Short { path: &path, size }),
-                Ok(Piece::Vanished { path }) => sink(Fetched::Vanished { path: &path }),
-            };
-            if let Err(e) = r {
-                break Err(e);
-            }
-        };
-        let _guard = self.rt.enter();
-        tasks.abort_all();
-        drop(tasks);
-        result
+        Ok(Box::new(RemoteFetch {
+            rt: &self.rt,
+            rx,
+            tasks,
+            piece: None,
+        }))
     }
 
     fn primary_conninfo(&self) -> Option<String> {

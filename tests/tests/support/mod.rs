@@ -184,20 +184,33 @@ pub fn fetch_all(
     length: u64,
 ) -> Result<Vec<u8>, SourceError> {
     let mut out = Vec::new();
-    src.fetch(
-        &[FetchRange {
+    each_piece(
+        src,
+        vec![FetchRange {
             path: path.into(),
             offset,
             length,
         }],
-        &mut |p| {
+        |p| {
             if let Fetched::Data { data, .. } = p {
                 out.extend_from_slice(data);
             }
-            Ok(())
         },
     )?;
     Ok(out)
+}
+
+/// Fetches `ranges`, handing every piece to `f` as it comes.
+pub fn each_piece(
+    src: &mut dyn Source,
+    ranges: Vec<FetchRange>,
+    mut f: impl FnMut(Fetched<'_>),
+) -> Result<(), SourceError> {
+    let mut fetch = src.fetch(ranges)?;
+    while let Some(piece) = fetch.next()? {
+        f(piece);
+    }
+    Ok(())
 }
 
 /// The demo's pair, shut down: (old primary, new primary).
@@ -221,7 +234,9 @@ pub fn rewind_from(source: &mut dyn Source, primary: &Cluster, new_primary: &Clu
         pg_bindir: Some(primary.bins().postgres().parent().unwrap().to_path_buf()),
         ..Default::default()
     };
-    let (report, _) = rewind(&opts, source, &mut Terminal::new(false, false)).unwrap();
+    let report = rewind(&opts, source, &mut Terminal::new(false, false))
+        .unwrap()
+        .report;
     assert!(
         report.changed_blocks > 0,
         "the divergence changed no block?"
@@ -400,8 +415,9 @@ pub fn assert_tokens_and_paths_enforced(
     assert_eq!(got, std::fs::read(data.join(&pg_class.path)).unwrap());
     // Past the end: Short at the real size; a missing file: Vanished.
     let mut seen = Vec::new();
-    src.fetch(
-        &[
+    each_piece(
+        src.as_mut(),
+        vec![
             FetchRange {
                 path: pg_class.path.clone(),
                 offset: pg_class.size - 10,
@@ -413,10 +429,7 @@ pub fn assert_tokens_and_paths_enforced(
                 length: 8192,
             },
         ],
-        &mut |p| {
-            seen.push(format!("{p:?}").split(", data").next().unwrap().to_string());
-            Ok(())
-        },
+        |p| seen.push(format!("{p:?}").split(", data").next().unwrap().to_string()),
     )
     .unwrap();
     assert_eq!(seen.len(), 3, "{seen:?}");
@@ -458,19 +471,16 @@ pub fn assert_damage_caught(src: &mut dyn Source, damaged: &AtomicUsize) {
     assert_eq!(damaged.load(Ordering::SeqCst), 0, "nothing was damaged?");
     damaged.store(2, Ordering::SeqCst);
     let mut delivered = 0usize;
-    let err = src
-        .fetch(
-            &[FetchRange {
-                path: "f".into(),
-                offset: 0,
-                length: 50_000,
-            }],
-            &mut |_| {
-                delivered += 1;
-                Ok(())
-            },
-        )
-        .expect_err("a twice-damaged chunk was accepted");
+    let err = each_piece(
+        src,
+        vec![FetchRange {
+            path: "f".into(),
+            offset: 0,
+            length: 50_000,
+        }],
+        |_| delivered += 1,
+    )
+    .expect_err("a twice-damaged chunk was accepted");
     assert_eq!(delivered, 0);
     let msg = err.to_string();
     assert!(msg.contains("ReadRanges"), "{msg}");

@@ -1,0 +1,480 @@
+//! Carrying out a plan: what to fetch from the source, and the changes it makes to the target.
+//!
+//! The plan says, per path, what pg_rewind would do; this module does it through the one owner
+//! of every change to the target ([`Target`]):
+//! directories and tablespace links are created first, files are cut down, then every byte to
+//! fetch (whole files, tails, changed blocks) is requested from the source in one batch, so a
+//! remote source can keep its link full, and written at its 64-bit offset as it arrives; while
+//! it arrives, what the source no longer has is removed, deepest paths first.
+//!
+//! A whole-file copy writes only the pieces whose bytes differ from what the target already
+//! holds at the same offset: configuration files, SLRUs and WAL segments from before the fork
+//! are mostly identical, and a rewrite would only cost disk bandwidth.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+
+use failback_common::chunkdiff::{self, ByteRange, ChunkList};
+use failback_common::filemap::{FileAction, FileType};
+use failback_common::journal::JournalState;
+use failback_common::plan::Plan;
+use failback_datadir::hash_chunks;
+use serde::Serialize;
+
+use crate::progress::Progress;
+use crate::source::{FetchRange, Fetched, Source, SourceError};
+use crate::target::{Target, TargetError, Written};
+
+/// Why the plan could not be carried out: the source failed, or a change to the target did.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+}
+
+/// What the copy did, for the report and tests.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct CopyStats {
+    pub bytes_fetched: u64,
+    pub bytes_written: u64,
+    /// Bytes of whole-file copies that were already identical on the target.
+    pub bytes_identical: u64,
+    pub files_vanished_on_source: u64,
+    /// Whole-file copies whose chunks were compared by hash with the source's (ChunkHashes).
+    pub files_hashed: u64,
+    /// Bytes of those files that were not fetched because the target's chunk was the same.
+    pub bytes_skipped_by_hashes: u64,
+    /// Bytes a resumed run did not fetch because the interrupted one had written them.
+    pub bytes_already_done: u64,
+}
+
+impl CopyStats {
+    /// Adds what a further copy of the same run did.
+    pub fn add(&mut self, more: &CopyStats) {
+        self.bytes_fetched += more.bytes_fetched;
+        self.bytes_written += more.bytes_written;
+        self.bytes_identical += more.bytes_identical;
+        self.files_vanished_on_source += more.files_vanished_on_source;
+        self.files_hashed += more.files_hashed;
+        self.bytes_skipped_by_hashes += more.bytes_skipped_by_hashes;
+        self.bytes_already_done += more.bytes_already_done;
+    }
+}
+
+/// The chunk size whole-file copies are compared in: a WAL page is 8 KiB, a segment 16 MiB
+/// (256 hashes), and 64 KiB keeps the hash lists under 0.05% of the bytes they describe.
+pub const HASH_CHUNK: u64 = 64 << 10;
+
+/// A live source's file may have grown since it was listed: like pg_rewind's libpq source,
+/// a whole-file copy asks for at least this much, and the source says where the file ends.
+pub const LIVE_MIN_COPY: u64 = 1 << 20;
+
+/// Adjacent changed blocks become one range, so a run of blocks is one request.
+fn block_ranges(path: &str, blocks: impl Iterator<Item = u32>, block_size: u32) -> Vec<FetchRange> {
+    let bs = u64::from(block_size);
+    let mut out: Vec<FetchRange> = Vec::new();
+    for blk in blocks {
+        let off = u64::from(blk) * bs;
+        match out.last_mut() {
+            Some(r) if r.offset + r.length == off => r.length += bs,
+            _ => out.push(FetchRange {
+                path: path.to_string(),
+                offset: off,
+                length: bs,
+            }),
+        }
+    }
+    out
+}
+
+/// The ranges the plan fetches, in plan order.
+pub fn plan_ranges(plan: &Plan) -> Vec<FetchRange> {
+    fetch_ranges(plan, false, &HashMap::new())
+}
+
+/// The ranges to fetch: the plan's, with the whole-file copies in `diffs` cut down to the
+/// chunks that differ, and a live source's whole copies stretched to [`LIVE_MIN_COPY`].
+fn fetch_ranges(
+    plan: &Plan,
+    live: bool,
+    diffs: &HashMap<String, Vec<ByteRange>>,
+) -> Vec<FetchRange> {
+    let mut ranges = Vec::new();
+    for e in &plan.entries {
+        ranges.extend(block_ranges(&e.path, e.blocks.iter(), plan.block_size));
+        let src = e.source.as_ref().map_or(0, |s| s.size);
+        let tgt = e.target.as_ref().map_or(0, |t| t.size);
+        match e.action {
+            FileAction::Copy if diffs.contains_key(&e.path) => {
+                ranges.extend(diffs[&e.path].iter().map(|r| FetchRange {
+                    path: e.path.clone(),
+                    offset: r.offset,
+                    length: r.length,
+                }))
+            }
+            FileAction::Copy if live => ranges.push(FetchRange {
+                path: e.path.clone(),
+                offset: 0,
+                length: src.max(LIVE_MIN_COPY),
+            }),
+            FileAction::Copy if src > 0 => ranges.push(FetchRange {
+                path: e.path.clone(),
+                offset: 0,
+                length: src,
+            }),
+            FileAction::CopyTail => ranges.push(FetchRange {
+                path: e.path.clone(),
+                offset: tgt,
+                length: src - tgt,
+            }),
+            _ => {}
+        }
+    }
+    ranges
+}
+
+/// Carries out `plan` on `target`, fetching from `source`, skipping what `done` (the journal of
+/// an interrupted run) records as on the target already.
+pub fn copy(
+    plan: &Plan,
+    target: &mut Target,
+    source: &mut dyn Source,
+    progress: &mut dyn Progress,
+    done: Option<&JournalState>,
+) -> Result<CopyStats, CopyError> {
+    let mut stats = CopyStats::default();
+
+    // Whole copies of files the target has: only the chunks that differ, when the source can
+    // say which. Asked first, before any change: a source that fails to answer leaves the
+    // target as it was.
+    let (diffs, hashed_sizes) = hash_diffs(plan, target.dir(), source, &mut stats)?;
+    if stats.files_hashed > 0 {
+        progress.info(&format!(
+            "compared {} files with the source's chunk hashes: {} MB of them already on the \
+             target, not fetched",
+            stats.files_hashed,
+            stats.bytes_skipped_by_hashes / 1_000_000
+        ));
+    }
+
+    // Every byte to fetch, as one batch; worked out before any change, so that a full disk
+    // can be told how much the rest of the plan needs.
+    let mut ranges = fetch_ranges(plan, source.is_live(), &diffs);
+    if let Some(d) = done {
+        let mut left = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            let Some(set) = d.done.get(&r.path) else {
+                left.push(r);
+                continue;
+            };
+            let missing = set.missing(r.offset, r.length);
+            let kept: u64 = missing.iter().map(|(_, l)| l).sum();
+            stats.bytes_already_done += r.length - kept;
+            left.extend(missing.into_iter().map(|(offset, length)| FetchRange {
+                path: r.path.clone(),
+                offset,
+                length,
+            }));
+        }
+        ranges = left;
+    }
+    let total: u64 = ranges.iter().map(|r| r.length).sum();
+    prepare(plan, target, done, &hashed_sizes).map_err(|e| e.needing(total))?;
+    progress.total(total);
+    let whole_copies: std::collections::HashSet<&str> = plan
+        .entries
+        .iter()
+        .filter(|e| e.action == FileAction::Copy && e.target.is_some())
+        .map(|e| e.path.as_str())
+        .collect();
+
+    // What the source does not have goes while the fetch runs, on a thread of its own.
+    let remover = target.remover();
+    let (fetched, removed) = std::thread::scope(|scope| {
+        let removals = scope.spawn(|| remover.remove_all(plan));
+        let fetched = fetch_into(
+            source,
+            ranges,
+            target,
+            &whole_copies,
+            total,
+            progress,
+            &mut stats,
+        );
+        let removed = removals
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (fetched, removed)
+    });
+    fetched?;
+    removed?;
+    target.record_done()?;
+    Ok(stats)
+}
+
+/// Pulls every piece of `ranges` from the source and hands it to the target.
+fn fetch_into(
+    source: &mut dyn Source,
+    ranges: Vec<FetchRange>,
+    target: &mut Target,
+    whole_copies: &std::collections::HashSet<&str>,
+    total: u64,
+    progress: &mut dyn Progress,
+    stats: &mut CopyStats,
+) -> Result<(), CopyError> {
+    let mut fetch = source.fetch(ranges)?;
+    while let Some(piece) = fetch.next()? {
+        let left = total.saturating_sub(stats.bytes_fetched);
+        let applied = match piece {
+            Fetched::Data { path, offset, data } => {
+                let n = data.len() as u64;
+                stats.bytes_fetched += n;
+                progress.advance(n);
+                target
+                    .write(path, offset, data, whole_copies.contains(path))
+                    .map(|w| match w {
+                        Written::Written => stats.bytes_written += n,
+                        Written::Identical => stats.bytes_identical += n,
+                    })
+            }
+            Fetched::Short { path, size } => target.cut_short(path, size),
+            Fetched::Vanished { path } => {
+                stats.files_vanished_on_source += 1;
+                target.remove_vanished(path)
+            }
+        };
+        applied.map_err(|e| e.needing(left))?;
+    }
+    Ok(())
+}
+
+/// What comes before the fetch: directories and links are created, the diverged WAL of kept
+/// segments is zeroed, and files are cut down or created empty.
+fn prepare(
+    plan: &Plan,
+    target: &mut Target,
+    done: Option<&JournalState>,
+    hashed_sizes: &HashMap<String, u64>,
+) -> Result<(), TargetError> {
+    // Directories and links first, so that files below them can be written.
+    for e in plan
+        .entries
+        .iter()
+        .filter(|e| e.action == FileAction::Create)
+    {
+        let src = e.source.as_ref().expect("CREATE comes from a source entry");
+        match src.file_type {
+            FileType::Directory => target.create_dir(&e.path)?,
+            FileType::Symlink => {
+                target.create_symlink(&e.path, src.link_target.as_deref().unwrap_or_default())?
+            }
+            FileType::Regular => unreachable!("regular files are copied, not created"),
+        }
+    }
+
+    // Kept WAL segments lose the old primary's WAL past the divergence point (see the planner).
+    for e in &plan.entries {
+        if let Some(from) = e.zero_from {
+            let size = e.target.as_ref().map_or(0, |t| t.size);
+            target.zero_range(&e.path, from, size)?;
+        }
+    }
+
+    // Files the source has less of: cut them down before anything is written into them.
+    for e in &plan.entries {
+        let source_len = e.source.as_ref().map_or(0, |s| s.size);
+        match e.action {
+            FileAction::Truncate => target.truncate(&e.path, source_len)?,
+            // A whole copy ends at the source's size (as hashed, when it was); bytes past it
+            // must go.
+            FileAction::Copy if e.target.is_some() => target.truncate(
+                &e.path,
+                source_len.min(hashed_sizes.get(&e.path).copied().unwrap_or(u64::MAX)),
+            )?,
+            // An interrupted run's part of the copy stays: only what it lacks is fetched.
+            FileAction::Copy => {
+                let resumed = done.is_some_and(|d| d.done.contains_key(&e.path));
+                target.create_file(&e.path, resumed)?
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The ranges to fetch per file, and the size the source hashed per file.
+type HashDiffs = (HashMap<String, Vec<ByteRange>>, HashMap<String, u64>);
+
+/// For each whole-file copy of a file the target has (at least one chunk long), the ranges
+/// that differ from the source's, by comparing the source's chunk hashes with the target's,
+/// and the size the source hashed: the target file must be cut to it, so that skipped chunks
+/// and fetched ranges together make the source's file. Changes nothing.
+fn hash_diffs(
+    plan: &Plan,
+    pgdata: &Path,
+    source: &mut dyn Source,
+    stats: &mut CopyStats,
+) -> Result<HashDiffs, CopyError> {
+    let mut diffs = HashMap::new();
+    let mut sizes = HashMap::new();
+    // failbackd hashes at most MAX_HASHES_PER_FILE chunks of a file (16 GiB here) and
+    // refuses the whole request otherwise: a file over half that (room for a live file to
+    // grow) is copied whole instead.
+    let most = HASH_CHUNK * failback_proto::limits::MAX_HASHES_PER_FILE;
+    let paths: Vec<String> = plan
+        .entries
+        .iter()
+        .filter(|e| {
+            e.action == FileAction::Copy
+                && e.source
+                    .as_ref()
+                    .is_some_and(|s| (HASH_CHUNK..=most / 2).contains(&s.size))
+                && e.target.as_ref().is_some_and(|t| t.size >= HASH_CHUNK)
+        })
+        .map(|e| e.path.clone())
+        .collect();
+    if paths.is_empty() {
+        return Ok((diffs, sizes));
+    }
+    // The target's own hashes are computed while the source computes its (a round trip and
+    // the source's reading), not after.
+    let (hashes, mut local) = std::thread::scope(|scope| {
+        let local = scope.spawn(|| {
+            let mut buf = vec![0u8; HASH_CHUNK as usize];
+            paths
+                .iter()
+                .map(|p| {
+                    let path = pgdata.join(p);
+                    let hashed = File::open(&path)
+                        .map_err(|e| TargetError::io("open", &path, None, e))
+                        .and_then(|f| {
+                            hash_chunks(&f, &mut buf, u64::MAX).map_err(|e| match e {
+                                failback_datadir::HashError::Io(e) => {
+                                    TargetError::io("read", &path, None, e)
+                                }
+                                e => TargetError::io("read", &path, None, std::io::Error::other(e)),
+                            })
+                        });
+                    (p.clone(), hashed)
+                })
+                .collect::<HashMap<_, _>>()
+        });
+        let hashes = source.chunk_hashes(&paths, HASH_CHUNK);
+        let local = local
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (hashes, local)
+    });
+    let Some(hashes) = hashes? else {
+        return Ok((diffs, sizes));
+    };
+    for h in hashes {
+        // A vanished file is fetched as planned, and the fetch reports it gone.
+        if h.vanished {
+            continue;
+        }
+        let Some(hashed) = local.remove(&h.path) else {
+            continue;
+        };
+        let (size, mine) = hashed?;
+        let ranges = chunkdiff::ranges_to_fetch(
+            HASH_CHUNK,
+            &ChunkList {
+                size: h.size,
+                hashes: &h.hashes,
+            },
+            &ChunkList {
+                size,
+                hashes: &mine,
+            },
+        );
+        let fetched: u64 = ranges.iter().map(|r| r.length).sum();
+        stats.files_hashed += 1;
+        stats.bytes_skipped_by_hashes += h.size.saturating_sub(fetched);
+        sizes.insert(h.path.clone(), h.size);
+        diffs.insert(h.path, ranges);
+    }
+    Ok((diffs, sizes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy(path: &str, src: u64, tgt: Option<u64>) -> failback_common::plan::PlanEntry {
+        let file = |size| failback_common::filemap::FileEntry::regular(path, size);
+        failback_common::plan::PlanEntry {
+            path: path.into(),
+            action: FileAction::Copy,
+            source: Some(file(src)),
+            target: tgt.map(file),
+            blocks: Default::default(),
+            reason: None,
+            zero_from: None,
+        }
+    }
+
+    #[test]
+    fn whole_copies_fetch_the_differing_chunks_or_at_least_a_mebibyte_when_live() {
+        let plan = Plan {
+            entries: vec![
+                copy("pg_wal/000000010000000000000003", 16 << 20, Some(16 << 20)),
+                copy("postgresql.auto.conf", 88, Some(100)),
+                copy("pg_xact/0001", 0, None),
+            ],
+            block_size: 8192,
+        };
+        let got = |live, diffs: &HashMap<String, Vec<ByteRange>>| {
+            fetch_ranges(&plan, live, diffs)
+                .into_iter()
+                .map(|r| (r.path, r.offset, r.length))
+                .collect::<Vec<_>>()
+        };
+        let wal = "pg_wal/000000010000000000000003".to_string();
+        let conf = "postgresql.auto.conf".to_string();
+        assert_eq!(
+            got(false, &HashMap::new()),
+            vec![(wal.clone(), 0, 16 << 20), (conf.clone(), 0, 88)]
+        );
+        // Live: a file may have grown since it was listed, even from nothing.
+        assert_eq!(
+            got(true, &HashMap::new()),
+            vec![
+                (wal.clone(), 0, 16 << 20),
+                (conf.clone(), 0, LIVE_MIN_COPY),
+                ("pg_xact/0001".to_string(), 0, LIVE_MIN_COPY)
+            ]
+        );
+        // Hashed: only the differing chunks, live or not; a file with no differing chunk
+        // fetches nothing.
+        let mut diffs = HashMap::new();
+        diffs.insert(
+            wal.clone(),
+            vec![ByteRange {
+                offset: 65536,
+                length: 131072,
+            }],
+        );
+        diffs.insert(conf.clone(), vec![]);
+        assert_eq!(
+            got(true, &diffs),
+            vec![
+                (wal, 65536, 131072),
+                ("pg_xact/0001".to_string(), 0, LIVE_MIN_COPY)
+            ]
+        );
+    }
+
+    #[test]
+    fn adjacent_blocks_merge() {
+        let r = block_ranges("f", [0u32, 1, 2, 5, 7, 8].into_iter(), 8192);
+        let got: Vec<_> = r.iter().map(|r| (r.offset, r.length)).collect();
+        assert_eq!(
+            got,
+            vec![(0, 3 * 8192), (5 * 8192, 8192), (7 * 8192, 2 * 8192)]
+        );
+    }
+}

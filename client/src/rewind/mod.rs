@@ -1,0 +1,304 @@
+//! The rewind: pg_rewind's sequence (`src/bin/pg_rewind/pg_rewind.c`, `main`), in phases whose
+//! inputs and outputs are types.
+//!
+//! 1. [`check`] — *what has been checked* ([`check::Checked`]): both control files read, the
+//!    clusters found to belong together (one system, version and geometry, hint bits WAL-logged
+//!    on the target), the target shut down cleanly (a crashed one is first taken through crash
+//!    recovery in single-user mode), a live source's end of WAL known, and whether an earlier
+//!    run left the target unfinished.
+//! 2. [`plan`] — *the plan* ([`plan::Planned`]): where the histories diverged, whether the
+//!    target wrote past that point at all, the last common checkpoint (walking the target's WAL
+//!    back from the divergence), every block the target's WAL touched since, both file lists,
+//!    and the plan made of them. A resumed run takes the plan from the journal instead: the
+//!    copy may already have replaced the target's WAL.
+//! 3. [`Journaled`] — *a journaled plan*: the plan durable in the target, and the target
+//!    marked so that PostgreSQL will not start on it. Fresh and resumed runs meet here and go
+//!    through the same code from here on.
+//! 4. [`copy`](crate::copy) — *a copied target* ([`Copied`]): every range fetched, verified and
+//!    written, what the source lacks removed.
+//! 5. [`commit`] — the source's end of WAL, the WAL segments a live source wrote into meanwhile,
+//!    everything synced, then `backup_label`, `pg_control` and the configuration, in the order
+//!    [`crate::target`] explains.
+//!
+//! Every check happens before the first change to the target; a refusal leaves it as it was.
+//! An error after the first change says the target is unfinished ([`RewindError::Unfinished`]).
+//! The decisions inside the phases are pure functions in [`failback_common::rewind`].
+
+mod check;
+mod commit;
+mod plan;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use failback_common::TimeLineId;
+use failback_common::journal::{JournalHeader, JournalState};
+use failback_common::plan::{ActionTotals, Plan};
+use serde::Serialize;
+
+use crate::copy::{self, CopyStats};
+use crate::error::{Doing, RewindError};
+use crate::fsutil::SyncMethod;
+use crate::progress::Progress;
+use crate::source::Source;
+use crate::target::Target;
+
+pub use crate::error::{Kind, exit};
+
+/// What the caller asked for (pg_rewind's flags, and failback's).
+#[derive(Clone, Debug, Default)]
+pub struct RewindOptions {
+    pub target: PathBuf,
+    /// `-R`: write standby.signal and primary_conninfo.
+    pub write_recovery_conf: bool,
+    pub primary_conninfo: Option<String>,
+    /// `-n`: change nothing, print what would be done.
+    pub dry_run: bool,
+    /// `-N`: do not fsync the target at the end.
+    pub no_sync: bool,
+    /// `-c`: fetch missing target WAL with the target's restore_command.
+    pub restore_target_wal: bool,
+    /// `--config-file`: passed to the target's postgres as `-c config_file=`.
+    pub config_file: Option<PathBuf>,
+    /// `--no-ensure-shutdown`: refuse a target that was not shut down cleanly.
+    pub no_ensure_shutdown: bool,
+    pub sync_method: Option<SyncMethod>,
+    /// `--debug`: the plan, a line per file and its blocks.
+    pub debug: bool,
+    /// Where the target version's `postgres` binary lives (for crash recovery and `-c`).
+    pub pg_bindir: Option<PathBuf>,
+}
+
+/// Time spent in each phase, in seconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PhaseTimes {
+    pub checks: f64,
+    pub wal_scan: f64,
+    pub file_lists: f64,
+    pub copy: f64,
+    pub sync_and_commit: f64,
+}
+
+/// What a rewind found and did: the report (`--report`) and the test oracle.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RewindReport {
+    pub rewind_needed: bool,
+    /// The target had been rewound already and not started since: nothing was done.
+    pub already_rewound: bool,
+    pub dry_run: bool,
+    pub source_timeline: TimeLineId,
+    pub target_timeline: TimeLineId,
+    pub divergence_lsn: Option<String>,
+    pub divergence_timeline: Option<TimeLineId>,
+    pub checkpoint_lsn: Option<String>,
+    pub checkpoint_redo: Option<String>,
+    pub checkpoint_timeline: Option<TimeLineId>,
+    pub min_recovery_point: Option<String>,
+    pub changed_blocks: u64,
+    pub actions: std::collections::BTreeMap<String, ActionTotals>,
+    pub bytes_to_fetch: u64,
+    pub execution: Option<CopyStats>,
+    pub seconds: PhaseTimes,
+    /// The run finished a rewind an earlier run had started (its journal was found).
+    pub resumed: bool,
+}
+
+impl RewindReport {
+    /// What the journal header says, for a fresh plan and a resumed one alike.
+    fn planned(&mut self, h: &JournalHeader) {
+        self.rewind_needed = true;
+        self.source_timeline = h.source_tli;
+        self.divergence_lsn = Some(h.divergence.to_string());
+        self.divergence_timeline = Some(h.divergence_tli);
+        self.checkpoint_lsn = Some(h.checkpoint.to_string());
+        self.checkpoint_redo = Some(h.checkpoint_redo.to_string());
+        self.checkpoint_timeline = Some(h.checkpoint_tli);
+        self.actions = h
+            .plan
+            .totals()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        self.bytes_to_fetch = h.plan.fetch_bytes();
+    }
+}
+
+/// What a finished run leaves: the report, and the plan when one was made.
+#[derive(Debug)]
+pub struct Outcome {
+    pub report: RewindReport,
+    pub plan: Option<Plan>,
+}
+
+/// Runs a rewind of `opts.target` from `source`.
+pub fn rewind(
+    opts: &RewindOptions,
+    source: &mut dyn Source,
+    progress: &mut dyn Progress,
+) -> Result<Outcome, RewindError> {
+    let mut report = RewindReport {
+        dry_run: opts.dry_run,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    run(opts, source, progress, &mut report, t0).map_err(|e| {
+        // Once the journal exists, the target is marked: PostgreSQL will not start on it, and
+        // only a run that finishes the rewind makes it usable. Say so, whatever stopped it.
+        match Target::unfinished(&opts.target) {
+            Ok(Some(_)) if !matches!(e, RewindError::Unfinished { .. }) => {
+                RewindError::Unfinished {
+                    target: opts.target.clone(),
+                    cause: Box::new(e),
+                }
+            }
+            _ => e,
+        }
+    })
+}
+
+fn run(
+    opts: &RewindOptions,
+    source: &mut dyn Source,
+    progress: &mut dyn Progress,
+    report: &mut RewindReport,
+    t0: Instant,
+) -> Result<Outcome, RewindError> {
+    let checked = match check::check(opts, source, progress)? {
+        check::Checks::AlreadyRewound(dir) => {
+            progress.info(&format!(
+                "{} was already rewound and has not been started since (its control file says \
+                 \"in archive recovery\" and its backup_label was written by a rewind): there is \
+                 nothing to rewind; start it as a standby of the new primary",
+                dir.display()
+            ));
+            report.already_rewound = true;
+            report.seconds.checks = t0.elapsed().as_secs_f64();
+            return Ok(Outcome {
+                report: std::mem::take(report),
+                plan: None,
+            });
+        }
+        check::Checks::Checked(c) => *c,
+    };
+    let journaled = match checked.resume.clone() {
+        Some(state) => {
+            let header = plan::resumed(&checked, &state, source, report)?;
+            report.resumed = true;
+            report.seconds.checks = t0.elapsed().as_secs_f64();
+            if opts.dry_run {
+                checked
+                    .target
+                    .preflight(&header.plan)
+                    .doing("the target data directory cannot be changed as the rewind needs")?;
+                progress.info("dry run: the target was not changed");
+                return Ok(Outcome {
+                    report: std::mem::take(report),
+                    plan: Some(header.plan),
+                });
+            }
+            Journaled::take_up(checked, header, state)?
+        }
+        None => match plan::plan(opts, &checked, source, progress, report, t0)? {
+            plan::Planned::NothingToRewind => {
+                progress.info("no rewind required");
+                let mut target = checked.target;
+                if let Some(conninfo) = &checked.conninfo
+                    && !opts.dry_run
+                {
+                    target
+                        .write_recovery_conf(conninfo)
+                        .doing("could not write the recovery configuration")?;
+                }
+                report.seconds.checks = t0.elapsed().as_secs_f64();
+                return Ok(Outcome {
+                    report: std::mem::take(report),
+                    plan: None,
+                });
+            }
+            plan::Planned::Plan(header) => {
+                checked
+                    .target
+                    .preflight(&header.plan)
+                    .doing("the target data directory cannot be changed as the rewind needs")?;
+                if opts.dry_run {
+                    progress.info("dry run: the target was not changed");
+                    return Ok(Outcome {
+                        report: std::mem::take(report),
+                        plan: Some(header.plan),
+                    });
+                }
+                Journaled::begin(checked, *header)?
+            }
+        },
+    };
+    let copied = journaled.copy(source, progress, report)?;
+    commit::commit(opts, copied, source, progress, report)
+}
+
+/// A plan made durable in the target, which is marked unfinished until the commit's end.
+pub(crate) struct Journaled {
+    checked: check::Checked,
+    header: JournalHeader,
+    /// What an interrupted run recorded as done, when this run resumes it.
+    done: Option<JournalState>,
+}
+
+impl Journaled {
+    /// The point of no return of a fresh run: the journal and the marker, so that from the
+    /// first change on, the target can neither be started nor lose its plan.
+    fn begin(mut checked: check::Checked, header: JournalHeader) -> Result<Journaled, RewindError> {
+        checked
+            .target
+            .begin(header.clone())
+            .doing("could not record the rewind's plan in the target")?;
+        Ok(Journaled {
+            checked,
+            header,
+            done: None,
+        })
+    }
+
+    /// An earlier run's journal, taken up where it stopped.
+    fn take_up(
+        mut checked: check::Checked,
+        header: JournalHeader,
+        state: JournalState,
+    ) -> Result<Journaled, RewindError> {
+        checked
+            .target
+            .take_up(&state)
+            .doing("could not take up the unfinished rewind's journal")?;
+        Ok(Journaled {
+            checked,
+            header,
+            done: Some(state),
+        })
+    }
+
+    /// Carries the plan out.
+    fn copy(
+        mut self,
+        source: &mut dyn Source,
+        progress: &mut dyn Progress,
+        report: &mut RewindReport,
+    ) -> Result<Copied, RewindError> {
+        let t = Instant::now();
+        progress.phase("copying");
+        let stats = copy::copy(
+            &self.header.plan,
+            &mut self.checked.target,
+            source,
+            progress,
+            self.done.as_ref(),
+        )
+        .doing("could not carry out the rewind plan")?;
+        report.execution = Some(stats);
+        report.seconds.copy = t.elapsed().as_secs_f64();
+        Ok(Copied { journaled: self })
+    }
+}
+
+/// A target whose plan is carried out, not yet committed.
+pub(crate) struct Copied {
+    journaled: Journaled,
+}

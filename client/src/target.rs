@@ -1,0 +1,914 @@
+//! The target data directory, and every change a rewind makes to it.
+//!
+//! A rewind overwrites an old primary's files with the new primary's. PostgreSQL trusts what is
+//! on disk after a crash only if it was fsynced, and it starts on whatever directory it is given:
+//! a rewind that stops half-way must neither lose its way nor leave a directory PostgreSQL would
+//! start on. Every change to the target goes through [`Target`], so the argument that it is
+//! crash-safe reads top to bottom here:
+//!
+//! 1. Before the first change, [`Target::begin`] makes the plan durable in the journal
+//!    ([`failback_common::journal`], `failback.journal`), then adds to `postgresql.auto.conf` a
+//!    setting PostgreSQL does not know ([`MARKER`]): a postmaster refuses to start on an unknown
+//!    setting ("unrecognized configuration parameter "failback_unfinished_rewind""), so from
+//!    here on the target can neither be started by mistake nor lose its plan. When either
+//!    cannot be written, the target is left as it was.
+//! 2. The copy ([`Target::write`] and the other changes the plan names) notes each piece it
+//!    writes; every [`FLUSH_BYTES`] the files those pieces went to are fsynced and only then the
+//!    pieces are recorded in the journal as done. A resumed rewind skips what the journal
+//!    records, and a piece is never recorded before it is durable.
+//! 3. [`Target::sync`] flushes everything the run changed; the journal then says "copied".
+//! 4. The commit: `backup_label` and `global/pg_control` are replaced, each through a temporary
+//!    file and a durable rename (so a crash or a full disk never leaves half of one); the
+//!    journal says "committed"; `standby.signal` with `-R`; then [`Target::finish`] replaces
+//!    `postgresql.auto.conf` (the source's, with `-R`'s `primary_conninfo`) in one durable
+//!    rename, which removes the marker, and the journal goes.
+//!
+//! Killed at any point before the last step, the target keeps the marker; run again, failback
+//! finds the journal and resumes ([`Target::take_up`]). A full file system (`ENOSPC`, or
+//! `EDQUOT` for a quota) is one error, [`TargetFull`], wherever it is met.
+//!
+//! The target belongs to the OS user that runs PostgreSQL: run as root, failback leaves every
+//! file it creates owned by that user with the directory's modes ([`Ownership`]).
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use failback_common::filemap::{FileAction, FileType};
+use failback_common::journal::{self, JOURNAL_FILE, JournalHeader, JournalState, Phase, Record};
+use failback_common::plan::Plan;
+use failback_common::recovery;
+use failback_datadir::read_full_at;
+
+use crate::fault::{self, Point};
+use crate::fsutil::{self, Ownership, SyncMethod};
+
+/// The setting that keeps PostgreSQL from starting while a rewind is unfinished.
+pub const MARKER: &str = "failback_unfinished_rewind";
+
+const MARKER_VALUE: &str = "this data directory is being rewound by failback: run failback rewind \
+                            again to finish (failback status -D says how far it got)";
+
+/// Bytes written between two flushes of the journal's done records: large enough that the
+/// fsyncs cost little, small enough that a resume re-fetches little.
+pub const FLUSH_BYTES: u64 = 16 << 20;
+
+/// Open write handles kept at once by the copy.
+const OPEN_FILES: usize = 64;
+
+/// The target's file system has no room left (`ENOSPC`), or the quota of the user writing is
+/// used up (`EDQUOT`). Trying the same write again cannot help, so nothing retries it: the
+/// rewind stops, and once space is freed, running it again resumes from the journal — what
+/// was written and recorded as done is not fetched again.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the target's file system is full while writing \"{}\"{}{}",
+    path.display(),
+    still_needed.map_or(String::new(), |n| format!(
+        " (the rest of the rewind writes up to {} MB)",
+        n.div_ceil(1_000_000)
+    )),
+    if *nothing_changed {
+        "; nothing was changed in the target: free space on it, then run failback rewind again"
+    } else {
+        ": free space on it, then run failback rewind again: it resumes where this run stopped"
+    }
+)]
+pub struct TargetFull {
+    /// The file being written (for an atomic rewrite, the name it replaces).
+    pub path: PathBuf,
+    /// Bytes the rest of the plan may still write, when known: an upper bound, as pieces
+    /// found identical on the target are not written, and rewrites in place take no new room.
+    pub still_needed: Option<u64>,
+    /// It happened before the journal existed: the target is as it was before this run.
+    pub nothing_changed: bool,
+    #[source]
+    pub source: io::Error,
+}
+
+impl TargetFull {
+    /// Whether `err` says the file system is full or the quota used up.
+    pub fn is_full(err: &io::Error) -> bool {
+        matches!(err.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+            || matches!(
+                err.kind(),
+                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+            )
+    }
+}
+
+/// Why a change to the target failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// The file system filled up: the one error for it, wherever it was met.
+    #[error(transparent)]
+    Full(#[from] TargetFull),
+    #[error("could not {op} \"{}\"{}", path.display(), offset.map_or(String::new(), |o| format!(" at offset {o}")))]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        offset: Option<u64>,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the rewind must change \"{}\" in the target data directory, but it cannot be written \
+         (check its permissions, its owner, `lsattr` for the immutable flag, and whether the file \
+         system is mounted read-only); the plan was not started",
+        path.display()
+    )]
+    NotWritable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{} is damaged, so the unfinished rewind it describes cannot be resumed; restore the \
+         data directory from a backup or clone it anew",
+        path.display()
+    )]
+    Damaged {
+        path: PathBuf,
+        #[source]
+        source: journal::JournalError,
+    },
+}
+
+impl TargetError {
+    /// The one mapping of an I/O error on `path`: a full file system becomes [`TargetFull`].
+    pub(crate) fn io(
+        op: &'static str,
+        path: &Path,
+        offset: Option<u64>,
+        source: io::Error,
+    ) -> TargetError {
+        if TargetFull::is_full(&source) {
+            TargetError::Full(TargetFull {
+                path: path.to_path_buf(),
+                still_needed: None,
+                nothing_changed: false,
+                source,
+            })
+        } else {
+            TargetError::Io {
+                op,
+                path: path.to_path_buf(),
+                offset,
+                source,
+            }
+        }
+    }
+
+    /// The target's file system is full, if that is what this error says.
+    pub fn full(&self) -> Option<&TargetFull> {
+        match self {
+            TargetError::Full(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Says, of a full file system, how much the rest of the plan may still write (unless that
+    /// is already said).
+    pub fn needing(mut self, bytes: u64) -> TargetError {
+        if let TargetError::Full(f) = &mut self {
+            f.still_needed.get_or_insert(bytes);
+        }
+        self
+    }
+
+    /// Marks a full file system as met before the rewind's first change.
+    fn before_first_change(mut self) -> TargetError {
+        if let TargetError::Full(f) = &mut self {
+            f.nothing_changed = true;
+        }
+        self
+    }
+}
+
+/// What [`Target::write`] did with a piece.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// The bytes were written.
+    Written,
+    /// The target held these very bytes already; nothing was written.
+    Identical,
+}
+
+/// The journal of a rewind in progress, and the pieces written since it was last flushed.
+struct Journal {
+    path: PathBuf,
+    file: File,
+    pending: Vec<(String, u64, u64)>,
+    pending_bytes: u64,
+    files: BTreeSet<PathBuf>,
+}
+
+/// The data directory being rewound, and the one way to change it.
+pub struct Target {
+    dir: PathBuf,
+    own: Ownership,
+    /// Open once the rewind has begun (or been taken up again); the copy's pieces are recorded
+    /// in it.
+    journal: Option<Journal>,
+    /// The copy's open write handles, by path.
+    files: HashMap<String, File>,
+    compare: Vec<u8>,
+    /// Every regular file whose bytes or length this run changed: what the sync makes durable.
+    changed: BTreeSet<String>,
+}
+
+impl Target {
+    /// The data directory `dir`, with its owner and modes.
+    pub fn open(dir: &Path) -> Result<Target, TargetError> {
+        let own =
+            Ownership::of_data_dir(dir).map_err(|e| TargetError::io("access", dir, None, e))?;
+        Ok(Target {
+            dir: dir.to_path_buf(),
+            own,
+            journal: None,
+            files: HashMap::new(),
+            compare: Vec::new(),
+            changed: BTreeSet::new(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn ownership(&self) -> &Ownership {
+        &self.own
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// The journal of an unfinished rewind of `dir`, if there is one. Reads only.
+    pub fn unfinished(dir: &Path) -> Result<Option<JournalState>, TargetError> {
+        let path = dir.join(JOURNAL_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(TargetError::io("read", &path, None, e)),
+        };
+        journal::replay(&bytes)
+            .map(Some)
+            .map_err(|source| TargetError::Damaged { path, source })
+    }
+
+    /// Checks, before anything is changed, that every file the plan writes and every directory
+    /// it creates or removes entries in can be written (`access(W_OK)`, which also sees the
+    /// immutable flag and read-only mounts, even for root). A rewind that stopped half-way on
+    /// an unwritable file would leave the target neither old nor new.
+    pub fn preflight(&self, plan: &Plan) -> Result<(), TargetError> {
+        let mut files: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        // The commit writes backup_label and global/pg_control through temporary files.
+        dirs.insert(self.dir.clone());
+        dirs.insert(self.path("global"));
+        for e in &plan.entries {
+            let path = self.path(&e.path);
+            let parent = path.parent().unwrap_or(&self.dir).to_path_buf();
+            let writes_in_place = !e.blocks.is_empty()
+                || e.zero_from.is_some()
+                || match e.action {
+                    FileAction::Copy => e.target.is_some(),
+                    FileAction::CopyTail | FileAction::Truncate => true,
+                    _ => false,
+                };
+            if writes_in_place {
+                files.insert(path);
+            }
+            if matches!(e.action, FileAction::Create | FileAction::Remove)
+                || (e.action == FileAction::Copy && e.target.is_none())
+            {
+                dirs.insert(parent);
+            }
+        }
+        // A directory the plan creates does not exist yet; its parent is checked instead.
+        for p in files.iter().chain(dirs.iter()) {
+            if !p.exists() {
+                continue;
+            }
+            let not_writable = |source| TargetError::NotWritable {
+                path: p.clone(),
+                source,
+            };
+            let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| {
+                not_writable(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "path holds a NUL byte",
+                ))
+            })?;
+            // SAFETY: `c` is a NUL-terminated path that lives across the call.
+            if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+                return Err(not_writable(io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
+
+    // ---- the point of no return ----
+
+    /// Makes the journal durable, then the marker: from here on the target is "being
+    /// rewound". When either cannot be written, the target is left as it was: a journal
+    /// without the marker is removed again, so that the next run starts afresh instead of
+    /// resuming unmarked.
+    pub fn begin(&mut self, header: JournalHeader) -> Result<(), TargetError> {
+        let plan_bytes = header.plan.fetch_bytes();
+        let path = self.path(JOURNAL_FILE);
+        let mut bytes = journal::magic().to_vec();
+        bytes.extend(journal::encode(&Record::Begin(Box::new(header))));
+        fsutil::durable_write(&path, &bytes, &self.own)
+            .map_err(|e| TargetError::io("write", &path, None, e))
+            .map_err(|e| e.before_first_change().needing(plan_bytes))?;
+        if let Err(e) = self.mark() {
+            return Err(match fsutil::durable_remove(&path) {
+                Ok(()) => e.before_first_change().needing(plan_bytes),
+                // The journal stays: the next run resumes, and marks the target first.
+                Err(_) => e,
+            });
+        }
+        self.open_journal()
+    }
+
+    /// Takes up the unfinished rewind `state` describes: cuts off the torn last frame an
+    /// interrupted append left (replay stops at the first bad frame, so records appended after
+    /// it would never be read), and marks the target again (an earlier run may have stopped
+    /// between the journal and the marker).
+    pub fn take_up(&mut self, state: &JournalState) -> Result<(), TargetError> {
+        if state.torn_tail {
+            let path = self.path(JOURNAL_FILE);
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| TargetError::io("open", &path, None, e))?;
+            f.set_len(state.valid_len)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| TargetError::io("truncate", &path, None, e))?;
+        }
+        self.mark()?;
+        self.open_journal()
+    }
+
+    /// Adds the marker to `postgresql.auto.conf`, unless it is there already.
+    fn mark(&self) -> Result<(), TargetError> {
+        let auto = self.path("postgresql.auto.conf");
+        let text = match fs::read_to_string(&auto) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(TargetError::io("read", &auto, None, e)),
+        };
+        let marked = recovery::set_auto_conf(&text, MARKER, MARKER_VALUE);
+        if marked == text {
+            return Ok(());
+        }
+        self.durable_write(&auto, marked.as_bytes())
+    }
+
+    fn open_journal(&mut self) -> Result<(), TargetError> {
+        let path = self.path(JOURNAL_FILE);
+        let file = fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| TargetError::io("open", &path, None, e))?;
+        self.journal = Some(Journal {
+            path,
+            file,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            files: BTreeSet::new(),
+        });
+        Ok(())
+    }
+
+    // ---- the copy ----
+
+    /// Creates a directory of the plan (an existing one is fine).
+    pub fn create_dir(&mut self, rel: &str) -> Result<(), TargetError> {
+        let path = self.path(rel);
+        self.own
+            .create_dir(&path)
+            .map_err(|e| TargetError::io("create directory", &path, None, e))
+    }
+
+    /// Creates a symlink of the plan (a tablespace link) pointing at `to`.
+    pub fn create_symlink(&mut self, rel: &str, to: &str) -> Result<(), TargetError> {
+        let path = self.path(rel);
+        match std::os::unix::fs::symlink(to, &path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(TargetError::io("create symlink", &path, None, e)),
+        }
+        if self.own.chown {
+            std::os::unix::fs::lchown(&path, Some(self.own.uid), Some(self.own.gid))
+                .map_err(|e| TargetError::io("chown", &path, None, e))?;
+        }
+        Ok(())
+    }
+
+    /// Overwrites `[from, to)` of a kept WAL segment with zeros (allocated, as PostgreSQL keeps
+    /// WAL): the old primary's WAL past the divergence point must never be replayed.
+    pub fn zero_range(&mut self, rel: &str, from: u64, to: u64) -> Result<(), TargetError> {
+        let path = self.path(rel);
+        let zero = |path: &Path| -> io::Result<()> {
+            let f = fs::OpenOptions::new().write(true).open(path)?;
+            let zeros = vec![0u8; 1 << 16];
+            let mut off = from;
+            while off < to {
+                let n = (to - off).min(zeros.len() as u64) as usize;
+                f.write_all_at(&zeros[..n], off)?;
+                off += n as u64;
+            }
+            Ok(())
+        };
+        zero(&path)
+            .map_err(|e| TargetError::io("zero the diverged WAL in", &path, Some(from), e))?;
+        self.changed.insert(rel.to_string());
+        Ok(())
+    }
+
+    /// Cuts a file down to `len` bytes, if it is longer.
+    pub fn truncate(&mut self, rel: &str, len: u64) -> Result<(), TargetError> {
+        let path = self.path(rel);
+        self.files.remove(rel);
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| TargetError::io("open", &path, None, e))?;
+        let now = f
+            .metadata()
+            .map_err(|e| TargetError::io("stat", &path, None, e))?
+            .len();
+        if len < now {
+            f.set_len(len)
+                .map_err(|e| TargetError::io("truncate", &path, Some(len), e))?;
+            self.changed.insert(rel.to_string());
+        }
+        Ok(())
+    }
+
+    /// Creates a file the plan copies whole; an existing one is emptied unless `keep` (a
+    /// resumed run keeps the part an interrupted run wrote).
+    pub fn create_file(&mut self, rel: &str, keep: bool) -> Result<(), TargetError> {
+        let path = self.path(rel);
+        self.own
+            .open_for_write(&path, !keep)
+            .map_err(|e| TargetError::io("create", &path, None, e))?;
+        self.changed.insert(rel.to_string());
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` of `rel`; with `compare`, only when the target does not hold
+    /// these very bytes already (a whole-file copy of a file that is mostly the same). The piece
+    /// is noted for the journal either way: it is on the target.
+    pub fn write(
+        &mut self,
+        rel: &str,
+        offset: u64,
+        data: &[u8],
+        compare: bool,
+    ) -> Result<Written, TargetError> {
+        if !self.files.contains_key(rel) {
+            if self.files.len() >= OPEN_FILES {
+                self.files.clear();
+            }
+            let path = self.path(rel);
+            // Created owned and moded if need be; reading back the target's bytes needs a
+            // readable handle.
+            self.own
+                .open_for_write(&path, false)
+                .and_then(|_| fs::OpenOptions::new().read(true).write(true).open(&path))
+                .map(|f| self.files.insert(rel.to_string(), f))
+                .map_err(|e| TargetError::io("open", &path, None, e))?;
+        }
+        let f = &self.files[rel];
+        let len = data.len() as u64;
+        let written = if compare && {
+            self.compare.resize(data.len(), 0);
+            read_full_at(f, &mut self.compare, offset).is_ok_and(|n| n == data.len())
+                && self.compare == data
+        } {
+            Written::Identical
+        } else {
+            f.write_all_at(data, offset)
+                .map_err(|e| TargetError::io("write", &self.dir.join(rel), Some(offset), e))?;
+            start_writeback(f, offset, len);
+            if !self.changed.contains(rel) {
+                self.changed.insert(rel.to_string());
+            }
+            Written::Written
+        };
+        self.note_done(rel, offset, len)?;
+        if written == Written::Written {
+            fault::passed(Point::Bytes, len);
+        }
+        Ok(written)
+    }
+
+    /// The source's file ended at `size`: so must the copy (WAL replay recreates whatever a
+    /// live source appended or cut meanwhile). A file not on the target is left alone.
+    pub fn cut_short(&mut self, rel: &str, size: u64) -> Result<(), TargetError> {
+        self.files.remove(rel);
+        let path = self.path(rel);
+        if let Ok(f) = fs::OpenOptions::new().write(true).open(&path) {
+            f.set_len(size)
+                .map_err(|e| TargetError::io("truncate", &path, Some(size), e))?;
+            self.changed.insert(rel.to_string());
+        }
+        Ok(())
+    }
+
+    /// The source no longer has `rel`: neither does the target.
+    pub fn remove_vanished(&mut self, rel: &str) -> Result<(), TargetError> {
+        self.files.remove(rel);
+        remove(&self.path(rel), FileType::Regular)
+    }
+
+    /// A remover of what the source lacks, which may run on a thread of its own while the copy
+    /// writes (unlinking a 16 MiB WAL segment costs the file system several milliseconds, and
+    /// a diverged old primary has dozens of them). No path it removes is written by the copy:
+    /// the plan removes only what the source lacks.
+    pub fn remover(&self) -> Remover {
+        Remover {
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// `len` bytes of `rel` from `offset` are on the target; when enough are, they are made
+    /// durable and recorded as done.
+    fn note_done(&mut self, rel: &str, offset: u64, len: u64) -> Result<(), TargetError> {
+        let Some(j) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        j.pending.push((rel.to_string(), offset, len));
+        j.pending_bytes += len;
+        let full = self.dir.join(rel);
+        if !j.files.contains(&full) {
+            j.files.insert(full);
+        }
+        if j.pending_bytes >= FLUSH_BYTES {
+            self.record_done()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the pieces written since the last time durable, then records them as done. A file
+    /// removed since (it vanished on the source) is skipped: nothing of it is recorded that a
+    /// resume could trust wrongly, as it will be fetched and found gone again. fsync, not
+    /// fdatasync: the sync at the end of the rewind fsyncs these files again, and finds nothing
+    /// left to write.
+    pub fn record_done(&mut self) -> Result<(), TargetError> {
+        let Some(j) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        let files: Vec<PathBuf> = std::mem::take(&mut j.files).into_iter().collect();
+        fsutil::fsync_files(&files)
+            .map_err(|(path, e)| TargetError::io("fsync", &path, None, e))?;
+        let mut frames = Vec::new();
+        for (path, offset, length) in j.pending.drain(..) {
+            frames.extend(journal::encode(&Record::Done {
+                path,
+                offset,
+                length,
+            }));
+        }
+        j.pending_bytes = 0;
+        if frames.is_empty() {
+            return Ok(());
+        }
+        j.file
+            .write_all(&frames)
+            .and_then(|()| j.file.sync_data())
+            .map_err(|e| TargetError::io("append to", &j.path, None, e))
+    }
+
+    /// Every regular file whose bytes or length this run changed.
+    pub fn changed(&self) -> &BTreeSet<String> {
+        &self.changed
+    }
+
+    /// Makes durable what carrying out `plan` changed: every file this run changed, every file
+    /// in `also` (what an interrupted run wrote, which may not have reached the disk), every
+    /// directory where an entry was created or removed, and, when segments were restored from
+    /// the archive (`wal_restored`), `pg_wal`. The rest of the target was durable before the
+    /// rewind began (it was shut down cleanly, or crash recovery ended with a checkpoint) —
+    /// including whole copies found identical, which were not written — so unlike pg_rewind
+    /// this does not flush the whole data directory. `syncfs` flushes each file system whole
+    /// instead.
+    pub fn sync(
+        &mut self,
+        plan: &Plan,
+        also: impl IntoIterator<Item = String>,
+        wal_restored: bool,
+        method: SyncMethod,
+    ) -> Result<(), TargetError> {
+        self.files.clear();
+        let failed = |e| TargetError::io("sync", &self.dir, None, e);
+        if method == SyncMethod::Syncfs {
+            return fsutil::sync_data_dir(&self.dir, method).map_err(failed);
+        }
+        let mut changed = self.changed.clone();
+        changed.extend(also);
+        let files: Vec<PathBuf> = changed.iter().map(|p| self.path(p)).collect();
+        let mut dirs = BTreeSet::new();
+        for e in &plan.entries {
+            if matches!(e.action, FileAction::Create | FileAction::Remove)
+                || (e.action == FileAction::Copy && e.target.is_none())
+            {
+                dirs.extend(self.path(&e.path).parent().map(Path::to_path_buf));
+            }
+        }
+        // A file removed meanwhile because the source no longer had it has nothing to flush.
+        fsutil::fsync_files(&files)
+            .map_err(|(path, e)| TargetError::io("fsync", &path, None, e))?;
+        for d in &dirs {
+            if d.is_dir() {
+                fsutil::fsync_dir(d).map_err(|e| TargetError::io("fsync", d, None, e))?;
+            }
+        }
+        // Segments restored from the archive under -c are not in the plan, and recovery
+        // needs them.
+        let wal = self.path("pg_wal");
+        if wal_restored && wal.is_dir() {
+            fsutil::sync_data_dir(&wal, SyncMethod::Fsync)
+                .map_err(|e| TargetError::io("fsync", &wal, None, e))?;
+        }
+        Ok(())
+    }
+
+    // ---- the commit ----
+
+    /// Appends a phase to the journal, durably.
+    pub fn record(&mut self, phase: Phase) -> Result<(), TargetError> {
+        self.record_done()?;
+        let path = self.path(JOURNAL_FILE);
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| TargetError::io("open", &path, None, e))?;
+        f.write_all(&journal::encode(&Record::Phase(phase)))
+            .and_then(|()| f.sync_all())
+            .map_err(|e| TargetError::io("append to", &path, None, e))?;
+        fault::passed(Point::Commit, 1);
+        Ok(())
+    }
+
+    /// Replaces `backup_label`: replay starts where it says.
+    pub fn write_backup_label(&mut self, label: &str) -> Result<(), TargetError> {
+        self.durable_write(&self.path("backup_label"), label.as_bytes())?;
+        fault::passed(Point::Commit, 1);
+        Ok(())
+    }
+
+    /// Replaces `global/pg_control`.
+    pub fn write_control(&mut self, control: &[u8]) -> Result<(), TargetError> {
+        self.durable_write(&self.path("global/pg_control"), control)?;
+        fault::passed(Point::Commit, 1);
+        Ok(())
+    }
+
+    /// Writes `standby.signal`: the target starts as a standby.
+    pub fn write_standby_signal(&mut self) -> Result<(), TargetError> {
+        self.durable_write(&self.path("standby.signal"), b"")?;
+        fault::passed(Point::Commit, 1);
+        Ok(())
+    }
+
+    /// The end of the commit: `postgresql.auto.conf` becomes `auto_conf` (no marker) in one
+    /// durable rename, then the journal is removed.
+    pub fn finish(&mut self, auto_conf: &str) -> Result<(), TargetError> {
+        let clean = recovery::drop_auto_conf(auto_conf, MARKER);
+        self.durable_write(&self.path("postgresql.auto.conf"), clean.as_bytes())?;
+        fault::passed(Point::Commit, 1);
+        let path = self.path(JOURNAL_FILE);
+        self.journal = None;
+        fsutil::durable_remove(&path).map_err(|e| TargetError::io("remove", &path, None, e))?;
+        fault::passed(Point::Commit, 1);
+        Ok(())
+    }
+
+    /// `-R` on a target that needs no rewind: `standby.signal`, and one `primary_conninfo` in
+    /// `postgresql.auto.conf`.
+    pub fn write_recovery_conf(&mut self, conninfo: &str) -> Result<(), TargetError> {
+        self.durable_write(&self.path("standby.signal"), b"")?;
+        let auto = self.path("postgresql.auto.conf");
+        let text = fs::read_to_string(&auto).unwrap_or_default();
+        let new = recovery::set_auto_conf(&text, "primary_conninfo", conninfo);
+        self.durable_write(&auto, new.as_bytes())
+    }
+
+    /// Writes `data` to `path` durably and atomically (a temporary file, then a durable
+    /// rename): a crash or a full disk leaves the old content or the new, never a mix.
+    fn durable_write(&self, path: &Path, data: &[u8]) -> Result<(), TargetError> {
+        fsutil::durable_write(path, data, &self.own)
+            .map_err(|e| TargetError::io("write", path, None, e))
+    }
+}
+
+/// Removes what the source lacks; see [`Target::remover`].
+pub struct Remover {
+    dir: PathBuf,
+}
+
+impl Remover {
+    /// Removes, deepest first (the plan's order), every path the plan removes.
+    pub fn remove_all(&self, plan: &Plan) -> Result<(), TargetError> {
+        for e in plan
+            .entries
+            .iter()
+            .filter(|e| e.action == FileAction::Remove)
+        {
+            let t = e.target.as_ref().map_or(FileType::Regular, |t| t.file_type);
+            remove(&self.dir.join(&e.path), t)?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes one entry; one already gone is fine (a resumed run removes again what a killed one
+/// removed, and a removal lost to a crash is done again).
+fn remove(path: &Path, file_type: FileType) -> Result<(), TargetError> {
+    let r = match file_type {
+        FileType::Directory => fs::remove_dir(path),
+        FileType::Regular | FileType::Symlink => fs::remove_file(path),
+    };
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(TargetError::io("remove", path, None, e)),
+    }
+}
+
+/// Asks the kernel to start writing these bytes to disk now, without waiting
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): the disk works while the next pieces cross the
+/// network, and the final fsync finds little left to flush. Only a hint: durability is still
+/// the sync's job.
+fn start_writeback(f: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: a hint on a descriptor we own, over a range we just wrote.
+    unsafe { libc::sync_file_range(f.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use failback_common::Lsn;
+
+    fn header() -> JournalHeader {
+        JournalHeader {
+            system_identifier: 7,
+            pg_major: 16,
+            divergence: Lsn(0x400_0000),
+            divergence_tli: 1,
+            checkpoint: Lsn(0x300_0060),
+            checkpoint_redo: Lsn(0x300_0028),
+            checkpoint_tli: 1,
+            source_tli: 2,
+            plan: Plan {
+                entries: Vec::new(),
+                block_size: 8192,
+            },
+        }
+    }
+
+    // The whole life of a rewind on disk: begun (journal, then marker), pieces recorded only
+    // once flushed, taken up again, committed, finished (marker gone, journal gone).
+    #[test]
+    fn a_rewind_is_journaled_marked_recorded_and_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("global")).unwrap();
+        let auto = dir.path().join("postgresql.auto.conf");
+        fs::write(
+            &auto,
+            "# Do not edit this file manually!\nwork_mem = '8MB'\n",
+        )
+        .unwrap();
+        let mut t = Target::open(dir.path()).unwrap();
+        t.begin(header()).unwrap();
+        assert!(fs::read_to_string(&auto).unwrap().contains(MARKER));
+        let st = Target::unfinished(dir.path()).unwrap().unwrap();
+        assert_eq!((st.phase, st.done_bytes()), (Phase::Copying, 0));
+
+        assert_eq!(t.write("f", 0, b"abc", false).unwrap(), Written::Written);
+        assert_eq!(t.write("f", 0, b"abc", true).unwrap(), Written::Identical);
+        // Noted, not yet recorded: a crash now would fetch it again.
+        assert_eq!(
+            Target::unfinished(dir.path())
+                .unwrap()
+                .unwrap()
+                .done_bytes(),
+            0
+        );
+        t.record_done().unwrap();
+        let st = Target::unfinished(dir.path()).unwrap().unwrap();
+        assert!(st.is_done("f", 0, 3));
+        assert_eq!(t.changed().iter().collect::<Vec<_>>(), ["f"]);
+
+        // A second run takes it up: the marker stays, records go on.
+        let mut again = Target::open(dir.path()).unwrap();
+        again.take_up(&st).unwrap();
+        again.write("g", 8, b"xyz", false).unwrap();
+        again.record(Phase::Copied).unwrap();
+        let st = Target::unfinished(dir.path()).unwrap().unwrap();
+        assert!(st.is_done("g", 8, 3));
+        assert_eq!(st.phase, Phase::Copied);
+        assert_eq!(
+            fs::read(dir.path().join("g")).unwrap(),
+            b"\0\0\0\0\0\0\0\0xyz"
+        );
+
+        again.write_backup_label("label\n").unwrap();
+        again.write_control(b"control").unwrap();
+        again.record(Phase::Committed).unwrap();
+        again.finish("work_mem = '8MB'\n").unwrap();
+        assert_eq!(fs::read_to_string(&auto).unwrap(), "work_mem = '8MB'\n");
+        assert!(Target::unfinished(dir.path()).unwrap().is_none());
+        assert_eq!(
+            fs::read(dir.path().join("backup_label")).unwrap(),
+            b"label\n"
+        );
+    }
+
+    // What the sync flushes is what was changed: an identical whole copy is not written, so
+    // it is not in `changed`; a different, a new and a cut-down file are.
+    #[test]
+    fn changed_holds_exactly_the_files_written_or_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in [
+            ("same", &b"same"[..]),
+            ("differs", b"old!"),
+            ("shorter", b"abcdef"),
+        ] {
+            fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        let mut t = Target::open(dir.path()).unwrap();
+        t.write("same", 0, b"same", true).unwrap();
+        t.write("differs", 0, b"new!", true).unwrap();
+        t.create_file("new", false).unwrap();
+        t.write("new", 0, b"n", true).unwrap();
+        t.truncate("shorter", 3).unwrap();
+        t.truncate("same", 10).unwrap();
+        let changed: Vec<&str> = t.changed().iter().map(String::as_str).collect();
+        assert_eq!(changed, ["differs", "new", "shorter"]);
+        assert_eq!(fs::read(dir.path().join("shorter")).unwrap(), b"abc");
+        t.sync(
+            &Plan {
+                entries: vec![],
+                block_size: 8192,
+            },
+            [],
+            false,
+            SyncMethod::Fsync,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_full_file_system_is_one_error_saying_what_to_do() {
+        let at = Path::new("/data/base/5/16384");
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let e = TargetError::io("write", at, Some(8192), io::Error::from_raw_os_error(errno));
+            let full = e.full().expect("a full disk");
+            assert_eq!(full.source.raw_os_error(), Some(errno));
+        }
+        let other = TargetError::io(
+            "write",
+            at,
+            Some(8192),
+            io::Error::from_raw_os_error(libc::EACCES),
+        );
+        assert!(other.full().is_none());
+        assert!(
+            other
+                .to_string()
+                .ends_with("\"/data/base/5/16384\" at offset 8192"),
+            "{other}"
+        );
+        let full = || {
+            TargetError::io(
+                "write",
+                at,
+                None,
+                io::Error::from_raw_os_error(libc::ENOSPC),
+            )
+        };
+        assert_eq!(
+            full().needing(80_000_001).needing(5).to_string(),
+            "the target's file system is full while writing \"/data/base/5/16384\" (the rest \
+             of the rewind writes up to 81 MB): free space on it, then run failback rewind \
+             again: it resumes where this run stopped"
+        );
+        assert_eq!(
+            full().before_first_change().to_string(),
+            "the target's file system is full while writing \"/data/base/5/16384\"; nothing \
+             was changed in the target: free space on it, then run failback rewind again"
+        );
+    }
+}
