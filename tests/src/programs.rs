@@ -14,14 +14,12 @@
 //! but the binaries is compiled (`-p failback-client` alone would resolve serde, tokio and
 //! others with fewer features and rebuild half the tree).
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::run::run_with_timeout;
+use crate::run::{lock_exclusive, run_with_timeout};
 
 /// The programs cargo builds for the tests.
 const PROGRAMS: [&str; 2] = ["failback", "failbackd"];
@@ -66,19 +64,9 @@ fn build() -> PathBuf {
     };
     let run = std::env::var("NEXTEST_RUN_ID")
         .unwrap_or_else(|_| format!("process {}", std::process::id()));
-    let lock_path = profile_dir.join(".failback-tests-programs.lock");
     let stamp = profile_dir.join(".failback-tests-programs.built");
-    let lock = File::create(&lock_path)
-        .unwrap_or_else(|e| panic!("could not create {}: {e}", lock_path.display()));
-    // SAFETY: flock on a descriptor we own; blocks until another process's build is done,
-    // and is released when `lock` is dropped at the end of this function.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        panic!(
-            "could not lock {}: {}",
-            lock_path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
+    // Until the end of this function: another process's build is waited for.
+    let _lock = lock_exclusive(&profile_dir.join(".failback-tests-programs.lock"));
     let fresh = std::fs::read_to_string(&stamp).is_ok_and(|s| s == run)
         && PROGRAMS.iter().all(|p| profile_dir.join(p).is_file());
     if !fresh {

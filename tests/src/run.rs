@@ -83,3 +83,21 @@ pub fn run_ok(cmd: &mut Command, timeout: Duration) -> Output {
         Err(e) => panic!("{e}"),
     }
 }
+
+/// Takes an exclusive `flock` on `path` (created if need be), waiting for any other process
+/// that holds it; released when the returned file is dropped. Many test processes start at
+/// once, and some steps (fetching PostgreSQL, building the programs under test) must run once.
+pub fn lock_exclusive(path: &std::path::Path) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let lock = std::fs::File::create(path)
+        .unwrap_or_else(|e| panic!("could not create lock file {}: {e}", path.display()));
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        panic!(
+            "could not lock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    lock
+}

@@ -15,15 +15,7 @@ use failback_tests::tmpfs::Tmpfs;
 
 fn copy_entry(path: &str, src: u64, tgt: Option<u64>) -> PlanEntry {
     let file = |size| FileEntry::regular(path, size);
-    PlanEntry {
-        path: path.into(),
-        action: FileAction::Copy,
-        source: Some(file(src)),
-        target: tgt.map(file),
-        blocks: Default::default(),
-        reason: None,
-        zero_from: None,
-    }
+    PlanEntry::new(path, FileAction::Copy, Some(file(src)), tgt.map(file))
 }
 
 fn header() -> JournalHeader {
