@@ -7,7 +7,6 @@
 //! find a silent peer within the liveness that `--timeout` sets.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use failback_proto::v1 as pb;
 use failback_proto::v1::failback_client::FailbackClient;
@@ -17,7 +16,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Request, Status};
 
 use super::SourceError;
-use super::remote::{ChunkStream, Current, RemoteOptions, RemoteSource, Transport, chain, runtime};
+use super::remote::{
+    CONNECT_TIMEOUT, ChunkStream, Current, RemoteOptions, RemoteSource, Transport, chain, runtime,
+};
 use failback_proto::limits::MAX_REPLY;
 use failback_transport::tune::DEFAULT_WINDOW;
 use failback_transport::url::Scheme;
@@ -49,8 +50,6 @@ pub struct GrpcTransport {
     endpoint: Endpoint,
     bearer: Bearer,
 }
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn client(channel: Channel, bearer: Bearer) -> Client {
     FailbackClient::with_interceptor(channel, bearer).max_decoding_message_size(MAX_REPLY)

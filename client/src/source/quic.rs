@@ -26,12 +26,13 @@ use tokio::io::BufReader;
 use tonic::Status;
 
 use super::SourceError;
-use super::remote::{ChunkStream, Current, RemoteOptions, RemoteSource, Transport, chain, runtime};
+use super::remote::{
+    CONNECT_TIMEOUT, ChunkStream, Current, RemoteOptions, RemoteSource, Transport, chain, runtime,
+};
 
 /// failbackd over QUIC.
 pub type QuicSource = RemoteSource<QuicTransport>;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a finished client lets the close leave before it exits.
 const CLOSE_GRACE: Duration = Duration::from_millis(20);
 

@@ -25,6 +25,7 @@ use failback_common::lsn::history_file_name;
 use failback_common::patience::{Next, Patience, Stall};
 use failback_common::wire::{self, Compression, WireError};
 use failback_proto::capability;
+use failback_proto::limits::{MAX_HASH_PATHS, MAX_MAX_CHUNK, MAX_RANGES_PER_REQUEST};
 use failback_proto::v1 as pb;
 use failback_sql::conninfo;
 use failback_transport::url::{Scheme, SourceUrl};
@@ -36,16 +37,16 @@ use super::{Fetch, FetchRange, Fetched, Source, SourceEnd, SourceError};
 
 /// Bytes per ReadRanges request: large enough to stream, small enough to spread over jobs.
 const BATCH_BYTES: u64 = 16 << 20;
-/// Ranges per ReadRanges request (the server accepts up to 65536).
-const BATCH_RANGES: usize = 4096;
+/// Ranges per ReadRanges request: a sixteenth of what the server accepts.
+const BATCH_RANGES: usize = MAX_RANGES_PER_REQUEST / 16;
 /// The largest whole file [`Source::read_file`] fetches (history files are a few KB).
 const MAX_SMALL_FILE: u64 = 64 << 20;
+/// How long a new connection (TCP and TLS, or QUIC's handshake) may take.
+pub(crate) const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long the retry of a damaged chunk may take before the damage is reported.
 const REFETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-/// The largest chunk accepted whatever the server announces.
-pub(crate) const MAX_CHUNK_LIMIT: u64 = failback_proto::limits::MAX_MAX_CHUNK;
-/// Paths per ChunkHashes request (the server accepts up to 4096).
-const HASH_BATCH: usize = 1024;
+/// Paths per ChunkHashes request: a quarter of what the server accepts.
+const HASH_BATCH: usize = MAX_HASH_PATHS / 4;
 
 /// How to reach failbackd.
 #[derive(Clone)]
@@ -415,10 +416,10 @@ impl<T: Transport> RemoteSource<T> {
                 failback_proto::PROTOCOL_VERSION
             )));
         }
-        if hs.max_chunk == 0 || hs.max_chunk > MAX_CHUNK_LIMIT {
+        if hs.max_chunk == 0 || hs.max_chunk > MAX_MAX_CHUNK {
             early.abort();
             return Err(opts.refuse(format!(
-                "failbackd announces chunks of {} bytes (1 .. {MAX_CHUNK_LIMIT} accepted)",
+                "failbackd announces chunks of {} bytes (1 .. {MAX_MAX_CHUNK} accepted)",
                 hs.max_chunk
             )));
         }
