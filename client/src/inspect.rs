@@ -4,20 +4,44 @@
 //! two can be compared line by line; `--json` is for programs.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
 use failback_common::TimeLineId;
-use failback_common::control::ControlFileData;
+use failback_common::control::{ControlFileData, ControlFileError};
 use failback_common::lsn::history_file_name;
-use failback_common::timeline::TimeLineHistory;
+use failback_common::timeline::{HistoryError, TimeLineHistory};
+
+/// Why a file could not be shown.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("could not read {what} {}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control file {}", path.display())]
+    Control {
+        path: PathBuf,
+        #[source]
+        source: ControlFileError,
+    },
+    #[error("cannot tell the timeline of {0:?} from its name; pass --timeline")]
+    UnnamedTimeline(String),
+    #[error(transparent)]
+    History(#[from] HistoryError),
+}
 
 /// Reads and verifies `DIR/global/pg_control`.
-pub fn read_control_file(pgdata: &Path) -> Result<ControlFileData> {
+pub fn read_control_file(pgdata: &Path) -> Result<ControlFileData, InspectError> {
     let path = pgdata.join("global/pg_control");
-    let bytes = std::fs::read(&path)
-        .with_context(|| format!("could not read control file {}", path.display()))?;
-    ControlFileData::parse(&bytes).with_context(|| format!("control file {}", path.display()))
+    let bytes = std::fs::read(&path).map_err(|source| InspectError::Read {
+        what: "control file",
+        path: path.clone(),
+        source,
+    })?;
+    ControlFileData::parse(&bytes).map_err(|source| InspectError::Control { path, source })
 }
 
 /// The control file, labelled as `pg_controldata` labels it.
@@ -89,7 +113,7 @@ pub fn control_text(c: &ControlFileData) -> String {
 
 /// Parses a history file; its own timeline comes from its name (`0000000A.history`) unless
 /// given.
-pub fn read_history(file: &Path, tli: Option<TimeLineId>) -> Result<TimeLineHistory> {
+pub fn read_history(file: &Path, tli: Option<TimeLineId>) -> Result<TimeLineHistory, InspectError> {
     let name = file
         .file_name()
         .and_then(|n| n.to_str())
@@ -100,12 +124,13 @@ pub fn read_history(file: &Path, tli: Option<TimeLineId>) -> Result<TimeLineHist
             .strip_suffix(".history")
             .filter(|h| h.len() == 8)
             .and_then(|h| u32::from_str_radix(h, 16).ok())
-            .with_context(|| {
-                format!("cannot tell the timeline of {name:?} from its name; pass --timeline")
-            })?,
+            .ok_or_else(|| InspectError::UnnamedTimeline(name.to_string()))?,
     };
-    let bytes =
-        std::fs::read(file).with_context(|| format!("could not read {}", file.display()))?;
+    let bytes = std::fs::read(file).map_err(|source| InspectError::Read {
+        what: "history file",
+        path: file.to_path_buf(),
+        source,
+    })?;
     Ok(TimeLineHistory::parse(
         &bytes,
         own,
@@ -114,7 +139,7 @@ pub fn read_history(file: &Path, tli: Option<TimeLineId>) -> Result<TimeLineHist
 }
 
 /// The history of timeline `tli` of a data directory (timeline 1 has no file).
-pub fn history_of(pgdata: &Path, tli: TimeLineId) -> Result<TimeLineHistory> {
+pub fn history_of(pgdata: &Path, tli: TimeLineId) -> Result<TimeLineHistory, InspectError> {
     if tli == 1 {
         return Ok(TimeLineHistory::single(1));
     }
