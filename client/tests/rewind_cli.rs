@@ -113,7 +113,8 @@ fn t006_options() {
     for (args, needle) in cases {
         let out = failback(args);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} succeeded: {out:?}");
+        // Every one is a usage error, said before anything is read: exit status 2.
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
         assert!(err.contains(needle), "{args:?}: {needle:?} not in:\n{err}");
     }
     for dir in [primary.path(), standby.path()] {

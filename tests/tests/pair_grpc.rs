@@ -90,6 +90,18 @@ fn cli_refuses_two_sources_or_none() {
         err.contains("could not connect") && err.contains("refused"),
         "{err}"
     );
+    // A source that does not answer may come back: the target was not touched.
+    assert_eq!(
+        down.status.code(),
+        Some(failback_tests::rewind::EXIT_SOURCE_UNAVAILABLE),
+        "{err}"
+    );
+    let nowhere = run(&["rewind", "-D", "/x", "--source", "grpc://no-port"]);
+    assert_eq!(nowhere.status.code(), Some(2), "{nowhere:?}");
+    assert!(
+        String::from_utf8_lossy(&nowhere.stderr).contains("must name a host and a port"),
+        "{nowhere:?}"
+    );
     let bad = run(&[
         "rewind",
         "-D",
