@@ -44,6 +44,10 @@ pub enum Kind {
     Refused,
     /// The source failed in a way that may heal; the target is untouched.
     SourceUnavailable,
+    /// The target's file system is full, met before the first change: the target is untouched;
+    /// free space on it and run again. (Met after the first change, the rewind is
+    /// [`Kind::Unfinished`], and [`RewindError::target_full`] still finds it.)
+    TargetFull,
     /// Stopped after the first change; running again resumes.
     Unfinished,
 }
@@ -53,7 +57,7 @@ impl Kind {
     pub fn exit_code(self) -> u8 {
         match self {
             Kind::Usage => exit::USAGE,
-            Kind::Refused => exit::REFUSED,
+            Kind::Refused | Kind::TargetFull => exit::REFUSED,
             Kind::SourceUnavailable => exit::SOURCE_UNAVAILABLE,
             Kind::Unfinished => exit::UNFINISHED,
         }
@@ -134,6 +138,7 @@ impl RewindError {
             RewindError::Usage(_) => Kind::Usage,
             RewindError::Unfinished { .. } => Kind::Unfinished,
             RewindError::Source { source, .. } if source.is_retryable() => Kind::SourceUnavailable,
+            RewindError::Target { source, .. } if source.full().is_some() => Kind::TargetFull,
             _ => Kind::Refused,
         }
     }
@@ -219,6 +224,18 @@ mod tests {
         };
         assert_eq!(unfinished.kind(), Kind::Unfinished);
         assert_eq!(RewindError::Usage("x".into()).kind(), Kind::Usage);
+        let full: Result<(), _> = Err(crate::target::TargetError::Full(TargetFull {
+            path: "/data/failback.journal".into(),
+            still_needed: Some(1),
+            nothing_changed: true,
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        }));
+        let full = full
+            .doing("could not record the rewind's plan")
+            .unwrap_err();
+        assert_eq!(full.kind(), Kind::TargetFull);
+        assert_eq!(full.kind().exit_code(), exit::REFUSED);
+        assert!(full.target_full().is_some_and(|f| f.nothing_changed));
         let codes: Vec<u8> = [
             Kind::Usage,
             Kind::Unfinished,
