@@ -12,7 +12,7 @@ use failback_common::rewind::{Incompatible, SearchError};
 
 use crate::source::SourceError;
 use crate::target::{TargetError, TargetFull};
-use crate::walread::WalReadError;
+use failback_datadir::wal::WalReadError;
 
 /// The exit statuses of `failback rewind` (and `failback status`, which shares 0 and 3).
 pub mod exit {

@@ -6,7 +6,6 @@
 //! - [`copy`]: carrying a plan out, from the source to the target;
 //! - [`target`]: the one owner of every change to the target, and why it is crash-safe;
 //! - [`error`]: why a rewind stopped, and the exit status that says whether to run it again;
-//! - [`walread`]: the target's WAL from its files (and its archive, with `-c`);
 //! - [`inspect`], [`progress`], [`pgbin`], [`fsutil`], [`fault`]: what the CLI shows, how
 //!   progress reaches a terminal, the target's own `postgres`, durable file operations and the
 //!   crash tests' fault hook.
@@ -20,4 +19,3 @@ pub mod progress;
 pub mod rewind;
 pub mod source;
 pub mod target;
-pub mod walread;

@@ -318,7 +318,7 @@ fn inspect_wal(
     timeline: Option<TimeLineId>,
     json: bool,
 ) -> Result<()> {
-    use failback_client::walread::{WalEnd, WalReader};
+    use failback_datadir::wal::{WalEnd, WalReader};
     use std::io::Write;
     let control = inspect::read_control_file(pgdata)?;
     let tli = timeline.unwrap_or_else(|| control.timeline_for_rewind());

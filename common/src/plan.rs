@@ -48,6 +48,42 @@ impl BlockBitmap {
         self.words[w] |= 1 << (blk % 64);
     }
 
+    /// The bitmap as little-endian 64-bit words (the wire form of `ChangedFile.block_bitmap`).
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        let used = self
+            .words
+            .iter()
+            .rposition(|w| *w != 0)
+            .map_or(0, |i| i + 1);
+        self.words[..used]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect()
+    }
+
+    /// A bitmap from little-endian 64-bit words; `None` unless whole words.
+    pub fn from_le_bytes(bytes: &[u8]) -> Option<BlockBitmap> {
+        if !bytes.len().is_multiple_of(8) {
+            return None;
+        }
+        Some(BlockBitmap {
+            words: bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("eight bytes")))
+                .collect(),
+        })
+    }
+
+    /// Adds every block of `other`.
+    pub fn union_with(&mut self, other: &BlockBitmap) {
+        if self.words.len() < other.words.len() {
+            self.words.resize(other.words.len(), 0);
+        }
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w |= o;
+        }
+    }
+
     pub fn contains(&self, blk: u32) -> bool {
         self.words
             .get((blk / 64) as usize)
@@ -79,7 +115,7 @@ impl BlockBitmap {
 }
 
 /// The page map: relation segment file path → changed blocks within it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PageMap {
     pub files: BTreeMap<String, BlockBitmap>,
 }
@@ -652,6 +688,15 @@ mod tests {
             let set: BTreeSet<u32> = blocks.iter().copied().collect();
             prop_assert_eq!(bm.iter().collect::<Vec<_>>(), set.iter().copied().collect::<Vec<_>>());
             prop_assert_eq!(bm.len(), set.len());
+            let mut halves = BlockBitmap::default();
+            let mut other = BlockBitmap::default();
+            for (i, &b) in blocks.iter().enumerate() {
+                if i % 2 == 0 { halves.insert(b) } else { other.insert(b) }
+            }
+            halves.union_with(&other);
+            prop_assert_eq!(&halves, &bm);
+            let back = BlockBitmap::from_le_bytes(&bm.to_le_bytes()).unwrap();
+            prop_assert_eq!(back.iter().collect::<Vec<_>>(), bm.iter().collect::<Vec<_>>());
             for b in 0..64 { prop_assert_eq!(bm.contains(b), set.contains(&b)); }
         }
     }

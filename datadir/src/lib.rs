@@ -13,10 +13,12 @@
 //! source reads through it too, and the client lists its target with it.
 //!
 //! Beside the files: [`hash_chunks`], the one way both ends hash a file in fixed-size chunks
-//! to compare them without sending them, and [`postmaster`], whether PostgreSQL runs on a data
-//! directory (its `postmaster.pid`).
+//! to compare them without sending them; [`postmaster`], whether PostgreSQL runs on a data
+//! directory (its `postmaster.pid`); and [`wal`], its WAL read along a timeline history.
 
+pub mod history;
 pub mod postmaster;
+pub mod wal;
 
 use std::fs::{self, File};
 use std::io;

@@ -40,6 +40,11 @@ pub mod limits {
     pub const MAX_HASH_PATHS: usize = 4096;
     /// The most hashes one file may get (8 MiB of hashes): a larger file needs larger chunks.
     pub const MAX_HASHES_PER_FILE: u64 = 1 << 18;
+    /// The most changed files one ChangesReply carries.
+    pub const MAX_CHANGED_FILES_PER_REPLY: usize = 1024;
+    /// The longest block bitmap of one changed file: a segment of 2^24 blocks (128 GiB of
+    /// 8 KiB blocks), far past PostgreSQL's largest `RELSEG_SIZE`.
+    pub const MAX_BLOCK_BITMAP: usize = (1 << 24) / 8;
 }
 
 /// The capabilities a handshake announces (`HandshakeResponse.capabilities`).
@@ -56,4 +61,6 @@ pub mod capability {
     /// PostgreSQL runs on the data directory (`postmaster.pid` names a live process), with or
     /// without `--pg-conn`.
     pub const RUNNING: &str = "running";
+    /// Changes is served: the source's changed blocks from its own WAL.
+    pub const CHANGES: &str = "changes";
 }

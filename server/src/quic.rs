@@ -249,6 +249,10 @@ async fn answer<S: Failback>(
             let s = svc.chunk_hashes(Request::new(r)).await?.into_inner();
             return forward(s, Reply::FileHashes, send).await;
         }
+        Call::Changes(r) => {
+            let s = svc.changes(Request::new(r)).await?.into_inner();
+            return forward(s, Reply::Changes, send).await;
+        }
     };
     reply(send, r).await
 }

@@ -15,12 +15,14 @@ use bytes::Bytes;
 use failback_common::ControlFileData;
 use failback_common::filemap::FileType;
 use failback_common::wire::{self, Compression};
+use failback_datadir::history::{files_timeline, history_files};
 use failback_datadir::postmaster::running_postmaster;
+use failback_datadir::wal::{SourceChangesError, source_changes};
 use failback_datadir::{DataDir, DataDirError, HashError, ReadStatus, hash_chunks};
 use failback_proto::capability;
 use failback_proto::limits::{
-    MAX_HASH_CHUNK, MAX_HASH_PATHS, MAX_HASHES_PER_FILE, MAX_PATH_LEN, MAX_RANGES_PER_REQUEST,
-    MIN_HASH_CHUNK,
+    MAX_CHANGED_FILES_PER_REPLY, MAX_HASH_CHUNK, MAX_HASH_PATHS, MAX_HASHES_PER_FILE, MAX_PATH_LEN,
+    MAX_RANGES_PER_REQUEST, MIN_HASH_CHUNK,
 };
 use failback_proto::v1::failback_server::Failback;
 use failback_proto::v1::*;
@@ -137,15 +139,6 @@ fn control(dir: &DataDir) -> Result<(Vec<u8>, ControlFileData), Status> {
     Ok((bytes, parsed))
 }
 
-/// Timeline history files are named `%08X.history` in pg_wal.
-fn history_timeline(name: &str) -> Option<u32> {
-    let hex = name.strip_prefix("pg_wal/")?.strip_suffix(".history")?;
-    if hex.len() != 8 {
-        return None;
-    }
-    u32::from_str_radix(hex, 16).ok()
-}
-
 fn check_path(p: &str) -> Result<(), Status> {
     if p.len() > MAX_PATH_LEN {
         return Err(Status::invalid_argument(format!(
@@ -187,6 +180,7 @@ impl Failback for FailbackService {
             capability::ZSTD.into(),
             capability::BLAKE3.into(),
             capability::CHUNK_HASHES.into(),
+            capability::CHANGES.into(),
         ];
         // With --pg-conn the source is live while its server runs: seen by postmaster.pid, or,
         // when failbackd cannot see the postmaster's PID (another PID namespace), by the
@@ -234,35 +228,16 @@ impl Failback for FailbackService {
         };
         self.blocking(move |d| {
             let (_, c) = control(&d)?;
-            // Only pg_wal is looked at (through the same confinement as every read), not the
-            // whole directory: a large cluster has many files and histories live in one place.
-            let wal = d.resolve("pg_wal").map_err(status)?;
-            let names = match std::fs::read_dir(&wal) {
-                Ok(rd) => rd
-                    .filter_map(|e| e.ok())
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .collect::<Vec<_>>(),
-                Err(e) => return Err(Status::unavailable(format!("pg_wal: {e}"))),
-            };
-            let mut histories = Vec::new();
-            for name in names {
-                let path = format!("pg_wal/{name}");
-                let Some(tli) = history_timeline(&path) else {
-                    continue;
-                };
-                if let Some(data) = d.read_file(&path).map_err(status)? {
-                    histories.push(HistoryFile {
-                        timeline: tli,
-                        data: Bytes::from(data),
-                    });
-                }
-            }
-            histories.sort_by_key(|h| h.timeline);
-            // Without the server: a promotion writes the new timeline's history file before
-            // anything else, so the newest history file is the current timeline when it is
-            // newer than the control file's.
-            let newest = histories.last().map_or(0, |h| h.timeline);
-            let current_timeline = live_tli.unwrap_or(c.timeline_for_rewind().max(newest));
+            let histories: Vec<HistoryFile> = history_files(&d)
+                .map_err(status)?
+                .into_iter()
+                .map(|(timeline, data)| HistoryFile {
+                    timeline,
+                    data: Bytes::from(data),
+                })
+                .collect();
+            let newest = histories.last().map(|h| h.timeline);
+            let current_timeline = live_tli.unwrap_or(files_timeline(&c, newest));
             Ok(Response::new(TimelinesResponse {
                 current_timeline,
                 histories,
@@ -429,6 +404,98 @@ impl Failback for FailbackService {
             timeline: end.timeline,
             in_recovery: end.in_recovery,
         }))
+    }
+
+    type ChangesStream = BoxStream<ChangesReply>;
+
+    async fn changes(
+        &self,
+        request: Request<ChangesRequest>,
+    ) -> Result<Response<Self::ChangesStream>, Status> {
+        let req = request.into_inner();
+        let since = failback_common::Lsn(req.since_lsn);
+        // A running server's WAL ends where it says, on the timeline it says (its control file
+        // may still name the one before a promotion); a shut-down one's where its files say.
+        let live = match self.pg_conn {
+            Some(_) => Some(self.live_end().await?),
+            None => None,
+        };
+        // Only what is in the files can be read: up to the flush position, not the insert one.
+        let end = live.map(|e| {
+            let until = if req.until_lsn == 0 {
+                e.flushed
+            } else {
+                failback_common::Lsn(req.until_lsn).min(e.flushed)
+            };
+            (until, e.timeline)
+        });
+        let dir = self.dir.clone();
+        let permit = self.reader_permit().await?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let found = control(&dir).and_then(|(_, c)| {
+                source_changes(&dir, &c, since, end).map_err(|e| match e {
+                    SourceChangesError::Gone { .. } => {
+                        Status::failed_precondition(failback_common::errors::one_line(&e))
+                    }
+                    e => Status::unavailable(failback_common::errors::one_line(&e)),
+                })
+            });
+            let found = match found {
+                Ok(f) => f,
+                Err(s) => {
+                    let _ = tx.blocking_send(Err(s));
+                    return;
+                }
+            };
+            let files: Vec<ChangedFile> = found
+                .changes
+                .page_map
+                .files
+                .into_iter()
+                .map(|(path, blocks)| ChangedFile {
+                    path,
+                    block_bitmap: Bytes::from(blocks.to_le_bytes()),
+                })
+                .collect();
+            // Every reply but the last carries files only; the last one the rest.
+            let mut chunks: Vec<&[ChangedFile]> =
+                files.chunks(MAX_CHANGED_FILES_PER_REPLY).collect();
+            let last = chunks.pop().unwrap_or_default();
+            for chunk in chunks {
+                let reply = ChangesReply {
+                    files: chunk.to_vec(),
+                    ..Default::default()
+                };
+                if tx.blocking_send(Ok(reply)).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.blocking_send(Ok(ChangesReply {
+                files: last.to_vec(),
+                created: found
+                    .changes
+                    .created
+                    .iter()
+                    .map(|l| RelationId {
+                        spc_oid: l.spcOid,
+                        db_oid: l.dbOid,
+                        rel_number: l.relNumber,
+                    })
+                    .collect(),
+                databases: found
+                    .changes
+                    .databases
+                    .iter()
+                    .map(|&(spc_oid, db_oid)| DatabaseId { spc_oid, db_oid })
+                    .collect(),
+                done: true,
+                until_lsn: found.until.0,
+                records: found.records,
+            }));
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 

@@ -46,6 +46,10 @@ pub struct EndOfWal {
     pub lsn: Lsn,
     pub timeline: TimeLineId,
     pub in_recovery: bool,
+    /// How far the WAL is in its files: the flush position on a primary (the insert position
+    /// may lie in WAL buffers not yet written), the replay position on a standby. What reads
+    /// WAL from `pg_wal` can read up to here.
+    pub flushed: Lsn,
 }
 
 /// One statement, so that a promotion cannot fall between the recovery test and the position:
@@ -58,7 +62,9 @@ const END_OF_WAL: &str = "SELECT pg_is_in_recovery(),
        (SELECT received_tli FROM pg_stat_wal_receiver LIMIT 1)::int8,
        (SELECT min_recovery_end_timeline FROM pg_control_recovery())::int8,
        (SELECT timeline_id FROM pg_control_checkpoint())::int8,
-       current_setting('full_page_writes')";
+       current_setting('full_page_writes'),
+       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+             ELSE pg_current_wal_flush_lsn() END)::text";
 
 /// Asks the server `client` is connected to where its WAL ends. Blocking: call it off an
 /// async runtime.
@@ -92,11 +98,15 @@ pub fn end_of_wal(client: &mut postgres::Client) -> Result<EndOfWal, LiveError> 
         value: "NULL".into(),
         expected: "an LSN (a standby that has replayed nothing yet cannot be a source)",
     })?;
-    let lsn: Lsn = lsn_text.parse().map_err(|_| LiveError::Answer {
-        what: "the WAL position",
-        value: lsn_text.clone(),
-        expected: "an LSN",
-    })?;
+    let parse_lsn = |text: String| -> Result<Lsn, LiveError> {
+        text.parse().map_err(|_| LiveError::Answer {
+            what: "the WAL position",
+            value: text.clone(),
+            expected: "an LSN",
+        })
+    };
+    let lsn = parse_lsn(lsn_text)?;
+    let flushed = parse_lsn(get(7)?.unwrap_or_default())?;
     // pg_rewind's libpq source insists on it too: a page copied while it was being written
     // is repaired by the full-page image that its first change after a checkpoint logged.
     let fpw = get(6)?.unwrap_or_default();
@@ -133,6 +143,7 @@ pub fn end_of_wal(client: &mut postgres::Client) -> Result<EndOfWal, LiveError> 
         lsn,
         timeline,
         in_recovery,
+        flushed,
     })
 }
 

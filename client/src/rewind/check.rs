@@ -17,7 +17,7 @@ use crate::pgbin::PgBin;
 use crate::progress::Progress;
 use crate::source::{Source, SourceEnd};
 use crate::target::Target;
-use crate::walread::RestoreCommand;
+use failback_datadir::wal::RestoreCommand;
 
 /// What the checks found: the two clusters, and how to go on.
 pub(crate) struct Checked {

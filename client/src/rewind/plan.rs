@@ -4,10 +4,11 @@
 use std::time::Instant;
 
 use failback_common::TimeLineId;
+use failback_common::changes::WalChanges;
 use failback_common::journal::{JournalHeader, JournalState};
 use failback_common::lsn::history_file_name;
-use failback_common::plan::{self, ChangedBlocks, PlanInput};
-use failback_common::relpath::{self, ForkNumber};
+use failback_common::plan::{self, PlanInput};
+use failback_common::relpath;
 use failback_common::rewind::{CheckpointSearch, Step, source_wal_end, target_wal_end};
 use failback_common::timeline::{TimeLineHistory, find_common_ancestor};
 use failback_common::wal::WalParams;
@@ -19,7 +20,7 @@ use crate::error::{Doing, RewindError};
 use crate::fault::{self, Point};
 use crate::progress::Progress;
 use crate::source::Source;
-use crate::walread::WalReader;
+use failback_datadir::wal::WalReader;
 
 pub(crate) enum Planned {
     /// The target wrote nothing past the divergence, or both are on one timeline.
@@ -135,20 +136,15 @@ pub(crate) fn plan(
 
     // Every block the target touched since then.
     progress.phase("reading WAL in target");
-    let mut changed = ChangedBlocks::default();
+    let mut changed = WalChanges::default();
     let (relseg, blcksz, major) = (target.relseg_size, target.blcksz, target.major);
     wal.scan(common.lsn, end_of_target_wal, |rec| {
         fault::passed(Point::Scan, 1);
-        for b in rec.blocks {
-            if i32::from(b.fork()) != ForkNumber::Main.to_i32() {
-                continue;
-            }
-            changed.insert(b.locator, b.blkno, relseg);
-        }
+        changed.record(rec, relseg);
         Ok(())
     })
     .doing("could not read the target's WAL")?;
-    let page_map = changed.into_page_map(major);
+    let page_map = changed.finish(major).page_map;
     report.changed_blocks = page_map.block_count() as u64;
     report.seconds.wal_scan = t_scan.elapsed().as_secs_f64();
 

@@ -119,6 +119,15 @@ impl Transport for GrpcTransport {
         Ok(out)
     }
 
+    async fn changes(&self, req: pb::ChangesRequest) -> Result<Vec<pb::ChangesReply>, Status> {
+        let mut s = self.c().changes(req).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(r) = s.message().await? {
+            out.push(r);
+        }
+        Ok(out)
+    }
+
     fn generation(&self) -> u64 {
         self.current.generation()
     }

@@ -12,7 +12,9 @@ use failback_common::filemap::{FileEntry, FileType};
 
 use failback_datadir::{DataDir, DataDirError, read_full_at};
 
-use super::{Fetch, FetchRange, Fetched, Source, SourceEnd, SourceError};
+use failback_datadir::wal::{SourceChangesError, source_changes};
+
+use super::{ChangesAnswer, Fetch, FetchRange, Fetched, Source, SourceEnd, SourceError};
 
 /// How much of a file is read at a time; large enough to stream, small enough to bound memory.
 const PIECE: u64 = 1 << 20;
@@ -91,6 +93,30 @@ impl Source for LocalSource {
 
     fn is_live(&self) -> bool {
         false
+    }
+
+    /// A shut-down directory's WAL ends where its files say, before any later `until`.
+    fn changes(
+        &mut self,
+        since: failback_common::Lsn,
+        _until: Option<failback_common::Lsn>,
+    ) -> Result<ChangesAnswer, SourceError> {
+        let bytes = self.control_file()?;
+        let control =
+            failback_common::ControlFileData::parse(&bytes).map_err(|e| SourceError::Refused {
+                what: "global/pg_control".into(),
+                reason: e.to_string(),
+            })?;
+        match source_changes(&self.dir, &control, since, None) {
+            Ok(found) => Ok(ChangesAnswer::Found(found)),
+            Err(e @ SourceChangesError::Gone { .. }) => Ok(ChangesAnswer::Unknown {
+                why: failback_common::errors::one_line(&e),
+            }),
+            Err(e) => Err(SourceError::Refused {
+                what: "the source's WAL".into(),
+                reason: failback_common::errors::one_line(&e),
+            }),
+        }
     }
 
     fn end_of_wal(&mut self) -> Result<Option<SourceEnd>, SourceError> {

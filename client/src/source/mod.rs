@@ -88,6 +88,18 @@ pub struct FileHashes {
     pub vanished: bool,
 }
 
+/// What a source says it changed since the divergence ([`Source::changes`]).
+#[derive(Debug)]
+pub enum ChangesAnswer {
+    /// Its own WAL says.
+    Found(SourceChanges),
+    /// It cannot say, and why (its WAL since then is gone; it cannot read WAL): the changes
+    /// are then found by comparing the two sides' chunk hashes.
+    Unknown { why: String },
+}
+
+pub use failback_datadir::wal::SourceChanges;
+
 /// A question the engine is about to ask (see [`Source::ask_ahead`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ask {
@@ -192,6 +204,15 @@ pub trait Source {
         let _ = asks;
     }
 
+    /// What the source's own WAL says it changed from `since` (where the two histories part) up
+    /// to its end of WAL (a running source's end now; at most `until` when given).
+    fn changes(&mut self, since: Lsn, until: Option<Lsn>) -> Result<ChangesAnswer, SourceError> {
+        let _ = (since, until);
+        Ok(ChangesAnswer::Unknown {
+            why: "this source cannot read its WAL".into(),
+        })
+    }
+
     /// blake3 hashes of `chunk_size`-byte chunks of each path, in the order asked, so that only
     /// the chunks the target lacks are fetched; `None` when the source cannot hash (then whole
     /// files are fetched). Worth it only where reading costs less than sending.
@@ -243,5 +264,8 @@ impl<S: Source + ?Sized> Source for Box<S> {
         chunk_size: u64,
     ) -> Result<Option<Vec<FileHashes>>, SourceError> {
         (**self).chunk_hashes(paths, chunk_size)
+    }
+    fn changes(&mut self, since: Lsn, until: Option<Lsn>) -> Result<ChangesAnswer, SourceError> {
+        (**self).changes(since, until)
     }
 }

@@ -190,6 +190,18 @@ impl Transport for QuicTransport {
         .await
     }
 
+    async fn changes(&self, req: pb::ChangesRequest) -> Result<Vec<pb::ChangesReply>, Status> {
+        let mut replies = self.call(Call::Changes(req)).await?;
+        let mut out = Vec::new();
+        while let Some(r) = replies.next().await? {
+            match r {
+                Reply::Changes(c) => out.push(c),
+                _ => return Err(unexpected("changes")),
+            }
+        }
+        Ok(out)
+    }
+
     fn generation(&self) -> u64 {
         self.current.generation()
     }

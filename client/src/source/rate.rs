@@ -97,6 +97,14 @@ impl<S: Source> Source for RateLimited<S> {
     ) -> Result<Option<Vec<FileHashes>>, SourceError> {
         self.inner.chunk_hashes(paths, chunk_size)
     }
+
+    fn changes(
+        &mut self,
+        since: failback_common::Lsn,
+        until: Option<failback_common::Lsn>,
+    ) -> Result<super::ChangesAnswer, SourceError> {
+        self.inner.changes(since, until)
+    }
 }
 
 /// A fetch whose pieces are each paid for before they are handed on.

@@ -33,7 +33,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::{Semaphore, mpsc};
 use tonic::{Code, Status};
 
-use super::{Fetch, FetchRange, Fetched, Source, SourceEnd, SourceError};
+use super::{ChangesAnswer, Fetch, FetchRange, Fetched, Source, SourceEnd, SourceError};
 
 /// Bytes per ReadRanges request: large enough to stream, small enough to spread over jobs.
 const BATCH_BYTES: u64 = 16 << 20;
@@ -126,6 +126,12 @@ pub trait Transport: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<pb::FileHashes>, Status>> + Send;
 
     fn end_of_wal(&self) -> impl Future<Output = Result<pb::EndOfWalResponse, Status>> + Send;
+
+    /// Every reply of one Changes call.
+    fn changes(
+        &self,
+        req: pb::ChangesRequest,
+    ) -> impl Future<Output = Result<Vec<pb::ChangesReply>, Status>> + Send;
 
     /// Says goodbye, so the server frees the connection now rather than at its idle timeout.
     fn close(&self) -> impl Future<Output = ()> + Send {
@@ -1052,6 +1058,93 @@ impl<T: Transport> Source for RemoteSource<T> {
         }
         Ok(Some(out))
     }
+
+    fn changes(
+        &mut self,
+        since: failback_common::Lsn,
+        until: Option<failback_common::Lsn>,
+    ) -> Result<ChangesAnswer, SourceError> {
+        if !self.has(capability::CHANGES) {
+            return Ok(ChangesAnswer::Unknown {
+                why: "this failbackd cannot read its WAL (no \"changes\" capability)".into(),
+            });
+        }
+        let req = pb::ChangesRequest {
+            since_lsn: since.0,
+            until_lsn: until.map_or(0, |u| u.0),
+        };
+        let replies = self.call("Changes", |t| {
+            async move {
+                match t.changes(req).await {
+                    Ok(v) => Ok(Ok(v)),
+                    // The WAL since then is gone on the source: not an error of the rewind's.
+                    Err(s) if s.code() == Code::FailedPrecondition => {
+                        Ok(Err(s.message().to_string()))
+                    }
+                    Err(s) => Err(s),
+                }
+            }
+        })?;
+        let replies = match replies {
+            Ok(r) => r,
+            Err(why) => return Ok(ChangesAnswer::Unknown { why }),
+        };
+        changes_from_replies(replies).map(ChangesAnswer::Found)
+    }
+}
+
+/// The changes Changes replied, checked: whole bitmaps of bounded size, one last reply.
+fn changes_from_replies(
+    replies: Vec<pb::ChangesReply>,
+) -> Result<failback_datadir::wal::SourceChanges, SourceError> {
+    use failback_common::changes::Changes;
+    use failback_common::plan::BlockBitmap;
+    use failback_common::relpath::RelFileLocator;
+    let mut changes = Changes::default();
+    let Some(last) = replies.last() else {
+        return Err(proto_err("Changes", "no reply"));
+    };
+    if !last.done || replies.iter().rev().skip(1).any(|r| r.done) {
+        return Err(proto_err(
+            "Changes",
+            "the replies do not end with the one last reply",
+        ));
+    }
+    let (until, records) = (last.until_lsn, last.records);
+    for r in replies {
+        for f in r.files {
+            if f.block_bitmap.len() > failback_proto::limits::MAX_BLOCK_BITMAP {
+                return Err(proto_err(
+                    "Changes",
+                    format!(
+                        "a block bitmap of {} bytes for {:?}",
+                        f.block_bitmap.len(),
+                        f.path
+                    ),
+                ));
+            }
+            let blocks = BlockBitmap::from_le_bytes(&f.block_bitmap).ok_or_else(|| {
+                proto_err(
+                    "Changes",
+                    format!("{:?}: a bitmap of partial words", f.path),
+                )
+            })?;
+            changes.page_map.files.insert(f.path, blocks);
+        }
+        changes.created.extend(
+            r.created
+                .iter()
+                .map(|l| RelFileLocator::new(l.spc_oid, l.db_oid, l.rel_number)),
+        );
+        changes
+            .databases
+            .extend(r.databases.iter().map(|d| (d.spc_oid, d.db_oid)));
+    }
+    Ok(failback_datadir::wal::SourceChanges {
+        changes,
+        until: failback_common::Lsn(until),
+        records,
+    })
 }
 
 #[cfg(test)]

@@ -581,6 +581,13 @@ pub mod damaging {
         ) -> Result<Response<EndOfWalResponse>, Status> {
             Err(Status::unimplemented(""))
         }
+        type ChangesStream = S<ChangesReply>;
+        async fn changes(
+            &self,
+            _: Request<ChangesRequest>,
+        ) -> Result<Response<Self::ChangesStream>, Status> {
+            Err(Status::unimplemented(""))
+        }
     }
 
     /// A stand-in serving [`super::damaging_content`], and its damage counter.

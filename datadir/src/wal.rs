@@ -1,4 +1,5 @@
-//! Reading the target's WAL from its files.
+//! Reading a data directory's WAL from its files: the target's, by the client, and the
+//! source's, by failbackd beside it.
 //!
 //! WAL lives in `pg_wal/` as segment files named by timeline and segment number. After timeline
 //! switches, the same segment number can exist under several timelines; the one to read is
@@ -16,6 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use failback_common::changes::WalChanges;
 use failback_common::lsn::wal_file_name;
 use failback_common::timeline::{TimeLineHistory, timeline_for_segment};
 use failback_common::wal::{Decoded, WalDecoder, WalError, WalParams, WalRecord};
@@ -60,6 +62,8 @@ pub enum WalReadError {
     Params(#[from] failback_common::wal::WalParamsError),
     #[error("end pointer {got} is not a valid end point; expected {expected}")]
     Overshoot { got: Lsn, expected: Lsn },
+    #[error("the WAL ends at {lsn}, before {until}: {why}")]
+    EndedEarly { lsn: Lsn, until: Lsn, why: String },
 }
 
 /// The target's restore_command, and how to run it as the data directory's owner.
@@ -309,6 +313,45 @@ pub enum WalEnd {
 }
 
 impl WalReader<'_> {
+    /// What the records starting in `[from, until)` change (see [`WalChanges`]), with relation
+    /// segments of `relseg_size` blocks. `from` is a record start, or a page boundary (where a
+    /// timeline begins, the first record follows the page header). WAL that ends before
+    /// `until` (a segment gone, or valid WAL ending) is an error: the changes would be
+    /// incomplete.
+    pub fn changes(
+        &mut self,
+        from: Lsn,
+        until: Lsn,
+        relseg_size: u32,
+    ) -> Result<WalChanges, WalReadError> {
+        let mut changes = WalChanges::default();
+        if from >= until {
+            return Ok(changes);
+        }
+        let at_page = from.page_offset(self.params.page_size) == 0;
+        let end = self.walk(from, at_page, Some(until), |r| {
+            changes.record(r, relseg_size)
+        })?;
+        match end {
+            // Valid WAL that ends exactly at `until` (nothing written after it yet) was read
+            // to the end too.
+            WalEnd::Reached(_) => Ok(changes),
+            WalEnd::EndOfWal { lsn, .. } | WalEnd::NoMoreSegments { lsn, .. } if lsn >= until => {
+                Ok(changes)
+            }
+            WalEnd::EndOfWal { lsn, error } => Err(WalReadError::EndedEarly {
+                lsn,
+                until,
+                why: error.to_string(),
+            }),
+            WalEnd::NoMoreSegments { lsn, name } => Err(WalReadError::MissingSegment {
+                name,
+                lsn,
+                dir: self.dir.clone(),
+            }),
+        }
+    }
+
     /// The first segment on disk that belongs to this history, as (segment number, file name).
     pub fn oldest_segment(&self) -> Option<XLogSegNo> {
         let rd = std::fs::read_dir(&self.dir).ok()?;
@@ -374,4 +417,81 @@ impl WalReader<'_> {
             }
         }
     }
+}
+
+/// What a data directory's own WAL says changed since `since`, as [`source_changes`] found it.
+#[derive(Debug)]
+pub struct SourceChanges {
+    pub changes: failback_common::changes::Changes,
+    /// The first position the scan did not take.
+    pub until: Lsn,
+    /// Records read.
+    pub records: u64,
+}
+
+/// Why [`source_changes`] could not say.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceChangesError {
+    /// The WAL since `since` is no longer all there (recycled, removed, or torn): the changes
+    /// must be found another way (comparing chunk hashes).
+    #[error("the WAL from {since} to {until} is no longer complete in pg_wal")]
+    Gone {
+        since: Lsn,
+        until: Lsn,
+        #[source]
+        source: WalReadError,
+    },
+    #[error("could not read the timeline history")]
+    History(#[from] crate::history::HistoryReadError),
+    #[error(transparent)]
+    Wal(#[from] WalReadError),
+}
+
+/// What `dir`'s own WAL says changed from `since` (where its history and another cluster's
+/// part) up to `end`: the position and timeline where its WAL ends when a running server said
+/// so, else where the shut-down directory's WAL ends (its checkpoint, or its minimum recovery
+/// point as a standby). The WAL is read along the history of `end`'s timeline, or of the
+/// timeline the files say it is on.
+pub fn source_changes(
+    dir: &crate::DataDir,
+    control: &failback_common::control::ControlFileData,
+    since: Lsn,
+    end: Option<(Lsn, failback_common::TimeLineId)>,
+) -> Result<SourceChanges, SourceChangesError> {
+    let (until, tli) = match end {
+        Some(e) => e,
+        None => {
+            let newest = crate::history::history_files(dir)
+                .map_err(crate::history::HistoryReadError::from)?
+                .last()
+                .map(|(t, _)| *t);
+            let (lsn, _) = failback_common::rewind::shut_down_end(control);
+            (lsn, crate::history::files_timeline(control, newest))
+        }
+    };
+    let history = crate::history::history_of(dir, tli)?;
+    let params = WalParams::new(control.major, control.xlog_seg_size)
+        .with_system_identifier(control.system_identifier);
+    let mut reader = WalReader::new(dir.root(), &history, params, None);
+    let changes = match reader.changes(since, until, control.relseg_size) {
+        Ok(c) => c,
+        Err(
+            e @ (WalReadError::MissingSegment { .. }
+            | WalReadError::EndedEarly { .. }
+            | WalReadError::Decode { .. }),
+        ) => {
+            return Err(SourceChangesError::Gone {
+                since,
+                until,
+                source: e,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let records = changes.records();
+    Ok(SourceChanges {
+        changes: changes.finish(control.major),
+        until,
+        records,
+    })
 }
