@@ -63,4 +63,6 @@ pub mod capability {
     pub const RUNNING: &str = "running";
     /// Changes is served: the source's changed blocks from its own WAL.
     pub const CHANGES: &str = "changes";
+    /// BackupWindow and EndBackupWindow are served (a live source, `--pg-conn`).
+    pub const BACKUP_WINDOW: &str = "backup-window";
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod live;
 pub mod quic;
 pub mod service;
+pub mod window;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -211,10 +211,17 @@ where
     St: Stream<Item = Result<T, Status>>,
 {
     let mut stream = std::pin::pin!(stream);
-    while let Some(item) = stream.next().await {
+    // A call may sit idle for long (a backup window lasts a whole copy): a client that went
+    // away meanwhile ends it, rather than the next reply that never comes.
+    let mut gone = std::pin::pin!(send.stopped());
+    loop {
+        let item = tokio::select! {
+            item = stream.next() => item,
+            _ = &mut gone => return Err(Failure::Gone),
+        };
+        let Some(item) = item else { return Ok(()) };
         reply(send, wrap(item?)).await?;
     }
-    Ok(())
 }
 
 /// Dispatches one request to the service and writes its answer.
@@ -252,6 +259,13 @@ async fn answer<S: Failback>(
         Call::Changes(r) => {
             let s = svc.changes(Request::new(r)).await?.into_inner();
             return forward(s, Reply::Changes, send).await;
+        }
+        Call::BackupWindow(r) => {
+            let s = svc.backup_window(Request::new(r)).await?.into_inner();
+            return forward(s, Reply::BackupWindow, send).await;
+        }
+        Call::EndBackupWindow(r) => {
+            Reply::EndBackupWindow(svc.end_backup_window(Request::new(r)).await?.into_inner())
         }
     };
     reply(send, r).await

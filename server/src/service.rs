@@ -42,6 +42,8 @@ pub struct FailbackService {
     pg_conn: Option<Arc<str>>,
     /// `--primary-conninfo`: what the handshake tells clients about reaching the server.
     primary_conninfo: Option<Arc<str>>,
+    /// Backup windows open on the server (`BackupWindow`).
+    windows: Arc<crate::window::Windows>,
 }
 
 impl FailbackService {
@@ -52,6 +54,7 @@ impl FailbackService {
             readers: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
             pg_conn: None,
             primary_conninfo: None,
+            windows: Arc::default(),
         }
     }
 
@@ -188,6 +191,7 @@ impl Failback for FailbackService {
         // serves the directory as shut down.
         if self.pg_conn.is_some() && (running || self.live_end().await.is_ok()) {
             capabilities.push(capability::LIVE.into());
+            capabilities.push(capability::BACKUP_WINDOW.into());
         }
         if running {
             capabilities.push(capability::RUNNING.into());
@@ -404,6 +408,33 @@ impl Failback for FailbackService {
             timeline: end.timeline,
             in_recovery: end.in_recovery,
         }))
+    }
+
+    type BackupWindowStream = BoxStream<BackupWindowReply>;
+
+    async fn backup_window(
+        &self,
+        request: Request<BackupWindowRequest>,
+    ) -> Result<Response<Self::BackupWindowStream>, Status> {
+        let Some(conn) = self.pg_conn.clone() else {
+            return Err(Status::failed_precondition(
+                "a backup window needs the running server: failbackd was started without \
+                 --pg-conn",
+            ));
+        };
+        let label = request.into_inner().label;
+        let (tx, rx) = mpsc::channel(1);
+        let (windows, rt) = (self.windows.clone(), tokio::runtime::Handle::current());
+        tokio::task::spawn_blocking(move || windows.hold(&rt, &conn, &label, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn end_backup_window(
+        &self,
+        request: Request<EndBackupWindowRequest>,
+    ) -> Result<Response<EndBackupWindowResponse>, Status> {
+        let closed = self.windows.close(request.into_inner().window_id).await?;
+        Ok(Response::new(closed))
     }
 
     type ChangesStream = BoxStream<ChangesReply>;

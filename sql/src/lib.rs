@@ -163,3 +163,126 @@ pub fn error_text(e: &postgres::Error) -> String {
         }
     }
 }
+
+/// The major version of the server `client` is connected to (`server_version_num` / 10000).
+pub fn server_major(client: &mut postgres::Client) -> Result<u32, LiveError> {
+    let v: String = query_text(
+        client,
+        "SELECT current_setting('server_version_num')",
+        "the version",
+    )?;
+    v.parse::<u32>()
+        .map(|n| n / 10_000)
+        .map_err(|_| LiveError::Answer {
+            what: "server_version_num",
+            value: v,
+            expected: "a version number",
+        })
+}
+
+/// The one text column of a one-row query.
+fn query_text(
+    client: &mut postgres::Client,
+    sql: &str,
+    what: &'static str,
+) -> Result<String, LiveError> {
+    let row = client.query_one(sql, &[]).map_err(|e| LiveError::Query {
+        query: what,
+        reason: error_text(&e),
+    })?;
+    row.try_get::<_, String>(0).map_err(|e| LiveError::Query {
+        query: what,
+        reason: error_text(&e),
+    })
+}
+
+fn parse_lsn_answer(what: &'static str, text: String) -> Result<Lsn, LiveError> {
+    text.parse().map_err(|_| LiveError::Answer {
+        what,
+        value: text.clone(),
+        expected: "an LSN",
+    })
+}
+
+/// Keeps the server's WAL from now on for as long as this session lasts: a temporary physical
+/// replication slot that reserves WAL at once (`pg_create_physical_replication_slot(name, true,
+/// true)`, dropped when the session ends). Returns where the reservation starts.
+pub fn reserve_wal(client: &mut postgres::Client, slot: &str) -> Result<Lsn, LiveError> {
+    let row = client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_physical_replication_slot($1, true, true)",
+            &[&slot],
+        )
+        .map_err(|e| LiveError::Query {
+            query: "pg_create_physical_replication_slot",
+            reason: error_text(&e),
+        })?;
+    let text: Option<String> = row.try_get(0).map_err(|e| LiveError::Query {
+        query: "pg_create_physical_replication_slot",
+        reason: error_text(&e),
+    })?;
+    parse_lsn_answer("the reserved WAL position", text.unwrap_or_default())
+}
+
+/// Starts a non-exclusive backup in this session, with an immediate checkpoint
+/// (`pg_backup_start(label, true)`, `pg_start_backup(label, true, false)` before 15). Returns
+/// the backup's start: the redo position of its checkpoint, from which WAL replay makes what is
+/// copied during the backup consistent.
+pub fn backup_start(
+    client: &mut postgres::Client,
+    major: u32,
+    label: &str,
+) -> Result<Lsn, LiveError> {
+    let sql = if major >= 15 {
+        "SELECT pg_backup_start($1, true)::text"
+    } else {
+        "SELECT pg_start_backup($1, true, false)::text"
+    };
+    let row = client
+        .query_one(sql, &[&label])
+        .map_err(|e| LiveError::Query {
+            query: "pg_backup_start",
+            reason: error_text(&e),
+        })?;
+    let text: String = row.try_get(0).map_err(|e| LiveError::Query {
+        query: "pg_backup_start",
+        reason: error_text(&e),
+    })?;
+    parse_lsn_answer("the backup's start", text)
+}
+
+/// What ending a backup says: where the WAL its copy needs ends, and the two files the copy
+/// must carry (`backup_label`, and `tablespace_map`, empty without tablespaces).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupStopped {
+    pub lsn: Lsn,
+    pub backup_label: String,
+    pub tablespace_map: String,
+}
+
+/// Ends this session's non-exclusive backup without waiting for WAL archiving
+/// (`pg_backup_stop(false)`, `pg_stop_backup(false, false)` before 15).
+pub fn backup_stop(client: &mut postgres::Client, major: u32) -> Result<BackupStopped, LiveError> {
+    let sql = if major >= 15 {
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
+    } else {
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
+    };
+    let row = client.query_one(sql, &[]).map_err(|e| LiveError::Query {
+        query: "pg_backup_stop",
+        reason: error_text(&e),
+    })?;
+    let get = |i: usize| -> Result<String, LiveError> {
+        row.try_get::<_, Option<String>>(i)
+            .map(Option::unwrap_or_default)
+            .map_err(|e| LiveError::Query {
+                query: "pg_backup_stop",
+                reason: error_text(&e),
+            })
+    };
+    Ok(BackupStopped {
+        lsn: parse_lsn_answer("the backup's end", get(0)?)?,
+        backup_label: get(1)?,
+        tablespace_map: get(2)?,
+    })
+}

@@ -6,16 +6,15 @@
 //! primary after the promotion (their new versions' `ctid`), the relfilenode of a table made
 //! after it, and the OID of a database copied from a template (outside WAL) after it.
 
+mod support;
+
 use failback_client::source::local::LocalSource;
-use failback_client::source::remote::{RemoteOptions, connect};
 use failback_client::source::{ChangesAnswer, Source, SourceChanges};
 use failback_common::relpath::RelFileLocator;
-use failback_common::wire::Compression;
 use failback_common::{Lsn, PgMajor};
 use failback_tests::failbackd::{Failbackd, Via};
 use failback_tests::rewind::{promote, switch_point};
 use failback_tests::{Cluster, StopMode, pg_test};
-use failback_transport::url::SourceUrl;
 
 /// What the new primary did after the promotion, as SQL sees it.
 struct Expected {
@@ -115,20 +114,7 @@ fn assert_names_what_changed(found: &SourceChanges, e: &Expected, since: Lsn, wh
 }
 
 fn remote(server: &Failbackd) -> Box<dyn Source> {
-    let mut args = server.source_args(Via::Grpc).into_iter();
-    let (_, url, _, ca) = (args.next(), args.next(), args.next(), args.next());
-    connect(RemoteOptions {
-        url: SourceUrl::parse(url.unwrap().to_str().unwrap()).unwrap(),
-        ca: Some(std::fs::read(ca.unwrap()).unwrap()),
-        identity: None,
-        token: None,
-        jobs: 2,
-        connections: 1,
-        compression: Compression::DEFAULT,
-        patience: failback_common::patience::Patience::DEFAULT,
-        notice: None,
-    })
-    .expect("connect to failbackd")
+    support::connect_child(server, Via::Grpc)
 }
 
 pg_test!(the_sources_own_wal_names_what_it_changed, |major| {

@@ -17,7 +17,8 @@ use tonic::{Request, Status};
 
 use super::SourceError;
 use super::remote::{
-    CONNECT_TIMEOUT, ChunkStream, Current, RemoteOptions, RemoteSource, Transport, chain, runtime,
+    CONNECT_TIMEOUT, ChunkStream, Current, Held, RemoteOptions, RemoteSource, Transport, chain,
+    runtime,
 };
 use failback_proto::limits::MAX_REPLY;
 use failback_transport::tune::DEFAULT_WINDOW;
@@ -117,6 +118,25 @@ impl Transport for GrpcTransport {
             out.push(h);
         }
         Ok(out)
+    }
+
+    async fn backup_window(
+        &self,
+        req: pb::BackupWindowRequest,
+    ) -> Result<(pb::BackupWindowReply, Held), Status> {
+        let mut s = self.c().backup_window(req).await?.into_inner();
+        let first = s
+            .message()
+            .await?
+            .ok_or_else(|| Status::unavailable("failbackd ended the window's call at once"))?;
+        Ok((first, Box::new(s)))
+    }
+
+    async fn end_backup_window(
+        &self,
+        req: pb::EndBackupWindowRequest,
+    ) -> Result<pb::EndBackupWindowResponse, Status> {
+        Ok(self.c().end_backup_window(req).await?.into_inner())
     }
 
     async fn changes(&self, req: pb::ChangesRequest) -> Result<Vec<pb::ChangesReply>, Status> {

@@ -100,6 +100,25 @@ pub enum ChangesAnswer {
 
 pub use failback_datadir::wal::SourceChanges;
 
+/// A backup window on a running source, as it opened ([`Source::open_window`]): replaying the
+/// source's WAL from `start` makes what is copied inside the window consistent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowStart {
+    pub start: Lsn,
+    pub tli: TimeLineId,
+}
+
+/// What closing a backup window says ([`Source::close_window`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowEnd {
+    /// Replay of the copy must reach this far before it is consistent.
+    pub stop: Lsn,
+    pub tli: TimeLineId,
+    /// The copy's `backup_label`, and its `tablespace_map` (empty without tablespaces).
+    pub backup_label: String,
+    pub tablespace_map: String,
+}
+
 /// A question the engine is about to ask (see [`Source::ask_ahead`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ask {
@@ -213,6 +232,29 @@ pub trait Source {
         })
     }
 
+    /// Opens a backup window on a running source (see failbackd's `window` module), labelled
+    /// `label`; `None` for a shut-down source, which is consistent as it is. The window lasts
+    /// until [`Source::close_window`], or until the source is dropped; the WAL written during it
+    /// stays in the source's `pg_wal` until the source is dropped.
+    fn open_window(&mut self, label: &str) -> Result<Option<WindowStart>, SourceError> {
+        let _ = label;
+        if self.is_live() {
+            return Err(SourceError::Refused {
+                what: "a backup window".into(),
+                reason: "this source is running but cannot hold a backup window".into(),
+            });
+        }
+        Ok(None)
+    }
+
+    /// Closes the window [`Source::open_window`] opened.
+    fn close_window(&mut self) -> Result<WindowEnd, SourceError> {
+        Err(SourceError::Refused {
+            what: "a backup window".into(),
+            reason: "no backup window is open".into(),
+        })
+    }
+
     /// blake3 hashes of `chunk_size`-byte chunks of each path, in the order asked, so that only
     /// the chunks the target lacks are fetched; `None` when the source cannot hash (then whole
     /// files are fetched). Worth it only where reading costs less than sending.
@@ -267,5 +309,11 @@ impl<S: Source + ?Sized> Source for Box<S> {
     }
     fn changes(&mut self, since: Lsn, until: Option<Lsn>) -> Result<ChangesAnswer, SourceError> {
         (**self).changes(since, until)
+    }
+    fn open_window(&mut self, label: &str) -> Result<Option<WindowStart>, SourceError> {
+        (**self).open_window(label)
+    }
+    fn close_window(&mut self) -> Result<WindowEnd, SourceError> {
+        (**self).close_window()
     }
 }

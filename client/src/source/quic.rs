@@ -27,7 +27,8 @@ use tonic::Status;
 
 use super::SourceError;
 use super::remote::{
-    CONNECT_TIMEOUT, ChunkStream, Current, RemoteOptions, RemoteSource, Transport, chain, runtime,
+    CONNECT_TIMEOUT, ChunkStream, Current, Held, RemoteOptions, RemoteSource, Transport, chain,
+    runtime,
 };
 
 /// failbackd over QUIC.
@@ -185,6 +186,31 @@ impl Transport for QuicTransport {
     async fn end_of_wal(&self) -> Result<pb::EndOfWalResponse, Status> {
         self.unary(Call::EndOfWal(pb::EndOfWalRequest {}), |r| match r {
             Reply::EndOfWal(e) => Some(e),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn backup_window(
+        &self,
+        req: pb::BackupWindowRequest,
+    ) -> Result<(pb::BackupWindowReply, Held), Status> {
+        let mut replies = self.call(Call::BackupWindow(req)).await?;
+        match replies.next().await? {
+            Some(Reply::BackupWindow(w)) => Ok((w, Box::new(replies))),
+            Some(_) => Err(unexpected("a backup window")),
+            None => Err(Status::unavailable(
+                "failbackd ended the window's call at once",
+            )),
+        }
+    }
+
+    async fn end_backup_window(
+        &self,
+        req: pb::EndBackupWindowRequest,
+    ) -> Result<pb::EndBackupWindowResponse, Status> {
+        self.unary(Call::EndBackupWindow(req), |r| match r {
+            Reply::EndBackupWindow(e) => Some(e),
             _ => None,
         })
         .await

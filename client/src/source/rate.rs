@@ -105,6 +105,14 @@ impl<S: Source> Source for RateLimited<S> {
     ) -> Result<super::ChangesAnswer, SourceError> {
         self.inner.changes(since, until)
     }
+
+    fn open_window(&mut self, label: &str) -> Result<Option<super::WindowStart>, SourceError> {
+        self.inner.open_window(label)
+    }
+
+    fn close_window(&mut self) -> Result<super::WindowEnd, SourceError> {
+        self.inner.close_window()
+    }
 }
 
 /// A fetch whose pieces are each paid for before they are handed on.

@@ -33,7 +33,10 @@ use tokio::runtime::Runtime;
 use tokio::sync::{Semaphore, mpsc};
 use tonic::{Code, Status};
 
-use super::{ChangesAnswer, Fetch, FetchRange, Fetched, Source, SourceEnd, SourceError};
+use super::{
+    ChangesAnswer, Fetch, FetchRange, Fetched, Source, SourceEnd, SourceError, WindowEnd,
+    WindowStart,
+};
 
 /// Bytes per ReadRanges request: large enough to stream, small enough to spread over jobs.
 const BATCH_BYTES: u64 = 16 << 20;
@@ -69,6 +72,9 @@ pub struct RemoteOptions {
     /// Told of every failure that is retried, in words (the CLI prints it as a warning).
     pub notice: Option<Notice>,
 }
+
+/// A call held open (a backup window's): dropping it ends the call.
+pub type Held = Box<dyn std::any::Any + Send>;
 
 /// Where a source's notes on retried failures go.
 pub type Notice = Arc<dyn Fn(&str) + Send + Sync>;
@@ -126,6 +132,18 @@ pub trait Transport: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<pb::FileHashes>, Status>> + Send;
 
     fn end_of_wal(&self) -> impl Future<Output = Result<pb::EndOfWalResponse, Status>> + Send;
+
+    /// Opens a backup window: its first reply, and the call, held open for as long as the
+    /// window is to last (dropping it ends the call, and the window with it).
+    fn backup_window(
+        &self,
+        req: pb::BackupWindowRequest,
+    ) -> impl Future<Output = Result<(pb::BackupWindowReply, Held), Status>> + Send;
+
+    fn end_backup_window(
+        &self,
+        req: pb::EndBackupWindowRequest,
+    ) -> impl Future<Output = Result<pb::EndBackupWindowResponse, Status>> + Send;
 
     /// Every reply of one Changes call.
     fn changes(
@@ -323,6 +341,8 @@ pub struct RemoteSource<T: Transport> {
     /// How a standby reaches the source's server, host included.
     primary_conninfo: String,
     early: Early,
+    /// The backup window this source opened: its id, and its call held open.
+    window: Option<(u64, Held)>,
 }
 
 /// What every rewind asks first — the control file, the timelines and their history files,
@@ -444,6 +464,7 @@ impl<T: Transport> RemoteSource<T> {
             max_chunk: hs.max_chunk,
             capabilities: hs.capabilities,
             early,
+            window: None,
         })
     }
 
@@ -455,6 +476,13 @@ impl<T: Transport> RemoteSource<T> {
             self.early.histories.insert(path, h.data.to_vec());
         }
         Some(r)
+    }
+
+    fn refuse_window(&self, reason: &str) -> SourceError {
+        SourceError::Refused {
+            what: format!("a backup window on {}", self.url),
+            reason: reason.to_string(),
+        }
     }
 
     fn has(&self, capability: &str) -> bool {
@@ -474,6 +502,11 @@ impl<T: Transport> RemoteSource<T> {
 
 impl<T: Transport> Drop for RemoteSource<T> {
     fn drop(&mut self) {
+        // Ending the window's call ends failbackd's session, and the window with it.
+        if let Some((_, held)) = self.window.take() {
+            let _guard = self.rt.enter();
+            drop(held);
+        }
         let closes = self.transports.iter().map(Transport::close);
         let all = futures_join_all(closes);
         self.rt.block_on(async {
@@ -1057,6 +1090,56 @@ impl<T: Transport> Source for RemoteSource<T> {
             }
         }
         Ok(Some(out))
+    }
+
+    fn open_window(&mut self, label: &str) -> Result<Option<WindowStart>, SourceError> {
+        if !self.is_live() {
+            return Ok(None);
+        }
+        if !self.has(capability::BACKUP_WINDOW) {
+            return Err(self.refuse_window(
+                "this failbackd cannot hold a backup window on its running server (it has no \
+                 --pg-conn, or is older than this client)",
+            ));
+        }
+        // One attempt: a window belongs to the call that opened it, and a retry would open
+        // another.
+        let req = pb::BackupWindowRequest {
+            label: label.to_string(),
+        };
+        let t = self.transports[0].clone();
+        let limit = self.retry.patience.timeout;
+        let opened = self
+            .rt
+            .block_on(async { tokio::time::timeout(limit, t.backup_window(req)).await })
+            .map_err(|_| {
+                SourceError::Timeout(format!("BackupWindow: no answer in {} s", limit.as_secs()))
+            })?
+            .map_err(|s| status_err("BackupWindow", s))?;
+        let (reply, held) = opened;
+        self.window = Some((reply.window_id, held));
+        Ok(Some(WindowStart {
+            start: failback_common::Lsn(reply.start_lsn),
+            tli: reply.timeline,
+        }))
+    }
+
+    fn close_window(&mut self) -> Result<WindowEnd, SourceError> {
+        let Some((id, _)) = &self.window else {
+            return Err(self.refuse_window("no backup window is open"));
+        };
+        let req = pb::EndBackupWindowRequest { window_id: *id };
+        // The window's call stays open (and the WAL written during it reserved) until the
+        // source is dropped, after that WAL is fetched.
+        let r = self.call("EndBackupWindow", |t| async move {
+            t.end_backup_window(req).await
+        })?;
+        Ok(WindowEnd {
+            stop: failback_common::Lsn(r.stop_lsn),
+            tli: r.timeline,
+            backup_label: r.backup_label,
+            tablespace_map: r.tablespace_map,
+        })
     }
 
     fn changes(

@@ -176,6 +176,21 @@ pub fn options(url: String, token: Option<&str>) -> RemoteOptions {
     }
 }
 
+/// A client of the test bed's failbackd (a child process serving TLS) `via` gRPC or QUIC.
+pub fn connect_child(
+    server: &failback_tests::failbackd::Failbackd,
+    via: failback_tests::failbackd::Via,
+) -> Box<dyn Source> {
+    let mut args = server.source_args(via).into_iter();
+    let (_, url, _, ca) = (args.next(), args.next(), args.next(), args.next());
+    let url = url.expect("a URL").into_string().expect("a UTF-8 URL");
+    failback_client::source::remote::connect(RemoteOptions {
+        ca: Some(std::fs::read(ca.expect("a CA")).expect("the CA certificate")),
+        ..options(url, None)
+    })
+    .expect("connect to failbackd")
+}
+
 /// Fetches one range; the pieces concatenated, or the error.
 pub fn fetch_all(
     src: &mut dyn Source,
@@ -579,6 +594,19 @@ pub mod damaging {
             &self,
             _: Request<EndOfWalRequest>,
         ) -> Result<Response<EndOfWalResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        type BackupWindowStream = S<BackupWindowReply>;
+        async fn backup_window(
+            &self,
+            _: Request<BackupWindowRequest>,
+        ) -> Result<Response<Self::BackupWindowStream>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn end_backup_window(
+            &self,
+            _: Request<EndBackupWindowRequest>,
+        ) -> Result<Response<EndBackupWindowResponse>, Status> {
             Err(Status::unimplemented(""))
         }
         type ChangesStream = S<ChangesReply>;
