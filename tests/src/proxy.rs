@@ -21,6 +21,7 @@ pub struct TcpCut {
     conns: Arc<Mutex<Vec<TcpStream>>>,
     down_until: Arc<Mutex<Option<std::time::Instant>>>,
     accepted: Arc<AtomicUsize>,
+    refused: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
@@ -33,11 +34,13 @@ impl TcpCut {
         let addr = listener.local_addr().expect("the bound address");
         let conns = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicUsize::new(0));
+        let refused = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let down_until = Arc::new(Mutex::new(None::<std::time::Instant>));
-        let (c, a, s, d) = (
+        let (c, a, r, s, d) = (
             conns.clone(),
             accepted.clone(),
+            refused.clone(),
             stop.clone(),
             down_until.clone(),
         );
@@ -58,6 +61,7 @@ impl TcpCut {
                 if down {
                     // Refused: the client sees its connection reset.
                     let _ = client.shutdown(Shutdown::Both);
+                    r.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 a.fetch_add(1, Ordering::Relaxed);
@@ -91,6 +95,7 @@ impl TcpCut {
             conns,
             down_until,
             accepted,
+            refused,
             stop,
         }
     }
@@ -99,11 +104,21 @@ impl TcpCut {
         self.addr.port()
     }
 
-    /// Closes every connection carried now and refuses new ones for `outage`.
-    pub fn cut_for(&self, outage: Duration) {
-        *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(std::time::Instant::now() + outage);
+    /// Closes every connection carried now and refuses new ones until at least `outage` has
+    /// passed and the client has been refused at least once, so the client cannot ride the
+    /// outage out on data already buffered on its side (a fixed outage raced the buffers).
+    /// Gives up waiting for a refusal after `patience`.
+    pub fn cut_until_refused(&self, outage: Duration, patience: Duration) {
+        let t0 = std::time::Instant::now();
+        let before = self.refused.load(Ordering::Relaxed);
+        *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(t0 + patience);
         self.cut();
+        while t0.elapsed() < patience
+            && (t0.elapsed() < outage || self.refused.load(Ordering::Relaxed) == before)
+        {
+            thread::sleep(TICK / 10);
+        }
+        *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Connections accepted (and carried) so far.

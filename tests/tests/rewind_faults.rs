@@ -308,9 +308,9 @@ fn server_gone(quic: bool) {
     finish_and_compare(old, new, &again, &server, false);
 }
 
-/// The link breaks mid-copy: every TCP connection closed and new ones refused for 6 s, or every
-/// datagram dropped
-/// for longer than the liveness check; failback connects again and finishes.
+/// The link breaks mid-copy: every TCP connection closed and new ones refused for at least 6 s
+/// and until failback has been refused once, or every datagram dropped for longer than the
+/// liveness check; failback connects again and finishes.
 fn link_cut(quic: bool) {
     let (old, new) = diverged(PgMajor::V16);
     let server = Failbackd::serve(&new.data_dir());
@@ -329,7 +329,7 @@ fn link_cut(quic: bool) {
         let proxy = TcpCut::start(grpc_addr);
         let client = background(&old, server.source_args_at(Via::Grpc, proxy.port()), 15);
         wait_for_copy(&old);
-        proxy.cut_for(Duration::from_secs(6));
+        proxy.cut_until_refused(Duration::from_secs(6), Duration::from_secs(60));
         let run = client.join().expect("the failback thread");
         assert!(
             proxy.accepted() >= 2,
