@@ -49,6 +49,9 @@ pub struct CopyStats {
     pub bytes_skipped_by_hashes: u64,
     /// Bytes a resumed run did not fetch because the interrupted one had written them.
     pub bytes_already_done: u64,
+    /// Bytes of WAL written during the backup window a running source was copied in, fetched
+    /// once it closed (counted in `bytes_fetched` too).
+    pub window_wal_bytes: u64,
 }
 
 impl CopyStats {
@@ -61,6 +64,7 @@ impl CopyStats {
         self.files_hashed += more.files_hashed;
         self.bytes_skipped_by_hashes += more.bytes_skipped_by_hashes;
         self.bytes_already_done += more.bytes_already_done;
+        self.window_wal_bytes += more.window_wal_bytes;
     }
 }
 
@@ -251,8 +255,8 @@ fn fetch_into(
     Ok(())
 }
 
-/// What comes before the fetch: directories and links are created, the diverged WAL of kept
-/// segments is zeroed, and files are cut down or created empty.
+/// What comes before the fetch: directories and links are created, and files are cut down or
+/// created empty.
 fn prepare(
     plan: &Plan,
     target: &mut Target,
@@ -272,14 +276,6 @@ fn prepare(
                 target.create_symlink(&e.path, src.link_target.as_deref().unwrap_or_default())?
             }
             FileType::Regular => unreachable!("regular files are copied, not created"),
-        }
-    }
-
-    // Kept WAL segments lose the old primary's WAL past the divergence point (see the planner).
-    for e in &plan.entries {
-        if let Some(from) = e.zero_from {
-            let size = e.target.as_ref().map_or(0, |t| t.size);
-            target.zero_range(&e.path, from, size)?;
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use failback_common::rewind::{Incompatible, SearchError};
+use failback_common::rewind::Incompatible;
 
 use crate::source::SourceError;
 use crate::target::{TargetError, TargetFull};
@@ -101,9 +101,6 @@ pub enum RewindError {
         #[source]
         source: WalReadError,
     },
-    /// The walk back to the last common checkpoint failed.
-    #[error("could not find the last common checkpoint")]
-    LastCheckpoint(#[source] SearchError),
     /// Reading or changing the target failed (the cause names the path and offset).
     #[error("{doing}")]
     Target {

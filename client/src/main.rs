@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use failback_client::error::{RewindError, exit};
 use failback_client::inspect;
+use failback_client::rewind::Mode;
 use failback_client::source::Source;
 use failback_common::errors;
 use failback_common::patience::Patience;
@@ -53,6 +54,11 @@ struct RewindArgs {
     /// with --ca.
     #[arg(long, value_name = "URL")]
     source: Option<String>,
+    /// How each side's changes since the divergence are found: auto (from its WAL where it has
+    /// it from the divergence on, else by comparing chunk hashes of its relation files), wal
+    /// (WAL only: refuse without it), delta (chunk hashes of every relation file).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = Mode::Auto)]
+    mode: Mode,
     /// PEM CA certificate that failbackd's TLS certificate must chain to (grpcs://, quic://).
     #[arg(long, value_name = "FILE", requires = "source")]
     ca: Option<PathBuf>,
@@ -274,6 +280,7 @@ fn rewind(a: RewindArgs) -> Result<ExitCode> {
             );
         }
         let opts = RewindOptions {
+            mode: a.mode,
             target: a.target_pgdata,
             write_recovery_conf: a.write_recovery_conf,
             primary_conninfo: a.primary_conninfo,
@@ -375,19 +382,21 @@ fn status(target: &std::path::Path) -> Result<ExitCode> {
     };
     let h = &st.header;
     println!("an unfinished rewind of {}", target.display());
-    println!("  phase:                  {}", st.phase.name());
+    println!("  phase:                   {}", st.phase.name());
     println!(
-        "  diverged at:            {} on timeline {}",
+        "  diverged at:             {} on timeline {}",
         h.divergence, h.divergence_tli
     );
+    match h.window_start {
+        Some(start) => {
+            println!("  source's backup window:  began at {start} (a run opens a new one)")
+        }
+        None => println!("  source:                  shut down when planned"),
+    }
+    println!("  source system:           {}", h.system_identifier);
+    println!("  planned to fetch:        {} bytes", h.plan.fetch_bytes());
     println!(
-        "  last common checkpoint: {} (redo {}) on timeline {}",
-        h.checkpoint, h.checkpoint_redo, h.checkpoint_tli
-    );
-    println!("  source system:          {}", h.system_identifier);
-    println!("  planned to fetch:       {} bytes", h.plan.fetch_bytes());
-    println!(
-        "  written and synced:     {} bytes (a run resumes after them)",
+        "  written and synced:      {} bytes (a run resumes after them)",
         st.done_bytes()
     );
     println!(

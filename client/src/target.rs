@@ -273,7 +273,6 @@ impl Target {
             let path = self.path(&e.path);
             let parent = path.parent().unwrap_or(&self.dir).to_path_buf();
             let writes_in_place = !e.blocks.is_empty()
-                || e.zero_from.is_some()
                 || match e.action {
                     FileAction::Copy => e.target.is_some(),
                     FileAction::CopyTail | FileAction::Truncate => true,
@@ -354,6 +353,31 @@ impl Target {
         self.open_journal()
     }
 
+    /// Takes up an unfinished rewind with a new plan: the journal is written anew, in one
+    /// durable rename, holding `header` and, as done, what of the earlier run still stands
+    /// (`done`); the target stays marked.
+    pub fn restart(
+        &mut self,
+        header: JournalHeader,
+        done: &std::collections::BTreeMap<String, journal::RangeSet>,
+    ) -> Result<(), TargetError> {
+        let path = self.path(JOURNAL_FILE);
+        let mut bytes = journal::magic().to_vec();
+        bytes.extend(journal::encode(&Record::Begin(Box::new(header))));
+        for (p, ranges) in done {
+            for (offset, length) in ranges.ranges() {
+                bytes.extend(journal::encode(&Record::Done {
+                    path: p.clone(),
+                    offset,
+                    length,
+                }));
+            }
+        }
+        self.durable_write(&path, &bytes)?;
+        self.mark()?;
+        self.open_journal()
+    }
+
     /// Adds the marker to `postgresql.auto.conf`, unless it is there already.
     fn mark(&self) -> Result<(), TargetError> {
         let auto = self.path("postgresql.auto.conf");
@@ -407,27 +431,6 @@ impl Target {
             std::os::unix::fs::lchown(&path, Some(self.own.uid), Some(self.own.gid))
                 .map_err(|e| TargetError::io("chown", &path, None, e))?;
         }
-        Ok(())
-    }
-
-    /// Overwrites `[from, to)` of a kept WAL segment with zeros (allocated, as PostgreSQL keeps
-    /// WAL): the old primary's WAL past the divergence point must never be replayed.
-    pub fn zero_range(&mut self, rel: &str, from: u64, to: u64) -> Result<(), TargetError> {
-        let path = self.path(rel);
-        let zero = |path: &Path| -> io::Result<()> {
-            let f = fs::OpenOptions::new().write(true).open(path)?;
-            let zeros = vec![0u8; 1 << 16];
-            let mut off = from;
-            while off < to {
-                let n = (to - off).min(zeros.len() as u64) as usize;
-                f.write_all_at(&zeros[..n], off)?;
-                off += n as u64;
-            }
-            Ok(())
-        };
-        zero(&path)
-            .map_err(|e| TargetError::io("zero the diverged WAL in", &path, Some(from), e))?;
-        self.changed.insert(rel.to_string());
         Ok(())
     }
 
@@ -657,9 +660,25 @@ impl Target {
         Ok(())
     }
 
-    /// Replaces `backup_label`: replay starts where it says.
-    pub fn write_backup_label(&mut self, label: &str) -> Result<(), TargetError> {
-        self.durable_write(&self.path("backup_label"), label.as_bytes())?;
+    /// Replaces `backup_label` (replay starts where it says), with the `tablespace_map` of
+    /// the same backup first (when it has tablespaces); or, with `None`, makes sure there is
+    /// neither: a copy of a shut-down source starts from its control file's checkpoint.
+    pub fn write_backup_label(&mut self, label: Option<(&str, &str)>) -> Result<(), TargetError> {
+        let (label_path, map_path) = (self.path("backup_label"), self.path("tablespace_map"));
+        match label {
+            Some((label, map)) => {
+                if map.is_empty() {
+                    self.durable_remove(&map_path)?;
+                } else {
+                    self.durable_write(&map_path, map.as_bytes())?;
+                }
+                self.durable_write(&label_path, label.as_bytes())?;
+            }
+            None => {
+                self.durable_remove(&map_path)?;
+                self.durable_remove(&label_path)?;
+            }
+        }
         fault::passed(Point::Commit, 1);
         Ok(())
     }
@@ -699,6 +718,10 @@ impl Target {
         let text = fs::read_to_string(&auto).unwrap_or_default();
         let new = recovery::set_auto_conf(&text, "primary_conninfo", conninfo);
         self.durable_write(&auto, new.as_bytes())
+    }
+
+    fn durable_remove(&self, path: &Path) -> Result<(), TargetError> {
+        fsutil::durable_remove(path).map_err(|e| TargetError::io("remove", path, None, e))
     }
 
     /// Writes `data` to `path` durably and atomically (a temporary file, then a durable
@@ -767,9 +790,8 @@ mod tests {
             pg_major: 16,
             divergence: Lsn(0x400_0000),
             divergence_tli: 1,
-            checkpoint: Lsn(0x300_0060),
-            checkpoint_redo: Lsn(0x300_0028),
-            checkpoint_tli: 1,
+            window_start: None,
+            target_changes: None,
             source_tli: 2,
             plan: Plan {
                 entries: Vec::new(),
@@ -824,7 +846,7 @@ mod tests {
             b"\0\0\0\0\0\0\0\0xyz"
         );
 
-        again.write_backup_label("label\n").unwrap();
+        again.write_backup_label(Some(("label\n", ""))).unwrap();
         again.write_control(b"control").unwrap();
         again.record(Phase::Committed).unwrap();
         again.finish("work_mem = '8MB'\n").unwrap();

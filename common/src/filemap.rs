@@ -158,8 +158,9 @@ pub fn decide_file_action(
     target: Option<&FileEntry>,
     is_relation_file: bool,
 ) -> Result<FileAction, FileMapError> {
-    if path == "global/pg_control" || is_ds_store(path) {
-        // pg_control is written last, by the commit.
+    if path == "global/pg_control" || path == crate::journal::JOURNAL_FILE || is_ds_store(path) {
+        // pg_control is written last, by the commit; the journal of the rewind under way (a
+        // resumed run plans again with it in the target's list) is the commit's to remove.
         return Ok(FileAction::None);
     }
     if is_excluded(path) {
@@ -270,6 +271,8 @@ mod tests {
         );
         assert_eq!(d("postmaster.pid", None, r(1), false), FileAction::Remove);
         assert_eq!(d("postmaster.pid", r(1), None, false), FileAction::None);
+        // The journal of a resumed run, which plans again with it in the target's list.
+        assert_eq!(d("failback.journal", None, r(1), false), FileAction::None);
         assert_eq!(d("base/5/16384", r(8192), None, true), FileAction::Copy);
         assert_eq!(
             d("base/7", Some(dir("base/7")), None, false),

@@ -1,13 +1,14 @@
 //! The rewind journal: what an interrupted rewind needs to finish, kept in the target itself.
 //!
-//! pg_rewind reads the target's WAL from the last common checkpoint to learn which blocks the
-//! old primary changed, then overwrites the target — `pg_wal` included. Interrupted half-way,
-//! the target's own WAL may be gone, so nothing can recompute the plan: PostgreSQL's
-//! documentation calls such a directory "likely not in a state that can be recovered". failback
-//! writes the plan and everything the commit needs (the divergence point, the last common
-//! checkpoint, the source's identity) to a journal **before the first change**, then appends a
-//! record for each range once its bytes are written and synced, and one per phase. Run again,
-//! failback replays the journal instead of the target's WAL and fetches only what is missing.
+//! A rewind reads the target's WAL since the divergence to learn which blocks the old primary
+//! changed, then overwrites the target — `pg_wal` included. Interrupted half-way, the target's
+//! own WAL may be gone, so nothing can recompute the plan: PostgreSQL's documentation calls such
+//! a directory "likely not in a state that can be recovered". failback writes the plan and
+//! everything the commit needs (the divergence point, the target's changes, the start of the
+//! backup window a running source is copied in, the source's identity) to a journal **before
+//! the first change**, then appends a record for each range once its bytes are written and
+//! synced, and one per phase. Run again, failback replays the journal instead of the target's
+//! WAL and fetches only what is missing (and, from a running source, what it changed since).
 //!
 //! The journal is an append-only file (`failback.journal` at the root of the data directory):
 //! an 8-byte magic, then frames `[len u32][crc32c u32][kind u8][payload]`, little-endian, the CRC
@@ -19,16 +20,19 @@
 
 use std::collections::BTreeMap;
 
+use crate::changes::Changes;
 use crate::filemap::{FileAction, FileEntry, FileType};
 use crate::lsn::{Lsn, TimeLineId};
 use crate::plan::{BlockBitmap, Plan, PlanEntry, Reason};
+use crate::relpath::RelFileLocator;
 
 /// The journal's file name, at the root of the target data directory.
 pub const JOURNAL_FILE: &str = "failback.journal";
 
-const MAGIC: &[u8; 8] = b"FBJRNL02";
-/// The magic of the first format, which did not keep why the plan left an entry alone.
-const MAGIC_V1: &[u8; 8] = b"FBJRNL01";
+const MAGIC: &[u8; 8] = b"FBJRNL03";
+/// The magics of earlier formats: the first did not keep why the plan left an entry alone, the
+/// second planned pg_rewind's way (replay from the last common checkpoint).
+const OLDER_MAGICS: [&[u8; 8]; 2] = [b"FBJRNL01", b"FBJRNL02"];
 /// A frame larger than this is corruption, not a plan (a plan of a terabyte cluster with every
 /// block changed is far smaller).
 const MAX_FRAME: u32 = 1 << 30;
@@ -45,13 +49,15 @@ pub struct JournalHeader {
     /// Where the histories part, and on which timeline of the target.
     pub divergence: Lsn,
     pub divergence_tli: TimeLineId,
-    /// The last common checkpoint: where replay starts (backup_label's CHECKPOINT LOCATION).
-    pub checkpoint: Lsn,
-    pub checkpoint_redo: Lsn,
-    pub checkpoint_tli: TimeLineId,
     /// The source's timeline when the plan was made; a resumed run checks that the source's
     /// history still passes through `divergence` on the same timelines.
     pub source_tli: TimeLineId,
+    /// Where the backup window the copy is made in began, for a running source: a resumed run
+    /// copies again what the source changed since.
+    pub window_start: Option<Lsn>,
+    /// The target's changes since the divergence, when its WAL said them: a resumed run from a
+    /// running source plans again with them, as the target's WAL may be gone by then.
+    pub target_changes: Option<Changes>,
     pub plan: Plan,
 }
 
@@ -181,6 +187,30 @@ impl RangeSet {
         self.spans.insert(start, end);
     }
 
+    /// Takes `[offset, offset + length)` out of the set.
+    pub fn remove(&mut self, offset: u64, length: u64) {
+        if length == 0 {
+            return;
+        }
+        let end = offset.saturating_add(length);
+        let overlapping: Vec<(u64, u64)> = self
+            .spans
+            .range(..end)
+            .rev()
+            .take_while(|(_, e)| **e > offset)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, e) in overlapping {
+            self.spans.remove(&s);
+            if s < offset {
+                self.spans.insert(s, offset);
+            }
+            if e > end {
+                self.spans.insert(end, e);
+            }
+        }
+    }
+
     /// Whether every byte of `[offset, offset + length)` is in the set.
     pub fn covers(&self, offset: u64, length: u64) -> bool {
         if length == 0 {
@@ -219,6 +249,11 @@ impl RangeSet {
         out
     }
 
+    /// The ranges in the set, as (offset, length), in order.
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.spans.iter().map(|(s, e)| (*s, e - s))
+    }
+
     /// Bytes in the set.
     pub fn bytes(&self) -> u64 {
         self.spans.iter().map(|(s, e)| e - s).sum()
@@ -253,7 +288,10 @@ impl JournalState {
 /// Replays a whole journal file. The first frame must be a complete plan; every later frame
 /// that is short or fails its CRC ends the replay there (a crash mid-append).
 pub fn replay(bytes: &[u8]) -> Result<JournalState, JournalError> {
-    if bytes.get(..MAGIC.len()) == Some(&MAGIC_V1[..]) {
+    if OLDER_MAGICS
+        .iter()
+        .any(|m| bytes.get(..MAGIC.len()) == Some(&m[..]))
+    {
         return Err(JournalError::OlderFormat);
     }
     if bytes.get(..MAGIC.len()) != Some(&MAGIC[..]) {
@@ -371,33 +409,52 @@ fn put_header(out: &mut Vec<u8>, h: &JournalHeader) {
         u64::from(h.pg_major),
         h.divergence.0,
         u64::from(h.divergence_tli),
-        h.checkpoint.0,
-        h.checkpoint_redo.0,
-        u64::from(h.checkpoint_tli),
         u64::from(h.source_tli),
+        h.window_start.map_or(0, |l| l.0),
         u64::from(h.plan.block_size),
         h.plan.entries.len() as u64,
     ] {
         out.extend_from_slice(&v.to_le_bytes());
+    }
+    match &h.target_changes {
+        None => out.push(0),
+        Some(c) => {
+            out.push(1);
+            put_changes(out, c);
+        }
     }
     for e in &h.plan.entries {
         put_str(out, &e.path);
         out.push(ACTIONS.iter().position(|a| *a == e.action).unwrap_or(0) as u8);
         put_entry(out, &e.source);
         put_entry(out, &e.target);
-        match e.zero_from {
-            None => out.push(0),
-            Some(z) => {
-                out.push(1);
-                out.extend_from_slice(&z.to_le_bytes());
-            }
-        }
         out.push(e.reason.map_or(0, reason_code));
         let blocks: Vec<u32> = e.blocks.iter().collect();
         out.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
         for b in blocks {
             out.extend_from_slice(&b.to_le_bytes());
         }
+    }
+}
+
+fn put_changes(out: &mut Vec<u8>, c: &Changes) {
+    out.extend_from_slice(&(c.page_map.files.len() as u32).to_le_bytes());
+    for (path, blocks) in &c.page_map.files {
+        put_str(out, path);
+        let bytes = blocks.to_le_bytes();
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    out.extend_from_slice(&(c.created.len() as u32).to_le_bytes());
+    for l in &c.created {
+        for v in [l.spcOid, l.dbOid, l.relNumber] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    out.extend_from_slice(&(c.databases.len() as u32).to_le_bytes());
+    for (spc, db) in &c.databases {
+        out.extend_from_slice(&spc.to_le_bytes());
+        out.extend_from_slice(&db.to_le_bytes());
     }
 }
 
@@ -469,23 +526,21 @@ fn get_header(c: &mut Cursor<'_>) -> Option<JournalHeader> {
     let pg_major = u32::try_from(c.u64()?).ok()?;
     let divergence = Lsn(c.u64()?);
     let divergence_tli = u32::try_from(c.u64()?).ok()?;
-    let checkpoint = Lsn(c.u64()?);
-    let checkpoint_redo = Lsn(c.u64()?);
-    let checkpoint_tli = u32::try_from(c.u64()?).ok()?;
     let source_tli = u32::try_from(c.u64()?).ok()?;
+    let window_start = Some(Lsn(c.u64()?)).filter(|l| l.0 != 0);
     let block_size = u32::try_from(c.u64()?).ok()?;
     let n = c.u64()?;
+    let target_changes = match c.u8()? {
+        0 => None,
+        1 => Some(get_changes(c)?),
+        _ => return None,
+    };
     let mut entries = Vec::new();
     for _ in 0..n {
         let path = c.str()?;
         let action = *ACTIONS.get(usize::from(c.u8()?))?;
         let source = c.entry(&path)?;
         let target = c.entry(&path)?;
-        let zero_from = match c.u8()? {
-            0 => None,
-            1 => Some(c.u64()?),
-            _ => return None,
-        };
         let reason = match c.u8()? {
             0 => None,
             code => Some(*Reason::ALL.get(usize::from(code) - 1)?),
@@ -506,7 +561,6 @@ fn get_header(c: &mut Cursor<'_>) -> Option<JournalHeader> {
             target,
             blocks,
             reason,
-            zero_from,
         });
     }
     c.b.is_empty().then_some(JournalHeader {
@@ -514,15 +568,36 @@ fn get_header(c: &mut Cursor<'_>) -> Option<JournalHeader> {
         pg_major,
         divergence,
         divergence_tli,
-        checkpoint,
-        checkpoint_redo,
-        checkpoint_tli,
         source_tli,
+        window_start,
+        target_changes,
         plan: Plan {
             entries,
             block_size,
         },
     })
+}
+
+fn get_changes(c: &mut Cursor<'_>) -> Option<Changes> {
+    let mut changes = Changes::default();
+    for _ in 0..c.u32()? {
+        let path = c.str()?;
+        let len = c.u32()? as usize;
+        // A bitmap longer than a segment of 2^24 blocks is corruption.
+        if len > (1 << 24) / 8 {
+            return None;
+        }
+        let blocks = BlockBitmap::from_le_bytes(c.take(len)?)?;
+        changes.page_map.files.insert(path, blocks);
+    }
+    for _ in 0..c.u32()? {
+        let (spc, db, rel) = (c.u32()?, c.u32()?, c.u32()?);
+        changes.created.insert(RelFileLocator::new(spc, db, rel));
+    }
+    for _ in 0..c.u32()? {
+        changes.databases.insert((c.u32()?, c.u32()?));
+    }
+    Some(changes)
 }
 
 #[cfg(test)]
@@ -543,10 +618,16 @@ mod tests {
             pg_major: 16,
             divergence: Lsn(0x3_0000_2760),
             divergence_tli: 1,
-            checkpoint: Lsn(0x3_0000_0100),
-            checkpoint_redo: Lsn(0x3_0000_00c8),
-            checkpoint_tli: 1,
             source_tli: 2,
+            window_start: Some(Lsn(0x4_0000_0028)),
+            target_changes: Some({
+                let mut c = Changes::default();
+                c.page_map.insert("base/5/16384", 7);
+                c.page_map.insert("base/5/16384", 131_071);
+                c.created.insert(RelFileLocator::new(1663, 5, 16390));
+                c.databases.insert((1663, 16400));
+                c
+            }),
             plan: Plan {
                 block_size: 8192,
                 entries: vec![
@@ -557,7 +638,6 @@ mod tests {
                         target: Some(file("base/5/16384", 1 << 30)),
                         blocks,
                         reason: None,
-                        zero_from: None,
                     },
                     PlanEntry {
                         path: "pg_tblspc/16400".into(),
@@ -571,7 +651,6 @@ mod tests {
                         target: None,
                         blocks: BlockBitmap::default(),
                         reason: None,
-                        zero_from: None,
                     },
                     PlanEntry {
                         path: "pg_wal/000000010000000000000003".into(),
@@ -579,8 +658,7 @@ mod tests {
                         source: None,
                         target: Some(file("pg_wal/000000010000000000000003", 16 << 20)),
                         blocks: BlockBitmap::default(),
-                        reason: Some(Reason::KeptDivergenceZeroed),
-                        zero_from: Some(0x2760),
+                        reason: Some(Reason::PastDivergence),
                     },
                     PlanEntry {
                         path: "big".into(),
@@ -589,7 +667,6 @@ mod tests {
                         target: None,
                         blocks: BlockBitmap::default(),
                         reason: None,
-                        zero_from: None,
                     },
                 ],
             },
@@ -634,6 +711,8 @@ mod tests {
         assert_eq!(s.header.system_identifier, 0x7000_0000_1234_5678);
         assert_eq!(s.header.divergence, Lsn(0x3_0000_2760));
         assert_eq!(s.header.source_tli, 2);
+        assert_eq!(s.header.window_start, Some(Lsn(0x4_0000_0028)));
+        assert_eq!(s.header.target_changes, header().target_changes);
         let want = header().plan;
         assert_eq!(s.header.plan.entries.len(), want.entries.len());
         for (a, b) in s.header.plan.entries.iter().zip(&want.entries) {
@@ -642,7 +721,6 @@ mod tests {
             assert_eq!(a.source, b.source);
             assert_eq!(a.target, b.target);
             assert_eq!(a.blocks, b.blocks);
-            assert_eq!(a.zero_from, b.zero_from);
             assert_eq!(a.reason, b.reason, "{}", a.path);
         }
         assert!(
@@ -673,7 +751,7 @@ mod tests {
         let want: Vec<_> = Reason::ALL.iter().map(|r| Some(*r)).collect();
         assert_eq!(got, want);
         let mut old = sample();
-        old[..MAGIC_V1.len()].copy_from_slice(MAGIC_V1);
+        old[..MAGIC.len()].copy_from_slice(OLDER_MAGICS[1]);
         assert_eq!(replay(&old).unwrap_err(), JournalError::OlderFormat);
     }
 
@@ -732,6 +810,15 @@ mod tests {
         assert_eq!(holes.missing(0, 50), vec![(0, 10), (20, 10), (40, 10)]);
         assert_eq!(holes.missing(15, 20), vec![(20, 10)]);
         assert_eq!(RangeSet::default().missing(7, 3), vec![(7, 3)]);
+        let mut cut = holes.clone();
+        cut.remove(15, 20);
+        assert_eq!(cut.missing(0, 50), vec![(0, 10), (15, 20), (40, 10)]);
+        cut.remove(0, 100);
+        assert_eq!(cut.bytes(), 0);
+        let mut mid = RangeSet::default();
+        mid.insert(0, 100);
+        mid.remove(40, 10);
+        assert_eq!(mid.missing(0, 100), vec![(40, 10)]);
         r.insert(u64::MAX - 1, 10);
         assert!(r.covers(u64::MAX - 1, 1));
         assert!(r.covers(7, 0));

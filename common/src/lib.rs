@@ -9,6 +9,7 @@ pub mod changes;
 pub mod chunkdiff;
 pub mod errors;
 pub mod lsn;
+pub mod page;
 pub mod patience;
 pub mod plan;
 pub mod ratelimit;

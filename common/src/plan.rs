@@ -1,33 +1,32 @@
 //! The rewind plan: a pure function from both sides' facts to a list of file actions.
 //!
-//! pg_rewind's plan has two inputs besides the two directory listings (see [`crate::filemap`]):
-//! the *page map*, every main-fork block that the target's WAL touched after the last common
-//! checkpoint (`datapagemap` per relation segment file), and the *keepwal* set, target WAL
-//! segments that recovery may still need and so must not be removed even though the source
-//! lacks them. A block in the page map is fetched from the source only if the file exists on
-//! both sides and the block lies within both (a block past either end is handled by the
-//! file's truncate or tail copy).
+//! The target must end up as a copy of the source that WAL replay can make consistent. Most of
+//! the two data directories is the same: both replayed the same WAL up to the point where their
+//! histories part. What differs is what either side changed since, and only that is copied:
 //!
-//! failback adds one refinement: WAL segments older than the segment holding the last common
-//! checkpoint's redo pointer are never needed by the recovery that follows the rewind, so they
-//! are neither copied from the source nor removed from the target.
-//!
-//! And one safeguard: a kept segment must not carry the target's own WAL from past the
-//! divergence point. The segment holding the divergence point is opened by the backward walk
-//! to the last common checkpoint, so keepwal keeps it; its bytes before the divergence point
-//! are the common history recovery needs, its bytes after it are the old primary's lost writes.
-//! When the source has no copy of that segment on its newer timeline (a standby source made by a
-//! base backup after the promotion has no WAL from before its backup), recovery falls back to
-//! the old timeline's file (`XLogFileReadAnyTLI` tries every timeline of the history, newest
-//! first) and would replay those lost writes on top of the source's blocks. So the part of a
-//! kept segment past the divergence point is zeroed, where recovery sees the end of that file's
-//! WAL and asks the new primary for the rest; a kept segment wholly past it is removed.
+//! - **Relation files** (main-fork segments): the blocks either side's WAL names since the
+//!   divergence ([`Changes`]: the target's from its own WAL, the source's from its own), within
+//!   both files (a block past either end is handled by the file's truncate or tail copy), and
+//!   whole the relations either side created since (their contents at the same offsets differ in
+//!   ways no block reference names). When one side's changes are unknown (its WAL since the
+//!   divergence is gone), every relation file both sides have is compared whole, chunk by chunk
+//!   ([`Reason::Compared`]).
+//! - **Other files** are pg_rewind's business ([`crate::filemap`]): copied whole (and compared
+//!   chunk by chunk by the copy), created, removed.
+//! - **WAL**: none of the source's WAL from before the copy is needed. The rewound node replays
+//!   only what makes the copy consistent: the WAL of the backup window a running source was
+//!   copied in (fetched once the window closes, outside the plan), or, from a shut-down source,
+//!   the WAL from its last checkpoint's redo pointer to where its WAL ends (`replay_wal`). Other
+//!   source segments are not copied ([`Reason::NotReplayed`]); target segments holding WAL past
+//!   the divergence point hold the old primary's lost writes and are removed
+//!   ([`Reason::PastDivergence`]), older ones are left alone.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
 use crate::PgMajor;
+use crate::changes::Changes;
 use crate::filemap::{self, FileAction, FileEntry, FileMapError, FileType};
 use crate::lsn::{Lsn, XLogSegNo, parse_wal_file_name, segment_start};
 use crate::relpath::{self, ForkNumber, RelFileLocator};
@@ -179,22 +178,19 @@ impl ChangedBlocks {
 pub struct PlanInput<'a> {
     pub source: &'a [FileEntry],
     pub target: &'a [FileEntry],
-    pub page_map: &'a PageMap,
-    /// Target WAL segment paths (`pg_wal/<name>`) that must not be removed.
-    pub keep_wal: &'a BTreeSet<String>,
-    /// Whether a path is a main-fork relation segment (`isRelDataFile`).
-    pub is_relation_file: &'a dyn Fn(&str) -> bool,
+    /// What may differ in relation files: both sides' changes since the divergence, or `None`
+    /// when a side's are unknown (then every relation file both sides have is compared whole).
+    pub changes: Option<&'a Changes>,
+    /// The relation a path is a main-fork segment of (`isRelDataFile`), if it is one.
+    pub relation_of: &'a dyn Fn(&str) -> Option<RelFileLocator>,
     pub block_size: u32,
     pub wal_segment_size: u32,
-    /// The segment of the last common checkpoint's redo pointer; older segments are left alone.
-    pub oldest_needed_wal_segment: Option<XLogSegNo>,
-    /// Where the histories diverged: no kept target segment may keep WAL from this point on.
-    pub divergence: Option<Lsn>,
-    /// Where the source's WAL ends when the plan is made (its insert or replay position when
-    /// live, its last checkpoint or minimum recovery point when shut down). A source segment
-    /// that starts more than a WAL page past it holds no WAL yet — a recycled or preallocated
-    /// file — and is not copied to a target that lacks it ([`Reason::PastSourceEnd`]).
-    pub source_wal_end: Option<Lsn>,
+    /// Where the histories part: target WAL segments ending past it hold lost writes.
+    pub divergence: Lsn,
+    /// The source WAL segments (first and last, inclusive) the rewound node replays, copied
+    /// with the rest: a shut-down source's. `None` for a running source, whose window's WAL is
+    /// fetched once the window closes.
+    pub replay_wal: Option<(XLogSegNo, XLogSegNo)>,
 }
 
 /// Why an entry's action is not pg_rewind's: what the plan decided, kept as data (the journal
@@ -202,50 +198,44 @@ pub struct PlanInput<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
-    /// A target WAL segment the source lacks, kept because recovery may need it (pg_rewind's
-    /// keepwal).
-    KeptForRecovery,
-    /// A kept target WAL segment holding the divergence point: its bytes from there on (the
-    /// old primary's lost writes) are zeroed.
-    KeptDivergenceZeroed,
-    /// A target WAL segment recovery would keep, but that starts at or past the divergence
-    /// point: it holds only lost writes, and goes.
+    /// A relation file created since the divergence on either side, or of a database copied
+    /// from a template since: copied whole.
+    CreatedSince,
+    /// A relation file compared whole, chunk by chunk: a side's changes are unknown.
+    Compared,
+    /// A target WAL segment holding WAL past the divergence point (the old primary's lost
+    /// writes): removed.
     PastDivergence,
-    /// A WAL segment older than the segment of the last common checkpoint's redo pointer:
-    /// recovery never reads it, so it is neither copied nor removed.
-    OlderThanCheckpoint,
-    /// A source WAL segment that started past the source's end of WAL when the plan was made
-    /// (a recycled or preallocated file, holding no WAL yet): not copied. A live source may
-    /// write into it by the end of the copy; the rewind then fetches those its final end of
-    /// WAL reaches.
-    PastSourceEnd,
+    /// A source WAL segment the rewound node does not replay: not copied.
+    NotReplayed,
     /// `postgresql.auto.conf`: it carries the marker of an unfinished rewind, so it is written
     /// once, at the end of the commit, not copied with the rest.
     WrittenAtCommit,
+    /// A target WAL segment from before the divergence that the source lacks (pg_rewind removes
+    /// it): the target's own history, neither replayed nor in the way, so left alone.
+    BeforeDivergence,
 }
 
 impl Reason {
     /// Every reason, in the order of their journal codes (1, 2, ...).
     pub const ALL: [Reason; 6] = [
-        Reason::KeptForRecovery,
-        Reason::KeptDivergenceZeroed,
+        Reason::CreatedSince,
+        Reason::Compared,
         Reason::PastDivergence,
-        Reason::OlderThanCheckpoint,
-        Reason::PastSourceEnd,
+        Reason::NotReplayed,
         Reason::WrittenAtCommit,
+        Reason::BeforeDivergence,
     ];
 
     /// The words `--debug` shows after the entry.
     pub fn text(self) -> &'static str {
         match self {
-            Reason::KeptForRecovery => "kept: required for recovery",
-            Reason::KeptDivergenceZeroed => {
-                "kept: required for recovery; WAL past the divergence point zeroed"
-            }
-            Reason::PastDivergence => "not kept: wholly past the divergence point",
-            Reason::OlderThanCheckpoint => "older than the last common checkpoint: not needed",
-            Reason::PastSourceEnd => "not copied: past the source's end of WAL (recycled)",
+            Reason::CreatedSince => "created since the divergence: copied whole",
+            Reason::Compared => "a side's changes are unknown: compared whole",
+            Reason::PastDivergence => "holds WAL past the divergence point: removed",
+            Reason::NotReplayed => "WAL the rewound node does not replay: not copied",
             Reason::WrittenAtCommit => "written at the end of the commit",
+            Reason::BeforeDivergence => "the target's own WAL from before the divergence: kept",
         }
     }
 }
@@ -260,17 +250,11 @@ impl std::fmt::Display for Reason {
 /// rewind: the rewind writes it last ([`Reason::WrittenAtCommit`]).
 pub const AUTO_CONF: &str = "postgresql.auto.conf";
 
-/// The slack past the source's end of WAL: a shut-down source's end is the start of its last
-/// checkpoint record, whose bytes (and a page header) follow it.
-const END_SLACK: u64 = 8192;
-
-/// Whether the source segment `path` starts past `end` (plus [`END_SLACK`]).
-pub fn wal_segment_past(path: &str, end: Lsn, wal_segment_size: u32) -> bool {
+/// A WAL segment's number, when `path` names one (`pg_wal/<24 hex digits>`).
+fn wal_segment(path: &str, wal_segment_size: u32) -> Option<XLogSegNo> {
     path.strip_prefix("pg_wal/")
         .and_then(|name| parse_wal_file_name(name, wal_segment_size))
-        .is_some_and(|(_, segno)| {
-            segment_start(segno, wal_segment_size).0 > end.0.saturating_add(END_SLACK)
-        })
+        .map(|(_, segno)| segno)
 }
 
 /// One path's part of the plan.
@@ -286,15 +270,11 @@ pub struct PlanEntry {
     /// Why the action is not pg_rewind's, when it is not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<Reason>,
-    /// For a kept target WAL segment holding the divergence point: the offset from which its
-    /// bytes (the old primary's WAL after the divergence) are overwritten with zeros.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub zero_from: Option<u64>,
 }
 
 impl PlanEntry {
-    /// An entry as pg_rewind decides it: `action` on `path`, with no blocks, no reason of
-    /// failback's and nothing to zero.
+    /// An entry as pg_rewind decides it: `action` on `path`, with no blocks and no reason of
+    /// failback's.
     pub fn new(
         path: &str,
         action: FileAction,
@@ -308,7 +288,6 @@ impl PlanEntry {
             target,
             blocks: BlockBitmap::default(),
             reason: None,
-            zero_from: None,
         }
     }
 
@@ -376,7 +355,8 @@ impl Plan {
     }
 }
 
-/// Builds the plan: pg_rewind's decisions, then the page map, then the order of execution.
+/// Builds the plan: pg_rewind's decisions, then the changes, then the WAL, then the order of
+/// execution.
 pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
     let mut paths: BTreeMap<&str, (Option<&FileEntry>, Option<&FileEntry>)> = BTreeMap::new();
     for s in input.source {
@@ -385,79 +365,74 @@ pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
     for t in input.target {
         paths.entry(&t.path).or_default().1 = Some(t);
     }
+    let seg_size = u64::from(input.wal_segment_size);
     let mut entries = Vec::with_capacity(paths.len());
     for (path, (source, target)) in paths {
-        let is_rel = (input.is_relation_file)(path);
-        if is_rel && source.is_some_and(|s| s.file_type != FileType::Regular) {
+        let relation = (input.relation_of)(path);
+        if relation.is_some() && source.is_some_and(|s| s.file_type != FileType::Regular) {
             return Err(FileMapError::RelationNotRegular { path: path.into() });
         }
-        let mut action = filemap::decide_file_action(path, source, target, is_rel)?;
-        let mut reason = None;
-        let mut zero_from = None;
-        if action == FileAction::Remove && input.keep_wal.contains(path) {
-            action = FileAction::None;
-            reason = Some(Reason::KeptForRecovery);
-            if let (Some(div), Some(name)) = (input.divergence, path.strip_prefix("pg_wal/"))
-                && let Some((_, segno)) = parse_wal_file_name(name, input.wal_segment_size)
-            {
-                let start = segment_start(segno, input.wal_segment_size);
-                let size = u64::from(input.wal_segment_size);
-                if start >= div {
-                    action = FileAction::Remove;
-                    reason = Some(Reason::PastDivergence);
-                } else if div.0 - start.0 < size {
-                    zero_from = Some(div.0 - start.0);
-                    reason = Some(Reason::KeptDivergenceZeroed);
+        let mut entry = PlanEntry::new(
+            path,
+            filemap::decide_file_action(path, source, target, relation.is_some())?,
+            source.cloned(),
+            target.cloned(),
+        );
+        let both_regular = source.is_some_and(|s| s.file_type == FileType::Regular)
+            && target.is_some_and(|t| t.file_type == FileType::Regular);
+        if let Some(locator) = relation
+            && both_regular
+        {
+            match input.changes {
+                None => {
+                    entry.action = FileAction::Copy;
+                    entry.reason = Some(Reason::Compared);
+                }
+                Some(c) if c.copies_whole(locator) => {
+                    entry.action = FileAction::Copy;
+                    entry.reason = Some(Reason::CreatedSince);
+                }
+                Some(c) => {
+                    if let Some(changed) = c.page_map.files.get(path) {
+                        let limit = entry_sizes(&entry).0.min(entry_sizes(&entry).1);
+                        for blk in changed.iter() {
+                            if (u64::from(blk) + 1) * u64::from(input.block_size) <= limit {
+                                entry.blocks.insert(blk);
+                            }
+                        }
+                    }
                 }
             }
         }
-        if let (Some(oldest), Some(name)) = (
-            input.oldest_needed_wal_segment,
-            path.strip_prefix("pg_wal/"),
-        ) && let Some((_, segno)) = parse_wal_file_name(name, input.wal_segment_size)
-            && segno < oldest
-            && matches!(action, FileAction::Copy | FileAction::Remove)
-        {
-            action = FileAction::None;
-            reason = Some(Reason::OlderThanCheckpoint);
-        }
-        if let Some(end) = input.source_wal_end
-            && action == FileAction::Copy
-            && target.is_none()
-            && wal_segment_past(path, end, input.wal_segment_size)
-        {
-            action = FileAction::None;
-            reason = Some(Reason::PastSourceEnd);
-        }
-        if path == AUTO_CONF && action != FileAction::None {
-            action = FileAction::None;
-            reason = Some(Reason::WrittenAtCommit);
-        }
-        let mut blocks = BlockBitmap::default();
-        if let (Some(s), Some(t), Some(changed)) = (source, target, input.page_map.files.get(path))
-            && s.file_type == FileType::Regular
-            && t.file_type == FileType::Regular
-            && matches!(
-                action,
-                FileAction::None | FileAction::CopyTail | FileAction::Truncate
-            )
-        {
-            let limit = s.size.min(t.size);
-            for blk in changed.iter() {
-                if (u64::from(blk) + 1) * u64::from(input.block_size) <= limit {
-                    blocks.insert(blk);
+        if let Some(segno) = wal_segment(path, input.wal_segment_size) {
+            let replayed = input
+                .replay_wal
+                .is_some_and(|(first, last)| (first..=last).contains(&segno));
+            match (source.is_some(), target.is_some()) {
+                (true, _) if replayed => {}
+                (true, _) => {
+                    entry.action = FileAction::None;
+                    entry.reason = Some(Reason::NotReplayed);
                 }
+                (false, true)
+                    if segment_start(segno, input.wal_segment_size).0 + seg_size
+                        > input.divergence.0 =>
+                {
+                    entry.action = FileAction::Remove;
+                    entry.reason = Some(Reason::PastDivergence);
+                }
+                (false, true) => {
+                    entry.action = FileAction::None;
+                    entry.reason = Some(Reason::BeforeDivergence);
+                }
+                (false, false) => {}
             }
         }
-        entries.push(PlanEntry {
-            path: path.to_string(),
-            action,
-            source: source.cloned(),
-            target: target.cloned(),
-            blocks,
-            reason,
-            zero_from,
-        });
+        if path == AUTO_CONF && entry.action != FileAction::None {
+            entry.action = FileAction::None;
+            entry.reason = Some(Reason::WrittenAtCommit);
+        }
+        entries.push(entry);
     }
     entries.sort_by(|a, b| filemap::execution_order((&a.path, a.action), (&b.path, b.action)));
     Ok(Plan {
@@ -466,10 +441,19 @@ pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
     })
 }
 
+/// (source size, target size) of an entry, 0 for a side without the file.
+fn entry_sizes(e: &PlanEntry) -> (u64, u64) {
+    (
+        e.source.as_ref().map_or(0, |s| s.size),
+        e.target.as_ref().map_or(0, |t| t.size),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::BTreeSet;
 
     fn reg(path: &str, size: u64) -> FileEntry {
         FileEntry::regular(path, size)
@@ -510,54 +494,54 @@ mod tests {
         assert!(none.into_page_map(PgMajor::V15).files.is_empty());
     }
 
-    #[test]
-    fn blocks_only_within_both_files() {
-        let source = vec![reg("base/5/16384", 4 * 8192), reg("base/5/16385", 8192)];
-        let target = vec![
-            reg("base/5/16384", 2 * 8192),
-            reg("pg_wal/000000010000000000000001", 16 << 20),
-        ];
-        let mut pm = PageMap::default();
-        for b in [0, 1, 2, 3] {
-            pm.insert("base/5/16384", b);
-        }
-        pm.insert("base/5/16385", 0);
-        let keep = BTreeSet::new();
-        let plan = make_plan(&PlanInput {
-            source: &source,
-            target: &target,
-            page_map: &pm,
-            keep_wal: &keep,
-            is_relation_file: &|p| p.starts_with("base/"),
+    /// The relation a test path stands for: `base/5/<rel>` main-fork segments.
+    fn relation_of(path: &str) -> Option<RelFileLocator> {
+        relpath::is_rel_data_file(path, PgMajor::V16).map(|(l, _)| l)
+    }
+
+    fn plan_of(
+        source: &[FileEntry],
+        target: &[FileEntry],
+        changes: Option<&Changes>,
+        divergence: Lsn,
+        replay_wal: Option<(XLogSegNo, XLogSegNo)>,
+    ) -> Plan {
+        make_plan(&PlanInput {
+            source,
+            target,
+            changes,
+            relation_of: &relation_of,
             block_size: 8192,
             wal_segment_size: 16 << 20,
-            oldest_needed_wal_segment: Some(2),
-            divergence: None,
-            source_wal_end: None,
+            divergence,
+            replay_wal,
         })
-        .unwrap();
-        let e = plan
-            .entries
+        .unwrap()
+    }
+
+    fn find<'p>(plan: &'p Plan, path: &str) -> &'p PlanEntry {
+        plan.entries
             .iter()
-            .find(|e| e.path == "base/5/16384")
-            .unwrap();
+            .find(|e| e.path == path)
+            .unwrap_or_else(|| panic!("{path} not in the plan"))
+    }
+
+    #[test]
+    fn blocks_of_either_side_within_both_files() {
+        let source = vec![reg("base/5/16384", 4 * 8192), reg("base/5/16385", 8192)];
+        let target = vec![reg("base/5/16384", 2 * 8192), reg("base/5/16386", 8192)];
+        let mut changes = Changes::default();
+        for b in [0, 1, 2, 3] {
+            changes.page_map.insert("base/5/16384", b);
+        }
+        changes.page_map.insert("base/5/16385", 0);
+        let plan = plan_of(&source, &target, Some(&changes), Lsn(0), None);
+        let e = find(&plan, "base/5/16384");
         assert_eq!(e.action, FileAction::CopyTail);
         assert_eq!(e.blocks.iter().collect::<Vec<_>>(), vec![0, 1]);
         assert_eq!(e.fetch_bytes(8192), 4 * 8192);
-        let e = plan
-            .entries
-            .iter()
-            .find(|e| e.path == "base/5/16385")
-            .unwrap();
-        assert_eq!(e.action, FileAction::Copy);
-        assert!(e.blocks.is_empty());
-        // An old target-only segment is neither removed nor needed.
-        let e = plan
-            .entries
-            .iter()
-            .find(|e| e.path.starts_with("pg_wal/"))
-            .unwrap();
-        assert_eq!(e.action, FileAction::None);
+        assert_eq!(find(&plan, "base/5/16385").action, FileAction::Copy);
+        assert_eq!(find(&plan, "base/5/16386").action, FileAction::Remove);
         assert_eq!(plan.fetch_bytes(), 4 * 8192 + 8192);
         let t = plan.totals();
         assert_eq!(
@@ -576,108 +560,109 @@ mod tests {
         );
     }
 
-    /// A plan of WAL segments only (16 MiB), the last common checkpoint in segment 2.
-    fn wal_plan(
-        source: &[FileEntry],
-        target: &[FileEntry],
-        keep: &BTreeSet<String>,
-        divergence: Option<Lsn>,
-        source_wal_end: Option<Lsn>,
-    ) -> Plan {
-        make_plan(&PlanInput {
-            source,
-            target,
-            page_map: &PageMap::default(),
-            keep_wal: keep,
-            is_relation_file: &|_| false,
-            block_size: 8192,
-            wal_segment_size: 16 << 20,
-            oldest_needed_wal_segment: Some(2),
-            divergence,
-            source_wal_end,
-        })
-        .unwrap()
+    #[test]
+    fn created_relations_and_unknown_changes_are_copied_whole() {
+        let source = vec![reg("base/5/16384", 8192), reg("base/7/1259", 8192)];
+        let target = source.clone();
+        let mut changes = Changes::default();
+        changes.created.insert(RelFileLocator::new(1663, 5, 16384));
+        changes.databases.insert((1663, 7));
+        let plan = plan_of(&source, &target, Some(&changes), Lsn(0), None);
+        for path in ["base/5/16384", "base/7/1259"] {
+            let e = find(&plan, path);
+            assert_eq!(
+                (e.action, e.reason),
+                (FileAction::Copy, Some(Reason::CreatedSince))
+            );
+        }
+        // Without one side's changes, every relation file both sides have is compared whole.
+        let plan = plan_of(&source, &target, None, Lsn(0), None);
+        for path in ["base/5/16384", "base/7/1259"] {
+            let e = find(&plan, path);
+            assert_eq!(
+                (e.action, e.reason),
+                (FileAction::Copy, Some(Reason::Compared))
+            );
+        }
+        // Changes that name neither: the files stay.
+        let plan = plan_of(&source, &target, Some(&Changes::default()), Lsn(0), None);
+        assert_eq!(find(&plan, "base/5/16384").action, FileAction::None);
     }
 
     #[test]
-    fn source_segments_past_its_end_of_wal_are_not_copied() {
-        let seg = 16u32 << 20;
-        let name = |n: u64| format!("pg_wal/0000000200000000000000{n:02X}");
-        let source: Vec<FileEntry> = (3..=6).map(|n| reg(&name(n), u64::from(seg))).collect();
-        // The target already has segment 6 under the same name: it is copied over, as
-        // pg_rewind does, never left stale.
-        let target = vec![reg(&name(6), u64::from(seg))];
-        let keep = BTreeSet::new();
-        let plan = |end: Lsn| wal_plan(&source, &target, &keep, None, Some(end));
-        let actions = |p: &Plan| -> Vec<(u64, FileAction)> {
-            (3..=6)
-                .map(|n| {
-                    let e = p.entries.iter().find(|e| e.path == name(n)).unwrap();
-                    (n, e.action)
-                })
-                .collect()
-        };
-        // The end in segment 4: 3 and 4 are copied, 5 is not, 6 is (the target has it).
-        let p = plan(Lsn(4 * u64::from(seg) + 100));
-        assert_eq!(
-            actions(&p),
-            [
-                (3, FileAction::Copy),
-                (4, FileAction::Copy),
-                (5, FileAction::None),
-                (6, FileAction::Copy)
-            ]
+    fn only_the_wal_the_node_replays_is_copied_and_lost_writes_go() {
+        let seg = 16u64 << 20;
+        let name =
+            |tli: u32, n: u64| format!("pg_wal/{}", crate::lsn::wal_file_name(tli, n, 16 << 20));
+        // The histories part in segment 3, on timeline 1; the source went on on timeline 2.
+        let divergence = Lsn(3 * seg + 0x1234);
+        let source: Vec<FileEntry> = [name(1, 2), name(2, 3), name(2, 4), name(2, 5), name(2, 6)]
+            .iter()
+            .map(|p| reg(p, seg))
+            .collect();
+        let target: Vec<FileEntry> = [name(1, 1), name(1, 2), name(1, 3), name(1, 4)]
+            .iter()
+            .map(|p| reg(p, seg))
+            .collect();
+        // A shut-down source whose checkpoint's redo lies in segment 5 and WAL ends in 6.
+        let plan = plan_of(
+            &source,
+            &target,
+            Some(&Changes::default()),
+            divergence,
+            Some((5, 6)),
         );
-        let five = p.entries.iter().find(|e| e.path == name(5)).unwrap();
-        assert_eq!(five.reason, Some(Reason::PastSourceEnd));
-        // A checkpoint record that starts in the last page of segment 4 may end in segment 5.
-        let p = plan(Lsn(5 * u64::from(seg) - 100));
-        assert_eq!(actions(&p)[2], (5, FileAction::Copy));
-        assert!(!wal_segment_past("base/1/1", Lsn(0), seg));
-        assert!(!wal_segment_past("pg_wal/00000002.history", Lsn(0), seg));
+        let got = |p: &str| {
+            let e = find(&plan, p);
+            (e.action, e.reason)
+        };
+        assert_eq!(got(&name(2, 5)), (FileAction::Copy, None));
+        assert_eq!(got(&name(2, 6)), (FileAction::Copy, None));
+        assert_eq!(
+            got(&name(2, 3)),
+            (FileAction::None, Some(Reason::NotReplayed))
+        );
+        assert_eq!(
+            got(&name(1, 2)),
+            (FileAction::None, Some(Reason::NotReplayed))
+        );
+        // The target's own: those holding WAL past the divergence go; older ones stay.
+        assert_eq!(
+            got(&name(1, 3)),
+            (FileAction::Remove, Some(Reason::PastDivergence))
+        );
+        assert_eq!(
+            got(&name(1, 4)),
+            (FileAction::Remove, Some(Reason::PastDivergence))
+        );
+        assert_eq!(
+            got(&name(1, 1)),
+            (FileAction::None, Some(Reason::BeforeDivergence))
+        );
+        // A running source: its window's WAL comes later, none of it now.
+        let plan = plan_of(
+            &source,
+            &target,
+            Some(&Changes::default()),
+            divergence,
+            None,
+        );
+        assert_eq!(find(&plan, &name(2, 5)).action, FileAction::None);
+        assert_eq!(plan.fetch_bytes(), 0);
     }
 
     #[test]
     fn the_auto_conf_is_written_at_the_commit_not_copied() {
         let source = vec![reg(AUTO_CONF, 120), reg("postgresql.conf", 30)];
         let target = vec![reg(AUTO_CONF, 88), reg("postgresql.conf", 30)];
-        let plan = wal_plan(&source, &target, &BTreeSet::new(), None, None);
-        let e = plan.entries.iter().find(|e| e.path == AUTO_CONF).unwrap();
+        let plan = plan_of(&source, &target, None, Lsn(0), None);
+        let e = find(&plan, AUTO_CONF);
         assert_eq!(
             (e.action, e.reason),
             (FileAction::None, Some(Reason::WrittenAtCommit))
         );
         assert_eq!(e.fetch_bytes(8192), 0);
-        let conf = plan
-            .entries
-            .iter()
-            .find(|e| e.path == "postgresql.conf")
-            .unwrap();
-        assert_eq!(conf.action, FileAction::Copy);
-    }
-
-    #[test]
-    fn kept_segments_lose_what_follows_the_divergence() {
-        let seg = 16u32 << 20;
-        let name = |n: u64| format!("pg_wal/0000000100000000000000{n:02X}");
-        let target: Vec<FileEntry> = (2..=5).map(|n| reg(&name(n), u64::from(seg))).collect();
-        let keep: BTreeSet<String> = (2..=4).map(name).collect();
-        let plan = |div: Lsn| wal_plan(&[], &target, &keep, Some(div), None);
-        let find = |p: &Plan, n: u64| {
-            let e = p.entries.iter().find(|e| e.path == name(n)).unwrap();
-            (e.action, e.zero_from)
-        };
-        // Divergence inside segment 3: segment 2 is all common history, segment 3 keeps its
-        // head, segment 4 would hold only lost writes, 5 was never kept.
-        let p = plan(Lsn(3 * u64::from(seg) + 0x1234));
-        assert_eq!(find(&p, 2), (FileAction::None, None));
-        assert_eq!(find(&p, 3), (FileAction::None, Some(0x1234)));
-        assert_eq!(find(&p, 4), (FileAction::Remove, None));
-        assert_eq!(find(&p, 5), (FileAction::Remove, None));
-        // Divergence exactly at the start of segment 4 (the walk read its first record).
-        let p = plan(Lsn(4 * u64::from(seg)));
-        assert_eq!(find(&p, 3), (FileAction::None, None));
-        assert_eq!(find(&p, 4), (FileAction::Remove, None));
+        assert_eq!(find(&plan, "postgresql.conf").action, FileAction::Copy);
     }
 
     proptest! {

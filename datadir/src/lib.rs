@@ -16,6 +16,7 @@
 //! to compare them without sending them; [`postmaster`], whether PostgreSQL runs on a data
 //! directory (its `postmaster.pid`); and [`wal`], its WAL read along a timeline history.
 
+pub mod checksums;
 pub mod history;
 pub mod postmaster;
 pub mod wal;

@@ -317,12 +317,13 @@ impl WalReader<'_> {
     /// segments of `relseg_size` blocks. `from` is a record start, or a page boundary (where a
     /// timeline begins, the first record follows the page header). WAL that ends before
     /// `until` (a segment gone, or valid WAL ending) is an error: the changes would be
-    /// incomplete.
+    /// incomplete. `each` is called once a record (progress, the crash tests' hook).
     pub fn changes(
         &mut self,
         from: Lsn,
         until: Lsn,
         relseg_size: u32,
+        mut each: impl FnMut(),
     ) -> Result<WalChanges, WalReadError> {
         let mut changes = WalChanges::default();
         if from >= until {
@@ -330,6 +331,7 @@ impl WalReader<'_> {
         }
         let at_page = from.page_offset(self.params.page_size) == 0;
         let end = self.walk(from, at_page, Some(until), |r| {
+            each();
             changes.record(r, relseg_size)
         })?;
         match end {
@@ -473,7 +475,7 @@ pub fn source_changes(
     let params = WalParams::new(control.major, control.xlog_seg_size)
         .with_system_identifier(control.system_identifier);
     let mut reader = WalReader::new(dir.root(), &history, params, None);
-    let changes = match reader.changes(since, until, control.relseg_size) {
+    let changes = match reader.changes(since, until, control.relseg_size, || {}) {
         Ok(c) => c,
         Err(
             e @ (WalReadError::MissingSegment { .. }

@@ -14,6 +14,8 @@
 //! - [`programs`]: the workspace's `failback` and `failbackd`, built by cargo for the run.
 //! - [`rewind`]: running the `failback` binary on a failed-over pair, the steps of a rewind
 //!   test (promote, stop, rewind, rejoin and compare), and checks of a data directory's files.
+//! - [`verify`]: every page checksum of a shut-down cluster (`pg_checksums --check` for any
+//!   version) and amcheck on a running standby.
 //! - [`tmpfs`]: a small file system of a test's own (a data directory on it), to fill up.
 //! - [`pg_test!`]: one test body instantiated for every major version, so the runner runs
 //!   them in parallel as `name::pg13` … `name::pg18`.
@@ -42,6 +44,7 @@ pub mod rewind;
 pub mod run;
 pub mod tmpfs;
 pub mod user;
+pub mod verify;
 
 pub use binaries::PgBinaries;
 pub use cluster::{Cluster, ClusterOptions, StopMode};

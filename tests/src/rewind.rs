@@ -860,7 +860,7 @@ mod tests {
                   failback: base/5/16384 (NONE)\n\
                   failback:   block 3\n\
                   failback:   block 7\n\
-                  failback: pg_wal/000000010000000000000001 (NONE) -- kept: required for recovery\n\
+                  failback: pg_wal/000000010000000000000001 (NONE) -- WAL the rewound node does not replay: not copied\n\
                   failback: my dir/a 'b' (COPY)\n\
                   failback: need to copy 1 MB (total source directory size is 40 MB)\n";
         let pg = "pg_rewind: base/5/16384 (NONE)\npg_rewind: block 3\npg_rewind: block 7\n\

@@ -57,18 +57,28 @@ scenario_test!(basic, |major| {
             .and_then(|l| l.parse().ok())
             .unwrap_or_else(|| panic!("{key} is not an LSN:\n{}", run.show()))
     };
-    // The histories part where the new primary's timeline began, and replay starts before.
+    // The histories part where the new primary's timeline began; both sides' changes come from
+    // their WAL, and the rewound node replays only the shut-down source's last checkpoint on,
+    // none of the WAL back to the divergence.
     assert_eq!(
         lsn("divergence_lsn"),
         rewind::switch_point(&new, 2),
         "{}",
         run.show()
     );
-    assert!(
-        lsn("checkpoint_lsn") < lsn("divergence_lsn"),
-        "{}",
-        run.show()
-    );
+    for side in ["target_changes", "source_changes"] {
+        assert_eq!(report[side]["found_by"], "wal", "{side}: {}", run.show());
+        assert!(
+            report[side]["changed_blocks"].as_u64().unwrap_or(0) > 0,
+            "{side}: {}",
+            run.show()
+        );
+    }
+    let replay_from: failback_common::Lsn = report["replay"]["from"]
+        .as_str()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("no replay.from:\n{}", run.show()));
+    assert!(replay_from > lsn("divergence_lsn"), "{}", run.show());
     assert!(
         report["changed_blocks"].as_u64().unwrap_or(0) > 0,
         "{}",
@@ -339,7 +349,7 @@ scenario_test!(archived_wal, |major| {
     ));
 
     let before = TreeDigest::of(&old.data_dir());
-    let run = rewind(&old, &new, &[]);
+    let run = rewind(&old, &new, &["--mode", "wal"]);
     assert_refused(&run, &["--restore-target-wal"], &[&old, &new]);
     assert!(
         moved.iter().any(|m| run.stderr.contains(m.as_str())),
@@ -351,8 +361,14 @@ scenario_test!(archived_wal, |major| {
         "refused rewind without -c",
     );
 
-    let run = rewind_ok(&old, &new, &["-c"]);
+    let run = rewind_ok(&old, &new, &["-c", "--mode", "wal"]);
     assert!(run.rewind_needed());
+    assert_eq!(
+        run.report()["target_changes"]["found_by"],
+        "wal",
+        "{}",
+        run.show()
+    );
     rejoin(&mut old, &mut new);
     assert_eq!(
         old.query_one("SELECT count(*) FROM t WHERE v = 'new'"),
@@ -557,14 +573,15 @@ pg_test!(refusals, |major| {
     unchanged("corrupt source control file");
     rewind::flip_bit(&source_control, 100, 5);
 
-    // Target WAL the rewind needs is missing (and there is no -c).
+    // Target WAL since the divergence is missing (and there is no -c), and --mode wal forbids
+    // comparing by hashes instead.
     let seg_size = rewind::control_file(&old).xlog_seg_size;
     let needed = rewind::wal_file_name_at(1, rewind::switch_point(&new, tli), seg_size);
     let wal = old.data_dir().join("pg_wal").join(&needed);
     let aside = old.base_dir().join(&needed);
     fs::rename(&wal, &aside).unwrap();
     let moved = TreeDigest::of(&old.data_dir());
-    let run = rewind(&old, &new, &[]);
+    let run = rewind(&old, &new, &["--mode", "wal"]);
     assert_refused(&run, &[&needed, "--restore-target-wal"], &[&old, &new]);
     moved.assert_unchanged(&TreeDigest::of(&old.data_dir()), "missing WAL");
     fs::rename(&aside, &wal).unwrap();
@@ -622,9 +639,11 @@ fn refuses_different_versions() {
 }
 
 // The oracle (PostgreSQL 15, whose pg_rewind is on the machine): on the same diverged pair,
-// failback's plan copies exactly the (file, block) pairs pg_rewind's does, and takes pg_rewind's
-// action for every file pg_rewind lists, except where failback documents a refinement (WAL
-// older than the last common checkpoint left alone).
+// failback's plan copies every (file, block) pair pg_rewind's does, and beyond them only blocks
+// the source's WAL named (pg_rewind copies the source's WAL and replays it instead), and takes
+// pg_rewind's action for every file pg_rewind lists, except where failback documents a
+// refinement (WAL the rewound node does not replay not copied, the target's WAL past the
+// divergence removed).
 #[test]
 fn plan_matches_pg_rewind() {
     let major = PgMajor::V15;
@@ -655,19 +674,28 @@ fn plan_matches_pg_rewind() {
     );
     let only_theirs: Vec<_> = theirs.blocks.difference(&ours.blocks).collect();
     let only_ours: Vec<_> = ours.blocks.difference(&theirs.blocks).collect();
+    let source_named = run.report()["source_changes"]["changed_blocks"]
+        .as_u64()
+        .unwrap_or(0);
     assert!(
-        only_theirs.is_empty() && only_ours.is_empty(),
-        "blocks only pg_rewind fetches: {only_theirs:?}\nblocks only failback fetches: \
-         {only_ours:?}\n--- pg_rewind ---\n{their_output}\n{}",
+        only_theirs.is_empty() && only_ours.len() as u64 <= source_named,
+        "blocks only pg_rewind fetches: {only_theirs:?}\nblocks only failback fetches \
+         (the source's WAL named {source_named}): {only_ours:?}\n--- pg_rewind ---\n\
+         {their_output}\n{}",
+        run.show()
+    );
+    assert!(
+        !only_ours.is_empty(),
+        "the new primary's writes should add blocks\n{}",
         run.show()
     );
     // failback's documented refinements, each printed as a note on the path's line.
     let refined = |path: &str| {
         run.stderr.lines().any(|l| {
             l.contains(&format!(" {path} ("))
-                && (l.contains("older than the last common checkpoint")
+                && (l.contains("the rewound node does not replay")
                     || l.contains("past the divergence point")
-                    || l.contains("past the source's end of WAL")
+                    || l.contains("from before the divergence: kept")
                     || l.contains("written at the end of the commit"))
         })
     };

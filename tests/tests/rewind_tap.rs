@@ -469,9 +469,11 @@ pg_test!(t009_growing_files, |major| {
 
 // 010_keep_recycled_wals: the old primary's segment holding the last common checkpoint never
 // reached its archive (its archive_command fails for it), and the new primary no longer has it
-// either (recycled; removed here by hand): the rewind must not remove it from the old primary,
-// which replays from that checkpoint. Upstream only checks the "not removing" message; here the
-// rewound node must also get through recovery with it.
+// either (recycled; removed here by hand). pg_rewind must keep it on the old primary, which
+// replays from that checkpoint; failback's rewound node replays from the source's checkpoint
+// instead and needs it no more, but a segment from before the divergence is the target's own
+// and is left alone. Upstream only checks the "not removing" message; here the rewound node must
+// also get through recovery.
 pg_test!(t010_keep_recycled_wals, |major| {
     let options = ClusterOptions::default().archive();
     let mut primary = Cluster::start_new_with(major, "primary", options);
@@ -509,7 +511,8 @@ pg_test!(t010_keep_recycled_wals, |major| {
     }
 
     let run = rewind_ok(&primary, &standby, &["--debug", "--no-sync"]);
-    let kept = format!("pg_wal/{segment} (NONE) -- kept: required for recovery");
+    let kept =
+        format!("pg_wal/{segment} (NONE) -- the target's own WAL from before the divergence: kept");
     assert!(
         run.stderr.contains(&kept),
         "{segment} is not kept:\n{}",

@@ -24,10 +24,9 @@ fn header() -> JournalHeader {
         pg_major: 16,
         divergence: Lsn(0x4000000),
         divergence_tli: 1,
-        checkpoint: Lsn(0x3000060),
-        checkpoint_redo: Lsn(0x3000028),
-        checkpoint_tli: 1,
         source_tli: 2,
+        window_start: None,
+        target_changes: None,
         plan: Plan {
             entries: Vec::new(),
             block_size: 8192,

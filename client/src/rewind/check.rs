@@ -137,8 +137,12 @@ pub(crate) fn check(
             st.phase.name()
         ));
     } else {
+        // A copy of a shut-down source carries its control file as it is; one made in a
+        // backup window, the window's label.
         let label = std::fs::read_to_string(dir.join("backup_label")).ok();
-        if already_rewound(&target_control, label.as_deref()) {
+        let same_control =
+            std::fs::read(dir.join("global/pg_control")).is_ok_and(|b| b == source_control_bytes);
+        if same_control || already_rewound(&target_control, label.as_deref()) {
             return Ok(Checks::AlreadyRewound(dir.clone()));
         }
         if !target_control.state.is_shut_down_cleanly() {

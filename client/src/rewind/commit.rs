@@ -1,21 +1,25 @@
 //! Phase 5: from a copied target to one that starts as the new primary's standby.
 //!
-//! The source is asked once more for its control file and its end of WAL (after the copy: every
-//! change the copy may have seen lies before it). A live source may have written into WAL
-//! segments the plan left out; they are fetched now. Then everything is synced, and the
-//! commit's files are written in [`crate::target`]'s order: `backup_label` (replay starts at
-//! the last common checkpoint), `pg_control` (recovery must reach the source's end of WAL
-//! before the server opens), and last the configuration, which removes the marker.
+//! A running source's backup window is closed: `pg_backup_stop` says where the WAL the copy
+//! needs ends, and gives the copy's `backup_label`; that WAL, written during the window, is
+//! fetched now (failbackd's session keeps it reserved until the rewind is done), so the rewound
+//! node needs nothing from anywhere to become consistent. A shut-down source must not have
+//! changed; its WAL from its last checkpoint was copied with the rest, and the node starts from
+//! that checkpoint, with no `backup_label`. Then everything is synced, and the commit's files
+//! are written in [`crate::target`]'s order: `backup_label`, `pg_control` (recovery must reach
+//! the end of that WAL before the server opens), and last the configuration, which removes the
+//! marker.
 
 use std::time::Instant;
 
 use failback_common::control::{ControlFileData, DBState};
+use failback_common::filemap::{FileAction, FileEntry};
 use failback_common::journal::Phase;
-use failback_common::plan::{AUTO_CONF, Plan};
+use failback_common::lsn::wal_file_name;
+use failback_common::plan::{AUTO_CONF, Plan, PlanEntry};
 use failback_common::recovery;
-use failback_common::rewind::{
-    CommonCheckpoint, catch_up_segments, min_recovery_point, replay_start,
-};
+use failback_common::rewind::{min_recovery_point, wal_segments};
+use failback_common::timeline::timeline_for_segment;
 
 use super::{Copied, Outcome, RewindOptions, RewindReport};
 use crate::copy;
@@ -40,54 +44,73 @@ pub(crate) fn commit(
     let mut target = checked.target;
     let seg_size = checked.target_control.xlog_seg_size;
     // What the commit needs from the source, asked together: over a long link one round trip
-    // instead of three. postgresql.auto.conf is read now rather than at the end of the commit;
-    // either is after the copy.
-    source.ask_ahead(&[Ask::ControlFile, Ask::EndOfWal]);
+    // instead of several. postgresql.auto.conf is read now rather than at the end of the
+    // commit; either is after the copy.
+    source.ask_ahead(&[Ask::ControlFile]);
     let source_auto_conf = source
         .read_file(AUTO_CONF)
         .doing("could not read the source's postgresql.auto.conf")?;
     let after_bytes = source
         .control_file()
         .doing("could not read the source's control file again")?;
-    if !source.is_live() && after_bytes != checked.source_control_bytes {
-        return Err(RewindError::refused(
-            "source system was modified while failback was running; make sure the source is \
-             shut down, then run failback again",
-        ));
-    }
+    let window = match header.window_start {
+        Some(start) => {
+            progress.phase("closing the backup window and fetching its WAL");
+            let end = source
+                .close_window()
+                .doing("could not close the backup window on the source")?;
+            // The WAL written during the window: what makes the copy consistent.
+            let history = super::plan::source_history(source, end.tli)?;
+            let (first, last) = wal_segments(start, end.stop, seg_size);
+            let entries: Vec<PlanEntry> = (first..=last)
+                .map(|segno| {
+                    let tli = timeline_for_segment(&history, segno, seg_size);
+                    let path = format!("pg_wal/{}", wal_file_name(tli, segno, seg_size));
+                    let on_target = std::fs::metadata(target.dir().join(&path))
+                        .ok()
+                        .map(|m| FileEntry::regular(&path, m.len()));
+                    PlanEntry::new(
+                        &path,
+                        FileAction::Copy,
+                        Some(FileEntry::regular(&path, u64::from(seg_size))),
+                        on_target,
+                    )
+                })
+                .collect();
+            let wal = Plan {
+                entries,
+                block_size: header.plan.block_size,
+            };
+            let fetched = copy::copy(&wal, &mut target, source, progress, None)
+                .doing("could not copy the WAL the source wrote during the backup window")?;
+            if fetched.files_vanished_on_source > 0 {
+                return Err(RewindError::refused(format!(
+                    "the source no longer has all the WAL written during the backup window \
+                     ({} to {}), which the rewound node must replay",
+                    start, end.stop
+                )));
+            }
+            if let Some(x) = report.execution.as_mut() {
+                x.window_wal_bytes = fetched.bytes_fetched;
+                x.add(&fetched);
+            }
+            Some(end)
+        }
+        None => {
+            if after_bytes != checked.source_control_bytes {
+                return Err(RewindError::refused(
+                    "source system was modified while failback was running; make sure the \
+                     source is shut down, then run failback again",
+                ));
+            }
+            None
+        }
+    };
     let after = ControlFileData::parse(&after_bytes).map_err(|e| RewindError::Refused {
         message: "source control file".into(),
         source: Some(Box::new(e)),
     })?;
-    let end = source
-        .end_of_wal()
-        .doing("could not read the source's end of WAL after the copy")?;
-    if source.is_live() && end.is_none() {
-        return Err(RewindError::refused(
-            "the source is live but did not say where its WAL ends after the copy",
-        ));
-    }
-    // A live source wrote on during the copy: segments that were past its end of WAL when the
-    // plan was made, and that its end has reached since, hold WAL recovery replays.
-    if let Some(end) = end {
-        let reached = catch_up_segments(&header.plan, end.lsn, seg_size);
-        if !reached.is_empty() {
-            progress.debug(&format!(
-                "{} WAL segment(s) the source wrote into during the copy",
-                reached.len()
-            ));
-            let more = Plan {
-                entries: reached,
-                block_size: header.plan.block_size,
-            };
-            let extra = copy::copy(&more, &mut target, source, progress, None)
-                .doing("could not copy the WAL the source wrote during the copy")?;
-            if let Some(x) = report.execution.as_mut() {
-                x.add(&extra);
-            }
-        }
-    }
-    let (min_point, min_tli) = min_recovery_point(&after, end.map(|e| (e.lsn, e.tli)));
+    let (min_point, min_tli) = min_recovery_point(&after, window.as_ref().map(|w| (w.stop, w.tli)));
     report.min_recovery_point = Some(min_point.to_string());
 
     if !opts.no_sync {
@@ -107,28 +130,30 @@ pub(crate) fn commit(
         .record(Phase::Copied)
         .doing("could not update the journal")?;
     progress.phase("creating backup label and updating control file");
-    let start = replay_start(
-        CommonCheckpoint {
-            lsn: header.checkpoint,
-            redo: header.checkpoint_redo,
-            tli: header.checkpoint_tli,
-        },
-        &checked.source_control,
-    );
-    let label = recovery::backup_label(start.redo, start.tli, start.lsn, seg_size, &now_utc());
     target
-        .write_backup_label(&label)
+        .write_backup_label(
+            window
+                .as_ref()
+                .map(|w| (w.backup_label.as_str(), w.tablespace_map.as_str())),
+        )
         .doing("could not write backup_label")?;
-    let mut new_control = after;
-    new_control.minRecoveryPoint = min_point;
-    new_control.minRecoveryPointTLI = min_tli;
-    new_control.state = DBState::InArchiveRecovery;
-    let bytes = new_control.to_bytes().map_err(|e| RewindError::Refused {
-        message: "could not build the new control file".into(),
-        source: Some(Box::new(e)),
-    })?;
+    // A copy made in a window recovers as a base backup does, to the window's end before it
+    // opens; a copy of a shut-down source is that source, shut down.
+    let control = match &window {
+        Some(_) => {
+            let mut c = after;
+            c.minRecoveryPoint = min_point;
+            c.minRecoveryPointTLI = min_tli;
+            c.state = DBState::InArchiveRecovery;
+            c.to_bytes().map_err(|e| RewindError::Refused {
+                message: "could not build the new control file".into(),
+                source: Some(Box::new(e)),
+            })?
+        }
+        None => after_bytes,
+    };
     target
-        .write_control(&bytes)
+        .write_control(&control)
         .doing("could not write the target's control file")?;
     target
         .record(Phase::Committed)
@@ -157,7 +182,6 @@ pub(crate) fn commit(
 
 /// Every regular file the plan writes into.
 fn written_by(plan: &Plan) -> impl Iterator<Item = String> + '_ {
-    use failback_common::filemap::FileAction;
     plan.entries
         .iter()
         .filter(|e| {
@@ -165,15 +189,6 @@ fn written_by(plan: &Plan) -> impl Iterator<Item = String> + '_ {
                 e.action,
                 FileAction::Copy | FileAction::CopyTail | FileAction::Truncate
             ) || !e.blocks.is_empty()
-                || e.zero_from.is_some()
         })
         .map(|e| e.path.clone())
-}
-
-/// `YYYY-MM-DD HH:MM:SS UTC` (the label's START TIME is informational).
-fn now_utc() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    failback_common::civil::from_unix(secs as i64).to_string()
 }

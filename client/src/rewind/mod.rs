@@ -7,18 +7,19 @@
 //!    recovery in single-user mode), a live source's end of WAL known, and whether an earlier
 //!    run left the target unfinished.
 //! 2. [`plan`] — *the plan* ([`plan::Planned`]): where the histories diverged, whether the
-//!    target wrote past that point at all, the last common checkpoint (walking the target's WAL
-//!    back from the divergence), every block the target's WAL touched since, both file lists,
-//!    and the plan made of them. A resumed run takes the plan from the journal instead: the
-//!    copy may already have replaced the target's WAL.
+//!    target wrote past that point at all, what each side changed since (from its own WAL, or
+//!    by comparing chunk hashes where that WAL is gone), a backup window on a running source,
+//!    both file lists, and the plan made of them. A resumed run takes the plan from the journal
+//!    instead (the copy may already have replaced the target's WAL), and makes it again, with
+//!    what it kept, when the source ran meanwhile.
 //! 3. [`Journaled`] — *a journaled plan*: the plan durable in the target, and the target
 //!    marked so that PostgreSQL will not start on it. Fresh and resumed runs meet here and go
 //!    through the same code from here on.
 //! 4. [`copy`](crate::copy) — *a copied target* ([`Copied`]): every range fetched, verified and
 //!    written, what the source lacks removed.
-//! 5. [`commit`] — the source's end of WAL, the WAL segments a live source wrote into meanwhile,
-//!    everything synced, then `backup_label`, `pg_control` and the configuration, in the order
-//!    [`crate::target`] explains.
+//! 5. [`commit`] — the backup window closed and the WAL written during it fetched (a running
+//!    source), everything synced, then `backup_label`, `pg_control` and the configuration, in
+//!    the order [`crate::target`] explains.
 //!
 //! Every check happens before the first change to the target; a refusal leaves it as it was.
 //! An error after the first change says the target is unfinished ([`RewindError::Unfinished`]).
@@ -45,9 +46,25 @@ use crate::target::Target;
 
 pub use crate::error::{Kind, exit};
 
+/// How each side's changes since the divergence are found (`--mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// From each side's own WAL where it has it from the divergence on, else by comparing
+    /// chunk hashes of the relation files.
+    #[default]
+    Auto,
+    /// From both sides' WAL only: refuse when either lacks it.
+    Wal,
+    /// By comparing chunk hashes of every relation file both sides have, whatever the WAL.
+    Delta,
+}
+
 /// What the caller asked for (pg_rewind's flags, and failback's).
 #[derive(Clone, Debug, Default)]
 pub struct RewindOptions {
+    /// `--mode`.
+    pub mode: Mode,
     pub target: PathBuf,
     /// `-R`: write standby.signal and primary_conninfo.
     pub write_recovery_conf: bool,
@@ -90,10 +107,17 @@ pub struct RewindReport {
     pub target_timeline: TimeLineId,
     pub divergence_lsn: Option<String>,
     pub divergence_timeline: Option<TimeLineId>,
-    pub checkpoint_lsn: Option<String>,
-    pub checkpoint_redo: Option<String>,
-    pub checkpoint_timeline: Option<TimeLineId>,
+    /// How the target's changes since the divergence were found, and why.
+    pub target_changes: plan::SideReport,
+    /// How the source's were.
+    pub source_changes: plan::SideReport,
+    /// Where the backup window a running source was copied in began.
+    pub window_start: Option<String>,
+    /// The WAL a copy of a shut-down source replays (a running source's window WAL is in
+    /// `execution.window_wal_bytes`).
+    pub replay: Option<plan::ReplayReport>,
     pub min_recovery_point: Option<String>,
+    /// Blocks either side's WAL named (0 when a side's changes were compared by hashes).
     pub changed_blocks: u64,
     pub actions: std::collections::BTreeMap<String, ActionTotals>,
     pub bytes_to_fetch: u64,
@@ -110,9 +134,7 @@ impl RewindReport {
         self.source_timeline = h.source_tli;
         self.divergence_lsn = Some(h.divergence.to_string());
         self.divergence_timeline = Some(h.divergence_tli);
-        self.checkpoint_lsn = Some(h.checkpoint.to_string());
-        self.checkpoint_redo = Some(h.checkpoint_redo.to_string());
-        self.checkpoint_timeline = Some(h.checkpoint_tli);
+        self.window_start = h.window_start.map(|l| l.to_string());
         self.actions = h
             .plan
             .totals()
@@ -166,9 +188,9 @@ fn run(
     let checked = match check::check(opts, source, progress)? {
         check::Checks::AlreadyRewound(dir) => {
             progress.info(&format!(
-                "{} was already rewound and has not been started since (its control file says \
-                 \"in archive recovery\" and its backup_label was written by a rewind): there is \
-                 nothing to rewind; start it as a standby of the new primary",
+                "{} was already rewound and has not been started since (its control file is the \
+                 source's, or says \"in archive recovery\" beside a backup_label a rewind \
+                 wrote): there is nothing to rewind; start it as a standby of the new primary",
                 dir.display()
             ));
             report.already_rewound = true;
@@ -181,8 +203,9 @@ fn run(
         check::Checks::Checked(c) => *c,
     };
     let journaled = match checked.resume.clone() {
-        Some(state) => {
-            let header = plan::resumed(&checked, &state, source, report)?;
+        Some(mut state) => {
+            let (header, replanned) =
+                plan::resumed(opts, &checked, &mut state, source, progress, report)?;
             report.resumed = true;
             report.seconds.checks = t0.elapsed().as_secs_f64();
             if opts.dry_run {
@@ -196,7 +219,7 @@ fn run(
                     plan: Some(header.plan),
                 });
             }
-            Journaled::take_up(checked, header, state)?
+            Journaled::take_up(checked, header, state, replanned)?
         }
         None => match plan::plan(opts, &checked, source, progress, report, t0)? {
             plan::Planned::NothingToRewind => {
@@ -258,16 +281,26 @@ impl Journaled {
         })
     }
 
-    /// An earlier run's journal, taken up where it stopped.
+    /// An earlier run's journal, taken up where it stopped; with a plan made again
+    /// (`replanned`), the journal is written anew: the new plan, and what still stands of what
+    /// the earlier run recorded as done.
     fn take_up(
         mut checked: check::Checked,
         header: JournalHeader,
         state: JournalState,
+        replanned: bool,
     ) -> Result<Journaled, RewindError> {
-        checked
-            .target
-            .take_up(&state)
-            .doing("could not take up the unfinished rewind's journal")?;
+        if replanned {
+            checked
+                .target
+                .restart(header.clone(), &state.done)
+                .doing("could not record the rewind's new plan in the target")?;
+        } else {
+            checked
+                .target
+                .take_up(&state)
+                .doing("could not take up the unfinished rewind's journal")?;
+        }
         Ok(Journaled {
             checked,
             header,

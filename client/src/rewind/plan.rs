@@ -1,26 +1,66 @@
-//! Phase 2: the plan, from both clusters' histories, the target's WAL and both file lists; or,
-//! when an earlier run left the target unfinished, the plan its journal holds.
+//! Phase 2: the plan — what differs between the two clusters, found from each side's own WAL
+//! since the divergence, or by comparing chunk hashes where a side's WAL is gone; or, when an
+//! earlier run left the target unfinished, the plan its journal holds (made again, from a
+//! running source, with what it changed since).
+//!
+//! A running source is copied inside a backup window, opened here, before its changes are
+//! asked for: the changes up to the window's start are copied, and everything after it is
+//! replayed by the rewound node from the window's WAL.
 
 use std::time::Instant;
 
-use failback_common::TimeLineId;
-use failback_common::changes::WalChanges;
+use failback_common::changes::Changes;
 use failback_common::journal::{JournalHeader, JournalState};
-use failback_common::lsn::history_file_name;
-use failback_common::plan::{self, PlanInput};
-use failback_common::relpath;
-use failback_common::rewind::{CheckpointSearch, Step, source_wal_end, target_wal_end};
-use failback_common::timeline::{TimeLineHistory, find_common_ancestor};
+use failback_common::lsn::{history_file_name, wal_file_name};
+use failback_common::plan::{self, Plan, PlanInput};
+use failback_common::relpath::{self, RelFileLocator};
+use failback_common::rewind::{
+    WINDOW_LABEL, forget_stale, shut_down_replay, target_wal_end, wal_segments,
+};
+use failback_common::timeline::{TimeLineHistory, find_common_ancestor, timeline_for_segment};
 use failback_common::wal::WalParams;
+use failback_common::{Lsn, PgMajor, TimeLineId};
 use failback_datadir::DataDir;
+use failback_datadir::wal::{WalReadError, WalReader};
+use serde::Serialize;
 
 use super::check::Checked;
-use super::{RewindOptions, RewindReport};
+use super::{Mode, RewindOptions, RewindReport};
 use crate::error::{Doing, RewindError};
 use crate::fault::{self, Point};
 use crate::progress::Progress;
-use crate::source::Source;
-use failback_datadir::wal::WalReader;
+use crate::source::{ChangesAnswer, Source, WindowStart};
+
+/// How one side's changes since the divergence were found, for the report.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct SideReport {
+    /// `wal`: its own WAL named them; `hashes`: its relation files are compared chunk by chunk
+    /// with the other side's.
+    pub found_by: String,
+    /// Why not from its WAL, when not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+    /// Main-fork blocks its WAL named.
+    pub changed_blocks: u64,
+}
+
+/// What a side's WAL said: its changes, or why it could not say.
+type Found = Result<Changes, String>;
+
+fn side_report(found: &Found) -> SideReport {
+    match found {
+        Ok(c) => SideReport {
+            found_by: "wal".into(),
+            why: None,
+            changed_blocks: c.block_count() as u64,
+        },
+        Err(why) => SideReport {
+            found_by: "hashes".into(),
+            why: Some(why.clone()),
+            changed_blocks: 0,
+        },
+    }
+}
 
 pub(crate) enum Planned {
     /// The target wrote nothing past the divergence, or both are on one timeline.
@@ -37,15 +77,13 @@ pub(crate) fn plan(
     report: &mut RewindReport,
     t0: Instant,
 ) -> Result<Planned, RewindError> {
-    let (src, target) = (&checked.source_control, &checked.target_control);
+    let target = &checked.target_control;
     let dir = checked.target.dir();
     // Timelines and the divergence.
     let src_tli = source_timeline(source, checked)?;
     let tgt_tli = target.timeline_for_rewind();
     report.source_timeline = src_tli;
     report.target_timeline = tgt_tli;
-    let params = WalParams::new(target.major, target.xlog_seg_size)
-        .with_system_identifier(target.system_identifier);
     let target_history = if tgt_tli == 1 {
         TimeLineHistory::single(1)
     } else {
@@ -81,96 +119,230 @@ pub(crate) fn plan(
             source: Some(Box::new(e)),
         }
     })?;
+    let divergence = ca.divergerec;
     progress.info(&format!(
-        "servers diverged at WAL location {} on timeline {}",
-        ca.divergerec, ca.tli
+        "servers diverged at WAL location {divergence} on timeline {}",
+        ca.tli
     ));
-    report.divergence_lsn = Some(ca.divergerec.to_string());
+    report.divergence_lsn = Some(divergence.to_string());
     report.divergence_timeline = Some(ca.tli);
 
-    // Did the target write anything past the divergence?
+    // Did the target write anything past the divergence? Its WAL ends at the end of its last
+    // checkpoint record, or at its minimum recovery point if it was a standby.
+    let params = WalParams::new(target.major, target.xlog_seg_size)
+        .with_system_identifier(target.system_identifier);
     let mut wal = WalReader::new(dir, &target_history, params, checked.restore.clone());
-    let chkpt = wal
-        .read_record(target.checkPoint)
-        .doing("could not read the target's latest checkpoint record")?;
-    if target_wal_end(chkpt.end_lsn, target) <= ca.divergerec {
+    let end_of_target_wal = if target.checkPoint > divergence {
+        // Past the divergence already; the record's end only matters for the scan's end.
+        target_wal_end(target.checkPoint, target)
+    } else {
+        let chkpt = wal
+            .read_record(target.checkPoint)
+            .doing("could not read the target's latest checkpoint record")?;
+        target_wal_end(chkpt.end_lsn, target)
+    };
+    if end_of_target_wal <= divergence {
         report.seconds.checks = t0.elapsed().as_secs_f64();
         return Ok(Planned::NothingToRewind);
     }
-    let end_of_target_wal = target_wal_end(chkpt.end_lsn, target);
     report.rewind_needed = true;
-
-    // The last common checkpoint, walking back from the divergence.
     let t_scan = Instant::now();
     report.seconds.checks = (t_scan - t0).as_secs_f64();
-    let mut wal = WalReader::new(dir, &target_history, params, checked.restore.clone());
-    let mut search = CheckpointSearch::new(
-        ca.divergerec,
-        target.major,
-        target.xlog_seg_size,
-        params.page_size,
-    );
-    let common = loop {
-        let at = search.next();
-        let r = wal.read_record(at).doing(format!(
-            "could not find previous WAL record at {at} while looking for the last common \
-             checkpoint"
-        ))?;
-        match search
-            .record(r.rmid, r.info, &r.main_data, r.xl_prev)
-            .map_err(RewindError::LastCheckpoint)?
-        {
-            Step::Read(_) => continue,
-            Step::Found(c) => break c,
-        }
-    };
-    let keep_wal: std::collections::BTreeSet<String> =
-        wal.opened.iter().map(|n| format!("pg_wal/{n}")).collect();
-    progress.info(&format!(
-        "rewinding from last common checkpoint at {} on timeline {}",
-        common.lsn, common.tli
-    ));
-    report.checkpoint_lsn = Some(common.lsn.to_string());
-    report.checkpoint_redo = Some(common.redo.to_string());
-    report.checkpoint_timeline = Some(common.tli);
 
-    // Every block the target touched since then.
+    // The target's changes since the divergence, from its own WAL.
     progress.phase("reading WAL in target");
-    let mut changed = WalChanges::default();
-    let (relseg, blcksz, major) = (target.relseg_size, target.blcksz, target.major);
-    wal.scan(common.lsn, end_of_target_wal, |rec| {
-        fault::passed(Point::Scan, 1);
-        changed.record(rec, relseg);
-        Ok(())
-    })
-    .doing("could not read the target's WAL")?;
-    let page_map = changed.finish(major).page_map;
-    report.changed_blocks = page_map.block_count() as u64;
+    let target_changes = side_changes(opts.mode, "target", || {
+        wal.changes(divergence, end_of_target_wal, target.relseg_size, || {
+            fault::passed(Point::Scan, 1)
+        })
+        .map(|c| c.finish(target.major))
+    })?;
     report.seconds.wal_scan = t_scan.elapsed().as_secs_f64();
 
-    // Both file lists, the plan.
+    // A running source: the window its copy is made in, then its changes up to the window.
+    let window = source
+        .open_window(WINDOW_LABEL)
+        .doing("could not open a backup window on the running source")?;
+    if let Some(w) = window {
+        progress.info(&format!(
+            "copying inside a backup window of the source starting at {} on timeline {}",
+            w.start, w.tli
+        ));
+    }
+    let source_changes = source_side(opts.mode, source, divergence, window)?;
+    plan_with(
+        opts,
+        checked,
+        source,
+        progress,
+        report,
+        Replan {
+            divergence,
+            divergence_tli: ca.tli,
+            src_tli,
+            source_history: &source_history,
+            window,
+            target_changes,
+            source_changes,
+        },
+    )
+    .map(|h| Planned::Plan(Box::new(h)))
+}
+
+/// What a side's changes are, by `mode`: from its WAL (`scan`), or compared by hashes when
+/// that WAL is gone (`auto`) or by choice (`delta`); `wal` refuses without the WAL.
+fn side_changes(
+    mode: Mode,
+    side: &str,
+    scan: impl FnOnce() -> Result<Changes, WalReadError>,
+) -> Result<Found, RewindError> {
+    if mode == Mode::Delta {
+        return Ok(Err("--mode delta".into()));
+    }
+    match scan() {
+        Ok(c) => Ok(Ok(c)),
+        Err(e @ (WalReadError::MissingSegment { .. } | WalReadError::EndedEarly { .. })) => {
+            let why = failback_common::errors::one_line(&e);
+            if mode == Mode::Wal {
+                return Err(RewindError::Wal {
+                    doing: format!(
+                        "the {side}'s WAL since the divergence is not all there, and --mode wal \
+                         finds changes by WAL only (--mode auto compares chunk hashes instead)"
+                    ),
+                    source: e,
+                });
+            }
+            Ok(Err(why))
+        }
+        Err(e) => Err(RewindError::Wal {
+            doing: format!("could not read the {side}'s WAL"),
+            source: e,
+        }),
+    }
+}
+
+/// The source's changes since the divergence, up to the window's start when there is one.
+fn source_side(
+    mode: Mode,
+    source: &mut dyn Source,
+    divergence: Lsn,
+    window: Option<WindowStart>,
+) -> Result<Found, RewindError> {
+    if mode == Mode::Delta {
+        return Ok(Err("--mode delta".into()));
+    }
+    match source
+        .changes(divergence, window.map(|w| w.start))
+        .doing("could not ask the source for its changes since the divergence")?
+    {
+        ChangesAnswer::Found(f) => Ok(Ok(f.changes)),
+        ChangesAnswer::Unknown { why } if mode == Mode::Wal => Err(RewindError::refused(format!(
+            "the source cannot say what it changed since the divergence ({why}), and --mode wal \
+             finds changes by WAL only (--mode auto compares chunk hashes instead)"
+        ))),
+        ChangesAnswer::Unknown { why } => Ok(Err(why)),
+    }
+}
+
+/// What a plan is made of beyond the two file lists.
+struct Replan<'h> {
+    divergence: Lsn,
+    divergence_tli: TimeLineId,
+    src_tli: TimeLineId,
+    source_history: &'h TimeLineHistory,
+    window: Option<WindowStart>,
+    target_changes: Found,
+    source_changes: Found,
+}
+
+/// Both file lists, and the plan made of them with both sides' changes.
+fn plan_with(
+    opts: &RewindOptions,
+    checked: &Checked,
+    source: &mut dyn Source,
+    progress: &mut dyn Progress,
+    report: &mut RewindReport,
+    r: Replan<'_>,
+) -> Result<JournalHeader, RewindError> {
+    let target = &checked.target_control;
     let t_lists = Instant::now();
     progress.phase("reading source file list");
     let source_files = source
         .list_files()
         .doing("could not list the source's files")?;
     progress.phase("reading target file list");
-    let target_files = DataDir::new(dir).list().map_err(|e| RewindError::Refused {
-        message: "could not list the target's files".into(),
-        source: Some(Box::new(e)),
-    })?;
-    let is_rel = |p: &str| relpath::is_rel_data_file(p, major).is_some();
+    let target_files =
+        DataDir::new(checked.target.dir())
+            .list()
+            .map_err(|e| RewindError::Refused {
+                message: "could not list the target's files".into(),
+                source: Some(Box::new(e)),
+            })?;
+    let major = target.major;
+    let seg = target.xlog_seg_size;
+    // A shut-down source's copy replays its own WAL from its last checkpoint: it must all be
+    // there, or the rewound node could never become consistent. Said before anything changes.
+    let replay_wal = match r.window {
+        Some(_) => None,
+        None => {
+            let (from, to) = shut_down_replay(&checked.source_control);
+            let (first, last) = wal_segments(from, to, seg);
+            for segno in first..=last {
+                let name = wal_file_name(
+                    timeline_for_segment(r.source_history, segno, seg),
+                    segno,
+                    seg,
+                );
+                let path = format!("pg_wal/{name}");
+                if !source_files.iter().any(|f| f.path == path) {
+                    return Err(RewindError::refused(format!(
+                        "the source lacks WAL segment {name}, which the rewound node must replay \
+                         (from {from} to {to}) to become consistent; restore it into the \
+                         source's pg_wal from its archive, or start the source so that it is \
+                         copied inside a backup window"
+                    )));
+                }
+            }
+            report.replay = Some(ReplayReport {
+                from: from.to_string(),
+                to: to.to_string(),
+                bytes: (last - first + 1) * u64::from(seg),
+            });
+            Some((first, last))
+        }
+    };
+    report.target_changes = side_report(&r.target_changes);
+    report.source_changes = side_report(&r.source_changes);
+    for (side, found) in [("target", &r.target_changes), ("source", &r.source_changes)] {
+        match found {
+            Ok(c) => progress.info(&format!(
+                "the {side}'s WAL names {} changed blocks since the divergence",
+                c.block_count()
+            )),
+            Err(why) => progress.info(&format!(
+                "the {side}'s changes are found by comparing chunk hashes: {why}"
+            )),
+        }
+    }
+    let changes = match (&r.target_changes, &r.source_changes) {
+        (Ok(t), Ok(s)) => {
+            let mut all = t.clone();
+            all.merge(s.clone());
+            Some(all)
+        }
+        _ => None,
+    };
+    report.changed_blocks = changes.as_ref().map_or(0, |c| c.block_count() as u64);
+    let relation_of = |p: &str| relation_of(p, major);
     let the_plan = plan::make_plan(&PlanInput {
         source: &source_files,
         target: &target_files,
-        page_map: &page_map,
-        keep_wal: &keep_wal,
-        is_relation_file: &is_rel,
-        block_size: blcksz,
-        wal_segment_size: target.xlog_seg_size,
-        oldest_needed_wal_segment: Some(common.redo.segment_number(target.xlog_seg_size)),
-        divergence: Some(ca.divergerec),
-        source_wal_end: Some(source_wal_end(src, checked.live_start.map(|e| e.lsn))),
+        changes: changes.as_ref(),
+        relation_of: &relation_of,
+        block_size: target.blcksz,
+        wal_segment_size: seg,
+        divergence: r.divergence,
+        replay_wal,
     })
     .map_err(|e| RewindError::Refused {
         message: "could not plan the rewind".into(),
@@ -178,13 +350,12 @@ pub(crate) fn plan(
     })?;
     let header = JournalHeader {
         system_identifier: target.system_identifier,
-        pg_major: target.major.number(),
-        divergence: ca.divergerec,
-        divergence_tli: ca.tli,
-        checkpoint: common.lsn,
-        checkpoint_redo: common.redo,
-        checkpoint_tli: common.tli,
-        source_tli: src_tli,
+        pg_major: major.number(),
+        divergence: r.divergence,
+        divergence_tli: r.divergence_tli,
+        source_tli: r.src_tli,
+        window_start: r.window.map(|w| w.start),
+        target_changes: r.target_changes.ok(),
         plan: the_plan,
     };
     report.planned(&header);
@@ -196,26 +367,50 @@ pub(crate) fn plan(
         total_size / 1_000_000
     ));
     if opts.debug {
-        for e in &header.plan.entries {
-            let note = e.reason.map(|n| format!(" -- {n}")).unwrap_or_default();
-            progress.debug(&format!("{} ({}){note}", e.path, e.action.name()));
-            for b in e.blocks.iter() {
-                progress.debug(&format!("  block {b}"));
-            }
-        }
+        show_plan(&header.plan, progress);
     }
-    Ok(Planned::Plan(Box::new(header)))
+    Ok(header)
 }
 
-/// The plan of a resumed rewind: the journal's, once the source is checked to be still on the
-/// history the plan was made from.
+/// `--debug`: a line per file and its blocks.
+fn show_plan(plan: &Plan, progress: &mut dyn Progress) {
+    for e in &plan.entries {
+        let note = e.reason.map(|n| format!(" -- {n}")).unwrap_or_default();
+        progress.debug(&format!("{} ({}){note}", e.path, e.action.name()));
+        for b in e.blocks.iter() {
+            progress.debug(&format!("  block {b}"));
+        }
+    }
+}
+
+/// The relation a path is a main-fork segment of.
+fn relation_of(path: &str, major: PgMajor) -> Option<RelFileLocator> {
+    relpath::is_rel_data_file(path, major).map(|(l, _)| l)
+}
+
+/// The WAL a copy of a shut-down source replays, for the report.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct ReplayReport {
+    pub from: String,
+    pub to: String,
+    /// Bytes of WAL segments copied for it.
+    pub bytes: u64,
+}
+
+/// A resumed rewind: the journal's plan, once the source is checked to be still on the history
+/// the plan was made from. The plan stands as it is when the source was shut down and still is
+/// (it cannot have changed); a running source — or one that ran since — is planned again, with
+/// the target's changes the journal kept, and what the earlier run did is kept only where the
+/// source has not changed it since ([`forget_stale`]).
 pub(crate) fn resumed(
+    opts: &RewindOptions,
     checked: &Checked,
-    state: &JournalState,
+    state: &mut JournalState,
     source: &mut dyn Source,
+    progress: &mut dyn Progress,
     report: &mut RewindReport,
-) -> Result<JournalHeader, RewindError> {
-    let h = &state.header;
+) -> Result<(JournalHeader, bool), RewindError> {
+    let h = state.header.clone();
     let src_tli = source_timeline(source, checked)?;
     let history = source_history(source, src_tli)?;
     let still = history
@@ -229,9 +424,65 @@ pub(crate) fn resumed(
             h.divergence_tli, h.divergence
         )));
     }
-    report.planned(h);
-    report.source_timeline = src_tli;
-    Ok(h.clone())
+    report.rewind_needed = true;
+    report.divergence_lsn = Some(h.divergence.to_string());
+    report.divergence_timeline = Some(h.divergence_tli);
+    if h.window_start.is_none() && !source.is_live() {
+        report.planned(&h);
+        report.source_timeline = src_tli;
+        return Ok((h, false));
+    }
+    // The source ran since the plan was made: plan again inside a new window.
+    let window = source
+        .open_window(WINDOW_LABEL)
+        .doing("could not open a backup window on the running source")?;
+    let since_then = match (h.window_start, opts.mode) {
+        (Some(start), Mode::Auto | Mode::Wal) => {
+            match source
+                .changes(start, window.map(|w| w.start))
+                .doing("could not ask the source for its changes since the earlier window")?
+            {
+                ChangesAnswer::Found(f) => Some(f.changes),
+                ChangesAnswer::Unknown { .. } => None,
+            }
+        }
+        _ => None,
+    };
+    let major = checked.target_control.major;
+    forget_stale(
+        &mut state.done,
+        since_then.as_ref(),
+        checked.target_control.blcksz,
+        &|p| relation_of(p, major),
+    );
+    progress.info(&format!(
+        "the source ran since the unfinished rewind was planned: planning again; {} MB of what \
+         it copied still stands",
+        state.done_bytes() / 1_000_000
+    ));
+    let source_changes = source_side(opts.mode, source, h.divergence, window)?;
+    let target_changes = match (&h.target_changes, opts.mode) {
+        (Some(c), Mode::Auto | Mode::Wal) => Ok(c.clone()),
+        (_, Mode::Delta) => Err("--mode delta".to_string()),
+        (None, _) => Err("the unfinished rewind compared them by hashes".to_string()),
+    };
+    let header = plan_with(
+        opts,
+        checked,
+        source,
+        progress,
+        report,
+        Replan {
+            divergence: h.divergence,
+            divergence_tli: h.divergence_tli,
+            src_tli,
+            source_history: &history,
+            window,
+            target_changes,
+            source_changes,
+        },
+    )?;
+    Ok((header, true))
 }
 
 /// The source's timeline. A live source may have been promoted moments ago: its control file
@@ -250,7 +501,7 @@ fn source_timeline(source: &mut dyn Source, checked: &Checked) -> Result<TimeLin
 }
 
 /// The source's timeline history, through the source.
-fn source_history(
+pub(crate) fn source_history(
     source: &mut dyn Source,
     src_tli: TimeLineId,
 ) -> Result<TimeLineHistory, RewindError> {
