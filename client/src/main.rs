@@ -24,6 +24,11 @@ struct Cli {
 enum Command {
     /// Bring an old primary (the target) back in line with the new primary (the source).
     Rewind(Box<RewindArgs>),
+    /// Bring any node in line with the source, whatever its state: a standby that fell behind
+    /// past what the primary keeps, a node restored from an old backup, a cluster with damaged
+    /// pages. Every relation file is compared with the source's by chunk hashes and only what
+    /// differs is copied; the flags are rewind's (without --mode).
+    Resync(Box<RewindArgs>),
     /// Show what failback sees: the control file, timeline histories, WAL records.
     #[command(subcommand)]
     Inspect(Inspect),
@@ -57,8 +62,9 @@ struct RewindArgs {
     /// How each side's changes since the divergence are found: auto (from its WAL where it has
     /// it from the divergence on, else by comparing chunk hashes of its relation files), wal
     /// (WAL only: refuse without it), delta (chunk hashes of every relation file).
-    #[arg(long, value_enum, value_name = "MODE", default_value_t = Mode::Auto)]
-    mode: Mode,
+    /// [default: auto]
+    #[arg(long, value_enum, value_name = "MODE")]
+    mode: Option<Mode>,
     /// PEM CA certificate that failbackd's TLS certificate must chain to (grpcs://, quic://).
     #[arg(long, value_name = "FILE", requires = "source")]
     ca: Option<PathBuf>,
@@ -268,7 +274,7 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn Source>, RewindError> {
 
 /// `failback rewind`: the exit status says whether to run it again (see
 /// [`failback_client::error::exit`]).
-fn rewind(a: RewindArgs) -> Result<ExitCode> {
+fn rewind(a: RewindArgs, resync: bool) -> Result<ExitCode> {
     use failback_client::rewind::{RewindOptions, rewind};
     let report_path = a.report.clone();
     let outcome = (|| {
@@ -279,8 +285,15 @@ fn rewind(a: RewindArgs) -> Result<ExitCode> {
                     .ok_or_else(|| usage("--max-rate must be at least 1 byte per second"))?,
             );
         }
+        if resync && a.mode.is_some() {
+            return Err(usage(
+                "--mode does not apply to failback resync, which compares every relation file \
+                 with the source's",
+            ));
+        }
         let opts = RewindOptions {
-            mode: a.mode,
+            mode: a.mode.unwrap_or_default(),
+            resync,
             target: a.target_pgdata,
             write_recovery_conf: a.write_recovery_conf,
             primary_conninfo: a.primary_conninfo,
@@ -410,7 +423,8 @@ fn status(target: &std::path::Path) -> Result<ExitCode> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Status { target_pgdata } => return status(&target_pgdata),
-        Command::Rewind(a) => return rewind(*a),
+        Command::Rewind(a) => return rewind(*a, false),
+        Command::Resync(a) => return rewind(*a, true),
         Command::Inspect(Inspect::Wal {
             pgdata,
             start,

@@ -792,6 +792,7 @@ mod tests {
             divergence_tli: 1,
             window_start: None,
             target_changes: None,
+            resync: false,
             source_tli: 2,
             plan: Plan {
                 entries: Vec::new(),

@@ -58,6 +58,9 @@ pub struct JournalHeader {
     /// The target's changes since the divergence, when its WAL said them: a resumed run from a
     /// running source plans again with them, as the target's WAL may be gone by then.
     pub target_changes: Option<Changes>,
+    /// A resync (`failback resync`): every relation file compared, and the source may be on
+    /// the target's own timeline, so a resumed run does not look for a divergence.
+    pub resync: bool,
     pub plan: Plan,
 }
 
@@ -416,6 +419,7 @@ fn put_header(out: &mut Vec<u8>, h: &JournalHeader) {
     ] {
         out.extend_from_slice(&v.to_le_bytes());
     }
+    out.push(u8::from(h.resync));
     match &h.target_changes {
         None => out.push(0),
         Some(c) => {
@@ -530,6 +534,11 @@ fn get_header(c: &mut Cursor<'_>) -> Option<JournalHeader> {
     let window_start = Some(Lsn(c.u64()?)).filter(|l| l.0 != 0);
     let block_size = u32::try_from(c.u64()?).ok()?;
     let n = c.u64()?;
+    let resync = match c.u8()? {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
     let target_changes = match c.u8()? {
         0 => None,
         1 => Some(get_changes(c)?),
@@ -571,6 +580,7 @@ fn get_header(c: &mut Cursor<'_>) -> Option<JournalHeader> {
         source_tli,
         window_start,
         target_changes,
+        resync,
         plan: Plan {
             entries,
             block_size,
@@ -628,6 +638,7 @@ mod tests {
                 c.databases.insert((1663, 16400));
                 c
             }),
+            resync: true,
             plan: Plan {
                 block_size: 8192,
                 entries: vec![
@@ -713,6 +724,7 @@ mod tests {
         assert_eq!(s.header.source_tli, 2);
         assert_eq!(s.header.window_start, Some(Lsn(0x4_0000_0028)));
         assert_eq!(s.header.target_changes, header().target_changes);
+        assert!(s.header.resync);
         let want = header().plan;
         assert_eq!(s.header.plan.entries.len(), want.entries.len());
         for (a, b) in s.header.plan.entries.iter().zip(&want.entries) {

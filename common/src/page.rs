@@ -11,8 +11,9 @@
 //! The algorithm is FNV-1a-like: the page is read as rows of 32 native-endian 32-bit words;
 //! 32 running sums, each started from its own base offset, fold in one column each
 //! (`sum = (sum ^ w) * FNV_PRIME ^ ((sum ^ w) >> 17)`), then two rounds of zeroes; the sums
-//! are xor-folded, xor'd with the block number, and reduced to `sum % 65536 + 1`, so no page
-//! ever carries a checksum of zero. The 32-way parallelism is part of the algorithm.
+//! are xor-folded, xor'd with the block number, and reduced to `sum % 65535 + 1` (modulo
+//! 2^16 - 1, as every release 13–18 does), so no page ever carries a checksum of zero. The
+//! 32-way parallelism is part of the algorithm.
 
 /// Number of sums computed side by side (`N_SUMS`).
 const N_SUMS: usize = 32;
@@ -77,7 +78,7 @@ pub fn pg_checksum_page(page: &[u8], blkno: u32) -> u16 {
         }
     }
     let folded = sums.iter().fold(0u32, |acc, s| acc ^ s) ^ blkno;
-    ((folded % 65536) + 1) as u16
+    ((folded % 65535) + 1) as u16
 }
 
 /// What one page says of itself.

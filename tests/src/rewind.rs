@@ -213,9 +213,19 @@ pub fn rewind(target: &Cluster, source: &Cluster, args: &[&str]) -> FailbackRun 
 /// Like [`rewind`] with any source directory, reached the way [`crate::failbackd::via`] says:
 /// directly, or through a failbackd serving it for this run only.
 pub fn rewind_dirs(target: &Cluster, source_dir: &Path, args: &[&str]) -> FailbackRun {
+    run_dirs("rewind", target, source_dir, args)
+}
+
+/// `failback resync -D <target>` from `source`'s directory, reached as [`rewind_dirs`] reaches
+/// it, with a report; does not check the outcome.
+pub fn resync(target: &Cluster, source: &Cluster, args: &[&str]) -> FailbackRun {
+    run_dirs("resync", target, &source.data_dir(), args)
+}
+
+fn run_dirs(command: &str, target: &Cluster, source_dir: &Path, args: &[&str]) -> FailbackRun {
     let via = crate::failbackd::via();
     let server = (via != Via::Local).then(|| Failbackd::serve(source_dir));
-    let mut all: Vec<OsString> = vec!["rewind".into(), "-D".into(), target.data_dir().into()];
+    let mut all: Vec<OsString> = vec![command.into(), "-D".into(), target.data_dir().into()];
     match &server {
         None => all.extend(["--source-pgdata".into(), source_dir.into()]),
         Some(s) => all.extend(s.source_args(via)),
@@ -461,6 +471,29 @@ pub fn assert_tens_of_mb_rewound(old: &Cluster) {
 pub fn stop_for_rewind(old: &mut Cluster, new: &mut Cluster, old_mode: StopMode) {
     old.stop(old_mode);
     new.stop(StopMode::Fast);
+}
+
+/// Starts the stopped, rewound `node` as a standby with nothing to stream from (no
+/// `primary_conninfo`, no `restore_command`) and asserts that it becomes consistent — accepts
+/// read-only connections — from its own `pg_wal` alone; then stops it.
+pub fn assert_consistent_alone(node: &mut Cluster) {
+    user::write_file(&node.data_dir().join("standby.signal"), "");
+    let auto = node.data_dir().join("postgresql.auto.conf");
+    let text: String = fs::read_to_string(&auto)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("primary_conninfo"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    user::write_file(&auto, text);
+    if let Err(e) = node.try_start() {
+        panic!(
+            "the rewound node '{}' did not become consistent from its own pg_wal: {e}",
+            node.name()
+        );
+    }
+    assert!(node.is_in_recovery());
+    node.stop(StopMode::Fast);
 }
 
 /// Brings a rewound old primary back as a standby of the new one and checks it holds the same

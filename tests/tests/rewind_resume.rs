@@ -59,18 +59,22 @@ pg_test!(killed_mid_copy_then_resumed, |major| {
     assert_tens_of_mb_rewound(&old);
 });
 
-// A live source keeps writing while a rewind is killed and resumed. The killed run copied
-// inside one backup window; the resumed run opens another, plans again and must still leave
+// A live source under pgbench load the whole time while a rewind is killed and resumed. The
+// killed run copied inside one backup window; the resumed run opens another, plans again and
+// must still leave
 // the target's pg_wal holding every segment from the new window's start (its backup_label) up
 // to the window's end (its minimum recovery point), so that it becomes consistent from its own
-// pg_wal alone.
+// pg_wal alone, which it then does, before it rejoins.
 pg_test!(
     live_source_killed_mid_copy_then_resumed_keeps_all_its_wal,
     |major| {
         use failback_common::lsn::wal_file_name;
         use failback_common::timeline::{TimeLineHistory, timeline_for_segment};
         use failback_tests::failbackd::{Failbackd, Via};
-        use failback_tests::rewind::{context, control_file, run_failback, run_failback_with};
+        use failback_tests::rewind::{
+            assert_consistent_alone, context, control_file, run_failback, run_failback_with,
+            under_load,
+        };
         use std::ffi::OsString;
 
         let (mut old, mut new) = diverged_with_tens_of_mb(major);
@@ -81,11 +85,13 @@ pg_test!(
         args.extend(["--pg-bindir".into(), old.bins().bin_dir.clone().into()]);
         let mut first = args.clone();
         first.push("--debug".into());
-        let killed = run_failback_with(
-            &first,
-            None,
-            &[("FAILBACK_FAULT", &format!("kill-after-bytes={}", 24 << 20))],
-        );
+        let killed = under_load(&new, || {
+            run_failback_with(
+                &first,
+                None,
+                &[("FAILBACK_FAULT", &format!("kill-after-bytes={}", 24 << 20))],
+            )
+        });
         assert_eq!(killed.status.signal(), Some(9), "{}", killed.show());
         assert!(
             killed.stderr.contains("copying inside a backup window"),
@@ -100,7 +106,7 @@ pg_test!(
             "INSERT INTO t SELECT g, 'after the kill' FROM generate_series(100001, 101000) g",
         );
         let report = old.base_dir().join("resumed.json");
-        let run = run_failback(&args, Some(&report));
+        let run = under_load(&new, || run_failback(&args, Some(&report)));
         assert!(run.success(), "{}", context(&run, &[&old, &new]));
         assert_eq!(run.report()["resumed"], true, "{}", run.show());
         assert!(
@@ -142,6 +148,7 @@ pg_test!(
             control.minRecoveryPoint,
             run.show()
         );
+        assert_consistent_alone(&mut old);
         rejoin(&mut old, &mut new);
         assert_tens_of_mb_rewound(&old);
     }

@@ -27,6 +27,7 @@ fn header() -> JournalHeader {
         source_tli: 2,
         window_start: None,
         target_changes: None,
+        resync: false,
         plan: Plan {
             entries: Vec::new(),
             block_size: 8192,

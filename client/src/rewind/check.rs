@@ -142,7 +142,8 @@ pub(crate) fn check(
         let label = std::fs::read_to_string(dir.join("backup_label")).ok();
         let same_control =
             std::fs::read(dir.join("global/pg_control")).is_ok_and(|b| b == source_control_bytes);
-        if same_control || already_rewound(&target_control, label.as_deref()) {
+        // A resync is asked for because the target is not what it should be: always done.
+        if !opts.resync && (same_control || already_rewound(&target_control, label.as_deref())) {
             return Ok(Checks::AlreadyRewound(dir.clone()));
         }
         if !target_control.state.is_shut_down_cleanly() {

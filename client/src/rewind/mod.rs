@@ -65,6 +65,10 @@ pub enum Mode {
 pub struct RewindOptions {
     /// `--mode`.
     pub mode: Mode,
+    /// `failback resync`: bring the target in line with the source whatever its state (behind,
+    /// restored from an old backup, damaged), comparing every relation file with the source's;
+    /// no divergence is needed, and a target on the source's own timeline is resynced too.
+    pub resync: bool,
     pub target: PathBuf,
     /// `-R`: write standby.signal and primary_conninfo.
     pub write_recovery_conf: bool,
@@ -100,6 +104,8 @@ pub struct PhaseTimes {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RewindReport {
     pub rewind_needed: bool,
+    /// A resync (`failback resync`), not a rewind.
+    pub resync: bool,
     /// The target had been rewound already and not started since: nothing was done.
     pub already_rewound: bool,
     pub dry_run: bool,
@@ -131,9 +137,12 @@ impl RewindReport {
     /// What the journal header says, for a fresh plan and a resumed one alike.
     fn planned(&mut self, h: &JournalHeader) {
         self.rewind_needed = true;
+        self.resync = h.resync;
         self.source_timeline = h.source_tli;
-        self.divergence_lsn = Some(h.divergence.to_string());
-        self.divergence_timeline = Some(h.divergence_tli);
+        if h.divergence != failback_common::rewind::NO_DIVERGENCE {
+            self.divergence_lsn = Some(h.divergence.to_string());
+            self.divergence_timeline = Some(h.divergence_tli);
+        }
         self.window_start = h.window_start.map(|l| l.to_string());
         self.actions = h
             .plan
@@ -160,6 +169,7 @@ pub fn rewind(
 ) -> Result<Outcome, RewindError> {
     let mut report = RewindReport {
         dry_run: opts.dry_run,
+        resync: opts.resync,
         ..Default::default()
     };
     let t0 = Instant::now();

@@ -15,7 +15,7 @@ use failback_common::lsn::{history_file_name, wal_file_name};
 use failback_common::plan::{self, Plan, PlanInput};
 use failback_common::relpath::{self, RelFileLocator};
 use failback_common::rewind::{
-    WINDOW_LABEL, forget_stale, shut_down_replay, target_wal_end, wal_segments,
+    NO_DIVERGENCE, WINDOW_LABEL, forget_stale, shut_down_replay, target_wal_end, wal_segments,
 };
 use failback_common::timeline::{TimeLineHistory, find_common_ancestor, timeline_for_segment};
 use failback_common::wal::WalParams;
@@ -100,7 +100,7 @@ pub(crate) fn plan(
             }
         })?
     };
-    if src_tli == tgt_tli {
+    if src_tli == tgt_tli && !opts.resync {
         progress.info("source and target cluster are on the same timeline");
         report.seconds.checks = t0.elapsed().as_secs_f64();
         return Ok(Planned::NothingToRewind);
@@ -113,50 +113,61 @@ pub(crate) fn plan(
             progress.debug(&format!("{}: {} - {}", e.tli, e.begin, end));
         }
     }
-    let ca = find_common_ancestor(&source_history, &target_history).map_err(|e| {
-        RewindError::Refused {
-            message: "could not find where source and target diverged".into(),
-            source: Some(Box::new(e)),
-        }
-    })?;
-    let divergence = ca.divergerec;
-    progress.info(&format!(
-        "servers diverged at WAL location {divergence} on timeline {}",
-        ca.tli
-    ));
-    report.divergence_lsn = Some(divergence.to_string());
-    report.divergence_timeline = Some(ca.tli);
-
-    // Did the target write anything past the divergence? Its WAL ends at the end of its last
-    // checkpoint record, or at its minimum recovery point if it was a standby.
-    let params = WalParams::new(target.major, target.xlog_seg_size)
-        .with_system_identifier(target.system_identifier);
-    let mut wal = WalReader::new(dir, &target_history, params, checked.restore.clone());
-    let end_of_target_wal = if target.checkPoint > divergence {
-        // Past the divergence already; the record's end only matters for the scan's end.
-        target_wal_end(target.checkPoint, target)
+    // Where the histories part; a resync of a target on the source's own timeline has none.
+    let (divergence, divergence_tli) = if src_tli == tgt_tli {
+        progress.info("source and target cluster are on the same timeline");
+        (NO_DIVERGENCE, tgt_tli)
     } else {
-        let chkpt = wal
-            .read_record(target.checkPoint)
-            .doing("could not read the target's latest checkpoint record")?;
-        target_wal_end(chkpt.end_lsn, target)
+        let ca = find_common_ancestor(&source_history, &target_history).map_err(|e| {
+            RewindError::Refused {
+                message: "could not find where source and target diverged".into(),
+                source: Some(Box::new(e)),
+            }
+        })?;
+        progress.info(&format!(
+            "servers diverged at WAL location {} on timeline {}",
+            ca.divergerec, ca.tli
+        ));
+        report.divergence_lsn = Some(ca.divergerec.to_string());
+        report.divergence_timeline = Some(ca.tli);
+        (ca.divergerec, ca.tli)
     };
-    if end_of_target_wal <= divergence {
-        report.seconds.checks = t0.elapsed().as_secs_f64();
-        return Ok(Planned::NothingToRewind);
-    }
-    report.rewind_needed = true;
-    let t_scan = Instant::now();
-    report.seconds.checks = (t_scan - t0).as_secs_f64();
 
-    // The target's changes since the divergence, from its own WAL.
-    progress.phase("reading WAL in target");
-    let target_changes = side_changes(opts.mode, "target", || {
-        wal.changes(divergence, end_of_target_wal, target.relseg_size, || {
-            fault::passed(Point::Scan, 1)
-        })
-        .map(|c| c.finish(target.major))
-    })?;
+    let t_scan = Instant::now();
+    let target_changes = if opts.resync {
+        report.rewind_needed = true;
+        report.seconds.checks = (t_scan - t0).as_secs_f64();
+        Err(by_choice(opts.mode, true).unwrap_or_default().to_string())
+    } else {
+        // Did the target write anything past the divergence? Its WAL ends at the end of its
+        // last checkpoint record, or at its minimum recovery point if it was a standby.
+        let params = WalParams::new(target.major, target.xlog_seg_size)
+            .with_system_identifier(target.system_identifier);
+        let mut wal = WalReader::new(dir, &target_history, params, checked.restore.clone());
+        let end_of_target_wal = if target.checkPoint > divergence {
+            // Past the divergence already; the record's end only matters for the scan's end.
+            target_wal_end(target.checkPoint, target)
+        } else {
+            let chkpt = wal
+                .read_record(target.checkPoint)
+                .doing("could not read the target's latest checkpoint record")?;
+            target_wal_end(chkpt.end_lsn, target)
+        };
+        if end_of_target_wal <= divergence {
+            report.seconds.checks = t0.elapsed().as_secs_f64();
+            return Ok(Planned::NothingToRewind);
+        }
+        report.rewind_needed = true;
+        report.seconds.checks = (t_scan - t0).as_secs_f64();
+        // The target's changes since the divergence, from its own WAL.
+        progress.phase("reading WAL in target");
+        side_changes(opts.mode, "target", || {
+            wal.changes(divergence, end_of_target_wal, target.relseg_size, || {
+                fault::passed(Point::Scan, 1)
+            })
+            .map(|c| c.finish(target.major))
+        })?
+    };
     report.seconds.wal_scan = t_scan.elapsed().as_secs_f64();
 
     // A running source: the window its copy is made in, then its changes up to the window.
@@ -169,7 +180,7 @@ pub(crate) fn plan(
             w.start, w.tli
         ));
     }
-    let source_changes = source_side(opts.mode, source, divergence, window)?;
+    let source_changes = source_side(opts.mode, opts.resync, source, divergence, window)?;
     plan_with(
         opts,
         checked,
@@ -177,8 +188,9 @@ pub(crate) fn plan(
         progress,
         report,
         Replan {
+            resync: opts.resync,
             divergence,
-            divergence_tli: ca.tli,
+            divergence_tli,
             src_tli,
             source_history: &source_history,
             window,
@@ -196,8 +208,8 @@ fn side_changes(
     side: &str,
     scan: impl FnOnce() -> Result<Changes, WalReadError>,
 ) -> Result<Found, RewindError> {
-    if mode == Mode::Delta {
-        return Ok(Err("--mode delta".into()));
+    if let Some(why) = by_choice(mode, false) {
+        return Ok(Err(why.into()));
     }
     match scan() {
         Ok(c) => Ok(Ok(c)),
@@ -221,15 +233,28 @@ fn side_changes(
     }
 }
 
+/// Why a side's changes are compared by hashes whatever its WAL holds, when they are: a resync
+/// compares every relation file, and so does `--mode delta`.
+fn by_choice(mode: Mode, resync: bool) -> Option<&'static str> {
+    if resync {
+        Some("a resync compares every relation file with the source's")
+    } else if mode == Mode::Delta {
+        Some("--mode delta")
+    } else {
+        None
+    }
+}
+
 /// The source's changes since the divergence, up to the window's start when there is one.
 fn source_side(
     mode: Mode,
+    resync: bool,
     source: &mut dyn Source,
     divergence: Lsn,
     window: Option<WindowStart>,
 ) -> Result<Found, RewindError> {
-    if mode == Mode::Delta {
-        return Ok(Err("--mode delta".into()));
+    if let Some(why) = by_choice(mode, resync) {
+        return Ok(Err(why.into()));
     }
     match source
         .changes(divergence, window.map(|w| w.start))
@@ -246,6 +271,7 @@ fn source_side(
 
 /// What a plan is made of beyond the two file lists.
 struct Replan<'h> {
+    resync: bool,
     divergence: Lsn,
     divergence_tli: TimeLineId,
     src_tli: TimeLineId,
@@ -356,6 +382,7 @@ fn plan_with(
         source_tli: r.src_tli,
         window_start: r.window.map(|w| w.start),
         target_changes: r.target_changes.ok(),
+        resync: r.resync,
         plan: the_plan,
     };
     report.planned(&header);
@@ -417,7 +444,9 @@ pub(crate) fn resumed(
         .entries()
         .iter()
         .any(|e| e.tli == h.divergence_tli && e.end.is_none_or(|end| end >= h.divergence));
-    if src_tli == h.divergence_tli || !still {
+    // A resync of a target on the source's own timeline has no divergence to look for.
+    let same_timeline_resync = h.resync && h.divergence == NO_DIVERGENCE;
+    if !same_timeline_resync && (src_tli == h.divergence_tli || !still) {
         return Err(RewindError::refused(format!(
             "the source is no longer on the history the unfinished rewind was planned from (it \
              forked from timeline {} at {}); the target cannot be finished from it",
@@ -425,8 +454,11 @@ pub(crate) fn resumed(
         )));
     }
     report.rewind_needed = true;
-    report.divergence_lsn = Some(h.divergence.to_string());
-    report.divergence_timeline = Some(h.divergence_tli);
+    report.resync = h.resync;
+    if !same_timeline_resync {
+        report.divergence_lsn = Some(h.divergence.to_string());
+        report.divergence_timeline = Some(h.divergence_tli);
+    }
     if h.window_start.is_none() && !source.is_live() {
         report.planned(&h);
         report.source_timeline = src_tli;
@@ -436,8 +468,8 @@ pub(crate) fn resumed(
     let window = source
         .open_window(WINDOW_LABEL)
         .doing("could not open a backup window on the running source")?;
-    let since_then = match (h.window_start, opts.mode) {
-        (Some(start), Mode::Auto | Mode::Wal) => {
+    let since_then = match h.window_start {
+        Some(start) if by_choice(opts.mode, h.resync).is_none() => {
             match source
                 .changes(start, window.map(|w| w.start))
                 .doing("could not ask the source for its changes since the earlier window")?
@@ -460,11 +492,11 @@ pub(crate) fn resumed(
          it copied still stands",
         state.done_bytes() / 1_000_000
     ));
-    let source_changes = source_side(opts.mode, source, h.divergence, window)?;
-    let target_changes = match (&h.target_changes, opts.mode) {
-        (Some(c), Mode::Auto | Mode::Wal) => Ok(c.clone()),
-        (_, Mode::Delta) => Err("--mode delta".to_string()),
-        (None, _) => Err("the unfinished rewind compared them by hashes".to_string()),
+    let source_changes = source_side(opts.mode, h.resync, source, h.divergence, window)?;
+    let target_changes = match (by_choice(opts.mode, h.resync), &h.target_changes) {
+        (Some(why), _) => Err(why.to_string()),
+        (None, Some(c)) => Ok(c.clone()),
+        (None, None) => Err("the unfinished rewind compared them by hashes".to_string()),
     };
     let header = plan_with(
         opts,
@@ -473,6 +505,7 @@ pub(crate) fn resumed(
         progress,
         report,
         Replan {
+            resync: h.resync,
             divergence: h.divergence,
             divergence_tli: h.divergence_tli,
             src_tli,
