@@ -50,6 +50,11 @@ pg_test!(standby_fallen_behind_past_wal_keep_size, |major| {
         !primary.data_dir().join("pg_wal").join(&needed).exists(),
         "the primary still has {needed}, which the standby needs next"
     );
+    // From now on the primary keeps its WAL, as a slot for the resynced node would: under load
+    // and with 32 MB of max_wal_size it would otherwise recycle the WAL after the backup
+    // window before the node connects, and the node would fall behind again.
+    primary.execute("ALTER SYSTEM SET wal_keep_size = '1GB'");
+    primary.query_one("SELECT pg_reload_conf()");
     let server = Failbackd::serve_live(&primary);
     let mut args: Vec<OsString> = vec!["resync".into(), "-D".into(), standby.data_dir().into()];
     args.extend(server.source_args(Via::Grpc));
