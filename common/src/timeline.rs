@@ -417,6 +417,16 @@ pub fn timeline_for_segment(
     history.entries.get(i).map_or(0, |e| e.tli)
 }
 
+/// The name of the WAL file that holds segment `segno` of `history` (its timeline's, per
+/// [`timeline_for_segment`]).
+pub fn segment_file_name(history: &TimeLineHistory, segno: XLogSegNo, seg_size: u32) -> String {
+    crate::lsn::wal_file_name(
+        timeline_for_segment(history, segno, seg_size),
+        segno,
+        seg_size,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,6 +607,10 @@ mod tests {
         assert_eq!(timeline_for_segment(&h, 0, seg), 1);
         assert_eq!(timeline_for_segment(&h, 2, seg), 1);
         assert_eq!(timeline_for_segment(&h, 3, seg), 2);
+        assert_eq!(
+            segment_file_name(&h, 3, seg),
+            crate::lsn::wal_file_name(2, 3, seg)
+        );
         assert_eq!(timeline_for_segment(&h, 4, seg), 2);
         assert_eq!(timeline_for_segment(&h, 5, seg), 3);
         assert_eq!(timeline_for_segment(&h, 1000, seg), 3);

@@ -18,8 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use failback_common::changes::WalChanges;
-use failback_common::lsn::wal_file_name;
-use failback_common::timeline::{TimeLineHistory, timeline_for_segment};
+use failback_common::timeline::{TimeLineHistory, segment_file_name, timeline_for_segment};
 use failback_common::wal::{Decoded, WalDecoder, WalError, WalParams, WalRecord};
 use failback_common::{Lsn, XLogSegNo};
 
@@ -118,8 +117,7 @@ impl<'h> WalReader<'h> {
     }
 
     fn segment_name(&self, segno: XLogSegNo) -> String {
-        let tli = timeline_for_segment(self.history, segno, self.seg_size());
-        wal_file_name(tli, segno, self.seg_size())
+        segment_file_name(self.history, segno, self.seg_size())
     }
 
     /// Opens the file holding segment `segno`, restoring it from the archive if allowed.

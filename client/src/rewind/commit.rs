@@ -15,11 +15,10 @@ use std::time::Instant;
 use failback_common::control::{ControlFileData, DBState};
 use failback_common::filemap::{FileAction, FileEntry};
 use failback_common::journal::Phase;
-use failback_common::lsn::wal_file_name;
 use failback_common::plan::{AUTO_CONF, Plan, PlanEntry};
 use failback_common::recovery;
 use failback_common::rewind::{min_recovery_point, wal_segments};
-use failback_common::timeline::timeline_for_segment;
+use failback_common::timeline::segment_file_name;
 
 use super::{Copied, Outcome, RewindOptions, RewindReport};
 use crate::copy;
@@ -64,8 +63,7 @@ pub(crate) fn commit(
             let (first, last) = wal_segments(start, end.stop, seg_size);
             let entries: Vec<PlanEntry> = (first..=last)
                 .map(|segno| {
-                    let tli = timeline_for_segment(&history, segno, seg_size);
-                    let path = format!("pg_wal/{}", wal_file_name(tli, segno, seg_size));
+                    let path = format!("pg_wal/{}", segment_file_name(&history, segno, seg_size));
                     let on_target = std::fs::metadata(target.dir().join(&path))
                         .ok()
                         .map(|m| FileEntry::regular(&path, m.len()));

@@ -11,13 +11,13 @@ use std::time::Instant;
 
 use failback_common::changes::Changes;
 use failback_common::journal::{JournalHeader, JournalState};
-use failback_common::lsn::{history_file_name, wal_file_name};
+use failback_common::lsn::history_file_name;
 use failback_common::plan::{self, Plan, PlanInput};
 use failback_common::relpath::{self, RelFileLocator};
 use failback_common::rewind::{
     NO_DIVERGENCE, WINDOW_LABEL, forget_stale, shut_down_replay, target_wal_end, wal_segments,
 };
-use failback_common::timeline::{TimeLineHistory, find_common_ancestor, timeline_for_segment};
+use failback_common::timeline::{TimeLineHistory, find_common_ancestor, segment_file_name};
 use failback_common::wal::WalParams;
 use failback_common::{Lsn, PgMajor, TimeLineId};
 use failback_datadir::DataDir;
@@ -314,11 +314,7 @@ fn plan_with(
             let (from, to) = shut_down_replay(&checked.source_control);
             let (first, last) = wal_segments(from, to, seg);
             for segno in first..=last {
-                let name = wal_file_name(
-                    timeline_for_segment(r.source_history, segno, seg),
-                    segno,
-                    seg,
-                );
+                let name = segment_file_name(r.source_history, segno, seg);
                 let path = format!("pg_wal/{name}");
                 if !source_files.iter().any(|f| f.path == path) {
                     return Err(RewindError::refused(format!(
