@@ -1,8 +1,11 @@
 //! Measuring a child process: wall time, CPU time, peak memory and the bytes it read and wrote.
 //!
 //! The kernel counts every byte a process passes through read(2) and write(2) in
-//! `/proc/PID/io` (`rchar`, `wchar`). Those counters vanish when the process is reaped, so the
-//! child is waited for with `WNOWAIT`: it stays a zombie, its counters readable, until reaped.
+//! `/proc/PID/io` (`rchar`, `wchar`), and every byte it dirtied in files, bound for the disk
+//! (`write_bytes`, less `cancelled_write_bytes` for what was truncated before writeback); a
+//! process's counters include those of the children it reaped. They vanish when the process is
+//! reaped, so the child is waited for with `WNOWAIT`: it stays a zombie, its counters
+//! readable, until reaped.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -15,6 +18,8 @@ pub struct Cost {
     pub max_rss_kb: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    /// Bytes written to files, bound for the disk (not to sockets or pipes).
+    pub storage_written: u64,
     pub exit_code: i32,
     pub stderr: String,
 }
@@ -96,6 +101,8 @@ impl Running {
             max_rss_kb: usage.ru_maxrss as u64,
             bytes_read: io_field(&io, "rchar:"),
             bytes_written: io_field(&io, "wchar:"),
+            storage_written: io_field(&io, "write_bytes:")
+                .saturating_sub(io_field(&io, "cancelled_write_bytes:")),
             exit_code: if libc::WIFEXITED(status) {
                 libc::WEXITSTATUS(status)
             } else {

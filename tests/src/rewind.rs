@@ -831,6 +831,26 @@ pub fn wal_segments(data_dir: &Path) -> Vec<String> {
     v
 }
 
+/// Removes from the shut-down `cluster`'s `pg_wal` every segment from the one holding `from`
+/// up to (not including) the one its last checkpoint's redo point lies in: the WAL since the
+/// divergence, gone as recycled or archived-and-removed WAL is, while the cluster itself can
+/// still start. Returns the names removed.
+pub fn remove_wal_since(cluster: &Cluster, from: failback_common::Lsn) -> Vec<String> {
+    let control = control_file(cluster);
+    let seg = control.xlog_seg_size;
+    let first = from.segment_number(seg);
+    let keep = control.checkPointCopy.redo.segment_number(seg);
+    let mut removed = Vec::new();
+    for name in wal_segments(&cluster.data_dir()) {
+        let (_, segno) = failback_common::lsn::parse_wal_file_name(&name, seg).unwrap();
+        if segno >= first && segno < keep {
+            std::fs::remove_file(cluster.data_dir().join("pg_wal").join(&name)).unwrap();
+            removed.push(name);
+        }
+    }
+    removed
+}
+
 /// The name of the WAL segment holding `lsn` on timeline `tli`.
 pub fn wal_file_name_at(
     tli: failback_common::TimeLineId,

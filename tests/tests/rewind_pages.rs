@@ -11,10 +11,7 @@
 //! Then a busy source: the new primary rewrites the same rows through many checkpoints after
 //! the split, and what the rewind copies stays the pages that differ, not the WAL it wrote.
 
-use std::fs;
-
-use failback_common::Lsn;
-use failback_tests::rewind::{self, promote, rejoin, rewind_ok, stop_for_rewind};
+use failback_tests::rewind::{self, promote, rejoin, remove_wal_since, rewind_ok, stop_for_rewind};
 use failback_tests::verify::{assert_amcheck_clean, assert_checksums_clean};
 use failback_tests::{Cluster, ClusterOptions, StopMode, pg_test, scenario_test};
 
@@ -46,26 +43,6 @@ fn diverged(major: failback_common::PgMajor) -> (Cluster, Cluster) {
          CREATE TABLE only_new AS SELECT g, md5(g::text) AS h FROM generate_series(1, 20000) g",
     );
     (old, new)
-}
-
-/// Removes from the shut-down `cluster`'s `pg_wal` every segment from the one holding `from`
-/// up to (not including) the one its last checkpoint's redo point lies in: the WAL since the
-/// divergence, gone as recycled or archived-and-removed WAL is, while the cluster itself can
-/// still start. Returns the names removed.
-fn remove_wal_since(cluster: &Cluster, from: Lsn) -> Vec<String> {
-    let control = rewind::control_file(cluster);
-    let seg = control.xlog_seg_size;
-    let first = from.segment_number(seg);
-    let keep = control.checkPointCopy.redo.segment_number(seg);
-    let mut removed = Vec::new();
-    for name in rewind::wal_segments(&cluster.data_dir()) {
-        let (_, segno) = failback_common::lsn::parse_wal_file_name(&name, seg).unwrap();
-        if segno >= first && segno < keep {
-            fs::remove_file(cluster.data_dir().join("pg_wal").join(&name)).unwrap();
-            removed.push(name);
-        }
-    }
-    removed
 }
 
 /// Which sides lose their WAL since the divergence.

@@ -50,9 +50,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use failback_bench::host::{
+    Proxy, cpu_ticks, dir_size, help_of, loadavg, mb, syncfs, tail, today, wait_listening,
+};
 use failback_bench::measure::{self, Cost, Sampler};
 use failback_bench::pair::{DivergedPair, arg, copy_dir, flag, workspace_binary};
-use failback_bench::wan::{Counters, LinkSpec, TcpProxy, UdpProxy};
+use failback_bench::wan::{LinkSpec, TcpProxy, UdpProxy};
 use failback_tests::port::reserve_port;
 use failback_tests::rewind::rejoin;
 use failback_tests::{Cluster, StopMode, binaries, user};
@@ -103,60 +106,6 @@ struct Bench {
     perf_dir: Option<PathBuf>,
 }
 
-fn help_of(bin: &Path, args: &[&str]) -> String {
-    Command::new(bin)
-        .args(args)
-        .arg("--help")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-fn mb(bytes: u64) -> f64 {
-    bytes as f64 / 1e6
-}
-
-fn wait_listening(addr: SocketAddr, server: &measure::Running) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(30) {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return true;
-        }
-        // SAFETY: probing whether our child still exists.
-        if unsafe { libc::kill(server.pid(), 0) } != 0 {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-enum Proxy {
-    Tcp(TcpProxy),
-    Udp(UdpProxy),
-}
-
-impl Proxy {
-    fn addr(&self) -> SocketAddr {
-        match self {
-            Proxy::Tcp(p) => p.local_addr(),
-            Proxy::Udp(p) => p.local_addr(),
-        }
-    }
-
-    fn counters(&self) -> std::sync::Arc<Counters> {
-        match self {
-            Proxy::Tcp(p) => p.counters(),
-            Proxy::Udp(p) => p.counters(),
-        }
-    }
-}
-
 impl Bench {
     /// A command for `bin`, under `perf record` when profiling (perf's own CPU time and memory
     /// are then counted too: a profiling run is not a measurement).
@@ -182,14 +131,7 @@ impl Bench {
             self.old.stop(StopMode::Fast);
         }
         copy_dir(&self.pristine, &self.old.data_dir());
-        // The copy leaves gigabytes of dirty pages; whichever tool fsyncs first would write
-        // them back on its own clock (ext4 commits them with the first fsync's transaction).
-        // Every tool starts with none dirty instead.
-        let dir = std::fs::File::open(self.old.data_dir()).expect("open the target directory");
-        use std::os::fd::AsRawFd;
-        // SAFETY: syncfs only reads the descriptor, which lives until the call returns.
-        let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
-        assert_eq!(rc, 0, "syncfs: {}", std::io::Error::last_os_error());
+        syncfs(&self.old.data_dir());
     }
 
     fn failback_run(&mut self, net: &'static str, spec: LinkSpec, quic: bool) -> Row {
@@ -574,39 +516,6 @@ fn against_baseline(rows: &[Row]) -> String {
     s
 }
 
-/// The machine's load average (1, 5, 15 minutes): the benchmark shares two cores with others.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".to_string())
-}
-
-/// The machine's CPU time so far, in clock ticks: (all, stolen by the hypervisor). On a
-/// virtual machine whose host is busy, the "steal" share is time this machine wanted to run
-/// and could not: CPU-bound tools slow down with it.
-fn cpu_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return (0, 0);
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest time is already in user).
-    let all = v.iter().take(8).sum();
-    (all, v.get(7).copied().unwrap_or(0))
-}
-
-fn today() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|_| "undated".to_string())
-}
-
 fn main() {
     let scale = arg("--scale", 100u32);
     let percent = arg("--changed-percent", 1u32);
@@ -840,24 +749,6 @@ fn hold_for_manual_runs(b: &Bench, file: &Path) {
     while file.exists() {
         std::thread::sleep(Duration::from_millis(500));
     }
-}
-
-fn dir_size(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
 }
 
 #[cfg(test)]

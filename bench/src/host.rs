@@ -1,0 +1,133 @@
+//! What the end-to-end benchmarks share besides the pair and the link: waiting for a server,
+//! the machine's load, sizes and dates for the report.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::measure;
+use crate::wan::{Counters, TcpProxy, UdpProxy};
+
+/// What `bin args --help` prints (empty if it cannot run): which flags a build offers.
+pub fn help_of(bin: &Path, args: &[&str]) -> String {
+    Command::new(bin)
+        .args(args)
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// Bytes as (decimal) megabytes.
+pub fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+/// Waits up to 30 s until `addr` takes TCP connections; false if `server` exits first.
+pub fn wait_listening(addr: SocketAddr, server: &measure::Running) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return true;
+        }
+        // SAFETY: probing whether our child still exists.
+        if unsafe { libc::kill(server.pid(), 0) } != 0 {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A proxy of either kind, for the runs that may go through either.
+pub enum Proxy {
+    Tcp(TcpProxy),
+    Udp(UdpProxy),
+}
+
+impl Proxy {
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Proxy::Tcp(p) => p.local_addr(),
+            Proxy::Udp(p) => p.local_addr(),
+        }
+    }
+
+    pub fn counters(&self) -> std::sync::Arc<Counters> {
+        match self {
+            Proxy::Tcp(p) => p.counters(),
+            Proxy::Udp(p) => p.counters(),
+        }
+    }
+}
+
+/// The machine's load average (1, 5, 15 minutes): the benchmark shares two cores with others.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// The machine's CPU time so far, in clock ticks: (all, stolen by the hypervisor). On a
+/// virtual machine whose host is busy, the "steal" share is time this machine wanted to run
+/// and could not: CPU-bound tools slow down with it.
+pub fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let all = v.iter().take(8).sum();
+    (all, v.get(7).copied().unwrap_or(0))
+}
+
+/// Today's date (UTC), for the report's name.
+pub fn today() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "undated".to_string())
+}
+
+/// The bytes of every file under `dir`.
+pub fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// Writes back every dirty page of the file system holding `dir`. A copy of gigabytes leaves
+/// them dirty; whichever tool fsyncs first would write them back on its own clock (ext4 commits
+/// them with the first fsync's transaction), so every tool starts with none dirty instead.
+pub fn syncfs(dir: &Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(dir).unwrap_or_else(|e| panic!("open {}: {e}", dir.display()));
+    // SAFETY: syncfs only reads the descriptor, which lives until the call returns.
+    let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
+    assert_eq!(rc, 0, "syncfs: {}", std::io::Error::last_os_error());
+}
