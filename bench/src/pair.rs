@@ -168,6 +168,10 @@ impl DivergedPair {
                 side + 1
             ));
         }
+        // The old primary's WAL since the divergence in segments of its own, before that of its
+        // last checkpoint: a benchmark can take it away, as recycling would.
+        old.execute("SELECT pg_switch_wal()");
+        old.execute("CHECKPOINT");
         old.stop(StopMode::Fast);
         new.stop(StopMode::Fast);
         DivergedPair {

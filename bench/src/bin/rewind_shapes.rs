@@ -4,10 +4,12 @@
 //!
 //! The input is one [`DivergedPair`] (pgbench scale 100 by default, 1 % of the accounts
 //! changed on each side; `--data stock|realistic`, `--pattern contiguous|random`). The new
-//! primary runs throughout, as it does after a failover. Every run starts from the same saved
-//! target, written back to disk first, and ends only when that node, started as a standby of
-//! the new primary through the same link, has replayed everything the new primary had written
-//! when the tool finished: the time a tool takes plus the start-up replay it leaves.
+//! primary runs during every run, as it does after a failover. Every run starts from the same
+//! saved pair (the target written back to disk first; the new primary started from its own
+//! saved copy, since each backup window ends with a WAL segment switch that a later tool would
+//! otherwise copy too) and ends only when the target, started as a standby of the new primary
+//! through the same link, has replayed everything the new primary had written when the tool
+//! finished: the time a tool takes plus the start-up replay it leaves.
 //!
 //! The tools, each through a [`TcpProxy`] that counts the bytes both ways:
 //! - `failback rewind --source grpc://…`, failbackd serving the running new primary
@@ -161,6 +163,9 @@ struct Bench {
     new: Cluster,
     /// The saved target of the shape being measured.
     pristine: PathBuf,
+    /// The saved source (shut down) of the shape being measured: every run ends its backup
+    /// window with a WAL segment switch, and a tool run later must not find more WAL.
+    source: PathBuf,
     work: PathBuf,
     failback: PathBuf,
     failbackd: PathBuf,
@@ -182,12 +187,31 @@ fn add(counters: &[Arc<Counters>]) -> (u64, u64) {
 }
 
 impl Bench {
+    /// The saved target, and the saved source started.
     fn restore(&mut self) {
         if self.old.is_running() {
             self.old.stop(StopMode::Fast);
         }
         copy_dir(&self.pristine, &self.old.data_dir());
+        self.restore_source();
         syncfs(&self.old.data_dir());
+    }
+
+    /// The saved source, started.
+    fn restore_source(&mut self) {
+        if self.new.is_running() {
+            self.new.stop(StopMode::Fast);
+        }
+        copy_dir(&self.source, &self.new.data_dir());
+        self.new.start();
+    }
+
+    /// Saves the source as it is now, shut down, for the runs to start from.
+    fn save_source(&mut self) {
+        if self.new.is_running() {
+            self.new.stop(StopMode::Fast);
+        }
+        copy_dir(&self.new.data_dir(), &self.source);
     }
 
     fn postmaster_pid(&self) -> u32 {
@@ -246,7 +270,10 @@ impl Bench {
             down: 0,
         };
         if ok {
-            match self.catch_up(&pg_conninfo) {
+            let caught = self.catch_up(&pg_conninfo);
+            let log = std::fs::read_to_string(self.old.log_file()).unwrap_or_default();
+            self.keep(&format!("{label}-server"), &log);
+            match caught {
                 Ok(d) => row.catch_up = Some(d),
                 Err(e) => {
                     row.ok = false;
@@ -480,7 +507,7 @@ impl Bench {
     }
 
     /// The new primary repeats its update `cycles` times, each followed by VACUUM and CHECKPOINT.
-    fn busy(&self, pattern: Pattern, scale: u32, changed: u64, cycles: u32) {
+    fn busy(&mut self, pattern: Pattern, scale: u32, changed: u64, cycles: u32) {
         for _ in 0..cycles {
             self.new.execute(&format!(
                 "{}
@@ -717,6 +744,7 @@ fn main() {
         old,
         new,
         pristine: pristine.clone(),
+        source: work.join("source"),
         work,
         failback: workspace_binary("failback", bin_dir.as_deref()),
         failbackd: workspace_binary("failbackd", bin_dir.as_deref()),
@@ -729,6 +757,7 @@ fn main() {
     b.new.append_conf("wal_keep_size = '64GB'\n");
     b.new.start();
     b.new.execute("CHECKPOINT");
+    b.save_source();
     let divergence = switch_point(&b.new, 2);
     eprintln!("pair ready after {:.0?}", started.elapsed());
 
@@ -742,8 +771,15 @@ fn main() {
             Shape::OnePercent => {}
             Shape::TargetWalGone => {
                 let gone = b.work.join("pristine-wal-gone");
-                b.restore();
+                if b.old.is_running() {
+                    b.old.stop(StopMode::Fast);
+                }
+                copy_dir(&pristine, &b.old.data_dir());
                 let removed = remove_wal_since(&b.old, divergence);
+                assert!(
+                    !removed.is_empty(),
+                    "the target's WAL since the divergence is all in the segment of its last checkpoint"
+                );
                 copy_dir(&b.old.data_dir(), &gone);
                 b.pristine = gone;
                 shape_notes.push(format!(
@@ -803,7 +839,7 @@ fn main() {
         "PostgreSQL 15, pgbench scale {scale} (target data directory {:.0} MB), {changed} accounts changed on each side ({}). \
          Data: {}. failback: --jobs {} --compress {}. Loopback: the proxy with no delay and no cap. \
          WAN: {delay_ms} ms each way ({} ms RTT), {rate_mbit} Mbit/s each way (`failback_bench::wan`). \
-         The new primary ran throughout. Every run started from the same saved target (written back to disk first) and ended when the node, \
+         Every run started from the same saved pair (the target written back to disk first, the new primary started from its own saved copy) and ended when the node, \
          started as a standby of the new primary through the same link, had replayed all the new primary had written when the tool finished. \
          One round per run; the machine is shared (2 CPUs, load average {load_before} at the start, {} at the end, {steal:.0} % of CPU time stolen).\n",
         mb(target_size),
