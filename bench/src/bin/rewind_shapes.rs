@@ -790,6 +790,7 @@ fn main() {
             }
             Shape::Busy(n) => {
                 assert!(n >= cycles, "--shapes: busy cycles must grow");
+                b.restore_source();
                 let before: Lsn = b
                     .new
                     .query_one("SELECT pg_current_wal_lsn()")
@@ -802,6 +803,7 @@ fn main() {
                     .query_one("SELECT pg_current_wal_lsn()")
                     .parse()
                     .unwrap();
+                b.save_source();
                 shape_notes.push(format!(
                     "- {}: the new primary had written {:.0} MB of WAL since the divergence ({:.0} MB in these cycles).",
                     shape.title(),
