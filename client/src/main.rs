@@ -9,6 +9,7 @@ use failback_client::error::{RewindError, exit};
 use failback_client::inspect;
 use failback_client::rewind::Mode;
 use failback_client::source::Source;
+use failback_common::compress_choice::CompressPolicy;
 use failback_common::errors;
 use failback_common::patience::Patience;
 use failback_common::{Lsn, TimeLineId};
@@ -86,10 +87,12 @@ struct RewindArgs {
     #[arg(long, value_name = "N", requires = "source",
           value_parser = clap::value_parser!(u16).range(1..=64))]
     connections: Option<u16>,
-    /// Compression of file data from failbackd: a zstd level (1-22), or none [default: 1;
-    /// higher levels send fewer bytes for more of failbackd's CPU: worth it on thin links].
-    #[arg(long, value_name = "LEVEL|none", requires = "source", value_parser = parse_compress)]
-    compress: Option<failback_common::wire::Compression>,
+    /// Compression of file data from failbackd: auto (zstd level 1 or none, whichever
+    /// delivers more bytes a second, measured as the copy goes: compressed through a thin
+    /// link, stored through a fast one), a zstd level (1-22), or none [default: auto; higher
+    /// levels send fewer bytes for more of failbackd's CPU: worth it on thin links].
+    #[arg(long, value_name = "auto|LEVEL|none", requires = "source", value_parser = parse_compress)]
+    compress: Option<CompressPolicy>,
     /// How long failbackd may make no progress (no answer, a broken or silent connection)
     /// before the rewind stops; failures within it are retried with back-off on a fresh
     /// connection. In seconds [default: 60].
@@ -178,14 +181,18 @@ enum Inspect {
     },
 }
 
-fn parse_compress(s: &str) -> Result<failback_common::wire::Compression, String> {
+fn parse_compress(s: &str) -> Result<CompressPolicy, String> {
     use failback_common::wire::Compression;
-    if s == "none" {
-        return Ok(Compression::None);
+    match s {
+        "auto" => return Ok(CompressPolicy::DEFAULT),
+        "none" => return Ok(CompressPolicy::Fixed(Compression::None)),
+        _ => {}
     }
     match s.parse::<i32>() {
-        Ok(l) if (1..=22).contains(&l) => Ok(Compression::Zstd(l)),
-        _ => Err(format!("{s:?} is neither a zstd level (1-22) nor none")),
+        Ok(l) if (1..=22).contains(&l) => Ok(CompressPolicy::Fixed(Compression::Zstd(l))),
+        _ => Err(format!(
+            "{s:?} is neither auto, a zstd level (1-22) nor none"
+        )),
     }
 }
 
@@ -255,9 +262,7 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn Source>, RewindError> {
         token,
         jobs: usize::from(a.jobs.unwrap_or(4)),
         connections: usize::from(a.connections.unwrap_or(1)),
-        compression: a
-            .compress
-            .unwrap_or(failback_common::wire::Compression::DEFAULT),
+        compression: a.compress.unwrap_or(CompressPolicy::DEFAULT),
         patience: a.timeout.map_or(Patience::DEFAULT, |t| Patience {
             timeout: std::time::Duration::from_secs(u64::from(t)),
         }),

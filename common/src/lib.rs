@@ -19,6 +19,7 @@ pub mod version;
 pub use lsn::{Lsn, TimeLineId, XLogSegNo};
 pub use version::PgMajor;
 pub mod civil;
+pub mod compress_choice;
 pub mod control;
 pub mod filemap;
 pub mod journal;

@@ -40,11 +40,10 @@ pub enum Compression {
 }
 
 impl Compression {
-    /// What failback asks for unless told otherwise: zstd level 1. On PostgreSQL's pages and
-    /// WAL it compresses about a third faster than level 3 (some 330 MB/s of raw bytes per
-    /// core against 240) for some 6 % more bytes, and one core at level 1 outruns any link up
-    /// to a few Gbit/s; the CPU it saves is the server's, which compresses every byte sent.
-    /// A thin link pays for higher levels: `--compress 3` or more.
+    /// The level failback compresses at when compressing pays (`compress_choice`): on
+    /// PostgreSQL's pages and WAL level 1 compresses about a third faster than level 3 (some
+    /// 330 MB/s of raw bytes per core against 240) for some 6 % more bytes; a thin link pays
+    /// for higher levels: `--compress 3` or more.
     pub const DEFAULT: Compression = Compression::Zstd(1);
 
     /// The wire form of `ReadRangesRequest.compression_level`: 0 = none, else a zstd level.
@@ -56,7 +55,7 @@ impl Compression {
         }
     }
 
-    pub fn level(self) -> i32 {
+    pub const fn level(self) -> i32 {
         match self {
             Compression::None => 0,
             Compression::Zstd(l) => l,

@@ -39,7 +39,7 @@
 //! cargo build --release -p failback-client -p failback-server -p failback-bench
 //! target/release/rewind_shapes [--scale 100] [--data stock|realistic] [--pattern contiguous|random]
 //!     [--shapes 1pct,wal-gone,busy1,busy4,busy16] [--tools failback,pg_rewind,pg_basebackup,rsync]
-//!     [--nets loopback,wan] [--delay-ms 25] [--rate-mbit 200] [--jobs 16] [--compress 1]
+//!     [--nets loopback,wan] [--delay-ms 25] [--rate-mbit 200] [--jobs 16] [--compress auto]
 //!     [--bin-dir DIR] [--log-dir DIR] [--out FILE]
 //! ```
 //! rsync must be installed (`apt-get install rsync`).
@@ -172,6 +172,8 @@ struct Bench {
     jobs: u32,
     compress: String,
     log_dir: Option<PathBuf>,
+    /// failback runs so far, to name their reports in `log_dir`.
+    runs: u32,
 }
 
 fn local(port: u16) -> SocketAddr {
@@ -370,6 +372,11 @@ impl Bench {
         if cost.exit_code != 0 {
             eprintln!("--- failbackd ---\n{}", tail(&server_cost.stderr, 20));
         }
+        if let Some(dir) = &self.log_dir {
+            let _ = std::fs::create_dir_all(dir);
+            let _ = std::fs::copy(&report, dir.join(format!("report-{}.json", self.runs)));
+        }
+        self.runs += 1;
         let note = std::fs::read(&report)
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -749,8 +756,9 @@ fn main() {
         failback: workspace_binary("failback", bin_dir.as_deref()),
         failbackd: workspace_binary("failbackd", bin_dir.as_deref()),
         jobs: arg("--jobs", 16u32),
-        compress: arg("--compress", "1".to_string()),
+        compress: arg("--compress", "auto".to_string()),
         log_dir,
+        runs: 0,
     };
     // The source keeps all its WAL since the split (as an archive would), so pg_rewind can
     // run however busy it was; failback does not need it.

@@ -134,10 +134,14 @@ pub(crate) fn plan(
     };
 
     let t_scan = Instant::now();
-    let target_changes = if opts.resync {
+    // The target's changes: none to read for a resync, else from its own WAL, read while the
+    // source opens its window and says what it changed (two machines, or two cores, at once).
+    let target_side = if opts.resync {
         report.rewind_needed = true;
         report.seconds.checks = (t_scan - t0).as_secs_f64();
-        Err(by_choice(opts.mode, true).unwrap_or_default().to_string())
+        TargetSide::Known(Err(by_choice(opts.mode, true)
+            .unwrap_or_default()
+            .to_string()))
     } else {
         // Did the target write anything past the divergence? Its WAL ends at the end of its
         // last checkpoint record, or at its minimum recovery point if it was a standby.
@@ -159,28 +163,51 @@ pub(crate) fn plan(
         }
         report.rewind_needed = true;
         report.seconds.checks = (t_scan - t0).as_secs_f64();
-        // The target's changes since the divergence, from its own WAL.
         progress.phase("reading WAL in target");
-        side_changes(opts.mode, "target", || {
-            wal.changes(divergence, end_of_target_wal, target.relseg_size, || {
-                fault::passed(Point::Scan, 1)
-            })
-            .map(|c| c.finish(target.major))
-        })?
+        TargetSide::Scan(wal, end_of_target_wal)
     };
-    report.seconds.wal_scan = t_scan.elapsed().as_secs_f64();
-
-    // A running source: the window its copy is made in, then its changes up to the window.
-    let window = source
-        .open_window(WINDOW_LABEL)
-        .doing("could not open a backup window on the running source")?;
+    let (target_changes, source_part) = std::thread::scope(|scope| {
+        let scan = match target_side {
+            TargetSide::Known(found) => Err(found),
+            TargetSide::Scan(mut wal, end) => Ok(scope.spawn(move || {
+                let found = side_changes(opts.mode, "target", || {
+                    wal.changes(divergence, end, target.relseg_size, || {
+                        fault::passed(Point::Scan, 1)
+                    })
+                    .map(|c| c.finish(target.major))
+                });
+                (found, t_scan.elapsed())
+            })),
+        };
+        // A running source: the window its copy is made in, then its changes up to the window.
+        let source_part = source
+            .open_window(WINDOW_LABEL)
+            .doing("could not open a backup window on the running source")
+            .and_then(|window| {
+                let changes = source_side(opts.mode, opts.resync, source, divergence, window)?;
+                Ok((window, changes))
+            });
+        let target_changes = match scan {
+            Ok(handle) => {
+                let (found, took) = handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                report.seconds.wal_scan = took.as_secs_f64();
+                found
+            }
+            Err(known) => Ok(known),
+        };
+        (target_changes, source_part)
+    });
+    // The target's failure first: it is the one the user can act on before the source's.
+    let target_changes = target_changes?;
+    let (window, source_changes) = source_part?;
     if let Some(w) = window {
         progress.info(&format!(
             "copying inside a backup window of the source starting at {} on timeline {}",
             w.start, w.tli
         ));
     }
-    let source_changes = source_side(opts.mode, opts.resync, source, divergence, window)?;
     plan_with(
         opts,
         checked,
@@ -199,6 +226,12 @@ pub(crate) fn plan(
         },
     )
     .map(|h| Planned::Plan(Box::new(h)))
+}
+
+/// The target's side of a plan: known without reading (a resync), or its WAL to read.
+enum TargetSide<'h> {
+    Known(Found),
+    Scan(WalReader<'h>, Lsn),
 }
 
 /// What a side's changes are, by `mode`: from its WAL (`scan`), or compared by hashes when

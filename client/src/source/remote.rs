@@ -20,10 +20,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use failback_common::compress_choice::{CompressPolicy, CompressionChoice};
 use failback_common::filemap::{FileEntry, FileType};
 use failback_common::lsn::history_file_name;
 use failback_common::patience::{Next, Patience, Stall};
-use failback_common::wire::{self, Compression, WireError};
+use failback_common::wire::{self, WireError};
 use failback_proto::capability;
 use failback_proto::limits::{MAX_HASH_PATHS, MAX_MAX_CHUNK, MAX_RANGES_PER_REQUEST};
 use failback_proto::v1 as pb;
@@ -66,7 +67,8 @@ pub struct RemoteOptions {
     /// Connections to failbackd (at least 1); the requests in flight are spread over them. On a
     /// long lossy link one TCP connection backs off on every loss; several back off separately.
     pub connections: usize,
-    pub compression: Compression,
+    /// Compressed, stored, or whichever delivers more (`--compress`).
+    pub compression: CompressPolicy,
     /// How long the source may make no progress before the rewind gives up.
     pub patience: Patience,
     /// Told of every failure that is retried, in words (the CLI prints it as a warning).
@@ -332,7 +334,8 @@ pub struct RemoteSource<T: Transport> {
     transports: Vec<T>,
     url: String,
     jobs: usize,
-    compression: Compression,
+    /// Shared by the requests in flight: each asks it, and tells it how its answer went.
+    compression: Arc<std::sync::Mutex<CompressionChoice>>,
     retry: Retry,
     max_chunk: u64,
     /// Handshake capabilities: failbackd knows the server's end of WAL (`live`), PostgreSQL
@@ -456,7 +459,9 @@ impl<T: Transport> RemoteSource<T> {
             primary_conninfo,
             url: opts.url.to_string(),
             jobs: opts.jobs.max(1),
-            compression: opts.compression,
+            compression: Arc::new(std::sync::Mutex::new(CompressionChoice::new(
+                opts.compression,
+            ))),
             retry: Retry {
                 patience: opts.patience,
                 notice: opts.notice,
@@ -938,10 +943,10 @@ impl<T: Transport> Source for RemoteSource<T> {
         let (tx, rx) = mpsc::channel::<Result<Piece, SourceError>>(self.jobs * 4);
         let permits = Arc::new(Semaphore::new(self.jobs));
         let mut tasks = tokio::task::JoinSet::new();
-        let level = self.compression.level();
         for (i, b) in batches.into_iter().enumerate() {
             let transport = self.transports[i % self.transports.len()].clone();
             let (tx, permits) = (tx.clone(), permits.clone());
+            let choice = self.compression.clone();
             let limit = self.max_chunk;
             let retry = self.retry.clone();
             tasks.spawn_on(
@@ -949,8 +954,18 @@ impl<T: Transport> Source for RemoteSource<T> {
                     let Ok(_permit) = permits.acquire_owned().await else {
                         return;
                     };
-                    if let Err(e) = run_batch(transport, b, level, limit, retry, tx.clone()).await {
-                        let _ = tx.send(Err(e)).await;
+                    let used = choice.lock().unwrap_or_else(|p| p.into_inner()).next_request();
+                    let raw: u64 = b.iter().map(|r| r.length).sum();
+                    let t = Instant::now();
+                    match run_batch(transport, b, used.level(), limit, retry, tx.clone()).await {
+                        Ok(()) => choice.lock().unwrap_or_else(|p| p.into_inner()).finished(
+                            used,
+                            raw,
+                            t.elapsed(),
+                        ),
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                        }
                     }
                 },
                 self.rt.handle(),

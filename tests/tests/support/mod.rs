@@ -18,6 +18,7 @@ use failback_client::progress::Terminal;
 use failback_client::rewind::{RewindOptions, rewind};
 use failback_client::source::remote::RemoteOptions;
 use failback_client::source::{FetchRange, Fetched, Source, SourceError};
+use failback_common::compress_choice::CompressPolicy;
 use failback_common::wire::Compression;
 use failback_server::{Config, ServeError};
 use failback_tests::{Cluster, PgMajor};
@@ -170,7 +171,7 @@ pub fn options(url: String, token: Option<&str>) -> RemoteOptions {
         jobs: 3,
         // Two connections, so that batches are spread over both in every pair test.
         connections: 2,
-        compression: Compression::Zstd(3),
+        compression: CompressPolicy::Fixed(Compression::Zstd(3)),
         patience: failback_common::patience::Patience::DEFAULT,
         notice: None,
     }
