@@ -10,7 +10,8 @@
 //! Each request for a batch of ranges is answered either compressed or stored. Requests run
 //! several at a time, so the two kinds share the link and both machines' CPU while they are
 //! measured: a batch's raw bytes over the time it took is what that kind delivers under the
-//! load of the moment. The first two requests probe one kind each, and the rest compress until
+//! load of the moment. Compression is chosen only when it delivers clearly more ([`MARGIN`]):
+//! when both deliver alike, the writer is the bottleneck and compressing only spends CPU. The first two requests probe one kind each, and the rest compress until
 //! both have been answered (the safe choice on a link of unknown width); from then on the kind
 //! that delivered more raw bytes per second is asked for, and now and then a request tries the
 //! other, so a link that fills up or data that compresses differently further on is noticed:
@@ -43,6 +44,11 @@ impl CompressPolicy {
 /// One request in this many tries compressing while stored is winning (stored is tried four
 /// to eight times more rarely).
 pub const EXPLORE_EVERY: u64 = 8;
+/// How much faster compressed requests must deliver for compression to be chosen. Where the
+/// two are level the bottleneck is neither the link nor the compressor but the writer, and the
+/// CPU compression takes on both ends is better left to the rest of the copy (on one machine,
+/// or two small ones, it is the same CPU).
+const MARGIN: f64 = 1.25;
 /// The weight of the newest batch in a kind's rate (an exponentially weighted mean).
 const WEIGHT: f64 = 0.3;
 /// Batches smaller than this are mostly round trip: they say little about either kind.
@@ -80,7 +86,7 @@ impl CompressionChoice {
         self.issued += 1;
         let compress = match self.rate {
             [Some(z), Some(s)] => {
-                let compressing_wins = z >= s;
+                let compressing_wins = z >= MARGIN * s;
                 // Trying stored through a thin link costs every byte compression saves, so
                 // the longer compression has been winning, and the wider, the rarer the try.
                 let every = match (compressing_wins, z >= 2.0 * s) {
@@ -186,6 +192,14 @@ mod tests {
             c.summary()
         );
         assert_eq!(run(&mut c, 7, 300.0, 900.0), 0, "between two explorations");
+    }
+
+    #[test]
+    fn level_rates_mean_stored() {
+        // The client's writer is the bottleneck: both kinds deliver alike.
+        let mut c = CompressionChoice::new(CompressPolicy::DEFAULT);
+        let compressed = run(&mut c, 80, 210.0, 200.0);
+        assert!(compressed <= 80 / 8 + 2, "{compressed} of 80: {}", c.summary());
     }
 
     #[test]
