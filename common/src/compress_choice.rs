@@ -199,7 +199,11 @@ mod tests {
         // The client's writer is the bottleneck: both kinds deliver alike.
         let mut c = CompressionChoice::new(CompressPolicy::DEFAULT);
         let compressed = run(&mut c, 80, 210.0, 200.0);
-        assert!(compressed <= 80 / 8 + 2, "{compressed} of 80: {}", c.summary());
+        assert!(
+            compressed <= 80 / 8 + 2,
+            "{compressed} of 80: {}",
+            c.summary()
+        );
     }
 
     #[test]

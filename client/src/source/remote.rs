@@ -41,6 +41,9 @@ use super::{
 
 /// Bytes per ReadRanges request: large enough to stream, small enough to spread over jobs.
 const BATCH_BYTES: u64 = 16 << 20;
+/// Bytes of each of the first two requests: `--compress auto` probes a kind with each, and a
+/// stored probe through a thin link costs what compressing would have saved.
+const PROBE_BYTES: u64 = 2 << 20;
 /// Ranges per ReadRanges request: a sixteenth of what the server accepts.
 const BATCH_RANGES: usize = MAX_RANGES_PER_REQUEST / 16;
 /// The largest whole file [`Source::read_file`] fetches (history files are a few KB).
@@ -852,7 +855,12 @@ fn batches(ranges: &[FetchRange]) -> Vec<Vec<FetchRange>> {
     for r in ranges {
         cur.push(r.clone());
         bytes = bytes.saturating_add(r.length);
-        if bytes >= BATCH_BYTES || cur.len() >= BATCH_RANGES {
+        let most = if out.len() < 2 {
+            PROBE_BYTES
+        } else {
+            BATCH_BYTES
+        };
+        if bytes >= most || cur.len() >= BATCH_RANGES {
             out.push(std::mem::take(&mut cur));
             bytes = 0;
         }
@@ -954,7 +962,10 @@ impl<T: Transport> Source for RemoteSource<T> {
                     let Ok(_permit) = permits.acquire_owned().await else {
                         return;
                     };
-                    let used = choice.lock().unwrap_or_else(|p| p.into_inner()).next_request();
+                    let used = choice
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .next_request();
                     let raw: u64 = b.iter().map(|r| r.length).sum();
                     let t = Instant::now();
                     match run_batch(transport, b, used.level(), limit, retry, tx.clone()).await {
@@ -1264,8 +1275,13 @@ mod tests {
             r("e", 0, 10 << 20),
         ];
         let b = batches(&input);
-        assert_eq!(b.len(), 2);
+        // The first two (the probes of --compress auto) close at 2 MiB, the rest at 16.
+        assert_eq!(b.len(), 3);
         assert_eq!(b[0], vec![input[0].clone()]);
-        assert_eq!(b[1], input[1..].to_vec());
+        assert_eq!(b[1], input[1..4].to_vec());
+        assert_eq!(b[2], vec![input[4].clone()]);
+        let many: Vec<FetchRange> = (0..40).map(|i| r("f", i << 20, 1 << 20)).collect();
+        let sizes: Vec<usize> = batches(&many).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [2, 2, 16, 16, 4]);
     }
 }
