@@ -121,7 +121,7 @@ fn cli_refuses_two_sources_or_none() {
         "--compress",
         "fast",
     ]);
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("neither a zstd level"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("neither auto, a zstd level"));
 }
 
 #[test]
@@ -573,7 +573,9 @@ pg_test!(rewinds_from_a_live_standby, |major| {
     assert!(report.rewind_needed);
     assert_eq!(report.source_timeline, 2);
     let mrp: failback_common::Lsn = report.min_recovery_point.unwrap().parse().unwrap();
-    assert!(mrp > replayed_before, "{mrp} <= {replayed_before}");
+    // At or past where the standby was before failbackd started (a quick rewind may end its
+    // window before the load's next commit reaches the standby).
+    assert!(mrp >= replayed_before, "{mrp} < {replayed_before}");
     let control = failback_tests::rewind::control_file(&primary);
     assert_eq!(
         (control.minRecoveryPoint, control.minRecoveryPointTLI),
