@@ -131,3 +131,29 @@ pub fn syncfs(dir: &Path) {
     let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
     assert_eq!(rc, 0, "syncfs: {}", std::io::Error::last_os_error());
 }
+
+/// `failback rewind` of `target` from `url`, as the benchmarks run it: `--jobs`, `--compress`,
+/// the target's PostgreSQL binaries, and the report written to `report`.
+pub fn failback_rewind_args(
+    cmd: &mut Command,
+    target: &Path,
+    url: &str,
+    jobs: u32,
+    compress: &str,
+    pg_bindir: &Path,
+    report: &Path,
+) {
+    cmd.arg("rewind")
+        .arg("-D")
+        .arg(target)
+        .arg("--source")
+        .arg(url)
+        .arg("--jobs")
+        .arg(jobs.to_string())
+        .arg("--compress")
+        .arg(compress)
+        .arg("--pg-bindir")
+        .arg(pg_bindir)
+        .arg("--report")
+        .arg(report);
+}

@@ -87,10 +87,10 @@ struct RewindArgs {
     #[arg(long, value_name = "N", requires = "source",
           value_parser = clap::value_parser!(u16).range(1..=64))]
     connections: Option<u16>,
-    /// Compression of file data from failbackd: auto (zstd level 1 or none, whichever
-    /// delivers more bytes a second, measured as the copy goes: compressed through a thin
-    /// link, stored through a fast one), a zstd level (1-22), or none [default: auto; higher
-    /// levels send fewer bytes for more of failbackd's CPU: worth it on thin links].
+    /// Compression of file data from failbackd: a zstd level (1-22), none, or auto (zstd
+    /// level 1 or none, whichever delivers more bytes a second, measured as the copy goes;
+    /// experimental: stored on a fast link, but it can misjudge a thin one) [default: 1;
+    /// higher levels send fewer bytes for more of failbackd's CPU: worth it on thin links].
     #[arg(long, value_name = "auto|LEVEL|none", requires = "source", value_parser = parse_compress)]
     compress: Option<CompressPolicy>,
     /// How long failbackd may make no progress (no answer, a broken or silent connection)
@@ -184,7 +184,7 @@ enum Inspect {
 fn parse_compress(s: &str) -> Result<CompressPolicy, String> {
     use failback_common::wire::Compression;
     match s {
-        "auto" => return Ok(CompressPolicy::DEFAULT),
+        "auto" => return Ok(CompressPolicy::AUTO),
         "none" => return Ok(CompressPolicy::Fixed(Compression::None)),
         _ => {}
     }

@@ -35,8 +35,13 @@ pub enum CompressPolicy {
 }
 
 impl CompressPolicy {
-    /// failback's default: zstd level 1 where it pays, stored where it does not.
-    pub const DEFAULT: CompressPolicy = CompressPolicy::Auto {
+    /// failback's default: zstd at level 1 always. `auto` is asked for by name: measured on
+    /// issue 13's benchmark it sends stored on loopback, where compressing only costs CPU, but
+    /// through the 50 ms / 200 Mbit/s link it sent half again the bytes of level 1 on barely
+    /// compressible pages (per-request rates under 16 requests in flight misjudge the link).
+    pub const DEFAULT: CompressPolicy = CompressPolicy::Fixed(Compression::DEFAULT);
+    /// `--compress auto`: zstd at level 1 or stored, whichever delivers more.
+    pub const AUTO: CompressPolicy = CompressPolicy::Auto {
         level: Compression::DEFAULT.level(),
     };
 }
@@ -170,7 +175,7 @@ mod tests {
     #[test]
     fn a_thin_link_keeps_compressing() {
         // 200 Mbit/s and pages that compress 2.5 to one: stored 25 MB/s, compressed 60.
-        let mut c = CompressionChoice::new(CompressPolicy::DEFAULT);
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
         let compressed = run(&mut c, 80, 60.0, 25.0);
         // Two to learn, then all but one in EXPLORE_EVERY.
         assert!(
@@ -184,7 +189,7 @@ mod tests {
     #[test]
     fn a_fast_link_stops_compressing() {
         // Loopback: the compressor (300 MB/s) is slower than sending the pages as they are.
-        let mut c = CompressionChoice::new(CompressPolicy::DEFAULT);
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
         let compressed = run(&mut c, 80, 300.0, 900.0);
         assert!(
             compressed <= 80 / 8 + 2,
@@ -197,7 +202,7 @@ mod tests {
     #[test]
     fn level_rates_mean_stored() {
         // The client's writer is the bottleneck: both kinds deliver alike.
-        let mut c = CompressionChoice::new(CompressPolicy::DEFAULT);
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
         let compressed = run(&mut c, 80, 210.0, 200.0);
         assert!(
             compressed <= 80 / 8 + 2,
@@ -208,7 +213,7 @@ mod tests {
 
     #[test]
     fn a_link_that_fills_up_is_noticed() {
-        let mut c = CompressionChoice::new(CompressPolicy::DEFAULT);
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
         run(&mut c, 40, 300.0, 900.0);
         // Another tenant takes the link: stored now crawls; the explorations find it out.
         run(&mut c, 40, 280.0, 20.0);
@@ -219,7 +224,7 @@ mod tests {
     fn fixed_is_fixed_and_small_batches_teach_nothing() {
         let mut c = CompressionChoice::new(CompressPolicy::Fixed(Compression::Zstd(3)));
         assert_eq!(run(&mut c, 10, 1.0, 1000.0), 10);
-        let mut c = CompressionChoice::new(CompressPolicy::DEFAULT);
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
         let (a, b) = (c.next_request(), c.next_request());
         assert_eq!(
             (a, b),

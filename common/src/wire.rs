@@ -40,7 +40,8 @@ pub enum Compression {
 }
 
 impl Compression {
-    /// The level failback compresses at when compressing pays (`compress_choice`): on
+    /// What failback asks for unless told otherwise (and the level `--compress auto` uses when
+    /// it compresses, `compress_choice`): on
     /// PostgreSQL's pages and WAL level 1 compresses about a third faster than level 3 (some
     /// 330 MB/s of raw bytes per core against 240) for some 6 % more bytes; a thin link pays
     /// for higher levels: `--compress 3` or more.

@@ -55,8 +55,8 @@ pg_test!(rewinds_through_quic, |major| {
     rejoin_and_compare(primary, new_primary);
 });
 
-/// The `failback` binary with `--source quic://`, `--ca`, and a client certificate
-/// (`--cert/--key`) for a failbackd started with `--client-ca`.
+/// The `failback` binary with `--source quic://`, `--ca`, a client certificate (`--cert/--key`)
+/// for a failbackd started with `--client-ca`, and `--compress auto`.
 #[test]
 fn cli_rewinds_through_quic() {
     let (primary, new_primary) = diverged(PgMajor::V15);
@@ -77,6 +77,9 @@ fn cli_rewinds_through_quic() {
         extra.push(flag.into());
         extra.push(dir.join(name).into());
     }
+    // And the compression chosen as the copy goes.
+    extra.push("--compress".into());
+    extra.push("auto".into());
     cli_rewind(
         &primary,
         &new_primary,

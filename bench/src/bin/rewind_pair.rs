@@ -51,7 +51,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use failback_bench::host::{
-    Proxy, cpu_ticks, dir_size, help_of, loadavg, mb, syncfs, tail, today, wait_listening,
+    Proxy, cpu_ticks, dir_size, failback_rewind_args, help_of, loadavg, mb, syncfs, tail, today,
+    wait_listening,
 };
 use failback_bench::measure::{self, Cost, Sampler};
 use failback_bench::pair::{DivergedPair, arg, copy_dir, flag, workspace_binary};
@@ -219,21 +220,16 @@ impl Bench {
         ));
         let _ = std::fs::remove_file(&report);
         let mut client = self.profiled(failback, &format!("failback-{name}"));
-        client
-            .arg("rewind")
-            .arg("-D")
-            .arg(self.old.data_dir())
-            .arg("--source")
-            .arg(&url)
-            .arg("--jobs")
-            .arg(self.jobs.to_string())
-            .arg("--compress")
-            .arg(&self.compress)
-            .arg("--pg-bindir")
-            .arg(&self.old.bins().bin_dir)
-            .arg("--report")
-            .arg(&report)
-            .arg("--debug");
+        failback_rewind_args(
+            &mut client,
+            &self.old.data_dir(),
+            &url,
+            self.jobs,
+            &self.compress,
+            &self.old.bins().bin_dir,
+            &report,
+        );
+        client.arg("--debug");
         if quic {
             client.arg("--ca").arg(&ca);
         }

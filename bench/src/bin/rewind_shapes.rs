@@ -39,7 +39,7 @@
 //! cargo build --release -p failback-client -p failback-server -p failback-bench
 //! target/release/rewind_shapes [--scale 100] [--data stock|realistic] [--pattern contiguous|random]
 //!     [--shapes 1pct,wal-gone,busy1,busy4,busy16] [--tools failback,pg_rewind,pg_basebackup,rsync]
-//!     [--nets loopback,wan] [--delay-ms 25] [--rate-mbit 200] [--jobs 16] [--compress auto]
+//!     [--nets loopback,wan] [--delay-ms 25] [--rate-mbit 200] [--jobs 16] [--compress 1]
 //!     [--bin-dir DIR] [--log-dir DIR] [--out FILE]
 //! ```
 //! rsync must be installed (`apt-get install rsync`).
@@ -51,7 +51,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use failback_bench::host::{cpu_ticks, dir_size, loadavg, mb, syncfs, tail, today, wait_listening};
+use failback_bench::host::{
+    cpu_ticks, dir_size, failback_rewind_args, loadavg, mb, syncfs, tail, today, wait_listening,
+};
 use failback_bench::measure::{self, Cost, Sampler};
 use failback_bench::pair::{
     Data, DivergedPair, Pattern, arg, changed_rows, copy_dir, seed, workspace_binary,
@@ -350,20 +352,15 @@ impl Bench {
         let _ = std::fs::remove_file(&report);
         let mut client = Command::new(&self.failback);
         user::clean_env(&mut client);
-        client
-            .arg("rewind")
-            .arg("-D")
-            .arg(self.old.data_dir())
-            .arg("--source")
-            .arg(format!("grpc://{}", proxy.local_addr()))
-            .arg("--jobs")
-            .arg(self.jobs.to_string())
-            .arg("--compress")
-            .arg(&self.compress)
-            .arg("--pg-bindir")
-            .arg(&self.old.bins().bin_dir)
-            .arg("--report")
-            .arg(&report);
+        failback_rewind_args(
+            &mut client,
+            &self.old.data_dir(),
+            &format!("grpc://{}", proxy.local_addr()),
+            self.jobs,
+            &self.compress,
+            &self.old.bins().bin_dir,
+            &report,
+        );
         let cost = measure::run(&mut client);
         let counters = vec![proxy.counters()];
         drop(proxy);
@@ -756,7 +753,7 @@ fn main() {
         failback: workspace_binary("failback", bin_dir.as_deref()),
         failbackd: workspace_binary("failbackd", bin_dir.as_deref()),
         jobs: arg("--jobs", 16u32),
-        compress: arg("--compress", "auto".to_string()),
+        compress: arg("--compress", "1".to_string()),
         log_dir,
         runs: 0,
     };

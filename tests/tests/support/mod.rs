@@ -280,16 +280,14 @@ pub fn cli_rewind(
         .args(["--source", url, "--token-file"])
         .arg(&token_file)
         .args(extra)
-        .args([
-            "--jobs",
-            "5",
-            "--connections",
-            "3",
-            "--compress",
-            "none",
-            "-R",
-            "--primary-conninfo",
-        ])
+        .args(["--jobs", "5", "--connections", "3"])
+        // `--compress none` unless `extra` says otherwise.
+        .args(if extra.iter().any(|a| a == "--compress") {
+            &[][..]
+        } else {
+            &["--compress", "none"][..]
+        })
+        .args(["-R", "--primary-conninfo"])
         .arg(conninfo(new_primary))
         .arg("--pg-bindir")
         .arg(primary.bins().postgres().parent().unwrap())
