@@ -28,7 +28,7 @@ use crate::relpath::{ForkNumber, RelFileLocator};
 use crate::wal::{RecordKind, WalRecord};
 
 /// The changes of a stretch of WAL, gathered as its records name them.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct WalChanges {
     blocks: ChangedBlocks,
     created: HashSet<RelFileLocator, rustc_hash::FxBuildHasher>,
@@ -61,6 +61,14 @@ impl WalChanges {
             }
             _ => {}
         }
+    }
+
+    /// Adds the changes of another stretch of WAL (a WAL summary of one segment).
+    pub fn absorb(&mut self, other: &WalChanges) {
+        self.blocks.union_with(&other.blocks);
+        self.created.extend(other.created.iter().copied());
+        self.databases.extend(other.databases.iter().copied());
+        self.records += other.records;
     }
 
     /// Records taken in so far.

@@ -25,6 +25,7 @@ pub mod filemap;
 pub mod journal;
 pub mod relpath;
 pub mod rewind;
+pub mod summary;
 pub mod timeline;
 pub mod wal;
 pub mod wire;

@@ -172,6 +172,13 @@ impl ChangedBlocks {
                 .collect(),
         }
     }
+
+    /// Adds every block of `other`.
+    pub fn union_with(&mut self, other: &ChangedBlocks) {
+        for (key, blocks) in &other.segments {
+            self.segments.entry(*key).or_default().union_with(blocks);
+        }
+    }
 }
 
 /// Everything the planner decides from.

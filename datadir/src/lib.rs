@@ -19,6 +19,7 @@
 pub mod checksums;
 pub mod history;
 pub mod postmaster;
+pub mod summaries;
 pub mod wal;
 
 use std::fs::{self, File};

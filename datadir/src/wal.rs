@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use failback_common::changes::WalChanges;
+use failback_common::summary::Piece;
 use failback_common::timeline::{TimeLineHistory, segment_file_name, timeline_for_segment};
 use failback_common::wal::{Decoded, WalDecoder, WalError, WalParams, WalRecord};
 use failback_common::{Lsn, XLogSegNo};
@@ -112,7 +113,7 @@ impl<'h> WalReader<'h> {
         }
     }
 
-    fn seg_size(&self) -> u32 {
+    pub fn seg_size(&self) -> u32 {
         self.params.seg_size
     }
 
@@ -352,6 +353,39 @@ impl WalReader<'_> {
         }
     }
 
+    /// [`Self::changes`], taking whole segments from `summaries` where they have them and
+    /// decoding the rest; also returns how many segments came from summaries.
+    pub fn changes_summarized(
+        &mut self,
+        from: Lsn,
+        until: Lsn,
+        relseg_size: u32,
+        summaries: &crate::summaries::WalSummaries,
+    ) -> Result<(WalChanges, u64), WalReadError> {
+        let seg = u64::from(self.seg_size());
+        // Taken once, up front: a summary dropped meanwhile (its file recycled) is still the
+        // summary of what that file held.
+        let held: std::collections::HashMap<XLogSegNo, _> = (from.0 / seg..until.0.div_ceil(seg))
+            .filter_map(|segno| Some((segno, summaries.get(&self.segment_name(segno))?)))
+            .collect();
+        let mut changes = WalChanges::default();
+        let mut used = 0;
+        for piece in failback_common::summary::pieces(from, until, self.seg_size(), |s| {
+            held.contains_key(&s)
+        }) {
+            match piece {
+                Piece::Summary(segno) => {
+                    changes.absorb(&held[&segno]);
+                    used += 1;
+                }
+                Piece::Decode { from, until } => {
+                    changes.absorb(&self.changes(from, until, relseg_size, || {})?);
+                }
+            }
+        }
+        Ok((changes, used))
+    }
+
     /// The first segment on disk that belongs to this history, as (segment number, file name).
     pub fn oldest_segment(&self) -> Option<XLogSegNo> {
         let rd = std::fs::read_dir(&self.dir).ok()?;
@@ -427,6 +461,8 @@ pub struct SourceChanges {
     pub until: Lsn,
     /// Records read.
     pub records: u64,
+    /// WAL segments whose changes came from failbackd's summaries instead of being decoded.
+    pub summarized_segments: u64,
 }
 
 /// Why [`source_changes`] could not say.
@@ -451,12 +487,13 @@ pub enum SourceChangesError {
 /// part) up to `end`: the position and timeline where its WAL ends when a running server said
 /// so, else where the shut-down directory's WAL ends (its checkpoint, or its minimum recovery
 /// point as a standby). The WAL is read along the history of `end`'s timeline, or of the
-/// timeline the files say it is on.
+/// timeline the files say it is on. Whole segments `summaries` holds are taken from there.
 pub fn source_changes(
     dir: &crate::DataDir,
     control: &failback_common::control::ControlFileData,
     since: Lsn,
     end: Option<(Lsn, failback_common::TimeLineId)>,
+    summaries: Option<&crate::summaries::WalSummaries>,
 ) -> Result<SourceChanges, SourceChangesError> {
     let (until, tli) = match end {
         Some(e) => e,
@@ -473,7 +510,13 @@ pub fn source_changes(
     let params = WalParams::new(control.major, control.xlog_seg_size)
         .with_system_identifier(control.system_identifier);
     let mut reader = WalReader::new(dir.root(), &history, params, None);
-    let changes = match reader.changes(since, until, control.relseg_size, || {}) {
+    let found = match summaries {
+        Some(s) => reader.changes_summarized(since, until, control.relseg_size, s),
+        None => reader
+            .changes(since, until, control.relseg_size, || {})
+            .map(|c| (c, 0)),
+    };
+    let (changes, summarized_segments) = match found {
         Ok(c) => c,
         Err(
             e @ (WalReadError::MissingSegment { .. }
@@ -493,5 +536,6 @@ pub fn source_changes(
         changes: changes.finish(control.major),
         until,
         records,
+        summarized_segments,
     })
 }

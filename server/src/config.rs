@@ -15,6 +15,7 @@
 //! quic_max_streams = 300
 //! quic_initial_window = 1048576
 //! primary_conninfo = "host=db1.example port=5432 user=replicator"
+//! wal_summaries = true
 //! ```
 //!
 //! A flag given on the command line wins over the file. A key the file does not know is
@@ -43,6 +44,8 @@ pub struct Settings {
     pub quic_max_streams: Option<u32>,
     pub quic_initial_window: Option<u64>,
     pub primary_conninfo: Option<String>,
+    /// `false`: no background WAL summaries (`--no-wal-summaries`).
+    pub wal_summaries: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +94,7 @@ impl Settings {
             quic_max_streams: flags.quic_max_streams.or(self.quic_max_streams),
             quic_initial_window: flags.quic_initial_window.or(self.quic_initial_window),
             primary_conninfo: flags.primary_conninfo.or(self.primary_conninfo),
+            wal_summaries: flags.wal_summaries.or(self.wal_summaries),
         }
     }
 }
@@ -121,6 +125,7 @@ mod tests {
             quic_max_streams = 100
             quic_initial_window = 262144
             primary_conninfo = "host=db1 user=replicator"
+            wal_summaries = false
             "#,
         )
         .unwrap();
@@ -141,6 +146,7 @@ mod tests {
             s.primary_conninfo.as_deref(),
             Some("host=db1 user=replicator")
         );
+        assert_eq!(s.wal_summaries, Some(false));
         assert_eq!(parse("").unwrap(), Settings::default());
     }
 

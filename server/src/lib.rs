@@ -12,6 +12,7 @@ pub mod config;
 pub mod live;
 pub mod quic;
 pub mod service;
+pub mod summarizer;
 pub mod window;
 
 use std::future::Future;
@@ -49,6 +50,9 @@ pub struct Config {
     /// How standbys reach the server (libpq keywords), told to clients for `-R`; by default
     /// the port the running server listens on and the user of `pg_conn`.
     pub primary_conninfo: Option<String>,
+    /// What each completed WAL segment of `pgdata` changed, kept up to date by a thread of
+    /// failbackd's own ([`summarizer`]); `None` decodes the WAL for every request.
+    pub wal_summaries: Option<std::sync::Arc<failback_datadir::summaries::WalSummaries>>,
 }
 
 impl Config {
@@ -63,6 +67,7 @@ impl Config {
             quic: quic::QuicLimits::default(),
             pg_conn: None,
             primary_conninfo: None,
+            wal_summaries: None,
         }
     }
 }

@@ -64,6 +64,11 @@ struct Args {
     /// host it reached failbackd at].
     #[arg(long, value_name = "CONNINFO")]
     primary_conninfo: Option<String>,
+    /// Do not summarize the WAL in the background: each rewind then decodes all of the
+    /// source's WAL since the divergence (by default failbackd keeps, for each completed WAL
+    /// segment, the blocks it changed, and a rewind reads those instead).
+    #[arg(long)]
+    no_wal_summaries: bool,
 }
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
@@ -106,6 +111,7 @@ async fn serve(a: Args) -> Result<()> {
         quic_max_streams: a.quic_max_streams,
         quic_initial_window: a.quic_initial_window,
         primary_conninfo: a.primary_conninfo,
+        wal_summaries: a.no_wal_summaries.then_some(false),
     };
     let s = match &a.config {
         Some(f) => Settings::read(f)?.overridden_by(flags),
@@ -160,6 +166,17 @@ async fn serve(a: Args) -> Result<()> {
             pgdata.display()
         );
     }
+    // Kept until failbackd ends: dropping it stops the thread.
+    let _summarizer = s.wal_summaries.unwrap_or(true).then(|| {
+        let summaries = std::sync::Arc::new(failback_datadir::summaries::WalSummaries::new());
+        config.wal_summaries = Some(summaries.clone());
+        failback_server::summarizer::spawn(
+            failback_datadir::DataDir::new(&pgdata),
+            summaries,
+            failback_server::summarizer::INTERVAL,
+            |m| eprintln!("failbackd: {m}"),
+        )
+    });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("could not listen on {listen}"))?;

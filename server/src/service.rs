@@ -17,6 +17,7 @@ use failback_common::filemap::FileType;
 use failback_common::wire::{self, Compression};
 use failback_datadir::history::{files_timeline, history_files};
 use failback_datadir::postmaster::running_postmaster;
+use failback_datadir::summaries::WalSummaries;
 use failback_datadir::wal::{SourceChangesError, source_changes};
 use failback_datadir::{DataDir, DataDirError, HashError, ReadStatus, hash_chunks};
 use failback_proto::capability;
@@ -44,6 +45,8 @@ pub struct FailbackService {
     primary_conninfo: Option<Arc<str>>,
     /// Backup windows open on the server (`BackupWindow`).
     windows: Arc<crate::window::Windows>,
+    /// What each completed WAL segment changed, kept by failbackd's summarizer thread.
+    summaries: Option<Arc<WalSummaries>>,
 }
 
 impl FailbackService {
@@ -55,6 +58,7 @@ impl FailbackService {
             pg_conn: None,
             primary_conninfo: None,
             windows: Arc::default(),
+            summaries: None,
         }
     }
 
@@ -64,6 +68,13 @@ impl FailbackService {
         FailbackService::new(DataDir::new(config.pgdata.clone()), config.max_chunk)
             .with_pg_conn(config.pg_conn.clone())
             .with_primary_conninfo(config.primary_conninfo.clone())
+            .with_wal_summaries(config.wal_summaries.clone())
+    }
+
+    /// The WAL summaries [`Self::changes`] takes whole segments from.
+    pub fn with_wal_summaries(mut self, summaries: Option<Arc<WalSummaries>>) -> Self {
+        self.summaries = summaries;
+        self
     }
 
     /// What to tell clients about reaching the server (`--primary-conninfo`).
@@ -461,12 +472,13 @@ impl Failback for FailbackService {
             (until, e.timeline)
         });
         let dir = self.dir.clone();
+        let summaries = self.summaries.clone();
         let permit = self.reader_permit().await?;
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let found = control(&dir).and_then(|(_, c)| {
-                source_changes(&dir, &c, since, end).map_err(|e| match e {
+                source_changes(&dir, &c, since, end, summaries.as_deref()).map_err(|e| match e {
                     SourceChangesError::Gone { .. } => {
                         Status::failed_precondition(failback_common::errors::one_line(&e))
                     }
@@ -524,6 +536,7 @@ impl Failback for FailbackService {
                 done: true,
                 until_lsn: found.until.0,
                 records: found.records,
+                summarized_segments: found.summarized_segments,
             }));
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -81,6 +81,14 @@ impl Failbackd {
         )
     }
 
+    /// Serves a running cluster live, with more of failbackd's flags.
+    pub fn serve_live_with(cluster: &crate::Cluster, more: &[&str]) -> Failbackd {
+        let mut extra: Vec<std::ffi::OsString> =
+            vec!["--pg-conn".into(), cluster.conninfo().into()];
+        extra.extend(more.iter().map(Into::into));
+        Failbackd::serve_with(&cluster.data_dir(), extra)
+    }
+
     fn serve_with(pgdata: &Path, extra: Vec<std::ffi::OsString>) -> Failbackd {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
@@ -170,6 +178,20 @@ impl Failbackd {
     /// What failbackd printed so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until failbackd has printed a line holding `needle`; panics with its log if it
+    /// has not within `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let until = std::time::Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                std::time::Instant::now() < until,
+                "failbackd did not print {needle:?} within {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

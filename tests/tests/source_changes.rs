@@ -179,3 +179,47 @@ pg_test!(recycled_wal_cannot_say, |major| {
         ChangesAnswer::Found(f) => panic!("changes from recycled WAL: {f:?}"),
     }
 });
+
+// failbackd's WAL summaries stand in for decoding the whole segments since the divergence:
+// the same blocks, created relations, copied databases and records as decoding all of it.
+pg_test!(wal_summaries_give_what_decoding_gives, |major| {
+    let (_old, new, since, expected) = diverge(major);
+    // More segments of WAL since the divergence, each with changes of its own; the update
+    // after each switch begins the next segment, which completes the one before.
+    for i in 0..5 {
+        new.execute(&format!(
+            "UPDATE t SET v = 'round {i}' WHERE id % 101 = {i}; \
+             CREATE TABLE made_in_round_{i} AS SELECT 1 AS i"
+        ));
+        new.query_one("SELECT pg_switch_wal()");
+    }
+    new.execute("UPDATE t SET v = 'after the switches' WHERE id % 89 = 0");
+    let summarizing = Failbackd::serve_live(&new);
+    summarizing.wait_for_log("WAL summaries: caught up", std::time::Duration::from_secs(60));
+    let decoding = Failbackd::serve_live_with(&new, &["--no-wal-summaries"]);
+    let found = |server: &Failbackd, until: Option<Lsn>| match remote(server)
+        .changes(since, until)
+        .unwrap()
+    {
+        ChangesAnswer::Found(f) => f,
+        ChangesAnswer::Unknown { why } => panic!("failbackd could not say: {why}"),
+    };
+    let summarized = found(&summarizing, None);
+    let decoded = found(&decoding, Some(summarized.until));
+    assert_names_what_changed(&summarized, &expected, since, "from WAL summaries");
+    assert!(
+        summarized.summarized_segments >= 4,
+        "{} segments from summaries:\n{}",
+        summarized.summarized_segments,
+        summarizing.log()
+    );
+    assert_eq!(decoded.summarized_segments, 0);
+    assert_eq!(summarized.until, decoded.until);
+    assert_eq!(summarized.records, decoded.records);
+    assert_eq!(summarized.changes, decoded.changes);
+    assert!(
+        !decoding.log().contains("WAL summaries"),
+        "{}",
+        decoding.log()
+    );
+});

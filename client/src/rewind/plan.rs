@@ -42,6 +42,14 @@ pub struct SideReport {
     pub why: Option<String>,
     /// Main-fork blocks its WAL named.
     pub changed_blocks: u64,
+    /// WAL segments whose changes failbackd took from its WAL summaries instead of decoding
+    /// them.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub summarized_segments: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a side's WAL said: its changes, or why it could not say.
@@ -53,11 +61,13 @@ fn side_report(found: &Found) -> SideReport {
             found_by: "wal".into(),
             why: None,
             changed_blocks: c.block_count() as u64,
+            summarized_segments: 0,
         },
         Err(why) => SideReport {
             found_by: "hashes".into(),
             why: Some(why.clone()),
             changed_blocks: 0,
+            summarized_segments: 0,
         },
     }
 }
@@ -201,7 +211,7 @@ pub(crate) fn plan(
     });
     // The target's failure first: it is the one the user can act on before the source's.
     let target_changes = target_changes?;
-    let (window, source_changes) = source_part?;
+    let (window, (source_changes, source_summarized)) = source_part?;
     if let Some(w) = window {
         progress.info(&format!(
             "copying inside a backup window of the source starting at {} on timeline {}",
@@ -223,6 +233,7 @@ pub(crate) fn plan(
             window,
             target_changes,
             source_changes,
+            source_summarized,
         },
     )
     .map(|h| Planned::Plan(Box::new(h)))
@@ -278,27 +289,28 @@ fn by_choice(mode: Mode, resync: bool) -> Option<&'static str> {
     }
 }
 
-/// The source's changes since the divergence, up to the window's start when there is one.
+/// The source's changes since the divergence, up to the window's start when there is one,
+/// and how many WAL segments of them came from the source's WAL summaries.
 fn source_side(
     mode: Mode,
     resync: bool,
     source: &mut dyn Source,
     divergence: Lsn,
     window: Option<WindowStart>,
-) -> Result<Found, RewindError> {
+) -> Result<(Found, u64), RewindError> {
     if let Some(why) = by_choice(mode, resync) {
-        return Ok(Err(why.into()));
+        return Ok((Err(why.into()), 0));
     }
     match source
         .changes(divergence, window.map(|w| w.start))
         .doing("could not ask the source for its changes since the divergence")?
     {
-        ChangesAnswer::Found(f) => Ok(Ok(f.changes)),
+        ChangesAnswer::Found(f) => Ok((Ok(f.changes), f.summarized_segments)),
         ChangesAnswer::Unknown { why } if mode == Mode::Wal => Err(RewindError::refused(format!(
             "the source cannot say what it changed since the divergence ({why}), and --mode wal \
              finds changes by WAL only (--mode auto compares chunk hashes instead)"
         ))),
-        ChangesAnswer::Unknown { why } => Ok(Err(why)),
+        ChangesAnswer::Unknown { why } => Ok((Err(why), 0)),
     }
 }
 
@@ -312,6 +324,7 @@ struct Replan<'h> {
     window: Option<WindowStart>,
     target_changes: Found,
     source_changes: Found,
+    source_summarized: u64,
 }
 
 /// Both file lists, and the plan made of them with both sides' changes.
@@ -368,6 +381,7 @@ fn plan_with(
     };
     report.target_changes = side_report(&r.target_changes);
     report.source_changes = side_report(&r.source_changes);
+    report.source_changes.summarized_segments = r.source_summarized;
     for (side, found) in [("target", &r.target_changes), ("source", &r.source_changes)] {
         match found {
             Ok(c) => progress.info(&format!(
@@ -521,7 +535,8 @@ pub(crate) fn resumed(
          it copied still stands",
         state.done_bytes() / 1_000_000
     ));
-    let source_changes = source_side(opts.mode, h.resync, source, h.divergence, window)?;
+    let (source_changes, source_summarized) =
+        source_side(opts.mode, h.resync, source, h.divergence, window)?;
     let target_changes = match (by_choice(opts.mode, h.resync), &h.target_changes) {
         (Some(why), _) => Err(why.to_string()),
         (None, Some(c)) => Ok(c.clone()),
@@ -542,6 +557,7 @@ pub(crate) fn resumed(
             window,
             target_changes,
             source_changes,
+            source_summarized,
         },
     )?;
     Ok((header, true))

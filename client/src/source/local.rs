@@ -107,7 +107,7 @@ impl Source for LocalSource {
                 what: "global/pg_control".into(),
                 reason: e.to_string(),
             })?;
-        match source_changes(&self.dir, &control, since, None) {
+        match source_changes(&self.dir, &control, since, None, None) {
             Ok(found) => Ok(ChangesAnswer::Found(found)),
             Err(e @ SourceChangesError::Gone { .. }) => Ok(ChangesAnswer::Unknown {
                 why: failback_common::errors::one_line(&e),

@@ -1219,7 +1219,8 @@ fn changes_from_replies(
             "the replies do not end with the one last reply",
         ));
     }
-    let (until, records) = (last.until_lsn, last.records);
+    let (until, records, summarized_segments) =
+        (last.until_lsn, last.records, last.summarized_segments);
     for r in replies {
         for f in r.files {
             if f.block_bitmap.len() > failback_proto::limits::MAX_BLOCK_BITMAP {
@@ -1253,6 +1254,7 @@ fn changes_from_replies(
         changes,
         until: failback_common::Lsn(until),
         records,
+        summarized_segments,
     })
 }
 
