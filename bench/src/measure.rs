@@ -35,7 +35,8 @@ fn io_field(text: &str, key: &str) -> u64 {
 pub struct Running {
     pid: i32,
     start: Instant,
-    reader: std::thread::JoinHandle<String>,
+    reader: std::thread::JoinHandle<()>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 /// Starts `cmd` (stdout discarded, stderr collected) to be measured by [`Running::finish`].
@@ -45,23 +46,39 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<Running> {
     let start = Instant::now();
     let mut child = cmd.spawn()?;
     let pid = child.id() as i32;
-    let stderr = child.stderr.take();
+    let pipe = child.stderr.take();
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = stderr.clone();
     let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(mut e) = stderr {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut s);
+        use std::io::BufRead;
+        let Some(e) = pipe else { return };
+        for line in std::io::BufReader::new(e).lines().map_while(Result::ok) {
+            let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
+            s.push_str(&line);
+            s.push('\n');
         }
-        s
     });
     // Reaped by `finish` with wait4, which std's Child does not know about.
     std::mem::forget(child);
-    Ok(Running { pid, start, reader })
+    Ok(Running {
+        pid,
+        start,
+        reader,
+        stderr,
+    })
 }
 
 impl Running {
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// What it printed on stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Sends `signal` (e.g. `libc::SIGINT` to stop a server).
@@ -108,7 +125,11 @@ impl Running {
             } else {
                 -1
             },
-            stderr: self.reader.join().unwrap_or_default(),
+            stderr: {
+                let _ = self.reader.join();
+                let s = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
+                s.clone()
+            },
         }
     }
 }

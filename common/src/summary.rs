@@ -121,10 +121,7 @@ mod tests {
     #[test]
     fn a_stretch_on_segment_boundaries_is_all_summaries() {
         let p = pieces(lsn(2, 0), lsn(5, 0), SEG, |_| true);
-        assert_eq!(
-            p,
-            [Piece::Summary(2), Piece::Summary(3), Piece::Summary(4)]
-        );
+        assert_eq!(p, [Piece::Summary(2), Piece::Summary(3), Piece::Summary(4)]);
     }
 
     #[test]

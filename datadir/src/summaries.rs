@@ -92,9 +92,7 @@ impl WalSummaries {
     /// drops the summaries of segment files no longer in `pg_wal`.
     pub fn refresh(&self, dir: &DataDir) -> Result<Refresh, SummaryError> {
         let control = read_control(dir)?;
-        let newest = history_files(dir)?
-            .last()
-            .map(|(t, _)| *t);
+        let newest = history_files(dir)?.last().map(|(t, _)| *t);
         let history = history_of(dir, files_timeline(&control, newest))?;
         let seg_size = control.xlog_seg_size;
         let wal_dir = dir.resolve("pg_wal")?;
@@ -154,7 +152,10 @@ impl WalSummaries {
         out.until = on_history
             .iter()
             .rev()
-            .find(|&&segno| s.by_name.contains_key(&segment_file_name(&history, segno, seg_size)))
+            .find(|&&segno| {
+                s.by_name
+                    .contains_key(&segment_file_name(&history, segno, seg_size))
+            })
             .map(|&segno| Lsn((segno + 1) * u64::from(seg_size)));
         Ok(out)
     }

@@ -195,7 +195,10 @@ pg_test!(wal_summaries_give_what_decoding_gives, |major| {
     }
     new.execute("UPDATE t SET v = 'after the switches' WHERE id % 89 = 0");
     let summarizing = Failbackd::serve_live(&new);
-    summarizing.wait_for_log("WAL summaries: caught up", std::time::Duration::from_secs(60));
+    summarizing.wait_for_log(
+        "WAL summaries: caught up",
+        std::time::Duration::from_secs(60),
+    );
     let decoding = Failbackd::serve_live_with(&new, &["--no-wal-summaries"]);
     let found = |server: &Failbackd, until: Option<Lsn>| match remote(server)
         .changes(since, until)

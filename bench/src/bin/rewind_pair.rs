@@ -28,13 +28,14 @@
 //! target/release/rewind_pair [--scale 100] [--changed-percent 1] [--delay-ms 25] [--rate-mbit 200] [--jobs 16]
 //!     [--compress 1] [--bin-dir DIR] [--baseline-bin-dir DIR] [--source-mode auto|stopped|running] [--out FILE]
 //!     [--rounds N] [--no-sync] [--log-dir DIR] [--perf DIR] [--skip-pg-rewind] [--skip-verify]
-//!     [--hold FILE]
+//!     [--hold FILE] [--data stock|realistic] [--pattern contiguous|random]
 //! ```
 //!
 //! `--baseline-bin-dir DIR` also runs the `failback`/`failbackd` of another build (an earlier
 //! commit's `target/release`) in every round, beside this build's, and reports this build's
 //! wall time against it round by round: a change is no slower when the median ratio is about 1.
-//! `--changed-percent P` changes P % of the accounts on each side instead of 1 %: a rewind
+//! `--data` and `--pattern` build the pair as `rewind_shapes` does (realistic filler, rows
+//! drawn at random). `--changed-percent P` changes P % of the accounts on each side instead of 1 %: a rewind
 //! whose bytes, not its round trips, take most of the time on the link.
 //! `--rounds N` runs every configuration N times, round by round (each round runs every tool
 //! once, so all see the same neighbours), and reports the round with the median wall time
@@ -549,6 +550,12 @@ fn main() {
         "stopped" => false,
         _ => pg_conn,
     };
+    let data: failback_bench::pair::Data = arg("--data", "stock".to_string())
+        .parse()
+        .unwrap_or_else(|e| panic!("--data: {e}"));
+    let pattern: failback_bench::pair::Pattern = arg("--pattern", "contiguous".to_string())
+        .parse()
+        .unwrap_or_else(|e| panic!("--pattern: {e}"));
     let wan = LinkSpec::wan(Duration::from_millis(delay_ms), rate_mbit);
     let nets: [(&'static str, LinkSpec); 2] = [("loopback", LinkSpec::unlimited()), ("wan", wan)];
 
@@ -556,7 +563,7 @@ fn main() {
     let load_before = loadavg();
     let DivergedPair {
         old, new, changed, ..
-    } = DivergedPair::build(scale, percent);
+    } = DivergedPair::build_with(scale, percent, data, pattern);
     let work = old.base_dir().join("bench");
     user::create_dir(&work);
     let pristine = work.join("pristine");

@@ -40,8 +40,12 @@
 //! target/release/rewind_shapes [--scale 100] [--data stock|realistic] [--pattern contiguous|random]
 //!     [--shapes 1pct,wal-gone,busy1,busy4,busy16] [--tools failback,pg_rewind,pg_basebackup,rsync]
 //!     [--nets loopback,wan] [--delay-ms 25] [--rate-mbit 200] [--jobs 16] [--compress 1]
-//!     [--bin-dir DIR] [--log-dir DIR] [--out FILE]
+//!     [--no-wal-summaries] [--bin-dir DIR] [--log-dir DIR] [--out FILE]
 //! ```
+//! failbackd summarizes the new primary's WAL as it runs beside it (one summary per completed
+//! segment); each run starts it afresh on the saved source, so the rewind starts once it has
+//! summarized what is in pg_wal, as a failbackd running since the promotion would have.
+//! `--no-wal-summaries` runs it without, decoding all the source's WAL since the divergence.
 //! rsync must be installed (`apt-get install rsync`).
 
 use std::fmt::Write as _;
@@ -173,6 +177,8 @@ struct Bench {
     failbackd: PathBuf,
     jobs: u32,
     compress: String,
+    /// `--no-wal-summaries`: failbackd decodes all the source's WAL for each rewind.
+    wal_summaries: bool,
     log_dir: Option<PathBuf>,
     /// failback runs so far, to name their reports in `log_dir`.
     runs: u32,
@@ -339,6 +345,9 @@ impl Bench {
             .arg(local(port.port).to_string())
             .arg("--pg-conn")
             .arg(self.new.conninfo());
+        if !self.wal_summaries {
+            cmd.arg("--no-wal-summaries");
+        }
         let server = measure::spawn(&mut cmd).expect("start failbackd");
         if !wait_listening(local(port.port), &server) {
             server.signal(libc::SIGKILL);
@@ -347,6 +356,10 @@ impl Bench {
                 server.finish().stderr
             );
         }
+        // failbackd runs beside the new primary from its promotion on, summarizing each WAL
+        // segment as it completes: the one started here for the run first summarizes what is
+        // in pg_wal, and the rewind starts once it has (its CPU time counts in the server's).
+        let summarized = self.wal_summaries.then(|| wait_summarized(&server));
         let proxy = TcpProxy::start(local(0), local(port.port), spec, spec).expect("TCP proxy");
         let report = self.work.join("report.json");
         let _ = std::fs::remove_file(&report);
@@ -374,11 +387,14 @@ impl Bench {
             let _ = std::fs::copy(&report, dir.join(format!("report-{}.json", self.runs)));
         }
         self.runs += 1;
-        let note = std::fs::read(&report)
+        let mut note = std::fs::read(&report)
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             .map(|r| report_note(&r))
             .unwrap_or_default();
+        if let Some(s) = summarized {
+            let _ = write!(note, "; failbackd had summarized pg_wal before it ({s})");
+        }
         Served {
             client: cost,
             server_cpu: server_cost.cpu,
@@ -526,11 +542,37 @@ impl Bench {
 }
 
 /// What failback's report says about how it found each side's changes and what it fetched.
+/// Waits until failbackd says it has summarized the WAL in pg_wal; returns what it said it
+/// summarized ("N segments summarized in S s").
+fn wait_summarized(server: &measure::Running) -> String {
+    let t0 = Instant::now();
+    loop {
+        let log = server.stderr_so_far();
+        if let Some(line) = log.lines().find(|l| l.contains("WAL summaries: caught up")) {
+            return line
+                .split_once('(')
+                .and_then(|(_, r)| r.split_once(')'))
+                .map_or(line.to_string(), |(what, _)| what.to_string());
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "failbackd did not summarize its WAL within 300 s:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn report_note(r: &serde_json::Value) -> String {
     let side = |k: &str| {
         let s = &r[k];
         match s["found_by"].as_str() {
-            Some("wal") => format!("WAL ({} blocks)", s["changed_blocks"]),
+            Some("wal") => match s["summarized_segments"].as_u64() {
+                Some(n) => format!(
+                    "WAL ({} blocks; {n} segments from failbackd's summaries)",
+                    s["changed_blocks"]
+                ),
+                None => format!("WAL ({} blocks)", s["changed_blocks"]),
+            },
             Some(other) => other.to_string(),
             None => "-".into(),
         }
@@ -754,6 +796,7 @@ fn main() {
         failbackd: workspace_binary("failbackd", bin_dir.as_deref()),
         jobs: arg("--jobs", 16u32),
         compress: arg("--compress", "1".to_string()),
+        wal_summaries: !std::env::args().any(|a| a == "--no-wal-summaries"),
         log_dir,
         runs: 0,
     };
@@ -844,7 +887,7 @@ fn main() {
     let _ = writeln!(
         out,
         "PostgreSQL 15, pgbench scale {scale} (target data directory {:.0} MB), {changed} accounts changed on each side ({}). \
-         Data: {}. failback: --jobs {} --compress {}. Loopback: the proxy with no delay and no cap. \
+         Data: {}. failback: --jobs {} --compress {}{}. Loopback: the proxy with no delay and no cap. \
          WAN: {delay_ms} ms each way ({} ms RTT), {rate_mbit} Mbit/s each way (`failback_bench::wan`). \
          Every run started from the same saved pair (the target written back to disk first, the new primary started from its own saved copy) and ended when the node, \
          started as a standby of the new primary through the same link, had replayed all the new primary had written when the tool finished. \
@@ -861,6 +904,13 @@ fn main() {
         },
         b.jobs,
         b.compress,
+        if b.wal_summaries {
+            " (failbackd with its WAL summaries: the rewind starts once it has summarized what \
+             is in pg_wal, as one running beside the new primary since the promotion has; \
+             the server's CPU time includes that)"
+        } else {
+            ", failbackd --no-wal-summaries"
+        },
         2 * delay_ms,
         loadavg(),
     );
