@@ -87,10 +87,10 @@ struct RewindArgs {
     #[arg(long, value_name = "N", requires = "source",
           value_parser = clap::value_parser!(u16).range(1..=64))]
     connections: Option<u16>,
-    /// Compression of file data from failbackd: a zstd level (1-22), none, or auto (zstd
-    /// level 1 or none, whichever delivers more bytes a second, measured as the copy goes;
-    /// experimental: stored on a fast link, but it can misjudge a thin one) [default: 1;
-    /// higher levels send fewer bytes for more of failbackd's CPU: worth it on thin links].
+    /// Compression of file data from failbackd: a zstd level (1-22), none, or auto (a copy of
+    /// 256 MiB or more first sends one request stored and one at zstd level 1, alone, and
+    /// goes on with whichever delivered more bytes a second; smaller copies use level 1)
+    /// [default: auto; higher levels send fewer bytes for more of failbackd's CPU].
     #[arg(long, value_name = "auto|LEVEL|none", requires = "source", value_parser = parse_compress)]
     compress: Option<CompressPolicy>,
     /// How long failbackd may make no progress (no answer, a broken or silent connection)

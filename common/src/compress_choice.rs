@@ -7,19 +7,28 @@
 //! decompressor costs the client CPU as well. Which holds depends on the link, the machines
 //! and the data, none known in advance, so `--compress auto` measures it.
 //!
-//! Each request for a batch of ranges is answered either compressed or stored. Requests run
-//! several at a time, so the two kinds share the link and both machines' CPU while they are
-//! measured: a batch's raw bytes over the time it took is what that kind delivers under the
-//! load of the moment. Compression is chosen only when it delivers clearly more ([`MARGIN`]):
-//! when both deliver alike, the writer is the bottleneck and compressing only spends CPU. The first two requests probe one kind each, and the rest compress until
-//! both have been answered (the safe choice on a link of unknown width); from then on the kind
-//! that delivered more raw bytes per second is asked for, and now and then a request tries the
-//! other, so a link that fills up or data that compresses differently further on is noticed:
-//! one in [`EXPLORE_EVERY`] tries compressing, and one in four to eight times as many tries
-//! stored, which through a thin link costs every byte compression would have saved.
+//! It measures with two requests sent *alone*, before the copy's others: one answered stored,
+//! then one compressed, each of up to 16 MiB taken from the middle of the copy (its first
+//! requests are mostly catalogs and small files, which compress unlike the bulk). Alone, a request has the link, both CPUs and
+//! the writer to itself, so its raw bytes per second are what that kind can deliver. Measured
+//! among the copy's other requests instead, a request's rate says more about its place in the
+//! queue than about its kind: over one HTTP/2 connection the first requests' replies go out
+//! ahead of the rest, so a request answered while the link was still idle runs ten times
+//! faster than one sharing it sixteen ways, whichever its kind (issue 13's benchmark: chosen
+//! that way, stored won on such a stale sample and the copy sent half again level 1's bytes
+//! through the 200 Mbit/s link). Compression is chosen when it delivers at least [`MARGIN`]
+//! times more: where both deliver alike, the bottleneck is neither the link nor the compressor
+//! but the writer, and compressing only spends CPU. The choice then holds for the run.
 //!
-//! A pure state machine: the caller says when a request is made ([`CompressionChoice::next_request`])
-//! and what it delivered in how long ([`CompressionChoice::finished`]).
+//! Only a fetch of at least [`PROBE_MIN_FETCH`] bytes probes: two requests sent one after the
+//! other cost a few round trips, nothing next to a large copy but a good part of a small one,
+//! where compressing (at most a few hundred milliseconds of CPU) is the safe choice. Until
+//! probed, requests compress.
+//!
+//! A pure state machine: the caller asks what the next request uses
+//! ([`CompressionChoice::next_request`]), whether a fetch should start with the probes
+//! ([`CompressionChoice::wants_probes`]), and tells what each probe delivered in how long
+//! ([`CompressionChoice::probed`]).
 
 use std::time::Duration;
 
@@ -35,40 +44,36 @@ pub enum CompressPolicy {
 }
 
 impl CompressPolicy {
-    /// failback's default: zstd at level 1 always. `auto` is asked for by name: measured on
-    /// issue 13's benchmark it sends stored on loopback, where compressing only costs CPU, but
-    /// through the 50 ms / 200 Mbit/s link it sent half again the bytes of level 1 on barely
-    /// compressible pages (per-request rates under 16 requests in flight misjudge the link).
-    pub const DEFAULT: CompressPolicy = CompressPolicy::Fixed(Compression::DEFAULT);
-    /// `--compress auto`: zstd at level 1 or stored, whichever delivers more.
+    /// failback's default: `auto`.
+    pub const DEFAULT: CompressPolicy = CompressPolicy::AUTO;
+    /// `--compress auto`: zstd at level 1 or stored, whichever the probes say delivers more.
     pub const AUTO: CompressPolicy = CompressPolicy::Auto {
         level: Compression::DEFAULT.level(),
     };
 }
 
-/// One request in this many tries compressing while stored is winning (stored is tried four
-/// to eight times more rarely).
-pub const EXPLORE_EVERY: u64 = 8;
-/// How much faster compressed requests must deliver for compression to be chosen. Where the
+/// How much faster the compressed probe must deliver for compression to be chosen. Where the
 /// two are level the bottleneck is neither the link nor the compressor but the writer, and the
 /// CPU compression takes on both ends is better left to the rest of the copy (on one machine,
 /// or two small ones, it is the same CPU).
-const MARGIN: f64 = 1.25;
-/// The weight of the newest batch in a kind's rate (an exponentially weighted mean).
-const WEIGHT: f64 = 0.3;
-/// Batches smaller than this are mostly round trip: they say little about either kind.
+pub const MARGIN: f64 = 1.25;
+/// The smallest fetch that probes; smaller ones compress.
+pub const PROBE_MIN_FETCH: u64 = 256 << 20;
+/// A probe that delivered less than this (a file shorter than listed) measured nothing.
 const MIN_SAMPLE_BYTES: u64 = 1 << 20;
 
-/// The rates measured so far and the choice they make.
+/// The two kinds a probe measures: compressed, stored.
+const ZSTD: usize = 0;
+const STORED: usize = 1;
+
+/// The probes' rates and the choice they make.
 #[derive(Clone, Debug)]
 pub struct CompressionChoice {
     policy: CompressPolicy,
-    /// Raw bytes per second delivered: compressed, stored.
+    /// Raw bytes per second each probe delivered: compressed, stored.
     rate: [Option<f64>; 2],
-    /// Requests made so far.
-    issued: u64,
-    /// Requests answered so far: compressed, stored.
-    answered: [u64; 2],
+    /// What every request uses once probed.
+    decided: Option<Compression>,
 }
 
 impl CompressionChoice {
@@ -76,74 +81,77 @@ impl CompressionChoice {
         CompressionChoice {
             policy,
             rate: [None, None],
-            issued: 0,
-            answered: [0, 0],
+            decided: None,
         }
     }
 
-    /// The compression to ask for in the next request.
-    pub fn next_request(&mut self) -> Compression {
+    /// The compression of a request that is not a probe.
+    pub fn next_request(&self) -> Compression {
+        match (self.policy, self.decided) {
+            (CompressPolicy::Fixed(c), _) => c,
+            (CompressPolicy::Auto { .. }, Some(c)) => c,
+            (CompressPolicy::Auto { level }, None) => Compression::Zstd(level),
+        }
+    }
+
+    /// Whether a fetch of `fetch_bytes` in all should start with the probes: `auto`, not yet
+    /// probed, and large enough.
+    pub fn wants_probes(&self, fetch_bytes: u64) -> bool {
+        matches!(self.policy, CompressPolicy::Auto { .. })
+            && self.decided.is_none()
+            && fetch_bytes >= PROBE_MIN_FETCH
+    }
+
+    /// The probes, in the order they are sent, one after the other: stored first, so that
+    /// what the first request of a connection pays (a congestion window still opening) is
+    /// paid by the kind that loses by it the bytes compression would save.
+    pub fn probes(&self) -> [Compression; 2] {
         let level = match self.policy {
-            CompressPolicy::Fixed(c) => return c,
             CompressPolicy::Auto { level } => level,
+            CompressPolicy::Fixed(c) => return [c, c],
         };
-        let n = self.issued;
-        self.issued += 1;
-        let compress = match self.rate {
-            [Some(z), Some(s)] => {
-                let compressing_wins = z >= MARGIN * s;
-                // Trying stored through a thin link costs every byte compression saves, so
-                // the longer compression has been winning, and the wider, the rarer the try.
-                let every = match (compressing_wins, z >= 2.0 * s) {
-                    (false, _) => EXPLORE_EVERY,
-                    (true, false) => 4 * EXPLORE_EVERY,
-                    (true, true) => 8 * EXPLORE_EVERY,
-                };
-                compressing_wins != (n % every == every - 1)
-            }
-            // The first request of each kind is the probe; until both have been answered the
-            // rest compress, safe on a link of unknown width.
-            _ => n != 1,
-        };
-        if compress {
-            Compression::Zstd(level)
-        } else {
-            Compression::None
-        }
+        [Compression::None, Compression::Zstd(level)]
     }
 
-    /// A request asked for `used` and delivered `raw_bytes` in `took`.
-    pub fn finished(&mut self, used: Compression, raw_bytes: u64, took: Duration) {
-        let slot = match used {
-            Compression::Zstd(_) => 0,
-            Compression::None => 1,
-        };
-        self.answered[slot] += 1;
-        if matches!(self.policy, CompressPolicy::Fixed(_))
-            || raw_bytes < MIN_SAMPLE_BYTES
-            || took.is_zero()
-        {
+    /// A probe asking for `used` delivered `raw_bytes` in `took`; after the second, the choice
+    /// is made.
+    pub fn probed(&mut self, used: Compression, raw_bytes: u64, took: Duration) {
+        let CompressPolicy::Auto { level } = self.policy else {
             return;
+        };
+        let slot = match used {
+            Compression::Zstd(_) => ZSTD,
+            Compression::None => STORED,
+        };
+        self.rate[slot] = (raw_bytes >= MIN_SAMPLE_BYTES && !took.is_zero())
+            .then(|| raw_bytes as f64 / took.as_secs_f64());
+        if slot == ZSTD {
+            self.decided = Some(match self.rate {
+                [Some(z), Some(s)] if z < MARGIN * s => Compression::None,
+                // Compressing wins, or a probe measured nothing: compress, safe on a link of
+                // unknown width.
+                _ => Compression::Zstd(level),
+            });
         }
-        let r = raw_bytes as f64 / took.as_secs_f64();
-        self.rate[slot] = Some(match self.rate[slot] {
-            None => r,
-            Some(old) => old + WEIGHT * (r - old),
-        });
     }
 
-    /// What was chosen and why, for `--debug`: requests answered compressed and stored, and
-    /// each kind's rate in MB/s of raw bytes.
+    /// A probe failed: the choice falls to compressing.
+    pub fn probe_failed(&mut self) {
+        if let CompressPolicy::Auto { level } = self.policy {
+            self.decided = Some(Compression::Zstd(level));
+        }
+    }
+
+    /// What was chosen and why: each probe's rate in MB/s of raw bytes.
     pub fn summary(&self) -> String {
         let rate = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{:.0}", r / 1e6));
-        match self.policy {
-            CompressPolicy::Fixed(c) => format!("compression fixed at {c:?}"),
-            CompressPolicy::Auto { level } => format!(
-                "compression auto: {} requests zstd level {level} ({} MB/s of raw bytes), {} stored ({} MB/s)",
-                self.answered[0],
-                rate(self.rate[0]),
-                self.answered[1],
-                rate(self.rate[1])
+        match (self.policy, self.decided) {
+            (CompressPolicy::Fixed(c), _) => format!("compression fixed at {c:?}"),
+            (CompressPolicy::Auto { .. }, None) => "compression auto: not probed yet".into(),
+            (CompressPolicy::Auto { .. }, Some(c)) => format!(
+                "compression auto: {c:?} (probes: stored {} MB/s, compressed {} MB/s of raw bytes)",
+                rate(self.rate[STORED]),
+                rate(self.rate[ZSTD])
             ),
         }
     }
@@ -155,86 +163,63 @@ mod tests {
 
     const MB: u64 = 1 << 20;
 
-    /// Runs `n` requests, each of 16 MiB, delivered at `zstd` or `stored` MB/s, one at a
-    /// time; returns how many were compressed.
-    fn run(choice: &mut CompressionChoice, n: usize, zstd: f64, stored: f64) -> usize {
-        let mut compressed = 0;
-        for _ in 0..n {
-            let c = choice.next_request();
-            let rate = if c == Compression::None {
-                stored
-            } else {
-                compressed += 1;
-                zstd
-            };
-            choice.finished(c, 16 * MB, Duration::from_secs_f64(16.0 / rate));
-        }
-        compressed
-    }
-
-    #[test]
-    fn a_thin_link_keeps_compressing() {
-        // 200 Mbit/s and pages that compress 2.5 to one: stored 25 MB/s, compressed 60.
+    /// The probes answered at `stored` and `zstd` MB/s; returns what the rest then use.
+    fn probed(stored: f64, zstd: f64) -> Compression {
         let mut c = CompressionChoice::new(CompressPolicy::AUTO);
-        let compressed = run(&mut c, 80, 60.0, 25.0);
-        // Two to learn, then all but one in EXPLORE_EVERY.
-        assert!(
-            compressed >= 80 * 7 / 8 - 1,
-            "{compressed} of 80: {}",
-            c.summary()
+        assert!(c.wants_probes(PROBE_MIN_FETCH));
+        let [a, b] = c.probes();
+        assert_eq!((a, b), (Compression::None, Compression::Zstd(1)));
+        c.probed(a, 4 * MB, Duration::from_secs_f64(4.0 / stored));
+        assert_eq!(
+            c.next_request(),
+            Compression::Zstd(1),
+            "undecided after one"
         );
-        assert_eq!(c.next_request(), Compression::Zstd(1));
+        c.probed(b, 4 * MB, Duration::from_secs_f64(4.0 / zstd));
+        assert!(!c.wants_probes(u64::MAX), "probed once");
+        c.next_request()
     }
 
     #[test]
-    fn a_fast_link_stops_compressing() {
+    fn a_thin_link_compresses() {
+        // 200 Mbit/s and 50 ms: 4 MiB stored in 220 ms, compressed 2.5 to one in 120 ms.
+        assert_eq!(probed(19.0, 35.0), Compression::Zstd(1));
+    }
+
+    #[test]
+    fn a_fast_link_sends_stored() {
         // Loopback: the compressor (300 MB/s) is slower than sending the pages as they are.
-        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
-        let compressed = run(&mut c, 80, 300.0, 900.0);
-        assert!(
-            compressed <= 80 / 8 + 2,
-            "{compressed} of 80: {}",
-            c.summary()
-        );
-        assert_eq!(run(&mut c, 7, 300.0, 900.0), 0, "between two explorations");
+        assert_eq!(probed(900.0, 300.0), Compression::None);
     }
 
     #[test]
     fn level_rates_mean_stored() {
         // The client's writer is the bottleneck: both kinds deliver alike.
-        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
-        let compressed = run(&mut c, 80, 210.0, 200.0);
-        assert!(
-            compressed <= 80 / 8 + 2,
-            "{compressed} of 80: {}",
-            c.summary()
-        );
+        assert_eq!(probed(200.0, 210.0), Compression::None);
+        assert_eq!(probed(200.0, 260.0), Compression::Zstd(1));
     }
 
     #[test]
-    fn a_link_that_fills_up_is_noticed() {
+    fn small_fetches_and_failed_probes_compress() {
         let mut c = CompressionChoice::new(CompressPolicy::AUTO);
-        run(&mut c, 40, 300.0, 900.0);
-        // Another tenant takes the link: stored now crawls; the explorations find it out.
-        run(&mut c, 40, 280.0, 20.0);
-        assert_eq!(run(&mut c, 7, 280.0, 20.0), 7, "{}", c.summary());
+        assert!(!c.wants_probes(PROBE_MIN_FETCH - 1));
+        assert_eq!(c.next_request(), Compression::Zstd(1));
+        // A probe that delivered almost nothing (a file shorter than listed) measures nothing.
+        c.probed(Compression::None, 4096, Duration::from_micros(1));
+        c.probed(Compression::Zstd(1), 4 * MB, Duration::from_secs(1));
+        assert_eq!(c.next_request(), Compression::Zstd(1));
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
+        c.probe_failed();
+        assert_eq!(c.next_request(), Compression::Zstd(1));
+        assert!(!c.wants_probes(u64::MAX));
     }
 
     #[test]
-    fn fixed_is_fixed_and_small_batches_teach_nothing() {
+    fn fixed_is_fixed() {
         let mut c = CompressionChoice::new(CompressPolicy::Fixed(Compression::Zstd(3)));
-        assert_eq!(run(&mut c, 10, 1.0, 1000.0), 10);
-        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
-        let (a, b) = (c.next_request(), c.next_request());
-        assert_eq!(
-            (a, b),
-            (Compression::Zstd(1), Compression::None),
-            "the first two requests try both kinds"
-        );
-        c.finished(a, 4096, Duration::from_millis(1));
-        c.finished(b, 4096, Duration::from_micros(1));
-        // Nothing learnt from 4 KiB: the rest compress until both kinds are measured.
-        assert_eq!(run(&mut c, 5, 1.0, 1000.0), 5);
-        assert!(c.summary().contains("1 stored"), "{}", c.summary());
+        assert!(!c.wants_probes(u64::MAX));
+        c.probed(Compression::None, 4 * MB, Duration::from_millis(1));
+        assert_eq!(c.next_request(), Compression::Zstd(3));
+        assert!(c.summary().contains("fixed"), "{}", c.summary());
     }
 }

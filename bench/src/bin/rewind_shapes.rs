@@ -39,7 +39,7 @@
 //! cargo build --release -p failback-client -p failback-server -p failback-bench
 //! target/release/rewind_shapes [--scale 100] [--data stock|realistic] [--pattern contiguous|random]
 //!     [--shapes 1pct,wal-gone,busy1,busy4,busy16] [--tools failback,pg_rewind,pg_basebackup,rsync]
-//!     [--nets loopback,wan] [--delay-ms 25] [--rate-mbit 200] [--jobs 16] [--compress 1]
+//!     [--nets loopback,wan] [--delay-ms 25] [--rate-mbit 200] [--jobs 16] [--compress auto]
 //!     [--no-wal-summaries] [--bin-dir DIR] [--log-dir DIR] [--out FILE]
 //! ```
 //! failbackd summarizes the new primary's WAL as it runs beside it (one summary per completed
@@ -795,7 +795,7 @@ fn main() {
         failback: workspace_binary("failback", bin_dir.as_deref()),
         failbackd: workspace_binary("failbackd", bin_dir.as_deref()),
         jobs: arg("--jobs", 16u32),
-        compress: arg("--compress", "1".to_string()),
+        compress: arg("--compress", "auto".to_string()),
         wal_summaries: !std::env::args().any(|a| a == "--no-wal-summaries"),
         log_dir,
         runs: 0,

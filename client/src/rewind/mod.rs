@@ -128,6 +128,9 @@ pub struct RewindReport {
     pub actions: std::collections::BTreeMap<String, ActionTotals>,
     pub bytes_to_fetch: u64,
     pub execution: Option<CopyStats>,
+    /// How a remote source's replies were compressed, and why (`--compress auto`'s probes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
     pub seconds: PhaseTimes,
     /// The run finished a rewind an earlier run had started (its journal was found).
     pub resumed: bool,
@@ -336,6 +339,7 @@ impl Journaled {
         )
         .doing("could not carry out the rewind plan")?;
         report.execution = Some(stats);
+        report.compression = source.compression();
         report.seconds.copy = t.elapsed().as_secs_f64();
         Ok(Copied { journaled: self })
     }

@@ -199,6 +199,12 @@ pub trait Source {
     /// Whether a PostgreSQL server is running on the source (its files change under us).
     fn is_live(&self) -> bool;
 
+    /// How the source's replies are compressed, and why (`--compress auto`'s probes), for the
+    /// report; `None` where nothing is compressed.
+    fn compression(&self) -> Option<String> {
+        None
+    }
+
     /// For a live source, the server's current end of WAL (insert position on a primary,
     /// replay position on a standby). `None` for a shut-down data directory, whose end is its
     /// control file's checkpoint.
@@ -287,6 +293,9 @@ impl<S: Source + ?Sized> Source for Box<S> {
     }
     fn is_live(&self) -> bool {
         (**self).is_live()
+    }
+    fn compression(&self) -> Option<String> {
+        (**self).compression()
     }
     fn end_of_wal(&mut self) -> Result<Option<SourceEnd>, SourceError> {
         (**self).end_of_wal()

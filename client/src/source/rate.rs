@@ -43,6 +43,10 @@ impl<S: Source> Source for RateLimited<S> {
         self.inner.describe()
     }
 
+    fn compression(&self) -> Option<String> {
+        self.inner.compression()
+    }
+
     fn control_file(&mut self) -> Result<Vec<u8>, SourceError> {
         self.inner.control_file()
     }

@@ -41,9 +41,6 @@ use super::{
 
 /// Bytes per ReadRanges request: large enough to stream, small enough to spread over jobs.
 const BATCH_BYTES: u64 = 16 << 20;
-/// Bytes of each of the first two requests: `--compress auto` probes a kind with each, and a
-/// stored probe through a thin link costs what compressing would have saved.
-const PROBE_BYTES: u64 = 2 << 20;
 /// Ranges per ReadRanges request: a sixteenth of what the server accepts.
 const BATCH_RANGES: usize = MAX_RANGES_PER_REQUEST / 16;
 /// The largest whole file [`Source::read_file`] fetches (history files are a few KB).
@@ -855,12 +852,7 @@ fn batches(ranges: &[FetchRange]) -> Vec<Vec<FetchRange>> {
     for r in ranges {
         cur.push(r.clone());
         bytes = bytes.saturating_add(r.length);
-        let most = if out.len() < 2 {
-            PROBE_BYTES
-        } else {
-            BATCH_BYTES
-        };
-        if bytes >= most || cur.len() >= BATCH_RANGES {
+        if bytes >= BATCH_BYTES || cur.len() >= BATCH_RANGES {
             out.push(std::mem::take(&mut cur));
             bytes = 0;
         }
@@ -947,36 +939,63 @@ impl<T: Transport> Source for RemoteSource<T> {
     }
 
     fn fetch(&mut self, ranges: Vec<FetchRange>) -> Result<Box<dyn Fetch + '_>, SourceError> {
+        let total: u64 = ranges.iter().map(|r| r.length).sum();
+        let choice = self.compression.clone();
+        let probes = {
+            let c = choice.lock().unwrap_or_else(|p| p.into_inner());
+            c.wants_probes(total).then(|| c.probes())
+        };
         let batches = batches(&ranges);
+        // The probes are two requests from the middle of the copy: its first ones are mostly
+        // catalogs and small files, which compress unlike the bulk of the data.
+        let probe_at = batches.len().saturating_sub(2) / 2;
         let (tx, rx) = mpsc::channel::<Result<Piece, SourceError>>(self.jobs * 4);
         let permits = Arc::new(Semaphore::new(self.jobs));
+        // With `--compress auto`'s probes, the first two requests go alone, one after the
+        // other, and the rest wait for both: how many have been answered.
+        let (probed_tx, probed_rx) = tokio::sync::watch::channel(0usize);
+        let probed_tx = Arc::new(probed_tx);
         let mut tasks = tokio::task::JoinSet::new();
         for (i, b) in batches.into_iter().enumerate() {
             let transport = self.transports[i % self.transports.len()].clone();
             let (tx, permits) = (tx.clone(), permits.clone());
-            let choice = self.compression.clone();
+            let choice = choice.clone();
+            let (mut probed_rx, probed_tx) = (probed_rx.clone(), probed_tx.clone());
             let limit = self.max_chunk;
             let retry = self.retry.clone();
             tasks.spawn_on(
                 async move {
+                    let nth = i.wrapping_sub(probe_at);
+                    let probe = probes.filter(|_| nth < 2).map(|p| p[nth]);
+                    let wait_for = if nth < 2 { nth } else { 2 };
+                    if probes.is_some() && probed_rx.wait_for(|&n| n >= wait_for).await.is_err() {
+                        return;
+                    }
                     let Ok(_permit) = permits.acquire_owned().await else {
                         return;
                     };
-                    let used = choice
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .next_request();
+                    let used = probe.unwrap_or_else(|| {
+                        choice
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .next_request()
+                    });
                     let raw: u64 = b.iter().map(|r| r.length).sum();
                     let t = Instant::now();
-                    match run_batch(transport, b, used.level(), limit, retry, tx.clone()).await {
-                        Ok(()) => choice.lock().unwrap_or_else(|p| p.into_inner()).finished(
-                            used,
-                            raw,
-                            t.elapsed(),
-                        ),
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
+                    let done =
+                        run_batch(transport, b, used.level(), limit, retry, tx.clone()).await;
+                    if probe.is_some() {
+                        let mut c = choice.lock().unwrap_or_else(|p| p.into_inner());
+                        match done {
+                            Ok(()) => c.probed(used, raw, t.elapsed()),
+                            Err(_) => c.probe_failed(),
                         }
+                        drop(c);
+                        // A failed probe lets the rest go too: its error ends the fetch.
+                        probed_tx.send_modify(|n| *n = if done.is_ok() { *n + 1 } else { 2 });
+                    }
+                    if let Err(e) = done {
+                        let _ = tx.send(Err(e)).await;
                     }
                 },
                 self.rt.handle(),
@@ -992,6 +1011,15 @@ impl<T: Transport> Source for RemoteSource<T> {
 
     fn primary_conninfo(&self) -> Option<String> {
         Some(self.primary_conninfo.clone())
+    }
+
+    fn compression(&self) -> Option<String> {
+        Some(
+            self.compression
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .summary(),
+        )
     }
 
     fn is_live(&self) -> bool {
@@ -1277,13 +1305,12 @@ mod tests {
             r("e", 0, 10 << 20),
         ];
         let b = batches(&input);
-        // The first two (the probes of --compress auto) close at 2 MiB, the rest at 16.
-        assert_eq!(b.len(), 3);
+        // Each closes at 16 MiB.
+        assert_eq!(b.len(), 2);
         assert_eq!(b[0], vec![input[0].clone()]);
-        assert_eq!(b[1], input[1..4].to_vec());
-        assert_eq!(b[2], vec![input[4].clone()]);
+        assert_eq!(b[1], input[1..].to_vec());
         let many: Vec<FetchRange> = (0..40).map(|i| r("f", i << 20, 1 << 20)).collect();
         let sizes: Vec<usize> = batches(&many).iter().map(Vec::len).collect();
-        assert_eq!(sizes, [2, 2, 16, 16, 4]);
+        assert_eq!(sizes, [16, 16, 8]);
     }
 }
