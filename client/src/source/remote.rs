@@ -609,20 +609,26 @@ async fn run_batch<T: Transport>(
     limit: u64,
     retry: Retry,
     tx: mpsc::Sender<Result<Piece, SourceError>>,
-) -> Result<(), SourceError> {
+) -> Result<u64, SourceError> {
     let mut stall = Stall::new(retry.patience, Instant::now());
+    // File bytes handed over: what the batch delivered, which a file shorter than asked for
+    // (a live source's small files are asked for a mebibyte) makes less than it asked.
+    let mut delivered = 0u64;
     loop {
         let generation = transport.generation();
         let mut at = Cursor::new(&ranges);
-        let err =
-            match stream_batch(&transport, &ranges, &mut at, level, limit, &mut stall, &tx).await {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
-            };
+        let streamed = stream_batch(&transport, &ranges, &mut at, level, limit, &mut stall, &tx);
+        let err = match streamed.await {
+            Ok(n) => return Ok(delivered + n),
+            Err((n, e)) => {
+                delivered += n;
+                e
+            }
+        };
         ranges = at.rest(&ranges);
         if ranges.is_empty() && err.is_retryable() {
             // Everything arrived; only the end of the call was lost.
-            return Ok(());
+            return Ok(delivered);
         }
         wait_to_retry(&transport, &retry, &mut stall, generation, err).await?;
     }
@@ -682,6 +688,34 @@ async fn stream_batch<T: Transport>(
     limit: u64,
     stall: &mut Stall,
     tx: &mpsc::Sender<Result<Piece, SourceError>>,
+) -> Result<u64, (u64, SourceError)> {
+    let mut delivered = 0u64;
+    stream_ranges(
+        transport,
+        ranges,
+        at,
+        level,
+        limit,
+        stall,
+        tx,
+        &mut delivered,
+    )
+    .await
+    .map(|()| delivered)
+    .map_err(|e| (delivered, e))
+}
+
+/// [`stream_batch`]'s work, adding the file bytes it hands over to `delivered`.
+#[allow(clippy::too_many_arguments)]
+async fn stream_ranges<T: Transport>(
+    transport: &T,
+    ranges: &[FetchRange],
+    at: &mut Cursor,
+    level: i32,
+    limit: u64,
+    stall: &mut Stall,
+    tx: &mpsc::Sender<Result<Piece, SourceError>>,
+    delivered: &mut u64,
 ) -> Result<(), SourceError> {
     let silent = |stall: &Stall| {
         let budget = stall.budget(Instant::now());
@@ -777,6 +811,7 @@ async fn stream_batch<T: Transport>(
             return Ok(());
         }
         at.next += got;
+        *delivered += got;
         if st == pb::ChunkStatus::Short {
             if tx
                 .send(Ok(Piece::Short {
@@ -841,6 +876,25 @@ async fn refetch<T: Transport>(
         }
         _ => Err(WireError::HashMismatch { raw_length: length }),
     }
+}
+
+/// Where `--compress auto`'s two probes are taken: two consecutive requests each within one
+/// file, from the middle of the copy on if there are such. The bulk of a copy is large
+/// relation files; its first requests are mostly catalogs, and requests over many small files
+/// (a live source's small files are asked for a mebibyte each) deliver far less than they ask,
+/// so they measure little and compress unlike the bulk.
+fn probe_batches(batches: &[Vec<FetchRange>]) -> usize {
+    let one_file = |b: &Vec<FetchRange>| b.windows(2).all(|w| w[0].path == w[1].path);
+    let pair = |k: usize| {
+        batches
+            .get(k..k + 2)
+            .is_some_and(|p| p.iter().all(one_file))
+    };
+    let middle = batches.len().saturating_sub(2) / 2;
+    (middle..batches.len())
+        .chain(0..middle)
+        .find(|&k| pair(k))
+        .unwrap_or(middle)
 }
 
 /// Groups ranges into requests. A range is never split between requests: a file that ends
@@ -946,9 +1000,7 @@ impl<T: Transport> Source for RemoteSource<T> {
             c.wants_probes(total).then(|| c.probes())
         };
         let batches = batches(&ranges);
-        // The probes are two requests from the middle of the copy: its first ones are mostly
-        // catalogs and small files, which compress unlike the bulk of the data.
-        let probe_at = batches.len().saturating_sub(2) / 2;
+        let probe_at = probe_batches(&batches);
         let (tx, rx) = mpsc::channel::<Result<Piece, SourceError>>(self.jobs * 4);
         let permits = Arc::new(Semaphore::new(self.jobs));
         // With `--compress auto`'s probes, the first two requests go alone, one after the
@@ -980,14 +1032,13 @@ impl<T: Transport> Source for RemoteSource<T> {
                             .unwrap_or_else(|p| p.into_inner())
                             .next_request()
                     });
-                    let raw: u64 = b.iter().map(|r| r.length).sum();
                     let t = Instant::now();
                     let done =
                         run_batch(transport, b, used.level(), limit, retry, tx.clone()).await;
                     if probe.is_some() {
                         let mut c = choice.lock().unwrap_or_else(|p| p.into_inner());
-                        match done {
-                            Ok(()) => c.probed(used, raw, t.elapsed()),
+                        match &done {
+                            Ok(delivered) => c.probed(used, *delivered, t.elapsed()),
                             Err(_) => c.probe_failed(),
                         }
                         drop(c);
@@ -1312,5 +1363,17 @@ mod tests {
         let many: Vec<FetchRange> = (0..40).map(|i| r("f", i << 20, 1 << 20)).collect();
         let sizes: Vec<usize> = batches(&many).iter().map(Vec::len).collect();
         assert_eq!(sizes, [16, 16, 8]);
+        // --compress auto probes two requests within one file each, from the middle on.
+        let mixed: Vec<Vec<FetchRange>> = vec![
+            vec![r("x", 0, 1), r("y", 0, 1)],
+            vec![r("f", 0, 1)],
+            vec![r("f", 1, 1)],
+            vec![r("x", 0, 1), r("y", 0, 1)],
+            vec![r("g", 0, 1), r("g", 5, 1)],
+            vec![r("h", 0, 1)],
+        ];
+        assert_eq!(probe_batches(&mixed), 4);
+        assert_eq!(probe_batches(&mixed[..4]), 1);
+        assert_eq!(probe_batches(&mixed[..1]), 0);
     }
 }
