@@ -617,13 +617,19 @@ async fn run_batch<T: Transport>(
     loop {
         let generation = transport.generation();
         let mut at = Cursor::new(&ranges);
-        let streamed = stream_batch(&transport, &ranges, &mut at, level, limit, &mut stall, &tx);
+        let streamed = stream_batch(
+            &transport,
+            &ranges,
+            &mut at,
+            level,
+            limit,
+            &mut stall,
+            &tx,
+            &mut delivered,
+        );
         let err = match streamed.await {
-            Ok(n) => return Ok(delivered + n),
-            Err((n, e)) => {
-                delivered += n;
-                e
-            }
+            Ok(()) => return Ok(delivered),
+            Err(e) => e,
         };
         ranges = at.rest(&ranges);
         if ranges.is_empty() && err.is_retryable() {
@@ -679,35 +685,10 @@ impl Cursor {
 }
 
 /// One attempt at a batch: streams it, checking that chunks follow the requested ranges, and
-/// sends pieces, moving `at` and `stall` on as they arrive.
-async fn stream_batch<T: Transport>(
-    transport: &T,
-    ranges: &[FetchRange],
-    at: &mut Cursor,
-    level: i32,
-    limit: u64,
-    stall: &mut Stall,
-    tx: &mpsc::Sender<Result<Piece, SourceError>>,
-) -> Result<u64, (u64, SourceError)> {
-    let mut delivered = 0u64;
-    stream_ranges(
-        transport,
-        ranges,
-        at,
-        level,
-        limit,
-        stall,
-        tx,
-        &mut delivered,
-    )
-    .await
-    .map(|()| delivered)
-    .map_err(|e| (delivered, e))
-}
-
-/// [`stream_batch`]'s work, adding the file bytes it hands over to `delivered`.
+/// sends pieces, moving `at` and `stall` on as they arrive and adding the file bytes it hands
+/// over to `delivered`.
 #[allow(clippy::too_many_arguments)]
-async fn stream_ranges<T: Transport>(
+async fn stream_batch<T: Transport>(
     transport: &T,
     ranges: &[FetchRange],
     at: &mut Cursor,
