@@ -19,10 +19,8 @@ fn serves_a_data_directory_with_a_token() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let line = line_with(&mut stderr, "serving ");
     let addr = line.trim().rsplit(" on ").next().unwrap().to_string();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let result = rt.block_on(async {
@@ -55,6 +53,25 @@ fn serves_a_data_directory_with_a_token() {
     assert_eq!(ok.pg_major, 15);
     assert_eq!(ok.wal_segment_size, 16 << 20);
     assert_eq!(ok.max_chunk, failback_proto::limits::DEFAULT_MAX_CHUNK);
+}
+
+/// The first line of failbackd's stderr that contains `needle`. The lines saying where it
+/// listens come in a fixed order, but the WAL summarizer's line runs on its own thread and
+/// may come before, between or after them.
+fn line_with(stderr: &mut impl BufRead, needle: &str) -> String {
+    let mut seen = Vec::new();
+    loop {
+        let mut line = String::new();
+        let n = stderr.read_line(&mut line).unwrap();
+        assert!(
+            n > 0,
+            "failbackd ended its stderr before {needle:?}: {seen:?}"
+        );
+        if line.contains(needle) {
+            return line;
+        }
+        seen.push(line);
+    }
 }
 
 /// failbackd's stderr when it refuses to start with `args`.
@@ -128,12 +145,8 @@ fn serves_quic_beside_grpc_and_stops_on_ctrl_c() {
         .spawn()
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut lines = [String::new(), String::new()];
-    for l in &mut lines {
-        stderr.read_line(l).unwrap();
-    }
-    assert!(lines[1].contains("over QUIC"), "{lines:?}");
-    let quic: std::net::SocketAddr = lines[1]
+    let quic_line = line_with(&mut stderr, "over QUIC");
+    let quic: std::net::SocketAddr = quic_line
         .trim()
         .rsplit(" on ")
         .next()
