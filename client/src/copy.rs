@@ -11,15 +11,15 @@
 //! holds at the same offset: configuration files, SLRUs and WAL segments from before the fork
 //! are mostly identical, and a rewrite would only cost disk bandwidth.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::Path;
 
 use failback_common::chunkdiff::{self, ByteRange, ChunkList};
 use failback_common::filemap::{FileAction, FileType};
 use failback_common::journal::JournalState;
-use failback_common::plan::Plan;
-use failback_datadir::hash_chunks;
+use failback_common::plan::{Plan, PlanEntry, Reason};
+use failback_datadir::{hash_buffer, hash_chunks};
 use serde::Serialize;
 
 use crate::progress::Progress;
@@ -188,10 +188,14 @@ pub fn copy(
     let total: u64 = ranges.iter().map(|r| r.length).sum();
     prepare(plan, target, done, &hashed_sizes).map_err(|e| e.needing(total))?;
     progress.total(total);
+    // Whole copies of files the target has are written only where they differ, unless their
+    // hashes already said which chunks do.
     let whole_copies: std::collections::HashSet<&str> = plan
         .entries
         .iter()
-        .filter(|e| e.action == FileAction::Copy && e.target.is_some())
+        .filter(|e| {
+            e.action == FileAction::Copy && e.target.is_some() && !diffs.contains_key(&e.path)
+        })
         .map(|e| e.path.as_str())
         .collect();
 
@@ -304,10 +308,35 @@ fn prepare(
 /// The ranges to fetch per file, and the size the source hashed per file.
 type HashDiffs = (HashMap<String, Vec<ByteRange>>, HashMap<String, u64>);
 
+/// The chunk size a whole copy of `e`, a file the target has, is compared in, if it can be:
+/// page by page for a relation file whose changes on a side are unknown ([`Reason::Compared`]),
+/// where pages changed at random leave few 64 KiB chunks alike but many pages (the hash lists
+/// are then 0.4 % of the bytes they describe); [`HASH_CHUNK`] for the rest, and for a relation
+/// file too long to be hashed by the page. failbackd hashes at most `MAX_HASHES_PER_FILE`
+/// chunks of a file and refuses the whole request otherwise: a file over half that (room for a
+/// live file to grow) is copied whole instead. `None` for a file shorter than a chunk, or one
+/// copied whole anyway.
+fn compare_chunk(e: &PlanEntry, block_size: u32) -> Option<u64> {
+    if e.action != FileAction::Copy {
+        return None;
+    }
+    let (src, tgt) = (e.source.as_ref()?.size, e.target.as_ref()?.size);
+    let fits = |chunk: u64| {
+        let most = chunk * failback_proto::limits::MAX_HASHES_PER_FILE;
+        (chunk..=most / 2).contains(&src) && tgt >= chunk
+    };
+    let page = u64::from(block_size).max(failback_proto::limits::MIN_HASH_CHUNK);
+    if e.reason == Some(Reason::Compared) && fits(page) {
+        return Some(page);
+    }
+    fits(HASH_CHUNK).then_some(HASH_CHUNK)
+}
+
 /// For each whole-file copy of a file the target has (at least one chunk long), the ranges
-/// that differ from the source's, by comparing the source's chunk hashes with the target's,
-/// and the size the source hashed: the target file must be cut to it, so that skipped chunks
-/// and fetched ranges together make the source's file. Changes nothing.
+/// that differ from the source's, by comparing the source's chunk hashes with the target's
+/// (in the chunks [`compare_chunk`] picks), and the size the source hashed: the target file
+/// must be cut to it, so that skipped chunks and fetched ranges together make the source's
+/// file. Changes nothing.
 fn hash_diffs(
     plan: &Plan,
     pgdata: &Path,
@@ -316,84 +345,88 @@ fn hash_diffs(
 ) -> Result<HashDiffs, CopyError> {
     let mut diffs = HashMap::new();
     let mut sizes = HashMap::new();
-    // failbackd hashes at most MAX_HASHES_PER_FILE chunks of a file (16 GiB here) and
-    // refuses the whole request otherwise: a file over half that (room for a live file to
-    // grow) is copied whole instead.
-    let most = HASH_CHUNK * failback_proto::limits::MAX_HASHES_PER_FILE;
-    let paths: Vec<String> = plan
-        .entries
-        .iter()
-        .filter(|e| {
-            e.action == FileAction::Copy
-                && e.source
-                    .as_ref()
-                    .is_some_and(|s| (HASH_CHUNK..=most / 2).contains(&s.size))
-                && e.target.as_ref().is_some_and(|t| t.size >= HASH_CHUNK)
-        })
-        .map(|e| e.path.clone())
-        .collect();
-    if paths.is_empty() {
+    let mut groups: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for e in &plan.entries {
+        if let Some(chunk) = compare_chunk(e, plan.block_size) {
+            groups.entry(chunk).or_default().push(e.path.clone());
+        }
+    }
+    if groups.is_empty() {
         return Ok((diffs, sizes));
     }
     // The target's own hashes are computed while the source computes its (a round trip and
     // the source's reading), not after.
-    let (hashes, mut local) = std::thread::scope(|scope| {
+    let (answers, mut local) = std::thread::scope(|scope| {
         let local = scope.spawn(|| {
-            let mut buf = vec![0u8; HASH_CHUNK as usize];
-            paths
-                .iter()
-                .map(|p| {
-                    let path = pgdata.join(p);
-                    let hashed = File::open(&path)
-                        .map_err(|e| TargetError::io("open", &path, None, e))
-                        .and_then(|f| {
-                            hash_chunks(&f, &mut buf, u64::MAX).map_err(|e| match e {
-                                failback_datadir::HashError::Io(e) => {
-                                    TargetError::io("read", &path, None, e)
-                                }
-                                e => TargetError::io("read", &path, None, std::io::Error::other(e)),
-                            })
-                        });
-                    (p.clone(), hashed)
-                })
-                .collect::<HashMap<_, _>>()
+            let mut out = HashMap::new();
+            for (&chunk, paths) in &groups {
+                let mut buf = hash_buffer(chunk);
+                for p in paths {
+                    out.insert(p.clone(), hash_local(&pgdata.join(p), chunk, &mut buf));
+                }
+            }
+            out
         });
-        let hashes = source.chunk_hashes(&paths, HASH_CHUNK);
+        let mut answers = Vec::new();
+        for (&chunk, paths) in &groups {
+            match source.chunk_hashes(paths, chunk) {
+                Ok(Some(hashes)) => answers.push((chunk, hashes)),
+                other => {
+                    answers.clear();
+                    if let Err(e) = other {
+                        return (Err(e), HashMap::new());
+                    }
+                    break;
+                }
+            }
+        }
         let local = local
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (hashes, local)
+        (Ok(answers), local)
     });
-    let Some(hashes) = hashes? else {
-        return Ok((diffs, sizes));
-    };
-    for h in hashes {
-        // A vanished file is fetched as planned, and the fetch reports it gone.
-        if h.vanished {
-            continue;
+    for (chunk, hashes) in answers? {
+        for h in hashes {
+            // A vanished file is fetched as planned, and the fetch reports it gone.
+            if h.vanished {
+                continue;
+            }
+            let Some(hashed) = local.remove(&h.path) else {
+                continue;
+            };
+            let (size, mine) = hashed?;
+            let ranges = chunkdiff::ranges_to_fetch(
+                chunk,
+                &ChunkList {
+                    size: h.size,
+                    hashes: &h.hashes,
+                },
+                &ChunkList {
+                    size,
+                    hashes: &mine,
+                },
+            );
+            let fetched: u64 = ranges.iter().map(|r| r.length).sum();
+            stats.files_hashed += 1;
+            stats.bytes_skipped_by_hashes += h.size.saturating_sub(fetched);
+            sizes.insert(h.path.clone(), h.size);
+            diffs.insert(h.path, ranges);
         }
-        let Some(hashed) = local.remove(&h.path) else {
-            continue;
-        };
-        let (size, mine) = hashed?;
-        let ranges = chunkdiff::ranges_to_fetch(
-            HASH_CHUNK,
-            &ChunkList {
-                size: h.size,
-                hashes: &h.hashes,
-            },
-            &ChunkList {
-                size,
-                hashes: &mine,
-            },
-        );
-        let fetched: u64 = ranges.iter().map(|r| r.length).sum();
-        stats.files_hashed += 1;
-        stats.bytes_skipped_by_hashes += h.size.saturating_sub(fetched);
-        sizes.insert(h.path.clone(), h.size);
-        diffs.insert(h.path, ranges);
     }
     Ok((diffs, sizes))
+}
+
+/// The target's own chunk hashes of the file at `path`, and the size hashed.
+fn hash_local(
+    path: &Path,
+    chunk: u64,
+    buf: &mut [u8],
+) -> Result<(u64, Vec<[u8; 32]>), TargetError> {
+    let f = File::open(path).map_err(|e| TargetError::io("open", path, None, e))?;
+    hash_chunks(&f, chunk as usize, buf, u64::MAX).map_err(|e| match e {
+        failback_datadir::HashError::Io(e) => TargetError::io("read", path, None, e),
+        e => TargetError::io("read", path, None, std::io::Error::other(e)),
+    })
 }
 
 #[cfg(test)]
@@ -459,6 +492,48 @@ mod tests {
                 ("pg_xact/0001".to_string(), 0, LIVE_MIN_COPY)
             ]
         );
+    }
+
+    #[test]
+    fn relation_files_of_unknown_changes_are_compared_page_by_page() {
+        let compared = |src, tgt| {
+            let mut e = copy("base/5/16384", src, tgt);
+            e.reason = Some(Reason::Compared);
+            e
+        };
+        let gib = 1u64 << 30;
+        // A whole segment, and one grown past what failbackd hashes by the page with room to
+        // grow: 64 KiB chunks then.
+        assert_eq!(compare_chunk(&compared(gib, Some(gib)), 8192), Some(8192));
+        assert_eq!(
+            compare_chunk(&compared(gib + 1, Some(gib)), 8192),
+            Some(HASH_CHUNK)
+        );
+        // 32 KiB pages; pages under failbackd's smallest chunk are compared in those.
+        assert_eq!(
+            compare_chunk(&compared(1 << 20, Some(1 << 20)), 32768),
+            Some(32768)
+        );
+        assert_eq!(
+            compare_chunk(&compared(1 << 20, Some(1 << 20)), 1024),
+            Some(4096)
+        );
+        // Shorter than a page on either side, or not on the target: copied whole.
+        assert_eq!(compare_chunk(&compared(8192, Some(4096)), 8192), None);
+        assert_eq!(compare_chunk(&compared(4096, Some(8192)), 8192), None);
+        assert_eq!(compare_chunk(&compared(8192, None), 8192), None);
+        // Other whole copies: 64 KiB chunks, from one chunk on.
+        assert_eq!(
+            compare_chunk(&copy("pg_xact/0000", 1 << 18, Some(1 << 18)), 8192),
+            Some(HASH_CHUNK)
+        );
+        assert_eq!(
+            compare_chunk(&copy("base/5/16384", 8192, Some(8192)), 8192),
+            None
+        );
+        let mut tail = compared(1 << 20, Some(8192));
+        tail.action = FileAction::CopyTail;
+        assert_eq!(compare_chunk(&tail, 8192), None);
     }
 
     #[test]

@@ -266,26 +266,41 @@ pub enum HashError {
     TooManyChunks { max: u64 },
 }
 
-/// The blake3 hash of each `buf.len()`-byte chunk of `file`, read to its current end (a file
-/// of a live source may have grown or shrunk since it was listed), and the size hashed. A file
-/// of more than `max_chunks` chunks is refused rather than hashed: the caller asked for chunks
-/// too small for it.
+/// A buffer for [`hash_chunks`] with `chunk`-byte chunks: whole chunks, a mebibyte of them
+/// or one chunk if that is larger.
+pub fn hash_buffer(chunk: u64) -> Vec<u8> {
+    let chunk = chunk.max(1) as usize;
+    vec![0u8; chunk.max((1 << 20) / chunk * chunk)]
+}
+
+/// The blake3 hash of each `chunk`-byte chunk of `file` (the last may be shorter), read to its
+/// current end (a file of a live source may have grown or shrunk since it was listed), and the
+/// size hashed. `buf` is read into whole: as many chunks as fit in it (at least one) at a
+/// time, so that chunks as small as a page cost one read per many of them. A file of more than
+/// `max_chunks` chunks is refused rather than hashed: the caller asked for chunks too small
+/// for it.
 pub fn hash_chunks(
     file: &impl FileExt,
+    chunk: usize,
     buf: &mut [u8],
     max_chunks: u64,
 ) -> Result<(u64, Vec<[u8; 32]>), HashError> {
+    assert!(
+        chunk > 0 && buf.len() >= chunk,
+        "a buffer of at least one chunk"
+    );
+    let whole = buf.len() / chunk * chunk;
+    let buf = &mut buf[..whole];
     let mut hashes = Vec::new();
     let mut off = 0u64;
     loop {
         let n = read_full_at(file, buf, off)?;
-        if n == 0 {
-            break;
+        for piece in buf[..n].chunks(chunk) {
+            if hashes.len() as u64 >= max_chunks {
+                return Err(HashError::TooManyChunks { max: max_chunks });
+            }
+            hashes.push(*blake3::hash(piece).as_bytes());
         }
-        if hashes.len() as u64 >= max_chunks {
-            return Err(HashError::TooManyChunks { max: max_chunks });
-        }
-        hashes.push(*blake3::hash(&buf[..n]).as_bytes());
         off += n as u64;
         if n < buf.len() {
             break;
@@ -397,8 +412,9 @@ mod tests {
         let bytes: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
         fs::write(&path, &bytes).unwrap();
         let f = File::open(&path).unwrap();
-        let mut buf = vec![0u8; 4096];
-        let (size, hashes) = hash_chunks(&f, &mut buf, 3).unwrap();
+        // A buffer of two chunks and a half: read two at a time, the half unused.
+        let mut buf = vec![0u8; 4096 * 5 / 2];
+        let (size, hashes) = hash_chunks(&f, 4096, &mut buf, 3).unwrap();
         assert_eq!(size, 10_000);
         let want: Vec<[u8; 32]> = bytes
             .chunks(4096)
@@ -406,11 +422,15 @@ mod tests {
             .collect();
         assert_eq!(hashes, want);
         assert!(matches!(
-            hash_chunks(&f, &mut buf, 2),
+            hash_chunks(&f, 4096, &mut buf, 2),
             Err(HashError::TooManyChunks { max: 2 })
         ));
+        assert_eq!(
+            hash_chunks(&f, 4096, &mut buf[..4096], 3).unwrap(),
+            (size, want)
+        );
         fs::write(&path, b"").unwrap();
-        assert_eq!(hash_chunks(&f, &mut buf, 0).unwrap(), (0, vec![]));
+        assert_eq!(hash_chunks(&f, 4096, &mut buf, 0).unwrap(), (0, vec![]));
         fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -19,7 +19,7 @@ use failback_datadir::history::{files_timeline, history_files};
 use failback_datadir::postmaster::running_postmaster;
 use failback_datadir::summaries::WalSummaries;
 use failback_datadir::wal::{SourceChangesError, source_changes};
-use failback_datadir::{DataDir, DataDirError, HashError, ReadStatus, hash_chunks};
+use failback_datadir::{DataDir, DataDirError, HashError, ReadStatus, hash_buffer, hash_chunks};
 use failback_proto::capability;
 use failback_proto::limits::{
     MAX_CHANGED_FILES_PER_REPLY, MAX_HASH_CHUNK, MAX_HASH_PATHS, MAX_HASHES_PER_FILE, MAX_PATH_LEN,
@@ -397,7 +397,7 @@ impl Failback for FailbackService {
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let mut buf = vec![0u8; cs as usize];
+            let mut buf = hash_buffer(cs);
             for path in req.paths {
                 let r = hash_file(&dir, &path, cs, &mut buf);
                 let stop = r.is_err();
@@ -555,12 +555,13 @@ fn hash_file(dir: &DataDir, path: &str, cs: u64, buf: &mut [u8]) -> Result<FileH
         out.vanished = true;
         return Ok(out);
     };
-    let (size, hashes) = hash_chunks(&file, buf, MAX_HASHES_PER_FILE).map_err(|e| match e {
-        HashError::TooManyChunks { max } => Status::invalid_argument(format!(
-            "{path} has more than {max} chunks of {cs} bytes; ask with larger chunks"
-        )),
-        HashError::Io(e) => Status::unavailable(format!("{path}: {e}")),
-    })?;
+    let (size, hashes) =
+        hash_chunks(&file, cs as usize, buf, MAX_HASHES_PER_FILE).map_err(|e| match e {
+            HashError::TooManyChunks { max } => Status::invalid_argument(format!(
+                "{path} has more than {max} chunks of {cs} bytes; ask with larger chunks"
+            )),
+            HashError::Io(e) => Status::unavailable(format!("{path}: {e}")),
+        })?;
     out.size = size;
     out.hashes = hashes.iter().map(|h| Bytes::copy_from_slice(h)).collect();
     Ok(out)

@@ -483,7 +483,7 @@ pg_test!(end_of_wal_and_the_timeline_after_promotion, |major| {
     assert!(!connect(stopped.url(), None).unwrap().is_live());
 });
 
-// Relation files compared whole (--mode delta) fetch only the chunks that differ; and
+// Relation files compared whole (--mode delta) fetch only the pages that differ; and
 // --max-rate holds the copy to its rate.
 pg_test!(skips_identical_chunks_and_honours_max_rate, |major| {
     use failback_client::source::rate::RateLimited;
@@ -502,8 +502,27 @@ pg_test!(skips_identical_chunks_and_honours_max_rate, |major| {
     primary.execute(
         "CREATE TABLE filler AS SELECT g, repeat('z', 300) AS z FROM generate_series(1, 100000) g",
     );
+    // And one whose every eighth page the old primary changes after the fork: one page in
+    // each 64 KiB, so that only comparing page by page spares the other seven. Frozen first,
+    // so that reading it after the fork sets no hint bits on the pages left alone; filled by
+    // the first command of its transaction, as a standby's replay writes every tuple's
+    // command id as the first (a later command's id would make each page differ).
+    primary.execute("CREATE TABLE sparse (id int PRIMARY KEY, z text) WITH (fillfactor = 90)");
+    primary
+        .execute("INSERT INTO sparse SELECT g, repeat('z', 300) FROM generate_series(1, 160000) g");
+    primary.execute("VACUUM (FREEZE) sparse");
+    let sparse: u64 = primary
+        .query_one("SELECT pg_relation_size('sparse')")
+        .parse()
+        .unwrap();
+    new_primary.wait_for_catchup(&primary);
     failback_tests::rewind::promote(&primary, &new_primary);
     primary.execute("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 10 = 0");
+    primary.execute(&format!(
+        "UPDATE sparse SET z = repeat('y', 300) WHERE ctid = ANY (ARRAY(
+             SELECT format('(%s,1)', p)::tid FROM generate_series(3, {}, 8) p))",
+        sparse / 8192 - 1
+    ));
     failback_tests::rewind::stop_for_rewind(&mut primary, &mut new_primary, StopMode::Fast);
 
     let server = Failbackd::start(&new_primary.data_dir(), None);
@@ -522,6 +541,14 @@ pg_test!(skips_identical_chunks_and_honours_max_rate, |major| {
     assert!(
         ex.bytes_skipped_by_hashes >= 8 << 20,
         "the identical relation was not skipped: {ex:?}"
+    );
+    // Seven pages in eight of `sparse` (a tenth spared for the pages its free space map and
+    // visibility map make differ): more than the catalogs and `filler` together could make up
+    // if it were compared in 64 KiB chunks, of which none is alike.
+    assert!(
+        ex.bytes_skipped_by_hashes >= sparse * 7 / 8 * 9 / 10 + (8 << 20),
+        "`sparse` ({sparse} bytes, one page in eight changed) was not compared page by page: \
+         {ex:?}"
     );
     assert_eq!(
         ex.bytes_fetched + ex.bytes_skipped_by_hashes,
