@@ -6,6 +6,13 @@
 //! process's counters include those of the children it reaped. They vanish when the process is
 //! reaped, so the child is waited for with `WNOWAIT`: it stays a zombie, its counters
 //! readable, until reaped.
+//!
+//! `write_bytes` charges a process for every page-cache folio it dirties, whole: where the
+//! kernel caches a file in large folios (read ahead into 64 KiB or more), an 8 KiB block
+//! written into one is charged as the folio's size, and scattered blocks look several times
+//! their bytes. What reached the disks is counted too: the sectors the machine's disks wrote
+//! (`/proc/diskstats`) from the start to the end, after a `sync` at both, which includes
+//! whatever else was written meanwhile.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -18,10 +25,36 @@ pub struct Cost {
     pub max_rss_kb: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
-    /// Bytes written to files, bound for the disk (not to sockets or pipes).
+    /// Bytes written to files, bound for the disk (not to sockets or pipes), as the process
+    /// was charged for them (whole folios).
     pub storage_written: u64,
+    /// Bytes the machine's disks wrote while it ran, after a sync at its start and end.
+    pub disk_written: u64,
     pub exit_code: i32,
     pub stderr: String,
+}
+
+/// Bytes the machine's disks have written since boot, once what is dirty has been written: the
+/// sectors of every whole physical disk (those with a `device` under `/sys/block`; not
+/// partitions, device-mapper or loop devices, which would count the same bytes twice).
+pub fn disk_written_after_sync() -> u64 {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    let stats = std::fs::read_to_string("/proc/diskstats").unwrap_or_default();
+    stats
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let name = f.get(2)?;
+            std::path::Path::new("/sys/block")
+                .join(name)
+                .join("device")
+                .exists()
+                .then(|| f.get(9)?.parse::<u64>().ok())
+                .flatten()
+        })
+        .sum::<u64>()
+        * 512
 }
 
 fn io_field(text: &str, key: &str) -> u64 {
@@ -35,6 +68,7 @@ fn io_field(text: &str, key: &str) -> u64 {
 pub struct Running {
     pid: i32,
     start: Instant,
+    disk_before: u64,
     reader: std::thread::JoinHandle<()>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
@@ -43,6 +77,7 @@ pub struct Running {
 pub fn spawn(cmd: &mut Command) -> std::io::Result<Running> {
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
+    let disk_before = disk_written_after_sync();
     let start = Instant::now();
     let mut child = cmd.spawn()?;
     let pid = child.id() as i32;
@@ -63,6 +98,7 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<Running> {
     Ok(Running {
         pid,
         start,
+        disk_before,
         reader,
         stderr,
     })
@@ -120,6 +156,7 @@ impl Running {
             bytes_written: io_field(&io, "wchar:"),
             storage_written: io_field(&io, "write_bytes:")
                 .saturating_sub(io_field(&io, "cancelled_write_bytes:")),
+            disk_written: disk_written_after_sync().saturating_sub(self.disk_before),
             exit_code: if libc::WIFEXITED(status) {
                 libc::WEXITSTATUS(status)
             } else {

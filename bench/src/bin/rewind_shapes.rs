@@ -591,7 +591,7 @@ fn secs(d: Option<Duration>) -> String {
 
 fn table(rows: &[&Row]) -> String {
     let mut s = String::from(
-        "| tool | network | tool (s) | start-up to caught up (s) | total (s) | wire client→server (MB) | wire server→client (MB) | written to target (MB) | client CPU (s) | server CPU (s) | client peak RSS (MB) | server peak RSS (MB) | note |\n\
+        "| tool | network | tool (s) | start-up to caught up (s) | total (s) | wire client→server (MB) | wire server→client (MB) | written to disk (MB) | client CPU (s) | server CPU (s) | client peak RSS (MB) | server peak RSS (MB) | note |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in rows {
@@ -605,7 +605,7 @@ fn table(rows: &[&Row]) -> String {
             secs(r.total()),
             mb(r.up),
             mb(r.down),
-            mb(r.client.storage_written),
+            mb(r.client.disk_written),
             r.client.cpu.as_secs_f64(),
             r.server_cpu.as_secs_f64(),
             r.client.max_rss_kb as f64 / 1024.0,
@@ -891,6 +891,8 @@ fn main() {
          WAN: {delay_ms} ms each way ({} ms RTT), {rate_mbit} Mbit/s each way (`failback_bench::wan`). \
          Every run started from the same saved pair (the target written back to disk first, the new primary started from its own saved copy) and ended when the node, \
          started as a standby of the new primary through the same link, had replayed all the new primary had written when the tool finished. \
+         Written to disk: what the machine's disks wrote from the tool's start to its end, a sync at both (the target's files, and the new primary's checkpoint for a backup window); \
+         the tool's own count (`write_bytes`) charges each 8 KiB block written into a file the kernel caches in large folios as a whole folio, several times the bytes where blocks are scattered. \
          One round per run; the machine is shared (2 CPUs, load average {load_before} at the start, {} at the end, {steal:.0} % of CPU time stolen).\n",
         mb(target_size),
         match pattern {
