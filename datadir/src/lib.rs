@@ -211,25 +211,15 @@ impl DataDir {
         len: u64,
         buf: &mut Vec<u8>,
     ) -> Result<ReadStatus, DataDirError> {
-        let path = self.resolve(rel)?;
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                buf.clear();
-                return Ok(ReadStatus::Vanished);
-            }
-            Err(e) => return Err(DataDirError::io(rel, e)),
-        };
-        let len = usize::try_from(len).map_err(|_| DataDirError::PathNotAllowed(rel.into()))?;
-        // The old bytes are read over, so only growth is zeroed: not a megabyte per chunk.
-        buf.resize(len, 0);
-        let done = read_full_at(&file, buf, offset).map_err(|e| DataDirError::io(rel, e))?;
-        buf.truncate(done);
-        Ok(if done == len {
-            ReadStatus::Complete
-        } else {
-            ReadStatus::Short
-        })
+        self.range_reader().read(rel, offset, len, buf)
+    }
+
+    /// A reader of many ranges that keeps the last file it opened open.
+    pub fn range_reader(&self) -> RangeReader<'_> {
+        RangeReader {
+            dir: self,
+            open: None,
+        }
     }
 
     /// Opens a file for sequential reading (hashing, streaming a whole file).
@@ -240,6 +230,54 @@ impl DataDir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(DataDirError::io(rel, e)),
         }
+    }
+}
+
+/// Reads ranges of files of a [`DataDir`], one after the other. A request for the blocks that
+/// differ names thousands of 8 KiB ranges of the same file in a row; resolving the path (a
+/// `lstat` per component) and opening the file for each cost more than reading it, so the last
+/// file opened stays open for the next range of the same path. A file unlinked meanwhile is
+/// then read as it was when opened, as if the range had been read a moment earlier: the backup
+/// window's WAL replay brings it to what the source has since, as it does for every byte.
+pub struct RangeReader<'a> {
+    dir: &'a DataDir,
+    /// The path last opened, and its file (`None`: it did not exist).
+    open: Option<(String, Option<File>)>,
+}
+
+impl RangeReader<'_> {
+    /// Reads `len` bytes at the 64-bit `offset` of `rel` into `buf` (its old content replaced).
+    pub fn read(
+        &mut self,
+        rel: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<ReadStatus, DataDirError> {
+        if self.open.as_ref().is_none_or(|(p, _)| p != rel) {
+            self.open = None;
+            let path = self.dir.resolve(rel)?;
+            let file = match File::open(&path) {
+                Ok(f) => Some(f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(DataDirError::io(rel, e)),
+            };
+            self.open = Some((rel.to_string(), file));
+        }
+        let Some((_, Some(file))) = &self.open else {
+            buf.clear();
+            return Ok(ReadStatus::Vanished);
+        };
+        let len = usize::try_from(len).map_err(|_| DataDirError::PathNotAllowed(rel.into()))?;
+        // The old bytes are read over, so only growth is zeroed: not a megabyte per chunk.
+        buf.resize(len, 0);
+        let done = read_full_at(file, buf, offset).map_err(|e| DataDirError::io(rel, e))?;
+        buf.truncate(done);
+        Ok(if done == len {
+            ReadStatus::Complete
+        } else {
+            ReadStatus::Short
+        })
     }
 }
 

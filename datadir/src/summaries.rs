@@ -131,7 +131,7 @@ impl WalSummaries {
             if !present.contains(&next) || !first_page_begun(&wal_dir.join(&next), next_start) {
                 continue;
             }
-            match summarize_segment(&mut reader, segno, control.relseg_size) {
+            match summarize_segment(&mut reader, segno, control.relseg_size, || {}) {
                 Ok(Some(changes)) => {
                     out.summarized += 1;
                     out.decoded_bytes += u64::from(seg_size);
@@ -179,16 +179,20 @@ fn first_page_begun(path: &std::path::Path, seg_start: Lsn) -> bool {
 
 /// The changes of the records starting in segment `segno`, or `None` when the WAL ends before
 /// the first record starting after it (the segment, or the record crossing out of it, is not
-/// complete yet).
+/// complete yet). `each` is called once a record.
 pub fn summarize_segment(
     reader: &mut WalReader<'_>,
     segno: XLogSegNo,
     relseg_size: u32,
+    each: impl Fn(),
 ) -> Result<Option<WalChanges>, WalReadError> {
     let seg = u64::from(reader.seg_size());
     let (start, end) = (Lsn(segno * seg), Lsn((segno + 1) * seg));
     let mut changes = WalChanges::default();
-    match reader.walk(start, true, Some(end), |r| changes.record(r, relseg_size))? {
+    match reader.walk(start, true, Some(end), |r| {
+        each();
+        changes.record(r, relseg_size)
+    })? {
         WalEnd::Reached(_) => Ok(Some(changes)),
         WalEnd::EndOfWal { .. } | WalEnd::NoMoreSegments { .. } => Ok(None),
     }

@@ -23,6 +23,11 @@ use failback_common::timeline::{TimeLineHistory, segment_file_name, timeline_for
 use failback_common::wal::{Decoded, WalDecoder, WalError, WalParams, WalRecord};
 use failback_common::{Lsn, XLogSegNo};
 
+/// The threads a scan of much WAL may use: the machine's cores.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Bytes read from a segment per feed while scanning forward.
 const SCAN_CHUNK: u64 = 1 << 20;
 /// Bytes read per feed for a single record (most records fit in a page).
@@ -386,6 +391,84 @@ impl WalReader<'_> {
         Ok((changes, used))
     }
 
+    /// [`Self::changes`] on `threads` threads: the whole segments of the stretch each decoded
+    /// on its own (the records starting in it, as failbackd's summaries are made: a segment's
+    /// first page says how much of it continues the record before), the ends as
+    /// [`Self::changes`] decodes them. A scan of a gigabyte of WAL is otherwise one core's
+    /// work while the others wait. Where a segment would be restored from the archive, or a
+    /// piece cannot be read (a segment missing, the WAL ending early), the stretch is decoded
+    /// in one pass instead, which restores in order and says exactly what is wrong.
+    pub fn changes_in_parallel(
+        &mut self,
+        from: Lsn,
+        until: Lsn,
+        relseg_size: u32,
+        threads: usize,
+        each: impl Fn() + Sync,
+    ) -> Result<WalChanges, WalReadError> {
+        let pieces = failback_common::summary::pieces(from, until, self.seg_size(), |_| true);
+        if threads < 2 || self.restore.is_some() || pieces.len() < 3 {
+            return self.changes(from, until, relseg_size, each);
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let (dir, history, params) = (&self.dir, self.history, self.params);
+        let workers: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads.min(pieces.len()))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut reader = WalReader {
+                            dir: dir.clone(),
+                            history,
+                            params,
+                            restore: None,
+                            opened: BTreeSet::new(),
+                            buf: Vec::new(),
+                        };
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&piece) = pieces.get(i) else {
+                                return Some((done, reader.opened));
+                            };
+                            let changes = match piece {
+                                Piece::Summary(segno) => crate::summaries::summarize_segment(
+                                    &mut reader,
+                                    segno,
+                                    relseg_size,
+                                    &each,
+                                )
+                                .ok()
+                                .flatten()?,
+                                Piece::Decode { from, until } => {
+                                    reader.changes(from, until, relseg_size, &each).ok()?
+                                }
+                            };
+                            done.push((i, changes));
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        let Some(workers) = workers.into_iter().collect::<Option<Vec<_>>>() else {
+            return self.changes(from, until, relseg_size, each);
+        };
+        let mut found: Vec<(usize, WalChanges)> = Vec::with_capacity(pieces.len());
+        for (done, opened) in workers {
+            found.extend(done);
+            self.opened.extend(opened);
+        }
+        found.sort_by_key(|(i, _)| *i);
+        let mut changes = WalChanges::default();
+        for (_, c) in &found {
+            changes.absorb(c);
+        }
+        Ok(changes)
+    }
+
     /// The first segment on disk that belongs to this history, as (segment number, file name).
     pub fn oldest_segment(&self) -> Option<XLogSegNo> {
         let rd = std::fs::read_dir(&self.dir).ok()?;
@@ -513,7 +596,7 @@ pub fn source_changes(
     let found = match summaries {
         Some(s) => reader.changes_summarized(since, until, control.relseg_size, s),
         None => reader
-            .changes(since, until, control.relseg_size, || {})
+            .changes_in_parallel(since, until, control.relseg_size, cores(), || {})
             .map(|c| (c, 0)),
     };
     let (changes, summarized_segments) = match found {

@@ -318,12 +318,13 @@ impl Failback for FailbackService {
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let mut buf = Vec::new();
+            let mut reader = dir.range_reader();
             for r in req.ranges {
                 let end = r.offset + r.length;
                 let mut off = r.offset;
                 while off < end {
                     let len = (end - off).min(max_chunk);
-                    let chunk = match dir.read_range(&r.path, off, len, &mut buf) {
+                    let chunk = match reader.read(&r.path, off, len, &mut buf) {
                         Err(e) => {
                             let _ = tx.blocking_send(Err(status(e)));
                             return;

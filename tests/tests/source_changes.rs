@@ -225,4 +225,22 @@ pg_test!(wal_summaries_give_what_decoding_gives, |major| {
         "{}",
         decoding.log()
     );
+    // Without summaries, whole segments are decoded each on a thread of its own (as the
+    // target's WAL is): one pass through the same stretch finds the same.
+    let control = failback_tests::rewind::control_file(&new);
+    let dir = failback_datadir::DataDir::new(new.data_dir());
+    let history = failback_datadir::history::history_of(&dir, 2).unwrap();
+    let params = failback_common::wal::WalParams::new(control.major, control.xlog_seg_size)
+        .with_system_identifier(control.system_identifier);
+    let mut reader = failback_datadir::wal::WalReader::new(&new.data_dir(), &history, params, None);
+    let until = decoded.until;
+    let one_pass = reader
+        .changes(since, until, control.relseg_size, || {})
+        .unwrap();
+    let threaded = reader
+        .changes_in_parallel(since, until, control.relseg_size, 3, || {})
+        .unwrap();
+    assert_eq!(one_pass.records(), threaded.records());
+    assert_eq!(one_pass.records(), decoded.records);
+    assert_eq!(one_pass.finish(major), threaded.finish(major));
 });

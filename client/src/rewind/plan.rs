@@ -21,7 +21,7 @@ use failback_common::timeline::{TimeLineHistory, find_common_ancestor, segment_f
 use failback_common::wal::WalParams;
 use failback_common::{Lsn, PgMajor, TimeLineId};
 use failback_datadir::DataDir;
-use failback_datadir::wal::{WalReadError, WalReader};
+use failback_datadir::wal::{WalReadError, WalReader, cores};
 use serde::Serialize;
 
 use super::check::Checked;
@@ -181,7 +181,7 @@ pub(crate) fn plan(
             TargetSide::Known(found) => Err(found),
             TargetSide::Scan(mut wal, end) => Ok(scope.spawn(move || {
                 let found = side_changes(opts.mode, "target", || {
-                    wal.changes(divergence, end, target.relseg_size, || {
+                    wal.changes_in_parallel(divergence, end, target.relseg_size, cores(), || {
                         fault::passed(Point::Scan, 1)
                     })
                     .map(|c| c.finish(target.major))
