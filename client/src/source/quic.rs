@@ -34,8 +34,10 @@ use super::remote::{
 /// failbackd over QUIC.
 pub type QuicSource = RemoteSource<QuicTransport>;
 
-/// How long a finished client lets the close leave before it exits.
-const CLOSE_GRACE: Duration = Duration::from_millis(20);
+/// How long a finished client lets the close leave before it exits: long enough for a busy
+/// machine to give the connection's driver its turn (20 ms was not, on two loaded cores, and
+/// failbackd then held an abandoned backup window until its idle timeout), short beside a rewind.
+const CLOSE_GRACE: Duration = Duration::from_millis(200);
 
 /// One QUIC connection to failbackd, the token every call carries, and where to connect again.
 #[derive(Clone)]
@@ -248,9 +250,9 @@ impl Transport for QuicTransport {
         self.current
             .get()
             .close(quinn::VarInt::from_u32(0), b"failback is done");
-        // The connection's driver sends CONNECTION_CLOSE at its next turn; give it that turn,
-        // not the three probe timeouts (a third of a second across a continent) the closing
-        // state lasts: nothing acknowledges a close, and a lost one only makes failbackd free
+        // The connection's driver sends CONNECTION_CLOSE at its next turn; give it that turn
+        // (on loopback the closing state's three probe timeouts end sooner), not all of those
+        // timeouts across a continent: nothing acknowledges a close, and a lost one only makes failbackd free
         // the connection at its idle timeout.
         let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
     }
