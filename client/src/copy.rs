@@ -367,25 +367,17 @@ fn hash_diffs(
             }
             out
         });
-        let mut answers = Vec::new();
-        for (&chunk, paths) in &groups {
-            match source.chunk_hashes(paths, chunk) {
-                Ok(Some(hashes)) => answers.push((chunk, hashes)),
-                other => {
-                    answers.clear();
-                    if let Err(e) = other {
-                        return (Err(e), HashMap::new());
-                    }
-                    break;
-                }
-            }
-        }
+        // A source that cannot hash (`None`) leaves every whole copy whole.
+        let answers: Result<Option<Vec<_>>, SourceError> = groups
+            .iter()
+            .map(|(&chunk, paths)| Ok(source.chunk_hashes(paths, chunk)?.map(|h| (chunk, h))))
+            .collect();
         let local = local
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (Ok(answers), local)
+        (answers, local)
     });
-    for (chunk, hashes) in answers? {
+    for (chunk, hashes) in answers?.unwrap_or_default() {
         for h in hashes {
             // A vanished file is fetched as planned, and the fetch reports it gone.
             if h.vanished {

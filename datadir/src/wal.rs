@@ -109,10 +109,18 @@ impl<'h> WalReader<'h> {
         restore: Option<RestoreCommand>,
     ) -> Self {
         WalReader {
-            dir: pgdata.join("pg_wal"),
+            restore,
+            ..WalReader::new_in(&pgdata.join("pg_wal"), history, params)
+        }
+    }
+
+    /// A reader of the WAL in `wal_dir` that restores nothing.
+    fn new_in(wal_dir: &Path, history: &'h TimeLineHistory, params: WalParams) -> Self {
+        WalReader {
+            dir: wal_dir.to_path_buf(),
             history,
             params,
-            restore,
+            restore: None,
             opened: BTreeSet::new(),
             buf: Vec::new(),
         }
@@ -411,19 +419,12 @@ impl WalReader<'_> {
             return self.changes(from, until, relseg_size, each);
         }
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let (dir, history, params) = (&self.dir, self.history, self.params);
+        let this = &*self;
         let workers: Vec<_> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads.min(pieces.len()))
                 .map(|_| {
                     scope.spawn(|| {
-                        let mut reader = WalReader {
-                            dir: dir.clone(),
-                            history,
-                            params,
-                            restore: None,
-                            opened: BTreeSet::new(),
-                            buf: Vec::new(),
-                        };
+                        let mut reader = WalReader::new_in(&this.dir, this.history, this.params);
                         let mut done = Vec::new();
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

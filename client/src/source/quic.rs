@@ -252,8 +252,8 @@ impl Transport for QuicTransport {
             .close(quinn::VarInt::from_u32(0), b"failback is done");
         // The connection's driver sends CONNECTION_CLOSE at its next turn; give it that turn
         // (on loopback the closing state's three probe timeouts end sooner), not all of those
-        // timeouts across a continent: nothing acknowledges a close, and a lost one only makes failbackd free
-        // the connection at its idle timeout.
+        // timeouts across a continent: nothing acknowledges a close, and a lost one only makes
+        // failbackd free the connection at its idle timeout.
         let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
     }
 }
