@@ -81,6 +81,38 @@ impl TokenBucket {
     }
 }
 
+/// Whether a log line may be written now: the lines a flood of refused clients causes are
+/// capped at `burst` at once and `per_second` on average, so that the log says what happens
+/// without filling the disk; the lines held back are counted and told with the next one.
+#[derive(Debug, Clone)]
+pub struct LineLimiter {
+    bucket: TokenBucket,
+    held_back: u64,
+}
+
+impl LineLimiter {
+    /// At most `burst` lines at once and `per_second` lines a second (at least 1).
+    pub fn new(per_second: u64, burst: u64, now_ns: u64) -> LineLimiter {
+        LineLimiter {
+            bucket: TokenBucket::new(per_second.max(1), burst.max(1), now_ns)
+                .expect("a rate of at least one line a second"),
+            held_back: 0,
+        }
+    }
+
+    /// `Some(n)`: write the line, after saying that `n` lines were held back since the last
+    /// one written; `None`: hold this one back.
+    pub fn admit(&mut self, now_ns: u64) -> Option<u64> {
+        self.bucket.refill(now_ns);
+        if self.bucket.credit < NANOS as i128 {
+            self.held_back += 1;
+            return None;
+        }
+        self.bucket.credit -= NANOS as i128;
+        Some(std::mem::take(&mut self.held_back))
+    }
+}
+
 /// Parses a rate in bytes per second: a plain number, or with `K`/`M`/`G` (powers of 1024,
 /// optionally followed by `B`, `iB` or `/s`), or in bits with `kbit`/`Mbit`/`Gbit` (powers of
 /// 1000, as links are sold).
@@ -187,6 +219,22 @@ mod tests {
         assert_eq!(b.take(0, u64::MAX), 0);
         let mut b = TokenBucket::new(1, 0, 0).unwrap();
         assert_eq!(b.take(u64::MAX, 0), u64::MAX);
+    }
+
+    #[test]
+    fn log_lines_are_capped_and_the_held_back_ones_counted() {
+        let mut l = LineLimiter::new(2, 5, 7 * S);
+        // A flood at one instant: the burst, then nothing.
+        let first: Vec<_> = (0..8).map(|_| l.admit(7 * S)).collect();
+        assert_eq!(first[..5], [Some(0); 5]);
+        assert_eq!(first[5..], [None; 3]);
+        // Half a second later one line's credit is back; it tells of the three held back.
+        assert_eq!(l.admit(7 * S + S / 2), Some(3));
+        assert_eq!(l.admit(7 * S + S / 2), None);
+        // A long quiet spell refills only up to the burst.
+        let later: Vec<_> = (0..7).map(|_| l.admit(100 * S)).collect();
+        assert_eq!(later[0], Some(1));
+        assert_eq!(later.iter().filter(|a| a.is_some()).count(), 5);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! asks a running server through `failback-sql`, and both transports are tuned for long fat
 //! links by `failback-transport` ([`failback_transport::tune`]).
 
+pub mod audit;
 pub mod config;
 pub mod live;
 pub mod quic;
@@ -53,6 +54,8 @@ pub struct Config {
     /// What each completed WAL segment of `pgdata` changed, kept up to date by a thread of
     /// failbackd's own ([`summarizer`]); `None` decodes the WAL for every request.
     pub wal_summaries: Option<std::sync::Arc<failback_datadir::summaries::WalSummaries>>,
+    /// Where refused and abusive clients are logged (rate-limited), by both transports.
+    pub audit: std::sync::Arc<audit::Audit>,
 }
 
 impl Config {
@@ -68,6 +71,7 @@ impl Config {
             pg_conn: None,
             primary_conninfo: None,
             wal_summaries: None,
+            audit: Default::default(),
         }
     }
 }

@@ -1,0 +1,136 @@
+//! What failbackd tells its operator about the clients it refuses or cuts off.
+//!
+//! failbackd serves a primary's data directory on a network port: a wrong token, a request
+//! over a limit, a client that stops reading or never authenticates, are each worth a line
+//! naming who (the peer's address), what (the call or the connection) and why. A flood of
+//! such clients must not become a flood of lines: at most [`BURST`] at once and
+//! [`PER_SECOND`] a second on average are written ([`LineLimiter`]); the lines held back are
+//! counted and the count is told with the next line written.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use failback_common::ratelimit::LineLimiter;
+
+/// Lines written at once before the limit applies.
+pub const BURST: u64 = 20;
+/// Lines written a second, on average, under a flood.
+pub const PER_SECOND: u64 = 2;
+
+/// Who sent a request: the peer's address and which of its connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// The remote address, when the transport knows it.
+    pub addr: Option<SocketAddr>,
+    /// One connection of that address: a QUIC connection's id; 0 for TCP, whose address and
+    /// port already name the connection.
+    pub conn: u64,
+}
+
+impl Peer {
+    pub fn tcp(addr: Option<SocketAddr>) -> Peer {
+        Peer { addr, conn: 0 }
+    }
+
+    pub fn quic(addr: SocketAddr, conn: usize) -> Peer {
+        Peer {
+            addr: Some(addr),
+            conn: conn as u64 + 1,
+        }
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            Some(a) => write!(f, "{a}")?,
+            None => f.write_str("an unknown peer")?,
+        }
+        if self.conn != 0 {
+            write!(f, " (QUIC connection {})", self.conn - 1)?;
+        }
+        Ok(())
+    }
+}
+
+/// The rate-limited log of refused and abusive clients.
+pub struct Audit {
+    origin: Instant,
+    limiter: Mutex<LineLimiter>,
+    sink: Box<dyn Fn(&str) + Send + Sync>,
+}
+
+impl fmt::Debug for Audit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Audit")
+    }
+}
+
+impl Default for Audit {
+    /// Writes to standard error, as failbackd's other messages.
+    fn default() -> Self {
+        Audit::to(|line| eprintln!("failbackd: {line}"))
+    }
+}
+
+impl Audit {
+    /// An audit log writing its lines to `sink` (tests collect them).
+    pub fn to(sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        Audit {
+            origin: Instant::now(),
+            limiter: Mutex::new(LineLimiter::new(PER_SECOND, BURST, 0)),
+            sink: Box::new(sink),
+        }
+    }
+
+    /// `peer` was refused `what` (a call, a connection) because of `why`.
+    pub fn refused(&self, peer: &Peer, what: &str, why: &str) {
+        self.line(format_args!("refused {what} from {peer}: {why}"));
+    }
+
+    /// `peer`'s `what` was ended by failbackd because of `why`.
+    pub fn cut_off(&self, peer: &Peer, what: &str, why: &str) {
+        self.line(format_args!("ended {what} of {peer}: {why}"));
+    }
+
+    fn line(&self, text: fmt::Arguments<'_>) {
+        let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let admitted = self
+            .limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admit(now);
+        match admitted {
+            None => {}
+            Some(0) => (self.sink)(&text.to_string()),
+            Some(n) => (self.sink)(&format!("{text} ({n} more such lines held back)")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_flood_writes_the_burst_and_names_the_peer() {
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let l2 = lines.clone();
+        let audit = Audit::to(move |l| l2.lock().unwrap().push(l.to_string()));
+        let peer = Peer::quic("192.0.2.7:4433".parse().unwrap(), 3);
+        for _ in 0..1000 {
+            audit.refused(&peer, "ReadRanges", "missing or wrong bearer token");
+        }
+        let lines = lines.lock().unwrap();
+        assert_eq!(lines.len() as u64, BURST, "{lines:?}");
+        assert_eq!(
+            lines[0],
+            "refused ReadRanges from 192.0.2.7:4433 (QUIC connection 3): missing or wrong \
+             bearer token"
+        );
+        assert_eq!(Peer::tcp(None).to_string(), "an unknown peer");
+    }
+}
