@@ -87,7 +87,7 @@ struct RewindArgs {
     #[arg(long, value_name = "N", requires = "source",
           value_parser = clap::value_parser!(u16).range(1..=64))]
     connections: Option<u16>,
-    /// Compression of file data from failbackd: a zstd level (1-22), none, or auto (a copy of
+    /// Compression of file data from failbackd: a zstd level (1-9), none, or auto (a copy of
     /// 256 MiB or more first sends one request stored and one at zstd level 1, alone, and
     /// goes on with whichever delivered more bytes a second; smaller copies use level 1)
     /// [default: auto; higher levels send fewer bytes for more of failbackd's CPU].
@@ -183,15 +183,19 @@ enum Inspect {
 
 fn parse_compress(s: &str) -> Result<CompressPolicy, String> {
     use failback_common::wire::Compression;
+    use failback_proto::limits::MAX_ZSTD_LEVEL;
     match s {
         "auto" => return Ok(CompressPolicy::AUTO),
         "none" => return Ok(CompressPolicy::Fixed(Compression::None)),
         _ => {}
     }
     match s.parse::<i32>() {
-        Ok(l) if (1..=22).contains(&l) => Ok(CompressPolicy::Fixed(Compression::Zstd(l))),
+        Ok(l) if (1..=MAX_ZSTD_LEVEL).contains(&l) => {
+            Ok(CompressPolicy::Fixed(Compression::Zstd(l)))
+        }
         _ => Err(format!(
-            "{s:?} is neither auto, a zstd level (1-22) nor none"
+            "{s:?} is neither auto, a zstd level (1-{MAX_ZSTD_LEVEL}: failbackd compresses at \
+             {MAX_ZSTD_LEVEL} at most) nor none"
         )),
     }
 }

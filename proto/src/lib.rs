@@ -27,7 +27,13 @@ pub mod limits {
     /// The largest reply message: a chunk and its framing.
     pub const MAX_REPLY: usize = (MAX_MAX_CHUNK + (1 << 16)) as usize;
     /// The largest request, on either transport: requests are lists of ranges or paths.
-    pub const MAX_REQUEST: usize = 8 << 20;
+    /// Decoding multiplies a request's size (an empty range takes 2 bytes on the wire and 40
+    /// in memory), so it is kept to what failback sends: its batches stay under half of it.
+    pub const MAX_REQUEST: usize = 1 << 20;
+    /// The highest zstd level failbackd compresses at: a client asking for more is served at
+    /// this level (each level past it costs many times the CPU per chunk for a few percent
+    /// fewer bytes, and the CPU is the server's).
+    pub const MAX_ZSTD_LEVEL: i32 = 9;
     /// The most ranges one ReadRanges request may carry.
     pub const MAX_RANGES_PER_REQUEST: usize = 65_536;
     /// The longest path a request may name (PostgreSQL's MAXPGPATH is 1024).

@@ -16,6 +16,7 @@
 //! quic_initial_window = 1048576
 //! primary_conninfo = "host=db1.example port=5432 user=replicator"
 //! wal_summaries = true
+//! stall_timeout = 120
 //! ```
 //!
 //! A flag given on the command line wins over the file. A key the file does not know is
@@ -46,6 +47,8 @@ pub struct Settings {
     pub primary_conninfo: Option<String>,
     /// `false`: no background WAL summaries (`--no-wal-summaries`).
     pub wal_summaries: Option<bool>,
+    /// Seconds (`--stall-timeout`).
+    pub stall_timeout: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +98,7 @@ impl Settings {
             quic_initial_window: flags.quic_initial_window.or(self.quic_initial_window),
             primary_conninfo: flags.primary_conninfo.or(self.primary_conninfo),
             wal_summaries: flags.wal_summaries.or(self.wal_summaries),
+            stall_timeout: flags.stall_timeout.or(self.stall_timeout),
         }
     }
 }
@@ -126,6 +130,7 @@ mod tests {
             quic_initial_window = 262144
             primary_conninfo = "host=db1 user=replicator"
             wal_summaries = false
+            stall_timeout = 30
             "#,
         )
         .unwrap();
@@ -147,6 +152,7 @@ mod tests {
             Some("host=db1 user=replicator")
         );
         assert_eq!(s.wal_summaries, Some(false));
+        assert_eq!(s.stall_timeout, Some(30));
         assert_eq!(parse("").unwrap(), Settings::default());
     }
 

@@ -12,6 +12,7 @@ pub mod audit;
 pub mod config;
 pub mod live;
 pub mod quic;
+pub mod readers;
 pub mod service;
 pub mod summarizer;
 pub mod window;
@@ -26,7 +27,11 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use failback_proto::limits::{DEFAULT_MAX_CHUNK, MAX_MAX_CHUNK, MAX_REPLY, MAX_REQUEST};
 use failback_transport::tune::{DEFAULT_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW, MIN_WINDOW};
 
-use crate::service::{FailbackService, TokenCheck};
+use crate::service::{FailbackService, GrpcAuth, TokenCheck};
+
+/// The most a client may send failbackd on one gRPC stream before it is read: a request of
+/// [`MAX_REQUEST`] crosses in one window.
+const REQUEST_WINDOW: u32 = MAX_REQUEST as u32;
 
 /// What failbackd serves and how.
 #[derive(Clone, Debug)]
@@ -56,6 +61,9 @@ pub struct Config {
     pub wal_summaries: Option<std::sync::Arc<failback_datadir::summaries::WalSummaries>>,
     /// Where refused and abusive clients are logged (rate-limited), by both transports.
     pub audit: std::sync::Arc<audit::Audit>,
+    /// How long a reply may wait for a client that reads nothing, while other requests wait
+    /// for a reader slot, before its stream is ended ([`readers`]).
+    pub stall_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -72,6 +80,7 @@ impl Config {
             primary_conninfo: None,
             wal_summaries: None,
             audit: Default::default(),
+            stall_timeout: readers::DEFAULT_STALL_TIMEOUT,
         }
     }
 }
@@ -136,11 +145,21 @@ pub async fn serve(
     let svc = FailbackServer::new(svc)
         .max_decoding_message_size(MAX_REQUEST)
         .max_encoding_message_size(MAX_REPLY);
-    let svc =
-        tonic::service::interceptor::InterceptedService::new(svc, TokenCheck::new(config.token));
+    let auth = GrpcAuth {
+        token: TokenCheck::new(config.token),
+        audit: config.audit.clone(),
+    };
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, auth);
+    // What the server's windows bound is what clients may send it before it reads: requests,
+    // small, and checked for their token only once their headers are in. Replies flow in
+    // the client's windows.
     let mut builder = Server::builder()
-        .initial_stream_window_size(config.window)
-        .initial_connection_window_size(config.window);
+        .initial_stream_window_size(config.window.min(REQUEST_WINDOW))
+        .initial_connection_window_size(config.window.min(4 * REQUEST_WINDOW))
+        .max_concurrent_streams(quic::QuicLimits::default().max_streams_per_connection)
+        // A peer that vanished without closing its connection is found and dropped.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
     if let Some((cert, key)) = config.tls {
         let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
         if let Some(ca) = config.client_ca {

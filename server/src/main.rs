@@ -64,6 +64,11 @@ struct Args {
     /// host it reached failbackd at].
     #[arg(long, value_name = "CONNINFO")]
     primary_conninfo: Option<String>,
+    /// Seconds a reply may wait for a client that reads nothing before its request is ended,
+    /// when other requests wait for a reader slot (a slow client alone is never cut off)
+    /// [default: 120].
+    #[arg(long, value_name = "SECS")]
+    stall_timeout: Option<u64>,
     /// Do not summarize the WAL in the background: each rewind then decodes all of the
     /// source's WAL since the divergence (by default failbackd keeps, for each completed WAL
     /// segment, the blocks it changed, and a rewind reads those instead).
@@ -112,6 +117,7 @@ async fn serve(a: Args) -> Result<()> {
         quic_initial_window: a.quic_initial_window,
         primary_conninfo: a.primary_conninfo,
         wal_summaries: a.no_wal_summaries.then_some(false),
+        stall_timeout: a.stall_timeout,
     };
     let s = match &a.config {
         Some(f) => Settings::read(f)?.overridden_by(flags),
@@ -128,6 +134,10 @@ async fn serve(a: Args) -> Result<()> {
         .max_chunk
         .unwrap_or(failback_proto::limits::DEFAULT_MAX_CHUNK);
     config.pg_conn = s.pg_conn;
+    if let Some(secs) = s.stall_timeout {
+        anyhow::ensure!(secs >= 1, "--stall-timeout must be at least 1 second");
+        config.stall_timeout = std::time::Duration::from_secs(secs);
+    }
     config.primary_conninfo = s.primary_conninfo;
     let limits = failback_server::quic::QuicLimits::default();
     config.window = s.window.unwrap_or(failback_transport::tune::DEFAULT_WINDOW);
@@ -155,6 +165,23 @@ async fn serve(a: Args) -> Result<()> {
     );
     if let Some(f) = &s.client_ca {
         config.client_ca = Some(read(f, "client CA certificate")?);
+    }
+    if config.tls.is_none() {
+        eprintln!(
+            "failbackd: warning: serving without TLS: the data directory's bytes{} cross the \
+             network in clear text; give --tls-cert and --tls-key",
+            if config.token.is_some() {
+                " and the token"
+            } else {
+                ""
+            }
+        );
+    }
+    if config.token.is_none() && config.client_ca.is_none() {
+        eprintln!(
+            "failbackd: warning: serving without a token or client certificates: whoever \
+             reaches {listen} can read the data directory; give --token-file (or --client-ca)"
+        );
     }
     if config.pg_conn.is_none()
         && let Some(pid) = failback_datadir::postmaster::running_postmaster(&pgdata)

@@ -23,7 +23,7 @@ use failback_datadir::{DataDir, DataDirError, HashError, ReadStatus, hash_buffer
 use failback_proto::capability;
 use failback_proto::limits::{
     MAX_CHANGED_FILES_PER_REPLY, MAX_HASH_CHUNK, MAX_HASH_PATHS, MAX_HASHES_PER_FILE, MAX_PATH_LEN,
-    MAX_RANGES_PER_REQUEST, MIN_HASH_CHUNK,
+    MAX_RANGES_PER_REQUEST, MAX_ZSTD_LEVEL, MIN_HASH_CHUNK,
 };
 use failback_proto::v1::failback_server::Failback;
 use failback_proto::v1::*;
@@ -32,14 +32,25 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-/// ReadRanges streams read at once, over all clients: each holds a reader thread and a few
-/// chunks of memory, so the total is bounded whatever clients open; more requests wait.
-pub const MAX_READERS: usize = 64;
+use crate::audit::{Audit, Peer};
+use crate::readers::{
+    DEFAULT_STALL_TIMEOUT, MAX_READERS, MAX_READERS_PER_CONNECTION, Outbox, Readers, Sent,
+};
+
+/// Who sent `request`: QUIC names the connection in an extension; gRPC's connection is its
+/// remote address.
+pub fn peer_of<T>(request: &Request<T>) -> Peer {
+    match request.extensions().get::<Peer>() {
+        Some(p) => *p,
+        None => Peer::tcp(request.remote_addr()),
+    }
+}
 
 pub struct FailbackService {
     dir: DataDir,
     max_chunk: u64,
-    readers: Arc<tokio::sync::Semaphore>,
+    readers: Arc<Readers>,
+    audit: Arc<Audit>,
     pg_conn: Option<Arc<str>>,
     /// `--primary-conninfo`: what the handshake tells clients about reaching the server.
     primary_conninfo: Option<Arc<str>>,
@@ -54,7 +65,12 @@ impl FailbackService {
         FailbackService {
             dir,
             max_chunk,
-            readers: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
+            readers: Readers::new(
+                MAX_READERS,
+                MAX_READERS_PER_CONNECTION,
+                DEFAULT_STALL_TIMEOUT,
+            ),
+            audit: Arc::default(),
             pg_conn: None,
             primary_conninfo: None,
             windows: Arc::default(),
@@ -69,6 +85,15 @@ impl FailbackService {
             .with_pg_conn(config.pg_conn.clone())
             .with_primary_conninfo(config.primary_conninfo.clone())
             .with_wal_summaries(config.wal_summaries.clone())
+            .with_limits(config.audit.clone(), config.stall_timeout)
+    }
+
+    /// Where refused and abusive clients are logged, and how long a stalled stream keeps its
+    /// reader slot while others wait ([`crate::readers`]).
+    pub fn with_limits(mut self, audit: Arc<Audit>, stall_timeout: std::time::Duration) -> Self {
+        self.audit = audit;
+        self.readers = Readers::new(MAX_READERS, MAX_READERS_PER_CONNECTION, stall_timeout);
+        self
     }
 
     /// The WAL summaries [`Self::changes`] takes whole segments from.
@@ -89,13 +114,25 @@ impl FailbackService {
         self
     }
 
-    /// One of the [`MAX_READERS`] reader slots, held by a streaming answer until it ends.
-    async fn reader_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-        self.readers
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Status::unavailable("failbackd is shutting down"))
+    /// A reader slot for `peer` and the channel its streaming answer goes out through.
+    async fn outbox<T>(
+        &self,
+        peer: Peer,
+        call: &'static str,
+    ) -> Result<(Outbox<T>, ReceiverStream<Result<T, Status>>), Status> {
+        let slot = self.readers.acquire(peer).await?;
+        // A small channel: the reader stays at most a few replies ahead of the network.
+        let (tx, rx) = mpsc::channel(4);
+        Ok((
+            Outbox::new(tx, slot, self.audit.clone(), call),
+            ReceiverStream::new(rx),
+        ))
+    }
+
+    /// Logs that `peer`'s `call` was refused, and gives the status it is refused with.
+    fn refuse(&self, peer: &Peer, call: &str, s: Status) -> Status {
+        self.audit.refused(peer, call, s.message());
+        s
     }
 
     /// The source server's end of WAL, or why it cannot be known.
@@ -289,34 +326,44 @@ impl Failback for FailbackService {
         &self,
         request: Request<ReadRangesRequest>,
     ) -> Result<Response<Self::ReadRangesStream>, Status> {
+        let peer = peer_of(&request);
         let req = request.into_inner();
+        let refuse = |s: Status| self.refuse(&peer, "ReadRanges", s);
         if req.ranges.len() > MAX_RANGES_PER_REQUEST {
-            return Err(Status::invalid_argument(format!(
+            return Err(refuse(Status::invalid_argument(format!(
                 "{} ranges in one request, over the limit of {MAX_RANGES_PER_REQUEST}",
                 req.ranges.len()
-            )));
+            ))));
         }
         for r in &req.ranges {
-            check_path(&r.path)?;
-            if r.offset.checked_add(r.length).is_none() {
-                return Err(Status::invalid_argument(format!(
-                    "range of {:?} at {} of {} bytes overflows 64 bits",
+            check_path(&r.path).map_err(refuse)?;
+            // pread takes a signed offset: a range past it could never be read.
+            if r.offset
+                .checked_add(r.length)
+                .is_none_or(|end| end > i64::MAX as u64)
+            {
+                return Err(refuse(Status::invalid_argument(format!(
+                    "range of {:?} at {} of {} bytes ends past 2^63, the largest file offset",
                     r.path, r.offset, r.length
-                )));
+                ))));
             }
         }
-        let compression = Compression::from_level(req.compression_level);
+        let compression = match Compression::from_level(req.compression_level) {
+            // Higher levels cost many times the CPU per chunk for a few percent fewer bytes.
+            Compression::Zstd(l) => Compression::Zstd(l.min(MAX_ZSTD_LEVEL)),
+            none => none,
+        };
         if let Compression::Zstd(l) = compression {
-            wire::encode(&[], compression)
-                .map_err(|_| Status::invalid_argument(format!("zstd level {l} is out of range")))?;
+            wire::encode(&[], compression).map_err(|_| {
+                refuse(Status::invalid_argument(format!(
+                    "zstd level {l} is out of range"
+                )))
+            })?;
         }
         let dir = self.dir.clone();
         let max_chunk = self.max_chunk;
-        let permit = self.reader_permit().await?;
-        // A small channel: the reader stays at most a few chunks ahead of the network.
-        let (tx, rx) = mpsc::channel(4);
+        let (out, rx) = self.outbox(peer, "ReadRanges").await?;
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
             let mut buf = Vec::new();
             let mut reader = dir.range_reader();
             for r in req.ranges {
@@ -326,7 +373,7 @@ impl Failback for FailbackService {
                     let len = (end - off).min(max_chunk);
                     let chunk = match reader.read(&r.path, off, len, &mut buf) {
                         Err(e) => {
-                            let _ = tx.blocking_send(Err(status(e)));
+                            out.send(Err(status(e)));
                             return;
                         }
                         Ok(ReadStatus::Vanished) => Chunk {
@@ -337,7 +384,7 @@ impl Failback for FailbackService {
                         },
                         Ok(st) => match wire::encode(&buf, compression) {
                             Err(e) => {
-                                let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
+                                out.send(Err(Status::internal(e.to_string())));
                                 return;
                             }
                             Ok(enc) => Chunk {
@@ -356,8 +403,8 @@ impl Failback for FailbackService {
                         },
                     };
                     let stop = chunk.status != ChunkStatus::Ok as i32;
-                    if tx.blocking_send(Ok(chunk)).is_err() {
-                        return; // the client went away
+                    if out.send(Ok(chunk)) != Sent::Delivered {
+                        return; // the client went away, or stalled while others waited
                     }
                     if stop {
                         break;
@@ -366,7 +413,7 @@ impl Failback for FailbackService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(rx)))
     }
 
     type ChunkHashesStream = BoxStream<FileHashes>;
@@ -375,39 +422,39 @@ impl Failback for FailbackService {
         &self,
         request: Request<ChunkHashesRequest>,
     ) -> Result<Response<Self::ChunkHashesStream>, Status> {
+        let peer = peer_of(&request);
         let req = request.into_inner();
+        let refuse = |s: Status| self.refuse(&peer, "ChunkHashes", s);
         let cs = req.chunk_size;
         if !(MIN_HASH_CHUNK..=MAX_HASH_CHUNK).contains(&cs) {
-            return Err(Status::invalid_argument(format!(
+            return Err(refuse(Status::invalid_argument(format!(
                 "chunk size {cs} is out of range ({MIN_HASH_CHUNK} .. {MAX_HASH_CHUNK})"
-            )));
+            ))));
         }
         if req.paths.len() > MAX_HASH_PATHS {
-            return Err(Status::invalid_argument(format!(
+            return Err(refuse(Status::invalid_argument(format!(
                 "{} paths in one request, over the limit of {MAX_HASH_PATHS}",
                 req.paths.len()
-            )));
+            ))));
         }
         for p in &req.paths {
-            check_path(p)?;
+            check_path(p).map_err(refuse)?;
             // Refused up front, like ReadRanges, rather than halfway through the stream.
-            self.dir.resolve(p).map_err(status)?;
+            self.dir.resolve(p).map_err(|e| refuse(status(e)))?;
         }
         let dir = self.dir.clone();
-        let permit = self.reader_permit().await?;
-        let (tx, rx) = mpsc::channel(4);
+        let (out, rx) = self.outbox(peer, "ChunkHashes").await?;
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
             let mut buf = hash_buffer(cs);
             for path in req.paths {
                 let r = hash_file(&dir, &path, cs, &mut buf);
                 let stop = r.is_err();
-                if tx.blocking_send(r).is_err() || stop {
+                if out.send(r) != Sent::Delivered || stop {
                     return;
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(rx)))
     }
 
     async fn end_of_wal(
@@ -455,6 +502,7 @@ impl Failback for FailbackService {
         &self,
         request: Request<ChangesRequest>,
     ) -> Result<Response<Self::ChangesStream>, Status> {
+        let peer = peer_of(&request);
         let req = request.into_inner();
         let since = failback_common::Lsn(req.since_lsn);
         // A running server's WAL ends where it says, on the timeline it says (its control file
@@ -474,10 +522,8 @@ impl Failback for FailbackService {
         });
         let dir = self.dir.clone();
         let summaries = self.summaries.clone();
-        let permit = self.reader_permit().await?;
-        let (tx, rx) = mpsc::channel(4);
+        let (out, rx) = self.outbox(peer, "Changes").await?;
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
             let found = control(&dir).and_then(|(_, c)| {
                 source_changes(&dir, &c, since, end, summaries.as_deref()).map_err(|e| match e {
                     SourceChangesError::Gone { .. } => {
@@ -489,7 +535,7 @@ impl Failback for FailbackService {
             let found = match found {
                 Ok(f) => f,
                 Err(s) => {
-                    let _ = tx.blocking_send(Err(s));
+                    out.send(Err(s));
                     return;
                 }
             };
@@ -512,11 +558,11 @@ impl Failback for FailbackService {
                     files: chunk.to_vec(),
                     ..Default::default()
                 };
-                if tx.blocking_send(Ok(reply)).is_err() {
+                if out.send(Ok(reply)) != Sent::Delivered {
                     return;
                 }
             }
-            let _ = tx.blocking_send(Ok(ChangesReply {
+            out.send(Ok(ChangesReply {
                 files: last.to_vec(),
                 created: found
                     .changes
@@ -540,7 +586,7 @@ impl Failback for FailbackService {
                 summarized_segments: found.summarized_segments,
             }));
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(rx)))
     }
 }
 
@@ -602,14 +648,25 @@ impl TokenCheck {
     }
 }
 
-impl tonic::service::Interceptor for TokenCheck {
+/// The gRPC side of the token check: refusals are logged with the peer's address.
+#[derive(Clone)]
+pub struct GrpcAuth {
+    pub token: TokenCheck,
+    pub audit: Arc<Audit>,
+}
+
+impl tonic::service::Interceptor for GrpcAuth {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let got = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        self.check(got)?;
+        if let Err(s) = self.token.check(got) {
+            self.audit
+                .refused(&peer_of(&request), "a gRPC call", s.message());
+            return Err(s);
+        }
         Ok(request)
     }
 }

@@ -147,8 +147,8 @@ fn oversized_requests_are_refused_and_the_server_keeps_serving() {
         .unwrap();
     let many = pb::ReadRangesRequest {
         ranges: (0..70_000)
-            .map(|i| pb::Range {
-                path: format!("base/1/{i}"),
+            .map(|_| pb::Range {
+                path: "b".into(),
                 offset: 0,
                 length: 1,
             })
@@ -169,7 +169,7 @@ fn oversized_requests_are_refused_and_the_server_keeps_serving() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     let level = pb::ReadRangesRequest {
         ranges: vec![],
-        compression_level: 99,
+        compression_level: -200_000,
     };
     let e = rt.block_on(raw.read_ranges(level)).expect_err("refused");
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");

@@ -26,7 +26,7 @@ use failback_common::lsn::history_file_name;
 use failback_common::patience::{Next, Patience, Stall};
 use failback_common::wire::{self, WireError};
 use failback_proto::capability;
-use failback_proto::limits::{MAX_HASH_PATHS, MAX_MAX_CHUNK, MAX_RANGES_PER_REQUEST};
+use failback_proto::limits::{MAX_HASH_PATHS, MAX_MAX_CHUNK, MAX_RANGES_PER_REQUEST, MAX_REQUEST};
 use failback_proto::v1 as pb;
 use failback_sql::conninfo;
 use failback_transport::url::{Scheme, SourceUrl};
@@ -49,8 +49,10 @@ const MAX_SMALL_FILE: u64 = 64 << 20;
 pub(crate) const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long the retry of a damaged chunk may take before the damage is reported.
 const REFETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-/// Paths per ChunkHashes request: a quarter of what the server accepts.
-const HASH_BATCH: usize = MAX_HASH_PATHS / 4;
+/// Paths per ChunkHashes request: an eighth of what the server accepts, so that a batch of
+/// paths of PostgreSQL's longest (MAXPGPATH, 1024 bytes) stays within [`MAX_REQUEST`].
+const HASH_BATCH: usize = MAX_HASH_PATHS / 8;
+const _: () = assert!(HASH_BATCH * (1024 + 8) < MAX_REQUEST);
 
 /// How to reach failbackd.
 #[derive(Clone)]
@@ -883,13 +885,15 @@ fn probe_batches(batches: &[Vec<FetchRange>]) -> usize {
 fn batches(ranges: &[FetchRange]) -> Vec<Vec<FetchRange>> {
     let mut out = Vec::new();
     let mut cur = Vec::new();
-    let mut bytes = 0u64;
+    let (mut bytes, mut encoded) = (0u64, 0usize);
     for r in ranges {
         cur.push(r.clone());
         bytes = bytes.saturating_add(r.length);
-        if bytes >= BATCH_BYTES || cur.len() >= BATCH_RANGES {
+        // A range's path, two varints and its framing.
+        encoded += r.path.len() + 32;
+        if bytes >= BATCH_BYTES || cur.len() >= BATCH_RANGES || encoded >= MAX_REQUEST / 2 {
             out.push(std::mem::take(&mut cur));
-            bytes = 0;
+            (bytes, encoded) = (0, 0);
         }
     }
     if !cur.is_empty() {
