@@ -7,6 +7,10 @@
 //! [`MAX_READERS_PER_CONNECTION`] for one connection, so that one client, however many
 //! requests it sends, leaves slots for another's rewind.
 //!
+//! Answers whose work is out of proportion to their request or reply (ChunkHashes hashes
+//! whole files for a list of paths, Changes decodes WAL) also hold a worker slot, of which
+//! there are only a few ([`max_workers`], [`MAX_WORKERS_PER_CONNECTION`]).
+//!
 //! A client that asks and never reads would keep its slots forever: its replies fill the
 //! channel and the reader waits. Such a stream is ended once it has been unable to hand on a
 //! reply for the stall timeout *while another request waits for a slot*: a slow client on a
@@ -26,6 +30,15 @@ use crate::audit::{Audit, Peer};
 pub const MAX_READERS: usize = 64;
 /// Streaming answers one connection may have read at once; its further requests wait.
 pub const MAX_READERS_PER_CONNECTION: usize = MAX_READERS / 2;
+/// Answers that cost CPU out of proportion to their replies (hashing whole files, decoding
+/// WAL) one connection may have computed at once: failback asks one at a time.
+pub const MAX_WORKERS_PER_CONNECTION: usize = 2;
+
+/// Such answers computed at once over all clients: a few more than the cores, so that they
+/// never take every core from the readers and PostgreSQL.
+pub fn max_workers() -> usize {
+    (2 * failback_datadir::wal::cores()).max(4)
+}
 /// How long a reply may wait for its client to read before the stream is ended, when other
 /// requests wait for a reader slot.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -145,7 +158,8 @@ pub enum Sent {
 /// as long as nobody else needs the slot.
 pub struct Outbox<T> {
     tx: mpsc::Sender<Result<T, Status>>,
-    slot: ReaderSlot,
+    /// The reader slot, then any other slot the answer holds.
+    slots: Vec<ReaderSlot>,
     rt: tokio::runtime::Handle,
     audit: Arc<Audit>,
     call: &'static str,
@@ -154,13 +168,14 @@ pub struct Outbox<T> {
 impl<T> Outbox<T> {
     pub fn new(
         tx: mpsc::Sender<Result<T, Status>>,
-        slot: ReaderSlot,
+        slots: Vec<ReaderSlot>,
         audit: Arc<Audit>,
         call: &'static str,
     ) -> Self {
+        assert!(!slots.is_empty(), "an answer holds a reader slot");
         Outbox {
             tx,
-            slot,
+            slots,
             rt: tokio::runtime::Handle::current(),
             audit,
             call,
@@ -169,14 +184,15 @@ impl<T> Outbox<T> {
 
     /// Hands `item` to the transport, from a blocking thread.
     pub fn send(&self, item: Result<T, Status>) -> Sent {
-        let readers = &self.slot.readers;
+        let stall_timeout = self.slots[0].readers.stall_timeout;
+        let contended = || self.slots.iter().any(|s| s.readers.contended());
         let sent = self.rt.block_on(async {
             let since = Instant::now();
             loop {
                 match tokio::time::timeout(STALL_CHECK, self.tx.reserve()).await {
                     Ok(Ok(permit)) => return Ok(permit),
                     Ok(Err(_)) => return Err(Sent::Gone),
-                    Err(_) if since.elapsed() >= readers.stall_timeout && readers.contended() => {
+                    Err(_) if since.elapsed() >= stall_timeout && contended() => {
                         return Err(Sent::Stalled);
                     }
                     Err(_) => {}
@@ -190,11 +206,11 @@ impl<T> Outbox<T> {
             }
             Err(Sent::Stalled) => {
                 self.audit.cut_off(
-                    &self.slot.peer,
+                    &self.slots[0].peer,
                     self.call,
                     &format!(
-                        "it read nothing for {} s while other requests waited for a reader",
-                        readers.stall_timeout.as_secs_f64()
+                        "it read nothing for {} s while other requests waited for its slot",
+                        stall_timeout.as_secs_f64()
                     ),
                 );
                 Sent::Stalled
@@ -239,7 +255,7 @@ mod tests {
         let audit = Arc::new(Audit::to(|_| {}));
         let slot = r.acquire(peer(1)).await.unwrap();
         let (tx, _rx) = mpsc::channel::<Result<u32, Status>>(1);
-        let outbox = Outbox::new(tx, slot, audit, "ReadRanges");
+        let outbox = Outbox::new(tx, vec![slot], audit, "ReadRanges");
         // Nobody waits: the full channel is waited on past the stall timeout.
         let first = tokio::task::spawn_blocking(move || {
             assert_eq!(outbox.send(Ok(1)), Sent::Delivered);

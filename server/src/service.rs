@@ -34,7 +34,8 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::{Audit, Peer};
 use crate::readers::{
-    DEFAULT_STALL_TIMEOUT, MAX_READERS, MAX_READERS_PER_CONNECTION, Outbox, Readers, Sent,
+    DEFAULT_STALL_TIMEOUT, MAX_READERS, MAX_READERS_PER_CONNECTION, MAX_WORKERS_PER_CONNECTION,
+    Outbox, Readers, Sent, max_workers,
 };
 
 /// Who sent `request`: QUIC names the connection in an extension; gRPC's connection is its
@@ -50,6 +51,8 @@ pub struct FailbackService {
     dir: DataDir,
     max_chunk: u64,
     readers: Arc<Readers>,
+    /// Worker slots of the answers that compute much for little ([`crate::readers`]).
+    workers: Arc<Readers>,
     audit: Arc<Audit>,
     pg_conn: Option<Arc<str>>,
     /// `--primary-conninfo`: what the handshake tells clients about reaching the server.
@@ -68,6 +71,11 @@ impl FailbackService {
             readers: Readers::new(
                 MAX_READERS,
                 MAX_READERS_PER_CONNECTION,
+                DEFAULT_STALL_TIMEOUT,
+            ),
+            workers: Readers::new(
+                max_workers(),
+                MAX_WORKERS_PER_CONNECTION,
                 DEFAULT_STALL_TIMEOUT,
             ),
             audit: Arc::default(),
@@ -93,6 +101,7 @@ impl FailbackService {
     pub fn with_limits(mut self, audit: Arc<Audit>, stall_timeout: std::time::Duration) -> Self {
         self.audit = audit;
         self.readers = Readers::new(MAX_READERS, MAX_READERS_PER_CONNECTION, stall_timeout);
+        self.workers = Readers::new(max_workers(), MAX_WORKERS_PER_CONNECTION, stall_timeout);
         self
     }
 
@@ -114,17 +123,25 @@ impl FailbackService {
         self
     }
 
-    /// A reader slot for `peer` and the channel its streaming answer goes out through.
+    /// A reader slot for `peer` (and a worker slot first when its answer computes much:
+    /// `worker`) and the channel its streaming answer goes out through.
     async fn outbox<T>(
         &self,
         peer: Peer,
         call: &'static str,
+        worker: bool,
     ) -> Result<(Outbox<T>, ReceiverStream<Result<T, Status>>), Status> {
-        let slot = self.readers.acquire(peer).await?;
+        let work = match worker {
+            true => Some(self.workers.acquire(peer).await?),
+            false => None,
+        };
+        let slots = std::iter::once(self.readers.acquire(peer).await?)
+            .chain(work)
+            .collect();
         // A small channel: the reader stays at most a few replies ahead of the network.
         let (tx, rx) = mpsc::channel(4);
         Ok((
-            Outbox::new(tx, slot, self.audit.clone(), call),
+            Outbox::new(tx, slots, self.audit.clone(), call),
             ReceiverStream::new(rx),
         ))
     }
@@ -362,7 +379,7 @@ impl Failback for FailbackService {
         }
         let dir = self.dir.clone();
         let max_chunk = self.max_chunk;
-        let (out, rx) = self.outbox(peer, "ReadRanges").await?;
+        let (out, rx) = self.outbox(peer, "ReadRanges", false).await?;
         tokio::task::spawn_blocking(move || {
             let mut buf = Vec::new();
             let mut reader = dir.range_reader();
@@ -443,7 +460,7 @@ impl Failback for FailbackService {
             self.dir.resolve(p).map_err(|e| refuse(status(e)))?;
         }
         let dir = self.dir.clone();
-        let (out, rx) = self.outbox(peer, "ChunkHashes").await?;
+        let (out, rx) = self.outbox(peer, "ChunkHashes", true).await?;
         tokio::task::spawn_blocking(move || {
             let mut buf = hash_buffer(cs);
             for path in req.paths {
@@ -522,7 +539,7 @@ impl Failback for FailbackService {
         });
         let dir = self.dir.clone();
         let summaries = self.summaries.clone();
-        let (out, rx) = self.outbox(peer, "Changes").await?;
+        let (out, rx) = self.outbox(peer, "Changes", true).await?;
         tokio::task::spawn_blocking(move || {
             let found = control(&dir).and_then(|(_, c)| {
                 source_changes(&dir, &c, since, end, summaries.as_deref()).map_err(|e| match e {
