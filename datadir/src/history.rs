@@ -28,15 +28,7 @@ pub enum HistoryReadError {
 pub fn history_files(dir: &DataDir) -> Result<Vec<(TimeLineId, Vec<u8>)>, DataDirError> {
     // Only pg_wal is looked at (through the same confinement as every read), not the whole
     // directory: a large cluster has many files, and histories live in one place.
-    let wal = dir.resolve("pg_wal")?;
-    let names: Vec<String> = std::fs::read_dir(&wal)
-        .map_err(|e| DataDirError::Io {
-            path: "pg_wal".into(),
-            source: e,
-        })?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
+    let names = dir.names("pg_wal")?;
     let mut out = Vec::new();
     for name in names {
         let Some(tli) = history_timeline(&name) else {

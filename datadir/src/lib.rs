@@ -8,32 +8,45 @@
 //! server removes WAL segments and temporary files); vanished entries are skipped.
 //!
 //! Everything here is confined to the data directory: a path is relative, has no `..` or empty
-//! components, and is resolved component by component so that no symlink except a tablespace
-//! link or `pg_wal` can lead out. failbackd serves through this crate, the client's local
+//! components, and is opened by the kernel beneath a descriptor of the data directory opened
+//! once, following no symlink but a tablespace link or `pg_wal` (and those only to a directory
+//! of the data directory's owner), whatever is renamed in the directory meanwhile: how, and
+//! what is left, is in [`beneath`]. failbackd serves through this crate, the client's local
 //! source reads through it too, and the client lists its target with it.
 //!
 //! Beside the files: [`hash_chunks`], the one way both ends hash a file in fixed-size chunks
 //! to compare them without sending them; [`postmaster`], whether PostgreSQL runs on a data
-//! directory (its `postmaster.pid`); and [`wal`], its WAL read along a timeline history.
+//! directory (its `postmaster.pid`); [`wal`], its WAL read along a timeline history; and
+//! [`check_data_directory`], whether a directory is one at all.
 
+pub mod beneath;
 pub mod checksums;
 pub mod history;
 pub mod postmaster;
 pub mod summaries;
 pub mod wal;
 
-use std::fs::{self, File};
-use std::io;
+use std::ffi::CStr;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use failback_common::filemap::{FileEntry, FileType};
+use rustix::fs::{AtFlags, FileType as Kind, OFlags};
+use rustix::io::Errno;
+
+use beneath::{DIR_READ, FILE_READ, Found, Root};
 
 /// Why a request for a path was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
     #[error(
-        "path {0:?} is not allowed: only relative paths inside the data directory, without '..', are served"
+        "path {0:?} is not allowed: only relative paths inside the data directory, without '..', \
+         are served, following no symbolic link but pg_wal and pg_tblspc/<oid>, and those only \
+         to a directory of the data directory's owner"
     )]
     PathNotAllowed(String),
     #[error("{path}: {source}")]
@@ -45,10 +58,10 @@ pub enum DataDirError {
 }
 
 impl DataDirError {
-    fn io(path: &str, source: io::Error) -> Self {
+    fn io(path: &str, source: impl Into<io::Error>) -> Self {
         DataDirError::Io {
             path: path.to_string(),
-            source,
+            source: source.into(),
         }
     }
 
@@ -70,137 +83,212 @@ pub enum ReadStatus {
 }
 
 /// One data directory, opened read-only.
+///
+/// The directory is opened once, when this is made (or, if it could not be then, on first
+/// use), and every path is looked up beneath that descriptor: a directory renamed or replaced
+/// at the root's path afterwards is not followed. Clones share the descriptor.
 #[derive(Debug, Clone)]
 pub struct DataDir {
     root: PathBuf,
+    opened: Arc<OnceLock<Root>>,
+}
+
+/// The checked components of a data-directory-relative path.
+fn components(rel: &str) -> Result<Vec<&str>, DataDirError> {
+    let refuse = || DataDirError::PathNotAllowed(rel.to_string());
+    if rel.is_empty() || rel.starts_with('/') || rel.contains('\0') {
+        return Err(refuse());
+    }
+    let parts: Vec<&str> = rel.split('/').collect();
+    if parts
+        .iter()
+        .any(|p| p.is_empty() || *p == "." || *p == "..")
+    {
+        return Err(refuse());
+    }
+    Ok(parts)
 }
 
 impl DataDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        DataDir { root: root.into() }
+        let dir = DataDir {
+            root: root.into(),
+            opened: Arc::new(OnceLock::new()),
+        };
+        // Pinned now if it exists; a directory made later is opened on first use.
+        let _ = dir.opened();
+        dir
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// The absolute path of a data-directory-relative path, after the confinement checks.
-    ///
-    /// Symlinks are allowed only where PostgreSQL puts them: `pg_tblspc/<name>` and `pg_wal`.
-    /// Every other symlink on the way (including the final component) is refused, so a link
-    /// planted in the data directory cannot expose files outside it.
-    pub fn resolve(&self, rel: &str) -> Result<PathBuf, DataDirError> {
-        let refuse = || DataDirError::PathNotAllowed(rel.to_string());
-        if rel.is_empty() || rel.starts_with('/') || rel.contains('\0') {
-            return Err(refuse());
+    /// The data directory's descriptor, opened now if it was not yet.
+    fn opened(&self) -> io::Result<&Root> {
+        if let Some(r) = self.opened.get() {
+            return Ok(r);
         }
-        let parts: Vec<&str> = rel.split('/').collect();
-        if parts
-            .iter()
-            .any(|p| p.is_empty() || *p == "." || *p == "..")
-        {
-            return Err(refuse());
-        }
-        let mut path = self.root.clone();
-        for (i, part) in parts.iter().enumerate() {
-            path.push(part);
-            match fs::symlink_metadata(&path) {
-                Ok(md) if md.file_type().is_symlink() => {
-                    let allowed =
-                        (i == 0 && *part == "pg_wal") || (i == 1 && parts[0] == "pg_tblspc");
-                    if !allowed {
-                        return Err(refuse());
-                    }
-                }
-                // A missing component is not a confinement problem; the caller's open reports it.
-                _ => {}
-            }
-        }
-        Ok(path)
+        let root = Root::open(&self.root)?;
+        // Another thread may have opened it meanwhile; either descriptor is the same directory
+        // and the first one stays.
+        let _ = self.opened.set(root);
+        Ok(self.opened.get().expect("set just above"))
     }
 
-    /// Every entry below the data directory, in pg_rewind's terms, sorted by path.
+    /// Opens the data-directory-relative `parts` (none: the directory itself) with `flags`,
+    /// confined as [`beneath`] explains. `Ok(None)`: it (or the data directory) does not exist.
+    fn open_fd(
+        &self,
+        rel: &str,
+        parts: &[&str],
+        flags: OFlags,
+    ) -> Result<Option<OwnedFd>, DataDirError> {
+        let root = match self.opened() {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(DataDirError::io(rel, e)),
+        };
+        match root.open_path(parts, flags) {
+            Ok(Found::Fd(fd)) => Ok(Some(fd)),
+            Ok(Found::Missing) => Ok(None),
+            Ok(Found::Refused) => Err(DataDirError::PathNotAllowed(rel.to_string())),
+            Err(e) => Err(DataDirError::io(rel, e)),
+        }
+    }
+
+    /// The absolute path of a data-directory-relative path, after the confinement checks: a
+    /// cheap check up front (one lookup, nothing read), for a request to be refused before it
+    /// is answered. It does not make reading that path by name safe: the directory may change
+    /// right after; every read here looks the path up again, confined.
+    ///
+    /// Symlinks are allowed only where PostgreSQL puts them: `pg_tblspc/<name>` and `pg_wal`,
+    /// and only to a directory of the data directory's owner. Every other symlink on the way
+    /// (including the final component) is refused, so a link planted in the data directory
+    /// cannot expose files outside it. A missing path, or one that cannot be looked at, is not
+    /// refused here: reading it says what is wrong.
+    pub fn resolve(&self, rel: &str) -> Result<PathBuf, DataDirError> {
+        let parts = components(rel)?;
+        match self.open_fd(rel, &parts, OFlags::PATH) {
+            Err(e @ DataDirError::PathNotAllowed(_)) => Err(e),
+            _ => Ok(self.root.join(rel)),
+        }
+    }
+
+    /// Every entry below the data directory, in pg_rewind's terms, sorted by path. Each
+    /// directory is opened beneath the one holding it and its entries looked at there, so a
+    /// directory swapped for a link meanwhile is not followed (the listing fails instead); a
+    /// tablespace link or a linked `pg_wal` leading to a directory of another owner than the
+    /// data directory's is refused, not listed as empty.
     pub fn list(&self) -> Result<Vec<FileEntry>, DataDirError> {
+        let root = self
+            .open_fd("", &[], DIR_READ)?
+            .ok_or_else(|| DataDirError::io("", io::Error::from(io::ErrorKind::NotFound)))?;
         let mut out = Vec::new();
-        self.walk(&self.root.clone(), "", &mut out)?;
+        self.walk(root, "", &mut out)?;
         out.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(out)
     }
 
-    fn walk(&self, dir: &Path, prefix: &str, out: &mut Vec<FileEntry>) -> Result<(), DataDirError> {
-        let entries = match fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !prefix.is_empty() => return Ok(()),
-            Err(e) => return Err(DataDirError::io(prefix, e)),
-        };
-        for entry in entries {
-            let entry = match entry {
-                Ok(e) => e,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(DataDirError::io(prefix, e)),
-            };
-            let Ok(name) = entry.file_name().into_string() else {
+    /// Lists the open directory `dir` (`prefix` in the data directory) into `out`, and the
+    /// directories below it, each opened beneath the one holding it.
+    fn walk(
+        &self,
+        dir: OwnedFd,
+        prefix: &str,
+        out: &mut Vec<FileEntry>,
+    ) -> Result<(), DataDirError> {
+        // Kept open (a duplicate of the descriptor the listing read) to look at the entries.
+        let at = dir.try_clone().map_err(|e| DataDirError::io(prefix, e))?;
+        let names = beneath::entries(dir).map_err(|e| DataDirError::io(prefix, e))?;
+        for name in names {
+            let Ok(name) = name.to_str() else {
                 // PostgreSQL never creates such names; a stray one cannot be served by path.
                 continue;
             };
             let rel = if prefix.is_empty() {
-                name.clone()
+                name.to_string()
             } else {
                 format!("{prefix}/{name}")
             };
-            let full = entry.path();
-            let md = match fs::symlink_metadata(&full) {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            let st = match rustix::fs::statat(&at, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(Errno::NOENT) => continue,
                 Err(e) => return Err(DataDirError::io(&rel, e)),
             };
-            let ft = md.file_type();
-            if ft.is_symlink() {
-                let target = match fs::read_link(&full) {
-                    Ok(t) => t,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(DataDirError::io(&rel, e)),
-                };
-                if rel == "pg_wal" {
-                    // pg_wal is always treated as a directory, wherever it lives.
-                    out.push(dir_entry(rel.clone()));
-                    self.walk(&full, &rel, out)?;
-                } else if prefix == "pg_tblspc" {
-                    out.push(FileEntry {
-                        path: rel.clone(),
-                        file_type: FileType::Symlink,
-                        size: 0,
-                        link_target: Some(target.to_string_lossy().into_owned()),
+            match Kind::from_raw_mode(st.st_mode) {
+                Kind::Symlink => {
+                    let target = match rustix::fs::readlinkat(&at, name, Vec::new()) {
+                        Ok(t) => t,
+                        Err(Errno::NOENT) => continue,
+                        Err(e) => return Err(DataDirError::io(&rel, e)),
+                    };
+                    let followed = rel == "pg_wal" || prefix == "pg_tblspc";
+                    out.push(if rel == "pg_wal" {
+                        // pg_wal is always treated as a directory, wherever it lives.
+                        dir_entry(rel.clone())
+                    } else {
+                        symlink_entry(rel.clone(), &target)
                     });
-                    self.walk(&full, &rel, out)?;
-                } else {
-                    out.push(FileEntry {
-                        path: rel,
-                        file_type: FileType::Symlink,
-                        size: 0,
-                        link_target: Some(target.to_string_lossy().into_owned()),
-                    });
+                    if followed {
+                        let root = self.opened().map_err(|e| DataDirError::io(&rel, e))?;
+                        let child = root.enter(at.as_fd(), name, DIR_READ);
+                        self.walk_into(child, &rel, out)?;
+                    }
                 }
-            } else if ft.is_dir() {
-                out.push(dir_entry(rel.clone()));
-                self.walk(&full, &rel, out)?;
-            } else if ft.is_file() {
-                out.push(FileEntry::regular(rel, md.len()));
+                Kind::Directory => {
+                    out.push(dir_entry(rel.clone()));
+                    let child = beneath::found(beneath::child(at.as_fd(), name, DIR_READ));
+                    self.walk_into(child, &rel, out)?;
+                }
+                Kind::RegularFile => out.push(FileEntry::regular(rel, st.st_size as u64)),
+                // Sockets, fifos and devices have no place in a data directory; they are skipped.
+                _ => {}
             }
-            // Sockets, fifos and devices have no place in a data directory; they are skipped.
         }
         Ok(())
+    }
+
+    /// Walks the directory `rel` just opened: nothing when it vanished meanwhile, an error when
+    /// it became (or leads through) a link that may not be followed.
+    fn walk_into(
+        &self,
+        opened: Result<Found, Errno>,
+        rel: &str,
+        out: &mut Vec<FileEntry>,
+    ) -> Result<(), DataDirError> {
+        match opened {
+            Ok(Found::Fd(fd)) => self.walk(fd, rel, out),
+            Ok(Found::Missing) => Ok(()),
+            Ok(Found::Refused) => Err(DataDirError::PathNotAllowed(rel.to_string())),
+            Err(e) => Err(DataDirError::io(rel, e)),
+        }
+    }
+
+    /// The names in the directory `rel` (`pg_wal`, say), confined like every read; names that
+    /// are not UTF-8 are left out. A directory that does not exist is an error.
+    pub fn names(&self, rel: &str) -> Result<Vec<String>, DataDirError> {
+        let parts = components(rel)?;
+        let dir = self
+            .open_fd(rel, &parts, DIR_READ)?
+            .ok_or_else(|| DataDirError::io(rel, io::Error::from(io::ErrorKind::NotFound)))?;
+        let names = beneath::entries(dir).map_err(|e| DataDirError::io(rel, e))?;
+        Ok(names
+            .into_iter()
+            .filter_map(|n| n.into_string().ok())
+            .collect())
     }
 
     /// Reads a whole (small) file, such as `global/pg_control` or a timeline history file.
     /// `Ok(None)` when it does not exist.
     pub fn read_file(&self, rel: &str) -> Result<Option<Vec<u8>>, DataDirError> {
-        let path = self.resolve(rel)?;
-        match fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(DataDirError::io(rel, e)),
-        }
+        let Some(mut file) = self.open(rel)? else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| DataDirError::io(rel, e))?;
+        Ok(Some(bytes))
     }
 
     /// Reads `len` bytes at the 64-bit `offset` of a file into `buf` (its old content replaced).
@@ -222,21 +310,141 @@ impl DataDir {
         }
     }
 
-    /// Opens a file for sequential reading (hashing, streaming a whole file).
+    /// Opens a file for sequential reading (hashing, streaming a whole file), confined as
+    /// [`beneath`] explains. `Ok(None)` when it does not exist. Anything but a regular file
+    /// or a directory (a FIFO, a socket, a device) is an error.
     pub fn open(&self, rel: &str) -> Result<Option<File>, DataDirError> {
-        let path = self.resolve(rel)?;
-        match File::open(&path) {
-            Ok(f) => Ok(Some(f)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(DataDirError::io(rel, e)),
+        let parts = components(rel)?;
+        let Some(fd) = self.open_fd(rel, &parts, FILE_READ)? else {
+            return Ok(None);
+        };
+        let kind = rustix::fs::fstat(&fd)
+            .map(|st| Kind::from_raw_mode(st.st_mode))
+            .map_err(|e| DataDirError::io(rel, e))?;
+        if !matches!(kind, Kind::RegularFile | Kind::Directory) {
+            return Err(DataDirError::io(
+                rel,
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "not a regular file or a directory",
+                ),
+            ));
         }
+        // Opened non-blocking only so that a FIFO could not hold the open; reads block as usual.
+        rustix::fs::fcntl_setfl(&fd, OFlags::empty()).map_err(|e| DataDirError::io(rel, e))?;
+        Ok(Some(File::from(fd)))
     }
 }
 
+/// Why a directory is not a PostgreSQL data directory failbackd may serve.
+#[derive(Debug, thiserror::Error)]
+pub enum NotADataDirectory {
+    #[error(
+        "{} does not exist: give -D the data directory of the PostgreSQL server to serve",
+        .root.display()
+    )]
+    Missing { root: PathBuf },
+    #[error("{} cannot be read: {source}", .root.display())]
+    Unreadable {
+        root: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{} is not a directory: give -D the data directory of the PostgreSQL server to serve",
+        .root.display()
+    )]
+    NotADirectory { root: PathBuf },
+    #[error(
+        "{} has no PG_VERSION: it is not a PostgreSQL data directory (give -D the directory initdb \
+         created, the one holding PG_VERSION and global/pg_control)",
+        .root.display()
+    )]
+    NoPgVersion { root: PathBuf },
+    #[error("{}/global/pg_control cannot be read: {reason}", .root.display())]
+    ControlUnreadable { root: PathBuf, reason: String },
+    #[error("{}/global/pg_control is not a valid control file: {reason}", .root.display())]
+    ControlInvalid { root: PathBuf, reason: String },
+    #[error(
+        "{}/PG_VERSION says {pg_version:?} but global/pg_control was written by PostgreSQL \
+         {control}: the directory is damaged or was assembled from two clusters",
+        .root.display()
+    )]
+    VersionMismatch {
+        root: PathBuf,
+        pg_version: String,
+        control: failback_common::PgMajor,
+    },
+}
+
+/// Whether `root` is a PostgreSQL data directory failbackd may serve: an existing directory
+/// holding `PG_VERSION` and a valid `global/pg_control` of the same major version (read through
+/// the same confinement as everything served, so neither may be a symlink). A mistyped `-D`,
+/// `/`, or a tablespace location given for the data directory is refused at start-up with
+/// what to do, instead of being served.
+pub fn check_data_directory(root: &Path) -> Result<(), NotADataDirectory> {
+    let owned = || root.to_path_buf();
+    match std::fs::metadata(root) {
+        Ok(md) if md.is_dir() => {}
+        Ok(_) => return Err(NotADataDirectory::NotADirectory { root: owned() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(NotADataDirectory::Missing { root: owned() });
+        }
+        Err(source) => {
+            return Err(NotADataDirectory::Unreadable {
+                root: owned(),
+                source,
+            });
+        }
+    }
+    let dir = DataDir::new(root);
+    let pg_version = match dir.read_file("PG_VERSION") {
+        Ok(Some(b)) => String::from_utf8_lossy(&b).trim().to_string(),
+        Ok(None) | Err(DataDirError::PathNotAllowed(_)) => {
+            return Err(NotADataDirectory::NoPgVersion { root: owned() });
+        }
+        Err(DataDirError::Io { source, .. }) => {
+            return Err(NotADataDirectory::Unreadable {
+                root: owned(),
+                source,
+            });
+        }
+    };
+    let control = match dir.read_file("global/pg_control") {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            return Err(NotADataDirectory::ControlUnreadable {
+                root: owned(),
+                reason: "it does not exist".into(),
+            });
+        }
+        Err(e) => {
+            return Err(NotADataDirectory::ControlUnreadable {
+                root: owned(),
+                reason: e.to_string(),
+            });
+        }
+    };
+    let control = failback_common::ControlFileData::parse(&control).map_err(|e| {
+        NotADataDirectory::ControlInvalid {
+            root: owned(),
+            reason: e.to_string(),
+        }
+    })?;
+    if pg_version != control.major.number().to_string() {
+        return Err(NotADataDirectory::VersionMismatch {
+            root: owned(),
+            pg_version,
+            control: control.major,
+        });
+    }
+    Ok(())
+}
+
 /// Reads ranges of files of a [`DataDir`], one after the other. A request for the blocks that
-/// differ names thousands of 8 KiB ranges of the same file in a row; resolving the path (a
-/// `lstat` per component) and opening the file for each cost more than reading it, so the last
-/// file opened stays open for the next range of the same path. A file unlinked meanwhile is
+/// differ names thousands of 8 KiB ranges of the same file in a row; looking the path up and
+/// opening the file for each cost more than reading it, so the last file opened stays open for
+/// the next range of the same path. A file unlinked meanwhile is
 /// then read as it was when opened, as if the range had been read a moment earlier: the backup
 /// window's WAL replay brings it to what the source has since, as it does for every byte.
 pub struct RangeReader<'a> {
@@ -256,12 +464,7 @@ impl RangeReader<'_> {
     ) -> Result<ReadStatus, DataDirError> {
         if self.open.as_ref().is_none_or(|(p, _)| p != rel) {
             self.open = None;
-            let path = self.dir.resolve(rel)?;
-            let file = match File::open(&path) {
-                Ok(f) => Some(f),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-                Err(e) => return Err(DataDirError::io(rel, e)),
-            };
+            let file = self.dir.open(rel)?;
             self.open = Some((rel.to_string(), file));
         }
         let Some((_, Some(file))) = &self.open else {
@@ -347,6 +550,15 @@ pub fn hash_chunks(
     Ok((off, hashes))
 }
 
+fn symlink_entry(path: String, target: &CStr) -> FileEntry {
+    FileEntry {
+        path,
+        file_type: FileType::Symlink,
+        size: 0,
+        link_target: Some(String::from_utf8_lossy(target.to_bytes()).into_owned()),
+    }
+}
+
 fn dir_entry(path: String) -> FileEntry {
     FileEntry {
         path,
@@ -359,7 +571,10 @@ fn dir_entry(path: String) -> FileEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::symlink;
+
+    use crate::confinement_tests::both;
 
     fn tmp() -> PathBuf {
         let p = std::env::temp_dir().join(format!(
@@ -374,6 +589,10 @@ mod tests {
 
     #[test]
     fn lists_like_pg_rewind_and_confines_paths() {
+        both(lists_and_confines);
+    }
+
+    fn lists_and_confines() {
         let root = tmp();
         let outside = root.with_extension("outside");
         let _ = fs::remove_dir_all(&outside);
@@ -472,3 +691,6 @@ mod tests {
         fs::remove_dir_all(&root).unwrap();
     }
 }
+
+#[cfg(test)]
+mod confinement_tests;

@@ -11,9 +11,18 @@ use std::path::Path;
 /// `LOCK_FILE_LINE_PORT`: the line of `postmaster.pid` holding the port (1-based).
 const LOCK_FILE_LINE_PORT: usize = 4;
 
+/// `postmaster.pid`, read like every file of the data directory (a link planted there is
+/// not followed).
+fn pid_file(pgdata: &Path) -> Option<String> {
+    let bytes = crate::DataDir::new(pgdata)
+        .read_file("postmaster.pid")
+        .ok()??;
+    String::from_utf8(bytes).ok()
+}
+
 /// The PID in `pgdata/postmaster.pid` when that process exists: PostgreSQL runs on `pgdata`.
 pub fn running_postmaster(pgdata: &Path) -> Option<i32> {
-    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    let text = pid_file(pgdata)?;
     let pid = text.lines().next()?.trim().parse::<i32>().ok()?;
     if pid <= 0 {
         return None;
@@ -27,7 +36,7 @@ pub fn running_postmaster(pgdata: &Path) -> Option<i32> {
 /// The port the PostgreSQL running on `pgdata` listens on, when one runs.
 pub fn running_port(pgdata: &Path) -> Option<u16> {
     running_postmaster(pgdata)?;
-    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    let text = pid_file(pgdata)?;
     text.lines()
         .nth(LOCK_FILE_LINE_PORT - 1)?
         .trim()

@@ -95,10 +95,13 @@ impl WalSummaries {
         let newest = history_files(dir)?.last().map(|(t, _)| *t);
         let history = history_of(dir, files_timeline(&control, newest))?;
         let seg_size = control.xlog_seg_size;
-        let wal_dir = dir.resolve("pg_wal")?;
-        let present: HashSet<String> = std::fs::read_dir(&wal_dir)
-            .map_err(SummaryError::List)?
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        let present: HashSet<String> = dir
+            .names("pg_wal")
+            .map_err(|e| match e {
+                crate::DataDirError::Io { source, .. } => SummaryError::List(source),
+                refused => refused.into(),
+            })?
+            .into_iter()
             .filter(|n| parse_wal_file_name(n, seg_size).is_some())
             .collect();
         // The segments this history reads from files present, oldest first.
@@ -116,7 +119,7 @@ impl WalSummaries {
         }
         let params = WalParams::new(control.major, seg_size)
             .with_system_identifier(control.system_identifier);
-        let mut reader = WalReader::new(dir.root(), &history, params, None);
+        let mut reader = WalReader::for_dir(dir, &history, params, None);
         let mut out = Refresh::default();
         for &segno in &on_history {
             let name = segment_file_name(&history, segno, seg_size);
@@ -128,7 +131,7 @@ impl WalSummaries {
             }
             let next = segment_file_name(&history, segno + 1, seg_size);
             let next_start = Lsn((segno + 1) * u64::from(seg_size));
-            if !present.contains(&next) || !first_page_begun(&wal_dir.join(&next), next_start) {
+            if !present.contains(&next) || !first_page_begun(dir, &next, next_start) {
                 continue;
             }
             match summarize_segment(&mut reader, segno, control.relseg_size, || {}) {
@@ -169,12 +172,14 @@ fn read_control(dir: &DataDir) -> Result<ControlFileData, SummaryError> {
     ControlFileData::parse(&bytes).map_err(|e| SummaryError::Control(e.to_string()))
 }
 
-/// Whether the segment file at `path` has begun (its first page names it).
-fn first_page_begun(path: &std::path::Path, seg_start: Lsn) -> bool {
-    let mut head = [0u8; failback_common::wal::page::SIZE_OF_XLOG_LONG_PHD];
-    std::fs::File::open(path)
-        .and_then(|f| crate::read_full_at(&f, &mut head, 0))
-        .is_ok_and(|n| n == head.len() && segment_begun(&head, seg_start))
+/// Whether the segment file `pg_wal/<name>` has begun (its first page names it).
+fn first_page_begun(dir: &DataDir, name: &str, seg_start: Lsn) -> bool {
+    let head = failback_common::wal::page::SIZE_OF_XLOG_LONG_PHD as u64;
+    let mut buf = Vec::new();
+    matches!(
+        dir.read_range(&format!("pg_wal/{name}"), 0, head, &mut buf),
+        Ok(crate::ReadStatus::Complete)
+    ) && segment_begun(&buf, seg_start)
 }
 
 /// The changes of the records starting in segment `segno`, or `None` when the WAL ends before

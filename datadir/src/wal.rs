@@ -23,6 +23,8 @@ use failback_common::timeline::{TimeLineHistory, segment_file_name, timeline_for
 use failback_common::wal::{Decoded, WalDecoder, WalError, WalParams, WalRecord};
 use failback_common::{Lsn, XLogSegNo};
 
+use crate::DataDir;
+
 /// The threads a scan of much WAL may use: the machine's cores.
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -90,8 +92,12 @@ pub struct RecordSummary {
     pub main_data: Vec<u8>,
 }
 
-/// The WAL of one data directory, read along one timeline history.
+/// The WAL of one data directory, read along one timeline history. Segment files are opened
+/// through the data directory's confinement ([`crate::beneath`]): a segment name swapped for
+/// a link to a file elsewhere is refused, not read.
 pub struct WalReader<'h> {
+    data: DataDir,
+    /// `pg_wal` (for messages, and the `%p` of the restore command).
     dir: PathBuf,
     history: &'h TimeLineHistory,
     params: WalParams,
@@ -108,16 +114,27 @@ impl<'h> WalReader<'h> {
         params: WalParams,
         restore: Option<RestoreCommand>,
     ) -> Self {
+        WalReader::for_dir(&DataDir::new(pgdata), history, params, restore)
+    }
+
+    /// [`Self::new`] for a data directory already opened.
+    pub fn for_dir(
+        dir: &DataDir,
+        history: &'h TimeLineHistory,
+        params: WalParams,
+        restore: Option<RestoreCommand>,
+    ) -> Self {
         WalReader {
             restore,
-            ..WalReader::new_in(&pgdata.join("pg_wal"), history, params)
+            ..WalReader::new_in(dir, history, params)
         }
     }
 
-    /// A reader of the WAL in `wal_dir` that restores nothing.
-    fn new_in(wal_dir: &Path, history: &'h TimeLineHistory, params: WalParams) -> Self {
+    /// A reader of the WAL of `dir` that restores nothing.
+    fn new_in(dir: &DataDir, history: &'h TimeLineHistory, params: WalParams) -> Self {
         WalReader {
-            dir: wal_dir.to_path_buf(),
+            data: dir.clone(),
+            dir: dir.root().join("pg_wal"),
             history,
             params,
             restore: None,
@@ -137,13 +154,9 @@ impl<'h> WalReader<'h> {
     /// Opens the file holding segment `segno`, restoring it from the archive if allowed.
     fn open_segment(&mut self, segno: XLogSegNo, lsn: Lsn) -> Result<File, WalReadError> {
         let name = self.segment_name(segno);
-        let path = self.dir.join(&name);
-        match File::open(&path) {
-            Ok(f) => {
-                self.opened.insert(name);
-                Ok(f)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        let file = match self.open_confined(&name)? {
+            Some(f) => f,
+            None => {
                 let Some(restore) = self.restore.clone() else {
                     return Err(WalReadError::MissingSegment {
                         name,
@@ -151,20 +164,28 @@ impl<'h> WalReader<'h> {
                         dir: self.dir.clone(),
                     });
                 };
-                self.restore_segment(&restore, &name, &path)?;
-                self.opened.insert(name);
-                File::open(&path).map_err(|source| WalReadError::Io { path, source })
+                self.restore_segment(&restore, &name)?
             }
-            Err(source) => Err(WalReadError::Io { path, source }),
-        }
+        };
+        self.opened.insert(name);
+        Ok(file)
     }
 
-    fn restore_segment(
-        &self,
-        restore: &RestoreCommand,
-        name: &str,
-        path: &Path,
-    ) -> Result<(), WalReadError> {
+    /// Opens `pg_wal/<name>` through the data directory's confinement; `None` if it is missing.
+    fn open_confined(&self, name: &str) -> Result<Option<File>, WalReadError> {
+        self.data
+            .open(&format!("pg_wal/{name}"))
+            .map_err(|e| WalReadError::Io {
+                path: self.dir.join(name),
+                source: match e {
+                    crate::DataDirError::Io { source, .. } => source,
+                    refused => io::Error::new(io::ErrorKind::PermissionDenied, refused),
+                },
+            })
+    }
+
+    /// Restores segment `name` with the restore command and opens what it restored.
+    fn restore_segment(&self, restore: &RestoreCommand, name: &str) -> Result<File, WalReadError> {
         let fail = |reason: String| WalReadError::RestoreFailed {
             name: name.to_string(),
             command: restore.command.clone(),
@@ -175,6 +196,7 @@ impl<'h> WalReader<'h> {
                 "the %r placeholder cannot be used outside recovery".into(),
             ));
         }
+        let path = self.dir.join(name);
         let cmd = restore
             .command
             .replace("%f", name)
@@ -190,14 +212,18 @@ impl<'h> WalReader<'h> {
         if !status.success() {
             return Err(fail(format!("it exited with {status}")));
         }
-        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        if len != u64::from(self.seg_size()) {
-            return Err(fail(format!(
+        let file = self.open_confined(name)?;
+        let len = file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
+        match file {
+            Some(f) if len == u64::from(self.seg_size()) => Ok(f),
+            _ => Err(fail(format!(
                 "the restored file has {len} bytes, expected {}",
                 self.seg_size()
-            )));
+            ))),
         }
-        Ok(())
     }
 
     /// Reads up to `max` bytes of WAL starting at `from`, within one segment.
@@ -424,7 +450,7 @@ impl WalReader<'_> {
             let handles: Vec<_> = (0..threads.min(pieces.len()))
                 .map(|_| {
                     scope.spawn(|| {
-                        let mut reader = WalReader::new_in(&this.dir, this.history, this.params);
+                        let mut reader = WalReader::new_in(&this.data, this.history, this.params);
                         let mut done = Vec::new();
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -472,12 +498,12 @@ impl WalReader<'_> {
 
     /// The first segment on disk that belongs to this history, as (segment number, file name).
     pub fn oldest_segment(&self) -> Option<XLogSegNo> {
-        let rd = std::fs::read_dir(&self.dir).ok()?;
-        rd.flatten()
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
+        let names = self.data.names("pg_wal").ok()?;
+        names
+            .iter()
+            .filter_map(|name| {
                 let (tli, segno) =
-                    failback_common::lsn::parse_wal_file_name(&name, self.seg_size())?;
+                    failback_common::lsn::parse_wal_file_name(name, self.seg_size())?;
                 (timeline_for_segment(self.history, segno, self.seg_size()) == tli).then_some(segno)
             })
             .min()
@@ -593,7 +619,7 @@ pub fn source_changes(
     let history = crate::history::history_of(dir, tli)?;
     let params = WalParams::new(control.major, control.xlog_seg_size)
         .with_system_identifier(control.system_identifier);
-    let mut reader = WalReader::new(dir.root(), &history, params, None);
+    let mut reader = WalReader::for_dir(dir, &history, params, None);
     let found = match summaries {
         Some(s) => reader.changes_summarized(since, until, control.relseg_size, s),
         None => reader
