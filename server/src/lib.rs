@@ -113,7 +113,8 @@ pub enum ServeError {
 }
 
 impl Config {
-    fn check(&self) -> Result<(), ServeError> {
+    /// Refuses settings out of range or that contradict each other.
+    pub fn check(&self) -> Result<(), ServeError> {
         if self.max_chunk == 0 || self.max_chunk > MAX_MAX_CHUNK {
             return Err(ServeError::MaxChunk(self.max_chunk));
         }

@@ -166,6 +166,8 @@ async fn serve(a: Args) -> Result<()> {
     if let Some(f) = &s.client_ca {
         config.client_ca = Some(read(f, "client CA certificate")?);
     }
+    config.check()?;
+    failback_datadir::check_data_directory(&pgdata)?;
     if config.tls.is_none() {
         eprintln!(
             "failbackd: warning: serving without TLS: the data directory's bytes{} cross the \

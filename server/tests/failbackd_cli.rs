@@ -20,6 +20,13 @@ fn serves_a_data_directory_with_a_token() {
         .spawn()
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    // With a token and without TLS: a warning that the bytes and the token cross in clear,
+    // none about the token.
+    let warning = line_with(&mut stderr, "warning:");
+    assert!(
+        warning.contains("without TLS") && warning.contains("and the token"),
+        "{warning}"
+    );
     let line = line_with(&mut stderr, "serving ");
     let addr = line.trim().rsplit(" on ").next().unwrap().to_string();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -82,6 +89,57 @@ fn refused(args: &[&str]) -> String {
         .unwrap();
     assert!(!out.status.success(), "failbackd accepted {args:?}");
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// failbackd starts only on a PostgreSQL data directory: an empty directory, `/`, a file and
+/// a path that does not exist are each refused with what is wrong, before anything listens.
+#[test]
+fn refuses_what_is_not_a_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("PG_VERSION");
+    std::fs::write(&file, "16\n").unwrap();
+    let missing = dir.path().join("missing");
+    for (pgdata, says) in [
+        (dir.path(), "not a PostgreSQL data directory"),
+        (std::path::Path::new("/"), "not a PostgreSQL data directory"),
+        (file.as_path(), "is not a directory"),
+        (missing.as_path(), "does not exist"),
+    ] {
+        let p = pgdata.to_str().unwrap();
+        let err = refused(&["--pgdata", p, "--listen", "127.0.0.1:0"]);
+        assert!(err.contains(says) && err.contains(p), "{p}: {err}");
+        assert!(!err.contains("serving"), "{err}");
+    }
+    // A directory with PG_VERSION but no valid control file.
+    std::fs::create_dir(dir.path().join("global")).unwrap();
+    std::fs::write(dir.path().join("global/pg_control"), [0u8; 100]).unwrap();
+    let err = refused(&[
+        "-D",
+        dir.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(err.contains("pg_control"), "{err}");
+}
+
+/// Without a token or client certificates failbackd warns that anyone may read the data.
+#[test]
+fn warns_when_serving_without_a_token() {
+    let cluster = Cluster::init(PgMajor::V15, "failbackd-open", ClusterOptions::default());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_failbackd"))
+        .arg("--pgdata")
+        .arg(cluster.data_dir())
+        .args(["--listen", "127.0.0.1:0", "--no-wal-summaries"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let tls = line_with(&mut stderr, "without TLS");
+    let token = line_with(&mut stderr, "without a token");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!tls.contains("and the token"), "{tls}");
+    assert!(token.contains("--token-file"), "{token}");
 }
 
 #[test]
