@@ -193,7 +193,9 @@ fn a_flood_without_the_token_is_refused_logged_and_rate_limited() {
         lines.len()
     );
     assert!(
-        lines.iter().any(|l| l.contains("more such lines held back")),
+        lines
+            .iter()
+            .any(|l| l.contains("more such lines held back")),
         "{lines:?}"
     );
     assert!(
