@@ -96,8 +96,8 @@ fn refused(args: &[&str]) -> String {
 #[test]
 fn refuses_what_is_not_a_data_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("PG_VERSION");
-    std::fs::write(&file, "16\n").unwrap();
+    let file = dir.path().join("postgresql.conf");
+    std::fs::write(&file, "port = 5432\n").unwrap();
     let missing = dir.path().join("missing");
     for (pgdata, says) in [
         (dir.path(), "not a PostgreSQL data directory"),
@@ -111,6 +111,7 @@ fn refuses_what_is_not_a_data_directory() {
         assert!(!err.contains("serving"), "{err}");
     }
     // A directory with PG_VERSION but no valid control file.
+    std::fs::write(dir.path().join("PG_VERSION"), "16\n").unwrap();
     std::fs::create_dir(dir.path().join("global")).unwrap();
     std::fs::write(dir.path().join("global/pg_control"), [0u8; 100]).unwrap();
     let err = refused(&[
