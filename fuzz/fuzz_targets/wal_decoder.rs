@@ -73,7 +73,7 @@ fn raw(major: PgMajor, seg_size: u32, base: u64, bytes: &[u8], stamp: bool) -> V
         put(&mut wal, page, &major.xlog_page_magic().to_le_bytes());
         if stamp {
             let addr = base + page as u64;
-            let long = addr % u64::from(seg_size) == 0;
+            let long = addr.is_multiple_of(u64::from(seg_size));
             let mut info = get_u16(&wal, page + 2) & 0x000D;
             if long {
                 info |= XLP_LONG_HEADER;
@@ -148,7 +148,7 @@ impl Layout {
 
     fn page_header(&mut self, rem_len: u32) {
         let pos = self.pos();
-        let long = pos % u64::from(self.seg_size) == 0;
+        let long = pos.is_multiple_of(u64::from(self.seg_size));
         let mut info = 0u16;
         if rem_len > 0 {
             info |= XLP_FIRST_IS_CONTRECORD;
@@ -173,13 +173,13 @@ impl Layout {
     /// Writes `rec` at the current position (page headers where pages start), pads to 8 bytes;
     /// returns where it starts.
     fn write(&mut self, rec: &[u8]) -> u64 {
-        if self.pos() % PAGE as u64 == 0 {
+        if self.pos().is_multiple_of(PAGE as u64) {
             self.page_header(0);
         }
         let lsn = self.pos();
         let mut i = 0;
         while i < rec.len() {
-            if self.pos() % PAGE as u64 == 0 {
+            if self.pos().is_multiple_of(PAGE as u64) {
                 self.page_header((rec.len() - i) as u32);
             }
             let space = PAGE - (self.pos() % PAGE as u64) as usize;
@@ -187,7 +187,7 @@ impl Layout {
             self.out.extend_from_slice(&rec[i..i + take]);
             i += take;
         }
-        while self.out.len() % 8 != 0 {
+        while !self.out.len().is_multiple_of(8) {
             self.out.push(0);
         }
         lsn
