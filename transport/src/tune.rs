@@ -3,8 +3,10 @@
 //! A sender may only have one flow-control window of data unacknowledged, so a link of
 //! 200 Mbit/s at 50 ms round trip needs at least 200e6 / 8 * 0.05 = 2.5 MB of window to stay
 //! full. HTTP/2 and QUIC both default to far less; [`DEFAULT_WINDOW`] is 16 MiB, per stream and
-//! per connection, on both transports. QUIC's congestion control and socket buffers are chosen
-//! here too, rather than by the kernel.
+//! per connection, on both transports, for what flows towards the client. What flows towards
+//! the server is requests only, so a QUIC server takes small receive windows
+//! ([`server_transport_config`]). QUIC's congestion control and socket buffers are chosen here
+//! too, rather than by the kernel.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +17,8 @@ pub const DEFAULT_WINDOW: u32 = 16 << 20;
 pub const MIN_WINDOW: u32 = 65_535;
 pub const MAX_WINDOW: u32 = 1 << 30;
 
-/// A QUIC connection with no packet for this long is gone (keep-alives are sent well within
-/// it).
+/// A QUIC connection with no packet for this long is gone (the client's keep-alives are sent
+/// well within it; the server sends none of its own).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
@@ -31,25 +33,62 @@ pub const DEFAULT_INITIAL_WINDOW: u64 = 1 << 20;
 /// The smallest initial window accepted: RFC 9002's ten datagrams of 1472 bytes.
 pub const MIN_INITIAL_WINDOW: u64 = 14_720;
 
-/// The QUIC transport settings of both ends: large windows, keep-alives so an idle rewind
-/// phase does not drop the connection, and Cubic congestion control starting from
-/// `initial_window` bytes in flight. Not quinn's BBR: on a 50 ms path its window fell to a few
-/// datagrams for hundreds of milliseconds in the middle of a fetch
-/// (bench/results/rewind_pair-2026-11-24e.md).
+/// The client's QUIC transport settings: large windows (replies are a rewind's bulk),
+/// keep-alives so an idle rewind phase does not drop the connection, and Cubic congestion
+/// control starting from `initial_window` bytes in flight. Not quinn's BBR: on a 50 ms path its
+/// window fell to a few datagrams for hundreds of milliseconds in the middle of a fetch
+/// (bench/results/rewind_pair-2026-11-24e.md). The server's are
+/// [`server_transport_config`].
 pub fn transport_config(
     window: u32,
     max_streams: u32,
     initial_window: u64,
 ) -> quinn::TransportConfig {
-    let window = u64::from(window);
-    let mut t = quinn::TransportConfig::default();
-    t.stream_receive_window(quinn::VarInt::from_u32(window as u32))
+    let w = u64::from(window);
+    let mut t = common(window, max_streams, initial_window);
+    t.stream_receive_window(quinn::VarInt::from_u32(window))
         // Several streams share the connection: let a few of them fill their window at once.
-        .receive_window(quinn::VarInt::from_u64(window * 4).unwrap_or(quinn::VarInt::MAX))
-        .send_window(window * 4)
+        .receive_window(quinn::VarInt::from_u64(w * 4).unwrap_or(quinn::VarInt::MAX))
+        .keep_alive_interval(Some(KEEP_ALIVE));
+    t
+}
+
+/// What a QUIC server lets a client send before reading it, and its streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerReceive {
+    /// Per stream: one request's worth (a client sends one request a stream).
+    pub stream: u32,
+    /// Per connection, until the connection has authenticated: a few requests' heads. The
+    /// server raises it once a request carried the right token
+    /// (`quinn::Connection::set_receive_window`).
+    pub connection: u32,
+    /// Streams open at once, until the connection has authenticated (raised likewise).
+    pub streams: u32,
+}
+
+/// The server's QUIC transport settings: its replies go out as the client's (a send window of
+/// four `window`s, Cubic from `initial_window`), but a client may only send it `receive`'s
+/// small windows: the server receives nothing but requests, and holds nothing for a client that
+/// has not authenticated beyond those. No keep-alives of its own: the client sends its own
+/// while it wants the connection, so a connection left idle ends at [`IDLE_TIMEOUT`].
+pub fn server_transport_config(
+    window: u32,
+    receive: ServerReceive,
+    initial_window: u64,
+) -> quinn::TransportConfig {
+    let mut t = common(window, receive.streams, initial_window);
+    t.stream_receive_window(quinn::VarInt::from_u32(receive.stream))
+        .receive_window(quinn::VarInt::from_u32(receive.connection))
+        .keep_alive_interval(None);
+    t
+}
+
+/// What both ends share: the send window, streams, idle timeout and congestion control.
+fn common(window: u32, max_streams: u32, initial_window: u64) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.send_window(u64::from(window) * 4)
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_streams))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
-        .keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("60 s is a valid idle timeout"),
         ))
@@ -106,6 +145,51 @@ mod tests {
         for w in [MIN_INITIAL_WINDOW, DEFAULT_INITIAL_WINDOW, 5 << 20] {
             let c = congestion(w).build(std::time::Instant::now(), 1200);
             assert_eq!(c.window(), w);
+        }
+    }
+
+    /// The client keeps its keep-alives and large windows; the server sends none and takes
+    /// only what it is told to.
+    #[test]
+    fn only_the_client_keeps_connections_alive() {
+        let client = format!(
+            "{:?}",
+            transport_config(DEFAULT_WINDOW, 0, DEFAULT_INITIAL_WINDOW)
+        );
+        let server = format!(
+            "{:?}",
+            server_transport_config(
+                DEFAULT_WINDOW,
+                ServerReceive {
+                    stream: 1 << 20,
+                    connection: 64 << 10,
+                    streams: 16,
+                },
+                DEFAULT_INITIAL_WINDOW,
+            )
+        );
+        assert!(
+            client.contains("keep_alive_interval: Some(10s)"),
+            "{client}"
+        );
+        assert!(server.contains("keep_alive_interval: None"), "{server}");
+        for (config, field, value) in [
+            (&client, "stream_receive_window", DEFAULT_WINDOW as u64),
+            (&client, "receive_window", 4 * DEFAULT_WINDOW as u64),
+            (&client, "send_window", 4 * DEFAULT_WINDOW as u64),
+            (&server, "stream_receive_window", 1 << 20),
+            (&server, "receive_window", 64 << 10),
+            (&server, "send_window", 4 * DEFAULT_WINDOW as u64),
+            (&server, "max_concurrent_bidi_streams", 16),
+        ] {
+            let shown = [
+                format!("{field}: {value},"),
+                format!("{field}: VarInt({value}),"),
+            ];
+            assert!(
+                shown.iter().any(|s| config.contains(&format!(" {s}"))),
+                "{field} is not {value}: {config}"
+            );
         }
     }
 
