@@ -158,6 +158,9 @@ def wire_seeds():
     out("wire_messages", "replies-all", b"\x01" + b"".join(delimited(r) for r in replies))
     for i, r in enumerate(replies):
         out("wire_messages", f"reply-{i}", b"\x01" + delimited(replies[0]) + delimited(r))
+    # Stored chunks growing into one reused buffer.
+    stored = [msg((6, msg((1, "base/5/1"), (3, n), (5, b"a" * n), (6, bytes(32))))) for n in (1000, 1500)]
+    out("wire_messages", "replies-stored", b"\x01" + b"".join(delimited(r) for r in stored))
     # Mode 2: a zstd chunk of a page, the hash made right; and a stored one.
     for codec, data in ((1, frame), (0, page[:100])):
         head = bytes([codec]) + struct.pack("<I", 8192 if codec else 100) + bytes([1, 1]) + bytes(33)
