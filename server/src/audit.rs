@@ -30,6 +30,11 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// An address whose connection is not known yet (a QUIC handshake).
+    pub fn at(addr: SocketAddr) -> Peer {
+        Peer::tcp(Some(addr))
+    }
+
     pub fn tcp(addr: Option<SocketAddr>) -> Peer {
         Peer { addr, conn: 0 }
     }
@@ -97,11 +102,7 @@ impl Audit {
 
     fn line(&self, text: fmt::Arguments<'_>) {
         let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let admitted = self
-            .limiter
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .admit(now);
+        let admitted = crate::lock(&self.limiter).admit(now);
         match admitted {
             None => {}
             Some(0) => (self.sink)(&text.to_string()),

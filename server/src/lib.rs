@@ -29,6 +29,12 @@ use failback_transport::tune::{DEFAULT_WINDOW, MAX_WINDOW, MIN_INITIAL_WINDOW, M
 
 use crate::service::{FailbackService, GrpcAuth, TokenCheck};
 
+/// Locks `m`, whether or not a thread panicked holding it: every lock of failbackd guards
+/// bookkeeping that each holder leaves consistent before it can panic.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The most a client may send failbackd on one gRPC stream before it is read: a request of
 /// [`MAX_REQUEST`] crosses in one window.
 const REQUEST_WINDOW: u32 = MAX_REQUEST as u32;

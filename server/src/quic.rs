@@ -43,7 +43,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use failback_proto::v1::failback_server::Failback;
@@ -58,7 +58,7 @@ use tonic::{Request, Status};
 
 use crate::audit::{Audit, Peer};
 use crate::service::{FailbackService, TokenCheck};
-use crate::{Config, ServeError};
+use crate::{Config, ServeError, lock};
 
 /// How long a client may take to send its request once it opened a stream.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -209,10 +209,7 @@ pub async fn serve_quic_with<S: Failback>(
             () = &mut shutdown => break,
         };
         let Some(incoming) = incoming else { break };
-        let early = Peer {
-            addr: Some(incoming.remote_address()),
-            conn: 0,
-        };
+        let early = Peer::at(incoming.remote_address());
         if doors.under_pressure() && !incoming.remote_address_validated() && incoming.may_retry() {
             // Only a client that proved it receives at its address may make a pending
             // connection give way, or reserve a slot for its handshake.
@@ -286,10 +283,6 @@ struct Doors {
     admission: Mutex<Admission>,
     /// An authenticated connection's receive window.
     window: u32,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Doors {
@@ -446,10 +439,7 @@ async fn connection<S: Failback>(
     reserved: Option<OwnedSemaphorePermit>,
 ) {
     let addr = incoming.remote_address();
-    let early = Peer {
-        addr: Some(addr),
-        conn: 0,
-    };
+    let early = Peer::at(addr);
     let gate = doors.admit(addr);
     let _release = Release(&doors, &gate);
     let mut phase = gate.phase.subscribe();
@@ -680,14 +670,13 @@ async fn head_varint(
     recv: &mut quinn::RecvStream,
     head: &mut Vec<u8>,
 ) -> Result<Option<u64>, Failure> {
-    let mut v = 0u64;
-    for i in 0..10 {
+    let start = head.len();
+    for _ in 0..10 {
         let Some(b) = head_byte(recv, head).await? else {
             return Ok(None);
         };
-        v |= u64::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
-            return Ok(Some(v));
+            return Ok(prost::encoding::decode_varint(&mut &head[start..]).ok());
         }
     }
     Ok(None)

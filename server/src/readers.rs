@@ -25,6 +25,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::Status;
 
 use crate::audit::{Audit, Peer};
+use crate::lock;
 
 /// Streaming answers read at once, over all clients.
 pub const MAX_READERS: usize = 64;
@@ -67,7 +68,7 @@ pub struct ReaderSlot {
 
 impl Drop for ReaderSlot {
     fn drop(&mut self) {
-        let mut held = self.readers.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = lock(&self.readers.held);
         if let Some(n) = held.get_mut(&self.peer) {
             *n -= 1;
             if *n == 0 {
@@ -108,7 +109,7 @@ impl Readers {
             // Registered before looking, so a slot freed in between still wakes this waiter.
             freed.as_mut().enable();
             {
-                let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+                let mut held = lock(&self.held);
                 let n = held.entry(peer).or_insert(0);
                 if *n < self.per_connection {
                     *n += 1;
@@ -129,7 +130,7 @@ impl Readers {
                 peer,
             }),
             Err(_) => {
-                let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+                let mut held = lock(&self.held);
                 if let Some(n) = held.get_mut(&peer) {
                     *n -= 1;
                 }

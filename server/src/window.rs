@@ -52,7 +52,7 @@ fn unavailable(e: LiveError) -> Status {
 
 impl Windows {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Closing>>> {
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.open)
     }
 
     /// Opens a window on the server `pg_conn` reaches and holds it, on a blocking thread, until
