@@ -111,6 +111,21 @@ impl LineLimiter {
         self.bucket.credit -= NANOS as i128;
         Some(std::mem::take(&mut self.held_back))
     }
+
+    /// `Some(n)`: write a line saying that `n` lines were held back, because none has been
+    /// written since to carry the count (the flood ended); called on a timer, so a count is
+    /// never lost with the last lines of a flood. It spends a line's credit like any other.
+    pub fn flush(&mut self, now_ns: u64) -> Option<u64> {
+        if self.held_back == 0 {
+            return None;
+        }
+        self.bucket.refill(now_ns);
+        if self.bucket.credit < NANOS as i128 {
+            return None;
+        }
+        self.bucket.credit -= NANOS as i128;
+        Some(std::mem::take(&mut self.held_back))
+    }
 }
 
 /// Parses a rate in bytes per second: a plain number, or with `K`/`M`/`G` (powers of 1024,
@@ -235,6 +250,27 @@ mod tests {
         let later: Vec<_> = (0..7).map(|_| l.admit(100 * S)).collect();
         assert_eq!(later[0], Some(1));
         assert_eq!(later.iter().filter(|a| a.is_some()).count(), 5);
+    }
+
+    #[test]
+    fn the_count_held_back_at_the_end_of_a_flood_is_flushed() {
+        let mut l = LineLimiter::new(2, 5, 0);
+        assert_eq!(l.flush(0), None, "nothing held back, nothing to say");
+        for _ in 0..9 {
+            l.admit(0);
+        }
+        // No credit yet: the count waits rather than exceed the rate.
+        assert_eq!(l.flush(S / 4), None);
+        assert_eq!(l.flush(S / 2), Some(4));
+        assert_eq!(l.flush(10 * S), None, "told once");
+        // A flush spends a line's credit: the burst after it is one short.
+        let mut l = LineLimiter::new(1, 2, 0);
+        for _ in 0..3 {
+            l.admit(0);
+        }
+        assert_eq!(l.flush(2 * S), Some(1));
+        assert_eq!(l.admit(2 * S), Some(0));
+        assert_eq!(l.admit(2 * S), None);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! naming who (the peer's address), what (the call or the connection) and why. A flood of
 //! such clients must not become a flood of lines: at most [`BURST`] at once and
 //! [`PER_SECOND`] a second on average are written ([`LineLimiter`]); the lines held back are
-//! counted and the count is told with the next line written.
+//! counted and the count is told with the next line written, or, when the flood is over and
+//! no line follows, by [`flush_every_second`] within a second.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -100,14 +101,52 @@ impl Audit {
         self.line(format_args!("ended {what} of {peer}: {why}"));
     }
 
+    /// Tells the count of lines held back when no later line has told it.
+    pub fn flush(&self) {
+        let held_back = crate::lock(&self.limiter).flush(self.now());
+        if let Some(n) = held_back {
+            (self.sink)(&format!(
+                "{n} more lines of refused or ended clients held back (at most {PER_SECOND} \
+                 such lines a second are written)"
+            ));
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
     fn line(&self, text: fmt::Arguments<'_>) {
-        let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let now = self.now();
         let admitted = crate::lock(&self.limiter).admit(now);
         match admitted {
             None => {}
             Some(0) => (self.sink)(&text.to_string()),
             Some(n) => (self.sink)(&format!("{text} ({n} more such lines held back)")),
         }
+    }
+}
+
+/// Flushes `audit` every second for as long as the returned guard lives (a server holds it
+/// while it serves); the count of a flood's last held-back lines is told within a second.
+pub fn flush_every_second(audit: std::sync::Arc<Audit>) -> FlushGuard {
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            audit.flush();
+        }
+    });
+    FlushGuard(task)
+}
+
+/// Stops the flushing task of [`flush_every_second`] when dropped.
+pub struct FlushGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for FlushGuard {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -133,5 +172,26 @@ mod tests {
              bearer token"
         );
         assert_eq!(Peer::tcp(None).to_string(), "an unknown peer");
+    }
+
+    #[test]
+    fn the_count_is_told_after_a_flood_that_ends() {
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let l2 = lines.clone();
+        let audit = Audit::to(move |l| l2.lock().unwrap().push(l.to_string()));
+        let peer = Peer::tcp(Some("192.0.2.8:5000".parse().unwrap()));
+        for _ in 0..BURST + 7 {
+            audit.cut_off(&peer, "its connection", "stopped reading");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        audit.flush();
+        audit.flush();
+        let lines = lines.lock().unwrap();
+        assert_eq!(lines.len() as u64, BURST + 1, "{lines:?}");
+        assert_eq!(
+            lines.last().unwrap(),
+            "7 more lines of refused or ended clients held back (at most 2 such lines a second \
+             are written)"
+        );
     }
 }

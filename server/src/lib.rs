@@ -157,6 +157,7 @@ pub async fn serve(
         audit: config.audit.clone(),
     };
     let svc = tonic::service::interceptor::InterceptedService::new(svc, auth);
+    let _flush = audit::flush_every_second(config.audit.clone());
     // What the server's windows bound is what clients may send it before it reads: requests,
     // small, and checked for their token only once their headers are in. Replies flow in
     // the client's windows.

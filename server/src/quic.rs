@@ -171,6 +171,7 @@ pub async fn serve_quic_with<S: Failback>(
     let tls = server_tls(cert, key, config.client_ca.as_deref())
         .map_err(|e| ServeError::QuicTls(e.to_string()))?;
     let limits = config.quic.clone();
+    let _flush = crate::audit::flush_every_second(config.audit.clone());
     let stream = stream_window(&limits, config.window);
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls));
     server.transport_config(Arc::new(server_transport_config(
