@@ -70,7 +70,7 @@ impl Windows {
         let opened = (|| {
             let mut client = conninfo::connect(pg_conn, "failbackd")
                 .map_err(|e| LiveError::Connect(format!("--pg-conn: {e}")))?;
-            let major = failback_sql::server_major(&mut client)?;
+            let major = failback_sql::server_major(&client);
             let timeline = failback_sql::end_of_wal(&mut client)?.timeline;
             failback_sql::reserve_wal(&mut client, &format!("failback_{id:016x}"))?;
             let start = failback_sql::backup_start(&mut client, major, label)?;

@@ -3,31 +3,21 @@
 //! Values are quoted as libpq's `conninfo_parse` reads them (`fe-connect.c`), by
 //! [`quote_value`].
 
+use std::time::Duration;
+
+use crate::libpq::Conn;
+
 /// Connects to the server `conninfo` names, as `application`, within a connect timeout of its
-/// own unless the string sets one: a server that is down must not hold a caller for a TCP
-/// timeout. The error is in words.
-pub fn connect(conninfo: &str, application: &str) -> Result<postgres::Client, String> {
-    let mut config: postgres::Config = conninfo
-        .parse()
-        .map_err(|e: postgres::Error| crate::error_text(&e))?;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(std::time::Duration::from_secs(10));
-    }
-    if config.get_application_name().is_none() {
-        config.application_name(application);
-    }
-    config
-        .connect(postgres::NoTls)
-        .map_err(|e| crate::error_text(&e))
+/// own unless the string or the environment sets one: a server that is down must not hold a
+/// caller for a TCP timeout. The error is in words.
+pub fn connect(conninfo: &str, application: &str) -> Result<Conn, String> {
+    Conn::connect(conninfo, application, Duration::from_secs(10), None).map_err(|e| e.to_string())
 }
 
-/// The user a connection string connects as, when it says.
+/// The user a connection string connects as, when it says (keywords or URI, as libpq reads
+/// them; not the environment).
 pub fn user(conninfo: &str) -> Option<String> {
-    conninfo
-        .parse::<postgres::Config>()
-        .ok()?
-        .get_user()
-        .map(str::to_string)
+    crate::libpq::keyword(conninfo, "user")
 }
 
 /// A value as a connection string writes it (the one quoting rule, pure, in

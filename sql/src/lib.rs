@@ -22,8 +22,10 @@
 //! the same queries.
 
 pub mod conninfo;
+pub mod libpq;
 
 use failback_common::{Lsn, TimeLineId};
+use libpq::{Conn, Format, PqError};
 
 /// Why the source server could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +33,20 @@ pub enum LiveError {
     #[error("could not connect to the source server: {0}")]
     Connect(String),
     #[error("the source server refused {query:?}: {reason}")]
-    Query { query: &'static str, reason: String },
+    Query {
+        query: &'static str,
+        reason: String,
+        /// For want of a privilege (SQLSTATE 42501): another way may be open.
+        permission_denied: bool,
+    },
+    /// The connection broke or the server fell silent during `query`: asking again on a new
+    /// connection may help.
+    #[error("the source server did not answer {query:?}")]
+    Lost {
+        query: &'static str,
+        #[source]
+        source: PqError,
+    },
     #[error("the source server answered {what} with {value:?}, which is not {expected}")]
     Answer {
         what: &'static str,
@@ -66,33 +81,16 @@ const END_OF_WAL: &str = "SELECT pg_is_in_recovery(),
        (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
              ELSE pg_current_wal_flush_lsn() END)::text";
 
-/// Asks the server `client` is connected to where its WAL ends. Blocking: call it off an
-/// async runtime.
-pub fn end_of_wal(client: &mut postgres::Client) -> Result<EndOfWal, LiveError> {
-    let row = client
-        .query_one(END_OF_WAL, &[])
-        .map_err(|e| LiveError::Query {
-            query: "the end of WAL",
-            reason: error_text(&e),
-        })?;
-    let get = |i: usize| -> Result<Option<String>, LiveError> {
-        row.try_get::<_, Option<String>>(i)
-            .map_err(|e| LiveError::Query {
-                query: "the end of WAL",
-                reason: error_text(&e),
-            })
-    };
+/// Asks the server `conn` is connected to where its WAL ends.
+pub fn end_of_wal(conn: &mut Conn) -> Result<EndOfWal, LiveError> {
+    let rows = conn
+        .query(END_OF_WAL, &[], Format::Text)
+        .map_err(|e| query_error("the end of WAL", e))?;
+    let get = |i: usize| -> Result<Option<String>, LiveError> { Ok(rows.text(0, i)) };
     let get_int = |i: usize| -> Result<Option<i64>, LiveError> {
-        row.try_get::<_, Option<i64>>(i)
-            .map_err(|e| LiveError::Query {
-                query: "the end of WAL",
-                reason: error_text(&e),
-            })
+        Ok(rows.text(0, i).and_then(|t| t.parse().ok()))
     };
-    let in_recovery: bool = row.try_get(0).map_err(|e| LiveError::Query {
-        query: "pg_is_in_recovery()",
-        reason: error_text(&e),
-    })?;
+    let in_recovery = get(0)?.as_deref() == Some("t");
     let lsn_text = get(1)?.ok_or(LiveError::Answer {
         what: "the WAL position",
         value: "NULL".into(),
@@ -147,53 +145,21 @@ pub fn end_of_wal(client: &mut postgres::Client) -> Result<EndOfWal, LiveError> 
     })
 }
 
-/// A PostgreSQL error with its server message, not only "db error".
-pub fn error_text(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.severity(), db.message()),
-        None => {
-            let mut s = e.to_string();
-            let mut cur = std::error::Error::source(e);
-            while let Some(c) = cur {
-                s.push_str(": ");
-                s.push_str(&c.to_string());
-                cur = c.source();
-            }
-            s
-        }
+/// A query the server refused, or a connection that failed under it.
+pub fn query_error(query: &'static str, e: PqError) -> LiveError {
+    match e {
+        e @ (PqError::Timeout(_) | PqError::Lost(_)) => LiveError::Lost { query, source: e },
+        e => LiveError::Query {
+            query,
+            reason: e.to_string(),
+            permission_denied: e.is_permission_denied(),
+        },
     }
 }
 
-/// The major version of the server `client` is connected to (`server_version_num` / 10000).
-pub fn server_major(client: &mut postgres::Client) -> Result<u32, LiveError> {
-    let v: String = query_text(
-        client,
-        "SELECT current_setting('server_version_num')",
-        "the version",
-    )?;
-    v.parse::<u32>()
-        .map(|n| n / 10_000)
-        .map_err(|_| LiveError::Answer {
-            what: "server_version_num",
-            value: v,
-            expected: "a version number",
-        })
-}
-
-/// The one text column of a one-row query.
-fn query_text(
-    client: &mut postgres::Client,
-    sql: &str,
-    what: &'static str,
-) -> Result<String, LiveError> {
-    let row = client.query_one(sql, &[]).map_err(|e| LiveError::Query {
-        query: what,
-        reason: error_text(&e),
-    })?;
-    row.try_get::<_, String>(0).map_err(|e| LiveError::Query {
-        query: what,
-        reason: error_text(&e),
-    })
+/// The major version of the server `conn` is connected to (`server_version_num` / 10000).
+pub fn server_major(conn: &Conn) -> u32 {
+    conn.server_major()
 }
 
 fn parse_lsn_answer(what: &'static str, text: String) -> Result<Lsn, LiveError> {
@@ -207,20 +173,13 @@ fn parse_lsn_answer(what: &'static str, text: String) -> Result<Lsn, LiveError> 
 /// Keeps the server's WAL from now on for as long as this session lasts: a temporary physical
 /// replication slot that reserves WAL at once (`pg_create_physical_replication_slot(name, true,
 /// true)`, dropped when the session ends). Returns where the reservation starts.
-pub fn reserve_wal(client: &mut postgres::Client, slot: &str) -> Result<Lsn, LiveError> {
-    let row = client
-        .query_one(
+pub fn reserve_wal(conn: &mut Conn, slot: &str) -> Result<Lsn, LiveError> {
+    let text = conn
+        .query_one_text(
             "SELECT lsn::text FROM pg_create_physical_replication_slot($1, true, true)",
-            &[&slot],
+            &[slot],
         )
-        .map_err(|e| LiveError::Query {
-            query: "pg_create_physical_replication_slot",
-            reason: error_text(&e),
-        })?;
-    let text: Option<String> = row.try_get(0).map_err(|e| LiveError::Query {
-        query: "pg_create_physical_replication_slot",
-        reason: error_text(&e),
-    })?;
+        .map_err(|e| query_error("pg_create_physical_replication_slot", e))?;
     parse_lsn_answer("the reserved WAL position", text.unwrap_or_default())
 }
 
@@ -228,27 +187,16 @@ pub fn reserve_wal(client: &mut postgres::Client, slot: &str) -> Result<Lsn, Liv
 /// (`pg_backup_start(label, true)`, `pg_start_backup(label, true, false)` before 15). Returns
 /// the backup's start: the redo position of its checkpoint, from which WAL replay makes what is
 /// copied during the backup consistent.
-pub fn backup_start(
-    client: &mut postgres::Client,
-    major: u32,
-    label: &str,
-) -> Result<Lsn, LiveError> {
+pub fn backup_start(conn: &mut Conn, major: u32, label: &str) -> Result<Lsn, LiveError> {
     let sql = if major >= 15 {
         "SELECT pg_backup_start($1, true)::text"
     } else {
         "SELECT pg_start_backup($1, true, false)::text"
     };
-    let row = client
-        .query_one(sql, &[&label])
-        .map_err(|e| LiveError::Query {
-            query: "pg_backup_start",
-            reason: error_text(&e),
-        })?;
-    let text: String = row.try_get(0).map_err(|e| LiveError::Query {
-        query: "pg_backup_start",
-        reason: error_text(&e),
-    })?;
-    parse_lsn_answer("the backup's start", text)
+    let text = conn
+        .query_one_text(sql, &[label])
+        .map_err(|e| query_error("pg_backup_start", e))?;
+    parse_lsn_answer("the backup's start", text.unwrap_or_default())
 }
 
 /// What ending a backup says: where the WAL its copy needs ends, and the two files the copy
@@ -262,27 +210,19 @@ pub struct BackupStopped {
 
 /// Ends this session's non-exclusive backup without waiting for WAL archiving
 /// (`pg_backup_stop(false)`, `pg_stop_backup(false, false)` before 15).
-pub fn backup_stop(client: &mut postgres::Client, major: u32) -> Result<BackupStopped, LiveError> {
+pub fn backup_stop(conn: &mut Conn, major: u32) -> Result<BackupStopped, LiveError> {
     let sql = if major >= 15 {
         "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
     } else {
         "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
     };
-    let row = client.query_one(sql, &[]).map_err(|e| LiveError::Query {
-        query: "pg_backup_stop",
-        reason: error_text(&e),
-    })?;
-    let get = |i: usize| -> Result<String, LiveError> {
-        row.try_get::<_, Option<String>>(i)
-            .map(Option::unwrap_or_default)
-            .map_err(|e| LiveError::Query {
-                query: "pg_backup_stop",
-                reason: error_text(&e),
-            })
-    };
+    let rows = conn
+        .query(sql, &[], Format::Text)
+        .map_err(|e| query_error("pg_backup_stop", e))?;
+    let get = |i: usize| rows.text(0, i).unwrap_or_default();
     Ok(BackupStopped {
-        lsn: parse_lsn_answer("the backup's end", get(0)?)?,
-        backup_label: get(1)?,
-        tablespace_map: get(2)?,
+        lsn: parse_lsn_answer("the backup's end", get(0))?,
+        backup_label: get(1),
+        tablespace_map: get(2),
     })
 }
