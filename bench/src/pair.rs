@@ -129,6 +129,19 @@ impl DivergedPair {
     /// `percent` (1 to 49) of the accounts changed on each side as `pattern` says, the
     /// accounts' filler as `data` says.
     pub fn build_with(scale: u32, percent: u32, data: Data, pattern: Pattern) -> DivergedPair {
+        DivergedPair::build_keeping(scale, percent, data, pattern, 0)
+    }
+
+    /// [`DivergedPair::build_with`], both sides also keeping about `kept_wal_mb` MB of WAL
+    /// written before the divergence (`wal_keep_size`, as many HA clusters set it, or a
+    /// replication slot would): WAL that pg_rewind copies whole and failback never needs.
+    pub fn build_keeping(
+        scale: u32,
+        percent: u32,
+        data: Data,
+        pattern: Pattern,
+        kept_wal_mb: u64,
+    ) -> DivergedPair {
         assert!(
             (1..50).contains(&percent),
             "the share of accounts changed must be 1 to 49 %"
@@ -144,8 +157,25 @@ impl DivergedPair {
         old.execute("CHECKPOINT");
         let mut new = old.create_standby("bench-new-primary");
         new.wait_for_catchup(&old);
+        if kept_wal_mb > 0 {
+            eprintln!("writing {kept_wal_mb} MB of WAL before the divergence, kept on both sides");
+            for c in [&old, &new] {
+                c.execute("ALTER SYSTEM SET wal_keep_size = '16GB'");
+                c.execute("SELECT pg_reload_conf()");
+            }
+            // A table written and dropped: its WAL stays in pg_wal, its files go. About 120
+            // bytes of WAL a row.
+            let rows = kept_wal_mb * (1 << 20) / 120;
+            old.execute(&format!(
+                "CREATE TABLE kept_wal AS SELECT g, md5(g::text) AS m FROM generate_series(1, {rows}) g;
+                 DROP TABLE kept_wal"
+            ));
+            old.execute("CHECKPOINT");
+            new.wait_for_catchup(&old);
+            new.execute("CHECKPOINT");
+        }
         new.promote();
-        if percent > 1 || pattern == Pattern::Random {
+        if kept_wal_mb == 0 && (percent > 1 || pattern == Pattern::Random) {
             // A larger change writes more WAL than max_wal_size: both sides keep theirs back to
             // the divergence, as their archives would, or the old primary has nothing to rewind
             // from and, rewound, nothing to replay up to the new primary's WAL.

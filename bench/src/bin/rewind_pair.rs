@@ -9,7 +9,10 @@
 //!   a TCP [`TcpProxy`];
 //! - `failback rewind --source grpc://…` through `failbackd`, through a TCP proxy;
 //! - `failback rewind --source quic://…` through a UDP [`UdpProxy`], when `failbackd --help`
-//!   offers `--quic-listen`.
+//!   offers `--quic-listen`;
+//! - `failback rewind --source-server` against the running new primary through the same kind
+//!   of TCP proxy as pg_rewind: plain libpq, no failbackd, when `failback rewind --help` offers
+//!   it.
 //!
 //! `failbackd` serves the running new primary when it offers `--pg-conn`, otherwise its
 //! shut-down data directory (the output says which). Each tool runs once on loopback (the proxy
@@ -29,8 +32,12 @@
 //!     [--compress 1] [--bin-dir DIR] [--baseline-bin-dir DIR] [--source-mode auto|stopped|running] [--out FILE]
 //!     [--rounds N] [--no-sync] [--log-dir DIR] [--perf DIR] [--skip-pg-rewind] [--skip-verify]
 //!     [--hold FILE] [--data stock|realistic] [--pattern contiguous|random]
+//!     [--kept-wal-mb N] [--skip-failbackd]
 //! ```
 //!
+//! `--kept-wal-mb N` builds the pair with N MB of WAL written before the divergence and kept
+//! on both sides (`wal_keep_size`): pg_rewind copies it all, failback none of it.
+//! `--skip-failbackd` leaves out the failbackd rows (the libpq comparison alone).
 //! `--baseline-bin-dir DIR` also runs the `failback`/`failbackd` of another build (an earlier
 //! commit's `target/release`) in every round, beside this build's, and reports this build's
 //! wall time against it round by round: a change is no slower when the median ratio is about 1.
@@ -61,6 +68,9 @@ use failback_bench::wan::{LinkSpec, TcpProxy, UdpProxy};
 use failback_tests::port::reserve_port;
 use failback_tests::rewind::rejoin;
 use failback_tests::{Cluster, StopMode, binaries, user};
+
+/// The row of `failback rewind --source-server`.
+const LIBPQ: &str = "failback --source-server";
 
 /// One measured rewind.
 struct Row {
@@ -329,6 +339,79 @@ impl Bench {
         }
     }
 
+    /// `failback rewind --source-server`: the same libpq link as pg_rewind's, no failbackd.
+    fn libpq_run(&mut self, net: &'static str, spec: LinkSpec) -> Row {
+        self.restore();
+        let target = SocketAddr::from(([127, 0, 0, 1], self.new.port()));
+        let proxy = TcpProxy::start(SocketAddr::from(([127, 0, 0, 1], 0)), target, spec, spec)
+            .expect("TCP proxy");
+        let postmaster: u32 = std::fs::read_to_string(self.new.data_dir().join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+            .expect("the new primary's postmaster.pid");
+        // Every backend serving failback's connections (--jobs of them, and the window's).
+        let sampler = Sampler::start(postmaster, "127.0.0.1(", "walsender");
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            proxy.local_addr().port()
+        );
+        let report = self.work.join(format!("report-libpq-{net}.json"));
+        let _ = std::fs::remove_file(&report);
+        eprintln!("running failback rewind --source-server '{conninfo}' ({net})");
+        let mut cmd = self.profiled(&self.failback.clone(), &format!("failback-libpq-{net}"));
+        cmd.arg("rewind")
+            .arg("-D")
+            .arg(self.old.data_dir())
+            .arg("--source-server")
+            .arg(&conninfo)
+            .arg("--jobs")
+            .arg(self.jobs.to_string())
+            .arg("--pg-bindir")
+            .arg(&self.old.bins().bin_dir)
+            .arg("--report")
+            .arg(&report)
+            .arg("--debug");
+        if self.no_sync {
+            cmd.arg("-N");
+        }
+        let cost = measure::run(&mut cmd);
+        self.keep(&format!("libpq-{net}"), &cost.stderr, Some(&report));
+        let (server_cpu, server_rss) = sampler.stop();
+        let (up, down, dropped) = proxy.counters().snapshot();
+        let ok = cost.exit_code == 0;
+        let phases = std::fs::read(&report)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .map(|v| v["seconds"].clone());
+        let note = if ok {
+            "server CPU/RSS: the backends, sampled every 20 ms (lower bound)".to_string()
+        } else {
+            eprintln!(
+                "failback --source-server over {net} failed:\n{}",
+                cost.stderr
+            );
+            format!(
+                "failed (exit {}): {}",
+                cost.exit_code,
+                tail(&cost.stderr, 5)
+            )
+        };
+        Row {
+            tool: LIBPQ.to_string(),
+            net,
+            ok,
+            client: cost,
+            server_cpu: Some(server_cpu),
+            server_rss_kb: Some(server_rss),
+            up,
+            down,
+            dropped,
+            phases,
+            note,
+            walls: Vec::new(),
+        }
+    }
+
     /// Copies a run's stderr (and report) into `--log-dir`, timestamps kept by the tools.
     fn keep(&self, name: &str, stderr: &str, report: Option<&Path>) {
         let Some(dir) = &self.log_dir else {
@@ -436,12 +519,43 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
 
-fn goals(rows: &[Row], rate_bits: u64) -> String {
+fn goals(rows: &[Row], rate_bits: u64, kept_wal_mb: u64) -> String {
     let mut s = String::new();
     let find = |tool: &str, net: &str| rows.iter().find(|r| r.tool == tool && r.net == net && r.ok);
     s.push_str(
         "| pair | network | measure | value | goal | verdict |\n|---|---|---|---:|---|---|\n",
     );
+    // The same libpq link as pg_rewind (issue 15): never slower, never more bytes; with much
+    // WAL kept from before the divergence, ≥ 5× faster through the WAN with ≤ 1/10 the bytes.
+    for net in ["loopback", "wan"] {
+        let (Some(f), Some(p)) = (find(LIBPQ, net), find("pg_rewind --source-server", net)) else {
+            continue;
+        };
+        let bytes = f.wire() as f64 / p.wire().max(1) as f64;
+        let speed = p.client.wall.as_secs_f64() / f.client.wall.as_secs_f64().max(1e-9);
+        let (bytes_goal, bytes_need, speed_goal, speed_need) = if kept_wal_mb > 0 && net == "wan" {
+            ("≤ 0.1", 0.1, "≥ 5×", 5.0)
+        } else {
+            ("≤ 1", 1.0, "≥ 1×", 1.0)
+        };
+        let _ = writeln!(
+            s,
+            "| {LIBPQ} | {net} | bytes on the wire ÷ pg_rewind's | {bytes:.3} | {bytes_goal} | {} |",
+            verdict(bytes <= bytes_need)
+        );
+        let _ = writeln!(
+            s,
+            "| {LIBPQ} | {net} | speed-up (pg_rewind wall ÷ failback wall) | {speed:.2}× | {speed_goal} | {} |",
+            verdict(speed >= speed_need)
+        );
+        if let Some(paired) = paired_speedup(&p.walls, &f.walls) {
+            let _ = writeln!(
+                s,
+                "| {LIBPQ} | {net} | speed-up round by round | {paired:.2}× | {speed_goal} | {} |",
+                verdict(paired >= speed_need)
+            );
+        }
+    }
     for tool in ["failback (gRPC)", "failback (QUIC)"] {
         for net in ["loopback", "wan"] {
             let (Some(f), Some(p)) = (find(tool, net), find("pg_rewind --source-server", net))
@@ -526,6 +640,8 @@ fn main() {
     let rounds = arg("--rounds", 1usize).max(1);
     let skip_pg_rewind = flag("--skip-pg-rewind");
     let skip_verify = flag("--skip-verify");
+    let skip_failbackd = flag("--skip-failbackd");
+    let kept_wal_mb = arg("--kept-wal-mb", 0u64);
     let log_dir = arg("--log-dir", String::new());
     let log_dir = (!log_dir.is_empty()).then(|| PathBuf::from(log_dir));
     let perf_dir = arg("--perf", String::new());
@@ -545,6 +661,7 @@ fn main() {
     let client_help = help_of(&failback, &["rewind"]);
     let quic = daemon_help.contains("--quic-listen") && client_help.contains("quic");
     let pg_conn = daemon_help.contains("--pg-conn");
+    let libpq = client_help.contains("--source-server");
     let running_source = match source_mode.as_str() {
         "running" => true,
         "stopped" => false,
@@ -563,7 +680,7 @@ fn main() {
     let load_before = loadavg();
     let DivergedPair {
         old, new, changed, ..
-    } = DivergedPair::build_with(scale, percent, data, pattern);
+    } = DivergedPair::build_keeping(scale, percent, data, pattern, kept_wal_mb);
     let work = old.base_dir().join("bench");
     user::create_dir(&work);
     let pristine = work.join("pristine");
@@ -608,20 +725,26 @@ fn main() {
             if !b.running_source && b.new.is_running() {
                 b.new.stop(StopMode::Fast);
             }
-            this_round.push(b.failback_run(net, spec, false));
-            this_round.extend(b.baseline_run(net, spec, false));
-            if quic {
-                this_round.push(b.failback_run(net, spec, true));
-                this_round.extend(b.baseline_run(net, spec, true));
+            if !skip_failbackd {
+                this_round.push(b.failback_run(net, spec, false));
+                this_round.extend(b.baseline_run(net, spec, false));
+                if quic {
+                    this_round.push(b.failback_run(net, spec, true));
+                    this_round.extend(b.baseline_run(net, spec, true));
+                }
             }
-            // pg_rewind needs the source running, and a checkpoint on its new timeline.
+            // pg_rewind and failback --source-server need the source running, and pg_rewind a
+            // checkpoint on its new timeline.
+            if !b.new.is_running() && (libpq || !skip_pg_rewind) {
+                b.new.start();
+            }
+            if round == 0 && !skip_pg_rewind {
+                b.new.execute("CHECKPOINT");
+            }
+            if libpq {
+                this_round.push(b.libpq_run(net, spec));
+            }
             if !skip_pg_rewind {
-                if !b.new.is_running() {
-                    b.new.start();
-                }
-                if round == 0 {
-                    b.new.execute("CHECKPOINT");
-                }
                 this_round.push(b.pg_rewind_run(net, spec));
             }
         }
@@ -642,11 +765,21 @@ fn main() {
         if !b.running_source && b.new.is_running() {
             b.new.stop(StopMode::Fast);
         }
-        if b.failback_run("wan", wan, false).ok {
-            b.verify();
-            verified = "after all measured runs, one more failback rewind (gRPC, WAN; not in the table) started as a standby of the new primary, caught up, and every table's fingerprint matched".to_string();
+        let (ok, how) = if skip_failbackd && libpq {
+            if !b.new.is_running() {
+                b.new.start();
+            }
+            (b.libpq_run("wan", wan).ok, "--source-server")
         } else {
-            verified = "FAILED: the verification rewind (gRPC, WAN) did not succeed".to_string();
+            (b.failback_run("wan", wan, false).ok, "gRPC")
+        };
+        if ok {
+            b.verify();
+            verified = format!(
+                "after all measured runs, one more failback rewind ({how}, WAN; not in the table) started as a standby of the new primary, caught up, and every table's fingerprint matched"
+            );
+        } else {
+            verified = format!("FAILED: the verification rewind ({how}, WAN) did not succeed");
         }
     }
     let mode = if b.running_source {
@@ -677,7 +810,8 @@ fn main() {
          failback: --jobs {} --compress {}. Loopback: the proxy with no delay and no cap. \
          WAN: {delay_ms} ms each way ({} ms RTT), {rate_mbit} Mbit/s each way, token bucket {} KiB, queue {} KiB \
          (`failback_bench::wan`). Each tool rewound a fresh copy of the same diverged target, \
-         written back to disk (syncfs) before the tool started.\n",
+         written back to disk (syncfs) before the tool started. WAL kept on both sides from \
+         before the divergence: {kept_wal_mb} MB (`--kept-wal-mb`).\n",
         mb(target_size),
         b.jobs,
         b.compress,
@@ -699,7 +833,7 @@ fn main() {
     );
     out.push_str(&table(&rows));
     out.push_str("\n## Against the goals (design.md)\n\n");
-    out.push_str(&goals(&rows, rate_mbit * 1_000_000));
+    out.push_str(&goals(&rows, rate_mbit * 1_000_000, kept_wal_mb));
     if b.baseline.is_some() {
         out.push_str("\n## Against the baseline build (`--baseline-bin-dir`)\n\n");
         out.push_str(&against_baseline(&rows));
