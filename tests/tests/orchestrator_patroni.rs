@@ -347,7 +347,7 @@ fn patroni_rewinds_the_old_leader_with_the_binary_under_test() {
                 == "1")
                 .then_some(())
         },
-        &ctx,
+        ctx,
     );
     eprintln!("[{:.0?}] node_a leads, node_b streams", started.elapsed());
 
@@ -416,7 +416,7 @@ fn patroni_rewinds_the_old_leader_with_the_binary_under_test() {
         "node_b to take over as leader",
         FAILOVER_TIMEOUT,
         || (!sb.in_recovery().ok()?).then_some(()),
-        &ctx,
+        ctx,
     );
     eprintln!("[{:.0?}] node_b promoted", started.elapsed());
 
@@ -468,7 +468,7 @@ fn patroni_rewinds_the_old_leader_with_the_binary_under_test() {
                 ))
             .then_some(())
         },
-        &ctx,
+        ctx,
     );
     eprintln!(
         "[{:.0?}] node_a rewound and streaming again ({:.1?} after its Patroni started)",
