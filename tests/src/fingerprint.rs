@@ -36,8 +36,19 @@ impl Fingerprint {
     /// Fingerprints every user table of every database of a running cluster (a primary or a
     /// hot standby).
     pub fn of(cluster: &Cluster) -> Fingerprint {
+        Fingerprint::of_with(cluster.name(), |db, sql| cluster.query_rows_in(db, sql))
+    }
+
+    /// Fingerprints the server `query(database, sql)` reaches (rows as text, NULL as None;
+    /// panicking on error), called `name` in messages: for servers the test bed did not start,
+    /// such as an orchestrator's.
+    pub fn of_with(
+        name: &str,
+        query: impl Fn(&str, &str) -> Vec<Vec<Option<String>>>,
+    ) -> Fingerprint {
         let mut databases = BTreeMap::new();
-        let dbs = cluster.query_rows(
+        let dbs = query(
+            "postgres",
             "SELECT datname FROM pg_database \
              WHERE datallowconn AND datname NOT IN ('template0', 'template1') ORDER BY 1",
         );
@@ -45,7 +56,7 @@ impl Fingerprint {
             .into_iter()
             .filter_map(|r| r.into_iter().next().flatten())
         {
-            let tables = cluster.query_rows_in(
+            let tables = query(
                 &db,
                 "SELECT n.nspname, c.relname, format('%I.%I', n.nspname, c.relname) \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -61,7 +72,7 @@ impl Fingerprint {
                 else {
                     continue;
                 };
-                let row = cluster.query_rows_in(
+                let row = query(
                     &db,
                     &format!(
                         "SELECT count(*), \
@@ -77,11 +88,7 @@ impl Fingerprint {
                         .unwrap_or_default()
                 };
                 let rows = get(0).parse().unwrap_or_else(|e| {
-                    panic!(
-                        "'{}': row count of {db}.{quoted} is {:?}: {e}",
-                        cluster.name(),
-                        get(0)
-                    )
+                    panic!("'{name}': row count of {db}.{quoted} is {:?}: {e}", get(0))
                 });
                 prints.insert(
                     format!("{schema}.{table}"),

@@ -16,6 +16,9 @@
 //!   test (promote, stop, rewind, rejoin and compare), and checks of a data directory's files.
 //! - [`verify`]: every page checksum of a shut-down cluster (`pg_checksums --check` for any
 //!   version) and amcheck on a running standby.
+//! - [`orchestrator`]: the real HA orchestrators (Patroni with etcd, repmgr) around a
+//!   `pg_rewind` under test (failback's binary, or PostgreSQL's), their processes cleaned up
+//!   on drop, and SQL and fingerprints on the servers they run.
 //! - [`tmpfs`]: a small file system of a test's own (a data directory on it), to fill up.
 //! - [`pg_test!`]: one test body instantiated for every major version, so the runner runs
 //!   them in parallel as `name::pg13` … `name::pg18`.
@@ -37,6 +40,7 @@ pub mod binaries;
 pub mod cluster;
 pub mod failbackd;
 pub mod fingerprint;
+pub mod orchestrator;
 pub mod port;
 pub mod programs;
 pub mod proxy;
