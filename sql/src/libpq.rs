@@ -469,7 +469,11 @@ mod tests {
         assert_eq!(keyword(uri, "host").as_deref(), Some("db2"));
         assert_eq!(keyword(uri, "sslmode").as_deref(), Some("verify-full"));
         assert_eq!(keyword("host=", "user"), None);
-        assert_eq!(keyword("nonsense_keyword=1", "user"), None, "libpq refuses it");
+        assert_eq!(
+            keyword("nonsense_keyword=1", "user"),
+            None,
+            "libpq refuses it"
+        );
     }
 
     #[test]
@@ -484,7 +488,10 @@ mod tests {
         let PqError::Connect(text) = &e else {
             panic!("{e:?}")
         };
-        assert!(text.contains("127.0.0.1") && text.contains("refused"), "{text}");
+        assert!(
+            text.contains("127.0.0.1") && text.contains("refused"),
+            "{text}"
+        );
         assert!(!e.is_retryable());
     }
 }
