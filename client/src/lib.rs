@@ -6,6 +6,8 @@
 //! - [`copy`]: carrying a plan out, from the source to the target;
 //! - [`target`]: the one owner of every change to the target, and why it is crash-safe;
 //! - [`error`]: why a rewind stopped, and the exit status that says whether to run it again;
+//! - [`pg_rewind_cli`]: failback installed or linked as `pg_rewind`: pg_rewind's command
+//!   line, exit statuses and stderr lines;
 //! - [`inspect`], [`progress`], [`pgbin`], [`fsutil`], [`fault`]: what the CLI shows, how
 //!   progress reaches a terminal, the target's own `postgres`, durable file operations and the
 //!   crash tests' fault hook.
@@ -14,6 +16,7 @@ pub mod error;
 pub mod fault;
 pub mod fsutil;
 pub mod inspect;
+pub mod pg_rewind_cli;
 pub mod pgbin;
 pub mod progress;
 pub mod rewind;

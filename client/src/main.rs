@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use failback_client::error::{RewindError, exit};
 use failback_client::inspect;
+use failback_client::pg_rewind_cli;
 use failback_client::rewind::Mode;
 use failback_client::source::Source;
 use failback_common::compress_choice::CompressPolicy;
@@ -466,7 +467,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    // Installed or linked under the name pg_rewind, failback is pg_rewind: its options, exit
+    // statuses and stderr lines, for the orchestrators that run it by that name.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv
+        .first()
+        .is_some_and(|a| pg_rewind_cli::invoked_as_pg_rewind(a))
+    {
+        return pg_rewind_cli::main(argv);
+    }
+    match run(Cli::parse_from(argv)) {
         Ok(code) => code,
         Err(e) => {
             // The whole chain, outermost first, so the user sees both what failed and why.

@@ -155,12 +155,14 @@ pub(crate) fn check(
                     target_control.state
                 )));
             }
-            progress.info(
-                "target server was not shut down cleanly; running crash recovery in single-user \
-                 mode",
-            );
+            // Found (and said) before anything runs, in a dry run too, as pg_rewind does.
+            let postgres = pg.find(dir, Some(target_control.major), "crash recovery")?;
+            progress.info(&format!(
+                "executing \"{}\" for target server to complete crash recovery",
+                postgres.display()
+            ));
             if !opts.dry_run {
-                pg.single_user_recovery(dir, target_control.major, opts.config_file.as_deref())?;
+                pg.single_user_recovery(&postgres, dir, opts.config_file.as_deref())?;
                 target_control = read_target_control(dir)?;
             }
         }

@@ -90,7 +90,7 @@ pub(crate) fn plan(
     let target = &checked.target_control;
     let dir = checked.target.dir();
     // Timelines and the divergence.
-    let src_tli = source_timeline(source, checked)?;
+    let src_tli = source_timeline(source, checked, progress)?;
     let tgt_tli = target.timeline_for_rewind();
     report.source_timeline = src_tli;
     report.target_timeline = tgt_tli;
@@ -371,6 +371,15 @@ fn plan_with(
                     )));
                 }
             }
+            // Where pg_rewind says it rewinds from the last common checkpoint: failback's
+            // rewound node replays from the source's own checkpoint instead, only the WAL the
+            // copy needs.
+            progress.info(&format!(
+                "rewinding from the source's checkpoint at {} on timeline {}, not from the last \
+                 common checkpoint: the rewound node replays only the source's WAL from {from}",
+                checked.source_control.checkPoint,
+                checked.source_control.checkPointCopy.ThisTimeLineID
+            ));
             report.replay = Some(ReplayReport {
                 from: from.to_string(),
                 to: to.to_string(),
@@ -481,7 +490,7 @@ pub(crate) fn resumed(
     report: &mut RewindReport,
 ) -> Result<(JournalHeader, bool), RewindError> {
     let h = state.header.clone();
-    let src_tli = source_timeline(source, checked)?;
+    let src_tli = source_timeline(source, checked, progress)?;
     let history = source_history(source, src_tli)?;
     let still = history
         .entries()
@@ -566,14 +575,27 @@ pub(crate) fn resumed(
 /// The source's timeline. A live source may have been promoted moments ago: its control file
 /// names the old timeline until the first checkpoint on the new one, so the server's own
 /// answer wins (pg_rewind 13-15 wrongly said "no rewind required" then).
-fn source_timeline(source: &mut dyn Source, checked: &Checked) -> Result<TimeLineId, RewindError> {
-    let mut tli = checked.source_control.timeline_for_rewind();
+fn source_timeline(
+    source: &mut dyn Source,
+    checked: &Checked,
+    progress: &mut dyn Progress,
+) -> Result<TimeLineId, RewindError> {
+    let control_tli = checked.source_control.timeline_for_rewind();
+    let mut tli = control_tli;
     if let Some(end) = checked.live_start {
         let current = source
             .current_timeline()
             .doing("could not read the source's current timeline")?
             .unwrap_or(0);
         tli = tli.max(current).max(end.tli);
+    }
+    // Right after a promotion the control file lags until the promotion's checkpoint ends;
+    // pg_rewind believes it and may say "no rewind required". Say why failback does not.
+    if tli > control_tli {
+        progress.info(&format!(
+            "the source's control file still says timeline {control_tli} (its promotion's \
+             checkpoint has not finished), but the source is on timeline {tli}"
+        ));
     }
     Ok(tli)
 }
