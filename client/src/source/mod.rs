@@ -12,13 +12,14 @@
 //! source never writes anything.
 
 pub mod grpc;
+pub mod libpq;
 pub mod local;
 pub mod quic;
 pub mod rate;
 pub mod remote;
 
-use failback_common::filemap::FileEntry;
 use failback_common::chunkdiff::ChunkHash;
+use failback_common::filemap::FileEntry;
 use failback_common::{Lsn, TimeLineId};
 
 /// A range of a source file to fetch.
@@ -87,10 +88,10 @@ pub struct FileHashes {
     pub hashes: Vec<[u8; 32]>,
     /// The file no longer exists on the source.
     pub vanished: bool,
-}
     /// The function the hashes were made with (failbackd: blake3; a server over libpq:
     /// SHA-256): the target hashes its chunks with the same.
     pub algorithm: ChunkHash,
+}
 
 /// What a source says it changed since the divergence ([`Source::changes`]).
 #[derive(Debug)]
@@ -319,10 +320,10 @@ impl<S: Source + ?Sized> Source for Box<S> {
     fn ask_ahead(&mut self, asks: &[Ask]) {
         (**self).ask_ahead(asks)
     }
-    fn chunk_hashes(
     fn chunk_hash_algorithm(&self) -> ChunkHash {
         (**self).chunk_hash_algorithm()
     }
+    fn chunk_hashes(
         &mut self,
         paths: &[String],
         chunk_size: u64,
