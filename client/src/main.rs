@@ -235,7 +235,9 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn Source>, RewindError> {
     if let Some(conninfo) = &a.source_server {
         if failbackd_only {
             return Err(usage(
-                "--ca, --cert, --key, --token-file, --connections and --compress are for a                  failbackd source (--source <URL>); with --source-server, TLS is set in the                  connection string (sslmode, sslrootcert, sslcert, sslkey)",
+                "--ca, --cert, --key, --token-file, --connections and --compress are for a \
+                 failbackd source (--source <URL>); with --source-server, TLS is set in the \
+                 connection string (sslmode, sslrootcert, sslcert, sslkey)",
             ));
         }
         let source =

@@ -65,8 +65,10 @@ const MAX_SMALL_FILE: u64 = 64 << 20;
 const APPLICATION: &str = "failback";
 
 /// The statement pg_rewind's role may run to read ranges; `n` checks the order of the answer.
+/// `unnest` of several arrays is a special form of the FROM clause (`ROWS FROM`), which a
+/// schema-qualified name is not: pg_catalog is searched anyway.
 const READ_PIECES: &str = "SELECT x.n, pg_catalog.pg_read_binary_file(x.p, x.o, x.l, true)
-  FROM pg_catalog.unnest($1::text[], $2::int8[], $3::int8[]) WITH ORDINALITY AS x(p, o, l, n)";
+  FROM unnest($1::text[], $2::int8[], $3::int8[]) WITH ORDINALITY AS x(p, o, l, n)";
 
 /// The data directory listed as pg_rewind lists it: every entry below it, tablespaces followed,
 /// with a tablespace link's target from `pg_tablespace_location`.
