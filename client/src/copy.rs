@@ -15,11 +15,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::Path;
 
-use failback_common::chunkdiff::{self, ByteRange, ChunkList};
+use failback_common::chunkdiff::{self, ByteRange, ChunkHash, ChunkList};
 use failback_common::filemap::{FileAction, FileType};
 use failback_common::journal::JournalState;
 use failback_common::plan::{Plan, PlanEntry, Reason};
-use failback_datadir::{hash_buffer, hash_chunks};
+use failback_datadir::{hash_buffer, hash_chunks_with};
 use serde::Serialize;
 
 use crate::progress::Progress;
@@ -355,14 +355,18 @@ fn hash_diffs(
         return Ok((diffs, sizes));
     }
     // The target's own hashes are computed while the source computes its (a round trip and
-    // the source's reading), not after.
+    // the source's reading), not after, with the function the source says it hashes with.
+    let algorithm = source.chunk_hash_algorithm();
     let (answers, mut local) = std::thread::scope(|scope| {
         let local = scope.spawn(|| {
             let mut out = HashMap::new();
             for (&chunk, paths) in &groups {
                 let mut buf = hash_buffer(chunk);
                 for p in paths {
-                    out.insert(p.clone(), hash_local(&pgdata.join(p), chunk, &mut buf));
+                    out.insert(
+                        p.clone(),
+                        hash_local(algorithm, &pgdata.join(p), chunk, &mut buf),
+                    );
                 }
             }
             out
@@ -383,9 +387,15 @@ fn hash_diffs(
             if h.vanished {
                 continue;
             }
-            let Some(hashed) = local.remove(&h.path) else {
+            let Some(mut hashed) = local.remove(&h.path) else {
                 continue;
             };
+            // Hashes of two functions never compare equal: a source that answered in another
+            // function than it announced has the target's chunks hashed again in that one.
+            if h.algorithm != algorithm {
+                let mut buf = hash_buffer(chunk);
+                hashed = hash_local(h.algorithm, &pgdata.join(&h.path), chunk, &mut buf);
+            }
             let (size, mine) = hashed?;
             let ranges = chunkdiff::ranges_to_fetch(
                 chunk,
@@ -408,14 +418,15 @@ fn hash_diffs(
     Ok((diffs, sizes))
 }
 
-/// The target's own chunk hashes of the file at `path`, and the size hashed.
+/// The target's own chunk hashes of the file at `path` by `algorithm`, and the size hashed.
 fn hash_local(
+    algorithm: ChunkHash,
     path: &Path,
     chunk: u64,
     buf: &mut [u8],
 ) -> Result<(u64, Vec<[u8; 32]>), TargetError> {
     let f = File::open(path).map_err(|e| TargetError::io("open", path, None, e))?;
-    hash_chunks(&f, chunk as usize, buf, u64::MAX).map_err(|e| match e {
+    hash_chunks_with(algorithm, &f, chunk as usize, buf, u64::MAX).map_err(|e| match e {
         failback_datadir::HashError::Io(e) => TargetError::io("read", path, None, e),
         e => TargetError::io("read", path, None, std::io::Error::other(e)),
     })

@@ -52,10 +52,16 @@ struct RewindArgs {
     #[arg(
         long,
         value_name = "DIR",
-        required_unless_present = "source",
-        conflicts_with = "source"
+        required_unless_present_any = ["source", "source_server"],
+        conflicts_with_all = ["source", "source_server"]
     )]
     source_pgdata: Option<PathBuf>,
+    /// A running PostgreSQL server (the new primary, or a standby of it), reached over libpq
+    /// as pg_rewind reaches it: a connection string or URI, with the PG* environment, pgpass
+    /// and service files. A role that is not superuser needs EXECUTE on pg_ls_dir,
+    /// pg_stat_file and both pg_read_binary_file.
+    #[arg(long, value_name = "CONNSTR", conflicts_with = "source")]
+    source_server: Option<String>,
     /// failbackd serving the new primary's data directory (shut down, or running when
     /// failbackd has --pg-conn): grpc://HOST:PORT, or grpcs://HOST:PORT or quic://HOST:PORT
     /// with --ca.
@@ -68,36 +74,37 @@ struct RewindArgs {
     #[arg(long, value_enum, value_name = "MODE")]
     mode: Option<Mode>,
     /// PEM CA certificate that failbackd's TLS certificate must chain to (grpcs://, quic://).
-    #[arg(long, value_name = "FILE", requires = "source")]
+    #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
     /// PEM client certificate chain, for a failbackd started with --client-ca.
-    #[arg(long, value_name = "FILE", requires_all = ["source", "key"])]
+    #[arg(long, value_name = "FILE", requires = "key")]
     cert: Option<PathBuf>,
     /// PEM private key of --cert.
-    #[arg(long, value_name = "FILE", requires_all = ["source", "cert"])]
+    #[arg(long, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
     /// File holding the bearer token failbackd expects.
-    #[arg(long, value_name = "FILE", requires = "source")]
+    #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
-    /// Requests to failbackd in flight at once [default: 4].
-    #[arg(long, value_name = "N", requires = "source",
+    /// Requests to failbackd in flight at once, or connections reading file data from
+    /// --source-server [default: 4].
+    #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=256))]
     jobs: Option<u16>,
     /// Connections to failbackd; the requests in flight (--jobs) are spread over them
     /// [default: 1].
-    #[arg(long, value_name = "N", requires = "source",
+    #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=64))]
     connections: Option<u16>,
     /// Compression of file data from failbackd: a zstd level (1-9), none, or auto (a copy of
     /// 256 MiB or more first sends one request stored and one at zstd level 1, alone, and
     /// goes on with whichever delivered more bytes a second; smaller copies use level 1)
     /// [default: auto; higher levels send fewer bytes for more of failbackd's CPU].
-    #[arg(long, value_name = "auto|LEVEL|none", requires = "source", value_parser = parse_compress)]
+    #[arg(long, value_name = "auto|LEVEL|none", value_parser = parse_compress)]
     compress: Option<CompressPolicy>,
-    /// How long failbackd may make no progress (no answer, a broken or silent connection)
-    /// before the rewind stops; failures within it are retried with back-off on a fresh
-    /// connection. In seconds [default: 60].
-    #[arg(long, value_name = "SECONDS", requires = "source",
+    /// How long the source (failbackd, or --source-server) may make no progress (no answer, a
+    /// broken or silent connection) before the rewind stops; failures within it are retried
+    /// with back-off on a fresh connection. In seconds [default: 60].
+    #[arg(long, value_name = "SECONDS",
           value_parser = clap::value_parser!(u32).range(1..=86400))]
     timeout: Option<u32>,
     /// Hold the data fetched from the source to this average rate, in bytes per second:
@@ -107,8 +114,9 @@ struct RewindArgs {
     /// Write standby.signal and primary_conninfo, so the target starts as a standby.
     #[arg(short = 'R', long)]
     write_recovery_conf: bool,
-    /// The primary_conninfo -R writes. From failbackd by default (the host it was reached at,
-    /// the port its server listens on, the user of its --pg-conn); a local source needs it.
+    /// The primary_conninfo -R writes. By default from --source-server's connection (as
+    /// pg_rewind writes it), or from failbackd (the host it was reached at, the port its
+    /// server listens on, the user of its --pg-conn); a local source needs it.
     #[arg(long, value_name = "CONNINFO")]
     primary_conninfo: Option<String>,
     /// Change nothing; print what would be done.
@@ -216,19 +224,45 @@ fn read_secret(path: &std::path::Path, what: &str) -> Result<Vec<u8>, RewindErro
 
 fn open_source(a: &RewindArgs) -> Result<Box<dyn Source>, RewindError> {
     use failback_client::source::remote::{RemoteOptions, connect};
+    let patience = a.timeout.map_or(Patience::DEFAULT, |t| Patience {
+        timeout: std::time::Duration::from_secs(u64::from(t)),
+    });
+    // clap's `requires` cannot say "--source" while --source-server is also allowed: said here.
+    let failbackd_only = a.ca.is_some()
+        || a.cert.is_some()
+        || a.token_file.is_some()
+        || a.connections.is_some()
+        || a.compress.is_some();
+    if let Some(conninfo) = &a.source_server {
+        if failbackd_only {
+            return Err(usage(
+                "--ca, --cert, --key, --token-file, --connections and --compress are for a \
+                 failbackd source (--source <URL>); with --source-server, TLS is set in the \
+                 connection string (sslmode, sslrootcert, sslcert, sslkey)",
+            ));
+        }
+        let source =
+            failback_client::source::libpq::connect(failback_client::source::libpq::LibpqOptions {
+                conninfo: conninfo.clone(),
+                jobs: usize::from(a.jobs.unwrap_or(4)),
+                patience,
+                notice: Some(std::sync::Arc::new(|note: &str| {
+                    eprintln!("failback: warning: {note}")
+                })),
+            })
+            .map_err(|source| RewindError::Source {
+                doing: "could not connect to the source server".into(),
+                source,
+            })?;
+        return Ok(Box::new(source));
+    }
     if let Some(dir) = &a.source_pgdata {
         // clap's `requires` does not fire here (the flags are also in a conflict), so say it.
-        if a.ca.is_some()
-            || a.cert.is_some()
-            || a.token_file.is_some()
-            || a.jobs.is_some()
-            || a.connections.is_some()
-            || a.compress.is_some()
-            || a.timeout.is_some()
-        {
+        if failbackd_only || a.jobs.is_some() || a.timeout.is_some() {
             return Err(usage(
                 "--ca, --cert, --key, --token-file, --jobs, --connections, --compress and \
-                 --timeout are for a failbackd source (--source <URL>)",
+                 --timeout are for a failbackd source (--source <URL>) or a running server \
+                 (--source-server <CONNSTR>)",
             ));
         }
         return Ok(Box::new(failback_client::source::local::LocalSource::new(
@@ -238,7 +272,7 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn Source>, RewindError> {
     let url = a
         .source
         .clone()
-        .ok_or_else(|| usage("give --source-pgdata or --source"))?;
+        .ok_or_else(|| usage("give --source-pgdata, --source-server or --source"))?;
     let token = match &a.token_file {
         None => None,
         Some(f) => {
@@ -268,9 +302,7 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn Source>, RewindError> {
         jobs: usize::from(a.jobs.unwrap_or(4)),
         connections: usize::from(a.connections.unwrap_or(1)),
         compression: a.compress.unwrap_or(CompressPolicy::DEFAULT),
-        patience: a.timeout.map_or(Patience::DEFAULT, |t| Patience {
-            timeout: std::time::Duration::from_secs(u64::from(t)),
-        }),
+        patience,
         // A stall the rewind rides out is still worth knowing about.
         notice: Some(std::sync::Arc::new(|note: &str| {
             eprintln!("failback: warning: {note}")

@@ -34,6 +34,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use failback_common::chunkdiff::ChunkHash;
 use failback_common::filemap::{FileEntry, FileType};
 use rustix::fs::{AtFlags, FileType as Kind, OFlags};
 use rustix::io::Errno;
@@ -526,6 +527,18 @@ pub fn hash_chunks(
     buf: &mut [u8],
     max_chunks: u64,
 ) -> Result<(u64, Vec<[u8; 32]>), HashError> {
+    hash_chunks_with(ChunkHash::Blake3, file, chunk, buf, max_chunks)
+}
+
+/// [`hash_chunks`] with the hash function `algorithm` (a source reached over libpq hashes with
+/// SHA-256, and the target's chunks are compared in the same).
+pub fn hash_chunks_with(
+    algorithm: ChunkHash,
+    file: &impl FileExt,
+    chunk: usize,
+    buf: &mut [u8],
+    max_chunks: u64,
+) -> Result<(u64, Vec<[u8; 32]>), HashError> {
     assert!(
         chunk > 0 && buf.len() >= chunk,
         "a buffer of at least one chunk"
@@ -540,7 +553,7 @@ pub fn hash_chunks(
             if hashes.len() as u64 >= max_chunks {
                 return Err(HashError::TooManyChunks { max: max_chunks });
             }
-            hashes.push(*blake3::hash(piece).as_bytes());
+            hashes.push(algorithm.hash(piece));
         }
         off += n as u64;
         if n < buf.len() {

@@ -8,12 +8,16 @@
 //! removed can be brought back with the target's `restore_command` (`-c`), exactly as recovery
 //! would: `%f` is the file name, `%p` the path to restore it to.
 //!
+//! The segment files are read through a [`SegmentSource`]: a data directory's own `pg_wal`
+//! ([`DirSegments`], the target's and failbackd's), or another way of reading a segment file
+//! by name — the client's libpq source reads a running server's `pg_wal` over SQL, a piece at a
+//! time, without writing it anywhere.
+//!
 //! This is the IO shell around the pure decoder in `failback_common::wal`.
 
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -92,83 +96,46 @@ pub struct RecordSummary {
     pub main_data: Vec<u8>,
 }
 
-/// The WAL of one data directory, read along one timeline history. Segment files are opened
-/// through the data directory's confinement ([`crate::beneath`]): a segment name swapped for
-/// a link to a file elsewhere is refused, not read.
-pub struct WalReader<'h> {
+/// Where a [`WalReader`] finds the bytes of WAL segment files: a data directory's `pg_wal`
+/// ([`DirSegments`]), or anything else that can read a segment file by name (a running
+/// server's files read over SQL, by the client's libpq source).
+pub trait SegmentSource {
+    /// Reads up to `buf.len()` bytes of segment file `name` (segment `segno`) at `offset` into
+    /// `buf`, as many as the file has there (fewer at its end): `Ok(None)` when there is no such
+    /// file. `lsn` is the position being read, for messages.
+    fn read_segment(
+        &mut self,
+        name: &str,
+        segno: XLogSegNo,
+        offset: u64,
+        buf: &mut [u8],
+        lsn: Lsn,
+    ) -> Result<Option<usize>, WalReadError>;
+
+    /// Where the segments are, for messages (`pg_wal` of a directory, or of a server).
+    fn location(&self) -> PathBuf;
+}
+
+/// The segment files of a data directory's `pg_wal`, opened through the directory's
+/// confinement ([`crate::beneath`]): a segment name swapped for a link to a file elsewhere is
+/// refused, not read. A missing segment is restored with the restore command when one is
+/// given.
+pub struct DirSegments {
     data: DataDir,
     /// `pg_wal` (for messages, and the `%p` of the restore command).
     dir: PathBuf,
-    history: &'h TimeLineHistory,
-    params: WalParams,
     restore: Option<RestoreCommand>,
-    /// Every segment file opened, by name (pg_rewind's keepwal: recovery may need them).
-    pub opened: BTreeSet<String>,
-    buf: Vec<u8>,
+    seg_size: u32,
 }
 
-impl<'h> WalReader<'h> {
-    pub fn new(
-        pgdata: &Path,
-        history: &'h TimeLineHistory,
-        params: WalParams,
-        restore: Option<RestoreCommand>,
-    ) -> Self {
-        WalReader::for_dir(&DataDir::new(pgdata), history, params, restore)
-    }
-
-    /// [`Self::new`] for a data directory already opened.
-    pub fn for_dir(
-        dir: &DataDir,
-        history: &'h TimeLineHistory,
-        params: WalParams,
-        restore: Option<RestoreCommand>,
-    ) -> Self {
-        WalReader {
+impl DirSegments {
+    pub fn new(data: &DataDir, seg_size: u32, restore: Option<RestoreCommand>) -> Self {
+        DirSegments {
+            data: data.clone(),
+            dir: data.root().join("pg_wal"),
             restore,
-            ..WalReader::new_in(dir, history, params)
+            seg_size,
         }
-    }
-
-    /// A reader of the WAL of `dir` that restores nothing.
-    fn new_in(dir: &DataDir, history: &'h TimeLineHistory, params: WalParams) -> Self {
-        WalReader {
-            data: dir.clone(),
-            dir: dir.root().join("pg_wal"),
-            history,
-            params,
-            restore: None,
-            opened: BTreeSet::new(),
-            buf: Vec::new(),
-        }
-    }
-
-    pub fn seg_size(&self) -> u32 {
-        self.params.seg_size
-    }
-
-    fn segment_name(&self, segno: XLogSegNo) -> String {
-        segment_file_name(self.history, segno, self.seg_size())
-    }
-
-    /// Opens the file holding segment `segno`, restoring it from the archive if allowed.
-    fn open_segment(&mut self, segno: XLogSegNo, lsn: Lsn) -> Result<File, WalReadError> {
-        let name = self.segment_name(segno);
-        let file = match self.open_confined(&name)? {
-            Some(f) => f,
-            None => {
-                let Some(restore) = self.restore.clone() else {
-                    return Err(WalReadError::MissingSegment {
-                        name,
-                        lsn,
-                        dir: self.dir.clone(),
-                    });
-                };
-                self.restore_segment(&restore, &name)?
-            }
-        };
-        self.opened.insert(name);
-        Ok(file)
     }
 
     /// Opens `pg_wal/<name>` through the data directory's confinement; `None` if it is missing.
@@ -182,6 +149,18 @@ impl<'h> WalReader<'h> {
                     refused => io::Error::new(io::ErrorKind::PermissionDenied, refused),
                 },
             })
+    }
+
+    /// Opens segment file `name`, restoring it from the archive if allowed; `None` if it is
+    /// missing and cannot be restored.
+    fn open_segment(&mut self, name: &str) -> Result<Option<File>, WalReadError> {
+        match self.open_confined(name)? {
+            Some(f) => Ok(Some(f)),
+            None => match self.restore.clone() {
+                None => Ok(None),
+                Some(restore) => self.restore_segment(&restore, name).map(Some),
+            },
+        }
     }
 
     /// Restores segment `name` with the restore command and opens what it restored.
@@ -218,12 +197,103 @@ impl<'h> WalReader<'h> {
             .and_then(|f| f.metadata().ok())
             .map_or(0, |m| m.len());
         match file {
-            Some(f) if len == u64::from(self.seg_size()) => Ok(f),
+            Some(f) if len == u64::from(self.seg_size) => Ok(f),
             _ => Err(fail(format!(
                 "the restored file has {len} bytes, expected {}",
-                self.seg_size()
+                self.seg_size
             ))),
         }
+    }
+}
+
+impl SegmentSource for DirSegments {
+    fn read_segment(
+        &mut self,
+        name: &str,
+        _segno: XLogSegNo,
+        offset: u64,
+        buf: &mut [u8],
+        _lsn: Lsn,
+    ) -> Result<Option<usize>, WalReadError> {
+        let Some(f) = self.open_segment(name)? else {
+            return Ok(None);
+        };
+        crate::read_full_at(&f, buf, offset)
+            .map(Some)
+            .map_err(|source| WalReadError::Io {
+                path: self.dir.join(name),
+                source,
+            })
+    }
+
+    fn location(&self) -> PathBuf {
+        self.dir.clone()
+    }
+}
+
+/// The WAL of one cluster, read along one timeline history, from the segment files `S` finds:
+/// by default a data directory's own ([`DirSegments`]).
+pub struct WalReader<'h, S: SegmentSource = DirSegments> {
+    segments: S,
+    history: &'h TimeLineHistory,
+    params: WalParams,
+    /// Every segment file opened, by name (pg_rewind's keepwal: recovery may need them).
+    pub opened: BTreeSet<String>,
+    buf: Vec<u8>,
+}
+
+impl<'h> WalReader<'h, DirSegments> {
+    pub fn new(
+        pgdata: &Path,
+        history: &'h TimeLineHistory,
+        params: WalParams,
+        restore: Option<RestoreCommand>,
+    ) -> Self {
+        WalReader::for_dir(&DataDir::new(pgdata), history, params, restore)
+    }
+
+    /// [`Self::new`] for a data directory already opened.
+    pub fn for_dir(
+        dir: &DataDir,
+        history: &'h TimeLineHistory,
+        params: WalParams,
+        restore: Option<RestoreCommand>,
+    ) -> Self {
+        WalReader::with_segments(
+            DirSegments::new(dir, params.seg_size, restore),
+            history,
+            params,
+        )
+    }
+}
+
+impl<'h, S: SegmentSource> WalReader<'h, S> {
+    /// A reader of the WAL `segments` holds.
+    pub fn with_segments(segments: S, history: &'h TimeLineHistory, params: WalParams) -> Self {
+        WalReader {
+            segments,
+            history,
+            params,
+            opened: BTreeSet::new(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Where the segments come from.
+    pub fn segments(&self) -> &S {
+        &self.segments
+    }
+
+    pub fn segments_mut(&mut self) -> &mut S {
+        &mut self.segments
+    }
+
+    pub fn seg_size(&self) -> u32 {
+        self.params.seg_size
+    }
+
+    fn segment_name(&self, segno: XLogSegNo) -> String {
+        segment_file_name(self.history, segno, self.seg_size())
     }
 
     /// Reads up to `max` bytes of WAL starting at `from`, within one segment.
@@ -232,24 +302,23 @@ impl<'h> WalReader<'h> {
         let segno = from.segment_number(self.seg_size());
         let off = from.segment_offset(self.seg_size());
         let len = max.min(seg - off) as usize;
-        let f = self.open_segment(segno, from)?;
+        let name = self.segment_name(segno);
         self.buf.resize(len, 0);
-        let mut done = 0;
-        while done < len {
-            match f.read_at(&mut self.buf[done..], off + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => {
-                    return Err(WalReadError::Io {
-                        path: self.dir.join(self.segment_name(segno)),
-                        source,
-                    });
-                }
-            }
+        let Some(done) = self
+            .segments
+            .read_segment(&name, segno, off, &mut self.buf, from)?
+        else {
+            return Err(WalReadError::MissingSegment {
+                name,
+                lsn: from,
+                dir: self.segments.location(),
+            });
+        };
+        self.buf.truncate(done.min(len));
+        if !self.opened.contains(&name) {
+            self.opened.insert(name);
         }
-        self.buf.truncate(done);
-        Ok(done)
+        Ok(self.buf.len())
     }
 
     /// Reads the one record that starts at `lsn`.
@@ -273,7 +342,7 @@ impl<'h> WalReader<'h> {
                         return Err(WalReadError::MissingSegment {
                             name: self.segment_name(from.segment_number(self.seg_size())),
                             lsn: from,
-                            dir: self.dir.clone(),
+                            dir: self.segments.location(),
                         });
                     }
                     dec.feed(&self.buf);
@@ -321,7 +390,7 @@ impl<'h> WalReader<'h> {
                         break Err(WalReadError::MissingSegment {
                             name: self.segment_name(from.segment_number(self.seg_size())),
                             lsn: from,
-                            dir: self.dir.clone(),
+                            dir: self.segments.location(),
                         });
                     }
                     dec.feed(&buf);
@@ -350,7 +419,7 @@ pub enum WalEnd {
     NoMoreSegments { lsn: Lsn, name: String },
 }
 
-impl WalReader<'_> {
+impl<S: SegmentSource> WalReader<'_, S> {
     /// What the records starting in `[from, until)` change (see [`WalChanges`]), with relation
     /// segments of `relseg_size` blocks. `from` is a record start, or a page boundary (where a
     /// timeline begins, the first record follows the page header). WAL that ends before
@@ -387,7 +456,7 @@ impl WalReader<'_> {
             WalEnd::NoMoreSegments { lsn, name } => Err(WalReadError::MissingSegment {
                 name,
                 lsn,
-                dir: self.dir.clone(),
+                dir: self.segments.location(),
             }),
         }
     }
@@ -424,7 +493,9 @@ impl WalReader<'_> {
         }
         Ok((changes, used))
     }
+}
 
+impl WalReader<'_, DirSegments> {
     /// [`Self::changes`] on `threads` threads: the whole segments of the stretch each decoded
     /// on its own (the records starting in it, as failbackd's summaries are made: a segment's
     /// first page says how much of it continues the record before), the ends as
@@ -441,7 +512,7 @@ impl WalReader<'_> {
         each: impl Fn() + Sync,
     ) -> Result<WalChanges, WalReadError> {
         let pieces = failback_common::summary::pieces(from, until, self.seg_size(), |_| true);
-        if threads < 2 || self.restore.is_some() || pieces.len() < 3 {
+        if threads < 2 || self.segments.restore.is_some() || pieces.len() < 3 {
             return self.changes(from, until, relseg_size, each);
         }
         let next = std::sync::atomic::AtomicUsize::new(0);
@@ -450,7 +521,12 @@ impl WalReader<'_> {
             let handles: Vec<_> = (0..threads.min(pieces.len()))
                 .map(|_| {
                     scope.spawn(|| {
-                        let mut reader = WalReader::new_in(&this.data, this.history, this.params);
+                        let mut reader = WalReader::for_dir(
+                            &this.segments.data,
+                            this.history,
+                            this.params,
+                            None,
+                        );
                         let mut done = Vec::new();
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -498,7 +574,7 @@ impl WalReader<'_> {
 
     /// The first segment on disk that belongs to this history, as (segment number, file name).
     pub fn oldest_segment(&self) -> Option<XLogSegNo> {
-        let names = self.data.names("pg_wal").ok()?;
+        let names = self.segments.data.names("pg_wal").ok()?;
         names
             .iter()
             .filter_map(|name| {
@@ -508,7 +584,9 @@ impl WalReader<'_> {
             })
             .min()
     }
+}
 
+impl<S: SegmentSource> WalReader<'_, S> {
     /// Walks forward from `start` (a record start, or a page start when `at_page`, where a
     /// record continued from before is skipped) until `end` or the end of valid WAL, calling
     /// `each` for every record. Running out of WAL is an answer here, not an error.

@@ -69,20 +69,35 @@ pub struct EndOfWal {
 
 /// One statement, so that a promotion cannot fall between the recovery test and the position:
 /// `pg_walfile_name` errors out during recovery, hence the CASE (volatile, never folded).
+///
+/// It must work for a role holding only what pg_rewind's role needs (EXECUTE on `pg_ls_dir`,
+/// `pg_stat_file` and `pg_read_binary_file`): `pg_control_checkpoint()` and
+/// `pg_control_recovery()` are asked only when the role may execute them, and `pg_stat_wal_receiver` shows such a role NULLs. A
+/// standby's timeline then comes from what the caller read of its control file
+/// ([`end_of_wal_or`]).
 const END_OF_WAL: &str = "SELECT pg_is_in_recovery(),
        (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
              ELSE pg_current_wal_insert_lsn() END)::text,
        CASE WHEN pg_is_in_recovery() THEN NULL
             ELSE pg_walfile_name(pg_current_wal_lsn()) END,
        (SELECT received_tli FROM pg_stat_wal_receiver LIMIT 1)::int8,
-       (SELECT min_recovery_end_timeline FROM pg_control_recovery())::int8,
-       (SELECT timeline_id FROM pg_control_checkpoint())::int8,
+       (CASE WHEN has_function_privilege('pg_catalog.pg_control_recovery()', 'EXECUTE')
+             THEN (SELECT min_recovery_end_timeline FROM pg_control_recovery()) END)::int8,
+       (CASE WHEN has_function_privilege('pg_catalog.pg_control_checkpoint()', 'EXECUTE')
+             THEN (SELECT timeline_id FROM pg_control_checkpoint()) END)::int8,
        current_setting('full_page_writes'),
        (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
              ELSE pg_current_wal_flush_lsn() END)::text";
 
 /// Asks the server `conn` is connected to where its WAL ends.
 pub fn end_of_wal(conn: &mut Conn) -> Result<EndOfWal, LiveError> {
+    end_of_wal_or(conn, 0)
+}
+
+/// [`end_of_wal`], with the timeline a standby's control file names (`minRecoveryPointTLI`,
+/// `checkPointCopy.ThisTimeLineID`, read by the caller; 0 when unknown) for when the server
+/// will not tell this role its receiver's or its control file's timeline.
+pub fn end_of_wal_or(conn: &mut Conn, control_tli: TimeLineId) -> Result<EndOfWal, LiveError> {
     let rows = conn
         .query(END_OF_WAL, &[], Format::Text)
         .map_err(|e| query_error("the end of WAL", e))?;
@@ -122,6 +137,7 @@ pub fn end_of_wal(conn: &mut Conn) -> Result<EndOfWal, LiveError> {
         tli_of(get_int(3)?)
             .max(tli_of(get_int(4)?))
             .max(tli_of(get_int(5)?))
+            .max(control_tli)
     } else {
         let name = get(2)?.unwrap_or_default();
         failback_common::lsn::wal_file_timeline(&name).ok_or(LiveError::Answer {

@@ -90,6 +90,15 @@ pub fn keyword(conninfo: &str, keyword: &str) -> Option<String> {
     found
 }
 
+/// One option of an open connection ([`Conn::options`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnOption {
+    pub keyword: String,
+    pub value: String,
+    /// libpq's compiled-in default for it, if it has one.
+    pub compiled: Option<String>,
+}
+
 /// How a query's values come back: as text (what `::text` gives), or in PostgreSQL's binary
 /// format (`bytea` as its raw bytes, `int8` as 8 big-endian bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,6 +217,38 @@ impl Conn {
     pub fn user(&self) -> String {
         // SAFETY: a live connection.
         c_text(unsafe { pq::PQuser(self.raw.as_ptr()) })
+    }
+
+    /// The connection's options as libpq settled them (`PQconninfo`), whether they came from
+    /// the string, the environment, a service file or a default: each keyword with a value,
+    /// and libpq's compiled-in default for it when it has one. What `pg_rewind -R` writes as
+    /// `primary_conninfo` is made of these.
+    pub fn options(&self) -> Vec<ConnOption> {
+        // SAFETY: a live connection; the array is freed below.
+        let opts = unsafe { pq::PQconninfo(self.raw.as_ptr()) };
+        if opts.is_null() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut i = 0;
+        loop {
+            // SAFETY: the array ends with an entry whose keyword is NULL.
+            let o = unsafe { &*opts.add(i) };
+            if o.keyword.is_null() {
+                break;
+            }
+            if !o.val.is_null() {
+                out.push(ConnOption {
+                    keyword: c_text(o.keyword),
+                    value: c_text(o.val),
+                    compiled: (!o.compiled.is_null()).then(|| c_text(o.compiled)),
+                });
+            }
+            i += 1;
+        }
+        // SAFETY: the array PQconninfo returned.
+        unsafe { pq::PQconninfoFree(opts) };
+        out
     }
 
     /// Changes how long later queries may wait.

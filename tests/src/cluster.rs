@@ -1035,3 +1035,117 @@ fn copy_data_dir(from: &Cluster, to: &Cluster) {
         user::give(&entry.path());
     }
 }
+
+/// A server started on a data directory for a while (the source of a rewind over
+/// `--source-server` in a scenario written for a shut-down source); stopped, fast, when
+/// dropped, so the scenario goes on with the directory shut down again.
+pub struct TempServer {
+    child: Option<Child>,
+    port: PortLock,
+    dir: TempDir,
+    data: PathBuf,
+}
+
+impl TempServer {
+    /// Starts PostgreSQL `bins` on `data` (shut down) on a free loopback port, and waits until
+    /// it accepts connections. Err carries the log.
+    pub fn start(bins: &PgBinaries, data: &Path) -> Result<TempServer, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("fb-tmp-")
+            .tempdir_in("/tmp")
+            .map_err(|e| e.to_string())?;
+        user::create_dir(dir.path());
+        let log_path = dir.path().join("server.log");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| e.to_string())?;
+        user::give(&log_path);
+        let log_err = log.try_clone().map_err(|e| e.to_string())?;
+        let port = reserve_port();
+        let mut cmd = user::command(bins.postgres());
+        cmd.arg("-D").arg(data);
+        for (k, v) in [
+            ("port", port.port.to_string()),
+            ("listen_addresses", "127.0.0.1".into()),
+            ("unix_socket_directories", dir.path().display().to_string()),
+            ("archive_mode", "off".into()),
+        ] {
+            cmd.arg("-c").arg(format!("{k}={v}"));
+        }
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
+        let child = cmd.spawn().map_err(|e| e.to_string())?;
+        let mut server = TempServer {
+            child: Some(child),
+            port,
+            dir,
+            data: data.to_path_buf(),
+        };
+        let pid = server.child.as_ref().map_or(0, Child::id);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let exited = server
+                .child
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+            let status = fs::read_to_string(data.join("postmaster.pid"))
+                .ok()
+                .filter(|t| t.lines().next().map(str::trim) == Some(&pid.to_string()))
+                .and_then(|t| t.lines().nth(7).map(|l| l.trim().to_string()));
+            if status.as_deref() == Some("ready") {
+                return Ok(server);
+            }
+            if exited || Instant::now() >= deadline {
+                let log = fs::read_to_string(&log_path).unwrap_or_default();
+                server.stop();
+                return Err(format!(
+                    "PostgreSQL on {} did not start; its log:\n{}",
+                    data.display(),
+                    tail(&log, 40)
+                ));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port.port
+    }
+
+    /// How a superuser reaches it.
+    pub fn conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port()
+        )
+    }
+
+    /// What it logged.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        signal_pid(child.id(), libc::SIGINT);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        eprintln!("the temporary server on {} was killed", self.data.display());
+    }
+}
+
+impl Drop for TempServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -30,6 +30,10 @@ pub enum Via {
     Grpc,
     /// failbackd over QUIC: `--source quic://localhost:PORT --ca CERT`.
     Quic,
+    /// No failbackd: the source's server running, reached over libpq
+    /// (`--source-server CONNSTR`); a scenario's shut-down source is started for the rewind and
+    /// stopped again after it ([`crate::cluster::TempServer`]).
+    Libpq,
 }
 
 thread_local! {
@@ -154,7 +158,7 @@ impl Failbackd {
     /// The client arguments that reach `via` at `port` instead of failbackd's own (a proxy).
     pub fn source_args_at(&self, via: Via, port: u16) -> Vec<std::ffi::OsString> {
         let scheme = match via {
-            Via::Local => panic!("a local rewind does not go through failbackd"),
+            Via::Local | Via::Libpq => panic!("{via:?}: this rewind does not go through failbackd"),
             Via::Grpc => "grpcs",
             Via::Quic => "quic",
         };
@@ -273,7 +277,7 @@ fn spawn(
 /// Defines a rewind scenario run every way a source can be reached, on every major version.
 ///
 /// `scenario_test!(name, |major| { ... })` expands to a module `name` with submodules `local`,
-/// `grpc` and `quic`, each holding the tests `pg13` … `pg18`; the body runs with [`with_via`]
+/// `grpc`, `quic` and `libpq`, each holding the tests `pg13` … `pg18`; the body runs with [`with_via`]
 /// set.
 #[macro_export]
 macro_rules! scenario_test {
@@ -305,6 +309,14 @@ macro_rules! scenario_test {
             mod quic {
                 fn run(major: $crate::PgMajor) {
                     $crate::failbackd::with_via($crate::failbackd::Via::Quic, || super::body(major))
+                }
+                $crate::pg_versions!(run);
+            }
+            mod libpq {
+                fn run(major: $crate::PgMajor) {
+                    $crate::failbackd::with_via($crate::failbackd::Via::Libpq, || {
+                        super::body(major)
+                    })
                 }
                 $crate::pg_versions!(run);
             }

@@ -23,6 +23,29 @@ pub struct TcpCut {
     accepted: Arc<AtomicUsize>,
     refused: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    /// While set, nothing is forwarded either way and connections stay open: a peer that has
+    /// hung (a frozen server, a black-holed route), not one that has gone.
+    stalled: Arc<AtomicBool>,
+}
+
+/// Copies `from` to `to` until either side ends, holding every byte back while `stalled`.
+fn forward(mut from: TcpStream, mut to: TcpStream, stalled: &AtomicBool) {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        while stalled.load(Ordering::Relaxed) {
+            thread::sleep(TICK / 10);
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
 }
 
 impl TcpCut {
@@ -37,12 +60,14 @@ impl TcpCut {
         let refused = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let down_until = Arc::new(Mutex::new(None::<std::time::Instant>));
-        let (c, a, r, s, d) = (
+        let stalled = Arc::new(AtomicBool::new(false));
+        let (c, a, r, s, d, st) = (
             conns.clone(),
             accepted.clone(),
             refused.clone(),
             stop.clone(),
             down_until.clone(),
+            stalled.clone(),
         );
         thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
@@ -75,18 +100,15 @@ impl TcpCut {
                     all.extend(pair.iter().filter_map(|s| s.try_clone().ok()));
                 }
                 let [client, upstream] = pair;
-                for (mut from, mut to) in [
+                for (from, to) in [
                     (client.try_clone(), upstream.try_clone()),
                     (upstream.try_clone(), client.try_clone()),
                 ]
                 .into_iter()
                 .filter_map(|(f, t)| Some((f.ok()?, t.ok()?)))
                 {
-                    thread::spawn(move || {
-                        let _ = io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(Shutdown::Both);
-                        let _ = from.shutdown(Shutdown::Both);
-                    });
+                    let st = st.clone();
+                    thread::spawn(move || forward(from, to, &st));
                 }
             }
         });
@@ -97,11 +119,18 @@ impl TcpCut {
             accepted,
             refused,
             stop,
+            stalled,
         }
     }
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Stops forwarding (`true`) with every connection left open, new ones accepted but not
+    /// answered, or forwards again (`false`).
+    pub fn stall(&self, stalled: bool) {
+        self.stalled.store(stalled, Ordering::Relaxed);
     }
 
     /// Closes every connection carried now and refuses new ones until at least `outage` has

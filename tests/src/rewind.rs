@@ -222,13 +222,43 @@ pub fn resync(target: &Cluster, source: &Cluster, args: &[&str]) -> FailbackRun 
     run_dirs("resync", target, &source.data_dir(), args)
 }
 
+/// The port of the server running on `data_dir`, if one is (`postmaster.pid` names a live
+/// process; its fourth line is the port).
+fn running_port(data_dir: &Path) -> Option<u16> {
+    let text = fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let mut lines = text.lines();
+    let pid = lines.next()?.trim();
+    if !Path::new("/proc").join(pid).exists() {
+        return None;
+    }
+    lines.nth(2)?.trim().parse().ok()
+}
+
 fn run_dirs(command: &str, target: &Cluster, source_dir: &Path, args: &[&str]) -> FailbackRun {
     let via = crate::failbackd::via();
-    let server = (via != Via::Local).then(|| Failbackd::serve(source_dir));
+    let server = matches!(via, Via::Grpc | Via::Quic).then(|| Failbackd::serve(source_dir));
+    // Over libpq the source must run: a scenario's shut-down source is started for this run
+    // only (and stopped after it), a running one is reached where it listens.
+    let live = match via {
+        Via::Libpq => Some(match running_port(source_dir) {
+            Some(port) => (
+                None,
+                format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+            ),
+            None => {
+                let s = crate::cluster::TempServer::start(target.bins(), source_dir)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let conninfo = s.conninfo();
+                (Some(s), conninfo)
+            }
+        }),
+        _ => None,
+    };
     let mut all: Vec<OsString> = vec![command.into(), "-D".into(), target.data_dir().into()];
-    match &server {
-        None => all.extend(["--source-pgdata".into(), source_dir.into()]),
-        Some(s) => all.extend(s.source_args(via)),
+    match (&server, &live) {
+        (Some(s), _) => all.extend(s.source_args(via)),
+        (None, Some((_, conninfo))) => all.extend(["--source-server".into(), conninfo.into()]),
+        (None, None) => all.extend(["--source-pgdata".into(), source_dir.into()]),
     }
     all.extend(["--pg-bindir".into(), target.bins().bin_dir.clone().into()]);
     all.extend(args.iter().map(OsString::from));
@@ -237,7 +267,27 @@ fn run_dirs(command: &str, target: &Cluster, source_dir: &Path, args: &[&str]) -
     if let Some(s) = server {
         run.server_log = Some(s.log());
     }
+    if let Some((Some(s), _)) = live {
+        run.server_log = Some(s.log());
+    }
     run
+}
+
+/// `failback rewind -D <target> --source-server <conninfo> --pg-bindir <target's bins> <args>`:
+/// a running server reached over libpq, with a report; does not check the outcome.
+pub fn rewind_server(target: &Cluster, conninfo: &str, args: &[&str]) -> FailbackRun {
+    let mut all: Vec<OsString> = vec![
+        "rewind".into(),
+        "-D".into(),
+        target.data_dir().into(),
+        "--source-server".into(),
+        conninfo.into(),
+        "--pg-bindir".into(),
+        target.bins().bin_dir.clone().into(),
+    ];
+    all.extend(args.iter().map(OsString::from));
+    let report = target.base_dir().join("failback-report.json");
+    run_failback(&all, Some(&report))
 }
 
 /// `failback status -D <target>`: exit status 0 when no rewind of it is unfinished, 3 when one

@@ -84,7 +84,10 @@ pub(crate) fn commit(
             if fetched.files_vanished_on_source > 0 {
                 return Err(RewindError::refused(format!(
                     "the source no longer has all the WAL written during the backup window \
-                     ({} to {}), which the rewound node must replay",
+                     ({} to {}), which the rewound node must replay: a checkpoint removed it; \
+                     keep more WAL on the source (a larger wal_keep_size, or over \
+                     --source-server a role allowed pg_backup_start and REPLICATION, whose \
+                     window's slot keeps it), then run failback again",
                     start, end.stop
                 )));
             }

@@ -12,11 +12,13 @@
 //! source never writes anything.
 
 pub mod grpc;
+pub mod libpq;
 pub mod local;
 pub mod quic;
 pub mod rate;
 pub mod remote;
 
+use failback_common::chunkdiff::ChunkHash;
 use failback_common::filemap::FileEntry;
 use failback_common::{Lsn, TimeLineId};
 
@@ -76,8 +78,8 @@ pub struct SourceEnd {
     pub tli: TimeLineId,
 }
 
-/// blake3 hashes of fixed-size chunks of one source file (see
-/// [`failback_common::chunkdiff`]), as the source read it just now.
+/// Hashes of fixed-size chunks of one source file (see [`failback_common::chunkdiff`]), as
+/// the source read it just now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileHashes {
     pub path: String,
@@ -86,6 +88,9 @@ pub struct FileHashes {
     pub hashes: Vec<[u8; 32]>,
     /// The file no longer exists on the source.
     pub vanished: bool,
+    /// The function the hashes were made with (failbackd: blake3; a server over libpq:
+    /// SHA-256): the target hashes its chunks with the same.
+    pub algorithm: ChunkHash,
 }
 
 /// What a source says it changed since the divergence ([`Source::changes`]).
@@ -261,7 +266,13 @@ pub trait Source {
         })
     }
 
-    /// blake3 hashes of `chunk_size`-byte chunks of each path, in the order asked, so that only
+    /// The function [`Source::chunk_hashes`] hashes with, known before asking, so that the
+    /// target hashes its own chunks with it while the source hashes.
+    fn chunk_hash_algorithm(&self) -> ChunkHash {
+        ChunkHash::Blake3
+    }
+
+    /// Hashes of `chunk_size`-byte chunks of each path, in the order asked, so that only
     /// the chunks the target lacks are fetched; `None` when the source cannot hash (then whole
     /// files are fetched). Worth it only where reading costs less than sending.
     fn chunk_hashes(
@@ -308,6 +319,9 @@ impl<S: Source + ?Sized> Source for Box<S> {
     }
     fn ask_ahead(&mut self, asks: &[Ask]) {
         (**self).ask_ahead(asks)
+    }
+    fn chunk_hash_algorithm(&self) -> ChunkHash {
+        (**self).chunk_hash_algorithm()
     }
     fn chunk_hashes(
         &mut self,

@@ -94,6 +94,10 @@ impl<S: Source> Source for RateLimited<S> {
         self.inner.ask_ahead(asks)
     }
 
+    fn chunk_hash_algorithm(&self) -> failback_common::chunkdiff::ChunkHash {
+        self.inner.chunk_hash_algorithm()
+    }
+
     fn chunk_hashes(
         &mut self,
         paths: &[String],

@@ -1176,6 +1176,7 @@ impl<T: Transport> Source for RemoteSource<T> {
                     size: h.size,
                     hashes,
                     vanished: h.vanished,
+                    algorithm: failback_common::chunkdiff::ChunkHash::Blake3,
                 });
             }
         }
