@@ -241,20 +241,12 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn Source>, RewindError> {
                  connection string (sslmode, sslrootcert, sslcert, sslkey)",
             ));
         }
-        let source =
-            failback_client::source::libpq::connect(failback_client::source::libpq::LibpqOptions {
-                conninfo: conninfo.clone(),
-                jobs: usize::from(a.jobs.unwrap_or(4)),
-                patience,
-                notice: Some(std::sync::Arc::new(|note: &str| {
-                    eprintln!("failback: warning: {note}")
-                })),
-            })
-            .map_err(|source| RewindError::Source {
-                doing: "could not connect to the source server".into(),
-                source,
-            })?;
-        return Ok(Box::new(source));
+        return failback_client::pg_rewind_cli::open_libpq_source(
+            conninfo,
+            usize::from(a.jobs.unwrap_or(4)),
+            patience,
+            "failback",
+        );
     }
     if let Some(dir) = &a.source_pgdata {
         // clap's `requires` does not fire here (the flags are also in a conflict), so say it.

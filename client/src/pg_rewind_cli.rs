@@ -645,18 +645,29 @@ fn missing_segment(e: &RewindError) -> Option<&str> {
     None
 }
 
-/// The source `--source-server` names: a running server over libpq.
-///
-/// The libpq source is being built on its own branch (`failback_client::source::libpq`); until
-/// it is merged this says so, and the merge makes this one function connect (the tests that
-/// need it are marked `needs the libpq source`).
-pub fn open_libpq_source(conninfo: &str) -> Result<Box<dyn Source>, RewindError> {
-    let _ = conninfo;
-    Err(RewindError::refused(
-        "--source-server is not built yet in this failback: its libpq source is on its way; use \
-         --source-pgdata with a shut-down copy of the new primary, or failback rewind --source \
-         with failbackd",
-    ))
+/// The source `--source-server` names: a running server over libpq, `jobs` connections, given
+/// up on after `patience` without progress (pg_rewind has no timeout: a stalled source hangs
+/// the orchestrator that called it). Warnings are printed as `program: warning: …`.
+pub fn open_libpq_source(
+    conninfo: &str,
+    jobs: usize,
+    patience: failback_common::patience::Patience,
+    program: &'static str,
+) -> Result<Box<dyn Source>, RewindError> {
+    use crate::source::libpq::{LibpqOptions, connect};
+    let source = connect(LibpqOptions {
+        conninfo: conninfo.to_string(),
+        jobs,
+        patience,
+        notice: Some(std::sync::Arc::new(move |note: &str| {
+            eprintln!("{program}: warning: {note}")
+        })),
+    })
+    .map_err(|source| RewindError::Source {
+        doing: "could not connect to the source server".into(),
+        source,
+    })?;
+    Ok(Box::new(source))
 }
 
 fn open_source(source: &SourceArg) -> Result<Box<dyn Source>, RewindError> {
@@ -664,7 +675,12 @@ fn open_source(source: &SourceArg) -> Result<Box<dyn Source>, RewindError> {
         SourceArg::Pgdata(dir) => Ok(Box::new(crate::source::local::LocalSource::new(
             dir.clone(),
         ))),
-        SourceArg::Server(conninfo) => open_libpq_source(conninfo),
+        SourceArg::Server(conninfo) => open_libpq_source(
+            conninfo,
+            4,
+            failback_common::patience::Patience::DEFAULT,
+            PROGNAME,
+        ),
     }
 }
 
@@ -1109,13 +1125,5 @@ mod tests {
         assert_eq!(error_lines(&unfinished, Path::new("/data")).len(), 2);
         let other = error_lines(&RewindError::refused("no"), Path::new("/data"));
         assert_eq!(other, ["pg_rewind: error: no"]);
-    }
-
-    #[test]
-    fn source_server_waits_for_the_libpq_source() {
-        let e = open_source(&SourceArg::Server("host=x".into()))
-            .err()
-            .unwrap();
-        assert!(e.to_string().contains("not built yet"));
     }
 }

@@ -4,9 +4,7 @@
 //! "no rewind required" and a missing target WAL segment; and, for targets of versions whose
 //! `postgres` is nowhere pg_rewind or Debian would look (13, 17, 18 from npm), crash recovery
 //! and `-c` run with the target's own `postgres`, found through its `postmaster.opts`.
-//!
-//! Tests marked `needs the libpq source` wait for `--source-server` (branch libpq-source); they
-//! are `#[ignore]`d until it is merged.
+//! And `--source-server` with `-R`, as the orchestrators call it.
 
 use std::ffi::OsString;
 use std::fs;
@@ -438,13 +436,10 @@ fn restore_target_wal_reads_restore_command_of_18() {
     );
 }
 
-// ---- needs the libpq source (branch libpq-source): run once it is merged ----
-
 // --source-server and -R, as Patroni, repmgr, CloudNativePG and pg_auto_failover call it: the
 // new primary running, the old one rewound from it, the standby configuration written.
 #[test]
-#[ignore = "needs the libpq source (branch libpq-source)"]
-fn rewinds_from_a_source_server_needs_the_libpq_source() {
+fn rewinds_from_a_source_server() {
     let mut old = Cluster::start_new(PgMajor::V15, "old");
     old.execute("CREATE TABLE t AS SELECT generate_series(1, 1000) AS i");
     let mut new = old.create_standby("new");
@@ -479,8 +474,8 @@ fn rewinds_from_a_source_server_needs_the_libpq_source() {
     start_rejoined(&mut old, &mut new);
 }
 
-// A --source-server that cannot be used is an error in pg_rewind's form, exit 1: until the
-// merge because the libpq source is not built yet, after it because nothing listens there.
+// A --source-server that cannot be used (nothing listens there) is an error in pg_rewind's
+// form, exit 1.
 #[test]
 fn an_unusable_source_server_is_an_error() {
     let a = ours(&os(&[
