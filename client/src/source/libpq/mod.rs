@@ -33,6 +33,7 @@
 pub mod changes;
 pub mod hashes;
 
+use hashes::text_array;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -417,26 +418,6 @@ fn primary_conninfo(options: &[ConnOption], conninfo: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// A text array literal of `items` (`{"a","b"}`), each element quoted.
-fn text_array<'a>(items: impl Iterator<Item = &'a str>) -> String {
-    let mut out = String::from("{");
-    for (i, s) in items.enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push('"');
-        for c in s.chars() {
-            if c == '"' || c == '\\' {
-                out.push('\\');
-            }
-            out.push(c);
-        }
-        out.push('"');
-    }
-    out.push('}');
-    out
 }
 
 /// An int8 array literal.
