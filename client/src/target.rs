@@ -660,24 +660,16 @@ impl Target {
         Ok(())
     }
 
-    /// Replaces `backup_label` (replay starts where it says), with the `tablespace_map` of
-    /// the same backup first (when it has tablespaces); or, with `None`, makes sure there is
-    /// neither: a copy of a shut-down source starts from its control file's checkpoint.
-    pub fn write_backup_label(&mut self, label: Option<(&str, &str)>) -> Result<(), TargetError> {
+    /// Replaces `backup_label` (replay starts where it says); or, with `None`, makes sure there
+    /// is none: a copy of a shut-down source starts from its control file's checkpoint. Never a
+    /// `tablespace_map`, and none is left: PostgreSQL would re-point the target's tablespace
+    /// links at the directories it names ([`crate::source::WindowEnd`]).
+    pub fn write_backup_label(&mut self, label: Option<&str>) -> Result<(), TargetError> {
         let (label_path, map_path) = (self.path("backup_label"), self.path("tablespace_map"));
+        self.durable_remove(&map_path)?;
         match label {
-            Some((label, map)) => {
-                if map.is_empty() {
-                    self.durable_remove(&map_path)?;
-                } else {
-                    self.durable_write(&map_path, map.as_bytes())?;
-                }
-                self.durable_write(&label_path, label.as_bytes())?;
-            }
-            None => {
-                self.durable_remove(&map_path)?;
-                self.durable_remove(&label_path)?;
-            }
+            Some(label) => self.durable_write(&label_path, label.as_bytes())?,
+            None => self.durable_remove(&label_path)?,
         }
         fault::passed(Point::Commit, 1);
         Ok(())
@@ -847,7 +839,10 @@ mod tests {
             b"\0\0\0\0\0\0\0\0xyz"
         );
 
-        again.write_backup_label(Some(("label\n", ""))).unwrap();
+        // A map left by anything before must go: it would re-point the tablespace links.
+        fs::write(dir.path().join("tablespace_map"), "16384 /elsewhere\n").unwrap();
+        again.write_backup_label(Some("label\n")).unwrap();
+        assert!(!dir.path().join("tablespace_map").exists());
         again.write_control(b"control").unwrap();
         again.record(Phase::Committed).unwrap();
         again.finish("work_mem = '8MB'\n").unwrap();

@@ -14,10 +14,14 @@
 //! `postgresql.auto.conf`; failback replaces an existing one instead, so the file says one thing.
 
 use crate::lsn::{Lsn, TimeLineId, wal_file_name};
+use crate::rewind::WINDOW_LABEL;
 
 /// The `backup_label` text pg_rewind writes, for a rewind starting at checkpoint `checkpoint`
-/// whose redo pointer is `redo` on timeline `tli`. `start_time` is informational
-/// (`%Y-%m-%d %H:%M:%S %Z`); the caller supplies it because this module reads no clock.
+/// whose redo pointer is `redo` on timeline `tli`, plus a `LABEL:` line naming failback (the
+/// line pg_basebackup's labels have after `START TIME`, which `read_backup_label` reads there)
+/// so that an operator, or an orchestrator's log, can tell which tool wrote it. `start_time` is
+/// informational (`%Y-%m-%d %H:%M:%S %Z`); the caller supplies it because this module reads no
+/// clock.
 pub fn backup_label(
     redo: Lsn,
     tli: TimeLineId,
@@ -31,7 +35,8 @@ pub fn backup_label(
          CHECKPOINT LOCATION: {checkpoint}\n\
          BACKUP METHOD: pg_rewind\n\
          BACKUP FROM: standby\n\
-         START TIME: {start_time}\n"
+         START TIME: {start_time}\n\
+         LABEL: {WINDOW_LABEL}\n"
     )
 }
 
@@ -141,6 +146,7 @@ mod tests {
         );
         assert!(l.contains("\nCHECKPOINT LOCATION: 0/3003410\n"));
         assert!(l.contains("\nBACKUP METHOD: pg_rewind\nBACKUP FROM: standby\n"));
+        assert!(l.ends_with("\nLABEL: failback rewind\n"), "{l}");
         assert_eq!(
             parse_backup_label(&l),
             Some(BackupLabel {

@@ -193,11 +193,12 @@ pub fn forget_stale(
     });
 }
 
-/// The label failback gives the backup windows it copies in (`LABEL:` of the backup label).
 /// The divergence of a resync whose target is on the source's own timeline: there is none,
 /// so no WAL of the target's lies past it.
 pub const NO_DIVERGENCE: Lsn = Lsn(u64::MAX);
 
+/// The label failback gives the backup windows it copies in (`LABEL:` of the backup label),
+/// whether the server opened the window or failback made it from a control file.
 pub const WINDOW_LABEL: &str = "failback rewind";
 
 /// Whether a target is what a finished rewind leaves before its first start: a control file

@@ -3,10 +3,11 @@
 //! A running server's files change while they are copied. PostgreSQL makes such a copy usable
 //! with a *backup*: `pg_backup_start` forces full-page writes and takes a checkpoint, whose redo
 //! position is where WAL replay of the copy must start; `pg_backup_stop` says where that WAL must
-//! reach and gives the `backup_label` (and `tablespace_map`) the copy carries. Every block changed
-//! after the start is rewritten whole by replay (its first change logged a full-page image), so a
-//! block copied while it changed is repaired. A non-exclusive backup belongs to the session that
-//! started it and is abandoned when that session ends.
+//! reach and gives the `backup_label` the copy carries. Every block changed after the start is
+//! rewritten whole by replay (its first change logged a full-page image), so a block copied
+//! while it changed is repaired. The backup's `tablespace_map` is not passed on: it names this
+//! server's tablespace directories, and a rewound target keeps its own. A non-exclusive backup
+//! belongs to the session that started it and is abandoned when that session ends.
 //!
 //! failbackd holds that session for a client: a window opens with the client's `BackupWindow`
 //! call and lives as long as the call; `EndBackupWindow` stops the backup, and the call's end
@@ -108,7 +109,6 @@ impl Windows {
                 stop_lsn: s.lsn.0,
                 timeline,
                 backup_label: s.backup_label,
-                tablespace_map: s.tablespace_map,
             })
             .map_err(unavailable);
         let _ = answer.send(stopped);

@@ -15,9 +15,11 @@
 //! and not some other pg_rewind, did the rewind. The evidence is what the binary itself left:
 //! its messages as the orchestrator logged them, and the `backup_label` it wrote (PostgreSQL
 //! renames it `backup_label.old` when it starts on it, and keeps it). PostgreSQL's pg_rewind
-//! says `pg_rewind: Done!` and labels its backup `BACKUP METHOD: pg_rewind`; failback copies in
-//! a backup window it labels `failback rewind` and names itself in its messages. Either of
-//! failback's marks is accepted, as pg_rewind can make neither.
+//! says `pg_rewind: Done!` and labels its backup `BACKUP METHOD: pg_rewind` with no `LABEL:`;
+//! failback labels every backup it writes `LABEL: failback rewind` (a window the server opened,
+//! or one made from the control file, which also says `BACKUP METHOD: pg_rewind`), and as
+//! itself names itself in its messages. Either of failback's marks is accepted, as pg_rewind can
+//! make neither.
 //!
 //! The orchestrators come from `.ci/run` (etcd and Patroni under [`CI_DIR`], repmgr from
 //! Debian). A missing one fails the test with what to install ([`require`]): CI installs them,
@@ -182,9 +184,10 @@ impl RewindBinary {
             UnderTest::PgRewind => (
                 // Both marks: this proves the harness, so it may be strict.
                 label.contains("BACKUP METHOD: pg_rewind")
+                    && !label.contains("LABEL: failback rewind")
                     && (output.is_empty() || output.contains("pg_rewind: Done!")),
-                "PostgreSQL's pg_rewind: its backup_label says `BACKUP METHOD: pg_rewind` and its \
-                 messages (when the orchestrator keeps them) end with `pg_rewind: Done!`",
+                "PostgreSQL's pg_rewind: its backup_label says `BACKUP METHOD: pg_rewind` and no \
+                 failback label, and its messages (when the orchestrator keeps them) end with `pg_rewind: Done!`",
             ),
             UnderTest::Failback => (
                 label.contains("LABEL: failback rewind") || output.contains("failback"),

@@ -132,11 +132,7 @@ pub(crate) fn commit(
         .doing("could not update the journal")?;
     progress.phase("creating backup label and updating control file");
     target
-        .write_backup_label(
-            window
-                .as_ref()
-                .map(|w| (w.backup_label.as_str(), w.tablespace_map.as_str())),
-        )
+        .write_backup_label(window.as_ref().map(|w| w.backup_label.as_str()))
         .doing("could not write backup_label")?;
     // A copy made in a window recovers as a base backup does, to the window's end before it
     // opens; a copy of a shut-down source is that source, shut down.

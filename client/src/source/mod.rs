@@ -119,9 +119,12 @@ pub struct WindowEnd {
     /// Replay of the copy must reach this far before it is consistent.
     pub stop: Lsn,
     pub tli: TimeLineId,
-    /// The copy's `backup_label`, and its `tablespace_map` (empty without tablespaces).
+    /// The copy's `backup_label`. The backup's `tablespace_map` is left out on purpose: it
+    /// names the *source's* tablespace directories, and PostgreSQL, starting on a label with
+    /// a map beside it, re-points every `pg_tblspc` link at the map's directory. A rewound
+    /// target keeps its own links, as pg_rewind leaves them; on one host the map would have
+    /// made the target write into the source's tablespaces.
     pub backup_label: String,
-    pub tablespace_map: String,
 }
 
 /// A question the engine is about to ask (see [`Source::ask_ahead`]).

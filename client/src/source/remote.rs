@@ -1229,7 +1229,6 @@ impl<T: Transport> Source for RemoteSource<T> {
             stop: failback_common::Lsn(r.stop_lsn),
             tli: r.timeline,
             backup_label: r.backup_label,
-            tablespace_map: r.tablespace_map,
         })
     }
 

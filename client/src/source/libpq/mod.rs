@@ -805,7 +805,6 @@ impl Source for LibpqSource {
                 stop: end.flushed.max(redo),
                 tli: end.timeline,
                 backup_label: label,
-                tablespace_map: String::new(),
             });
         }
         let Some(Window::Backup {
@@ -830,7 +829,6 @@ impl Source for LibpqSource {
             stop: s.lsn,
             tli: *timeline,
             backup_label: s.backup_label,
-            tablespace_map: s.tablespace_map,
         })
     }
 }
