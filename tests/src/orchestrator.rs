@@ -541,6 +541,101 @@ pub fn assert_same_data_on(a: &PgServer, b: &PgServer, context: &str) -> usize {
     fa.table_count()
 }
 
+impl PgServer {
+    /// `pgbench <args> postgres` against this server, as the superuser over TCP.
+    pub fn pgbench(&self, args: &[&str]) {
+        let mut cmd = Command::new(binaries::pgbench());
+        user::clean_env(&mut cmd);
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+            &self.port.to_string(),
+        ])
+        .args(args)
+        .arg("postgres");
+        crate::run::run_ok(&mut cmd, Duration::from_secs(300));
+    }
+
+    /// The data both nodes of an orchestrator test share before the failover: pgbench's
+    /// tables (scale 2), `shared_rows` (20,000 rows) and `dropped`, a table the old primary
+    /// drops after the split.
+    pub fn create_shared_data(&self, dropped: &str) {
+        self.pgbench(&["-i", "-q", "-s", "2"]);
+        self.execute(&format!(
+            "CREATE TABLE shared_rows (id int PRIMARY KEY, v text);
+             INSERT INTO shared_rows
+                 SELECT g, 'before the failover ' || g FROM generate_series(1, 20000) g;
+             CREATE TABLE {dropped} AS SELECT g AS id FROM generate_series(1, 5000) g;"
+        ));
+    }
+}
+
+/// Waits until `replica` streams from `primary` on the primary's current timeline: what an
+/// orchestrator's rejoin must end in.
+pub fn wait_streaming(
+    what: &str,
+    replica: &PgServer,
+    primary: &PgServer,
+    timeout: Duration,
+    context: impl FnOnce() -> String,
+) {
+    wait_for(
+        what,
+        timeout,
+        || {
+            (replica
+                .try_query_one("SELECT status || ' ' || received_tli FROM pg_stat_wal_receiver")
+                .ok()?
+                == format!(
+                    "streaming {}",
+                    primary.query_one("SELECT timeline_id FROM pg_control_checkpoint()")
+                ))
+            .then_some(())
+        },
+        context,
+    );
+}
+
+/// The proof of a rejoin: a row written on `primary` now reaches `replica`, which is in
+/// recovery; every table is the same on both (at least six: the test's own are there); and no
+/// row of `shared_rows` marked `lost` (written only on the old primary after the split)
+/// survived. Returns the number of tables compared.
+pub fn assert_rejoined(
+    primary: &PgServer,
+    replica: &PgServer,
+    lost: &str,
+    context: impl Fn() -> String,
+) -> usize {
+    primary.execute("INSERT INTO shared_rows VALUES (50000, 'after the rejoin')");
+    replica
+        .wait_for_catchup(primary, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    assert_eq!(
+        replica.in_recovery(),
+        Ok(true),
+        "'{}' is not a standby\n{}",
+        replica.name,
+        context()
+    );
+    let tables = assert_same_data_on(primary, replica, &context());
+    assert!(
+        tables >= 6,
+        "only {tables} tables compared: the test's own tables are missing"
+    );
+    assert_eq!(
+        replica.query_one(&format!(
+            "SELECT count(*) FROM shared_rows WHERE v = '{lost}'"
+        )),
+        "0",
+        "'{}' kept rows only it had written",
+        replica.name
+    );
+    tables
+}
+
 /// Polls `check` every 200 ms until it returns Some, or panics after `timeout` with `what`
 /// and `context()` (orchestrator logs, computed only then).
 pub fn wait_for<T>(

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use failback_tests::binaries;
 use failback_tests::orchestrator::{
-    self, Daemon, Etcd, PgServer, RewindBinary, assert_same_data_on, kill_postmaster,
-    short_tempdir, wait_for, write_config,
+    self, Daemon, Etcd, PgServer, RewindBinary, assert_rejoined, kill_postmaster, short_tempdir,
+    wait_for, wait_streaming, write_config,
 };
 use failback_tests::port::{PortLock, reserve_port};
 use failback_tests::run::{run_ok, run_with_timeout};
@@ -377,27 +377,7 @@ fn patroni_rewinds_the_old_leader_with_the_binary_under_test() {
     );
 
     // --- data both nodes share: pgbench's tables and two of the test's own ---
-    let pgbench = |server: &PgServer, args: &[&str]| {
-        let mut cmd = std::process::Command::new(binaries::pgbench());
-        user::clean_env(&mut cmd);
-        cmd.args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-p",
-            &server.port.to_string(),
-        ])
-        .args(args)
-        .arg("postgres");
-        run_ok(&mut cmd, Duration::from_secs(300));
-    };
-    pgbench(&sa, &["-i", "-q", "-s", "2"]);
-    sa.execute(
-        "CREATE TABLE shared_rows (id int PRIMARY KEY, v text);
-         INSERT INTO shared_rows SELECT g, 'before the failover ' || g FROM generate_series(1, 20000) g;
-         CREATE TABLE dropped_on_old_leader AS SELECT g AS id FROM generate_series(1, 5000) g;",
-    );
+    sa.create_shared_data("dropped_on_old_leader");
     sb.wait_for_catchup(&sa, Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}\n{}", ctx()));
 
@@ -435,7 +415,7 @@ fn patroni_rewinds_the_old_leader_with_the_binary_under_test() {
          INSERT INTO shared_rows SELECT g, 'on the new leader' FROM generate_series(40001, 45000) g;
          CREATE TABLE only_on_new_leader AS SELECT g AS id FROM generate_series(1, 3000) g;",
     );
-    pgbench(&sb, &["-n", "-t", "200", "-c", "2"]);
+    sb.pgbench(&["-n", "-t", "200", "-c", "2"]);
 
     // --- node_a's Patroni comes back: it demotes node_a and rewinds it from node_b ---
     let log_from = a.log_text().len();
@@ -456,18 +436,11 @@ fn patroni_rewinds_the_old_leader_with_the_binary_under_test() {
         "Patroni did not connect the rewind as the rewind role\n{}",
         ctx()
     );
-    wait_for(
+    wait_streaming(
         "node_a to stream from node_b after the rewind",
+        &sa,
+        &sb,
         REJOIN_TIMEOUT,
-        || {
-            (sa.try_query_one("SELECT status || ' ' || received_tli FROM pg_stat_wal_receiver")
-                .ok()?
-                == format!(
-                    "streaming {}",
-                    sb.query_one("SELECT timeline_id FROM pg_control_checkpoint()")
-                ))
-            .then_some(())
-        },
         ctx,
     );
     eprintln!(
@@ -477,25 +450,7 @@ fn patroni_rewinds_the_old_leader_with_the_binary_under_test() {
     );
 
     // --- the proof: same data, node_a a replica, the binary under test did it ---
-    sb.execute("INSERT INTO shared_rows VALUES (50000, 'after the rejoin')");
-    sa.wait_for_catchup(&sb, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{e}\n{}", ctx()));
-    assert_eq!(
-        sa.in_recovery(),
-        Ok(true),
-        "node_a is not a replica\n{}",
-        ctx()
-    );
-    let tables = assert_same_data_on(&sb, &sa, &ctx());
-    assert!(
-        tables >= 6,
-        "only {tables} tables compared: the test's own tables are missing"
-    );
-    assert_eq!(
-        sa.query_one("SELECT count(*) FROM shared_rows WHERE v = 'only on the old leader'"),
-        "0",
-        "node_a kept rows only it had written"
-    );
+    let tables = assert_rejoined(&sb, &sa, "only on the old leader", ctx);
     assert!(
         !new_log.contains("reinitialize") && !new_log.contains("removing data directory"),
         "Patroni rebuilt node_a instead of rewinding it\n{}",

@@ -21,12 +21,11 @@
 //! (see `orchestrator::require`).
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use failback_tests::binaries::{self, PG15_BIN};
 use failback_tests::orchestrator::{
-    self, PgServer, RewindBinary, assert_same_data_on, kill_postmaster, short_tempdir, wait_for,
+    self, PgServer, RewindBinary, assert_rejoined, kill_postmaster, short_tempdir, wait_streaming,
     write_config,
 };
 use failback_tests::port::{PortLock, reserve_port};
@@ -281,27 +280,7 @@ fn repmgr_rejoins_the_old_primary_with_the_binary_under_test() {
     standby.repmgr_ok(&["standby", "register"], &ctx);
 
     // --- data both share: pgbench's tables and two of the test's own ---
-    let pgbench = |server: &PgServer, args: &[&str]| {
-        let mut cmd = Command::new(binaries::pgbench());
-        user::clean_env(&mut cmd);
-        cmd.args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-p",
-            &server.port.to_string(),
-        ])
-        .args(args)
-        .arg("postgres");
-        run_ok(&mut cmd, Duration::from_secs(300));
-    };
-    pgbench(&sp, &["-i", "-q", "-s", "2"]);
-    sp.execute(
-        "CREATE TABLE shared_rows (id int PRIMARY KEY, v text);
-         INSERT INTO shared_rows SELECT g, 'before the failover ' || g FROM generate_series(1, 20000) g;
-         CREATE TABLE dropped_on_old_primary AS SELECT g AS id FROM generate_series(1, 5000) g;",
-    );
+    sp.create_shared_data("dropped_on_old_primary");
     ss.wait_for_catchup(&sp, Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}\n{}", ctx()));
     eprintln!("[{:.0?}] node1 primary, node2 streams", started.elapsed());
@@ -336,7 +315,7 @@ fn repmgr_rejoins_the_old_primary_with_the_binary_under_test() {
          INSERT INTO shared_rows SELECT g, 'on the new primary' FROM generate_series(40001, 45000) g;
          CREATE TABLE only_on_new_primary AS SELECT g AS id FROM generate_series(1, 3000) g;",
     );
-    pgbench(&ss, &["-n", "-t", "200", "-c", "2"]);
+    ss.pgbench(&["-n", "-t", "200", "-c", "2"]);
     primary.stop();
     eprintln!("[{:.0?}] node2 promoted, node1 diverged", started.elapsed());
 
@@ -360,18 +339,11 @@ fn repmgr_rejoins_the_old_primary_with_the_binary_under_test() {
         said.contains(&command),
         "repmgr did not run the binary under test ({command:?} not in its output):\n{said}"
     );
-    wait_for(
+    wait_streaming(
         "node1 to stream from node2 after the rejoin",
+        &sp,
+        &ss,
         Duration::from_secs(60),
-        || {
-            (sp.try_query_one("SELECT status || ' ' || received_tli FROM pg_stat_wal_receiver")
-                .ok()?
-                == format!(
-                    "streaming {}",
-                    ss.query_one("SELECT timeline_id FROM pg_control_checkpoint()")
-                ))
-            .then_some(())
-        },
         ctx,
     );
     eprintln!(
@@ -381,25 +353,7 @@ fn repmgr_rejoins_the_old_primary_with_the_binary_under_test() {
     );
 
     // --- the proof: same data, node1 a standby, the binary under test did it ---
-    ss.execute("INSERT INTO shared_rows VALUES (50000, 'after the rejoin')");
-    sp.wait_for_catchup(&ss, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{e}\n{}", ctx()));
-    assert_eq!(
-        sp.in_recovery(),
-        Ok(true),
-        "node1 is not a standby\n{}",
-        ctx()
-    );
-    let tables = assert_same_data_on(&ss, &sp, &ctx());
-    assert!(
-        tables >= 6,
-        "only {tables} tables compared: the test's own tables are missing"
-    );
-    assert_eq!(
-        sp.query_one("SELECT count(*) FROM shared_rows WHERE v = 'only on the old primary'"),
-        "0",
-        "node1 kept rows only it had written"
-    );
+    let tables = assert_rejoined(&ss, &sp, "only on the old primary", ctx);
     let show = primary.repmgr_ok(&["cluster", "show"], &ctx).stdout;
     let node1_line = show
         .lines()

@@ -291,7 +291,11 @@ impl Bench {
         }
     }
 
-    fn pg_rewind_run(&mut self, net: &'static str, spec: LinkSpec) -> Row {
+    /// The restored target, and a libpq link to the running new primary as pg_rewind and
+    /// `failback --source-server` both reach it: a TCP proxy shaped by `spec`, the conninfo
+    /// through it, and a sampler of the backends serving connections over TCP (the test bed's
+    /// own connections may be TCP too, but none is open while a rewind runs).
+    fn libpq_link(&mut self, spec: LinkSpec) -> (TcpProxy, Sampler, String) {
         self.restore();
         let target = SocketAddr::from(([127, 0, 0, 1], self.new.port()));
         let proxy = TcpProxy::start(SocketAddr::from(([127, 0, 0, 1], 0)), target, spec, spec)
@@ -300,13 +304,16 @@ impl Bench {
             .ok()
             .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
             .expect("the new primary's postmaster.pid");
-        // The backend serving pg_rewind is the one connected over TCP (the test bed's own
-        // connections may be TCP too, but none is open while pg_rewind runs).
         let sampler = Sampler::start(postmaster, "127.0.0.1(", "walsender");
         let conninfo = format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",
             proxy.local_addr().port()
         );
+        (proxy, sampler, conninfo)
+    }
+
+    fn pg_rewind_run(&mut self, net: &'static str, spec: LinkSpec) -> Row {
+        let (proxy, sampler, conninfo) = self.libpq_link(spec);
         eprintln!("running pg_rewind --source-server '{conninfo}' ({net})");
         let mut cmd = user::command(binaries::pg_rewind());
         cmd.arg("-D")
@@ -341,20 +348,7 @@ impl Bench {
 
     /// `failback rewind --source-server`: the same libpq link as pg_rewind's, no failbackd.
     fn libpq_run(&mut self, net: &'static str, spec: LinkSpec) -> Row {
-        self.restore();
-        let target = SocketAddr::from(([127, 0, 0, 1], self.new.port()));
-        let proxy = TcpProxy::start(SocketAddr::from(([127, 0, 0, 1], 0)), target, spec, spec)
-            .expect("TCP proxy");
-        let postmaster: u32 = std::fs::read_to_string(self.new.data_dir().join("postmaster.pid"))
-            .ok()
-            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
-            .expect("the new primary's postmaster.pid");
-        // Every backend serving failback's connections (--jobs of them, and the window's).
-        let sampler = Sampler::start(postmaster, "127.0.0.1(", "walsender");
-        let conninfo = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            proxy.local_addr().port()
-        );
+        let (proxy, sampler, conninfo) = self.libpq_link(spec);
         let report = self.work.join(format!("report-libpq-{net}.json"));
         let _ = std::fs::remove_file(&report);
         eprintln!("running failback rewind --source-server '{conninfo}' ({net})");
@@ -519,6 +513,38 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
 
+/// The rows of `tool` against pg_rewind on `net`: bytes on the wire, speed-up, and the
+/// speed-up round by round; each goal is its words and the bound it means.
+fn against_pg_rewind(
+    s: &mut String,
+    tool: &str,
+    net: &str,
+    f: &Row,
+    p: &Row,
+    (bytes_goal, bytes_need): (&str, f64),
+    (speed_goal, speed_need): (&str, f64),
+) {
+    let bytes = f.wire() as f64 / p.wire().max(1) as f64;
+    let _ = writeln!(
+        s,
+        "| {tool} | {net} | bytes on the wire ÷ pg_rewind's | {bytes:.3} | {bytes_goal} | {} |",
+        verdict(bytes <= bytes_need)
+    );
+    let speed = p.client.wall.as_secs_f64() / f.client.wall.as_secs_f64().max(1e-9);
+    let _ = writeln!(
+        s,
+        "| {tool} | {net} | speed-up (pg_rewind wall ÷ failback wall) | {speed:.2}× | {speed_goal} | {} |",
+        verdict(speed >= speed_need)
+    );
+    if let Some(paired) = paired_speedup(&p.walls, &f.walls) {
+        let _ = writeln!(
+            s,
+            "| {tool} | {net} | speed-up round by round (median over rounds of that round's pg_rewind wall ÷ failback wall) | {paired:.2}× | {speed_goal} | {} |",
+            verdict(paired >= speed_need)
+        );
+    }
+}
+
 fn goals(rows: &[Row], rate_bits: u64, kept_wal_mb: u64) -> String {
     let mut s = String::new();
     let find = |tool: &str, net: &str| rows.iter().find(|r| r.tool == tool && r.net == net && r.ok);
@@ -531,30 +557,12 @@ fn goals(rows: &[Row], rate_bits: u64, kept_wal_mb: u64) -> String {
         let (Some(f), Some(p)) = (find(LIBPQ, net), find("pg_rewind --source-server", net)) else {
             continue;
         };
-        let bytes = f.wire() as f64 / p.wire().max(1) as f64;
-        let speed = p.client.wall.as_secs_f64() / f.client.wall.as_secs_f64().max(1e-9);
-        let (bytes_goal, bytes_need, speed_goal, speed_need) = if kept_wal_mb > 0 && net == "wan" {
-            ("≤ 0.1", 0.1, "≥ 5×", 5.0)
+        let (bytes_goal, speed_goal) = if kept_wal_mb > 0 && net == "wan" {
+            (("≤ 0.1", 0.1), ("≥ 5×", 5.0))
         } else {
-            ("≤ 1", 1.0, "≥ 1×", 1.0)
+            (("≤ 1", 1.0), ("≥ 1×", 1.0))
         };
-        let _ = writeln!(
-            s,
-            "| {LIBPQ} | {net} | bytes on the wire ÷ pg_rewind's | {bytes:.3} | {bytes_goal} | {} |",
-            verdict(bytes <= bytes_need)
-        );
-        let _ = writeln!(
-            s,
-            "| {LIBPQ} | {net} | speed-up (pg_rewind wall ÷ failback wall) | {speed:.2}× | {speed_goal} | {} |",
-            verdict(speed >= speed_need)
-        );
-        if let Some(paired) = paired_speedup(&p.walls, &f.walls) {
-            let _ = writeln!(
-                s,
-                "| {LIBPQ} | {net} | speed-up round by round | {paired:.2}× | {speed_goal} | {} |",
-                verdict(paired >= speed_need)
-            );
-        }
+        against_pg_rewind(&mut s, LIBPQ, net, f, p, bytes_goal, speed_goal);
     }
     for tool in ["failback (gRPC)", "failback (QUIC)"] {
         for net in ["loopback", "wan"] {
@@ -562,30 +570,12 @@ fn goals(rows: &[Row], rate_bits: u64, kept_wal_mb: u64) -> String {
             else {
                 continue;
             };
-            let bytes = f.wire() as f64 / p.wire().max(1) as f64;
-            let _ = writeln!(
-                s,
-                "| {tool} | {net} | bytes on the wire ÷ pg_rewind's | {bytes:.3} | ≤ 0.333 | {} |",
-                verdict(bytes <= 1.0 / 3.0)
-            );
-            let speed = p.client.wall.as_secs_f64() / f.client.wall.as_secs_f64().max(1e-9);
-            let (goal, need) = if net == "wan" {
+            let speed_goal = if net == "wan" {
                 ("≥ 5×", 5.0)
             } else {
                 ("≥ 2×", 2.0)
             };
-            let _ = writeln!(
-                s,
-                "| {tool} | {net} | speed-up (pg_rewind wall ÷ failback wall) | {speed:.2}× | {goal} | {} |",
-                verdict(speed >= need)
-            );
-            if let Some(paired) = paired_speedup(&p.walls, &f.walls) {
-                let _ = writeln!(
-                    s,
-                    "| {tool} | {net} | speed-up round by round (median over rounds of that round's pg_rewind wall ÷ failback wall) | {paired:.2}× | {goal} | {} |",
-                    verdict(paired >= need)
-                );
-            }
+            against_pg_rewind(&mut s, tool, net, f, p, ("≤ 0.333", 1.0 / 3.0), speed_goal);
             if net == "wan" {
                 let floor = f.down as f64 * 8.0 / rate_bits.max(1) as f64;
                 let ratio = f.client.wall.as_secs_f64() / floor.max(1e-9);
