@@ -772,14 +772,18 @@ fn main() {
             verified = format!("FAILED: the verification rewind ({how}, WAN) did not succeed");
         }
     }
-    let mode = if b.running_source {
+    let mode = if skip_failbackd {
+        "no failbackd rows (--skip-failbackd): pg_rewind and failback --source-server, both against the running new primary"
+    } else if b.running_source {
         "failbackd served the RUNNING new primary (--pg-conn), as pg_rewind --source-server does"
     } else if pg_conn {
         "failbackd served the new primary's data directory while it was SHUT DOWN (--source-mode stopped); pg_rewind ran against the running server"
     } else {
         "failbackd served the new primary's data directory while it was SHUT DOWN (this failbackd has no --pg-conn yet); pg_rewind ran against the running server"
     };
-    let quic_note = if quic {
+    let quic_note = if skip_failbackd {
+        "QUIC: not measured (--skip-failbackd)."
+    } else if quic {
         "QUIC: measured (failbackd --quic-listen, failback --source quic://) through the UDP proxy."
     } else {
         "QUIC: skipped — this failbackd has no --quic-listen (or this failback no quic:// source)."
