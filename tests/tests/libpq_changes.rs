@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use failback_client::source::libpq::changes::{ChangesReport, ReadAhead, source_changes_with};
+use failback_client::source::libpq::changes::{ChangesReport, source_changes_with};
 use failback_client::source::libpq::hashes::chunk_hashes;
 use failback_client::source::{ChangesAnswer, SourceChanges};
 use failback_common::Lsn;
@@ -108,13 +108,7 @@ fn over_libpq(
 ) -> (ChangesAnswer, ChangesReport) {
     let (control, history) = facts(cluster);
     let mut conn = connect(conninfo);
-    // Two connections read ahead, as a rewind's do: the answer must be the same as reading
-    // every window in turn.
-    let ahead = ReadAhead::start(vec![connect(conninfo), connect(conninfo)], drop);
-    source_changes_with(
-        &mut conn, ahead, &control, &history, since, until, summaries,
-    )
-    .unwrap()
+    source_changes_with(&mut conn, &control, &history, since, until, summaries).unwrap()
 }
 
 fn found(answer: ChangesAnswer, what: &str) -> SourceChanges {

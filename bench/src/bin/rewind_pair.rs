@@ -800,7 +800,7 @@ fn main() {
     );
     let _ = writeln!(
         out,
-        "PostgreSQL 15, pgbench scale {scale} (target data directory {:.0} MB), {changed} accounts changed on each side. \
+        "PostgreSQL 15, pgbench scale {scale} ({data:?} data, {pattern:?} rows; target data directory {:.0} MB), {changed} accounts changed on each side. \
          failback: --jobs {} --compress {}. Loopback: the proxy with no delay and no cap. \
          WAN: {delay_ms} ms each way ({} ms RTT), {rate_mbit} Mbit/s each way, token bucket {} KiB, queue {} KiB \
          (`failback_bench::wan`). Each tool rewound a fresh copy of the same diverged target, \

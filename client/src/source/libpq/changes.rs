@@ -22,20 +22,15 @@
 //!   timeline history, fed to the project's decoder through a [`SegmentSource`] of their own,
 //!   and never written to disk. Only the segments the stretch lies in are read, and past the
 //!   page holding its end a page at a time: never more than pg_rewind copies, which is every
-//!   one of those segments whole. WAL is read in order, so the windows after the one being
-//!   decoded are asked for ahead, on connections of their own ([`ReadAhead`]): a link's round
-//!   trip is not paid between windows, and the link stays busy while the decoder works.
+//!   one of those segments whole.
 //!
 //! WAL that is gone (a segment recycled or removed, WAL ending early) is not an error: the
 //! answer is [`ChangesAnswer::Unknown`], and the rewind compares chunk hashes instead.
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, Sender, channel, sync_channel};
 
 use failback_common::changes::Changes;
 use failback_common::control::ControlFileData;
-use failback_common::lsn::{parse_wal_file_name, wal_file_name};
 use failback_common::plan::ChangedBlocks;
 use failback_common::relpath::{ForkNumber, RelFileLocator, segment_path};
 use failback_common::timeline::TimeLineHistory;
@@ -68,27 +63,20 @@ pub struct ChangesReport {
 /// `control` is the server's control file (WAL segment size, relation segment size, system
 /// identifier). Errors are failed queries, retryable when the link broke
 /// ([`SourceError::is_retryable`]).
-///
-/// `helpers` are connections that read the windows after the one being decoded (none: every
-/// window is read on `conn` when it is needed); each is handed to `give_back` when done.
 pub fn source_changes(
     conn: &mut Conn,
-    helpers: Vec<Conn>,
-    give_back: impl Fn(Conn) + Clone + Send + 'static,
     control: &ControlFileData,
     history: &TimeLineHistory,
     since: Lsn,
     until: Lsn,
 ) -> Result<ChangesAnswer, SourceError> {
-    let ahead = ReadAhead::start(helpers, give_back);
-    source_changes_with(conn, ahead, control, history, since, until, true).map(|(answer, _)| answer)
+    source_changes_with(conn, control, history, since, until, true).map(|(answer, _)| answer)
 }
 
 /// [`source_changes`], taking PostgreSQL's WAL summaries only when `summaries`, and saying
 /// how it went.
 pub fn source_changes_with(
     conn: &mut Conn,
-    ahead: ReadAhead,
     control: &ControlFileData,
     history: &TimeLineHistory,
     since: Lsn,
@@ -122,7 +110,7 @@ pub fn source_changes_with(
         since
     };
     let mut reader = WalReader::with_segments(
-        ServerSegments::new(conn, ahead, seg_size, page, until),
+        ServerSegments::new(conn, seg_size, page, until),
         history,
         params,
     );
@@ -195,11 +183,10 @@ struct ServerSegments<'c> {
     fetched: u64,
     /// The query that failed, kept for its kind (a refusal, or a link that broke).
     failed: Option<PqError>,
-    ahead: ReadAhead,
 }
 
 impl<'c> ServerSegments<'c> {
-    fn new(conn: &'c mut Conn, ahead: ReadAhead, seg_size: u32, page: u64, until: Lsn) -> Self {
+    fn new(conn: &'c mut Conn, seg_size: u32, page: u64, until: Lsn) -> Self {
         ServerSegments {
             conn,
             seg_size: u64::from(seg_size),
@@ -208,132 +195,8 @@ impl<'c> ServerSegments<'c> {
             window: None,
             fetched: 0,
             failed: None,
-            ahead,
         }
     }
-}
-
-/// The window that follows `w` in reading order (segments of `seg_size` bytes, WAL pages of
-/// `page`), as far as `soft_end` (none past it: what lies beyond is read a page at a time,
-/// only if a record needs it). The next segment is named on the same timeline: at a timeline
-/// switch the guess is wrong, and the window is read when asked for instead.
-fn following(seg_size: u64, page: u64, soft_end: Lsn, w: &Window) -> Option<Window> {
-    let (tli, mut segno) = parse_wal_file_name(&w.name, u32::try_from(seg_size).ok()?)?;
-    let mut next = Window {
-        name: w.name.clone(),
-        offset: w.offset + w.len,
-        len: 0,
-    };
-    if next.offset >= seg_size {
-        segno += 1;
-        next.name = wal_file_name(tli, segno, seg_size as u32);
-        next.offset = 0;
-    }
-    if segno * seg_size + next.offset >= soft_end.0 {
-        return None;
-    }
-    next.len = window_len(seg_size, page, soft_end, segno, next.offset);
-    Some(next)
-}
-
-/// A stretch of one segment file, as one query reads it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Window {
-    name: String,
-    offset: u64,
-    len: u64,
-}
-
-/// What a helper read: the window's bytes (None: the file is gone), or the failure, which the
-/// reader meets again on its own connection if it still wants the window.
-type Answer = Result<Option<Vec<u8>>, PqError>;
-
-/// Windows asked for before the decoder needs them, each on a helper connection of its own
-/// (a thread per connection), answered in order.
-pub struct ReadAhead {
-    helpers: Vec<Sender<(Window, std::sync::mpsc::SyncSender<Answer>)>>,
-    /// Windows asked for, oldest first, with where their answers arrive.
-    asked: VecDeque<(Window, Receiver<Answer>)>,
-    next_helper: usize,
-}
-
-impl ReadAhead {
-    /// No read-ahead: every window is read when the decoder asks for it.
-    pub fn none() -> ReadAhead {
-        ReadAhead {
-            helpers: Vec::new(),
-            asked: VecDeque::new(),
-            next_helper: 0,
-        }
-    }
-
-    /// Read-ahead on `conns`, one window in flight on each; a connection goes to `give_back`
-    /// when this is dropped (after the query it is in), or is closed if a query on it failed.
-    pub fn start(conns: Vec<Conn>, give_back: impl Fn(Conn) + Clone + Send + 'static) -> Self {
-        let mut ahead = ReadAhead::none();
-        for mut conn in conns {
-            let (tx, rx) = channel::<(Window, std::sync::mpsc::SyncSender<Answer>)>();
-            let give_back = give_back.clone();
-            std::thread::spawn(move || {
-                for (w, answer) in rx {
-                    let read = read_window(&mut conn, &w);
-                    let failed = read.is_err();
-                    let _ = answer.send(read);
-                    if failed {
-                        return;
-                    }
-                }
-                give_back(conn);
-            });
-            ahead.helpers.push(tx);
-        }
-        ahead
-    }
-
-    /// The answer for `w` if it was asked for ahead; anything asked before it is dropped, and
-    /// everything when it was not asked for (the guess went wrong).
-    fn take(&mut self, w: &Window) -> Option<Answer> {
-        while let Some((asked, rx)) = self.asked.pop_front() {
-            if asked.name == w.name && asked.offset == w.offset {
-                return rx.recv().ok();
-            }
-        }
-        None
-    }
-
-    /// Asks for the windows after `last` until every helper has one in flight.
-    fn fill(&mut self, last: &Window, following: impl Fn(&Window) -> Option<Window>) {
-        let mut from = self.asked.back().map_or(last.clone(), |(w, _)| w.clone());
-        while self.asked.len() < self.helpers.len() {
-            let Some(next) = following(&from) else {
-                return;
-            };
-            let (tx, rx) = sync_channel(1);
-            let helper = self.next_helper % self.helpers.len();
-            self.next_helper += 1;
-            if self.helpers[helper].send((next.clone(), tx)).is_err() {
-                // That helper's connection failed: read without it.
-                self.helpers.swap_remove(helper);
-                if self.helpers.is_empty() {
-                    return;
-                }
-                continue;
-            }
-            self.asked.push_back((next.clone(), rx));
-            from = next;
-        }
-    }
-}
-
-/// One window of a segment file over SQL: its bytes, or None when the file is gone.
-fn read_window(conn: &mut Conn, w: &Window) -> Answer {
-    let path = format!("pg_wal/{}", w.name);
-    let rows = conn.query(
-        "SELECT pg_catalog.pg_read_binary_file($1, $2::int8, $3::int8, true)",
-        &[&path, &w.offset.to_string(), &w.len.to_string()],
-        Format::Binary,
-    )?;
-    Ok(rows.get(0, 0).map(<[u8]>::to_vec))
 }
 
 /// How many bytes to read at `offset` of segment `segno` (segments of `seg_size` bytes, WAL
@@ -372,35 +235,27 @@ impl SegmentSource for ServerSegments<'_> {
             if len == 0 {
                 return Ok(Some(0));
             }
-            let want = Window {
-                name: name.to_string(),
-                offset,
-                len,
-            };
-            // An answer read ahead is taken only when it is whole: a failure or a short read
-            // there is asked again here, where it is reported.
-            let read = match self.ahead.take(&want) {
-                Some(Ok(Some(bytes))) if bytes.len() as u64 == len => Ok(Some(bytes)),
-                _ => read_window(self.conn, &want),
-            };
-            let bytes = match read {
-                Ok(Some(bytes)) => bytes,
-                Ok(None) => return Ok(None),
-                Err(e) => {
+            let path = format!("pg_wal/{name}");
+            let rows = self
+                .conn
+                .query(
+                    "SELECT pg_catalog.pg_read_binary_file($1, $2::int8, $3::int8, true)",
+                    &[&path, &offset.to_string(), &len.to_string()],
+                    Format::Binary,
+                )
+                .map_err(|e| {
                     let io = std::io::Error::other(e.to_string());
                     self.failed = Some(e);
-                    return Err(WalReadError::Io {
-                        path: PathBuf::from(format!("pg_wal/{name}")),
+                    WalReadError::Io {
+                        path: PathBuf::from(&path),
                         source: io,
-                    });
-                }
+                    }
+                })?;
+            let Some(bytes) = rows.get(0, 0) else {
+                return Ok(None);
             };
             self.fetched += bytes.len() as u64;
-            let mut ahead = std::mem::replace(&mut self.ahead, ReadAhead::none());
-            let (seg, page, end) = (self.seg_size, self.page, self.soft_end);
-            ahead.fill(&want, |w| following(seg, page, end, w));
-            self.ahead = ahead;
-            self.window = Some((want.name, offset, bytes));
+            self.window = Some((name.to_string(), offset, bytes.to_vec()));
         }
         let Some((_, start, bytes)) = &self.window else {
             return Ok(Some(0));
@@ -726,54 +581,6 @@ mod tests {
         assert!(!changes.copies_whole(RelFileLocator::new(1663, 5, 16391)));
         assert!(changes.databases.contains(&(1663, 16400)));
         assert_eq!(truncated, vec![(loc, 3)]);
-    }
-
-    #[test]
-    fn read_ahead_follows_the_segment_then_the_next_one_and_stops_at_the_end() {
-        let seg = 16u64 << 20;
-        let page = 8192;
-        let name = |segno| wal_file_name(2, segno, seg as u32);
-        // Ends a little into segment 5: soft end is the end of that page.
-        let end = Lsn(5 * seg + 100);
-        let soft = Lsn(5 * seg + page);
-        let w = Window {
-            name: name(4),
-            offset: 8 << 20,
-            len: 4 << 20,
-        };
-        let n = following(seg, page, soft, &w).unwrap();
-        assert_eq!(
-            n,
-            Window {
-                name: name(4),
-                offset: 12 << 20,
-                len: 4 << 20
-            }
-        );
-        let n = following(seg, page, soft, &n).unwrap();
-        assert_eq!(
-            n,
-            Window {
-                name: name(5),
-                offset: 0,
-                len: page
-            },
-            "{end}"
-        );
-        assert_eq!(following(seg, page, soft, &n), None);
-        assert_eq!(
-            following(
-                seg,
-                page,
-                soft,
-                &Window {
-                    name: "garbage".into(),
-                    offset: 0,
-                    len: 1
-                }
-            ),
-            None
-        );
     }
 
     #[test]

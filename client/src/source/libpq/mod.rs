@@ -60,9 +60,6 @@ const PIECE: u64 = 1 << 20;
 const BATCH_BYTES: u64 = 8 << 20;
 /// Pieces asked for in one query (many small files).
 const BATCH_PIECES: usize = 256;
-/// Connections reading the source's WAL ahead of its decoder (at most `--jobs`): two keep a
-/// window in flight while the last one's bytes arrive, a third covers the server's read.
-const READ_AHEAD: usize = 3;
 /// The largest whole file [`Source::read_file`] reads (history files are a few KB).
 const MAX_SMALL_FILE: u64 = 64 << 20;
 /// The name the session gives itself unless the connection string names another.
@@ -160,35 +157,6 @@ impl Connector {
         setup.push_str(" SELECT pg_catalog.set_config('search_path', '', false);");
         conn.query(&setup, &[], Format::Text)?;
         Ok(conn)
-    }
-
-    /// `n` connections for work beside the main one, each bounded by `budget`: idle ones
-    /// from `pool`, new ones for the rest; with the failure that stopped it short of `n`.
-    fn from_pool(
-        &self,
-        pool: &Mutex<Vec<Conn>>,
-        n: usize,
-        budget: Duration,
-    ) -> (Vec<Conn>, Option<PqError>) {
-        let mut conns: Vec<Conn> = {
-            let mut idle = pool.lock().unwrap_or_else(|p| p.into_inner());
-            let keep = idle.len().saturating_sub(n);
-            idle.split_off(keep)
-        };
-        let mut failed = None;
-        while conns.len() < n {
-            match self.connect(budget, true) {
-                Ok(c) => conns.push(c),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        for c in &mut conns {
-            c.set_timeout(Some(budget));
-        }
-        (conns, failed)
     }
 
     /// The error a failed query on `what` is, in the rewind's terms.
@@ -741,7 +709,6 @@ impl Source for LibpqSource {
         let until = until.unwrap_or(end.flushed).min(end.flushed);
         let history = self.history(end.timeline)?;
         let connector = self.connector.clone();
-        let (pool, helpers) = (self.pool.clone(), self.jobs.min(READ_AHEAD));
         let main = &mut self.main;
         connector.retrying(|budget| {
             let conn = match main.as_mut() {
@@ -753,16 +720,11 @@ impl Source for LibpqSource {
                 ),
             };
             conn.set_timeout(Some(budget));
-            // Read-ahead is a help, not a need: it goes without the connections it cannot have.
-            let (ahead, _) = connector.from_pool(&pool, helpers, budget);
-            let back = pool.clone();
-            let give_back = move |c: Conn| back.lock().unwrap_or_else(|p| p.into_inner()).push(c);
-            changes::source_changes(conn, ahead, give_back, &control, &history, since, until)
-                .inspect_err(|e| {
-                    if e.is_retryable() {
-                        *main = None;
-                    }
-                })
+            changes::source_changes(conn, &control, &history, since, until).inspect_err(|e| {
+                if e.is_retryable() {
+                    *main = None;
+                }
+            })
         })
     }
 
@@ -779,10 +741,20 @@ impl Source for LibpqSource {
         let (pool, jobs) = (self.pool.clone(), self.jobs);
         let lock = || pool.lock().unwrap_or_else(|p| p.into_inner());
         connector.retrying(|budget| {
-            let (mut conns, failed) = connector.from_pool(&pool, jobs, budget);
-            if let Some(e) = failed {
-                lock().extend(conns);
-                return Err(connector.error("a connection to hash files", e));
+            let mut conns: Vec<Conn> = {
+                let mut idle = lock();
+                let keep = idle.len().saturating_sub(jobs);
+                idle.split_off(keep)
+            };
+            while conns.len() < jobs {
+                conns.push(
+                    connector
+                        .connect(budget, true)
+                        .map_err(|e| connector.error("a connection to hash files", e))?,
+                );
+            }
+            for c in &mut conns {
+                c.set_timeout(Some(budget));
             }
             let answer = hashes::chunk_hashes(&mut conns, paths, chunk_size);
             // After a failure that may have broken them, the connections are not used again.
