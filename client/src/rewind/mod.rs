@@ -95,6 +95,10 @@ pub struct RewindOptions {
 pub struct PhaseTimes {
     pub checks: f64,
     pub wal_scan: f64,
+    /// A running source's side, beside the target's WAL scan: opening its backup window and
+    /// finding what it changed since the divergence (its WAL summaries, or its WAL read and
+    /// decoded).
+    pub source_changes: f64,
     pub file_lists: f64,
     pub copy: f64,
     pub sync_and_commit: f64,

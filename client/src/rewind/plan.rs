@@ -190,6 +190,7 @@ pub(crate) fn plan(
             })),
         };
         // A running source: the window its copy is made in, then its changes up to the window.
+        let t_source = Instant::now();
         let source_part = source
             .open_window(WINDOW_LABEL)
             .doing("could not open a backup window on the running source")
@@ -197,6 +198,7 @@ pub(crate) fn plan(
                 let changes = source_side(opts.mode, opts.resync, source, divergence, window)?;
                 Ok((window, changes))
             });
+        report.seconds.source_changes = t_source.elapsed().as_secs_f64();
         let target_changes = match scan {
             Ok(handle) => {
                 let (found, took) = handle
