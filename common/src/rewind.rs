@@ -139,13 +139,14 @@ pub fn target_wal_end(checkpoint_record_end: Lsn, target: &ControlFileData) -> L
     checkpoint_record_end.max(target.minRecoveryPoint)
 }
 
-/// The WAL segments (first and last, inclusive) a node replays from `start` to `end`.
+/// The WAL segments (first and last, inclusive) a node replays from `start` to `end`: the
+/// bytes `[start, end)`. An `end` on a segment boundary (where an `XLOG_SWITCH` record ends,
+/// as `pg_backup_stop`'s does) needs nothing of the segment it begins, which may not exist yet
+/// on an idle server.
 pub fn wal_segments(start: Lsn, end: Lsn, seg_size: u32) -> (XLogSegNo, XLogSegNo) {
-    (
-        start.segment_number(seg_size),
-        end.segment_number(seg_size)
-            .max(start.segment_number(seg_size)),
-    )
+    let first = start.segment_number(seg_size);
+    let last_byte = Lsn(end.0.saturating_sub(1));
+    (first, last_byte.segment_number(seg_size).max(first))
 }
 
 /// The WAL a copy of a shut-down source replays to become consistent: from its last checkpoint's
@@ -268,6 +269,9 @@ mod tests {
         let seg = 16 << 20;
         assert_eq!(wal_segments(Lsn(0x4f0_0028), Lsn(0x580_0000), seg), (4, 5));
         assert_eq!(wal_segments(Lsn(0x500_0028), Lsn(0x500_0028), seg), (5, 5));
+        // Ending on a boundary: the next segment holds none of it.
+        assert_eq!(wal_segments(Lsn(0x700_0028), Lsn(0x800_0000), seg), (7, 7));
+        assert_eq!(wal_segments(Lsn(0x700_0028), Lsn(0x800_0001), seg), (7, 8));
     }
 
     #[test]
