@@ -17,9 +17,9 @@
 //! renames it `backup_label.old` when it starts on it, and keeps it). PostgreSQL's pg_rewind
 //! says `pg_rewind: Done!` and labels its backup `BACKUP METHOD: pg_rewind` with no `LABEL:`;
 //! failback labels every backup it writes `LABEL: failback rewind` (a window the server opened,
-//! or one made from the control file, which also says `BACKUP METHOD: pg_rewind`), and as
-//! itself names itself in its messages. Either of failback's marks is accepted, as pg_rewind can
-//! make neither.
+//! or one made from the control file, which also says `BACKUP METHOD: pg_rewind`), and under
+//! its own name it names itself in its messages. Either of failback's marks is accepted, as
+//! pg_rewind can make neither.
 //!
 //! The orchestrators come from `.ci/run` (etcd and Patroni under [`CI_DIR`], repmgr from
 //! Debian). A missing one fails the test with what to install ([`require`]): CI installs them,
@@ -180,17 +180,18 @@ impl RewindBinary {
     /// message (orchestrator logs).
     pub fn assert_ran(&self, output: &str, data_dir: &Path, context: &str) {
         let label = read_backup_label(data_dir);
+        let failbacks = format!("LABEL: {}", failback_common::rewind::WINDOW_LABEL);
         let (ok, expected) = match self.under_test {
             UnderTest::PgRewind => (
                 // Both marks: this proves the harness, so it may be strict.
                 label.contains("BACKUP METHOD: pg_rewind")
-                    && !label.contains("LABEL: failback rewind")
+                    && !label.contains(&failbacks)
                     && (output.is_empty() || output.contains("pg_rewind: Done!")),
                 "PostgreSQL's pg_rewind: its backup_label says `BACKUP METHOD: pg_rewind` and no \
                  failback label, and its messages (when the orchestrator keeps them) end with `pg_rewind: Done!`",
             ),
             UnderTest::Failback => (
-                label.contains("LABEL: failback rewind") || output.contains("failback"),
+                label.contains(&failbacks) || output.contains("failback"),
                 "failback: its backup_label says `LABEL: failback rewind`, or its messages name \
                  failback (PostgreSQL's pg_rewind does neither)",
             ),
