@@ -5,7 +5,8 @@
 //! histories part. What differs is what either side changed since, and only that is copied:
 //!
 //! - **Relation files** (main-fork segments): the blocks either side's WAL names since the
-//!   divergence ([`Changes`]: the target's from its own WAL, the source's from its own), within
+//!   divergence ([`Changes`]: the target's from its own WAL, the source's from its own, or none
+//!   of the source's when the rewound node replays its WAL since the divergence), within
 //!   both files (a block past either end is handled by the file's truncate or tail copy), and
 //!   whole the relations either side created since (their contents at the same offsets differ in
 //!   ways no block reference names). When one side's changes are unknown (its WAL since the
@@ -16,8 +17,12 @@
 //! - **WAL**: none of the source's WAL from before the copy is needed. The rewound node replays
 //!   only what makes the copy consistent: the WAL of the backup window a running source was
 //!   copied in (fetched once the window closes, outside the plan), or, from a shut-down source,
-//!   the WAL from its last checkpoint's redo pointer to where its WAL ends (`replay_wal`). Other
-//!   source segments are not copied ([`Reason::NotReplayed`]); target segments holding WAL past
+//!   the WAL from its last checkpoint's redo pointer to where its WAL ends. A window that starts
+//!   at the last checkpoint before the divergence (pg_rewind's way, for a source whose changes
+//!   only its WAL can name) replays the source's WAL from the divergence on; the segments of it
+//!   already complete are copied with the rest. Those the plan copies are `replay_wal`
+//!   ([`Reason::Replayed`]); other source segments are not copied ([`Reason::NotReplayed`]);
+//!   target segments holding WAL past
 //!   the divergence point hold the old primary's lost writes and are removed
 //!   ([`Reason::PastDivergence`]), older ones are left alone.
 
@@ -195,8 +200,9 @@ pub struct PlanInput<'a> {
     /// Where the histories part: target WAL segments ending past it hold lost writes.
     pub divergence: Lsn,
     /// The source WAL segments (first and last, inclusive) the rewound node replays, copied
-    /// with the rest: a shut-down source's. `None` for a running source, whose window's WAL is
-    /// fetched once the window closes.
+    /// with the rest: a shut-down source's, or those complete when a window opened at the last
+    /// common checkpoint. `None` for a running source whose window's WAL is all fetched once
+    /// the window closes.
     pub replay_wal: Option<(XLogSegNo, XLogSegNo)>,
 }
 
@@ -221,17 +227,21 @@ pub enum Reason {
     /// A target WAL segment from before the divergence that the source lacks (pg_rewind removes
     /// it): the target's own history, neither replayed nor in the way, so left alone.
     BeforeDivergence,
+    /// A source WAL segment the rewound node replays, complete when the plan was made: copied
+    /// with the rest, not again when the copy is committed.
+    Replayed,
 }
 
 impl Reason {
     /// Every reason, in the order of their journal codes (1, 2, ...).
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::CreatedSince,
         Reason::Compared,
         Reason::PastDivergence,
         Reason::NotReplayed,
         Reason::WrittenAtCommit,
         Reason::BeforeDivergence,
+        Reason::Replayed,
     ];
 
     /// The words `--debug` shows after the entry.
@@ -243,6 +253,7 @@ impl Reason {
             Reason::NotReplayed => "WAL the rewound node does not replay: not copied",
             Reason::WrittenAtCommit => "written at the end of the commit",
             Reason::BeforeDivergence => "the target's own WAL from before the divergence: kept",
+            Reason::Replayed => "WAL the rewound node replays: copied",
         }
     }
 }
@@ -416,7 +427,7 @@ pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
                 .replay_wal
                 .is_some_and(|(first, last)| (first..=last).contains(&segno));
             match (source.is_some(), target.is_some()) {
-                (true, _) if replayed => {}
+                (true, _) if replayed => entry.reason = Some(Reason::Replayed),
                 (true, _) => {
                     entry.action = FileAction::None;
                     entry.reason = Some(Reason::NotReplayed);

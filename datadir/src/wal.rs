@@ -24,8 +24,8 @@ use std::process::Command;
 use failback_common::changes::WalChanges;
 use failback_common::summary::Piece;
 use failback_common::timeline::{TimeLineHistory, segment_file_name, timeline_for_segment};
-use failback_common::wal::{Decoded, WalDecoder, WalError, WalParams, WalRecord};
-use failback_common::{Lsn, XLogSegNo};
+use failback_common::wal::{Decoded, RecordKind, WalDecoder, WalError, WalParams, WalRecord};
+use failback_common::{Lsn, TimeLineId, XLogSegNo};
 
 use crate::DataDir;
 
@@ -94,6 +94,17 @@ pub struct RecordSummary {
     pub rmid: u8,
     pub info: u8,
     pub main_data: Vec<u8>,
+    /// When the record is a checkpoint (`CHECKPOINT_SHUTDOWN` or `CHECKPOINT_ONLINE`): its
+    /// redo pointer and `ThisTimeLineID`.
+    pub checkpoint: Option<(Lsn, TimeLineId)>,
+}
+
+/// A checkpoint record: where it is, where replay from it begins (`redo`), and its timeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointAt {
+    pub lsn: Lsn,
+    pub redo: Lsn,
+    pub tli: TimeLineId,
 }
 
 /// Where a [`WalReader`] finds the bytes of WAL segment files: a data directory's `pg_wal`
@@ -334,6 +345,14 @@ impl<'h, S: SegmentSource> WalReader<'h, S> {
                         rmid: r.rmid(),
                         info: r.info(),
                         main_data: r.main_data.to_vec(),
+                        checkpoint: match r.kind {
+                            RecordKind::Checkpoint {
+                                redo,
+                                this_timeline_id,
+                                ..
+                            } => Some((redo, this_timeline_id)),
+                            _ => None,
+                        },
                     });
                 }
                 Ok(Decoded::NeedMore { from }) => {
@@ -350,6 +369,51 @@ impl<'h, S: SegmentSource> WalReader<'h, S> {
                 Err(source) => return Err(WalReadError::Decode { lsn, source }),
             }
         }
+    }
+
+    /// The last checkpoint record written before `fork`, where two histories part: pg_rewind's
+    /// *last common checkpoint*, from which replay of the other history's WAL rebuilds every
+    /// page either side changed since. Found as pg_rewind finds it, walking back along
+    /// `xl_prev` from the record that starts at `fork` (the first one this WAL wrote after the
+    /// fork, so it must exist), one record at a time: the cost is the WAL between that
+    /// checkpoint and the fork, at most a checkpoint interval.
+    pub fn checkpoint_before(&mut self, fork: Lsn) -> Result<CheckpointAt, WalReadError> {
+        let mut rec = self.read_record(fork)?;
+        loop {
+            if rec.xl_prev.0 == 0 || rec.xl_prev >= rec.lsn {
+                return Err(WalReadError::EndedEarly {
+                    lsn: rec.lsn,
+                    until: fork,
+                    why: "no checkpoint record precedes it".into(),
+                });
+            }
+            rec = self.read_record(rec.xl_prev)?;
+            if let Some((redo, tli)) = rec.checkpoint {
+                return Ok(CheckpointAt {
+                    lsn: rec.lsn,
+                    redo,
+                    tli,
+                });
+            }
+        }
+    }
+
+    /// That every segment holding WAL from `from` to `to` is there, its first bytes readable:
+    /// what replay from a checkpoint's redo pointer up to the checkpoint record needs, read by
+    /// no one until recovery.
+    pub fn require(&mut self, from: Lsn, to: Lsn) -> Result<(), WalReadError> {
+        let seg = self.seg_size();
+        for segno in from.segment_number(seg)..=to.segment_number(seg) {
+            let at = failback_common::lsn::segment_start(segno, seg).max(from);
+            if self.read_at(at, 1)? == 0 {
+                return Err(WalReadError::MissingSegment {
+                    name: self.segment_name(segno),
+                    lsn: at,
+                    dir: self.segments.location(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Reads every record from `start` until one ends exactly at `end`, calling `each` for

@@ -446,7 +446,16 @@ pub fn promote(primary: &Cluster, standby: &Cluster) -> failback_common::TimeLin
 /// other rows and made `only_new`, a relation of about 35 MB, and the WAL that made it.
 /// [`assert_tens_of_mb_rewound`] checks the rejoined old primary.
 pub fn diverged_with_tens_of_mb(major: failback_common::PgMajor) -> (Cluster, Cluster) {
-    let mut old = Cluster::start_new(major, "old");
+    diverged_with_tens_of_mb_with(major, crate::ClusterOptions::default())
+}
+
+/// [`diverged_with_tens_of_mb`], the old primary made with `options` (and the new one, its
+/// standby, inheriting its configuration).
+pub fn diverged_with_tens_of_mb_with(
+    major: failback_common::PgMajor,
+    options: crate::ClusterOptions,
+) -> (Cluster, Cluster) {
+    let mut old = Cluster::start_new_with(major, "old", options);
     old.pgbench_init(1);
     old.execute(
         "CREATE TABLE t (id int PRIMARY KEY, v text);

@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 
 use failback_tests::proxy::TcpCut;
 use failback_tests::rewind::{
-    assert_tens_of_mb_rewound, assert_unfinished, context, diverged_with_tens_of_mb, rejoin,
-    rewind_server, run_failback_with, start_rejoined, under_load,
+    assert_tens_of_mb_rewound, assert_unfinished, context, diverged_with_tens_of_mb,
+    diverged_with_tens_of_mb_with, rejoin, rewind_server, run_failback_with, start_rejoined,
+    under_load,
 };
-use failback_tests::{Cluster, PgMajor, StopMode, pg_test, user};
+use failback_tests::{Cluster, ClusterOptions, PgMajor, StopMode, pg_test, user};
 
 /// pg_rewind's four grants, and nothing more (what Patroni and CloudNativePG give their rewind
 /// role).
@@ -42,24 +43,39 @@ fn conninfo_as(server: &Cluster, role: &str) -> String {
     )
 }
 
-// A superuser from the running new primary: a real backup window (pg_backup_start on a
-// connection of its own, the window's WAL kept by a temporary slot), and -R's primary_conninfo
-// made from the connection as pg_rewind makes it. The node starts from what -R wrote.
+// A superuser from the running new primary, which keeps no WAL summaries: rewound pg_rewind's
+// way, the new primary's WAL since the divergence replayed by the rewound node from the last
+// common checkpoint (a label made from that checkpoint, no pg_backup_start), and -R's
+// primary_conninfo made from the connection as pg_rewind makes it. The node starts from what
+// -R wrote.
 pg_test!(from_a_live_primary, |major| {
     let (mut old, mut new) = diverged_with_tens_of_mb(major);
     old.stop(StopMode::Immediate);
     let run = rewind_server(&old, &new.conninfo(), &["-R"]);
     assert!(run.success(), "{}", context(&run, &[&old, &new]));
     assert!(run.rewind_needed(), "{}", run.show());
-    assert!(
-        run.stderr.contains("copying inside a backup window"),
+    let report = run.report();
+    assert_eq!(
+        report["source_changes"]["found_by"],
+        "replay",
         "{}",
         run.show()
     );
-    // pg_backup_stop's label, not one made from the control file.
+    assert!(
+        run.stderr
+            .contains("rewinding from last common checkpoint at "),
+        "{}",
+        run.show()
+    );
+    assert!(!run.stderr.contains("backup window"), "{}", run.show());
     let label = std::fs::read_to_string(old.data_dir().join("backup_label")).unwrap();
-    assert!(label.contains("LABEL: "), "{label}");
-    assert!(!label.contains("BACKUP METHOD: pg_rewind"), "{label}");
+    assert!(label.contains("BACKUP METHOD: pg_rewind"), "{label}");
+    let from = label.lines().next().unwrap_or_default();
+    let redo = report["replay"]["from"].as_str().unwrap_or("none");
+    assert!(
+        from.starts_with(&format!("START WAL LOCATION: {redo} ")),
+        "{label}"
+    );
     let auto = std::fs::read_to_string(old.data_dir().join("postgresql.auto.conf")).unwrap();
     let conninfo = auto
         .lines()
@@ -76,6 +92,45 @@ pg_test!(from_a_live_primary, |major| {
     start_rejoined(&mut old, &mut new);
     assert_tens_of_mb_rewound(&old);
 });
+
+// Where the new primary keeps WAL summaries (17 and later), they name its changed blocks in a
+// few rows: those blocks are copied inside a real backup window (pg_backup_start on a
+// connection of its own, the window's WAL kept by a temporary slot), with pg_backup_stop's
+// label, and none of the WAL since the divergence crosses.
+#[test]
+fn with_wal_summaries_a_real_backup_window() {
+    let options = ClusterOptions::default().setting("summarize_wal", "on");
+    let (mut old, mut new) = diverged_with_tens_of_mb_with(PgMajor::V17, options);
+    old.stop(StopMode::Immediate);
+    let run = rewind_server(&old, &new.conninfo(), &[]);
+    assert!(run.success(), "{}", context(&run, &[&old, &new]));
+    let report = run.report();
+    assert_eq!(
+        report["source_changes"]["found_by"],
+        "wal",
+        "{}",
+        run.show()
+    );
+    assert!(
+        run.stderr.contains("copying inside a backup window"),
+        "{}",
+        run.show()
+    );
+    let label = std::fs::read_to_string(old.data_dir().join("backup_label")).unwrap();
+    assert!(label.contains("LABEL: "), "{label}");
+    assert!(!label.contains("BACKUP METHOD: pg_rewind"), "{label}");
+    let window_start: failback_common::Lsn = report["window_start"]
+        .as_str()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("no window_start:\n{}", run.show()));
+    let divergence: failback_common::Lsn = report["divergence_lsn"]
+        .as_str()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("no divergence_lsn:\n{}", run.show()));
+    assert!(window_start > divergence, "{}", run.show());
+    rejoin(&mut old, &mut new);
+    assert_tens_of_mb_rewound(&old);
+}
 
 // A role holding only pg_rewind's four grants, from a running standby of the new primary: the
 // window is made from the standby's control file (its last restartpoint), its timeline from

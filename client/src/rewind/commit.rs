@@ -1,23 +1,26 @@
 //! Phase 5: from a copied target to one that starts as the new primary's standby.
 //!
 //! A running source's backup window is closed: `pg_backup_stop` says where the WAL the copy
-//! needs ends, and gives the copy's `backup_label`; that WAL, written during the window, is
-//! fetched now (failbackd's session keeps it reserved until the rewind is done), so the rewound
-//! node needs nothing from anywhere to become consistent. A shut-down source must not have
+//! needs ends, and gives the copy's `backup_label`; that WAL, from the window's start, is
+//! fetched now where the target lacks it (failbackd's session keeps it reserved until the
+//! rewind is done; a window opened at the last common checkpoint had its complete segments
+//! copied with the plan, and starts in WAL both sides share), so the rewound node needs
+//! nothing from anywhere to become consistent. A shut-down source must not have
 //! changed; its WAL from its last checkpoint was copied with the rest, and the node starts from
 //! that checkpoint, with no `backup_label`. Then everything is synced, and the commit's files
 //! are written in [`crate::target`]'s order: `backup_label`, `pg_control` (recovery must reach
 //! the end of that WAL before the server opens), and last the configuration, which removes the
 //! marker.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use failback_common::control::{ControlFileData, DBState};
 use failback_common::filemap::{FileAction, FileEntry};
 use failback_common::journal::Phase;
-use failback_common::plan::{AUTO_CONF, Plan, PlanEntry};
+use failback_common::plan::{AUTO_CONF, Plan, PlanEntry, Reason};
 use failback_common::recovery;
-use failback_common::rewind::{min_recovery_point, wal_segments};
+use failback_common::rewind::{NO_DIVERGENCE, min_recovery_point, wal_segments};
 use failback_common::timeline::segment_file_name;
 
 use super::{Copied, Outcome, RewindOptions, RewindReport};
@@ -58,21 +61,42 @@ pub(crate) fn commit(
             let end = source
                 .close_window()
                 .doing("could not close the backup window on the source")?;
-            // The WAL written during the window: what makes the copy consistent.
+            // The WAL from the window's start: what makes the copy consistent. Segments the
+            // target already holds whole are not fetched again: those the plan copied, and
+            // those wholly before the divergence, the same on both sides (a window opened at
+            // the last common checkpoint starts among them).
             let history = super::plan::source_history(source, end.tli)?;
             let (first, last) = wal_segments(start, end.stop, seg_size);
+            let shared_until = if header.divergence == NO_DIVERGENCE {
+                0
+            } else {
+                header.divergence.segment_number(seg_size)
+            };
+            let planned: HashSet<&str> = header
+                .plan
+                .entries
+                .iter()
+                .filter(|e| e.reason == Some(Reason::Replayed))
+                .map(|e| e.path.as_str())
+                .collect();
             let entries: Vec<PlanEntry> = (first..=last)
-                .map(|segno| {
+                .filter_map(|segno| {
                     let path = format!("pg_wal/{}", segment_file_name(&history, segno, seg_size));
                     let on_target = std::fs::metadata(target.dir().join(&path))
                         .ok()
                         .map(|m| FileEntry::regular(&path, m.len()));
-                    PlanEntry::new(
+                    let whole = on_target
+                        .as_ref()
+                        .is_some_and(|f| f.size == u64::from(seg_size));
+                    if whole && (segno < shared_until || planned.contains(path.as_str())) {
+                        return None;
+                    }
+                    Some(PlanEntry::new(
                         &path,
                         FileAction::Copy,
                         Some(FileEntry::regular(&path, u64::from(seg_size))),
                         on_target,
-                    )
+                    ))
                 })
                 .collect();
             let wal = Plan {
@@ -83,8 +107,8 @@ pub(crate) fn commit(
                 .doing("could not copy the WAL the source wrote during the backup window")?;
             if fetched.files_vanished_on_source > 0 {
                 return Err(RewindError::refused(format!(
-                    "the source no longer has all the WAL written during the backup window \
-                     ({} to {}), which the rewound node must replay: a checkpoint removed it; \
+                    "the source no longer has all the WAL the rewound node must replay \
+                     ({} to {}): a checkpoint removed it; \
                      keep more WAL on the source (a larger wal_keep_size, or over \
                      --source-server a role allowed pg_backup_start and REPLICATION, whose \
                      window's slot keeps it), then run failback again",

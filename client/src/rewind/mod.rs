@@ -9,7 +9,10 @@
 //! 2. [`plan`] — *the plan* ([`plan::Planned`]): where the histories diverged, whether the
 //!    target wrote past that point at all, what each side changed since (from its own WAL, or
 //!    by comparing chunk hashes where that WAL is gone), a backup window on a running source,
-//!    both file lists, and the plan made of them. A resumed run takes the plan from the journal
+//!    both file lists, and the plan made of them. A running source whose changes only its WAL
+//!    could name over the link (plain libpq without WAL summaries) is rewound pg_rewind's way
+//!    instead: its window opens at the last common checkpoint, and the rewound node replays its
+//!    WAL from there, copied rather than read to name blocks. A resumed run takes the plan from the journal
 //!    instead (the copy may already have replaced the target's WAL), and makes it again, with
 //!    what it kept, when the source ran meanwhile.
 //! 3. [`Journaled`] — *a journaled plan*: the plan durable in the target, and the target
@@ -17,8 +20,8 @@
 //!    through the same code from here on.
 //! 4. [`copy`](crate::copy) — *a copied target* ([`Copied`]): every range fetched, verified and
 //!    written, what the source lacks removed.
-//! 5. [`commit`] — the backup window closed and the WAL written during it fetched (a running
-//!    source), everything synced, then `backup_label`, `pg_control` and the configuration, in
+//! 5. [`commit`] — the backup window closed and the WAL from its start fetched, as far as the
+//!    target lacks it (a running source), everything synced, then `backup_label`, `pg_control` and the configuration, in
 //!    the order [`crate::target`] explains.
 //!
 //! Every check happens before the first change to the target; a refusal leaves it as it was.

@@ -21,7 +21,7 @@ use failback_common::timeline::{TimeLineHistory, find_common_ancestor, segment_f
 use failback_common::wal::WalParams;
 use failback_common::{Lsn, PgMajor, TimeLineId};
 use failback_datadir::DataDir;
-use failback_datadir::wal::{WalReadError, WalReader, cores};
+use failback_datadir::wal::{CheckpointAt, WalReadError, WalReader, cores};
 use serde::Serialize;
 
 use super::check::Checked;
@@ -144,6 +144,7 @@ pub(crate) fn plan(
     };
 
     let t_scan = Instant::now();
+    let mut replay_from = None;
     // The target's changes: none to read for a resync, else from its own WAL, read while the
     // source opens its window and says what it changed (two machines, or two cores, at once).
     let target_side = if opts.resync {
@@ -173,6 +174,7 @@ pub(crate) fn plan(
         }
         report.rewind_needed = true;
         report.seconds.checks = (t_scan - t0).as_secs_f64();
+        replay_from = common_checkpoint(opts.mode, source, &mut wal, divergence, progress)?;
         progress.phase("reading WAL in target");
         TargetSide::Scan(wal, end_of_target_wal)
     };
@@ -191,13 +193,26 @@ pub(crate) fn plan(
         };
         // A running source: the window its copy is made in, then its changes up to the window.
         let t_source = Instant::now();
-        let source_part = source
-            .open_window(WINDOW_LABEL)
-            .doing("could not open a backup window on the running source")
-            .and_then(|window| {
-                let changes = source_side(opts.mode, opts.resync, source, divergence, window)?;
-                Ok((window, changes))
-            });
+        let source_part = match replay_from {
+            // Its changes are what replay from the checkpoint redoes: none to copy.
+            Some(checkpoint) => source
+                .open_window_at(checkpoint)
+                .doing("could not open a window on the running source")
+                .map(|(window, flushed)| {
+                    let replay = Replay {
+                        checkpoint,
+                        flushed,
+                    };
+                    (Some(window), (Ok(Changes::default()), 0), Some(replay))
+                }),
+            None => source
+                .open_window(WINDOW_LABEL)
+                .doing("could not open a backup window on the running source")
+                .and_then(|window| {
+                    let changes = source_side(opts.mode, opts.resync, source, divergence, window)?;
+                    Ok((window, changes, None))
+                }),
+        };
         report.seconds.source_changes = t_source.elapsed().as_secs_f64();
         let target_changes = match scan {
             Ok(handle) => {
@@ -213,8 +228,10 @@ pub(crate) fn plan(
     });
     // The target's failure first: it is the one the user can act on before the source's.
     let target_changes = target_changes?;
-    let (window, (source_changes, source_summarized)) = source_part?;
-    if let Some(w) = window {
+    let (window, (source_changes, source_summarized), replay) = source_part?;
+    if let Some(w) = window
+        && replay.is_none()
+    {
         progress.info(&format!(
             "copying inside a backup window of the source starting at {} on timeline {}",
             w.start, w.tli
@@ -236,9 +253,64 @@ pub(crate) fn plan(
             target_changes,
             source_changes,
             source_summarized,
+            replay,
         },
     )
     .map(|h| Planned::Plan(Box::new(h)))
+}
+
+/// A window opened at the last common checkpoint: the rewound node replays the source's WAL
+/// from there, and the source's changes are not copied.
+#[derive(Clone, Copy, Debug)]
+struct Replay {
+    checkpoint: CheckpointAt,
+    /// The source's flush position when the window opened: its segments wholly before this are
+    /// final and copied with the plan; the rest once the window closes.
+    flushed: Lsn,
+}
+
+/// Where the rewound node replays the source's WAL from, when it should: for a source whose
+/// changes only its WAL could name over the link ([`Source::replays_own_wal`]), the last
+/// checkpoint before the divergence in the target's WAL, pg_rewind's *last common checkpoint*.
+/// Reading that WAL to name the blocks would cost what copying it for replay costs, and
+/// copying those blocks on top of it more. `None` when the source's changes are found
+/// otherwise, or asked by hashes (`--mode delta`), or when the target's WAL no longer holds
+/// that checkpoint and the WAL after its redo pointer.
+fn common_checkpoint(
+    mode: Mode,
+    source: &mut dyn Source,
+    wal: &mut WalReader<'_>,
+    divergence: Lsn,
+    progress: &mut dyn Progress,
+) -> Result<Option<CheckpointAt>, RewindError> {
+    if by_choice(mode, false).is_some()
+        || !source
+            .replays_own_wal()
+            .doing("could not ask how the source's changes can be found")?
+    {
+        return Ok(None);
+    }
+    match wal
+        .checkpoint_before(divergence)
+        .and_then(|c| wal.require(c.redo, c.lsn).map(|()| c))
+    {
+        Ok(c) => {
+            // pg_rewind's words, which operators and orchestrators' logs know.
+            progress.info(&format!(
+                "rewinding from last common checkpoint at {} on timeline {}",
+                c.lsn, c.tli
+            ));
+            Ok(Some(c))
+        }
+        Err(e) => {
+            progress.info(&format!(
+                "the target's WAL no longer holds the last checkpoint before the divergence \
+                 ({}): the source's changes are found from its WAL instead of replayed from there",
+                failback_common::errors::one_line(&e)
+            ));
+            Ok(None)
+        }
+    }
 }
 
 /// The target's side of a plan: known without reading (a resync), or its WAL to read.
@@ -327,6 +399,7 @@ struct Replan<'h> {
     target_changes: Found,
     source_changes: Found,
     source_summarized: u64,
+    replay: Option<Replay>,
 }
 
 /// Both file lists, and the plan made of them with both sides' changes.
@@ -336,14 +409,46 @@ fn plan_with(
     source: &mut dyn Source,
     progress: &mut dyn Progress,
     report: &mut RewindReport,
-    r: Replan<'_>,
+    mut r: Replan<'_>,
 ) -> Result<JournalHeader, RewindError> {
     let target = &checked.target_control;
+    let seg = target.xlog_seg_size;
     let t_lists = Instant::now();
     progress.phase("reading source file list");
-    let source_files = source
+    let mut source_files = source
         .list_files()
         .doing("could not list the source's files")?;
+    // Replay from the last common checkpoint needs all the source's WAL since the divergence.
+    if let Some(replay) = r.replay {
+        let (first, last) = wal_segments(r.divergence, replay.flushed, seg);
+        let missing = (first..=last)
+            .map(|segno| segment_file_name(r.source_history, segno, seg))
+            .find(|name| {
+                let path = format!("pg_wal/{name}");
+                !source_files.iter().any(|f| f.path == path)
+            });
+        if let Some(name) = missing {
+            progress.info(&format!(
+                "the source no longer has WAL segment {name}, which replay from the last common \
+                 checkpoint needs: its changes are found another way"
+            ));
+            r.window = source
+                .open_window(WINDOW_LABEL)
+                .doing("could not open a backup window on the running source")?;
+            (r.source_changes, r.source_summarized) =
+                source_side(opts.mode, r.resync, source, r.divergence, r.window)?;
+            r.replay = None;
+            if let Some(w) = r.window {
+                progress.info(&format!(
+                    "copying inside a backup window of the source starting at {} on timeline {}",
+                    w.start, w.tli
+                ));
+            }
+            source_files = source
+                .list_files()
+                .doing("could not list the source's files")?;
+        }
+    }
     progress.phase("reading target file list");
     let target_files =
         DataDir::new(checked.target.dir())
@@ -353,11 +458,21 @@ fn plan_with(
                 source: Some(Box::new(e)),
             })?;
     let major = target.major;
-    let seg = target.xlog_seg_size;
     // A shut-down source's copy replays its own WAL from its last checkpoint: it must all be
     // there, or the rewound node could never become consistent. Said before anything changes.
     let replay_wal = match r.window {
-        Some(_) => None,
+        // From the last common checkpoint: the source's complete segments since the divergence
+        // are copied with the rest (the one being written, and later ones, at the commit).
+        Some(_) => r.replay.and_then(|replay| {
+            let first = r.divergence.segment_number(seg);
+            let complete = replay.flushed.segment_number(seg);
+            report.replay = Some(ReplayReport {
+                from: replay.checkpoint.redo.to_string(),
+                to: replay.flushed.to_string(),
+                bytes: complete.saturating_sub(first) * u64::from(seg),
+            });
+            (complete > first).then(|| (first, complete - 1))
+        }),
         None => {
             let (from, to) = shut_down_replay(&checked.source_control);
             let (first, last) = wal_segments(from, to, seg);
@@ -393,7 +508,21 @@ fn plan_with(
     report.target_changes = side_report(&r.target_changes);
     report.source_changes = side_report(&r.source_changes);
     report.source_changes.summarized_segments = r.source_summarized;
-    for (side, found) in [("target", &r.target_changes), ("source", &r.source_changes)] {
+    let mut sides = vec![("target", &r.target_changes)];
+    match r.replay {
+        Some(replay) => {
+            report.source_changes = SideReport {
+                found_by: "replay".into(),
+                why: Some(format!(
+                    "the rewound node replays its WAL from the last common checkpoint at {}",
+                    replay.checkpoint.lsn
+                )),
+                ..SideReport::default()
+            };
+        }
+        None => sides.push(("source", &r.source_changes)),
+    }
+    for (side, found) in sides {
         match found {
             Ok(c) => progress.info(&format!(
                 "the {side}'s WAL names {} changed blocks since the divergence",
@@ -469,12 +598,15 @@ fn relation_of(path: &str, major: PgMajor) -> Option<RelFileLocator> {
     relpath::is_rel_data_file(path, major).map(|(l, _)| l)
 }
 
-/// The WAL a copy of a shut-down source replays, for the report.
+/// The WAL copied with the plan for the rewound node to replay, for the report: a shut-down
+/// source's from its last checkpoint, or a running source's from the last common checkpoint.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct ReplayReport {
     pub from: String,
+    /// Where the source's WAL ended when the plan was made (a running source's replay goes on
+    /// to its window's end, with WAL fetched at the commit).
     pub to: String,
-    /// Bytes of WAL segments copied for it.
+    /// Bytes of WAL segments copied for it with the plan.
     pub bytes: u64,
 }
 
@@ -523,9 +655,11 @@ pub(crate) fn resumed(
         .open_window(WINDOW_LABEL)
         .doing("could not open a backup window on the running source")?;
     let since_then = match h.window_start {
+        // A window opened at the last common checkpoint began before the divergence; what
+        // the earlier run copied was copied after it.
         Some(start) if by_choice(opts.mode, h.resync).is_none() => {
             match source
-                .changes(start, window.map(|w| w.start))
+                .changes(copied_after(start, h.divergence), window.map(|w| w.start))
                 .doing("could not ask the source for its changes since the earlier window")?
             {
                 ChangesAnswer::Found(f) => Some(f.changes),
@@ -569,9 +703,21 @@ pub(crate) fn resumed(
             target_changes,
             source_changes,
             source_summarized,
+            replay: None,
         },
     )?;
     Ok((header, true))
+}
+
+/// Where the source's changes may have made what an earlier run copied stale: its window's
+/// start, or the divergence when the window began before it (at the last common checkpoint;
+/// the copy was made after the divergence).
+fn copied_after(window_start: Lsn, divergence: Lsn) -> Lsn {
+    if divergence == NO_DIVERGENCE {
+        window_start
+    } else {
+        window_start.max(divergence)
+    }
 }
 
 /// The source's timeline. A live source may have been promoted moments ago: its control file

@@ -21,6 +21,7 @@ pub mod remote;
 use failback_common::chunkdiff::ChunkHash;
 use failback_common::filemap::FileEntry;
 use failback_common::{Lsn, TimeLineId};
+use failback_datadir::wal::CheckpointAt;
 
 /// A range of a source file to fetch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -261,6 +262,27 @@ pub trait Source {
         Ok(None)
     }
 
+    /// Whether the rewound node should replay this source's WAL since the divergence, copied
+    /// whole as pg_rewind has it replayed, rather than be given the blocks that WAL changed:
+    /// so where naming those blocks would read that same WAL over the link first (a plain
+    /// libpq server without WAL summaries). Sources that read their WAL beside it say no.
+    fn replays_own_wal(&mut self) -> Result<bool, SourceError> {
+        Ok(false)
+    }
+
+    /// For a source that [`Source::replays_own_wal`]: a window that starts at `from`, a
+    /// checkpoint both histories share (the last before they part, read from the target's WAL),
+    /// so that replay of the copy begins there and redoes everything the source wrote since.
+    /// Also says how far the source's WAL is flushed now: the segments wholly before that are
+    /// final, and are copied with the rest of the plan. Closed by [`Source::close_window`].
+    fn open_window_at(&mut self, from: CheckpointAt) -> Result<(WindowStart, Lsn), SourceError> {
+        let _ = from;
+        Err(SourceError::Refused {
+            what: "a backup window".into(),
+            reason: "this source cannot replay its WAL from a shared checkpoint".into(),
+        })
+    }
+
     /// Closes the window [`Source::open_window`] opened.
     fn close_window(&mut self) -> Result<WindowEnd, SourceError> {
         Err(SourceError::Refused {
@@ -341,5 +363,11 @@ impl<S: Source + ?Sized> Source for Box<S> {
     }
     fn close_window(&mut self) -> Result<WindowEnd, SourceError> {
         (**self).close_window()
+    }
+    fn replays_own_wal(&mut self) -> Result<bool, SourceError> {
+        (**self).replays_own_wal()
+    }
+    fn open_window_at(&mut self, from: CheckpointAt) -> Result<(WindowStart, Lsn), SourceError> {
+        (**self).open_window_at(from)
     }
 }

@@ -121,6 +121,17 @@ impl<S: Source> Source for RateLimited<S> {
     fn close_window(&mut self) -> Result<super::WindowEnd, SourceError> {
         self.inner.close_window()
     }
+
+    fn replays_own_wal(&mut self) -> Result<bool, SourceError> {
+        self.inner.replays_own_wal()
+    }
+
+    fn open_window_at(
+        &mut self,
+        from: failback_datadir::wal::CheckpointAt,
+    ) -> Result<(super::WindowStart, failback_common::Lsn), SourceError> {
+        self.inner.open_window_at(from)
+    }
 }
 
 /// A fetch whose pieces are each paid for before they are handed on.

@@ -44,6 +44,7 @@ use failback_common::filemap::{FileEntry, FileType};
 use failback_common::patience::{Next, Patience, Stall};
 use failback_common::timeline::TimeLineHistory;
 use failback_common::{Lsn, TimeLineId};
+use failback_datadir::wal::CheckpointAt;
 use failback_sql::LiveError;
 use failback_sql::libpq::{Conn, ConnOption, Format, PqError, Rows};
 
@@ -558,19 +559,37 @@ impl LibpqSource {
     /// A window from the control file, read now, before anything is copied.
     fn open_control_window(&mut self) -> Result<WindowStart, SourceError> {
         let c = self.control()?;
-        let end = self.end()?;
-        let start = WindowStart {
-            start: c.checkPointCopy.redo,
-            tli: end.timeline,
-        };
-        self.window = Some(Window::Control {
+        let from = CheckpointAt {
+            lsn: c.checkPoint,
             redo: c.checkPointCopy.redo,
-            checkpoint: c.checkPoint,
             tli: c.checkPointCopy.ThisTimeLineID,
-            seg_size: c.xlog_seg_size,
+        };
+        self.checkpoint_window(from, c.xlog_seg_size)
+            .map(|(start, _)| start)
+    }
+
+    /// A window whose replay starts at checkpoint `from`, with nothing asked of the server
+    /// but where its WAL ends now (returned with the start: its flush position).
+    fn checkpoint_window(
+        &mut self,
+        from: CheckpointAt,
+        seg_size: u32,
+    ) -> Result<(WindowStart, Lsn), SourceError> {
+        let end = self.end()?;
+        self.window = Some(Window::Control {
+            redo: from.redo,
+            checkpoint: from.lsn,
+            tli: from.tli,
+            seg_size,
             started: now_unix(),
         });
-        Ok(start)
+        Ok((
+            WindowStart {
+                start: from.redo,
+                tli: end.timeline,
+            },
+            end.flushed,
+        ))
     }
 }
 
@@ -772,6 +791,28 @@ impl Source for LibpqSource {
             return self.open_backup(label);
         }
         self.open_control_window().map(Some)
+    }
+
+    /// WAL summaries (17 and later, `summarize_wal = on`) name the source's changed blocks in a
+    /// few rows; without them, naming them means reading the WAL since the divergence over
+    /// this link, and copying it for replay costs no more.
+    fn replays_own_wal(&mut self) -> Result<bool, SourceError> {
+        if self.major < 17 {
+            return Ok(true);
+        }
+        let on = self.ask("the summarize_wal setting", |c| {
+            c.query_one_text(
+                "SELECT pg_catalog.current_setting('summarize_wal', true)",
+                &[],
+            )
+        })?;
+        Ok(on.as_deref() != Some("on"))
+    }
+
+    fn open_window_at(&mut self, from: CheckpointAt) -> Result<(WindowStart, Lsn), SourceError> {
+        self.window = None;
+        let seg_size = self.control()?.xlog_seg_size;
+        self.checkpoint_window(from, seg_size)
     }
 
     fn close_window(&mut self) -> Result<WindowEnd, SourceError> {
