@@ -37,7 +37,20 @@ pub fn cores() -> usize {
 /// Bytes read from a segment per feed while scanning forward.
 const SCAN_CHUNK: u64 = 1 << 20;
 /// Bytes read per feed for a single record (most records fit in a page).
-const RECORD_CHUNK: u64 = 8192;
+const RECORD_CHUNK: u64 = 64 << 10;
+
+/// The WAL bytes [`WalReader::read_record_from`] read last: `bytes` from `start`.
+#[derive(Default)]
+struct Chunk {
+    start: Lsn,
+    bytes: Vec<u8>,
+}
+
+impl Chunk {
+    fn holds(&self, lsn: Lsn) -> bool {
+        lsn >= self.start && lsn.0 < self.start.0 + self.bytes.len() as u64
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalReadError {
@@ -334,6 +347,17 @@ impl<'h, S: SegmentSource> WalReader<'h, S> {
 
     /// Reads the one record that starts at `lsn`.
     pub fn read_record(&mut self, lsn: Lsn) -> Result<RecordSummary, WalReadError> {
+        self.read_record_from(lsn, &mut Chunk::default())
+    }
+
+    /// [`Self::read_record`], reading the WAL an aligned [`RECORD_CHUNK`] at a time through
+    /// `chunk`, which keeps the last one read: records read one after another nearby (a walk
+    /// back along `xl_prev`) mostly need no read at all.
+    fn read_record_from(
+        &mut self,
+        lsn: Lsn,
+        chunk: &mut Chunk,
+    ) -> Result<RecordSummary, WalReadError> {
         let mut dec = WalDecoder::new(lsn, self.params)?;
         loop {
             match dec.poll() {
@@ -356,15 +380,21 @@ impl<'h, S: SegmentSource> WalReader<'h, S> {
                     });
                 }
                 Ok(Decoded::NeedMore { from }) => {
-                    let n = self.read_at(from, RECORD_CHUNK)?;
-                    if n == 0 {
+                    if !chunk.holds(from) {
+                        let start = Lsn(from.0 / RECORD_CHUNK * RECORD_CHUNK);
+                        self.read_at(start, RECORD_CHUNK)?;
+                        chunk.start = start;
+                        std::mem::swap(&mut chunk.bytes, &mut self.buf);
+                    }
+                    let at = (from.0 - chunk.start.0) as usize;
+                    if at >= chunk.bytes.len() {
                         return Err(WalReadError::MissingSegment {
                             name: self.segment_name(from.segment_number(self.seg_size())),
                             lsn: from,
                             dir: self.segments.location(),
                         });
                     }
-                    dec.feed(&self.buf);
+                    dec.feed(&chunk.bytes[at..]);
                 }
                 Err(source) => return Err(WalReadError::Decode { lsn, source }),
             }
@@ -378,7 +408,8 @@ impl<'h, S: SegmentSource> WalReader<'h, S> {
     /// fork, so it must exist), one record at a time: the cost is the WAL between that
     /// checkpoint and the fork, at most a checkpoint interval.
     pub fn checkpoint_before(&mut self, fork: Lsn) -> Result<CheckpointAt, WalReadError> {
-        let mut rec = self.read_record(fork)?;
+        let mut chunk = Chunk::default();
+        let mut rec = self.read_record_from(fork, &mut chunk)?;
         loop {
             if rec.xl_prev.0 == 0 || rec.xl_prev >= rec.lsn {
                 return Err(WalReadError::EndedEarly {
@@ -387,7 +418,7 @@ impl<'h, S: SegmentSource> WalReader<'h, S> {
                     why: "no checkpoint record precedes it".into(),
                 });
             }
-            rec = self.read_record(rec.xl_prev)?;
+            rec = self.read_record_from(rec.xl_prev, &mut chunk)?;
             if let Some((redo, tli)) = rec.checkpoint {
                 return Ok(CheckpointAt {
                     lsn: rec.lsn,
