@@ -634,8 +634,8 @@ mod tests {
             let e = find(&plan, p);
             (e.action, e.reason)
         };
-        assert_eq!(got(&name(2, 5)), (FileAction::Copy, None));
-        assert_eq!(got(&name(2, 6)), (FileAction::Copy, None));
+        assert_eq!(got(&name(2, 5)), (FileAction::Copy, Some(Reason::Replayed)));
+        assert_eq!(got(&name(2, 6)), (FileAction::Copy, Some(Reason::Replayed)));
         assert_eq!(
             got(&name(2, 3)),
             (FileAction::None, Some(Reason::NotReplayed))

@@ -149,6 +149,22 @@ pub fn wal_segments(start: Lsn, end: Lsn, seg_size: u32) -> (XLogSegNo, XLogSegN
     (first, last_byte.segment_number(seg_size).max(first))
 }
 
+/// Whether the commit must fetch segment `segno` of a window's WAL, or the target holds it
+/// already: whole (`whole_on_target`) and either copied with the plan (`planned`, a segment of
+/// the source's WAL since the divergence complete when the window opened) or wholly before the
+/// `divergence` (the same bytes on both sides; a window opened at the last common checkpoint
+/// starts among them).
+pub fn window_segment_needed(
+    segno: XLogSegNo,
+    divergence: Lsn,
+    seg_size: u32,
+    whole_on_target: bool,
+    planned: bool,
+) -> bool {
+    let shared = divergence != NO_DIVERGENCE && segno < divergence.segment_number(seg_size);
+    !(whole_on_target && (planned || shared))
+}
+
 /// The WAL a copy of a shut-down source replays to become consistent: from its last checkpoint's
 /// redo pointer to where its WAL ends ([`shut_down_end`]; for a primary, the checkpoint itself).
 pub fn shut_down_replay(source: &ControlFileData) -> (Lsn, Lsn) {
@@ -221,6 +237,27 @@ mod tests {
     use crate::PgMajor;
     use crate::control::PG_CONTROL_FILE_SIZE;
     use crate::relpath::RelFileLocator;
+
+    #[test]
+    fn window_wal_the_target_holds_whole_is_not_fetched_again() {
+        let seg = 16u32 << 20;
+        // The histories part in segment 5.
+        let divergence = Lsn(5 * (16u64 << 20) + 0x40);
+        let needed =
+            |segno, whole, planned| window_segment_needed(segno, divergence, seg, whole, planned);
+        // Wholly before the divergence, on the target whole: the same bytes, kept.
+        assert!(!needed(4, true, false));
+        // The segment of the divergence differs; the target's own is not the source's.
+        assert!(needed(5, true, false));
+        // Copied with the plan.
+        assert!(!needed(6, true, true));
+        // Anything the target lacks, or holds cut short, is fetched.
+        assert!(needed(4, false, false));
+        assert!(needed(6, false, true));
+        assert!(needed(7, true, false));
+        // Nothing lies before a divergence that is not there (a resync on one timeline).
+        assert!(window_segment_needed(4, NO_DIVERGENCE, seg, true, false));
+    }
 
     /// A PostgreSQL 16 control file with the fields these decisions read.
     fn control(state: DBState, checkpoint: u64, redo: u64, tli: u32) -> ControlFileData {

@@ -20,7 +20,7 @@ use failback_common::filemap::{FileAction, FileEntry};
 use failback_common::journal::Phase;
 use failback_common::plan::{AUTO_CONF, Plan, PlanEntry, Reason};
 use failback_common::recovery;
-use failback_common::rewind::{NO_DIVERGENCE, min_recovery_point, wal_segments};
+use failback_common::rewind::{min_recovery_point, wal_segments, window_segment_needed};
 use failback_common::timeline::segment_file_name;
 
 use super::{Copied, Outcome, RewindOptions, RewindReport};
@@ -61,17 +61,10 @@ pub(crate) fn commit(
             let end = source
                 .close_window()
                 .doing("could not close the backup window on the source")?;
-            // The WAL from the window's start: what makes the copy consistent. Segments the
-            // target already holds whole are not fetched again: those the plan copied, and
-            // those wholly before the divergence, the same on both sides (a window opened at
-            // the last common checkpoint starts among them).
+            // The WAL from the window's start: what makes the copy consistent, but for what
+            // the target holds already.
             let history = super::plan::source_history(source, end.tli)?;
             let (first, last) = wal_segments(start, end.stop, seg_size);
-            let shared_until = if header.divergence == NO_DIVERGENCE {
-                0
-            } else {
-                header.divergence.segment_number(seg_size)
-            };
             let planned: HashSet<&str> = header
                 .plan
                 .entries
@@ -88,7 +81,8 @@ pub(crate) fn commit(
                     let whole = on_target
                         .as_ref()
                         .is_some_and(|f| f.size == u64::from(seg_size));
-                    if whole && (segno < shared_until || planned.contains(path.as_str())) {
+                    let planned = planned.contains(path.as_str());
+                    if !window_segment_needed(segno, header.divergence, seg_size, whole, planned) {
                         return None;
                     }
                     Some(PlanEntry::new(
