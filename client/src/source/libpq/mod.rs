@@ -135,6 +135,30 @@ fn transient(e: &PqError) -> bool {
 impl Connector {
     /// A new connection within `timeout`, its session set up; `read_only` unless it is to hold
     /// a backup window.
+    /// `n` more read-only connections, opened at once: each costs the link several round trips
+    /// (the startup, the authentication, the session's settings), which one after another
+    /// would add up to seconds across a continent.
+    fn connect_many(
+        &self,
+        n: usize,
+        timeout: Duration,
+        purpose: &str,
+    ) -> Result<Vec<Conn>, SourceError> {
+        let opened: Vec<Result<Conn, PqError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..n)
+                .map(|_| scope.spawn(|| self.connect(timeout, true)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        opened
+            .into_iter()
+            .map(|c| c.map_err(|e| self.error(&format!("a connection to {purpose}"), e)))
+            .collect()
+    }
+
     fn connect(&self, timeout: Duration, read_only: bool) -> Result<Conn, PqError> {
         let mut conn = Conn::connect(&self.conninfo, APPLICATION, timeout, Some(timeout))?;
         let major = conn.server_major();
@@ -765,13 +789,7 @@ impl Source for LibpqSource {
                 let keep = idle.len().saturating_sub(jobs);
                 idle.split_off(keep)
             };
-            while conns.len() < jobs {
-                conns.push(
-                    connector
-                        .connect(budget, true)
-                        .map_err(|e| connector.error("a connection to hash files", e))?,
-                );
-            }
+            conns.extend(connector.connect_many(jobs - conns.len(), budget, "hash files")?);
             for c in &mut conns {
                 c.set_timeout(Some(budget));
             }
