@@ -515,6 +515,24 @@ pub fn pgbench_pair(
     (old, new)
 }
 
+/// That `run` (over `--source-server`, from a server without WAL summaries) rewound pg_rewind's
+/// way: the source's WAL since the divergence replayed from the last common checkpoint, which
+/// it names in pg_rewind's words, not read to name the blocks it changed.
+pub fn assert_replayed_from_last_common_checkpoint(run: &FailbackRun) {
+    assert_eq!(
+        run.report()["source_changes"]["found_by"],
+        "replay",
+        "{}",
+        run.show()
+    );
+    assert!(
+        run.stderr
+            .contains("rewinding from last common checkpoint at "),
+        "{}",
+        run.show()
+    );
+}
+
 /// The old primary of [`diverged_with_tens_of_mb`], rewound and rejoined, lost its own writes
 /// and holds the new primary's.
 pub fn assert_tens_of_mb_rewound(old: &Cluster) {

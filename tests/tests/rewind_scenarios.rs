@@ -72,18 +72,7 @@ scenario_test!(basic, |major| {
     // WAL that was complete then is copied with the plan.
     let libpq = via() == Via::Libpq;
     let sides: &[&str] = if libpq {
-        assert_eq!(
-            report["source_changes"]["found_by"],
-            "replay",
-            "{}",
-            run.show()
-        );
-        assert!(
-            run.stderr
-                .contains("rewinding from last common checkpoint at "),
-            "{}",
-            run.show()
-        );
+        rewind::assert_replayed_from_last_common_checkpoint(&run);
         &["target_changes"]
     } else {
         &["target_changes", "source_changes"]
