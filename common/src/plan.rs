@@ -22,9 +22,8 @@
 //!   only its WAL can name) replays the source's WAL from the divergence on; the segments of it
 //!   already complete are copied with the rest. Those the plan copies are `replay_wal`
 //!   ([`Reason::Replayed`]); other source segments are not copied ([`Reason::NotReplayed`]);
-//!   target segments holding WAL past
-//!   the divergence point hold the old primary's lost writes and are removed
-//!   ([`Reason::PastDivergence`]), older ones are left alone.
+//!   target segments holding WAL past the divergence point hold the old primary's lost writes
+//!   and are removed ([`Reason::PastDivergence`]), older ones are left alone.
 
 use std::collections::{BTreeMap, HashMap};
 

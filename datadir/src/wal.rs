@@ -36,7 +36,8 @@ pub fn cores() -> usize {
 
 /// Bytes read from a segment per feed while scanning forward.
 const SCAN_CHUNK: u64 = 1 << 20;
-/// Bytes read per feed for a single record (most records fit in a page).
+/// Bytes read at a time, aligned, for single records (most records fit in a page; a walk back
+/// along `xl_prev` finds many records in one read).
 const RECORD_CHUNK: u64 = 64 << 10;
 
 /// The WAL bytes [`WalReader::read_record_from`] read last: `bytes` from `start`.

@@ -12,17 +12,17 @@
 //!    both file lists, and the plan made of them. A running source whose changes only its WAL
 //!    could name over the link (plain libpq without WAL summaries) is rewound pg_rewind's way
 //!    instead: its window opens at the last common checkpoint, and the rewound node replays its
-//!    WAL from there, copied rather than read to name blocks. A resumed run takes the plan from the journal
-//!    instead (the copy may already have replaced the target's WAL), and makes it again, with
-//!    what it kept, when the source ran meanwhile.
+//!    WAL from there, copied rather than read to name blocks. A resumed run takes the plan
+//!    from the journal instead (the copy may already have replaced the target's WAL), and
+//!    makes it again, with what it kept, when the source ran meanwhile.
 //! 3. [`Journaled`] — *a journaled plan*: the plan durable in the target, and the target
 //!    marked so that PostgreSQL will not start on it. Fresh and resumed runs meet here and go
 //!    through the same code from here on.
 //! 4. [`copy`](crate::copy) — *a copied target* ([`Copied`]): every range fetched, verified and
 //!    written, what the source lacks removed.
 //! 5. [`commit`] — the backup window closed and the WAL from its start fetched, as far as the
-//!    target lacks it (a running source), everything synced, then `backup_label`, `pg_control` and the configuration, in
-//!    the order [`crate::target`] explains.
+//!    target lacks it (a running source), everything synced, then `backup_label`,
+//!    `pg_control` and the configuration, in the order [`crate::target`] explains.
 //!
 //! Every check happens before the first change to the target; a refusal leaves it as it was.
 //! An error after the first change says the target is unfinished ([`RewindError::Unfinished`]).
@@ -100,7 +100,7 @@ pub struct PhaseTimes {
     pub wal_scan: f64,
     /// A running source's side, beside the target's WAL scan: opening its backup window and
     /// finding what it changed since the divergence (its WAL summaries, or its WAL read and
-    /// decoded).
+    /// decoded), or only opening a window at the last common checkpoint.
     pub source_changes: f64,
     pub file_lists: f64,
     pub copy: f64,

@@ -10,6 +10,7 @@
 use std::time::Instant;
 
 use failback_common::changes::Changes;
+use failback_common::filemap::FileEntry;
 use failback_common::journal::{JournalHeader, JournalState};
 use failback_common::lsn::history_file_name;
 use failback_common::plan::{self, Plan, PlanInput};
@@ -19,7 +20,7 @@ use failback_common::rewind::{
 };
 use failback_common::timeline::{TimeLineHistory, find_common_ancestor, segment_file_name};
 use failback_common::wal::WalParams;
-use failback_common::{Lsn, PgMajor, TimeLineId};
+use failback_common::{Lsn, PgMajor, TimeLineId, XLogSegNo};
 use failback_datadir::DataDir;
 use failback_datadir::wal::{CheckpointAt, WalReadError, WalReader, cores};
 use serde::Serialize;
@@ -205,13 +206,8 @@ pub(crate) fn plan(
                     };
                     (Some(window), (Ok(Changes::default()), 0), Some(replay))
                 }),
-            None => source
-                .open_window(WINDOW_LABEL)
-                .doing("could not open a backup window on the running source")
-                .and_then(|window| {
-                    let changes = source_side(opts.mode, opts.resync, source, divergence, window)?;
-                    Ok((window, changes, None))
-                }),
+            None => own_window(opts.mode, opts.resync, source, divergence)
+                .map(|(window, changes)| (window, changes, None)),
         };
         report.seconds.source_changes = t_source.elapsed().as_secs_f64();
         let target_changes = match scan {
@@ -229,13 +225,8 @@ pub(crate) fn plan(
     // The target's failure first: it is the one the user can act on before the source's.
     let target_changes = target_changes?;
     let (window, (source_changes, source_summarized), replay) = source_part?;
-    if let Some(w) = window
-        && replay.is_none()
-    {
-        progress.info(&format!(
-            "copying inside a backup window of the source starting at {} on timeline {}",
-            w.start, w.tli
-        ));
+    if replay.is_none() {
+        say_window(window, progress);
     }
     plan_with(
         opts,
@@ -257,6 +248,30 @@ pub(crate) fn plan(
         },
     )
     .map(|h| Planned::Plan(Box::new(h)))
+}
+
+/// A backup window of the source's own (`None` for a shut-down source), and the source's
+/// changes up to its start.
+fn own_window(
+    mode: Mode,
+    resync: bool,
+    source: &mut dyn Source,
+    divergence: Lsn,
+) -> Result<(Option<WindowStart>, (Found, u64)), RewindError> {
+    let window = source
+        .open_window(WINDOW_LABEL)
+        .doing("could not open a backup window on the running source")?;
+    let changes = source_side(mode, resync, source, divergence, window)?;
+    Ok((window, changes))
+}
+
+fn say_window(window: Option<WindowStart>, progress: &mut dyn Progress) {
+    if let Some(w) = window {
+        progress.info(&format!(
+            "copying inside a backup window of the source starting at {} on timeline {}",
+            w.start, w.tli
+        ));
+    }
 }
 
 /// A window opened at the last common checkpoint: the rewound node replays the source's WAL
@@ -419,35 +434,26 @@ fn plan_with(
         .list_files()
         .doing("could not list the source's files")?;
     // Replay from the last common checkpoint needs all the source's WAL since the divergence.
-    if let Some(replay) = r.replay {
-        let (first, last) = wal_segments(r.divergence, replay.flushed, seg);
-        let missing = (first..=last)
-            .map(|segno| segment_file_name(r.source_history, segno, seg))
-            .find(|name| {
-                let path = format!("pg_wal/{name}");
-                !source_files.iter().any(|f| f.path == path)
-            });
-        if let Some(name) = missing {
-            progress.info(&format!(
-                "the source no longer has WAL segment {name}, which replay from the last common \
-                 checkpoint needs: its changes are found another way"
-            ));
-            r.window = source
-                .open_window(WINDOW_LABEL)
-                .doing("could not open a backup window on the running source")?;
-            (r.source_changes, r.source_summarized) =
-                source_side(opts.mode, r.resync, source, r.divergence, r.window)?;
-            r.replay = None;
-            if let Some(w) = r.window {
-                progress.info(&format!(
-                    "copying inside a backup window of the source starting at {} on timeline {}",
-                    w.start, w.tli
-                ));
-            }
-            source_files = source
-                .list_files()
-                .doing("could not list the source's files")?;
-        }
+    if let Some(replay) = r.replay
+        && let Some(name) = first_missing_segment(
+            &source_files,
+            r.source_history,
+            wal_segments(r.divergence, replay.flushed, seg),
+            seg,
+        )
+    {
+        progress.info(&format!(
+            "the source no longer has WAL segment {name}, which replay from the last common \
+             checkpoint needs: its changes are found another way"
+        ));
+        let (window, (changes, summarized)) =
+            own_window(opts.mode, r.resync, source, r.divergence)?;
+        (r.window, r.source_changes, r.source_summarized, r.replay) =
+            (window, changes, summarized, None);
+        say_window(window, progress);
+        source_files = source
+            .list_files()
+            .doing("could not list the source's files")?;
     }
     progress.phase("reading target file list");
     let target_files =
@@ -463,30 +469,31 @@ fn plan_with(
     let replay_wal = match r.window {
         // From the last common checkpoint: the source's complete segments since the divergence
         // are copied with the rest (the one being written, and later ones, at the commit).
-        Some(_) => r.replay.and_then(|replay| {
-            let first = r.divergence.segment_number(seg);
-            let complete = replay.flushed.segment_number(seg);
-            report.replay = Some(ReplayReport {
-                from: replay.checkpoint.redo.to_string(),
-                to: replay.flushed.to_string(),
-                bytes: complete.saturating_sub(first) * u64::from(seg),
-            });
-            (complete > first).then(|| (first, complete - 1))
-        }),
+        Some(_) => match r.replay {
+            None => None,
+            Some(replay) => {
+                let first = r.divergence.segment_number(seg);
+                let complete = replay.flushed.segment_number(seg);
+                report.replay = Some(ReplayReport {
+                    from: replay.checkpoint.redo.to_string(),
+                    to: replay.flushed.to_string(),
+                    bytes: complete.saturating_sub(first) * u64::from(seg),
+                });
+                (complete > first).then(|| (first, complete - 1))
+            }
+        },
         None => {
             let (from, to) = shut_down_replay(&checked.source_control);
             let (first, last) = wal_segments(from, to, seg);
-            for segno in first..=last {
-                let name = segment_file_name(r.source_history, segno, seg);
-                let path = format!("pg_wal/{name}");
-                if !source_files.iter().any(|f| f.path == path) {
-                    return Err(RewindError::refused(format!(
-                        "the source lacks WAL segment {name}, which the rewound node must replay \
-                         (from {from} to {to}) to become consistent; restore it into the \
-                         source's pg_wal from its archive, or start the source so that it is \
-                         copied inside a backup window"
-                    )));
-                }
+            if let Some(name) =
+                first_missing_segment(&source_files, r.source_history, (first, last), seg)
+            {
+                return Err(RewindError::refused(format!(
+                    "the source lacks WAL segment {name}, which the rewound node must replay \
+                     (from {from} to {to}) to become consistent; restore it into the \
+                     source's pg_wal from its archive, or start the source so that it is \
+                     copied inside a backup window"
+                )));
             }
             // Where pg_rewind says it rewinds from the last common checkpoint: failback's
             // rewound node replays from the source's own checkpoint instead, only the WAL the
@@ -580,6 +587,22 @@ fn plan_with(
         show_plan(&header.plan, progress);
     }
     Ok(header)
+}
+
+/// The name of the first of the source's WAL segments `first..=last` (along `history`) that
+/// its file list lacks.
+fn first_missing_segment(
+    source_files: &[FileEntry],
+    history: &TimeLineHistory,
+    (first, last): (XLogSegNo, XLogSegNo),
+    seg_size: u32,
+) -> Option<String> {
+    (first..=last)
+        .map(|segno| segment_file_name(history, segno, seg_size))
+        .find(|name| {
+            let path = format!("pg_wal/{name}");
+            !source_files.iter().any(|f| f.path == path)
+        })
 }
 
 /// `--debug`: a line per file and its blocks.

@@ -133,8 +133,6 @@ fn transient(e: &PqError) -> bool {
 }
 
 impl Connector {
-    /// A new connection within `timeout`, its session set up; `read_only` unless it is to hold
-    /// a backup window.
     /// `n` more read-only connections, opened at once: each costs the link several round trips
     /// (the startup, the authentication, the session's settings), which one after another
     /// would add up to seconds across a continent.
@@ -159,6 +157,8 @@ impl Connector {
             .collect()
     }
 
+    /// A new connection within `timeout`, its session set up; `read_only` unless it is to hold
+    /// a backup window.
     fn connect(&self, timeout: Duration, read_only: bool) -> Result<Conn, PqError> {
         let mut conn = Conn::connect(&self.conninfo, APPLICATION, timeout, Some(timeout))?;
         let major = conn.server_major();
