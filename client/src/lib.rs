@@ -11,6 +11,7 @@
 //! - [`inspect`], [`progress`], [`pgbin`], [`fsutil`], [`fault`]: what the CLI shows, how
 //!   progress reaches a terminal, the target's own `postgres`, durable file operations and the
 //!   crash tests' fault hook.
+pub mod cli;
 pub mod copy;
 pub mod error;
 pub mod fault;

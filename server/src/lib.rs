@@ -9,6 +9,7 @@
 //! links by `failback-transport` ([`failback_transport::tune`]).
 
 pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod live;
 pub mod quic;
