@@ -74,6 +74,9 @@ pub struct ClusterOptions {
     /// `initdb -g`: the data directory and its files readable by the owner's group (modes
     /// 0750/0640 instead of 0700/0600).
     pub group_access: bool,
+    /// Run the server inside this network namespace ([`crate::netns`]), listening on this
+    /// address there as well as on its loopback; its Unix socket is reached from anywhere.
+    pub netns: Option<crate::netns::Host>,
 }
 
 impl ClusterOptions {
@@ -94,6 +97,12 @@ impl ClusterOptions {
 
     pub fn group_access(mut self) -> Self {
         self.group_access = true;
+        self
+    }
+
+    /// Runs the server on `host` (see [`ClusterOptions::netns`]).
+    pub fn netns(mut self, host: &crate::netns::Host) -> Self {
+        self.netns = Some(host.clone());
         self
     }
 
@@ -298,9 +307,19 @@ impl Cluster {
 
     pub fn conninfo_db(&self, db: &str) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            "host={} port={} user=postgres dbname={db}",
+            self.host(),
             self.port()
         )
+    }
+
+    /// Where the test bed reaches the server: 127.0.0.1, or, when it runs in a network
+    /// namespace of its own (whose loopback is not this one), its Unix socket directory.
+    pub fn host(&self) -> String {
+        match &self.options.netns {
+            Some(_) => self.socket_dir().display().to_string(),
+            None => "127.0.0.1".into(),
+        }
     }
 
     /// The last `lines` lines of the server log.
@@ -406,7 +425,13 @@ impl Cluster {
             cmd.arg("-c").arg(format!("{k}={v}"));
         };
         set("port", self.port().to_string());
-        set("listen_addresses", "127.0.0.1".into());
+        set(
+            "listen_addresses",
+            match &self.options.netns {
+                Some(host) => format!("127.0.0.1,{}", host.addr),
+                None => "127.0.0.1".into(),
+            },
+        );
         set(
             "unix_socket_directories",
             self.socket_dir().display().to_string(),
@@ -424,7 +449,11 @@ impl Cluster {
             None => set("archive_mode", "off".into()),
         }
         cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
-        let child = cmd.spawn().unwrap_or_else(|e| {
+        let child = match &self.options.netns {
+            Some(host) => crate::netns::spawn_in(&host.netns, &mut cmd),
+            None => cmd.spawn(),
+        };
+        let child = child.unwrap_or_else(|e| {
             panic!(
                 "could not start {} for '{}': {e}",
                 self.bins.postgres().display(),
@@ -604,7 +633,8 @@ impl Cluster {
             .arg(standby.data_dir())
             .args(["-R", "-X", "stream", "-c", "fast", "-N", "-d"])
             .arg(format!(
-                "host=127.0.0.1 port={} user=postgres application_name={}",
+                "host={} port={} user=postgres application_name={}",
+                self.host(),
                 self.port(),
                 standby.name
             ));
@@ -617,6 +647,17 @@ impl Cluster {
             ));
         }
         run_ok(&mut cmd, Duration::from_secs(600));
+    }
+
+    /// Moves this stopped cluster's server into network namespace `host` (or back out, `None`)
+    /// for its next start: a deployment across two hosts ([`crate::netns`]).
+    pub fn set_netns(&mut self, host: Option<&crate::netns::Host>) {
+        assert!(
+            !self.is_running(),
+            "cluster '{}' must be stopped to move it to another network namespace",
+            self.name
+        );
+        self.options.netns = host.cloned();
     }
 
     /// Makes this stopped cluster a standby of `primary`: writes `standby.signal` and sets
@@ -637,7 +678,8 @@ impl Cluster {
             .map(|l| format!("{l}\n"))
             .collect();
         text.push_str(&format!(
-            "primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name={}'\n",
+            "primary_conninfo = 'host={} port={} user=postgres application_name={}'\n",
+            primary.host(),
             primary.port(),
             self.name
         ));
@@ -775,7 +817,7 @@ impl Cluster {
 
     pub fn try_connect(&self, db: &str) -> Result<Client, postgres::Error> {
         postgres::Config::new()
-            .host("127.0.0.1")
+            .host(&self.host())
             .port(self.port())
             .user("postgres")
             .dbname(db)
@@ -894,7 +936,7 @@ impl Cluster {
         user::clean_env(&mut cmd);
         cmd.args([
             "-h",
-            "127.0.0.1",
+            &self.host(),
             "-p",
             &self.port().to_string(),
             "-U",
@@ -917,7 +959,7 @@ impl Cluster {
             "-v",
             "ON_ERROR_STOP=1",
             "-h",
-            "127.0.0.1",
+            &self.host(),
         ])
         .args([
             "-p",

@@ -40,6 +40,7 @@ pub mod binaries;
 pub mod cluster;
 pub mod failbackd;
 pub mod fingerprint;
+pub mod netns;
 pub mod orchestrator;
 pub mod port;
 pub mod programs;
