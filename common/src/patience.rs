@@ -107,6 +107,12 @@ impl Stall {
         Next::RetryAfter(delay.min(left))
     }
 
+    /// The stall ridden out when progress comes at `now`: how long the work had gone without
+    /// any, if an attempt failed meanwhile (`None` when none did: no stall, just work).
+    pub fn ridden_out(&self, now: Instant) -> Option<Duration> {
+        (self.failures > 0).then(|| now.saturating_duration_since(self.last_progress))
+    }
+
     pub fn patience(&self) -> Patience {
         self.patience
     }
@@ -164,8 +170,10 @@ mod tests {
         let mut st = Stall::new(Patience { timeout: S(10) }, t0);
         assert_eq!(st.failed(t0 + S(9)), Next::RetryAfter(MS(250)));
         assert_eq!(st.failed(t0 + S(9)), Next::RetryAfter(MS(500)));
+        assert_eq!(st.ridden_out(t0 + S(9)), Some(S(9)));
         st.progress(t0 + S(9));
         assert_eq!(st.failures(), 0);
+        assert_eq!(st.ridden_out(t0 + S(10)), None);
         assert_eq!(st.budget(t0 + S(12)), S(7));
         assert_eq!(st.failed(t0 + S(12)), Next::RetryAfter(MS(250)));
         assert_eq!(

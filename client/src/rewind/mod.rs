@@ -44,7 +44,7 @@ use crate::copy::{self, CopyStats};
 use crate::error::{Doing, RewindError};
 use crate::fsutil::SyncMethod;
 use crate::progress::Progress;
-use crate::source::Source;
+use crate::source::{RetryCounts, RetryLog, Source};
 use crate::target::Target;
 
 pub use crate::error::{Kind, exit};
@@ -141,6 +141,8 @@ pub struct RewindReport {
     pub seconds: PhaseTimes,
     /// The run finished a rewind an earlier run had started (its journal was found).
     pub resumed: bool,
+    /// What the source retried during the run: how flaky it was.
+    pub retries: RetryCounts,
 }
 
 impl RewindReport {
@@ -183,7 +185,23 @@ pub fn rewind(
         ..Default::default()
     };
     let t0 = Instant::now();
-    run(opts, source, progress, &mut report, t0).map_err(|e| {
+    let log = source.retries();
+    let mut watched = Watched {
+        inner: progress,
+        log: log.clone(),
+        seen: 0,
+    };
+    let done = run(opts, source, &mut watched, &mut report, t0);
+    watched.catch_up();
+    let retries = log.snapshot();
+    if let Some(line) = retries.summary() {
+        progress.info(&format!("the source needed {line}"));
+    }
+    done.map(|mut outcome| {
+        outcome.report.retries = retries;
+        outcome
+    })
+    .map_err(|e| {
         // Once the journal exists, the target is marked: PostgreSQL will not start on it, and
         // only a run that finishes the rewind makes it usable. Say so, whatever stopped it.
         match Target::unfinished(&opts.target) {
@@ -196,6 +214,52 @@ pub fn rewind(
             _ => e,
         }
     })
+}
+
+/// The caller's progress, told of the source's retries as they are counted: the source retries
+/// on threads of its own, and every call the engine makes on its progress (each piece copied)
+/// looks at the count first.
+struct Watched<'p> {
+    inner: &'p mut dyn Progress,
+    log: RetryLog,
+    seen: u64,
+}
+
+impl Watched<'_> {
+    fn catch_up(&mut self) {
+        let total = self.log.total();
+        if total != self.seen {
+            self.seen = total;
+            let cause = self.log.snapshot().last.map_or("", |c| c.words());
+            self.inner.retried(total, cause);
+        }
+    }
+}
+
+impl Progress for Watched<'_> {
+    fn phase(&mut self, name: &str) {
+        self.catch_up();
+        self.inner.phase(name);
+    }
+    fn total(&mut self, bytes: u64) {
+        self.inner.total(bytes);
+        self.catch_up();
+    }
+    fn advance(&mut self, bytes: u64) {
+        self.catch_up();
+        self.inner.advance(bytes);
+    }
+    fn info(&mut self, line: &str) {
+        self.catch_up();
+        self.inner.info(line);
+    }
+    fn debug(&mut self, line: &str) {
+        self.catch_up();
+        self.inner.debug(line);
+    }
+    fn retried(&mut self, total: u64, cause: &str) {
+        self.inner.retried(total, cause);
+    }
 }
 
 fn run(

@@ -20,6 +20,7 @@ pub mod remote;
 
 use failback_common::chunkdiff::ChunkHash;
 use failback_common::filemap::FileEntry;
+pub use failback_common::retries::{RetryCause, RetryCounts, RetryOp};
 use failback_common::{Lsn, TimeLineId};
 use failback_datadir::wal::CheckpointAt;
 
@@ -150,6 +151,13 @@ pub enum SourceError {
     Timeout(String),
     #[error("source transport error: {0}")]
     Transport(String),
+    /// The connection broke under a call (reset, closed, a reply stream cut short).
+    #[error("source connection lost: {0}")]
+    Lost(String),
+    /// The source could not be reached, or said it cannot serve now (refusing connections,
+    /// shutting down, restarting).
+    #[error("source unavailable: {0}")]
+    Unavailable(String),
     /// failbackd answered against the protocol (a chunk nobody asked for, data that failed its
     /// hash twice): asking again would not help.
     #[error("source broke the protocol: {0}")]
@@ -180,10 +188,54 @@ pub enum SourceError {
 impl SourceError {
     /// Whether trying again can help (a stalled or broken link can heal; a refusal will not).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            SourceError::Timeout(_) | SourceError::Transport(_) | SourceError::Stalled { .. }
-        )
+        self.retry_cause().is_some()
+    }
+
+    /// Why a retry of what failed this way is made, for the retry counts; `None` when it is
+    /// not retried. A stall reports its last failure's cause.
+    pub fn retry_cause(&self) -> Option<RetryCause> {
+        match self {
+            SourceError::Timeout(_) => Some(RetryCause::Timeout),
+            SourceError::Transport(_) => Some(RetryCause::Transport),
+            SourceError::Lost(_) => Some(RetryCause::ConnectionLost),
+            SourceError::Unavailable(_) => Some(RetryCause::Unavailable),
+            SourceError::Stalled { last, .. } => {
+                Some(last.retry_cause().unwrap_or(RetryCause::Transport))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A source's retries so far ([`RetryCounts`]), shared by the threads and tasks that retry and
+/// whoever reports them: the engine reads it while a fetch is running.
+#[derive(Clone, Debug, Default)]
+pub struct RetryLog(std::sync::Arc<std::sync::Mutex<RetryCounts>>);
+
+impl RetryLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RetryCounts> {
+        // Counting never panics half-way; a poisoned lock still holds whole counts.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One more retry, for `cause`, while doing `op`.
+    pub fn retried(&self, cause: RetryCause, op: RetryOp) {
+        self.lock().retried(cause, op);
+    }
+
+    /// A call or batch went on after `stalled` without progress.
+    pub fn recovered(&self, stalled: std::time::Duration) {
+        self.lock().recovered(stalled);
+    }
+
+    /// The counts now.
+    pub fn snapshot(&self) -> RetryCounts {
+        self.lock().clone()
+    }
+
+    /// The number of retries now (cheaper than a snapshot).
+    pub fn total(&self) -> u64 {
+        self.lock().total
     }
 }
 
@@ -212,6 +264,12 @@ pub trait Source {
     /// report; `None` where nothing is compressed.
     fn compression(&self) -> Option<String> {
         None
+    }
+
+    /// The retries this source rode out so far, kept as they happen (a source that never
+    /// retries keeps none).
+    fn retries(&self) -> RetryLog {
+        RetryLog::default()
     }
 
     /// For a live source, the server's current end of WAL (insert position on a primary,
@@ -333,6 +391,9 @@ impl<S: Source + ?Sized> Source for Box<S> {
     fn compression(&self) -> Option<String> {
         (**self).compression()
     }
+    fn retries(&self) -> RetryLog {
+        (**self).retries()
+    }
     fn end_of_wal(&mut self) -> Result<Option<SourceEnd>, SourceError> {
         (**self).end_of_wal()
     }
@@ -369,5 +430,62 @@ impl<S: Source + ?Sized> Source for Box<S> {
     }
     fn open_window_at(&mut self, from: CheckpointAt) -> Result<(WindowStart, Lsn), SourceError> {
         (**self).open_window_at(from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_can_heal_is_retried_for_its_cause() {
+        let cause = |e: SourceError| (e.is_retryable(), e.retry_cause());
+        assert_eq!(
+            cause(SourceError::Lost("x".into())),
+            (true, Some(RetryCause::ConnectionLost))
+        );
+        assert_eq!(
+            cause(SourceError::Unavailable("x".into())),
+            (true, Some(RetryCause::Unavailable))
+        );
+        assert_eq!(
+            cause(SourceError::Timeout("x".into())),
+            (true, Some(RetryCause::Timeout))
+        );
+        assert_eq!(
+            cause(SourceError::Transport("x".into())),
+            (true, Some(RetryCause::Transport))
+        );
+        assert_eq!(
+            cause(SourceError::Stalled {
+                stalled: std::time::Duration::from_secs(9),
+                attempts: 4,
+                timeout: std::time::Duration::from_secs(8),
+                last: Box::new(SourceError::Unavailable("x".into())),
+            }),
+            (true, Some(RetryCause::Unavailable))
+        );
+        assert_eq!(cause(SourceError::Protocol("x".into())), (false, None));
+        assert_eq!(
+            cause(SourceError::Refused {
+                what: "x".into(),
+                reason: "y".into()
+            }),
+            (false, None)
+        );
+    }
+
+    #[test]
+    fn a_log_is_shared_by_its_clones() {
+        let log = RetryLog::default();
+        let other = log.clone();
+        other.retried(RetryCause::Checksum, RetryOp::Fetch);
+        other.recovered(std::time::Duration::from_millis(20));
+        assert_eq!(log.total(), 1);
+        assert_eq!(log.snapshot().count(RetryCause::Checksum), 1);
+        assert_eq!(
+            log.snapshot().longest_stall,
+            std::time::Duration::from_millis(20)
+        );
     }
 }

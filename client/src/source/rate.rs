@@ -47,6 +47,10 @@ impl<S: Source> Source for RateLimited<S> {
         self.inner.compression()
     }
 
+    fn retries(&self) -> super::RetryLog {
+        self.inner.retries()
+    }
+
     fn control_file(&mut self) -> Result<Vec<u8>, SourceError> {
         self.inner.control_file()
     }

@@ -35,8 +35,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tonic::{Code, Status};
 
 use super::{
-    ChangesAnswer, Fetch, FetchRange, Fetched, Source, SourceEnd, SourceError, WindowEnd,
-    WindowStart,
+    ChangesAnswer, Fetch, FetchRange, Fetched, RetryCause, RetryLog, RetryOp, Source, SourceEnd,
+    SourceError, WindowEnd, WindowStart,
 };
 
 /// Bytes per ReadRanges request: large enough to stream, small enough to spread over jobs.
@@ -83,11 +83,12 @@ pub type Held = Box<dyn std::any::Any + Send>;
 /// Where a source's notes on retried failures go.
 pub type Notice = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// How a call or batch waits for a stalled source, and whom it tells.
+/// How a call or batch waits for a stalled source, whom it tells, and where it counts.
 #[derive(Clone)]
 pub(crate) struct Retry {
     patience: Patience,
     notice: Option<Notice>,
+    log: RetryLog,
 }
 
 impl RemoteOptions {
@@ -242,6 +243,65 @@ pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     failback_common::errors::one_line(e)
 }
 
+/// Why a call failed with `s`, as far as a retry is concerned: the I/O error under it when
+/// there is one (tonic keeps it as the status's source), else the words of the status
+/// (QUIC's and failbackd's own statuses carry no source), else its code.
+pub(crate) fn status_cause(s: &Status) -> RetryCause {
+    use std::io::ErrorKind as K;
+    if s.code() == Code::DeadlineExceeded {
+        return RetryCause::Timeout;
+    }
+    let mut under: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = under {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                K::ConnectionRefused
+                | K::NotConnected
+                | K::AddrNotAvailable
+                | K::HostUnreachable
+                | K::NetworkUnreachable => return RetryCause::Unavailable,
+                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
+                    return RetryCause::ConnectionLost;
+                }
+                K::TimedOut => return RetryCause::Timeout,
+                _ => {}
+            }
+        }
+        under = e.source();
+    }
+    let words = format!("{s}").to_lowercase();
+    let says = |any: &[&str]| any.iter().any(|w| words.contains(w));
+    if says(&["timed out", "timeout", "deadline"]) {
+        RetryCause::Timeout
+    } else if says(&[
+        "shutting down",
+        "connection refused",
+        "could not connect",
+        "tcp connect error",
+        "dns error",
+    ]) {
+        RetryCause::Unavailable
+    } else if says(&[
+        "reset",
+        "broken pipe",
+        "connection lost",
+        "connection closed",
+        "closed by peer",
+        "aborted by peer",
+        "go away",
+        "goaway",
+        "error reading a body",
+    ]) {
+        RetryCause::ConnectionLost
+    } else if s.code() == Code::Unavailable {
+        RetryCause::Unavailable
+    } else if matches!(s.code(), Code::Cancelled | Code::Aborted) {
+        RetryCause::ConnectionLost
+    } else {
+        RetryCause::Transport
+    }
+}
+
 pub(crate) fn status_err(what: &str, s: Status) -> SourceError {
     let reason = format!("{} ({:?})", s.message(), s.code());
     match s.code() {
@@ -255,8 +315,15 @@ pub(crate) fn status_err(what: &str, s: Status) -> SourceError {
             what: what.to_string(),
             reason,
         },
-        Code::DeadlineExceeded => SourceError::Timeout(format!("{what}: {reason}")),
-        _ => SourceError::Transport(format!("{what}: {reason}")),
+        _ => {
+            let reason = format!("{what}: {reason}");
+            match status_cause(&s) {
+                RetryCause::Timeout => SourceError::Timeout(reason),
+                RetryCause::ConnectionLost => SourceError::Lost(reason),
+                RetryCause::Unavailable => SourceError::Unavailable(reason),
+                RetryCause::Transport | RetryCause::Checksum => SourceError::Transport(reason),
+            }
+        }
     }
 }
 
@@ -270,6 +337,7 @@ async fn patiently<T: Transport, R, F, Fut>(
     transport: &T,
     retry: &Retry,
     what: &str,
+    op: RetryOp,
     mut call: F,
 ) -> Result<R, SourceError>
 where
@@ -281,14 +349,19 @@ where
         let generation = transport.generation();
         let budget = stall.budget(Instant::now());
         let err = match tokio::time::timeout(budget, call(transport.clone())).await {
-            Ok(Ok(r)) => return Ok(r),
+            Ok(Ok(r)) => {
+                if let Some(stalled) = stall.ridden_out(Instant::now()) {
+                    retry.log.recovered(stalled);
+                }
+                return Ok(r);
+            }
             Ok(Err(s)) => status_err(what, s),
             Err(_) => SourceError::Timeout(format!(
                 "{what}: no answer in {:.1} s",
                 budget.as_secs_f64()
             )),
         };
-        wait_to_retry(transport, retry, &mut stall, generation, err).await?;
+        wait_to_retry(transport, retry, &mut stall, generation, err, op).await?;
     }
 }
 
@@ -300,12 +373,14 @@ async fn wait_to_retry<T: Transport>(
     stall: &mut Stall,
     generation: u64,
     err: SourceError,
+    op: RetryOp,
 ) -> Result<(), SourceError> {
-    if !err.is_retryable() {
+    let Some(cause) = err.retry_cause() else {
         return Err(err);
-    }
+    };
     match stall.failed(Instant::now()) {
         Next::RetryAfter(delay) => {
+            retry.log.retried(cause, op);
             if let Some(notice) = &retry.notice {
                 notice(&format!(
                     "{err}; trying again in {:.2} s on a new connection (attempt {})",
@@ -467,6 +542,7 @@ impl<T: Transport> RemoteSource<T> {
             retry: Retry {
                 patience: opts.patience,
                 notice: opts.notice,
+                log: RetryLog::default(),
             },
             max_chunk: hs.max_chunk,
             capabilities: hs.capabilities,
@@ -485,6 +561,79 @@ impl<T: Transport> RemoteSource<T> {
         Some(r)
     }
 
+    /// [`Source::fetch`], its retries counted under `op`.
+    fn fetch_as(
+        &mut self,
+        ranges: Vec<FetchRange>,
+        op: RetryOp,
+    ) -> Result<Box<dyn Fetch + '_>, SourceError> {
+        let total: u64 = ranges.iter().map(|r| r.length).sum();
+        let choice = self.compression.clone();
+        let probes = {
+            let c = choice.lock().unwrap_or_else(|p| p.into_inner());
+            c.wants_probes(total).then(|| c.probes())
+        };
+        let batches = batches(&ranges);
+        let probe_at = probe_batches(&batches);
+        let (tx, rx) = mpsc::channel::<Result<Piece, SourceError>>(self.jobs * 4);
+        let permits = Arc::new(Semaphore::new(self.jobs));
+        // With `--compress auto`'s probes, the first two requests go alone, one after the
+        // other, and the rest wait for both: how many have been answered.
+        let (probed_tx, probed_rx) = tokio::sync::watch::channel(0usize);
+        let probed_tx = Arc::new(probed_tx);
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, b) in batches.into_iter().enumerate() {
+            let transport = self.transports[i % self.transports.len()].clone();
+            let (tx, permits) = (tx.clone(), permits.clone());
+            let choice = choice.clone();
+            let (mut probed_rx, probed_tx) = (probed_rx.clone(), probed_tx.clone());
+            let limit = self.max_chunk;
+            let retry = self.retry.clone();
+            tasks.spawn_on(
+                async move {
+                    let nth = i.wrapping_sub(probe_at);
+                    let probe = probes.filter(|_| nth < 2).map(|p| p[nth]);
+                    let wait_for = if nth < 2 { nth } else { 2 };
+                    if probes.is_some() && probed_rx.wait_for(|&n| n >= wait_for).await.is_err() {
+                        return;
+                    }
+                    let Ok(_permit) = permits.acquire_owned().await else {
+                        return;
+                    };
+                    let used = probe.unwrap_or_else(|| {
+                        choice
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .next_request()
+                    });
+                    let t = Instant::now();
+                    let done =
+                        run_batch(transport, b, used.level(), limit, retry, op, tx.clone()).await;
+                    if probe.is_some() {
+                        let mut c = choice.lock().unwrap_or_else(|p| p.into_inner());
+                        match &done {
+                            Ok(delivered) => c.probed(used, *delivered, t.elapsed()),
+                            Err(_) => c.probe_failed(),
+                        }
+                        drop(c);
+                        // A failed probe lets the rest go too: its error ends the fetch.
+                        probed_tx.send_modify(|n| *n = if done.is_ok() { *n + 1 } else { 2 });
+                    }
+                    if let Err(e) = done {
+                        let _ = tx.send(Err(e)).await;
+                    }
+                },
+                self.rt.handle(),
+            );
+        }
+        Ok(Box::new(RemoteFetch {
+            rt: &self.rt,
+            rx,
+            tasks,
+            piece: None,
+        }))
+    }
+
     fn refuse_window(&self, reason: &str) -> SourceError {
         SourceError::Refused {
             what: format!("a backup window on {}", self.url),
@@ -496,14 +645,15 @@ impl<T: Transport> RemoteSource<T> {
         self.capabilities.iter().any(|c| c == capability)
     }
 
-    /// One call over the first connection, with the patience `--timeout` allows.
-    fn call<R, F, Fut>(&self, what: &str, call: F) -> Result<R, SourceError>
+    /// One call over the first connection, with the patience `--timeout` allows; its retries
+    /// are counted under `op`.
+    fn call<R, F, Fut>(&self, what: &str, op: RetryOp, call: F) -> Result<R, SourceError>
     where
         F: FnMut(T) -> Fut,
         Fut: Future<Output = Result<R, Status>>,
     {
         self.rt
-            .block_on(patiently(&self.transports[0], &self.retry, what, call))
+            .block_on(patiently(&self.transports[0], &self.retry, what, op, call))
     }
 }
 
@@ -610,6 +760,7 @@ async fn run_batch<T: Transport>(
     level: i32,
     limit: u64,
     retry: Retry,
+    op: RetryOp,
     tx: mpsc::Sender<Result<Piece, SourceError>>,
 ) -> Result<u64, SourceError> {
     let mut stall = Stall::new(retry.patience, Instant::now());
@@ -623,14 +774,19 @@ async fn run_batch<T: Transport>(
             &transport,
             &ranges,
             &mut at,
-            level,
-            limit,
+            (level, limit),
+            (&retry, op),
             &mut stall,
             &tx,
             &mut delivered,
         );
         let err = match streamed.await {
-            Ok(()) => return Ok(delivered),
+            Ok(()) => {
+                if let Some(stalled) = stall.ridden_out(Instant::now()) {
+                    retry.log.recovered(stalled);
+                }
+                return Ok(delivered);
+            }
             Err(e) => e,
         };
         ranges = at.rest(&ranges);
@@ -638,7 +794,7 @@ async fn run_batch<T: Transport>(
             // Everything arrived; only the end of the call was lost.
             return Ok(delivered);
         }
-        wait_to_retry(&transport, &retry, &mut stall, generation, err).await?;
+        wait_to_retry(&transport, &retry, &mut stall, generation, err, op).await?;
     }
 }
 
@@ -694,8 +850,8 @@ async fn stream_batch<T: Transport>(
     transport: &T,
     ranges: &[FetchRange],
     at: &mut Cursor,
-    level: i32,
-    limit: u64,
+    (level, limit): (i32, u64),
+    (retry, op): (&Retry, RetryOp),
     stall: &mut Stall,
     tx: &mpsc::Sender<Result<Piece, SourceError>>,
     delivered: &mut u64,
@@ -717,7 +873,11 @@ async fn stream_batch<T: Transport>(
         if received {
             // The clock runs from when the last chunk was handed over, not received: a writer
             // held back by --max-rate is not a stalled source.
-            stall.progress(Instant::now());
+            let now = Instant::now();
+            if let Some(stalled) = stall.ridden_out(now) {
+                retry.log.recovered(stalled);
+            }
+            stall.progress(now);
         }
         let (budget, what) = silent(stall);
         let Some(chunk) = tokio::time::timeout(budget, stream.next())
@@ -772,6 +932,7 @@ async fn stream_batch<T: Transport>(
         );
         if matches!(attempt, Err(WireError::HashMismatch { .. })) {
             // Damaged on the way (or on the server's disk between two reads): ask once more.
+            retry.log.retried(RetryCause::Checksum, op);
             attempt = refetch(transport, r, next, chunk.raw_length, level, limit, &mut buf).await;
         }
         attempt.map_err(|e| {
@@ -815,7 +976,7 @@ async fn stream_batch<T: Transport>(
     if let Some(r) = ranges.get(at.idx) {
         // A call that ends early lost its connection (a failbackd that restarted, a proxy that
         // cut it): ask again for the rest.
-        return Err(SourceError::Transport(format!(
+        return Err(SourceError::Lost(format!(
             "ReadRanges: the stream ended before {:?} at {}",
             r.path, at.next
         )));
@@ -910,10 +1071,9 @@ impl<T: Transport> Source for RemoteSource<T> {
     fn control_file(&mut self) -> Result<Vec<u8>, SourceError> {
         let r = match Early::take(&self.rt, &mut self.early.control) {
             Some(r) => r,
-            None => self.call(
-                "global/pg_control",
-                |t| async move { t.control_file().await },
-            )?,
+            None => self.call("global/pg_control", RetryOp::ControlFile, |t| async move {
+                t.control_file().await
+            })?,
         };
         Ok(r.data.to_vec())
     }
@@ -925,11 +1085,14 @@ impl<T: Transport> Source for RemoteSource<T> {
         }
         let mut out = Vec::new();
         let mut complete = true;
-        let mut fetch = self.fetch(vec![FetchRange {
-            path: path.to_string(),
-            offset: 0,
-            length: MAX_SMALL_FILE + 1,
-        }])?;
+        let mut fetch = self.fetch_as(
+            vec![FetchRange {
+                path: path.to_string(),
+                offset: 0,
+                length: MAX_SMALL_FILE + 1,
+            }],
+            RetryOp::ReadFile,
+        )?;
         while let Some(piece) = fetch.next()? {
             match piece {
                 Fetched::Data { data, .. } => out.extend_from_slice(data),
@@ -951,7 +1114,9 @@ impl<T: Transport> Source for RemoteSource<T> {
             .filter(|_| self.early.asked.elapsed() <= EARLY_LIST_MAX_AGE);
         let entries = match early {
             Some(r) => r,
-            None => self.call("the file list", |t| async move { t.list_files().await })?,
+            None => self.call("the file list", RetryOp::List, |t| async move {
+                t.list_files().await
+            })?,
         };
         entries
             .into_iter()
@@ -978,71 +1143,11 @@ impl<T: Transport> Source for RemoteSource<T> {
     }
 
     fn fetch(&mut self, ranges: Vec<FetchRange>) -> Result<Box<dyn Fetch + '_>, SourceError> {
-        let total: u64 = ranges.iter().map(|r| r.length).sum();
-        let choice = self.compression.clone();
-        let probes = {
-            let c = choice.lock().unwrap_or_else(|p| p.into_inner());
-            c.wants_probes(total).then(|| c.probes())
-        };
-        let batches = batches(&ranges);
-        let probe_at = probe_batches(&batches);
-        let (tx, rx) = mpsc::channel::<Result<Piece, SourceError>>(self.jobs * 4);
-        let permits = Arc::new(Semaphore::new(self.jobs));
-        // With `--compress auto`'s probes, the first two requests go alone, one after the
-        // other, and the rest wait for both: how many have been answered.
-        let (probed_tx, probed_rx) = tokio::sync::watch::channel(0usize);
-        let probed_tx = Arc::new(probed_tx);
-        let mut tasks = tokio::task::JoinSet::new();
-        for (i, b) in batches.into_iter().enumerate() {
-            let transport = self.transports[i % self.transports.len()].clone();
-            let (tx, permits) = (tx.clone(), permits.clone());
-            let choice = choice.clone();
-            let (mut probed_rx, probed_tx) = (probed_rx.clone(), probed_tx.clone());
-            let limit = self.max_chunk;
-            let retry = self.retry.clone();
-            tasks.spawn_on(
-                async move {
-                    let nth = i.wrapping_sub(probe_at);
-                    let probe = probes.filter(|_| nth < 2).map(|p| p[nth]);
-                    let wait_for = if nth < 2 { nth } else { 2 };
-                    if probes.is_some() && probed_rx.wait_for(|&n| n >= wait_for).await.is_err() {
-                        return;
-                    }
-                    let Ok(_permit) = permits.acquire_owned().await else {
-                        return;
-                    };
-                    let used = probe.unwrap_or_else(|| {
-                        choice
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .next_request()
-                    });
-                    let t = Instant::now();
-                    let done =
-                        run_batch(transport, b, used.level(), limit, retry, tx.clone()).await;
-                    if probe.is_some() {
-                        let mut c = choice.lock().unwrap_or_else(|p| p.into_inner());
-                        match &done {
-                            Ok(delivered) => c.probed(used, *delivered, t.elapsed()),
-                            Err(_) => c.probe_failed(),
-                        }
-                        drop(c);
-                        // A failed probe lets the rest go too: its error ends the fetch.
-                        probed_tx.send_modify(|n| *n = if done.is_ok() { *n + 1 } else { 2 });
-                    }
-                    if let Err(e) = done {
-                        let _ = tx.send(Err(e)).await;
-                    }
-                },
-                self.rt.handle(),
-            );
-        }
-        Ok(Box::new(RemoteFetch {
-            rt: &self.rt,
-            rx,
-            tasks,
-            piece: None,
-        }))
+        self.fetch_as(ranges, RetryOp::Fetch)
+    }
+
+    fn retries(&self) -> RetryLog {
+        self.retry.log.clone()
     }
 
     fn primary_conninfo(&self) -> Option<String> {
@@ -1070,9 +1175,11 @@ impl<T: Transport> Source for RemoteSource<T> {
         }
         let r = match Early::take(&self.rt, &mut self.early.end_of_wal) {
             Some(r) => r,
-            None => self.call("the source's end of WAL", |t| async move {
-                t.end_of_wal().await
-            })?,
+            None => self.call(
+                "the source's end of WAL",
+                RetryOp::EndOfWal,
+                |t| async move { t.end_of_wal().await },
+            )?,
         };
         Ok(Some(SourceEnd {
             lsn: failback_common::Lsn(r.lsn),
@@ -1085,6 +1192,7 @@ impl<T: Transport> Source for RemoteSource<T> {
             Some(r) => r,
             None => self.call(
                 "the source's timelines",
+                RetryOp::Timelines,
                 |t| async move { t.timelines().await },
             )?,
         };
@@ -1122,7 +1230,7 @@ impl<T: Transport> Source for RemoteSource<T> {
                 paths: batch.to_vec(),
                 chunk_size,
             };
-            let got = self.call("ChunkHashes", |t| {
+            let got = self.call("ChunkHashes", RetryOp::Hash, |t| {
                 let req = req.clone();
                 async move {
                     match t.chunk_hashes(req).await {
@@ -1222,7 +1330,7 @@ impl<T: Transport> Source for RemoteSource<T> {
         let req = pb::EndBackupWindowRequest { window_id: *id };
         // The window's call stays open (and the WAL written during it reserved) until the
         // source is dropped, after that WAL is fetched.
-        let r = self.call("EndBackupWindow", |t| async move {
+        let r = self.call("EndBackupWindow", RetryOp::Window, |t| async move {
             t.end_backup_window(req).await
         })?;
         Ok(WindowEnd {
@@ -1246,7 +1354,7 @@ impl<T: Transport> Source for RemoteSource<T> {
             since_lsn: since.0,
             until_lsn: until.map_or(0, |u| u.0),
         };
-        let replies = self.call("Changes", |t| {
+        let replies = self.call("Changes", RetryOp::Changes, |t| {
             async move {
                 match t.changes(req).await {
                     Ok(v) => Ok(Ok(v)),
@@ -1325,6 +1433,59 @@ fn changes_from_replies(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statuses_are_retried_for_what_they_say_of_the_link() {
+        // tonic keeps the I/O error under a transport status.
+        let io = |k: std::io::ErrorKind| {
+            let mut s = Status::unavailable("transport error");
+            s.set_source(Arc::new(std::io::Error::from(k)));
+            s
+        };
+        let c = |s: Status| status_cause(&s);
+        assert_eq!(
+            c(io(std::io::ErrorKind::ConnectionReset)),
+            RetryCause::ConnectionLost
+        );
+        let refused = io(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(c(refused), RetryCause::Unavailable);
+        assert_eq!(
+            c(Status::unavailable("failbackd is shutting down")),
+            RetryCause::Unavailable
+        );
+        assert_eq!(
+            c(Status::unavailable("QUIC: connection lost: reset by peer")),
+            RetryCause::ConnectionLost
+        );
+        assert_eq!(
+            c(Status::unavailable("QUIC: connection lost: timed out")),
+            RetryCause::Timeout
+        );
+        assert_eq!(c(Status::deadline_exceeded("")), RetryCause::Timeout);
+        assert_eq!(
+            c(Status::unknown(
+                "h2 protocol error: error reading a body from connection"
+            )),
+            RetryCause::ConnectionLost
+        );
+        assert_eq!(c(Status::internal("odd")), RetryCause::Transport);
+        // The error says the same.
+        assert!(matches!(
+            status_err(
+                "ReadRanges",
+                Status::unavailable("failbackd is shutting down")
+            ),
+            SourceError::Unavailable(_)
+        ));
+        assert!(matches!(
+            status_err("ReadRanges", Status::unknown("connection reset")),
+            SourceError::Lost(_)
+        ));
+        assert!(matches!(
+            status_err("ReadRanges", Status::not_found("x")),
+            SourceError::Refused { .. }
+        ));
+    }
 
     #[test]
     fn batches_group_ranges_whole_and_in_order() {

@@ -117,20 +117,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A failed query in the rewind's terms: a silent or lost server may answer on a new
 /// connection; a refusal will not change.
 pub(super) fn query_error(what: &str, e: PqError) -> SourceError {
-    match e {
-        PqError::Timeout(_) => SourceError::Timeout(format!("{what}: {e}")),
-        PqError::Lost(_) | PqError::Connect(_) => SourceError::Transport(format!("{what}: {e}")),
-        PqError::Query {
-            sqlstate: Some(ref s),
-            ..
-        } if s.starts_with("08") || s.starts_with("57P") => {
-            SourceError::Transport(format!("{what}: {e}"))
-        }
-        e => SourceError::Refused {
-            what: what.to_string(),
-            reason: e.to_string(),
-        },
-    }
+    super::healable(what, &e).unwrap_or_else(|| SourceError::Refused {
+        what: what.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// Each path's size now, `None` where it does not exist (or is not a regular file).

@@ -50,8 +50,8 @@ use failback_sql::libpq::{Conn, ConnOption, Format, PqError, Rows};
 
 use super::remote::Notice;
 use super::{
-    ChangesAnswer, Fetch, FetchRange, Fetched, Source, SourceEnd, SourceError, WindowEnd,
-    WindowStart,
+    ChangesAnswer, Fetch, FetchRange, Fetched, RetryLog, RetryOp, Source, SourceEnd, SourceError,
+    WindowEnd, WindowStart,
 };
 
 /// The largest piece one `pg_read_binary_file` call reads (pg_rewind's chunk size).
@@ -123,13 +123,33 @@ struct Connector {
     notice: Option<Notice>,
     /// The role, for the GRANT a refusal names.
     user: Arc<str>,
+    /// Every retry, shared by the connector's clones (one per fetch worker).
+    log: RetryLog,
 }
 
-/// A server error that a new connection may not meet: the server shutting down or restarting,
-/// a connection failure reported as an error (SQLSTATE classes 08 and 57P).
-fn transient(e: &PqError) -> bool {
-    matches!(e, PqError::Query { sqlstate: Some(s), .. }
-        if s.starts_with("08") || s.starts_with("57P"))
+/// A failure a new connection may not meet, in the rewind's terms, by what it says of the
+/// server: silent (a timeout), gone from under a query (the connection lost, or a connection
+/// failure the server reported, SQLSTATE class 08), or not serving now (no connection could be
+/// made; it is shutting down or restarting, class 57P). `None` for what will not heal.
+pub(super) fn healable(what: &str, e: &PqError) -> Option<SourceError> {
+    let sqlstate = match e {
+        PqError::Query {
+            sqlstate: Some(s), ..
+        } => s.as_str(),
+        _ => "",
+    };
+    Some(match e {
+        PqError::Timeout(_) => SourceError::Timeout(format!("{what}: {e}")),
+        PqError::Lost(_) => SourceError::Lost(format!("{what}: {e}")),
+        PqError::Connect(m) => SourceError::Unavailable(format!("{what}: {m}")),
+        PqError::Query { .. } if sqlstate.starts_with("08") => {
+            SourceError::Lost(format!("{what}: {e}"))
+        }
+        PqError::Query { .. } if sqlstate.starts_with("57P") => {
+            SourceError::Unavailable(format!("{what}: {e}"))
+        }
+        PqError::Query { .. } => return None,
+    })
 }
 
 impl Connector {
@@ -186,11 +206,10 @@ impl Connector {
 
     /// The error a failed query on `what` is, in the rewind's terms.
     fn error(&self, what: &str, e: PqError) -> SourceError {
+        if let Some(err) = healable(what, &e) {
+            return err;
+        }
         match e {
-            PqError::Timeout(_) => SourceError::Timeout(format!("{what}: {e}")),
-            PqError::Lost(_) => SourceError::Transport(format!("{what}: {e}")),
-            PqError::Connect(m) => SourceError::Transport(format!("{what}: {m}")),
-            ref q if transient(q) => SourceError::Transport(format!("{what}: {e}")),
             ref q if q.is_permission_denied() => SourceError::Refused {
                 what: what.to_string(),
                 reason: format!("{e}; {}", grant_hint(&self.user)),
@@ -209,9 +228,10 @@ impl Connector {
         &self,
         slot: &mut Option<Conn>,
         what: &str,
+        op: RetryOp,
         mut f: impl FnMut(&mut Conn) -> Result<R, PqError>,
     ) -> Result<R, SourceError> {
-        self.retrying(|budget| {
+        self.retrying(op, |budget| {
             let attempt = match slot.as_mut() {
                 Some(conn) => {
                     conn.set_timeout(Some(budget));
@@ -236,20 +256,30 @@ impl Connector {
 
     /// Runs `attempt` (given what is left of the timeout) until it succeeds, again after a
     /// back-off when it failed in a way that can heal, until nothing has progressed for the
-    /// whole timeout. The attempt drops the connections a failure broke.
+    /// whole timeout. The attempt drops the connections a failure broke. Retries are counted
+    /// under `op`.
     fn retrying<R>(
         &self,
+        op: RetryOp,
         mut attempt: impl FnMut(Duration) -> Result<R, SourceError>,
     ) -> Result<R, SourceError> {
         let mut stall = Stall::new(self.patience, Instant::now());
         loop {
-            let err = match attempt(stall.budget(Instant::now())) {
-                Ok(r) => return Ok(r),
-                Err(e) if !e.is_retryable() => return Err(e),
-                Err(e) => e,
+            let (err, cause) = match attempt(stall.budget(Instant::now())) {
+                Ok(r) => {
+                    if let Some(stalled) = stall.ridden_out(Instant::now()) {
+                        self.log.recovered(stalled);
+                    }
+                    return Ok(r);
+                }
+                Err(e) => match e.retry_cause() {
+                    Some(cause) => (e, cause),
+                    None => return Err(e),
+                },
             };
             match stall.failed(Instant::now()) {
                 Next::RetryAfter(delay) => {
+                    self.log.retried(cause, op);
                     if let Some(notice) = &self.notice {
                         notice(&format!(
                             "{err}; trying again in {:.2} s on a new connection (attempt {})",
@@ -324,6 +354,7 @@ pub fn connect(opts: LibpqOptions) -> Result<LibpqSource, SourceError> {
         patience: opts.patience,
         notice: opts.notice.clone(),
         user: "".into(),
+        log: RetryLog::default(),
     };
     let liveness = opts.patience.liveness().max(opts.patience.timeout);
     // The first connection is not retried: a wrong host, port or password will not heal, and
@@ -487,22 +518,25 @@ impl LibpqSource {
     fn ask<R>(
         &mut self,
         what: &str,
+        op: RetryOp,
         f: impl FnMut(&mut Conn) -> Result<R, PqError>,
     ) -> Result<R, SourceError> {
-        self.connector.patiently(&mut self.main, what, f)
+        self.connector.patiently(&mut self.main, what, op, f)
     }
 
     /// A SQL helper of failback-sql on the main connection, retried when it lost its
     /// connection.
     fn ask_live<R>(
         &mut self,
+        op: RetryOp,
         f: impl Fn(&mut Conn) -> Result<R, LiveError>,
     ) -> Result<R, SourceError> {
         let connector = self.connector.clone();
-        let answer = connector.patiently(&mut self.main, "the source server", |c| match f(c) {
-            Ok(r) => Ok(Ok(r)),
-            Err(e) => live_retry(e).map(Err),
-        })?;
+        let answer =
+            connector.patiently(&mut self.main, "the source server", op, |c| match f(c) {
+                Ok(r) => Ok(Ok(r)),
+                Err(e) => live_retry(e).map(Err),
+            })?;
         answer.map_err(|e| live_err(&self.connector, e))
     }
 
@@ -540,7 +574,7 @@ impl LibpqSource {
 
     fn end(&mut self) -> Result<failback_sql::EndOfWal, SourceError> {
         let tli = self.control_tli()?;
-        self.ask_live(|c| failback_sql::end_of_wal_or(c, tli))
+        self.ask_live(RetryOp::EndOfWal, |c| failback_sql::end_of_wal_or(c, tli))
     }
 
     /// A real backup on a connection of its own, when the role may.
@@ -638,7 +672,7 @@ impl Source for LibpqSource {
     }
 
     fn control_file(&mut self) -> Result<Vec<u8>, SourceError> {
-        let rows = self.ask("global/pg_control", |c| {
+        let rows = self.ask("global/pg_control", RetryOp::ControlFile, |c| {
             c.query(
                 "SELECT pg_catalog.pg_read_binary_file('global/pg_control', 0, 8192, true)",
                 &[],
@@ -664,7 +698,7 @@ impl Source for LibpqSource {
                 });
             }
             let (off, len) = (offset.to_string(), PIECE.to_string());
-            let rows = self.ask(path, |c| {
+            let rows = self.ask(path, RetryOp::ReadFile, |c| {
                 c.query(
                     "SELECT pg_catalog.pg_read_binary_file($1, $2::int8, $3::int8, true)",
                     &[path, off.as_str(), len.as_str()],
@@ -683,7 +717,9 @@ impl Source for LibpqSource {
     }
 
     fn list_files(&mut self) -> Result<Vec<FileEntry>, SourceError> {
-        let rows = self.ask("the file list", |c| c.query(LIST_FILES, &[], Format::Text))?;
+        let rows = self.ask("the file list", RetryOp::List, |c| {
+            c.query(LIST_FILES, &[], Format::Text)
+        })?;
         let mut out = Vec::with_capacity(rows.len());
         for i in 0..rows.len() {
             let (Some(path), Some(size)) = (rows.text(i, 0), rows.text(i, 1)) else {
@@ -729,6 +765,10 @@ impl Source for LibpqSource {
         true
     }
 
+    fn retries(&self) -> RetryLog {
+        self.connector.log.clone()
+    }
+
     fn end_of_wal(&mut self) -> Result<Option<SourceEnd>, SourceError> {
         let end = self.end()?;
         Ok(Some(SourceEnd {
@@ -753,7 +793,7 @@ impl Source for LibpqSource {
         let history = self.history(end.timeline)?;
         let connector = self.connector.clone();
         let main = &mut self.main;
-        connector.retrying(|budget| {
+        connector.retrying(RetryOp::Changes, |budget| {
             let conn = match main.as_mut() {
                 Some(c) => c,
                 None => main.insert(
@@ -783,7 +823,7 @@ impl Source for LibpqSource {
         let connector = self.connector.clone();
         let (pool, jobs) = (self.pool.clone(), self.jobs);
         let lock = || pool.lock().unwrap_or_else(|p| p.into_inner());
-        connector.retrying(|budget| {
+        connector.retrying(RetryOp::Hash, |budget| {
             let mut conns: Vec<Conn> = {
                 let mut idle = lock();
                 let keep = idle.len().saturating_sub(jobs);
@@ -818,7 +858,7 @@ impl Source for LibpqSource {
         if self.major < 17 {
             return Ok(true);
         }
-        let on = self.ask("the summarize_wal setting", |c| {
+        let on = self.ask("the summarize_wal setting", RetryOp::Other, |c| {
             c.query_one_text(
                 "SELECT pg_catalog.current_setting('summarize_wal', true)",
                 &[],
@@ -1028,7 +1068,7 @@ fn read_every_nth(
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        let answer = connector.patiently(&mut conn, "file data", |c| {
+        let answer = connector.patiently(&mut conn, "file data", RetryOp::Fetch, |c| {
             read_batch(c, ranges, &batches[b])
         });
         let failed = answer.is_err();
