@@ -14,6 +14,7 @@ pub mod patience;
 pub mod plan;
 pub mod ratelimit;
 pub mod recovery;
+pub mod retries;
 pub mod version;
 
 pub use lsn::{Lsn, TimeLineId, XLogSegNo};
