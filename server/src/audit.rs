@@ -15,6 +15,8 @@ use std::time::Instant;
 
 use failback_common::ratelimit::LineLimiter;
 
+use crate::metrics::{Metrics, Refusal};
+
 /// Lines written at once before the limit applies.
 pub const BURST: u64 = 20;
 /// Lines written a second, on average, under a flood.
@@ -66,6 +68,9 @@ pub struct Audit {
     origin: Instant,
     limiter: Mutex<LineLimiter>,
     sink: Box<dyn Fn(&str) + Send + Sync>,
+    /// Where each refusal is counted by its reason, whether or not its line is written: the
+    /// metrics of the server this log serves ([`Audit::count_into`]).
+    metrics: std::sync::RwLock<std::sync::Arc<Metrics>>,
 }
 
 impl fmt::Debug for Audit {
@@ -88,16 +93,33 @@ impl Audit {
             origin: Instant::now(),
             limiter: Mutex::new(LineLimiter::new(PER_SECOND, BURST, 0)),
             sink: Box::new(sink),
+            metrics: Default::default(),
         }
     }
 
-    /// `peer` was refused `what` (a call, a connection) because of `why`.
-    pub fn refused(&self, peer: &Peer, what: &str, why: &str) {
+    /// Counts refusals into `metrics` from now on. The servers call it with their
+    /// [`crate::Config::metrics`], so an audit log set up apart from them counts there too.
+    pub fn count_into(&self, metrics: std::sync::Arc<Metrics>) {
+        *self.metrics.write().unwrap_or_else(|p| p.into_inner()) = metrics;
+    }
+
+    /// The metrics refusals are counted into.
+    pub fn metrics(&self) -> std::sync::Arc<Metrics> {
+        self.metrics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// `peer` was refused `what` (a call, a connection) because of `why`, counted as `reason`.
+    pub fn refused(&self, peer: &Peer, what: &str, reason: Refusal, why: &str) {
+        self.metrics().refused(reason);
         self.line(format_args!("refused {what} from {peer}: {why}"));
     }
 
-    /// `peer`'s `what` was ended by failbackd because of `why`.
-    pub fn cut_off(&self, peer: &Peer, what: &str, why: &str) {
+    /// `peer`'s `what` was ended by failbackd because of `why`, counted as `reason`.
+    pub fn cut_off(&self, peer: &Peer, what: &str, reason: Refusal, why: &str) {
+        self.metrics().refused(reason);
         self.line(format_args!("ended {what} of {peer}: {why}"));
     }
 
@@ -162,10 +184,18 @@ mod tests {
         let audit = Audit::to(move |l| l2.lock().unwrap().push(l.to_string()));
         let peer = Peer::quic("192.0.2.7:4433".parse().unwrap(), 3);
         for _ in 0..1000 {
-            audit.refused(&peer, "ReadRanges", "missing or wrong bearer token");
+            audit.refused(
+                &peer,
+                "ReadRanges",
+                Refusal::Token,
+                "missing or wrong bearer token",
+            );
         }
         let lines = lines.lock().unwrap();
         assert_eq!(lines.len() as u64, BURST, "{lines:?}");
+        // Every refusal is counted, written or held back.
+        let counted = audit.metrics().snapshot().refusals[Refusal::Token as usize];
+        assert_eq!(counted, 1000);
         assert_eq!(
             lines[0],
             "refused ReadRanges from 192.0.2.7:4433 (QUIC connection 3): missing or wrong \
@@ -181,7 +211,7 @@ mod tests {
         let audit = Audit::to(move |l| l2.lock().unwrap().push(l.to_string()));
         let peer = Peer::tcp(Some("192.0.2.8:5000".parse().unwrap()));
         for _ in 0..BURST + 7 {
-            audit.cut_off(&peer, "its connection", "stopped reading");
+            audit.cut_off(&peer, "its connection", Refusal::Stalled, "stopped reading");
         }
         std::thread::sleep(std::time::Duration::from_millis(600));
         audit.flush();

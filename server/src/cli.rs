@@ -21,6 +21,11 @@ pub struct Args {
     /// Also serve QUIC on this UDP address, e.g. 0.0.0.0:7433 (needs --tls-cert/--tls-key).
     #[arg(long, value_name = "ADDR")]
     pub quic_listen: Option<SocketAddr>,
+    /// Serve metrics on this TCP address, e.g. 127.0.0.1:9187, over plain HTTP without a
+    /// token: GET /metrics (Prometheus text format), /ready (503 once shutting down) and
+    /// /health. Bind it where only the monitoring system reaches it.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// PEM CA certificate: only clients presenting a certificate signed by it are served, on
     /// both transports (needs --tls-cert/--tls-key).
     #[arg(long, value_name = "FILE")]

@@ -9,6 +9,7 @@
 //! tls_key = "/etc/failback/server.key"
 //! max_chunk = 1048576
 //! quic_listen = "0.0.0.0:7433"
+//! metrics_listen = "127.0.0.1:9187"
 //! client_ca = "/etc/failback/clients-ca.pem"
 //! window = 16777216
 //! quic_max_connections = 64
@@ -39,6 +40,7 @@ pub struct Settings {
     pub max_chunk: Option<u64>,
     pub pg_conn: Option<String>,
     pub quic_listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
     pub client_ca: Option<PathBuf>,
     pub window: Option<u32>,
     pub quic_max_connections: Option<usize>,
@@ -91,6 +93,7 @@ impl Settings {
             max_chunk: flags.max_chunk.or(self.max_chunk),
             pg_conn: flags.pg_conn.or(self.pg_conn),
             quic_listen: flags.quic_listen.or(self.quic_listen),
+            metrics_listen: flags.metrics_listen.or(self.metrics_listen),
             client_ca: flags.client_ca.or(self.client_ca),
             window: flags.window.or(self.window),
             quic_max_connections: flags.quic_max_connections.or(self.quic_max_connections),
@@ -123,6 +126,7 @@ mod tests {
             max_chunk = 65536
             pg_conn = "host=/tmp user=postgres"
             quic_listen = "127.0.0.1:7433"
+            metrics_listen = "127.0.0.1:9187"
             client_ca = "ca.pem"
             window = 1048576
             quic_max_connections = 8
@@ -142,6 +146,7 @@ mod tests {
         assert_eq!(s.max_chunk, Some(65536));
         assert_eq!(s.pg_conn.as_deref(), Some("host=/tmp user=postgres"));
         assert_eq!(s.quic_listen, Some("127.0.0.1:7433".parse().unwrap()));
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9187".parse().unwrap()));
         assert_eq!(s.client_ca, Some(PathBuf::from("ca.pem")));
         assert_eq!(s.window, Some(1 << 20));
         assert_eq!(s.quic_max_connections, Some(8));

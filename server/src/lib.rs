@@ -12,6 +12,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod live;
+pub mod metrics;
 pub mod quic;
 pub mod readers;
 pub mod service;
@@ -71,6 +72,8 @@ pub struct Config {
     /// How long a reply may wait for a client that reads nothing, while other requests wait
     /// for a reader slot, before its stream is ended ([`readers`]).
     pub stall_timeout: std::time::Duration,
+    /// What both transports count as they serve, exposed by [`metrics::serve_metrics`].
+    pub metrics: std::sync::Arc<metrics::Metrics>,
 }
 
 impl Config {
@@ -88,6 +91,7 @@ impl Config {
             wal_summaries: None,
             audit: Default::default(),
             stall_timeout: readers::DEFAULT_STALL_TIMEOUT,
+            metrics: Default::default(),
         }
     }
 }
@@ -148,7 +152,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     config.check()?;
-    let svc = FailbackService::for_config(&config);
+    let svc = metrics::Metered::new(FailbackService::for_config(&config), config.metrics.clone());
     // Requests are small (lists of ranges); a chunk is at most max_chunk plus framing.
     let svc = FailbackServer::new(svc)
         .max_decoding_message_size(MAX_REQUEST)
@@ -181,7 +185,10 @@ pub async fn serve(
         // Without TCP_NODELAY a reply's last small frame (the trailers after the message)
         // waits for the client's delayed ACK, 40 ms on Linux: every unary call cost that.
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            metrics::count_connections(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                config.metrics.clone(),
+            ),
             shutdown,
         )
         .await

@@ -43,6 +43,7 @@ async fn serve(a: Args) -> Result<()> {
         max_chunk: a.max_chunk,
         pg_conn: a.pg_conn,
         quic_listen: a.quic_listen,
+        metrics_listen: a.metrics_listen,
         client_ca: a.client_ca,
         window: a.window,
         quic_max_connections: a.quic_max_connections,
@@ -62,6 +63,13 @@ async fn serve(a: Args) -> Result<()> {
     let listen = s
         .listen
         .context("no address to listen on: give --listen, or listen in the --config file")?;
+    // Port 0 twice is two ports; the same port twice is a start-up that fails late.
+    anyhow::ensure!(
+        s.metrics_listen
+            .is_none_or(|m| m != listen || m.port() == 0),
+        "--metrics-listen {listen} is the address of --listen: give the metrics an address \
+         of their own"
+    );
     let mut config = failback_server::Config::new(&pgdata);
     config.max_chunk = s
         .max_chunk
@@ -174,6 +182,22 @@ async fn serve(a: Args) -> Result<()> {
             )))
         }
     };
+    if let Some(addr) = s.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("could not listen on {addr} for --metrics-listen"))?;
+        eprintln!(
+            "failbackd: metrics on http://{}/metrics",
+            listener.local_addr()?
+        );
+        tokio::spawn(failback_server::metrics::serve_metrics(
+            listener,
+            config.metrics.clone(),
+            shutdown(stop.subscribe()),
+        ));
+    }
+    // Every listener is bound: /ready says so until shutdown begins.
+    config.metrics.set_ready(true);
     let mut grpc = tokio::spawn(failback_server::serve(
         listener,
         config,

@@ -57,6 +57,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Status};
 
 use crate::audit::{Audit, Peer};
+use crate::metrics::{Metered, Metrics, Refusal, Transport};
 use crate::service::{FailbackService, TokenCheck};
 use crate::{Config, ServeError, lock};
 
@@ -153,7 +154,7 @@ pub async fn serve_quic(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     config.check()?;
-    let svc = FailbackService::for_config(&config);
+    let svc = Metered::new(FailbackService::for_config(&config), config.metrics.clone());
     serve_quic_with(socket, svc, &config, shutdown).await
 }
 
@@ -172,6 +173,7 @@ pub async fn serve_quic_with<S: Failback>(
         .map_err(|e| ServeError::QuicTls(e.to_string()))?;
     let limits = config.quic.clone();
     let _flush = crate::audit::flush_every_second(config.audit.clone());
+    config.audit.count_into(config.metrics.clone());
     let stream = stream_window(&limits, config.window);
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls));
     server.transport_config(Arc::new(server_transport_config(
@@ -198,6 +200,7 @@ pub async fn serve_quic_with<S: Failback>(
     let doors = Arc::new(Doors {
         token: TokenCheck::new(config.token.clone()),
         audit: config.audit.clone(),
+        metrics: config.metrics.clone(),
         slots: Arc::new(Semaphore::new(limits.max_connections)),
         admission: Mutex::default(),
         window: connection_window(stream),
@@ -225,7 +228,12 @@ pub async fn serve_quic_with<S: Failback>(
             match doors.slots.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
-                    doors.audit.refused(&early, A_CONNECTION, &doors.busy());
+                    doors.audit.refused(
+                        &early,
+                        A_CONNECTION,
+                        Refusal::ConnectionLimit,
+                        &doors.busy(),
+                    );
                     incoming.refuse();
                     continue;
                 }
@@ -279,6 +287,8 @@ struct Doors {
     token: TokenCheck,
     limits: QuicLimits,
     audit: Arc<Audit>,
+    /// Where connections and requests refused before they are read are counted.
+    metrics: Arc<Metrics>,
     /// One per authenticated connection.
     slots: Arc<Semaphore>,
     admission: Mutex<Admission>,
@@ -384,12 +394,14 @@ impl Doors {
                     quinn::VarInt::from_u32(CLOSE_GAVE_WAY),
                     b"failbackd: too many connections waiting to authenticate",
                 );
-                self.audit.cut_off(peer, A_CONNECTION, GAVE_WAY);
+                self.audit
+                    .cut_off(peer, A_CONNECTION, Refusal::GaveWay, GAVE_WAY);
             }
             Phase::Busy => {
                 let why = self.busy();
                 conn.close(quinn::VarInt::from_u32(CLOSE_BUSY), why.as_bytes());
-                self.audit.refused(peer, A_CONNECTION, &why);
+                self.audit
+                    .refused(peer, A_CONNECTION, Refusal::ConnectionLimit, &why);
             }
             Phase::Pending | Phase::Authenticated | Phase::Closed => {}
         }
@@ -447,7 +459,9 @@ async fn connection<S: Failback>(
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
-            doors.audit.refused(&early, A_CONNECTION, &e.to_string());
+            doors
+                .audit
+                .refused(&early, A_CONNECTION, Refusal::Handshake, &e.to_string());
             return;
         }
     };
@@ -457,25 +471,33 @@ async fn connection<S: Failback>(
     let handshake = tokio::select! {
         r = tokio::time::timeout(limit, connecting) => r,
         _ = phase.wait_for(|p| *p != Phase::Pending) => {
-            doors.audit.cut_off(&early, "a QUIC handshake", GAVE_WAY);
+            doors
+                .audit
+                .cut_off(&early, "a QUIC handshake", Refusal::GaveWay, GAVE_WAY);
             return;
         }
     };
     let conn = match handshake {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            doors
-                .audit
-                .refused(&early, A_CONNECTION, &format!("TLS handshake failed: {e}"));
+            doors.audit.refused(
+                &early,
+                A_CONNECTION,
+                Refusal::Handshake,
+                &format!("TLS handshake failed: {e}"),
+            );
             return;
         }
         Err(_) => {
             let why = format!("no TLS handshake within {} s", limit.as_secs_f64());
-            doors.audit.refused(&early, A_CONNECTION, &why);
+            doors
+                .audit
+                .refused(&early, A_CONNECTION, Refusal::HandshakeTimeout, &why);
             return;
         }
     };
     let peer = Peer::quic(conn.remote_address(), conn.stable_id());
+    let _connected = doors.metrics.connection(Transport::Quic);
     if !doors.token.required() {
         // Nothing to check beyond TLS (and its client certificate, if asked for).
         doors.authenticate(&gate, &conn, reserved);
@@ -514,7 +536,9 @@ async fn connection<S: Failback>(
                 );
                 let reason = format!("failbackd: {why}");
                 conn.close(quinn::VarInt::from_u32(CLOSE_NO_AUTH), reason.as_bytes());
-                doors.audit.cut_off(&peer, A_CONNECTION, &why);
+                doors
+                    .audit
+                    .cut_off(&peer, A_CONNECTION, Refusal::AuthTimeout, &why);
                 break;
             }
         }
@@ -553,9 +577,12 @@ async fn serve_stream<S: Failback>(
         Err(_) => {
             let why = format!("no complete request within {} s", REQUEST_TIMEOUT.as_secs());
             let _ = recv.stop(quinn::VarInt::from_u32(STOP_REFUSED));
-            doors.audit.cut_off(&peer, A_REQUEST, &why);
-            Err(Failure::Status(Status::deadline_exceeded(why)))
+            doors
+                .audit
+                .cut_off(&peer, A_REQUEST, Refusal::RequestTimeout, &why);
+            Err(unread(doors, Status::deadline_exceeded(why)))
         }
+        Ok(Err(Failure::Status(s))) => Err(unread(doors, s)),
         Ok(Err(f)) => Err(f),
         Ok(Ok(req)) => answer(svc, doors, peer, req, &mut send).await,
     };
@@ -568,17 +595,25 @@ async fn serve_stream<S: Failback>(
     let _ = send.stopped().await;
 }
 
-/// Refuses a request on its stream: the client is told to stop sending it, the audit log
-/// hears of it, and `status` is the answer.
+/// A request answered `s` before its call was read (or reached the service, which counts
+/// the others): counted with `kind="unknown"`.
+fn unread(doors: &Doors, s: Status) -> Failure {
+    doors.metrics.unread_request(Transport::Quic, s.code());
+    Failure::Status(s)
+}
+
+/// Refuses a request on its stream for `reason`: the client is told to stop sending it, the
+/// audit log hears of it, and `status` is the answer.
 fn refuse(
     doors: &Doors,
     peer: &Peer,
     recv: &mut quinn::RecvStream,
+    reason: Refusal,
     why: &str,
     status: Status,
 ) -> Failure {
     let _ = recv.stop(quinn::VarInt::from_u32(STOP_REFUSED));
-    doors.audit.refused(peer, A_REQUEST, why);
+    doors.audit.refused(peer, A_REQUEST, reason, why);
     Failure::Status(status)
 }
 
@@ -599,12 +634,19 @@ async fn read_request(
             Ok(h) => h,
             Err(why) => {
                 let why = format!("missing or wrong bearer token ({why})");
-                return Err(refuse(doors, peer, recv, &why, unauthenticated()));
+                return Err(refuse(
+                    doors,
+                    peer,
+                    recv,
+                    Refusal::Token,
+                    &why,
+                    unauthenticated(),
+                ));
             }
         };
         if let Err(s) = doors.token.check(Some(&token)) {
             let why = s.message().to_string();
-            return Err(refuse(doors, peer, recv, &why, s));
+            return Err(refuse(doors, peer, recv, Refusal::Token, &why, s));
         }
         if !doors.authenticate(gate, conn, None) {
             // Closed here, before this stream could end without an answer: the client's call
@@ -618,6 +660,7 @@ async fn read_request(
                 doors,
                 peer,
                 recv,
+                Refusal::OverLimit,
                 &why,
                 Status::resource_exhausted(&why),
             ));
@@ -631,7 +674,9 @@ async fn read_request(
         Ok(rest) => {
             head.extend_from_slice(&rest);
             decode_request(&head).map_err(|s| {
-                doors.audit.refused(peer, A_REQUEST, s.message());
+                doors
+                    .audit
+                    .refused(peer, A_REQUEST, Refusal::Malformed, s.message());
                 Failure::Status(s)
             })
         }
@@ -641,6 +686,7 @@ async fn read_request(
                 doors,
                 peer,
                 recv,
+                Refusal::OverLimit,
                 &why,
                 Status::resource_exhausted(&why),
             ))
@@ -772,12 +818,17 @@ async fn answer<S: Failback>(
         .token
         .check((!req.token.is_empty()).then_some(req.token.as_str()))
     {
-        doors.audit.refused(&peer, A_REQUEST, s.message());
-        return Err(s.into());
+        doors
+            .audit
+            .refused(&peer, A_REQUEST, Refusal::Token, s.message());
+        return Err(unread(doors, s));
     }
-    let call = req
-        .call
-        .ok_or_else(|| Status::invalid_argument("the request names no call"))?;
+    let Some(call) = req.call else {
+        return Err(unread(
+            doors,
+            Status::invalid_argument("the request names no call"),
+        ));
+    };
     let r = match call {
         Call::Handshake(r) => {
             Reply::Handshake(svc.handshake(with_peer(r, peer)).await?.into_inner())

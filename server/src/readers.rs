@@ -26,6 +26,7 @@ use tonic::Status;
 
 use crate::audit::{Audit, Peer};
 use crate::lock;
+use crate::metrics::Refusal;
 
 /// Streaming answers read at once, over all clients.
 pub const MAX_READERS: usize = 64;
@@ -183,6 +184,14 @@ impl<T> Outbox<T> {
         }
     }
 
+    /// Logs that this answer's request is refused for `reason` as it is read (a path found
+    /// outside the data directory), and gives the status it ends with.
+    pub fn refused(&self, reason: Refusal, s: Status) -> Status {
+        self.audit
+            .refused(&self.slots[0].peer, self.call, reason, s.message());
+        s
+    }
+
     /// Hands `item` to the transport, from a blocking thread.
     pub fn send(&self, item: Result<T, Status>) -> Sent {
         let stall_timeout = self.slots[0].readers.stall_timeout;
@@ -209,6 +218,7 @@ impl<T> Outbox<T> {
                 self.audit.cut_off(
                     &self.slots[0].peer,
                     self.call,
+                    Refusal::Stalled,
                     &format!(
                         "it read nothing for {} s while other requests waited for its slot",
                         stall_timeout.as_secs_f64()

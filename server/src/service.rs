@@ -33,6 +33,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::audit::{Audit, Peer};
+use crate::metrics::{Refusal, Transport};
 use crate::readers::{
     DEFAULT_STALL_TIMEOUT, MAX_READERS, MAX_READERS_PER_CONNECTION, MAX_WORKERS_PER_CONNECTION,
     Outbox, Readers, Sent, max_workers,
@@ -89,6 +90,9 @@ impl FailbackService {
     /// The service both transports serve for `config`: its data directory, chunk size and
     /// connection to the server running there.
     pub fn for_config(config: &crate::Config) -> Self {
+        // Refusals are counted where the log hears of them, into the metrics exposed.
+        config.audit.count_into(config.metrics.clone());
+        config.metrics.watch_summaries(config.wal_summaries.clone());
         FailbackService::new(DataDir::new(config.pgdata.clone()), config.max_chunk)
             .with_pg_conn(config.pg_conn.clone())
             .with_primary_conninfo(config.primary_conninfo.clone())
@@ -146,9 +150,10 @@ impl FailbackService {
         ))
     }
 
-    /// Logs that `peer`'s `call` was refused, and gives the status it is refused with.
-    fn refuse(&self, peer: &Peer, call: &str, s: Status) -> Status {
-        self.audit.refused(peer, call, s.message());
+    /// Logs that `peer`'s `call` was refused for `reason`, and gives the status it is refused
+    /// with.
+    fn refuse(&self, peer: &Peer, call: &str, reason: Refusal, s: Status) -> Status {
+        self.audit.refused(peer, call, reason, s.message());
         s
     }
 
@@ -345,24 +350,30 @@ impl Failback for FailbackService {
     ) -> Result<Response<Self::ReadRangesStream>, Status> {
         let peer = peer_of(&request);
         let req = request.into_inner();
-        let refuse = |s: Status| self.refuse(&peer, "ReadRanges", s);
+        let refuse = |r: Refusal, s: Status| self.refuse(&peer, "ReadRanges", r, s);
         if req.ranges.len() > MAX_RANGES_PER_REQUEST {
-            return Err(refuse(Status::invalid_argument(format!(
-                "{} ranges in one request, over the limit of {MAX_RANGES_PER_REQUEST}",
-                req.ranges.len()
-            ))));
+            return Err(refuse(
+                Refusal::OverLimit,
+                Status::invalid_argument(format!(
+                    "{} ranges in one request, over the limit of {MAX_RANGES_PER_REQUEST}",
+                    req.ranges.len()
+                )),
+            ));
         }
         for r in &req.ranges {
-            check_path(&r.path).map_err(refuse)?;
+            check_path(&r.path).map_err(|s| refuse(Refusal::OverLimit, s))?;
             // pread takes a signed offset: a range past it could never be read.
             if r.offset
                 .checked_add(r.length)
                 .is_none_or(|end| end > i64::MAX as u64)
             {
-                return Err(refuse(Status::invalid_argument(format!(
-                    "range of {:?} at {} of {} bytes ends past 2^63, the largest file offset",
-                    r.path, r.offset, r.length
-                ))));
+                return Err(refuse(
+                    Refusal::Malformed,
+                    Status::invalid_argument(format!(
+                        "range of {:?} at {} of {} bytes ends past 2^63, the largest file offset",
+                        r.path, r.offset, r.length
+                    )),
+                ));
             }
         }
         let compression = match Compression::from_level(req.compression_level) {
@@ -372,9 +383,10 @@ impl Failback for FailbackService {
         };
         if let Compression::Zstd(l) = compression {
             wire::encode(&[], compression).map_err(|_| {
-                refuse(Status::invalid_argument(format!(
-                    "zstd level {l} is out of range"
-                )))
+                refuse(
+                    Refusal::Malformed,
+                    Status::invalid_argument(format!("zstd level {l} is out of range")),
+                )
             })?;
         }
         let dir = self.dir.clone();
@@ -390,7 +402,12 @@ impl Failback for FailbackService {
                     let len = (end - off).min(max_chunk);
                     let chunk = match reader.read(&r.path, off, len, &mut buf) {
                         Err(e) => {
-                            out.send(Err(status(e)));
+                            let outside = matches!(e, DataDirError::PathNotAllowed(_));
+                            let s = status(e);
+                            out.send(Err(match outside {
+                                true => out.refused(Refusal::Path, s),
+                                false => s,
+                            }));
                             return;
                         }
                         Ok(ReadStatus::Vanished) => Chunk {
@@ -441,23 +458,31 @@ impl Failback for FailbackService {
     ) -> Result<Response<Self::ChunkHashesStream>, Status> {
         let peer = peer_of(&request);
         let req = request.into_inner();
-        let refuse = |s: Status| self.refuse(&peer, "ChunkHashes", s);
+        let refuse = |r: Refusal, s: Status| self.refuse(&peer, "ChunkHashes", r, s);
         let cs = req.chunk_size;
         if !(MIN_HASH_CHUNK..=MAX_HASH_CHUNK).contains(&cs) {
-            return Err(refuse(Status::invalid_argument(format!(
-                "chunk size {cs} is out of range ({MIN_HASH_CHUNK} .. {MAX_HASH_CHUNK})"
-            ))));
+            return Err(refuse(
+                Refusal::Malformed,
+                Status::invalid_argument(format!(
+                    "chunk size {cs} is out of range ({MIN_HASH_CHUNK} .. {MAX_HASH_CHUNK})"
+                )),
+            ));
         }
         if req.paths.len() > MAX_HASH_PATHS {
-            return Err(refuse(Status::invalid_argument(format!(
-                "{} paths in one request, over the limit of {MAX_HASH_PATHS}",
-                req.paths.len()
-            ))));
+            return Err(refuse(
+                Refusal::OverLimit,
+                Status::invalid_argument(format!(
+                    "{} paths in one request, over the limit of {MAX_HASH_PATHS}",
+                    req.paths.len()
+                )),
+            ));
         }
         for p in &req.paths {
-            check_path(p).map_err(refuse)?;
+            check_path(p).map_err(|s| refuse(Refusal::OverLimit, s))?;
             // Refused up front, like ReadRanges, rather than halfway through the stream.
-            self.dir.resolve(p).map_err(|e| refuse(status(e)))?;
+            self.dir
+                .resolve(p)
+                .map_err(|e| refuse(Refusal::Path, status(e)))?;
         }
         let dir = self.dir.clone();
         let (out, rx) = self.outbox(peer, "ChunkHashes", true).await?;
@@ -680,8 +705,14 @@ impl tonic::service::Interceptor for GrpcAuth {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if let Err(s) = self.token.check(got) {
+            let peer = peer_of(&request);
             self.audit
-                .refused(&peer_of(&request), "a gRPC call", s.message());
+                .refused(&peer, "a gRPC call", Refusal::Token, s.message());
+            // Which call it was is not known here (tonic tells an interceptor only the
+            // headers): nor is it read, as on QUIC.
+            self.audit
+                .metrics()
+                .unread_request(Transport::Grpc, s.code());
             return Err(s);
         }
         Ok(request)

@@ -59,6 +59,8 @@ pub struct Failbackd {
     pgdata: PathBuf,
     addr: SocketAddr,
     quic_addr: SocketAddr,
+    /// Where it serves its metrics, with `--metrics-listen` among its flags.
+    metrics_addr: Option<SocketAddr>,
     /// The self-signed certificate failbackd serves, for the client's `--ca`.
     cert: PathBuf,
     key: PathBuf,
@@ -93,6 +95,12 @@ impl Failbackd {
         Failbackd::serve_with(&cluster.data_dir(), extra)
     }
 
+    /// Serves `pgdata` with more of failbackd's flags (`--metrics-listen 127.0.0.1:0`: its
+    /// address is read too, [`Failbackd::metrics_addr`]).
+    pub fn serve_with_flags(pgdata: &Path, flags: &[&std::ffi::OsStr]) -> Failbackd {
+        Failbackd::serve_with(pgdata, flags.iter().map(Into::into).collect())
+    }
+
     fn serve_with(pgdata: &Path, extra: Vec<std::ffi::OsString>) -> Failbackd {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
@@ -102,12 +110,14 @@ impl Failbackd {
         std::fs::write(&key, ck.signing_key.serialize_pem()).expect("writing the key");
         let log = Arc::new(Mutex::new(String::new()));
         let any: SocketAddr = "127.0.0.1:0".parse().expect("an address");
-        let (child, addr, quic_addr) = spawn(pgdata, any, any, &cert, &key, &extra, &log);
+        let (child, (addr, quic_addr, metrics_addr)) =
+            spawn(pgdata, any, any, &cert, &key, &extra, &log);
         Failbackd {
             child,
             pgdata: pgdata.to_path_buf(),
             addr,
             quic_addr,
+            metrics_addr,
             cert,
             key,
             extra,
@@ -134,10 +144,36 @@ impl Failbackd {
         assert!(ok, "could not send {sig} to failbackd");
     }
 
+    /// Sends failbackd signal `sig` (`"TERM"`, `"INT"`): a service manager's stop.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "could not send SIG{sig} to failbackd");
+    }
+
+    /// Waits for failbackd to exit; panics with its log if it has not within `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for failbackd") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "failbackd did not exit within {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts failbackd again after [`Failbackd::kill`], on the same ports.
     pub fn restart(&mut self) {
         self.kill();
-        let (child, addr, quic_addr) = spawn(
+        let (child, (addr, quic_addr, metrics_addr)) = spawn(
             &self.pgdata,
             self.addr,
             self.quic_addr,
@@ -148,6 +184,13 @@ impl Failbackd {
         );
         assert_eq!((addr, quic_addr), (self.addr, self.quic_addr));
         self.child = child;
+        self.metrics_addr = metrics_addr;
+    }
+
+    /// The address of failbackd's metrics (`--metrics-listen`).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+            .expect("failbackd was started with --metrics-listen")
     }
 
     /// The gRPC and QUIC addresses failbackd listens on.
@@ -207,7 +250,8 @@ impl Drop for Failbackd {
 }
 
 /// Starts failbackd on `listen` and `quic_listen`, appending what it prints to `log`; returns
-/// the child and the addresses it bound.
+/// the child and the addresses it bound: gRPC, QUIC and, with `--metrics-listen` in `extra`,
+/// the metrics'.
 fn spawn(
     pgdata: &Path,
     listen: SocketAddr,
@@ -216,7 +260,7 @@ fn spawn(
     key: &Path,
     extra: &[std::ffi::OsString],
     log: &Arc<Mutex<String>>,
-) -> (Child, SocketAddr, SocketAddr) {
+) -> (Child, (SocketAddr, SocketAddr, Option<SocketAddr>)) {
     let mut child = Command::new(failbackd_bin())
         .arg("--pgdata")
         .arg(pgdata)
@@ -245,18 +289,27 @@ fn spawn(
                 .filter(|_| line.starts_with("failbackd: serving"))
                 .and_then(|(_, a)| a.split_whitespace().next()?.parse::<SocketAddr>().ok())
             {
-                let _ = tx.send((line.contains("over QUIC"), addr));
+                let _ = tx.send((Some(line.contains("over QUIC")), addr));
+            }
+            // "failbackd: metrics on http://ADDR/metrics"
+            if let Some(addr) = line
+                .strip_prefix("failbackd: metrics on http://")
+                .and_then(|a| a.strip_suffix("/metrics")?.parse::<SocketAddr>().ok())
+            {
+                let _ = tx.send((None, addr));
             }
             let mut l = sink.lock().unwrap_or_else(|p| p.into_inner());
             l.push_str(&line);
             l.push('\n');
         }
     });
-    let (mut addr, mut quic_addr) = (None, None);
-    while addr.is_none() || quic_addr.is_none() {
+    let (mut addr, mut quic_addr, mut metrics_addr) = (None, None, None);
+    let metrics = extra.iter().any(|a| a == "--metrics-listen");
+    while addr.is_none() || quic_addr.is_none() || (metrics && metrics_addr.is_none()) {
         match rx.recv_timeout(STARTUP) {
-            Ok((true, a)) => quic_addr = Some(a),
-            Ok((false, a)) => addr = Some(a),
+            Ok((Some(true), a)) => quic_addr = Some(a),
+            Ok((Some(false), a)) => addr = Some(a),
+            Ok((None, a)) => metrics_addr = Some(a),
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -269,8 +322,11 @@ fn spawn(
     }
     (
         child,
-        addr.expect("a gRPC address"),
-        quic_addr.expect("a QUIC address"),
+        (
+            addr.expect("a gRPC address"),
+            quic_addr.expect("a QUIC address"),
+            metrics_addr,
+        ),
     )
 }
 
