@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use failback_common::compress_choice::CompressPolicy;
 use failback_common::{Lsn, TimeLineId};
+use failback_transport::tls::Fingerprint;
 
 use crate::rewind::Mode;
 
@@ -28,6 +29,9 @@ pub enum Command {
     /// Show what failback sees: the control file, timeline histories, WAL records.
     #[command(subcommand)]
     Inspect(Inspect),
+    /// Make TLS certificates for failbackd and failback, or print a certificate's fingerprint.
+    #[command(subcommand)]
+    Certs(Certs),
     /// Say whether a rewind of a data directory is unfinished, and how far it got (exit status
     /// 0: none is; 3: one is, run `failback rewind` again to finish it).
     Status {
@@ -67,9 +71,19 @@ pub struct RewindArgs {
     /// [default: auto]
     #[arg(long, value_enum, value_name = "MODE")]
     pub mode: Option<Mode>,
-    /// PEM CA certificate that failbackd's TLS certificate must chain to (grpcs://, quic://).
+    /// PEM CA certificate that failbackd's TLS certificate must chain to (grpcs://, quic://),
+    /// as failback certs new makes it (ca.crt); or failbackd's own certificate itself, such as
+    /// a self-signed one from openssl req -x509, which is then trusted as it is, whatever its
+    /// names and CA flag (its dates still count).
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
+    /// Trust failbackd by its certificate's SHA-256 instead of a CA (grpcs://, quic://):
+    /// sha256:HEX, as `failback certs fingerprint server.crt` prints it where failbackd's
+    /// certificate is. The certificate's dates and the handshake's signature are still
+    /// checked; its names are not.
+    #[arg(long, value_name = "sha256:HEX", conflicts_with = "ca",
+          value_parser = parse_fingerprint)]
+    pub server_fingerprint: Option<Fingerprint>,
     /// PEM client certificate chain, for a failbackd started with --client-ca.
     #[arg(long, value_name = "FILE", requires = "key")]
     pub cert: Option<PathBuf>,
@@ -143,6 +157,42 @@ pub struct RewindArgs {
     /// Directory of the target version's `postgres` binary (crash recovery, -c).
     #[arg(long, value_name = "DIR")]
     pub pg_bindir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum Certs {
+    /// Make a CA (ca.crt, ca.key), a certificate for failbackd (server.crt, server.key) naming
+    /// every --server-name, and one for failback (client.crt, client.key) in DIR, and say
+    /// which file goes to which host and flag. Keys are written readable by their owner only.
+    New {
+        /// Where to write the six files (made if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A host name or address clients dial failbackd by (the host in --source); repeat it
+        /// for each, e.g. both nodes of a pair, so one certificate serves on either.
+        #[arg(long = "server-name", value_name = "HOST|IP", required = true)]
+        server_names: Vec<String>,
+        /// The client certificate's name (its CN).
+        #[arg(long, value_name = "NAME", default_value = "failback")]
+        client_name: String,
+        /// How many days the certificates are valid (from yesterday, for clocks that differ).
+        #[arg(long, value_name = "N", default_value_t = 3650,
+              value_parser = clap::value_parser!(u32).range(1..=36500))]
+        days: u32,
+        /// Replace files already in DIR.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the SHA-256 fingerprint of a PEM certificate (the first, in a chain), as
+    /// --server-fingerprint takes it.
+    Fingerprint {
+        /// The certificate, e.g. failbackd's --tls-cert.
+        file: PathBuf,
+    },
+}
+
+pub fn parse_fingerprint(s: &str) -> Result<Fingerprint, String> {
+    s.parse()
 }
 
 #[derive(Subcommand)]

@@ -6,11 +6,13 @@
 //! - [`copy`]: carrying a plan out, from the source to the target;
 //! - [`target`]: the one owner of every change to the target, and why it is crash-safe;
 //! - [`error`]: why a rewind stopped, and the exit status that says whether to run it again;
+//! - [`certs`]: `failback certs`: certificates for failbackd and failback, and fingerprints;
 //! - [`pg_rewind_cli`]: failback installed or linked as `pg_rewind`: pg_rewind's command
 //!   line, exit statuses and stderr lines;
 //! - [`inspect`], [`progress`], [`pgbin`], [`fsutil`], [`fault`]: what the CLI shows, how
 //!   progress reaches a terminal, the target's own `postgres`, durable file operations and the
 //!   crash tests' fault hook.
+pub mod certs;
 pub mod cli;
 pub mod copy;
 pub mod error;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use failback_client::cli::{Cli, Command, Inspect, RewindArgs};
+use failback_client::cli::{Certs, Cli, Command, Inspect, RewindArgs};
 use failback_client::error::{RewindError, exit};
 use failback_client::inspect;
 use failback_client::pg_rewind_cli;
@@ -24,12 +24,13 @@ fn read_secret(path: &std::path::Path, what: &str) -> Result<Vec<u8>, RewindErro
 }
 
 fn open_source(a: &RewindArgs) -> Result<Box<dyn Source>, RewindError> {
-    use failback_client::source::remote::{RemoteOptions, connect};
+    use failback_client::source::remote::RemoteOptions;
     let patience = a.timeout.map_or(Patience::DEFAULT, |t| Patience {
         timeout: std::time::Duration::from_secs(u64::from(t)),
     });
     // clap's `requires` cannot say "--source" while --source-server is also allowed: said here.
     let failbackd_only = a.ca.is_some()
+        || a.server_fingerprint.is_some()
         || a.cert.is_some()
         || a.token_file.is_some()
         || a.connections.is_some()
@@ -37,8 +38,8 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn Source>, RewindError> {
     if let Some(conninfo) = &a.source_server {
         if failbackd_only {
             return Err(usage(
-                "--ca, --cert, --key, --token-file, --connections and --compress are for a \
-                 failbackd source (--source <URL>); with --source-server, TLS is set in the \
+                "--ca, --server-fingerprint, --cert, --key, --token-file, --connections and \
+                 --compress are for a failbackd source (--source <URL>); with --source-server, TLS is set in the \
                  connection string (sslmode, sslrootcert, sslcert, sslkey)",
             ));
         }
@@ -53,8 +54,8 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn Source>, RewindError> {
         // clap's `requires` does not fire here (the flags are also in a conflict), so say it.
         if failbackd_only || a.jobs.is_some() || a.timeout.is_some() {
             return Err(usage(
-                "--ca, --cert, --key, --token-file, --jobs, --connections, --compress and \
-                 --timeout are for a failbackd source (--source <URL>) or a running server \
+                "--ca, --server-fingerprint, --cert, --key, --token-file, --jobs, \
+                 --connections, --compress and --timeout are for a failbackd source (--source <URL>) or a running server \
                  (--source-server <CONNSTR>)",
             ));
         }
@@ -87,7 +88,7 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn Source>, RewindError> {
     };
     let url = failback_transport::url::SourceUrl::parse(&url)
         .map_err(|e| usage(format!("--source {url}: {e}")))?;
-    connect(RemoteOptions {
+    let opts = RemoteOptions {
         url,
         ca,
         identity,
@@ -100,10 +101,12 @@ fn open_source(a: &RewindArgs) -> Result<Box<dyn Source>, RewindError> {
         notice: Some(std::sync::Arc::new(|note: &str| {
             eprintln!("failback: warning: {note}")
         })),
-    })
-    .map_err(|source| RewindError::Source {
-        doing: "could not connect to failbackd".into(),
-        source,
+    };
+    failback_client::certs::connect(opts, a.server_fingerprint).map_err(|source| {
+        RewindError::Source {
+            doing: "could not connect to failbackd".into(),
+            source,
+        }
     })
 }
 
@@ -255,9 +258,37 @@ fn status(target: &std::path::Path) -> Result<ExitCode> {
     Ok(ExitCode::from(exit::UNFINISHED))
 }
 
+/// `failback certs`: what it made and where each file goes, or a fingerprint.
+fn certs(c: Certs) -> Result<()> {
+    match c {
+        Certs::New {
+            dir,
+            server_names,
+            client_name,
+            days,
+            force,
+        } => {
+            let made = failback_client::certs::NewCerts {
+                dir,
+                server_names,
+                client_name,
+                days,
+                force,
+            }
+            .make()?;
+            println!("{}", made.summary);
+        }
+        Certs::Fingerprint { file } => {
+            println!("{}", failback_client::certs::fingerprint(&file)?)
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Status { target_pgdata } => return status(&target_pgdata),
+        Command::Certs(c) => certs(c)?,
         Command::Rewind(a) => return rewind(*a, false),
         Command::Resync(a) => return rewind(*a, true),
         Command::Inspect(Inspect::Wal {

@@ -1,18 +1,32 @@
 //! failbackd over gRPC (`--source grpc://host:port`, `grpcs://` for TLS).
 //!
-//! Only the transport lives here: a tonic channel (HTTP/2, rustls for `grpcs://`, with the
-//! large flow-control windows a long link needs), the bearer token as `authorization`
-//! metadata, and the calls. Batching, verification and retries are [`super::remote`]'s; a
+//! Only the transport lives here: a tonic channel (HTTP/2 with the large flow-control windows
+//! a long link needs), the bearer token as `authorization` metadata, and the calls. For
+//! `grpcs://` the channel runs over a TLS connection made here (tokio-rustls), not by tonic:
+//! the client's rustls configuration is [`failback_transport::tls`]'s, the same as QUIC's, so
+//! both transports trust failbackd the same ways (`--ca`, a pinned certificate,
+//! `--server-fingerprint`) and explain a failed handshake in the same words. Batching, verification and retries are [`super::remote`]'s; a
 //! broken connection is replaced by a new one from the same endpoint, and HTTP/2 keep-alives
 //! find a silent peer within the liveness that `--timeout` sets.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use failback_proto::v1 as pb;
 use failback_proto::v1::failback_client::FailbackClient;
+use failback_transport::tls::{
+    Dialled, Failure, Fingerprint, Refusals, ServerTrust, client_config, hint, server_name,
+    speaks_tls,
+};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tonic::codegen::Service;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Status};
 
 use super::SourceError;
@@ -48,8 +62,133 @@ type Client = FailbackClient<InterceptedService<Channel, Bearer>>;
 #[derive(Clone)]
 pub struct GrpcTransport {
     current: Arc<Current<Client>>,
-    endpoint: Endpoint,
+    dial: Dial,
     bearer: Bearer,
+}
+
+/// How a channel is made: tonic's own TCP connection, or ours with TLS.
+#[derive(Clone)]
+struct Dial {
+    endpoint: Endpoint,
+    tls: Option<TlsDial>,
+    dialled: Arc<Dialled>,
+}
+
+impl Dial {
+    async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
+        match &self.tls {
+            None => self.endpoint.connect().await,
+            Some(tls) => self.endpoint.connect_with_connector(tls.clone()).await,
+        }
+    }
+
+    /// A failed first call in words, when TLS (or the lack of it) is why.
+    async fn explain(&self, s: Status) -> Status {
+        match &self.tls {
+            Some(tls) => {
+                // TLS 1.3 lets the client finish its handshake before failbackd has checked
+                // the client's certificate: a refusal arrives as an alert at the first call.
+                let failure =
+                    find::<rustls::Error>(&s).and_then(|e| Failure::from_rustls(e, &tls.refusals));
+                match failure {
+                    Some(f) => Status::permission_denied(hint(&f, &self.dialled)),
+                    None => s,
+                }
+            }
+            None => {
+                use tonic::Code;
+                // An HTTP/2 preface sent to a TLS port breaks the connection, one way or
+                // another: ask the port whether it speaks TLS before saying so.
+                let broken = matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Internal);
+                if broken && speaks_tls(&self.dialled.authority, &self.dialled.host).await {
+                    Status::failed_precondition(hint(&Failure::ServesTls, &self.dialled))
+                } else {
+                    s
+                }
+            }
+        }
+    }
+}
+
+/// Connects TCP and TLS for tonic (`Endpoint::connect_with_connector`), with the server's
+/// name in SNI; a refused handshake becomes [`TlsRefused`].
+#[derive(Clone)]
+struct TlsDial {
+    connector: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+    authority: String,
+    refusals: Refusals,
+    dialled: Arc<Dialled>,
+}
+
+/// A TLS handshake with failbackd failed: what to do, in words.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TlsRefused(String);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Service<Uri> for TlsDial {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let d = self.clone();
+        Box::pin(async move {
+            let tcp = TcpStream::connect(&d.authority).await?;
+            // As tonic's own connector: a reply's trailers must not wait for a delayed ACK.
+            tcp.set_nodelay(true)?;
+            match d.connector.connect(d.name.clone(), tcp).await {
+                Ok(tls) => Ok(TokioIo::new(tls)),
+                Err(e) => {
+                    let failure = match find::<rustls::Error>(&e) {
+                        Some(r) => Failure::from_rustls(r, &d.refusals),
+                        // Closed in the middle of the handshake, with no alert: what a plain
+                        // HTTP/2 server does with a ClientHello.
+                        None if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                            Some(Failure::NotTls)
+                        }
+                        None => d.refusals.take().map(Failure::Refused),
+                    };
+                    Err(match failure {
+                        Some(f) => Box::new(TlsRefused(hint(&f, &d.dialled))) as BoxError,
+                        None => Box::new(e),
+                    })
+                }
+            }
+        })
+    }
+}
+
+/// The first error of type `T` in `e`'s chain, looking inside I/O errors (whose `source`
+/// skips the error they wrap).
+fn find<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(t) = e.downcast_ref::<T>() {
+            return Some(t);
+        }
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if let Some(t) = inner.downcast_ref::<T>() {
+                return Some(t);
+            }
+            if let Some(t) = find::<T>(inner) {
+                return Some(t);
+            }
+        }
+        next = e.source();
+    }
+    None
 }
 
 fn client(channel: Channel, bearer: Bearer) -> Client {
@@ -72,7 +211,10 @@ impl Transport for GrpcTransport {
     type Chunks = tonic::Streaming<pb::Chunk>;
 
     async fn handshake(&self, req: pb::HandshakeRequest) -> Result<pb::HandshakeResponse, Status> {
-        Ok(self.c().handshake(req).await?.into_inner())
+        match self.c().handshake(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.dial.explain(s).await),
+        }
     }
 
     async fn control_file(&self) -> Result<pb::ControlFileResponse, Status> {
@@ -155,7 +297,7 @@ impl Transport for GrpcTransport {
     async fn reconnect(&self, generation: u64) {
         self.current
             .replace(generation, |_broken| async {
-                let channel = tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint.connect());
+                let channel = tokio::time::timeout(CONNECT_TIMEOUT, self.dial.connect());
                 Some(client(channel.await.ok()?.ok()?, self.bearer.clone()))
             })
             .await;
@@ -173,18 +315,25 @@ impl Transport for GrpcTransport {
 impl RemoteSource<GrpcTransport> {
     /// Connects and shakes hands: the protocol version must match.
     pub fn connect(opts: GrpcOptions) -> Result<GrpcSource, SourceError> {
+        GrpcSource::connect_with(opts, None)
+    }
+
+    /// Connects, over `grpcs://` trusting failbackd by `--ca` or, given, by its certificate's
+    /// fingerprint (`--server-fingerprint`), and shakes hands.
+    pub fn connect_with(
+        opts: GrpcOptions,
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<GrpcSource, SourceError> {
         let tls = match opts.url.scheme {
             Scheme::Grpc => false,
             Scheme::Grpcs => true,
             Scheme::Quic => return Err(opts.refuse("a quic:// source is not reached over gRPC")),
         };
-        let http = format!(
-            "{}://{}",
-            if tls { "https" } else { "http" },
-            opts.url.authority
-        );
+        // http:// even with TLS: tonic is handed a TLS connection by our connector, and would
+        // want its own TLS settings for an https:// URL.
+        let http = format!("http://{}", opts.url.authority);
         let window = DEFAULT_WINDOW;
-        let mut endpoint = Endpoint::from_shared(http)
+        let endpoint = Endpoint::from_shared(http)
             .map_err(|e| opts.refuse(format!("not a valid address: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
@@ -193,23 +342,46 @@ impl RemoteSource<GrpcTransport> {
             .keep_alive_while_idle(true)
             .initial_stream_window_size(window)
             .initial_connection_window_size(window);
-        if tls {
-            let ca = opts
-                .ca
-                .clone()
-                .ok_or_else(|| opts.refuse("grpcs:// needs --ca"))?;
-            let mut config = ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca))
-                .domain_name(opts.url.host.clone());
-            if let Some((cert, key)) = &opts.identity {
-                config = config.identity(Identity::from_pem(cert, key));
-            }
-            endpoint = endpoint
-                .tls_config(config)
+        let dialled = Arc::new(Dialled {
+            url: opts.url.to_string(),
+            host: opts.url.host.clone(),
+            authority: opts.url.authority.clone(),
+            grpc: true,
+            ca: opts.ca.is_some(),
+            fingerprint: fingerprint.is_some(),
+            identity: opts.identity.is_some(),
+        });
+        let tls = if tls {
+            let trust = ServerTrust::new(opts.ca.as_deref(), fingerprint)
+                .map_err(|e| opts.refuse(format!("grpcs:// runs TLS: {e}")))?;
+            let identity = opts
+                .identity
+                .as_ref()
+                .map(|(c, k)| (c.as_slice(), k.as_slice()));
+            let (config, refusals) = client_config(&trust, identity, b"h2")
                 .map_err(|e| opts.refuse(format!("TLS configuration: {e}")))?;
-        } else if opts.ca.is_some() || opts.identity.is_some() {
-            return Err(opts.refuse("--ca, --cert and --key are for grpcs:// and quic:// sources"));
-        }
+            let name = server_name(&opts.url.host)
+                .ok_or_else(|| opts.refuse("the host is neither a DNS name nor an address"))?;
+            Some(TlsDial {
+                connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+                name,
+                authority: opts.url.authority.clone(),
+                refusals,
+                dialled: dialled.clone(),
+            })
+        } else if opts.ca.is_some() || opts.identity.is_some() || fingerprint.is_some() {
+            return Err(opts.refuse(
+                "--ca, --server-fingerprint, --cert and --key are for grpcs:// and quic:// \
+                 sources: this grpc:// URL has no TLS",
+            ));
+        } else {
+            None
+        };
+        let dial = Dial {
+            endpoint,
+            tls,
+            dialled,
+        };
         let bearer = Bearer(match &opts.token {
             None => None,
             Some(t) => Some(
@@ -222,12 +394,22 @@ impl RemoteSource<GrpcTransport> {
         // Each connect() is a TCP connection (and TLS session) of its own.
         let mut transports = Vec::with_capacity(opts.connections.max(1));
         for _ in 0..opts.connections.max(1) {
-            let channel = rt.block_on(endpoint.connect()).map_err(|e| {
-                SourceError::Transport(format!("{}: could not connect: {}", opts.url, chain(&e)))
-            })?;
+            let channel =
+                rt.block_on(dial.connect())
+                    .map_err(|e| match find::<TlsRefused>(&e) {
+                        Some(words) => SourceError::Refused {
+                            what: opts.url.to_string(),
+                            reason: words.0.clone(),
+                        },
+                        None => SourceError::Transport(format!(
+                            "{}: could not connect: {}",
+                            opts.url,
+                            chain(&e)
+                        )),
+                    })?;
             transports.push(GrpcTransport {
                 current: Arc::new(Current::new(client(channel, bearer.clone()))),
-                endpoint: endpoint.clone(),
+                dial: dial.clone(),
                 bearer: bearer.clone(),
             });
         }

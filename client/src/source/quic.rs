@@ -1,7 +1,8 @@
 //! failbackd over QUIC (`--source quic://host:port`).
 //!
-//! Only the transport lives here: one quinn connection (TLS 1.3 always, so `--ca` is
-//! required; `--cert/--key` when failbackd asks for client certificates), and one
+//! Only the transport lives here: one quinn connection (TLS 1.3 always, so `--ca` or
+//! `--server-fingerprint` is required; `--cert/--key` when failbackd asks for client
+//! certificates; a failed handshake explained by [`failback_transport::tls::hint`]), and one
 //! bidirectional stream per call, framed as [`failback_transport::frame`] describes. Batching,
 //! verification and retries are [`super::remote`]'s, exactly as over gRPC; `--jobs` reads run
 //! as that many streams of the one connection, each with its own flow control, so a lost
@@ -16,7 +17,9 @@ use failback_proto::limits::MAX_REPLY;
 use failback_proto::v1 as pb;
 use failback_proto::v1::{QuicReply, QuicRequest, quic_reply::Reply, quic_request::Call};
 use failback_transport::frame::{read_frame, reply_status, write_frame};
-use failback_transport::tls::client_tls;
+use failback_transport::tls::{
+    Dialled, Failure, Fingerprint, Refusals, ServerTrust, hint, quic_client_tls,
+};
 use failback_transport::tune::{
     DEFAULT_INITIAL_WINDOW, DEFAULT_WINDOW, deepen_buffers, transport_config,
 };
@@ -46,6 +49,8 @@ pub struct QuicTransport {
     addr: SocketAddr,
     host: Arc<str>,
     token: String,
+    /// Why a TLS handshake failed, in words: see [`Tls::explain`].
+    tls: Arc<Tls>,
     // The endpoint drives the connection's socket; it lives as long as the connection.
     endpoint: quinn::Endpoint,
 }
@@ -131,11 +136,21 @@ impl Transport for QuicTransport {
     type Chunks = QuicChunks;
 
     async fn handshake(&self, req: pb::HandshakeRequest) -> Result<pb::HandshakeResponse, Status> {
-        self.unary(Call::Handshake(req), |r| match r {
-            Reply::Handshake(h) => Some(h),
-            _ => None,
+        let answer = self
+            .unary(Call::Handshake(req), |r| match r {
+                Reply::Handshake(h) => Some(h),
+                _ => None,
+            })
+            .await;
+        // TLS 1.3 lets the client finish its handshake before failbackd has checked the
+        // client's certificate: a refusal closes the connection at the first call.
+        answer.map_err(|s| match self.current.get().close_reason() {
+            Some(closed) => match self.tls.explain(&closed) {
+                Some(words) => Status::permission_denied(words),
+                None => s,
+            },
+            None => s,
         })
-        .await
     }
 
     async fn control_file(&self) -> Result<pb::ControlFileResponse, Status> {
@@ -239,7 +254,7 @@ impl Transport for QuicTransport {
             .replace(generation, |broken| async move {
                 // Calls still waiting on it fail now rather than at its idle timeout.
                 broken.close(quinn::VarInt::from_u32(1), b"connection replaced");
-                connect_one(&self.endpoint, self.addr, &self.host)
+                connect_one(&self.endpoint, self.addr, &self.host, &self.tls)
                     .await
                     .ok()
             })
@@ -258,34 +273,89 @@ impl Transport for QuicTransport {
     }
 }
 
+/// The client's TLS: how it dialled and what its verifier refused, for the words of a
+/// failed handshake.
+struct Tls {
+    dialled: Dialled,
+    refusals: Refusals,
+}
+
+impl Tls {
+    /// What to do about a connection TLS ended, if TLS ended it (either end's alert).
+    fn explain(&self, closed: &quinn::ConnectionError) -> Option<String> {
+        let code = match closed {
+            quinn::ConnectionError::TransportError(e) => u64::from(e.code),
+            quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+            _ => return None,
+        };
+        Some(hint(
+            &Failure::from_quic_code(code, &self.refusals)?,
+            &self.dialled,
+        ))
+    }
+}
+
+/// Why a connection could not be made.
+enum NoConnection {
+    /// TLS refused it: what to do, in words.
+    Tls(String),
+    Failed(String),
+}
+
 async fn connect_one(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     host: &str,
-) -> Result<quinn::Connection, String> {
-    let connecting = endpoint.connect(addr, host).map_err(|e| chain(&e))?;
+    tls: &Tls,
+) -> Result<quinn::Connection, NoConnection> {
+    let connecting = endpoint
+        .connect(addr, host)
+        .map_err(|e| NoConnection::Failed(chain(&e)))?;
     tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
-        .map_err(|_| format!("no answer in {} s", CONNECT_TIMEOUT.as_secs()))?
-        .map_err(|e| chain(&e))
+        .map_err(|_| NoConnection::Failed(format!("no answer in {} s", CONNECT_TIMEOUT.as_secs())))?
+        .map_err(|e| match tls.explain(&e) {
+            Some(words) => NoConnection::Tls(words),
+            None => NoConnection::Failed(chain(&e)),
+        })
 }
 
 impl RemoteSource<QuicTransport> {
     /// Connects (TLS 1.3, the server's certificate checked against `--ca`) and shakes hands.
     pub fn connect(opts: RemoteOptions) -> Result<QuicSource, SourceError> {
+        QuicSource::connect_with(opts, None)
+    }
+
+    /// Connects trusting failbackd by `--ca` or, given, by its certificate's fingerprint
+    /// (`--server-fingerprint`), and shakes hands.
+    pub fn connect_with(
+        opts: RemoteOptions,
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<QuicSource, SourceError> {
         if opts.url.scheme != Scheme::Quic {
             return Err(opts.refuse("only a quic:// source is reached over QUIC"));
         }
         let (rest, host) = (opts.url.authority.as_str(), opts.url.host.as_str());
-        let ca = opts
-            .ca
-            .as_deref()
-            .ok_or_else(|| opts.refuse("quic:// needs --ca: QUIC always runs TLS"))?;
+        let trust = ServerTrust::new(opts.ca.as_deref(), fingerprint)
+            .map_err(|e| opts.refuse(format!("quic:// always runs TLS: {e}")))?;
         let identity = opts
             .identity
             .as_ref()
             .map(|(c, k)| (c.as_slice(), k.as_slice()));
-        let tls = client_tls(ca, identity).map_err(|e| opts.refuse(e.to_string()))?;
+        let (tls, refusals) =
+            quic_client_tls(&trust, identity).map_err(|e| opts.refuse(e.to_string()))?;
+        let words = Arc::new(Tls {
+            dialled: Dialled {
+                url: opts.url.to_string(),
+                host: host.to_string(),
+                authority: rest.to_string(),
+                grpc: false,
+                ca: opts.ca.is_some(),
+                fingerprint: fingerprint.is_some(),
+                identity: identity.is_some(),
+            },
+            refusals,
+        });
         let rt = runtime("QUIC")?;
         let could_not =
             |why: String| SourceError::Transport(format!("{}: could not connect: {why}", opts.url));
@@ -328,9 +398,9 @@ impl RemoteSource<QuicTransport> {
             // control and flow-control windows.
             let mut transports: Vec<QuicTransport> = Vec::with_capacity(opts.connections.max(1));
             for _ in 0..opts.connections.max(1) {
-                let conn = match connect_one(&endpoint, addr, host).await {
+                let conn = match connect_one(&endpoint, addr, host, &words).await {
                     Ok(c) => c,
-                    Err(why) => {
+                    Err(no) => {
                         // Free the server's slots now, not at its idle timeout.
                         for t in &transports {
                             t.current
@@ -342,7 +412,13 @@ impl RemoteSource<QuicTransport> {
                                 tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle())
                                     .await;
                         }
-                        return Err(could_not(why));
+                        return Err(match no {
+                            NoConnection::Tls(reason) => SourceError::Refused {
+                                what: opts.url.to_string(),
+                                reason,
+                            },
+                            NoConnection::Failed(why) => could_not(why),
+                        });
                     }
                 };
                 transports.push(QuicTransport {
@@ -350,6 +426,7 @@ impl RemoteSource<QuicTransport> {
                     addr,
                     host: Arc::from(host),
                     token: opts.token.clone().unwrap_or_default(),
+                    tls: words.clone(),
                     endpoint: endpoint.clone(),
                 });
             }
