@@ -11,7 +11,7 @@ use failback_transport::tls::Fingerprint;
 use crate::rewind::Mode;
 
 #[derive(Parser)]
-#[command(name = "failback", version, about, long_about = None)]
+#[command(name = "failback", version = failback_common::long_version!(), about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

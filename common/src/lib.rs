@@ -5,6 +5,7 @@
 //! That is what lets the decoder, the planner and the journal be tested in microseconds and
 //! fed hostile input by property tests and fuzzers.
 
+pub mod build_info;
 pub mod changes;
 pub mod chunkdiff;
 pub mod errors;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "failbackd", version, about, long_about = None)]
+#[command(name = "failbackd", version = failback_common::long_version!(), about, long_about = None)]
 pub struct Args {
     /// TOML file with the same settings as these flags (flags win over it).
     #[arg(long, value_name = "FILE")]
