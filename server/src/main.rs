@@ -190,10 +190,12 @@ async fn serve(a: Args) -> Result<()> {
             "failbackd: metrics on http://{}/metrics",
             listener.local_addr()?
         );
+        // Served until failbackd exits, not only until shutdown begins: /ready answers 503
+        // while the replies in flight drain, and their counts can still be scraped.
         tokio::spawn(failback_server::metrics::serve_metrics(
             listener,
             config.metrics.clone(),
-            shutdown(stop.subscribe()),
+            std::future::pending(),
         ));
     }
     // Every listener is bound: /ready says so until shutdown begins.
