@@ -63,11 +63,14 @@ impl fmt::Display for Peer {
     }
 }
 
+/// Where a line goes: its text, and its fields for a JSON log ([`crate::log`]).
+type Sink = dyn Fn(&str, &[(&str, serde_json::Value)]) + Send + Sync;
+
 /// The rate-limited log of refused and abusive clients.
 pub struct Audit {
     origin: Instant,
     limiter: Mutex<LineLimiter>,
-    sink: Box<dyn Fn(&str) + Send + Sync>,
+    sink: Box<Sink>,
     /// Where each refusal is counted by its reason, whether or not its line is written: the
     /// metrics of the server this log serves ([`Audit::count_into`]).
     metrics: std::sync::RwLock<std::sync::Arc<Metrics>>,
@@ -80,19 +83,26 @@ impl fmt::Debug for Audit {
 }
 
 impl Default for Audit {
-    /// Writes to standard error, as failbackd's other messages.
+    /// Writes to failbackd's log ([`crate::log`]), as warnings with the event and the peer
+    /// as fields.
     fn default() -> Self {
-        Audit::to(|line| eprintln!("failbackd: {line}"))
+        Audit::with_sink(Box::new(|line, fields| {
+            crate::log::event(crate::log::Level::Warning, line, fields)
+        }))
     }
 }
 
 impl Audit {
     /// An audit log writing its lines to `sink` (tests collect them).
     pub fn to(sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        Audit::with_sink(Box::new(move |line, _| sink(line)))
+    }
+
+    fn with_sink(sink: Box<Sink>) -> Self {
         Audit {
             origin: Instant::now(),
             limiter: Mutex::new(LineLimiter::new(PER_SECOND, BURST, 0)),
-            sink: Box::new(sink),
+            sink,
             metrics: Default::default(),
         }
     }
@@ -114,23 +124,36 @@ impl Audit {
     /// `peer` was refused `what` (a call, a connection) because of `why`, counted as `reason`.
     pub fn refused(&self, peer: &Peer, what: &str, reason: Refusal, why: &str) {
         self.metrics().refused(reason);
-        self.line(format_args!("refused {what} from {peer}: {why}"));
+        self.line(
+            "refused",
+            peer,
+            what,
+            format_args!("refused {what} from {peer}: {why}"),
+        );
     }
 
     /// `peer`'s `what` was ended by failbackd because of `why`, counted as `reason`.
     pub fn cut_off(&self, peer: &Peer, what: &str, reason: Refusal, why: &str) {
         self.metrics().refused(reason);
-        self.line(format_args!("ended {what} of {peer}: {why}"));
+        self.line(
+            "ended",
+            peer,
+            what,
+            format_args!("ended {what} of {peer}: {why}"),
+        );
     }
 
     /// Tells the count of lines held back when no later line has told it.
     pub fn flush(&self) {
         let held_back = crate::lock(&self.limiter).flush(self.now());
         if let Some(n) = held_back {
-            (self.sink)(&format!(
-                "{n} more lines of refused or ended clients held back (at most {PER_SECOND} \
-                 such lines a second are written)"
-            ));
+            (self.sink)(
+                &format!(
+                    "{n} more lines of refused or ended clients held back (at most \
+                     {PER_SECOND} such lines a second are written)"
+                ),
+                &[("event", "held_back".into()), ("held_back", n.into())],
+            );
         }
     }
 
@@ -138,13 +161,25 @@ impl Audit {
         u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn line(&self, text: fmt::Arguments<'_>) {
+    fn line(&self, event: &str, peer: &Peer, what: &str, text: fmt::Arguments<'_>) {
         let now = self.now();
         let admitted = crate::lock(&self.limiter).admit(now);
-        match admitted {
-            None => {}
-            Some(0) => (self.sink)(&text.to_string()),
-            Some(n) => (self.sink)(&format!("{text} ({n} more such lines held back)")),
+        let Some(held_back) = admitted else { return };
+        let mut fields = vec![("event", event.into()), ("what", what.into())];
+        if let Some(a) = peer.addr {
+            fields.push(("peer", a.to_string().into()));
+        }
+        if peer.conn != 0 {
+            fields.push(("quic_connection", (peer.conn - 1).into()));
+        }
+        if held_back == 0 {
+            (self.sink)(&text.to_string(), &fields);
+        } else {
+            fields.push(("held_back", held_back.into()));
+            (self.sink)(
+                &format!("{text} ({held_back} more such lines held back)"),
+                &fields,
+            );
         }
     }
 }

@@ -76,4 +76,13 @@ pub struct Args {
     /// segment, the blocks it changed, and a rewind reads those instead).
     #[arg(long)]
     pub no_wal_summaries: bool,
+    /// Seconds the replies in flight may take to finish once SIGTERM or Ctrl-C asked
+    /// failbackd to stop (new requests are refused meanwhile, and retried by clients); those
+    /// left then are cut [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub shutdown_timeout: Option<u64>,
+    /// How failbackd writes its lines on standard error: text (`failbackd: ...`) or json (one
+    /// object a line: ts, level, msg and fields) [default: text].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<crate::log::Format>,
 }

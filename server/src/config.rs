@@ -18,6 +18,8 @@
 //! primary_conninfo = "host=db1.example port=5432 user=replicator"
 //! wal_summaries = true
 //! stall_timeout = 120
+//! shutdown_timeout = 30
+//! log_format = "json"
 //! ```
 //!
 //! A flag given on the command line wins over the file. A key the file does not know is
@@ -51,6 +53,10 @@ pub struct Settings {
     pub wal_summaries: Option<bool>,
     /// Seconds (`--stall-timeout`).
     pub stall_timeout: Option<u64>,
+    /// Seconds (`--shutdown-timeout`).
+    pub shutdown_timeout: Option<u64>,
+    /// `text` or `json` (`--log-format`).
+    pub log_format: Option<crate::log::Format>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +108,8 @@ impl Settings {
             primary_conninfo: flags.primary_conninfo.or(self.primary_conninfo),
             wal_summaries: flags.wal_summaries.or(self.wal_summaries),
             stall_timeout: flags.stall_timeout.or(self.stall_timeout),
+            shutdown_timeout: flags.shutdown_timeout.or(self.shutdown_timeout),
+            log_format: flags.log_format.or(self.log_format),
         }
     }
 }
@@ -135,6 +143,8 @@ mod tests {
             primary_conninfo = "host=db1 user=replicator"
             wal_summaries = false
             stall_timeout = 30
+            shutdown_timeout = 5
+            log_format = "json"
             "#,
         )
         .unwrap();
@@ -158,6 +168,9 @@ mod tests {
         );
         assert_eq!(s.wal_summaries, Some(false));
         assert_eq!(s.stall_timeout, Some(30));
+        assert_eq!(s.shutdown_timeout, Some(5));
+        assert_eq!(s.log_format, Some(crate::log::Format::Json));
+        assert!(parse("log_format = \"xml\"").is_err());
         assert_eq!(parse("").unwrap(), Settings::default());
     }
 

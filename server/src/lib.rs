@@ -12,10 +12,14 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod live;
+pub mod log;
 pub mod metrics;
+pub mod notify;
 pub mod quic;
 pub mod readers;
 pub mod service;
+pub mod shutdown;
+pub mod startup;
 pub mod summarizer;
 pub mod window;
 
@@ -74,6 +78,12 @@ pub struct Config {
     pub stall_timeout: std::time::Duration,
     /// What both transports count as they serve, exposed by [`metrics::serve_metrics`].
     pub metrics: std::sync::Arc<metrics::Metrics>,
+    /// Shutdown under way and the replies in flight, shared by both transports
+    /// ([`shutdown`]).
+    pub drain: std::sync::Arc<shutdown::Drain>,
+    /// How long the replies in flight when shutdown begins may take to finish before they are
+    /// cut (`--shutdown-timeout`).
+    pub shutdown_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -92,6 +102,8 @@ impl Config {
             audit: Default::default(),
             stall_timeout: readers::DEFAULT_STALL_TIMEOUT,
             metrics: Default::default(),
+            drain: Default::default(),
+            shutdown_timeout: shutdown::DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
 }
@@ -145,7 +157,10 @@ impl Config {
     }
 }
 
-/// Serves `config.pgdata` on `listener` until `shutdown` completes.
+/// Serves `config.pgdata` on `listener` until `shutdown` completes; then, as [`shutdown`]
+/// describes, refuses new connections and requests and waits for the replies in flight, for
+/// at most `config.shutdown_timeout`. Connections still open then are left to the caller
+/// (failbackd exits).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     config: Config,
@@ -162,6 +177,15 @@ pub async fn serve(
         audit: config.audit.clone(),
     };
     let svc = tonic::service::interceptor::InterceptedService::new(svc, auth);
+    let svc = shutdown::Draining::new(svc, config.drain.clone());
+    let (drain, limit) = (config.drain.clone(), config.shutdown_timeout);
+    let shutdown = {
+        let drain = drain.clone();
+        async move {
+            shutdown.await;
+            drain.begin();
+        }
+    };
     let _flush = audit::flush_every_second(config.audit.clone());
     // What the server's windows bound is what clients may send it before it reads: requests,
     // small, and checked for their token only once their headers are in. Replies flow in
@@ -180,7 +204,7 @@ pub async fn serve(
         }
         builder = builder.tls_config(tls).map_err(ServeError::Tls)?;
     }
-    builder
+    let serving = builder
         .add_service(svc)
         // Without TCP_NODELAY a reply's last small frame (the trailers after the message)
         // waits for the client's delayed ACK, 40 ms on Linux: every unary call cost that.
@@ -190,7 +214,14 @@ pub async fn serve(
                 config.metrics.clone(),
             ),
             shutdown,
-        )
-        .await
-        .map_err(ServeError::Transport)
+        );
+    // tonic waits for every connection to end, however long its replies take: the bound is
+    // ours.
+    tokio::select! {
+        r = serving => r.map_err(ServeError::Transport),
+        () = async {
+            drain.stopping().await;
+            tokio::time::sleep(limit).await;
+        } => Ok(()),
+    }
 }

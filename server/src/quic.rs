@@ -205,14 +205,20 @@ pub async fn serve_quic_with<S: Failback>(
         admission: Mutex::default(),
         window: connection_window(stream),
         limits,
+        drain: config.drain.clone(),
     });
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
             () = &mut shutdown => break,
+            // Shutdown begun by the other transport, or by failbackd itself.
+            () = doors.drain.stopping() => break,
         };
-        let Some(incoming) = incoming else { break };
+        let Some(incoming) = incoming else {
+            doors.drain.begin();
+            break;
+        };
         let early = Peer::at(incoming.remote_address());
         if doors.under_pressure() && !incoming.remote_address_validated() && incoming.may_retry() {
             // Only a client that proved it receives at its address may make a pending
@@ -241,11 +247,31 @@ pub async fn serve_quic_with<S: Failback>(
         };
         tokio::spawn(connection(doors.clone(), svc.clone(), incoming, reserved));
     }
+    doors.drain.begin();
+    // QUIC has no GOAWAY: until the replies in flight are done (or the shutdown timeout is
+    // up), new connections are refused here and new streams by their connection's task.
+    let drained = async {
+        let mut finished = std::pin::pin!(doors.drain.finished());
+        loop {
+            tokio::select! {
+                () = &mut finished => break,
+                i = endpoint.accept() => match i {
+                    Some(i) => i.refuse(),
+                    None => break,
+                },
+            }
+        }
+    };
+    let _ = tokio::time::timeout(config.shutdown_timeout, drained).await;
+    // Any code but the refusals' makes the client connect again (and retry), failbackd's
+    // restart being what it waits for.
     endpoint.close(
         quinn::VarInt::from_u32(CLOSE_SHUTDOWN),
         b"failbackd is shutting down",
     );
-    endpoint.wait_idle().await;
+    // The close is a packet or two to each client; a client that does not acknowledge it is
+    // not waited for long.
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
     Ok(())
 }
 
@@ -294,6 +320,8 @@ struct Doors {
     admission: Mutex<Admission>,
     /// An authenticated connection's receive window.
     window: u32,
+    /// Shutdown, and the replies in flight.
+    drain: Arc<crate::shutdown::Drain>,
 }
 
 impl Doors {
@@ -517,6 +545,10 @@ async fn connection<S: Failback>(
         tokio::select! {
             s = conn.accept_bi() => {
                 let Ok((send, recv)) = s else { break };
+                if doors.drain.is_stopping() {
+                    tokio::spawn(refuse_while_stopping(send, recv));
+                    continue;
+                }
                 let (doors, svc, gate, conn) =
                     (doors.clone(), svc.clone(), gate.clone(), conn.clone());
                 tokio::spawn(async move {
@@ -573,6 +605,9 @@ async fn serve_stream<S: Failback>(
         read_request(doors, conn, gate, &peer, &mut recv),
     )
     .await;
+    // A reply is in flight from its request's arrival to the client's receipt of its end; a
+    // request still arriving holds no shutdown up (a client sending nothing would).
+    let mut in_flight = None;
     let outcome = match read {
         Err(_) => {
             let why = format!("no complete request within {} s", REQUEST_TIMEOUT.as_secs());
@@ -584,7 +619,13 @@ async fn serve_stream<S: Failback>(
         }
         Ok(Err(Failure::Status(s))) => Err(unread(doors, s)),
         Ok(Err(f)) => Err(f),
-        Ok(Ok(req)) => answer(svc, doors, peer, req, &mut send).await,
+        Ok(Ok(_)) if doors.drain.is_stopping() => Err(Failure::Status(Status::unavailable(
+            crate::shutdown::SHUTTING_DOWN,
+        ))),
+        Ok(Ok(req)) => {
+            in_flight = Some(doors.drain.reply());
+            answer(svc, doors, peer, req, &mut send).await
+        }
     };
     if let Err(Failure::Status(s)) = outcome {
         let _ = write_frame(&mut send, &status_reply(&s)).await;
@@ -593,6 +634,16 @@ async fn serve_stream<S: Failback>(
     // Finishing only queues the end of the stream: wait until the client has it (or is gone),
     // so the connection is not torn down under the last reply.
     let _ = send.stopped().await;
+    drop(in_flight);
+}
+
+/// A stream opened once shutdown began: refused unread with `UNAVAILABLE`, which the client
+/// retries on a new connection.
+async fn refuse_while_stopping(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let _ = recv.stop(quinn::VarInt::from_u32(STOP_REFUSED));
+    let refusal = status_reply(&Status::unavailable(crate::shutdown::SHUTTING_DOWN));
+    let _ = write_frame(&mut send, &refusal).await;
+    let _ = send.finish();
 }
 
 /// A request answered `s` before its call was read (or reached the service, which counts

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use failback_datadir::DataDir;
 use failback_datadir::summaries::WalSummaries;
 
+use crate::log::Level;
+
 /// How often `pg_wal` is looked at.
 pub const INTERVAL: Duration = Duration::from_millis(500);
 
@@ -25,13 +27,13 @@ pub struct Summarizer {
 }
 
 /// Starts summarizing `dir`'s WAL into `summaries` every `interval`, telling `log` (one line
-/// each) when the WAL present at start-up has been summarized and when a pass fails for a new
-/// reason.
+/// each) when the WAL present at start-up has been summarized (`Info`) and when a pass fails
+/// for a new reason (`Warning`).
 pub fn spawn(
     dir: DataDir,
     summaries: Arc<WalSummaries>,
     interval: Duration,
-    log: impl Fn(&str) + Send + 'static,
+    log: impl Fn(Level, &str) + Send + 'static,
 ) -> Summarizer {
     let (stop, stopped) = mpsc::channel::<()>();
     std::thread::Builder::new()
@@ -49,21 +51,25 @@ pub fn spawn(
                         // The first pass summarized every segment completed when it began.
                         if !caught_up {
                             caught_up = true;
-                            log(&format!(
-                                "WAL summaries: caught up with pg_wal ({summarized} segments \
+                            log(
+                                Level::Info,
+                                &format!(
+                                    "WAL summaries: caught up with pg_wal ({summarized} segments \
                                  summarized in {:.1} s{}); summarizing each segment as it \
                                  completes",
-                                started.elapsed().as_secs_f64(),
-                                r.until.map(|u| format!(", up to {u}")).unwrap_or_default()
-                            ));
+                                    started.elapsed().as_secs_f64(),
+                                    r.until.map(|u| format!(", up to {u}")).unwrap_or_default()
+                                ),
+                            );
                         }
                     }
                     Err(e) => {
                         let msg = failback_common::errors::one_line(&e);
                         if last_error.as_deref() != Some(msg.as_str()) {
-                            log(&format!(
-                                "WAL summaries: {msg} (rewinds decode the WAL instead)"
-                            ));
+                            log(
+                                Level::Warning,
+                                &format!("WAL summaries: {msg} (rewinds decode the WAL instead)"),
+                            );
                             last_error = Some(msg);
                         }
                     }
