@@ -88,8 +88,12 @@ impl Dial {
             Some(tls) => {
                 // TLS 1.3 lets the client finish its handshake before failbackd has checked
                 // the client's certificate: a refusal arrives as an alert at the first call.
-                let failure =
-                    find::<rustls::Error>(&s).and_then(|e| Failure::from_rustls(e, &tls.refusals));
+                // hyper reports a connection that broke under a call as the call cancelled:
+                // the TLS error is what the connection kept of it.
+                let broke = tls.broke.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let failure = find::<rustls::Error>(&s)
+                    .or(broke.as_ref())
+                    .and_then(|e| Failure::from_rustls(e, &tls.refusals));
                 match failure {
                     Some(f) => Status::permission_denied(hint(&f, &self.dialled)),
                     None => s,
@@ -99,7 +103,10 @@ impl Dial {
                 use tonic::Code;
                 // An HTTP/2 preface sent to a TLS port breaks the connection, one way or
                 // another: ask the port whether it speaks TLS before saying so.
-                let broken = matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Internal);
+                let broken = matches!(
+                    s.code(),
+                    Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+                );
                 if broken && speaks_tls(&self.dialled.authority, &self.dialled.host).await {
                     Status::failed_precondition(hint(&Failure::ServesTls, &self.dialled))
                 } else {
@@ -119,6 +126,65 @@ struct TlsDial {
     authority: String,
     refusals: Refusals,
     dialled: Arc<Dialled>,
+    /// The TLS error that broke the last connection after its handshake, if one did.
+    broke: Broke,
+}
+
+type Broke = Arc<std::sync::Mutex<Option<rustls::Error>>>;
+
+/// A TLS connection that keeps the TLS error that breaks it: TLS 1.3 delivers failbackd's
+/// refusal of the client's certificate after the handshake, as an alert the next read meets,
+/// and hyper tells the call in flight only that it was cancelled.
+struct Watched {
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    broke: Broke,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        let read = Pin::new(&mut me.tls).poll_read(cx, buf);
+        if let Poll::Ready(Err(e)) = &read
+            && let Some(t) = find::<rustls::Error>(e)
+        {
+            *me.broke.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.clone());
+        }
+        read
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
+    }
 }
 
 /// A TLS handshake with failbackd failed: what to do, in words.
@@ -129,7 +195,7 @@ struct TlsRefused(String);
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Service<Uri> for TlsDial {
-    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Response = TokioIo<Watched>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -144,7 +210,10 @@ impl Service<Uri> for TlsDial {
             // As tonic's own connector: a reply's trailers must not wait for a delayed ACK.
             tcp.set_nodelay(true)?;
             match d.connector.connect(d.name.clone(), tcp).await {
-                Ok(tls) => Ok(TokioIo::new(tls)),
+                Ok(tls) => Ok(TokioIo::new(Watched {
+                    tls,
+                    broke: d.broke.clone(),
+                })),
                 Err(e) => {
                     let failure = match find::<rustls::Error>(&e) {
                         Some(r) => Failure::from_rustls(r, &d.refusals),
@@ -368,6 +437,7 @@ impl RemoteSource<GrpcTransport> {
                 authority: opts.url.authority.clone(),
                 refusals,
                 dialled: dialled.clone(),
+                broke: Broke::default(),
             })
         } else if opts.ca.is_some() || opts.identity.is_some() || fingerprint.is_some() {
             return Err(opts.refuse(
