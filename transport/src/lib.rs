@@ -3,7 +3,8 @@
 //! - [`url`]: the URL that names a failbackd and picks the transport.
 //! - [`tune`]: flow-control windows, QUIC's congestion control and keep-alives, and socket
 //!   buffers, chosen for long fat links on both ends alike.
-//! - [`tls`]: the TLS 1.3 configurations of QUIC, from an operator's PEM files.
+//! - [`tls`]: TLS 1.3 for both transports, from an operator's PEM files: how a client trusts
+//!   failbackd (a CA, a pinned certificate, a fingerprint) and what a failed handshake says.
 //! - [`frame`]: how one call travels on a QUIC stream.
 //!
 //! The messages themselves, their limits and the capability names are the protocol's
