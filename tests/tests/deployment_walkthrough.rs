@@ -8,7 +8,10 @@
 //! out of README.md and run, in order, on that host, as PostgreSQL's user, with the guide's
 //! paths and addresses mapped onto the test's (`/etc/failback`, the data directory, the
 //! socket directory, 10.0.0.1/10.0.0.2). The few lines a test cannot run as written are
-//! carried out for what they mean, each named here: `scp` copies between the hosts' files,
+//! carried out for what they mean, each named here: what the guide runs as `postgres`
+//! (`sudo -u postgres`) or writes with `sudo tee` is run as PostgreSQL's user, whose files the
+//! guide's paths lead to here; `sudo install -d -o postgres …` makes a directory of that user;
+//! `scp` copies between the hosts' files,
 //! `systemctl enable --now failbackd` runs the packaged unit's `ExecStart` as systemd would
 //! (waiting for its `READY=1` on a `NOTIFY_SOCKET`), `pg_ctlcluster … start` starts the host's
 //! server, and installing the packages is left to `packages.rs`. Any other `sudo` line fails
@@ -115,7 +118,14 @@ fn pieces(text: &str) -> Vec<Piece> {
             continue;
         }
         logical.push_str(raw);
-        let line = std::mem::take(&mut logical);
+        let mut line = std::mem::take(&mut logical);
+        // What the guide runs as postgres, or writes with `sudo tee`, the test runs as
+        // PostgreSQL's user: the files it leads to are that user's here.
+        if let Some(rest) = line.trim_start().strip_prefix("sudo -u postgres ") {
+            line = rest.to_string();
+        } else if let Some(rest) = line.trim_start().strip_prefix("sudo tee ") {
+            line = format!("tee {rest}");
+        }
         let first = line.split_whitespace().next().unwrap_or("");
         if first == "scp" || first == "sudo" {
             if !shell.trim().is_empty() {
@@ -141,14 +151,15 @@ fn pieces(text: &str) -> Vec<Piece> {
 
 #[test]
 fn pieces_split_shell_from_the_lines_carried_out() {
-    let text = "a \\\n  b\ncat > f <<'EOF'\nsudo x\nEOF\nsudo systemctl start y\nscp f h:/d/\nc\n";
+    let text = "a \\\n  b\ncat > f <<'EOF'\nsudo x\nEOF\nsudo systemctl start y\nscp f h:/d/\n\
+                sudo -u postgres c \\\n  d\nsudo tee g <<'EOF'\nh\nEOF\n";
     assert_eq!(
         pieces(text),
         vec![
             Piece::Shell("a    b\ncat > f <<'EOF'\nsudo x\nEOF\n".into()),
             Piece::Line("sudo systemctl start y".into()),
             Piece::Line("scp f h:/d/".into()),
-            Piece::Shell("c\n".into()),
+            Piece::Shell("c    d\ntee g <<'EOF'\nh\nEOF\n".into()),
         ]
     );
 }
@@ -405,6 +416,22 @@ fn readme_deployment_ends_with_a_rewound_standby() {
                     if line.starts_with("sudo pg_ctlcluster ") && line.ends_with(" start") =>
                 {
                     machines[i].cluster.start();
+                }
+                Piece::Line(line) if line.starts_with("sudo install -d ") => {
+                    // `install -d -o postgres -g postgres -m MODE DIR`: DIR, PostgreSQL's user's.
+                    let words: Vec<&str> = line.split_whitespace().collect();
+                    let mode = words
+                        .windows(2)
+                        .find(|w| w[0] == "-m")
+                        .map(|w| u32::from_str_radix(w[1], 8).expect("an octal -m"))
+                        .expect("install -d with -m");
+                    assert!(
+                        line.contains("-o postgres -g postgres"),
+                        "{what}: {line}: made for postgres"
+                    );
+                    let dir = PathBuf::from(machines[i].map(words[words.len() - 1], &link));
+                    user::create_dir(&dir);
+                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
                 }
                 Piece::Line(line) if line.starts_with("sudo apt install ") => skipped.push(line),
                 Piece::Line(line) => panic!("{what}: the walkthrough cannot run {line:?}"),
