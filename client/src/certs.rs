@@ -16,7 +16,8 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use failback_transport::tls::{Fingerprint, civil_from_days};
+use failback_common::civil::civil_from_days;
+use failback_transport::tls::Fingerprint;
 use failback_transport::url::Scheme;
 
 use crate::source::remote::RemoteOptions;

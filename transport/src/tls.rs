@@ -27,6 +27,7 @@
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use failback_common::civil;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -556,48 +557,16 @@ fn asn1_time(tag: u8, s: &[u8]) -> Option<UnixTime> {
     };
     let field = |i: usize| rest.get(i..i + 2)?.parse::<i64>().ok();
     let (month, day, h, m, sec) = (field(0)?, field(2)?, field(4)?, field(6)?, field(8)?);
-    let days = days_from_civil(year, month, day);
+    let days = civil::days_from_civil(year, month, day);
     let secs = days * 86400 + h * 3600 + m * 60 + sec;
     Some(UnixTime::since_unix_epoch(std::time::Duration::from_secs(
         u64::try_from(secs).ok()?,
     )))
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The date of a day since 1970-01-01: (year, month, day).
-pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
 /// `2026-12-01 18:25:50 UTC`.
 fn when(t: UnixTime) -> String {
-    let s = i64::try_from(t.as_secs()).unwrap_or(i64::MAX);
-    let (y, m, d) = civil_from_days(s.div_euclid(86400));
-    let r = s.rem_euclid(86400);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        r / 3600,
-        r / 60 % 60,
-        r % 60
-    )
+    civil::from_unix(i64::try_from(t.as_secs()).unwrap_or(i64::MAX)).to_string()
 }
 
 /// How the client reached failbackd, for the words of [`hint`].

@@ -188,10 +188,6 @@ fn validity_is_read_from_the_der() {
     let (nb, na) = validity(cert.der()).unwrap();
     assert_eq!(when(nb), "1999-01-01 00:00:00 UTC");
     assert_eq!(when(na), "2051-01-01 00:00:00 UTC");
-    for days in [-1_000_000, -1, 0, 59, 60, 10_957, 2_932_896] {
-        let (y, m, d) = civil_from_days(days);
-        assert_eq!(days_from_civil(y, m, d), days);
-    }
     assert_eq!(validity(b"\x30\x03\x02\x01\x00"), None);
 }
 
