@@ -170,7 +170,7 @@ mod crash_anywhere_many_seeds {
     use super::*;
 
     fn body(major: PgMajor) {
-        crash_anywhere(major, 4..24)
+        crash_anywhere(major, 4..16)
     }
 
     #[test]
