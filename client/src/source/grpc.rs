@@ -423,10 +423,7 @@ impl RemoteSource<GrpcTransport> {
         let tls = if tls {
             let trust = ServerTrust::new(opts.ca.as_deref(), fingerprint)
                 .map_err(|e| opts.refuse(format!("grpcs:// runs TLS: {e}")))?;
-            let identity = opts
-                .identity
-                .as_ref()
-                .map(|(c, k)| (c.as_slice(), k.as_slice()));
+            let identity = opts.identity_pem();
             let (config, refusals) = client_config(&trust, identity, b"h2")
                 .map_err(|e| opts.refuse(format!("TLS configuration: {e}")))?;
             let name = server_name(&opts.url.host)

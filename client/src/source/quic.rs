@@ -338,10 +338,7 @@ impl RemoteSource<QuicTransport> {
         let (rest, host) = (opts.url.authority.as_str(), opts.url.host.as_str());
         let trust = ServerTrust::new(opts.ca.as_deref(), fingerprint)
             .map_err(|e| opts.refuse(format!("quic:// always runs TLS: {e}")))?;
-        let identity = opts
-            .identity
-            .as_ref()
-            .map(|(c, k)| (c.as_slice(), k.as_slice()));
+        let identity = opts.identity_pem();
         let (tls, refusals) =
             quic_client_tls(&trust, identity).map_err(|e| opts.refuse(e.to_string()))?;
         let words = Arc::new(Tls {

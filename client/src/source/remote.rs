@@ -98,6 +98,13 @@ impl RemoteOptions {
             reason: reason.into(),
         }
     }
+
+    /// The client certificate chain and key (`--cert`, `--key`), as the TLS set-up takes them.
+    pub(crate) fn identity_pem(&self) -> Option<(&[u8], &[u8])> {
+        self.identity
+            .as_ref()
+            .map(|(c, k)| (c.as_slice(), k.as_slice()))
+    }
 }
 
 /// Connects to the failbackd `opts.url` names, by its scheme.
