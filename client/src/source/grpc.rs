@@ -138,6 +138,8 @@ type Broke = Arc<std::sync::Mutex<Option<rustls::Error>>>;
 struct Watched {
     tls: tokio_rustls::client::TlsStream<TcpStream>,
     broke: Broke,
+    /// A write that failed, held back until its connection's last words are read.
+    write_failed: Option<std::io::Error>,
 }
 
 impl tokio::io::AsyncRead for Watched {
@@ -157,13 +159,64 @@ impl tokio::io::AsyncRead for Watched {
     }
 }
 
+impl Watched {
+    /// A write failed because failbackd closed the connection: if failbackd refused the
+    /// client, it said why first, and its alert sits unread before the close (failbackd
+    /// closes with the client's HTTP/2 preface unread, so the kernel resets the connection, and
+    /// hyper gives up on a failed write without reading again). The write's error is held back
+    /// until a read has met the alert, the end, or an error of its own; the reads wait for the
+    /// socket to be readable, which a closed connection soon is. The connection is broken, so
+    /// whatever else is read is of no use.
+    fn last_words<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        wrote: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+        match wrote {
+            Poll::Ready(Err(e)) if matches!(e.kind(), BrokenPipe | ConnectionReset) => {
+                self.write_failed = Some(e);
+            }
+            other => return other,
+        }
+        let mut scratch = [0u8; 4096];
+        loop {
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+            match tokio::io::AsyncRead::poll_read(Pin::new(&mut *self), cx, &mut buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                Poll::Ready(_) => {
+                    let e = self.write_failed.take();
+                    return Poll::Ready(Err(e.unwrap_or_else(|| BrokenPipe.into())));
+                }
+            }
+        }
+    }
+
+    /// The write to do, or the failed write whose last words are still being read.
+    fn write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(
+            Pin<&mut tokio_rustls::client::TlsStream<TcpStream>>,
+            &mut Context<'_>,
+        ) -> Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        let wrote = match self.write_failed.take() {
+            Some(e) => Poll::Ready(Err(e)),
+            None => write(Pin::new(&mut self.tls), cx),
+        };
+        self.last_words(cx, wrote)
+    }
+}
+
 impl tokio::io::AsyncWrite for Watched {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
+        self.get_mut().write(cx, |tls, cx| tls.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -171,7 +224,8 @@ impl tokio::io::AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tls).poll_write_vectored(cx, bufs)
+        self.get_mut()
+            .write(cx, |tls, cx| tls.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -179,7 +233,7 @@ impl tokio::io::AsyncWrite for Watched {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().tls).poll_flush(cx)
+        self.get_mut().write(cx, |tls, cx| tls.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -213,6 +267,7 @@ impl Service<Uri> for TlsDial {
                 Ok(tls) => Ok(TokioIo::new(Watched {
                     tls,
                     broke: d.broke.clone(),
+                    write_failed: None,
                 })),
                 Err(e) => {
                     let failure = match find::<rustls::Error>(&e) {
