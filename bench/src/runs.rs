@@ -21,6 +21,9 @@ use failback_tests::{Cluster, StopMode, binaries, user};
 /// The row of `failback rewind --source-server`.
 pub const LIBPQ: &str = "failback --source-server";
 
+/// A step on the restored target's data directory, before a run.
+pub type AfterRestore = Box<dyn Fn(&Path)>;
+
 /// One measured rewind.
 pub struct Row {
     pub tool: String,
@@ -66,7 +69,7 @@ pub struct Bench {
     /// Run failback and failbackd under `perf record -g`, profiles written here.
     pub perf_dir: Option<PathBuf>,
     /// What a benchmark does to the target after each restore (`rewind_scale` grows it).
-    pub after_restore: Option<Box<dyn Fn(&Path)>>,
+    pub after_restore: Option<AfterRestore>,
 }
 
 impl Bench {
