@@ -132,10 +132,13 @@ pub fn syncfs(dir: &Path) {
     assert_eq!(rc, 0, "syncfs: {}", std::io::Error::last_os_error());
 }
 
-/// `failback rewind` of `target` from `url`, as the benchmarks run it: `--jobs`, `--compress`,
-/// the target's PostgreSQL binaries, and the report written to `report`.
+/// `failback rewind` (or `subcommand`, e.g. `resync`) of `target` from `url`, as the
+/// benchmarks run it: `--jobs`, `--compress`, the target's PostgreSQL binaries, and the report
+/// written to `report`.
+#[allow(clippy::too_many_arguments)]
 pub fn failback_rewind_args(
     cmd: &mut Command,
+    subcommand: &str,
     target: &Path,
     url: &str,
     jobs: u32,
@@ -143,7 +146,7 @@ pub fn failback_rewind_args(
     pg_bindir: &Path,
     report: &Path,
 ) {
-    cmd.arg("rewind")
+    cmd.arg(subcommand)
         .arg("-D")
         .arg(target)
         .arg("--source")

@@ -142,6 +142,19 @@ impl DivergedPair {
         pattern: Pattern,
         kept_wal_mb: u64,
     ) -> DivergedPair {
+        DivergedPair::build_prepared(scale, percent, data, pattern, kept_wal_mb, &|_| {})
+    }
+
+    /// [`DivergedPair::build_keeping`], with `prepare` run on the primary after pgbench's
+    /// tables are made and before the standby is: what it makes is on both sides.
+    pub fn build_prepared(
+        scale: u32,
+        percent: u32,
+        data: Data,
+        pattern: Pattern,
+        kept_wal_mb: u64,
+        prepare: &dyn Fn(&Cluster),
+    ) -> DivergedPair {
         assert!(
             (1..50).contains(&percent),
             "the share of accounts changed must be 1 to 49 %"
@@ -154,6 +167,7 @@ impl DivergedPair {
         );
         let mut old = Cluster::start_new(PgMajor::V15, "bench-old-primary");
         pgbench_init(&old, scale, data);
+        prepare(&old);
         old.execute("CHECKPOINT");
         let mut new = old.create_standby("bench-new-primary");
         new.wait_for_catchup(&old);

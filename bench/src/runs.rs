@@ -70,6 +70,8 @@ pub struct Bench {
     pub perf_dir: Option<PathBuf>,
     /// What a benchmark does to the target after each restore (`rewind_scale` grows it).
     pub after_restore: Option<AfterRestore>,
+    /// failback's subcommand: `rewind`, or `resync` (every relation file compared by hashes).
+    pub subcommand: &'static str,
 }
 
 impl Bench {
@@ -190,6 +192,7 @@ impl Bench {
         let mut client = self.profiled(failback, &format!("failback-{name}"));
         failback_rewind_args(
             &mut client,
+            self.subcommand,
             &self.old.data_dir(),
             &url,
             self.jobs,
@@ -310,7 +313,7 @@ impl Bench {
         let _ = std::fs::remove_file(&report);
         eprintln!("running failback rewind --source-server '{conninfo}' ({net})");
         let mut cmd = self.profiled(&self.failback.clone(), &format!("failback-libpq-{net}"));
-        cmd.arg("rewind")
+        cmd.arg(self.subcommand)
             .arg("-D")
             .arg(self.old.data_dir())
             .arg("--source-server")
@@ -465,7 +468,6 @@ pub fn paired_speedup(slow: &[f64], fast: &[f64]) -> Option<f64> {
         (r[n / 2 - 1] + r[n / 2]) / 2.0
     })
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -244,6 +244,7 @@ fn main() {
         log_dir,
         perf_dir,
         after_restore: None,
+        subcommand: "rewind",
     };
     eprintln!("pair ready after {:.0?}", started.elapsed());
 
@@ -435,4 +436,3 @@ fn hold_for_manual_runs(b: &Bench, file: &Path) {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
-

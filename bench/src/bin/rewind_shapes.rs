@@ -367,6 +367,7 @@ impl Bench {
         user::clean_env(&mut client);
         failback_rewind_args(
             &mut client,
+            "rewind",
             &self.old.data_dir(),
             &format!("grpc://{}", proxy.local_addr()),
             self.jobs,
