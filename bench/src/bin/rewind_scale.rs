@@ -20,8 +20,9 @@
 //!   names them, as no WAL names the bulk of a real cluster's tables between a failover and a
 //!   rewind.
 //!
-//! At every size (`--sizes`, GB of the target's data directory, its apparent size) the target is
-//! restored from its pristine copy, grown, and rewound by each tool (`--tools`): `failback
+//! At every size (`--sizes`, GB of the target's data directory, its apparent size) both sides
+//! are restored from their pristine copies (the new primary's WAL as it was, not as the runs of
+//! the size before left it), grown, and the target rewound by each tool (`--tools`): `failback
 //! rewind` through failbackd serving the running new primary (`--pg-conn`, the live source)
 //! over gRPC and over QUIC; `failback rewind --source-server` (libpq, no failbackd);
 //! `pg_rewind --source-server`; and `failback resync` through failbackd (every relation file
@@ -387,15 +388,30 @@ fn main() {
     let hash_gbps = blake3_gbps();
     let disk_gbps = disk_read_gbps(&work);
 
+    // pg_rewind needs a checkpoint on the new primary's timeline. The new primary is saved as
+    // it then is and restored at every size: each run writes WAL on it (backup windows,
+    // checkpoints), and WAL written by the runs of one size would be copied by the replaying
+    // tools at the next, as if the cluster's size had cost it.
+    new.start();
+    new.execute("CHECKPOINT");
+    new.stop(StopMode::Fast);
+    let pristine_new = work.join("pristine-new");
+    copy_dir(&new.data_dir(), &pristine_new);
+    let new_ts_dir = new.base_dir().join("ts").join("scale_ts");
+    let pristine_new_ts = work.join("pristine-new-ts");
+    copy_dir(&new_ts_dir, &pristine_new_ts);
+    let restore_new = |new: &mut Cluster, ballast_bytes: u64| {
+        if new.is_running() {
+            new.stop(StopMode::Fast);
+        }
+        copy_dir(&pristine_new, &new.data_dir());
+        copy_dir(&pristine_new_ts, &new_ts_dir);
+        ballast.resize(&new.data_dir(), ballast_bytes);
+        new.start();
+    };
     let mut b = Bench {
         old,
-        new: {
-            // Bench takes the new primary by value below; it is the same cluster.
-            new.start();
-            new.execute("CHECKPOINT");
-            new.stop(StopMode::Fast);
-            new
-        },
+        new,
         pristine,
         work: work.clone(),
         failback,
@@ -416,10 +432,7 @@ fn main() {
     let mut sizes_seen = Vec::new();
     for &size_gb in &sizes {
         let grow = ballast_for(size_gb);
-        if b.new.is_running() {
-            b.new.stop(StopMode::Fast);
-        }
-        ballast.resize(&b.new.data_dir(), grow);
+        restore_new(&mut b.new, grow);
         let (ts_dir, pristine_ts, ballast2) =
             (ts_dir.clone(), pristine_ts.clone(), ballast.clone());
         b.after_restore = Some(Box::new(move |data: &Path| {
@@ -436,7 +449,6 @@ fn main() {
             "size {size_gb} GB: the target holds {:.1} GB in {files} files",
             bytes as f64 / GB as f64
         );
-        b.new.start();
         let mut measured = |row: Row| runs.push(Measured { size_gb, row });
         if wants("grpc") {
             measured(b.failback_run("loopback", loopback, false));
@@ -462,13 +474,9 @@ fn main() {
 
     let mut verified = String::from("not run (--skip-verify)");
     if !skip_verify {
-        if b.new.is_running() {
-            b.new.stop(StopMode::Fast);
-        }
-        ballast.resize(&b.new.data_dir(), 0);
+        restore_new(&mut b.new, 0);
         let (ts_dir, pristine_ts) = (ts_dir.clone(), pristine_ts.clone());
         b.after_restore = Some(Box::new(move |_: &Path| copy_dir(&pristine_ts, &ts_dir)));
-        b.new.start();
         let ok = b.failback_run("loopback", loopback, false).ok;
         verified = if ok {
             b.verify();
