@@ -274,3 +274,21 @@ pub fn copy_dir(from: &Path, to: &Path) {
         .expect("cp");
     assert!(st.success(), "cp -a {} {}", from.display(), to.display());
 }
+
+/// Makes `to` a copy of `from` again after a run changed it: `rsync -a --delete`, which copies
+/// only files whose size or modification time differ (a tool's writes change the time) and
+/// removes what `from` does not have. Needs rsync.
+pub fn sync_dir(from: &Path, to: &Path) {
+    let st = Command::new("rsync")
+        .args(["-a", "--delete"])
+        .arg(format!("{}/", from.display()))
+        .arg(format!("{}/", to.display()))
+        .status()
+        .expect("rsync (apt-get install rsync)");
+    assert!(
+        st.success(),
+        "rsync -a --delete {} {}",
+        from.display(),
+        to.display()
+    );
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::host::{Proxy, failback_rewind_args, mb, syncfs, tail, wait_listening};
 use crate::measure::{self, Cost, Sampler};
-use crate::pair::copy_dir;
+use crate::pair::{copy_dir, sync_dir};
 use crate::wan::{LinkSpec, TcpProxy, UdpProxy};
 use failback_tests::port::reserve_port;
 use failback_tests::rewind::rejoin;
@@ -72,6 +72,10 @@ pub struct Bench {
     pub after_restore: Option<AfterRestore>,
     /// failback's subcommand: `rewind`, or `resync` (every relation file compared by hashes).
     pub subcommand: &'static str,
+    /// Restore only the files a run changed (`rsync -a --delete`, by size and time) rather than
+    /// copying the whole pristine directory: for clusters of many files, where a whole copy
+    /// takes minutes.
+    pub restore_changed_only: bool,
 }
 
 impl Bench {
@@ -98,7 +102,11 @@ impl Bench {
         if self.old.is_running() {
             self.old.stop(StopMode::Fast);
         }
-        copy_dir(&self.pristine, &self.old.data_dir());
+        if self.restore_changed_only {
+            sync_dir(&self.pristine, &self.old.data_dir());
+        } else {
+            copy_dir(&self.pristine, &self.old.data_dir());
+        }
         if let Some(grow) = &self.after_restore {
             grow(&self.old.data_dir());
         }
@@ -139,7 +147,11 @@ impl Bench {
         let grpc_port = reserve_port();
         let quic_port = reserve_port();
         let local = |p: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], p)) };
-        let name = format!("{}-{net}", if quic { "quic" } else { "grpc" });
+        let transport = if quic { "quic" } else { "grpc" };
+        let name = match self.subcommand {
+            "rewind" => format!("{transport}-{net}"),
+            other => format!("{other}-{transport}-{net}"),
+        };
         let mut cmd = self.profiled(failbackd, &format!("failbackd-{name}"));
         cmd.arg("-D")
             .arg(self.new.data_dir())

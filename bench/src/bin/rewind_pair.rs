@@ -245,6 +245,7 @@ fn main() {
         perf_dir,
         after_restore: None,
         subcommand: "rewind",
+        restore_changed_only: false,
     };
     eprintln!("pair ready after {:.0?}", started.elapsed());
 

@@ -58,7 +58,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use failback_bench::host::{cpu_ticks, help_of, loadavg, mb, today};
-use failback_bench::pair::{Data, DivergedPair, Pattern, arg, copy_dir, flag, workspace_binary};
+use failback_bench::pair::{
+    Data, DivergedPair, Pattern, arg, copy_dir, flag, sync_dir, workspace_binary,
+};
 use failback_bench::runs::{Bench, Row};
 use failback_bench::wan::LinkSpec;
 use failback_tests::{Cluster, StopMode, user};
@@ -404,8 +406,8 @@ fn main() {
         if new.is_running() {
             new.stop(StopMode::Fast);
         }
-        copy_dir(&pristine_new, &new.data_dir());
-        copy_dir(&pristine_new_ts, &new_ts_dir);
+        sync_dir(&pristine_new, &new.data_dir());
+        sync_dir(&pristine_new_ts, &new_ts_dir);
         ballast.resize(&new.data_dir(), ballast_bytes);
         new.start();
     };
@@ -425,6 +427,7 @@ fn main() {
         perf_dir: None,
         after_restore: None,
         subcommand: "rewind",
+        restore_changed_only: true,
     };
     let loopback = LinkSpec::unlimited();
     let ticks_before = cpu_ticks();
@@ -436,7 +439,7 @@ fn main() {
         let (ts_dir, pristine_ts, ballast2) =
             (ts_dir.clone(), pristine_ts.clone(), ballast.clone());
         b.after_restore = Some(Box::new(move |data: &Path| {
-            copy_dir(&pristine_ts, &ts_dir);
+            sync_dir(&pristine_ts, &ts_dir);
             ballast2.resize(data, grow);
         }));
         b.restore();
@@ -476,7 +479,7 @@ fn main() {
     if !skip_verify {
         restore_new(&mut b.new, 0);
         let (ts_dir, pristine_ts) = (ts_dir.clone(), pristine_ts.clone());
-        b.after_restore = Some(Box::new(move |_: &Path| copy_dir(&pristine_ts, &ts_dir)));
+        b.after_restore = Some(Box::new(move |_: &Path| sync_dir(&pristine_ts, &ts_dir)));
         let ok = b.failback_run("loopback", loopback, false).ok;
         verified = if ok {
             b.verify();
