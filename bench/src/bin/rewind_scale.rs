@@ -475,6 +475,76 @@ fn main() {
     }
     let ticks_after = cpu_ticks();
 
+    // The table is written before the verification too: a verification cut short leaves it.
+    let write_report = |verified: &str| {
+        let steal = (ticks_after.1 - ticks_before.1) as f64 * 100.0
+            / (ticks_after.0 - ticks_before.0).max(1) as f64;
+        let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# Rewinds as the cluster grows and the divergence does not — {}\n",
+            today()
+        );
+        let _ = writeln!(
+            out,
+            "PostgreSQL 15. The pair: pgbench scale {scale} (stock data), {changed} accounts changed on \
+             each side; {relations} one-row tables over {databases} databases (the first in a \
+             tablespace); a ballast relation grown with sparse all-zero 1 GiB segments on both sides \
+             to make the target's data directory the size in the first column ({}). Every tool \
+             rewound a fresh copy of the same target against the running new primary, on loopback \
+             through the bench's proxy (bytes counted). failback: --jobs {jobs} --compress {compress}; \
+             failbackd with --pg-conn (the live source). `failback resync` at sizes up to \
+             {resync_max_gb} GB only.\n",
+            sizes_seen.join("; ")
+        );
+        let _ = writeln!(
+            out,
+            "- Correctness: {verified}.\n- Hashing against the disk on this machine: blake3 \
+             {hash_gbps:.2} GB/s on one core (1 MiB buffers); the disk's sequential read {} \
+             (`dd iflag=direct`, 1 GiB of random bytes).\n- Machine: {cpus} CPUs, load average \
+             {load_before} at the start and {} at the end, {steal:.0} % of CPU time stolen by the \
+             hypervisor during the runs; written (MB) is what the tool's process was charged for \
+             writing to files (whole page-cache folios).\n",
+            disk_gbps.map_or("not measured".to_string(), |g| format!("{g:.2} GB/s")),
+            loadavg()
+        );
+        out.push_str(&table(&runs));
+        out.push_str("\n## Growth from the smallest size to the largest (issue 17: ≤ 1.5×, peak RSS < 256 MB)\n\n");
+        out.push_str(&growth(&runs));
+        out.push_str("\n## failback's time per phase (`--report`, seconds)\n\n");
+        for m in runs.iter().filter(|m| m.row.phases.is_some()) {
+            let _ = writeln!(
+                out,
+                "- {} GB, {}: `{}`",
+                m.size_gb,
+                m.row.tool,
+                m.row
+                    .phases
+                    .as_ref()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default()
+            );
+        }
+        let _ = writeln!(out, "\nWhole run: {:.0?}.", started.elapsed());
+        println!("{out}");
+        let path = PathBuf::from(arg(
+            "--out",
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("results")
+                .join(format!("rewind_scale-{}.md", today()))
+                .display()
+                .to_string(),
+        ));
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        match std::fs::write(&path, &out) {
+            Ok(()) => eprintln!("written to {}", path.display()),
+            Err(e) => eprintln!("could not write {}: {e}", path.display()),
+        }
+    };
+    write_report("running (the table is written again when it ends)");
     let mut verified = String::from("not run (--skip-verify)");
     if !skip_verify {
         restore_new(&mut b.new, 0);
@@ -489,70 +559,5 @@ fn main() {
         };
     }
 
-    let steal = (ticks_after.1 - ticks_before.1) as f64 * 100.0
-        / (ticks_after.0 - ticks_before.0).max(1) as f64;
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# Rewinds as the cluster grows and the divergence does not — {}\n",
-        today()
-    );
-    let _ = writeln!(
-        out,
-        "PostgreSQL 15. The pair: pgbench scale {scale} (stock data), {changed} accounts changed on \
-         each side; {relations} one-row tables over {databases} databases (the first in a \
-         tablespace); a ballast relation grown with sparse all-zero 1 GiB segments on both sides \
-         to make the target's data directory the size in the first column ({}). Every tool \
-         rewound a fresh copy of the same target against the running new primary, on loopback \
-         through the bench's proxy (bytes counted). failback: --jobs {jobs} --compress {compress}; \
-         failbackd with --pg-conn (the live source). `failback resync` at sizes up to \
-         {resync_max_gb} GB only.\n",
-        sizes_seen.join("; ")
-    );
-    let _ = writeln!(
-        out,
-        "- Correctness: {verified}.\n- Hashing against the disk on this machine: blake3 \
-         {hash_gbps:.2} GB/s on one core (1 MiB buffers); the disk's sequential read {} \
-         (`dd iflag=direct`, 1 GiB of random bytes).\n- Machine: {cpus} CPUs, load average \
-         {load_before} at the start and {} at the end, {steal:.0} % of CPU time stolen by the \
-         hypervisor during the runs; written (MB) is what the tool's process was charged for \
-         writing to files (whole page-cache folios).\n",
-        disk_gbps.map_or("not measured".to_string(), |g| format!("{g:.2} GB/s")),
-        loadavg()
-    );
-    out.push_str(&table(&runs));
-    out.push_str("\n## Growth from the smallest size to the largest (issue 17: ≤ 1.5×, peak RSS < 256 MB)\n\n");
-    out.push_str(&growth(&runs));
-    out.push_str("\n## failback's time per phase (`--report`, seconds)\n\n");
-    for m in runs.iter().filter(|m| m.row.phases.is_some()) {
-        let _ = writeln!(
-            out,
-            "- {} GB, {}: `{}`",
-            m.size_gb,
-            m.row.tool,
-            m.row
-                .phases
-                .as_ref()
-                .map(|p| p.to_string())
-                .unwrap_or_default()
-        );
-    }
-    let _ = writeln!(out, "\nWhole run: {:.0?}.", started.elapsed());
-    println!("{out}");
-    let path = PathBuf::from(arg(
-        "--out",
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("results")
-            .join(format!("rewind_scale-{}.md", today()))
-            .display()
-            .to_string(),
-    ));
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    match std::fs::write(&path, &out) {
-        Ok(()) => eprintln!("written to {}", path.display()),
-        Err(e) => eprintln!("could not write {}: {e}", path.display()),
-    }
+    write_report(&verified);
 }
