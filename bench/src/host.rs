@@ -75,6 +75,11 @@ pub fn loadavg() -> String {
         .unwrap_or_else(|_| "unknown".to_string())
 }
 
+/// The share (%) of the CPU time between two [`cpu_ticks`] readings that the hypervisor stole.
+pub fn steal_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
+    (after.1 - before.1) as f64 * 100.0 / (after.0 - before.0).max(1) as f64
+}
+
 /// The machine's CPU time so far, in clock ticks: (all, stolen by the hypervisor). On a
 /// virtual machine whose host is busy, the "steal" share is time this machine wanted to run
 /// and could not: CPU-bound tools slow down with it.

@@ -56,7 +56,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use failback_bench::host::{cpu_ticks, dir_size, help_of, loadavg, mb, today};
+use failback_bench::host::{cpu_ticks, dir_size, help_of, loadavg, mb, steal_percent, today};
 use failback_bench::pair::{DivergedPair, arg, copy_dir, flag, workspace_binary};
 use failback_bench::runs::{Bench, LIBPQ, Row, median, paired_speedup, table};
 use failback_bench::wan::LinkSpec;
@@ -345,8 +345,7 @@ fn main() {
         "QUIC: skipped — this failbackd has no --quic-listen (or this failback no quic:// source)."
     };
     let load_after = loadavg();
-    let steal = (ticks_after.1 - ticks_before.1) as f64 * 100.0
-        / (ticks_after.0 - ticks_before.0).max(1) as f64;
+    let steal = steal_percent(ticks_before, ticks_after);
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mut out = String::new();
     let _ = writeln!(

@@ -57,7 +57,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use failback_bench::host::{cpu_ticks, help_of, loadavg, mb, today};
+use failback_bench::host::{cpu_ticks, help_of, loadavg, mb, steal_percent, today};
 use failback_bench::pair::{
     Data, DivergedPair, Pattern, arg, copy_dir, flag, sync_dir, workspace_binary,
 };
@@ -477,8 +477,7 @@ fn main() {
 
     // The table is written before the verification too: a verification cut short leaves it.
     let write_report = |verified: &str| {
-        let steal = (ticks_after.1 - ticks_before.1) as f64 * 100.0
-            / (ticks_after.0 - ticks_before.0).max(1) as f64;
+        let steal = steal_percent(ticks_before, ticks_after);
         let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
         let mut out = String::new();
         let _ = writeln!(
