@@ -47,6 +47,16 @@ impl Row {
     pub fn wire(&self) -> u64 {
         self.up + self.down
     }
+
+    /// The server side's CPU seconds and peak RSS (MB) as a table shows them, `-` if unknown.
+    pub fn server_columns(&self) -> (String, String) {
+        (
+            self.server_cpu
+                .map_or("-".to_string(), |c| format!("{:.2}", c.as_secs_f64())),
+            self.server_rss_kb
+                .map_or("-".to_string(), |k| format!("{:.1}", k as f64 / 1024.0)),
+        )
+    }
 }
 
 pub struct Bench {
@@ -439,11 +449,9 @@ pub fn table(rows: &[Row]) -> String {
             mb(r.down),
             mb(r.wire()),
             r.client.cpu.as_secs_f64(),
-            r.server_cpu
-                .map_or("-".to_string(), |c| format!("{:.2}", c.as_secs_f64())),
+            r.server_columns().0,
             r.client.max_rss_kb as f64 / 1024.0,
-            r.server_rss_kb
-                .map_or("-".to_string(), |k| format!("{:.1}", k as f64 / 1024.0)),
+            r.server_columns().1,
             if r.ok {
                 if r.dropped > 0 {
                     format!(

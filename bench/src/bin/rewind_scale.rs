@@ -260,11 +260,9 @@ fn table(runs: &[Measured]) -> String {
             mb(r.wire()),
             mb(r.client.storage_written),
             r.client.cpu.as_secs_f64(),
-            r.server_cpu
-                .map_or("-".to_string(), |c| format!("{:.2}", c.as_secs_f64())),
+            r.server_columns().0,
             r.client.max_rss_kb as f64 / 1024.0,
-            r.server_rss_kb
-                .map_or("-".to_string(), |k| format!("{:.1}", k as f64 / 1024.0)),
+            r.server_columns().1,
             if r.ok {
                 r.note.clone()
             } else {
