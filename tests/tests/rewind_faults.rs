@@ -251,20 +251,71 @@ fn via_of(quic: bool) -> Via {
     if quic { Via::Quic } else { Via::Grpc }
 }
 
-/// failbackd killed mid-copy and back six seconds later: failback retries, goes on and finishes.
+/// failbackd killed mid-copy and back once failback has asked it for something: failback
+/// retries, goes on and finishes.
 fn server_restarted(quic: bool) {
     let (old, new) = diverged(PgMajor::V16);
     let mut server = Failbackd::serve(&new.data_dir());
     let client = background(&old, server.source_args(via_of(quic)), 30);
     wait_for_copy(&old);
     server.kill();
-    // Longer than the flow-control windows' worth of chunks lasts at 4 MiB/s (16 MiB: 4 s),
-    // so that failback has to ask while failbackd is down (a call made after it is back would
-    // just reconnect).
-    thread::sleep(Duration::from_secs(6));
+    if quic {
+        // Longer than QUIC's flow-control windows' worth of chunks lasts at 4 MiB/s (16 MiB:
+        // 4 s), so that failback has to ask while failbackd is down.
+        thread::sleep(Duration::from_secs(6));
+    } else {
+        // What failback has read ahead (its pieces in hand and HTTP/2's window, some 20 MiB)
+        // can last it longer than a fixed pause, and a call made after failbackd is back
+        // would just reconnect: failbackd's port is held until failback knocks on it.
+        let (grpc_addr, _) = server.addrs();
+        assert!(
+            hold_port_until_asked(grpc_addr, &client),
+            "failback finished without asking failbackd for anything after it was killed"
+        );
+    }
     server.restart();
     let run = client.join().expect("the failback thread");
     finish_and_compare(old, new, &run, &server, true);
+}
+
+/// Listens on `addr` (a killed failbackd's gRPC port) until a connection arrives, which is
+/// closed unanswered: true once failback has tried to reach failbackd, false when `client`
+/// finished first.
+fn hold_port_until_asked(
+    addr: std::net::SocketAddr,
+    client: &thread::JoinHandle<FailbackRun>,
+) -> bool {
+    let t0 = Instant::now();
+    let listener = loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => break l,
+            Err(e) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "binding {addr} again: {e}"
+                );
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    listener
+        .set_nonblocking(true)
+        .expect("a non-blocking listener");
+    loop {
+        match listener.accept() {
+            Ok(_) => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("accepting on {addr}: {e}"),
+        }
+        if client.is_finished() {
+            return false;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "failback did not try to reach failbackd within 120 s of its end"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// failbackd killed mid-copy and not back within `--timeout`: failback stops, says so and
