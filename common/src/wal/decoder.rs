@@ -48,9 +48,9 @@ use super::page::{
     XLP_FIRST_IS_OVERWRITE_CONTRECORD, XLogPageHeader, le_u32,
 };
 use super::record::{
-    BlockImage, BlockRef, SIZE_OF_XLOG_RECORD, XL_CRC_OFFSET, XLOG_RECORD_MAX_SIZE,
+    BlockImage, BlockRef, Headers, SIZE_OF_XLOG_RECORD, XL_CRC_OFFSET, XLOG_RECORD_MAX_SIZE,
     XLR_RMGR_INFO_MASK, XLR_SPECIAL_REL_UPDATE, XLogRecordHeader, decode_body, image_ranges,
-    record_crc,
+    lay_out, record_crc,
 };
 use super::rmgr::{RM_XLOG_ID, XLOG_SWITCH, record_type_name, rmgr_id_is_valid, rmgr_name};
 use crate::lsn::is_valid_wal_seg_size;
@@ -359,8 +359,11 @@ pub struct WalDecoder {
     asm_buf: Vec<u8>,
     /// Leave image bytes out of assembled records ([`WalDecoder::leave_out_image_bytes`]).
     leave_out_images: bool,
-    /// Where the images of the record being assembled lie, once known (record offsets).
+    /// Where the images of the record being assembled lie, once known (record offsets), and
+    /// its fragment headers, decoded into `blocks` then (the same bytes decode the same way
+    /// once the record is whole).
     image_ranges: Vec<std::ops::Range<u32>>,
+    headers: Option<Headers>,
     /// The record abandoned at an `XLP_FIRST_IS_OVERWRITE_CONTRECORD` page, until the
     /// OVERWRITE_CONTRECORD record that must follow has been read.
     overwritten: Option<u64>,
@@ -405,6 +408,7 @@ impl WalDecoder {
             asm_buf: Vec::new(),
             leave_out_images: false,
             image_ranges: Vec::new(),
+            headers: None,
             overwritten: None,
             blocks: Vec::with_capacity(8),
             failed: None,
@@ -879,6 +883,7 @@ impl WalDecoder {
                 return Ok(None);
             };
             self.asm_buf.clear();
+            self.headers = None;
             let mut a = Assembly {
                 rec_lsn: rec,
                 tot_len,
@@ -990,14 +995,20 @@ impl WalDecoder {
             Location::Assembled => &self.asm_buf,
         };
         let images_left_out = raw.len() < tot;
-        let body = decode_body(
-            raw,
-            tot,
-            Lsn(lsn),
-            major,
-            self.params.block_size,
-            &mut self.blocks,
-        )?;
+        let headers = self.headers.take();
+        let body = match headers {
+            Some(headers) if images_left_out => {
+                lay_out(headers, raw.len(), tot, Lsn(lsn), &mut self.blocks)?
+            }
+            _ => decode_body(
+                raw,
+                tot,
+                Lsn(lsn),
+                major,
+                self.params.block_size,
+                &mut self.blocks,
+            )?,
+        };
         let mut next = end;
         if h.xl_rmid == RM_XLOG_ID && h.xl_info & XLR_RMGR_INFO_MASK == XLOG_SWITCH {
             // Pretend the record extends to the end of its segment.
@@ -1051,10 +1062,10 @@ impl WalDecoder {
             &mut self.blocks,
             &mut self.image_ranges,
         );
-        if found.is_none() {
+        let Some(headers) = found else {
             // Not all there yet, or not valid: then the record will fail its checks whole.
             return;
-        }
+        };
         if self.image_ranges.is_empty() {
             a.images = ImageBytes::Keep;
             return;
@@ -1067,6 +1078,7 @@ impl WalDecoder {
             kept += to - from;
         });
         buf.truncate(kept);
+        self.headers = Some(headers);
         a.images = ImageBytes::LeaveOut;
     }
 }

@@ -243,8 +243,34 @@ pub(crate) fn decode_body(
     blcksz: u32,
     blocks: &mut Vec<BlockRef>,
 ) -> Result<BodyInfo, WalError> {
-    let (mut info, pos, main_len) = decode_headers(rec, tot_len, lsn, major, blcksz, blocks)?;
-    let left_out = rec.len() < tot_len;
+    let headers = decode_headers(rec, tot_len, lsn, major, blcksz, blocks)?;
+    lay_out(headers, rec.len(), tot_len, lsn, blocks)
+}
+
+/// What the fragment headers of a record say besides its block references.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Headers {
+    info: BodyInfo,
+    /// Where the payloads begin.
+    pos: usize,
+    main_len: u32,
+}
+
+/// The second half of [`decode_body`]: where each payload of the record lies in its `rec_len`
+/// bytes (`tot_len` when whole), once its fragment headers were decoded into `blocks`.
+pub(crate) fn lay_out(
+    headers: Headers,
+    rec_len: usize,
+    tot_len: usize,
+    lsn: Lsn,
+    blocks: &mut [BlockRef],
+) -> Result<BodyInfo, WalError> {
+    let Headers {
+        mut info,
+        pos,
+        main_len,
+    } = headers;
+    let left_out = rec_len < tot_len;
     // Payloads follow in header order; their total was checked to be exactly what is left
     // after the headers, so every offset below stays within the record (and within u32:
     // xl_tot_len is one).
@@ -263,7 +289,7 @@ pub(crate) fn decode_body(
         b.data_offset = off;
         off += u32::from(b.data_len);
     }
-    if left_out && rec.len() != tot_len - images {
+    if left_out && rec_len != tot_len - images {
         return Err(WalError::InvalidLength { lsn });
     }
     info.main_data = off..off + main_len;
@@ -272,7 +298,9 @@ pub(crate) fn decode_body(
 
 /// Where the stored bytes of each full-page image lie in a record (offsets from its start), in
 /// order, as the fragment headers in `prefix` say: `None` until `prefix`, the first bytes of a
-/// record of `tot_len` bytes, holds all its fragment headers, or when they are not valid.
+/// record of `tot_len` bytes, holds all its fragment headers, or when they are not valid. The
+/// headers are decoded into `blocks` and returned, for [`lay_out`] once the record is whole
+/// and its CRC matched.
 pub(crate) fn image_ranges(
     prefix: &[u8],
     tot_len: usize,
@@ -280,8 +308,9 @@ pub(crate) fn image_ranges(
     blcksz: u32,
     blocks: &mut Vec<BlockRef>,
     ranges: &mut Vec<Range<u32>>,
-) -> Option<()> {
-    let (_, pos, _) = decode_headers(prefix, tot_len, Lsn(0), major, blcksz, blocks).ok()?;
+) -> Option<Headers> {
+    let headers = decode_headers(prefix, tot_len, Lsn(0), major, blcksz, blocks).ok()?;
+    let pos = headers.pos;
     ranges.clear();
     let mut off = pos as u32;
     for b in blocks.iter() {
@@ -291,7 +320,7 @@ pub(crate) fn image_ranges(
         }
         off += u32::from(b.data_len);
     }
-    Some(())
+    Some(headers)
 }
 
 /// The fragment headers of a record of `tot_len` bytes whose first bytes are `rec`: the block
@@ -303,7 +332,7 @@ fn decode_headers(
     major: PgMajor,
     blcksz: u32,
     blocks: &mut Vec<BlockRef>,
-) -> Result<(BodyInfo, usize, u32), WalError> {
+) -> Result<Headers, WalError> {
     blocks.clear();
     let mut info = BodyInfo::default();
     let short = || WalError::InvalidLength { lsn };
@@ -492,7 +521,11 @@ fn decode_headers(
         return Err(short());
     }
     // main_len <= datatotal == tot_len - pos, which fits u32.
-    Ok((info, pos, main_len as u32))
+    Ok(Headers {
+        info,
+        pos,
+        main_len: main_len as u32,
+    })
 }
 
 #[cfg(test)]
