@@ -1037,6 +1037,25 @@ impl WalDecoder {
         let at = a.got as usize;
         let body = SIZE_OF_XLOG_RECORD.saturating_sub(at).min(bytes.len());
         a.crc = crc32c::crc32c_append(a.crc, &bytes[body..]);
+        if a.images == ImageBytes::Await && at == 0 {
+            // The fragment headers mostly come whole with the first piece: found there, no
+            // image byte is copied at all.
+            self.headers = image_ranges(
+                bytes,
+                a.tot_len as usize,
+                self.major.unwrap_or(PgMajor::V18),
+                self.params.block_size,
+                &mut self.blocks,
+                &mut self.image_ranges,
+            );
+            if self.headers.is_some() {
+                a.images = if self.image_ranges.is_empty() {
+                    ImageBytes::Keep
+                } else {
+                    ImageBytes::LeaveOut
+                };
+            }
+        }
         if a.images == ImageBytes::LeaveOut {
             kept_parts(at, bytes.len(), &self.image_ranges, |from, to| {
                 self.asm_buf.extend_from_slice(&bytes[from - at..to - at]);

@@ -310,16 +310,15 @@ pub(crate) fn image_ranges(
     ranges: &mut Vec<Range<u32>>,
 ) -> Option<Headers> {
     let headers = decode_headers(prefix, tot_len, Lsn(0), major, blcksz, blocks).ok()?;
-    let pos = headers.pos;
+    // Where the payloads lie in the whole record.
+    lay_out(headers.clone(), tot_len, tot_len, Lsn(0), blocks).ok()?;
     ranges.clear();
-    let mut off = pos as u32;
-    for b in blocks.iter() {
-        if let Some(img) = &b.image {
-            ranges.push(off..off + u32::from(img.length));
-            off += u32::from(img.length);
-        }
-        off += u32::from(b.data_len);
-    }
+    ranges.extend(
+        blocks
+            .iter()
+            .filter_map(|b| b.image)
+            .map(|i| i.offset..i.offset + u32::from(i.length)),
+    );
     Some(headers)
 }
 
