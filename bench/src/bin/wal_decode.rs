@@ -53,6 +53,8 @@ struct Args {
     regenerate: bool,
     /// Time a rewind's own scan (the whole `failback rewind -n` process) instead.
     rewind: bool,
+    /// With `--rewind`: another build's `failback`, run beside this one's in every round.
+    baseline: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -61,6 +63,7 @@ fn parse_args() -> Result<Args> {
         runs: 3,
         regenerate: false,
         rewind: false,
+        baseline: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -69,10 +72,19 @@ fn parse_args() -> Result<Args> {
             "--runs" => args.runs = it.next().context("--runs needs a number")?.parse()?,
             "--regenerate" => args.regenerate = true,
             "--rewind" => args.rewind = true,
+            "--baseline" => {
+                args.baseline = Some(
+                    it.next()
+                        .context("--baseline needs a failback binary")?
+                        .into(),
+                )
+            }
             // cargo bench passes --bench to every bench target.
             "--bench" => {}
             "-h" | "--help" => {
-                println!("wal_decode [--gb GB_OF_WAL] [--runs N] [--regenerate] [--rewind]");
+                println!(
+                    "wal_decode [--gb GB_OF_WAL] [--runs N] [--regenerate] [--rewind [--baseline FAILBACK]]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),
@@ -137,12 +149,7 @@ fn generate(dir: &Path, gb: f64) -> Result<WalSet> {
         "wal_decode: generating {gb} GB of WAL with PostgreSQL 15 into {} (once; minutes)",
         dir.display()
     );
-    let options = ClusterOptions::default()
-        .setting("wal_keep_size", "'100GB'")
-        .setting("max_wal_size", "'100GB'")
-        .setting("checkpoint_timeout", "'30s'")
-        .setting("shared_buffers", "'128MB'");
-    let mut c = Cluster::start_new_with(PgMajor::V15, "walbench", options);
+    let mut c = Cluster::start_new_with(PgMajor::V15, "walbench", keeping_all_wal());
     let start = c.current_lsn();
     let t = Instant::now();
     c.pgbench_init(50);
@@ -151,17 +158,7 @@ fn generate(dir: &Path, gb: f64) -> Result<WalSet> {
         (c.current_lsn().0 - start.0) / 1_000_000,
         t.elapsed()
     );
-    while c.current_lsn().0 - start.0 < want {
-        // A checkpoint before each round: the first change of every page after it carries a
-        // full-page image.
-        c.execute("CHECKPOINT");
-        c.pgbench(&["-c", "4", "-j", "2", "-T", "15", "-n"]);
-        eprintln!(
-            "wal_decode: {} MB of WAL after {:.0?}",
-            (c.current_lsn().0 - start.0) / 1_000_000,
-            t.elapsed()
-        );
-    }
+    pgbench_until(&c, start, want, t);
     c.stop(StopMode::Fast);
 
     let tmp = dir.with_extension("tmp");
@@ -266,6 +263,31 @@ fn decode(set: &WalSet, source: Source<'_>) -> Result<Counts> {
         }
     }
     Ok(n)
+}
+
+/// Settings that keep every segment written, with few checkpoints.
+fn keeping_all_wal() -> ClusterOptions {
+    ClusterOptions::default()
+        .setting("wal_keep_size", "'100GB'")
+        .setting("max_wal_size", "'100GB'")
+        .setting("checkpoint_timeout", "'30s'")
+        .setting("shared_buffers", "'128MB'")
+}
+
+/// Rounds of a CHECKPOINT and 15 s of pgbench on `c` until it has written `want` bytes of WAL
+/// since `start`.
+fn pgbench_until(c: &Cluster, start: Lsn, want: u64, t: Instant) {
+    while c.current_lsn().0 - start.0 < want {
+        // A checkpoint before each round: the first change of every page after it carries a
+        // full-page image, as in any busy cluster.
+        c.execute("CHECKPOINT");
+        c.pgbench(&["-c", "4", "-j", "2", "-T", "15", "-n"]);
+        eprintln!(
+            "wal_decode: {} MB of WAL since {start}, {:.0?}",
+            (c.current_lsn().0 - start.0) / 1_000_000,
+            t.elapsed()
+        );
+    }
 }
 
 /// `pg_waldump --stats` over `[first, end)`; returns its record count.
@@ -487,7 +509,9 @@ fn datadir_view(set: &WalSet) -> Result<PathBuf> {
 // and decodes the target's WAL from the divergence on as a real rewind does, and plans), and
 // `pg_waldump --stats` over the same range of the target's WAL (from the divergence to the end
 // of its last checkpoint record). Medians are compared; failback's report gives the time of
-// its scan alone (`seconds.wal_scan`) beside the whole process.
+// its scan alone (`seconds.wal_scan`) beside the whole process. `--baseline FAILBACK` runs
+// another build's failback too in every round (each round runs every tool once, so all share
+// the machine's load of the moment), to show what a change gained.
 
 /// Version of the cached pair's recipe: bump it when the workload changes.
 const PAIR_RECIPE: &str = "pg15-rewind-s10-v1";
@@ -566,31 +590,14 @@ fn generate_pair(dir: &Path, gb: f64) -> Result<PairSet> {
          WAL after the divergence into {} (once; minutes)",
         dir.display()
     );
-    let options = ClusterOptions::default()
-        .setting("wal_keep_size", "'100GB'")
-        .setting("max_wal_size", "'100GB'")
-        .setting("checkpoint_timeout", "'30s'")
-        .setting("shared_buffers", "'128MB'");
-    let mut old = Cluster::start_new_with(PgMajor::V15, "walbench-old", options);
+    let mut old = Cluster::start_new_with(PgMajor::V15, "walbench-old", keeping_all_wal());
     ensure!(old.pgbench_init(10).status.success(), "pgbench -i failed");
     old.execute("CHECKPOINT");
     let mut new = old.create_standby("walbench-new");
     new.wait_for_catchup(&old);
     new.promote();
     new.stop(StopMode::Fast);
-    let start = old.current_lsn();
-    let t = Instant::now();
-    while old.current_lsn().0 - start.0 < want {
-        // A checkpoint before each round: the first change of every page after it carries a
-        // full-page image, as in any busy cluster.
-        old.execute("CHECKPOINT");
-        old.pgbench(&["-c", "4", "-j", "2", "-T", "15", "-n"]);
-        eprintln!(
-            "wal_decode: {} MB of WAL after the divergence, {:.0?}",
-            (old.current_lsn().0 - start.0) / 1_000_000,
-            t.elapsed()
-        );
-    }
+    pgbench_until(&old, old.current_lsn(), want, Instant::now());
     old.stop(StopMode::Fast);
     let tmp = dir.with_extension("tmp");
     let _ = fs::remove_dir_all(&tmp);
@@ -620,8 +627,14 @@ fn rewind_scan(args: &Args) -> Result<()> {
         Some(p) if !args.regenerate && p.bytes() as f64 >= args.gb * 1e9 => p,
         _ => generate_pair(&dir, args.gb)?,
     };
-    let failback = failback_bench::pair::workspace_binary("failback", None);
-    // Warm the page cache so both read the WAL from memory.
+    let mut builds = vec![(
+        "`failback rewind -n`",
+        failback_bench::pair::workspace_binary("failback", None),
+    )];
+    if let Some(b) = &args.baseline {
+        builds.push(("baseline `failback rewind -n`", b.clone()));
+    }
+    // Warm the page cache so every tool reads the WAL from memory.
     for e in fs::read_dir(pair.old().join("pg_wal"))?.flatten() {
         if e.path().is_file() {
             fs::read(e.path())?;
@@ -639,26 +652,32 @@ fn rewind_scan(args: &Args) -> Result<()> {
     println!("load average before: {}", load_average());
     let report =
         std::env::temp_dir().join(format!("wal_decode-report-{}.json", std::process::id()));
-    let (mut ours, mut scans, mut cpus, mut theirs, mut their_cpus) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Per build: (wall, cpu, the scan's own seconds) of every run; then pg_waldump's.
+    let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); builds.len() + 1];
     for run in 1..=args.runs {
-        let c = failback_bench::measure::run(
-            Command::new(&failback)
-                .args(["rewind", "-n", "-D"])
-                .arg(pair.old())
-                .arg("--source-pgdata")
-                .arg(pair.new())
-                .arg("--report")
-                .arg(&report),
-        );
-        ensure!(c.exit_code == 0, "failback rewind -n failed:\n{}", c.stderr);
-        let r: serde_json::Value = serde_json::from_slice(&fs::read(&report)?)?;
-        let scan = r["seconds"]["wal_scan"].as_f64().unwrap_or(f64::NAN);
-        ensure!(
-            r["target_changes"]["found_by"] == "wal",
-            "failback did not read the target's WAL: {}",
-            r["target_changes"]
-        );
+        let mut line = format!("run {run}:");
+        for (i, (name, bin)) in builds.iter().enumerate() {
+            let c = failback_bench::measure::run(
+                Command::new(bin)
+                    .args(["rewind", "-n", "-D"])
+                    .arg(pair.old())
+                    .arg("--source-pgdata")
+                    .arg(pair.new())
+                    .arg("--report")
+                    .arg(&report),
+            );
+            ensure!(c.exit_code == 0, "{name} failed:\n{}", c.stderr);
+            let r: serde_json::Value = serde_json::from_slice(&fs::read(&report)?)?;
+            ensure!(
+                r["target_changes"]["found_by"] == "wal",
+                "{name} did not read the target's WAL: {}",
+                r["target_changes"]
+            );
+            let scan = r["seconds"]["wal_scan"].as_f64().unwrap_or(f64::NAN);
+            let (wall, cpu) = (c.wall.as_secs_f64(), c.cpu.as_secs_f64());
+            line += &format!(" {name} {wall:.3} s (cpu {cpu:.2} s, its scan {scan:.3} s),");
+            runs[i].push((wall, cpu, scan));
+        }
         let w = failback_bench::measure::run(
             Command::new(binaries::pg_waldump())
                 .arg("--stats")
@@ -668,44 +687,43 @@ fn rewind_scan(args: &Args) -> Result<()> {
                 .args(["-e", &pair.end.to_string()]),
         );
         ensure!(w.exit_code == 0, "pg_waldump failed:\n{}", w.stderr);
-        println!(
-            "run {run}: failback rewind -n {:.3} s (cpu {:.2} s, its scan {scan:.3} s), \
-             pg_waldump --stats {:.3} s (cpu {:.2} s)",
-            c.wall.as_secs_f64(),
-            c.cpu.as_secs_f64(),
-            w.wall.as_secs_f64(),
-            w.cpu.as_secs_f64()
-        );
-        ours.push(c.wall.as_secs_f64());
-        cpus.push(c.cpu.as_secs_f64());
-        scans.push(scan);
-        theirs.push(w.wall.as_secs_f64());
-        their_cpus.push(w.cpu.as_secs_f64());
+        let (wall, cpu) = (w.wall.as_secs_f64(), w.cpu.as_secs_f64());
+        println!("{line} pg_waldump --stats {wall:.3} s (cpu {cpu:.2} s)");
+        runs[builds.len()].push((wall, cpu, f64::NAN));
     }
     let _ = fs::remove_file(&report);
     let mb = |s: f64| bytes as f64 / 1e6 / s;
-    let (o, s, t) = (median(ours), median(scans), median(theirs));
+    let med =
+        |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| median(v.iter().map(f).collect());
+    let t = med(&runs[builds.len()], |r| r.0);
     println!();
     println!(
-        "| medians of {} runs | wall | MB/s | cpu | vs pg_waldump --stats |",
-        args.runs
+        "| medians of {} runs, {:.2} GB of WAL | wall | MB/s | cpu | vs pg_waldump --stats |",
+        args.runs,
+        bytes as f64 / 1e9
     );
     println!("|---|---:|---:|---:|---:|");
-    println!(
-        "| `failback rewind -n`, whole process | {o:.3} s | {:.0} | {:.2} s | {:.2}x |",
-        mb(o),
-        median(cpus),
-        t / o
-    );
-    println!(
-        "| its WAL scan (report `seconds.wal_scan`) | {s:.3} s | {:.0} | | {:.2}x |",
-        mb(s),
-        t / s
-    );
+    for (i, (name, _)) in builds.iter().enumerate() {
+        let (o, c, s) = (
+            med(&runs[i], |r| r.0),
+            med(&runs[i], |r| r.1),
+            med(&runs[i], |r| r.2),
+        );
+        println!(
+            "| {name}, whole process | {o:.3} s | {:.0} | {c:.2} s | {:.2}x |",
+            mb(o),
+            t / o
+        );
+        println!(
+            "| its WAL scan (report `seconds.wal_scan`) | {s:.3} s | {:.0} | | {:.2}x |",
+            mb(s),
+            t / s
+        );
+    }
     println!(
         "| `pg_waldump --stats`, same range | {t:.3} s | {:.0} | {:.2} s | 1.00x |",
         mb(t),
-        median(their_cpus)
+        med(&runs[builds.len()], |r| r.1)
     );
     println!("load average after: {}", load_average());
     Ok(())
