@@ -526,10 +526,10 @@ struct PairSet {
 }
 
 impl PairSet {
-    fn old(&self) -> PathBuf {
+    fn target(&self) -> PathBuf {
         self.dir.join("old")
     }
-    fn new(&self) -> PathBuf {
+    fn source(&self) -> PathBuf {
         self.dir.join("new")
     }
     fn bytes(&self) -> u64 {
@@ -635,7 +635,7 @@ fn rewind_scan(args: &Args) -> Result<()> {
         builds.push(("baseline `failback rewind -n`", b.clone()));
     }
     // Warm the page cache so every tool reads the WAL from memory.
-    for e in fs::read_dir(pair.old().join("pg_wal"))?.flatten() {
+    for e in fs::read_dir(pair.target().join("pg_wal"))?.flatten() {
         if e.path().is_file() {
             fs::read(e.path())?;
         }
@@ -660,9 +660,9 @@ fn rewind_scan(args: &Args) -> Result<()> {
             let c = failback_bench::measure::run(
                 Command::new(bin)
                     .args(["rewind", "-n", "-D"])
-                    .arg(pair.old())
+                    .arg(pair.target())
                     .arg("--source-pgdata")
-                    .arg(pair.new())
+                    .arg(pair.source())
                     .arg("--report")
                     .arg(&report),
             );
@@ -682,7 +682,7 @@ fn rewind_scan(args: &Args) -> Result<()> {
             Command::new(binaries::pg_waldump())
                 .arg("--stats")
                 .arg("-p")
-                .arg(pair.old().join("pg_wal"))
+                .arg(pair.target().join("pg_wal"))
                 .args(["-s", &pair.divergence.to_string()])
                 .args(["-e", &pair.end.to_string()]),
         );
