@@ -75,6 +75,11 @@ pub fn loadavg() -> String {
         .unwrap_or_else(|_| "unknown".to_string())
 }
 
+/// The share (%) of the CPU time between two [`cpu_ticks`] readings that the hypervisor stole.
+pub fn steal_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
+    (after.1 - before.1) as f64 * 100.0 / (after.0 - before.0).max(1) as f64
+}
+
 /// The machine's CPU time so far, in clock ticks: (all, stolen by the hypervisor). On a
 /// virtual machine whose host is busy, the "steal" share is time this machine wanted to run
 /// and could not: CPU-bound tools slow down with it.
@@ -132,10 +137,13 @@ pub fn syncfs(dir: &Path) {
     assert_eq!(rc, 0, "syncfs: {}", std::io::Error::last_os_error());
 }
 
-/// `failback rewind` of `target` from `url`, as the benchmarks run it: `--jobs`, `--compress`,
-/// the target's PostgreSQL binaries, and the report written to `report`.
+/// `failback rewind` (or `subcommand`, e.g. `resync`) of `target` from `url`, as the
+/// benchmarks run it: `--jobs`, `--compress`, the target's PostgreSQL binaries, and the report
+/// written to `report`.
+#[allow(clippy::too_many_arguments)]
 pub fn failback_rewind_args(
     cmd: &mut Command,
+    subcommand: &str,
     target: &Path,
     url: &str,
     jobs: u32,
@@ -143,7 +151,7 @@ pub fn failback_rewind_args(
     pg_bindir: &Path,
     report: &Path,
 ) {
-    cmd.arg("rewind")
+    cmd.arg(subcommand)
         .arg("-D")
         .arg(target)
         .arg("--source")

@@ -3,4 +3,5 @@
 pub mod host;
 pub mod measure;
 pub mod pair;
+pub mod runs;
 pub mod wan;

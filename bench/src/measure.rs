@@ -71,6 +71,18 @@ pub struct Running {
     disk_before: u64,
     reader: std::thread::JoinHandle<()>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The highest `VmHWM` seen, kB.
+    hwm_kb: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The process's own peak resident memory (`VmHWM` in `/proc/PID/status`), kB; None once it has
+/// exited (a zombie has no memory left to describe).
+fn vm_hwm_kb(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Starts `cmd` (stdout discarded, stderr collected) to be measured by [`Running::finish`].
@@ -95,12 +107,25 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<Running> {
     });
     // Reaped by `finish` with wait4, which std's Child does not know about.
     std::mem::forget(child);
+    // Peak memory is sampled, not taken from wait4: Linux carries a parent's high-water mark
+    // into a child across fork and exec (`ru_maxrss` is at least the benchmark's own resident
+    // size when it started the child, some 100 MB with a run's logs held). VmHWM is the
+    // exec'd program's own; a peak in its last 10 ms before exiting would be missed.
+    let hwm_kb = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = hwm_kb.clone();
+    std::thread::spawn(move || {
+        while let Some(kb) = vm_hwm_kb(pid) {
+            seen.fetch_max(kb, std::sync::atomic::Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
     Ok(Running {
         pid,
         start,
         disk_before,
         reader,
         stderr,
+        hwm_kb,
     })
 }
 
@@ -151,7 +176,10 @@ impl Running {
         Cost {
             wall,
             cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
-            max_rss_kb: usage.ru_maxrss as u64,
+            max_rss_kb: match self.hwm_kb.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => usage.ru_maxrss as u64,
+                kb => kb,
+            },
             bytes_read: io_field(&io, "rchar:"),
             bytes_written: io_field(&io, "wchar:"),
             storage_written: io_field(&io, "write_bytes:")
@@ -191,13 +219,7 @@ fn proc_usage(pid: u32) -> Option<(u64, u64)> {
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let hwm = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    Some((ticks, hwm))
+    Some((ticks, vm_hwm_kb(pid as i32).unwrap_or(0)))
 }
 
 fn parent_of(pid: u32) -> Option<u32> {

@@ -142,6 +142,19 @@ impl DivergedPair {
         pattern: Pattern,
         kept_wal_mb: u64,
     ) -> DivergedPair {
+        DivergedPair::build_prepared(scale, percent, data, pattern, kept_wal_mb, &|_| {})
+    }
+
+    /// [`DivergedPair::build_keeping`], with `prepare` run on the primary after pgbench's
+    /// tables are made and before the standby is: what it makes is on both sides.
+    pub fn build_prepared(
+        scale: u32,
+        percent: u32,
+        data: Data,
+        pattern: Pattern,
+        kept_wal_mb: u64,
+        prepare: &dyn Fn(&Cluster),
+    ) -> DivergedPair {
         assert!(
             (1..50).contains(&percent),
             "the share of accounts changed must be 1 to 49 %"
@@ -154,6 +167,7 @@ impl DivergedPair {
         );
         let mut old = Cluster::start_new(PgMajor::V15, "bench-old-primary");
         pgbench_init(&old, scale, data);
+        prepare(&old);
         old.execute("CHECKPOINT");
         let mut new = old.create_standby("bench-new-primary");
         new.wait_for_catchup(&old);
@@ -259,4 +273,22 @@ pub fn copy_dir(from: &Path, to: &Path) {
         .status()
         .expect("cp");
     assert!(st.success(), "cp -a {} {}", from.display(), to.display());
+}
+
+/// Makes `to` a copy of `from` again after a run changed it: `rsync -a --delete`, which copies
+/// only files whose size or modification time differ (a tool's writes change the time) and
+/// removes what `from` does not have. Needs rsync.
+pub fn sync_dir(from: &Path, to: &Path) {
+    let st = Command::new("rsync")
+        .args(["-a", "--delete"])
+        .arg(format!("{}/", from.display()))
+        .arg(format!("{}/", to.display()))
+        .status()
+        .expect("rsync (apt-get install rsync)");
+    assert!(
+        st.success(),
+        "rsync -a --delete {} {}",
+        from.display(),
+        to.display()
+    );
 }

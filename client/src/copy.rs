@@ -337,6 +337,10 @@ fn compare_chunk(e: &PlanEntry, block_size: u32) -> Option<u64> {
 /// (in the chunks [`compare_chunk`] picks), and the size the source hashed: the target file
 /// must be cut to it, so that skipped chunks and fetched ranges together make the source's
 /// file. Changes nothing.
+///
+/// The files are compared a batch at a time, each batch at most [`HASHES_IN_MEMORY`] chunks
+/// (the source's sizes say how many), so that the hash lists in memory stay bounded however
+/// large the cluster: a resync of a terabyte hashes 128 million pages.
 fn hash_diffs(
     plan: &Plan,
     pgdata: &Path,
@@ -345,77 +349,111 @@ fn hash_diffs(
 ) -> Result<HashDiffs, CopyError> {
     let mut diffs = HashMap::new();
     let mut sizes = HashMap::new();
-    let mut groups: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    let mut groups: BTreeMap<u64, Vec<(String, u64)>> = BTreeMap::new();
     for e in &plan.entries {
-        if let Some(chunk) = compare_chunk(e, plan.block_size) {
-            groups.entry(chunk).or_default().push(e.path.clone());
+        if let (Some(chunk), Some(src)) = (compare_chunk(e, plan.block_size), &e.source) {
+            groups
+                .entry(chunk)
+                .or_default()
+                .push((e.path.clone(), src.size.div_ceil(chunk)));
         }
     }
-    if groups.is_empty() {
-        return Ok((diffs, sizes));
-    }
-    // The target's own hashes are computed while the source computes its (a round trip and
-    // the source's reading), not after, with the function the source says it hashes with.
     let algorithm = source.chunk_hash_algorithm();
+    for (&chunk, files) in &groups {
+        let mut batch: Vec<String> = Vec::new();
+        let mut in_batch = 0u64;
+        for (i, (path, chunks)) in files.iter().enumerate() {
+            batch.push(path.clone());
+            in_batch += chunks;
+            let last = i + 1 == files.len();
+            if !last && in_batch + files[i + 1].1 <= HASHES_IN_MEMORY {
+                continue;
+            }
+            let compared =
+                compare_batch(&batch, chunk, algorithm, pgdata, source, stats, &mut sizes)?;
+            let Some(compared) = compared else {
+                // A source that cannot hash (or no longer will) leaves the whole copies not
+                // yet compared whole.
+                return Ok((diffs, sizes));
+            };
+            diffs.extend(compared);
+            batch.clear();
+            in_batch = 0;
+        }
+    }
+    Ok((diffs, sizes))
+}
+
+/// Hash lists held at once while comparing, per side: 2^20 chunks, 32 MiB of hashes (8 GiB of
+/// relation files compared page by page). A single larger file is compared on its own.
+const HASHES_IN_MEMORY: u64 = 1 << 20;
+
+/// [`hash_diffs`] for one batch of files of `chunk`-byte chunks: the target's hashes computed
+/// while the source computes its own (a round trip and the source's reading), not after, with
+/// the function the source says it hashes with. `None` when the source cannot hash.
+fn compare_batch(
+    paths: &[String],
+    chunk: u64,
+    algorithm: ChunkHash,
+    pgdata: &Path,
+    source: &mut dyn Source,
+    stats: &mut CopyStats,
+    sizes: &mut HashMap<String, u64>,
+) -> Result<Option<HashMap<String, Vec<ByteRange>>>, CopyError> {
     let (answers, mut local) = std::thread::scope(|scope| {
         let local = scope.spawn(|| {
-            let mut out = HashMap::new();
-            for (&chunk, paths) in &groups {
-                let mut buf = hash_buffer(chunk);
-                for p in paths {
-                    out.insert(
-                        p.clone(),
-                        hash_local(algorithm, &pgdata.join(p), chunk, &mut buf),
-                    );
-                }
-            }
-            out
+            let mut buf = hash_buffer(chunk);
+            paths
+                .iter()
+                .map(|p| {
+                    let hashed = hash_local(algorithm, &pgdata.join(p), chunk, &mut buf);
+                    (p.clone(), hashed)
+                })
+                .collect::<HashMap<_, _>>()
         });
-        // A source that cannot hash (`None`) leaves every whole copy whole.
-        let answers: Result<Option<Vec<_>>, SourceError> = groups
-            .iter()
-            .map(|(&chunk, paths)| Ok(source.chunk_hashes(paths, chunk)?.map(|h| (chunk, h))))
-            .collect();
+        let answers = source.chunk_hashes(paths, chunk);
         let local = local
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         (answers, local)
     });
-    for (chunk, hashes) in answers?.unwrap_or_default() {
-        for h in hashes {
-            // A vanished file is fetched as planned, and the fetch reports it gone.
-            if h.vanished {
-                continue;
-            }
-            let Some(mut hashed) = local.remove(&h.path) else {
-                continue;
-            };
-            // Hashes of two functions never compare equal: a source that answered in another
-            // function than it announced has the target's chunks hashed again in that one.
-            if h.algorithm != algorithm {
-                let mut buf = hash_buffer(chunk);
-                hashed = hash_local(h.algorithm, &pgdata.join(&h.path), chunk, &mut buf);
-            }
-            let (size, mine) = hashed?;
-            let ranges = chunkdiff::ranges_to_fetch(
-                chunk,
-                &ChunkList {
-                    size: h.size,
-                    hashes: &h.hashes,
-                },
-                &ChunkList {
-                    size,
-                    hashes: &mine,
-                },
-            );
-            let fetched: u64 = ranges.iter().map(|r| r.length).sum();
-            stats.files_hashed += 1;
-            stats.bytes_skipped_by_hashes += h.size.saturating_sub(fetched);
-            sizes.insert(h.path.clone(), h.size);
-            diffs.insert(h.path, ranges);
+    let Some(answers) = answers? else {
+        return Ok(None);
+    };
+    let mut diffs = HashMap::new();
+    for h in answers {
+        // A vanished file is fetched as planned, and the fetch reports it gone.
+        if h.vanished {
+            continue;
         }
+        let Some(mut hashed) = local.remove(&h.path) else {
+            continue;
+        };
+        // Hashes of two functions never compare equal: a source that answered in another
+        // function than it announced has the target's chunks hashed again in that one.
+        if h.algorithm != algorithm {
+            let mut buf = hash_buffer(chunk);
+            hashed = hash_local(h.algorithm, &pgdata.join(&h.path), chunk, &mut buf);
+        }
+        let (size, mine) = hashed?;
+        let ranges = chunkdiff::ranges_to_fetch(
+            chunk,
+            &ChunkList {
+                size: h.size,
+                hashes: &h.hashes,
+            },
+            &ChunkList {
+                size,
+                hashes: &mine,
+            },
+        );
+        let fetched: u64 = ranges.iter().map(|r| r.length).sum();
+        stats.files_hashed += 1;
+        stats.bytes_skipped_by_hashes += h.size.saturating_sub(fetched);
+        sizes.insert(h.path.clone(), h.size);
+        diffs.insert(h.path, ranges);
     }
-    Ok((diffs, sizes))
+    Ok(Some(diffs))
 }
 
 /// The target's own chunk hashes of the file at `path` by `algorithm`, and the size hashed.

@@ -885,18 +885,7 @@ impl Cluster {
         db: &str,
         sql: &str,
     ) -> Result<Vec<Vec<Option<String>>>, postgres::Error> {
-        let messages = self.try_connect(db)?.simple_query(sql)?;
-        Ok(messages
-            .into_iter()
-            .filter_map(|m| match m {
-                SimpleQueryMessage::Row(row) => Some(
-                    (0..row.len())
-                        .map(|i| row.get(i).map(str::to_string))
-                        .collect(),
-                ),
-                _ => None,
-            })
-            .collect())
+        rows_of(&mut self.try_connect(db)?, sql)
     }
 
     /// The single non-NULL value `sql` returns in database `postgres`.
@@ -1044,6 +1033,25 @@ fn tablespace_links(data: &Path) -> Vec<(PathBuf, String)> {
     }
     links.sort();
     links
+}
+
+/// The rows `sql` returns on `client`, every value as text (NULL is None).
+pub fn rows_of(
+    client: &mut Client,
+    sql: &str,
+) -> Result<Vec<Vec<Option<String>>>, postgres::Error> {
+    Ok(client
+        .simple_query(sql)?
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_string))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Copies a stopped cluster's data directory to `to`'s, and each tablespace to `to`'s own

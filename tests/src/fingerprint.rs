@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, rows_of};
 
 /// Row count and hash of one table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,7 +36,22 @@ impl Fingerprint {
     /// Fingerprints every user table of every database of a running cluster (a primary or a
     /// hot standby).
     pub fn of(cluster: &Cluster) -> Fingerprint {
-        Fingerprint::of_with(cluster.name(), |db, sql| cluster.query_rows_in(db, sql))
+        // One connection per database, not per query: a cluster of many tables would spend
+        // its time starting backends.
+        let connections = std::cell::RefCell::new(std::collections::HashMap::new());
+        Fingerprint::of_with(cluster.name(), |db, sql| {
+            let mut connections = connections.borrow_mut();
+            let client = connections
+                .entry(db.to_string())
+                .or_insert_with(|| cluster.connect(db));
+            rows_of(client, sql).unwrap_or_else(|e| {
+                panic!(
+                    "query failed on '{}', database {db}: {}\n{sql}",
+                    cluster.name(),
+                    crate::cluster::show_error(&e)
+                )
+            })
+        })
     }
 
     /// Fingerprints the server `query(database, sql)` reaches (rows as text, NULL as None;

@@ -38,7 +38,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use postgres::{Client, NoTls, SimpleQueryMessage};
+use postgres::{Client, NoTls};
 use tempfile::TempDir;
 
 use crate::binaries;
@@ -421,18 +421,7 @@ impl PgServer {
     /// The rows `sql` returns in database `db`, every value as text (NULL is None).
     pub fn try_query_rows(&self, db: &str, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
         let run = || -> Result<_, postgres::Error> {
-            let messages = self.try_connect(db)?.simple_query(sql)?;
-            Ok(messages
-                .into_iter()
-                .filter_map(|m| match m {
-                    SimpleQueryMessage::Row(row) => Some(
-                        (0..row.len())
-                            .map(|i| row.get(i).map(str::to_string))
-                            .collect(),
-                    ),
-                    _ => None,
-                })
-                .collect())
+            crate::cluster::rows_of(&mut self.try_connect(db)?, sql)
         };
         run().map_err(|e| {
             format!(

@@ -56,7 +56,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use failback_bench::host::{
-    cpu_ticks, dir_size, failback_rewind_args, loadavg, mb, syncfs, tail, today, wait_listening,
+    cpu_ticks, dir_size, failback_rewind_args, loadavg, mb, steal_percent, syncfs, tail, today,
+    wait_listening,
 };
 use failback_bench::measure::{self, Cost, Sampler};
 use failback_bench::pair::{
@@ -367,6 +368,7 @@ impl Bench {
         user::clean_env(&mut client);
         failback_rewind_args(
             &mut client,
+            "rewind",
             &self.old.data_dir(),
             &format!("grpc://{}", proxy.local_addr()),
             self.jobs,
@@ -875,8 +877,7 @@ fn main() {
         }
     }
     let ticks_after = cpu_ticks();
-    let steal = (ticks_after.1 - ticks_before.1) as f64 * 100.0
-        / (ticks_after.0 - ticks_before.0).max(1) as f64;
+    let steal = steal_percent(ticks_before, ticks_after);
     let few_pages = pattern == Pattern::Contiguous;
     let mut out = String::new();
     let _ = writeln!(
