@@ -26,11 +26,20 @@
 //! 5. The whole record's CRC-32C must match; the next record starts at the MAXALIGNed end,
 //!    or at the next segment after an XLOG SWITCH.
 //!
-//! Records lying whole within one page are decoded where they lie in the fed bytes; records
+//! Records lying whole within one page are decoded where they lie in the fed bytes (which a
+//! reader can read straight into the decoder's buffer, [`WalDecoder::feed_in_place`]); records
 //! spanning pages are assembled into a buffer that grows only as their pieces arrive (after
 //! each piece's page header vouched for the remaining length), so a garbage `xl_tot_len` never
-//! causes a large allocation. Block references go into a reused vector; nothing is allocated per
-//! record once buffers have reached their working size.
+//! causes a large allocation. Each piece goes into the record's CRC as it arrives, so an
+//! assembled record is not read again to check it. Block references go into a reused vector;
+//! nothing is allocated per record once buffers have reached their working size.
+//!
+//! Most WAL bytes are full-page images, and most records carrying one span pages. A reader that
+//! needs block references but not the pages themselves (the scan for changed blocks) can ask
+//! the decoder to leave image bytes out of assembled records
+//! ([`WalDecoder::leave_out_image_bytes`]): they are still covered by the CRC, but once the
+//! fragment headers have arrived (they come first) the bytes of each image are skipped instead
+//! of copied.
 
 use super::error::{MagicExpectation, WalError, WalParamsError};
 use super::kinds::{RecordKind, check_rel_update, parse_kind, rmgr_has_kinds};
@@ -39,8 +48,9 @@ use super::page::{
     XLP_FIRST_IS_OVERWRITE_CONTRECORD, XLogPageHeader, le_u32,
 };
 use super::record::{
-    BlockImage, BlockRef, SIZE_OF_XLOG_RECORD, XLOG_RECORD_MAX_SIZE, XLR_RMGR_INFO_MASK,
-    XLR_SPECIAL_REL_UPDATE, XLogRecordHeader, decode_body, record_crc,
+    BlockImage, BlockRef, Headers, SIZE_OF_XLOG_RECORD, XL_CRC_OFFSET, XLOG_RECORD_MAX_SIZE,
+    XLR_RMGR_INFO_MASK, XLR_SPECIAL_REL_UPDATE, XLogRecordHeader, decode_body, image_ranges,
+    lay_out, record_crc,
 };
 use super::rmgr::{RM_XLOG_ID, XLOG_SWITCH, record_type_name, rmgr_id_is_valid, rmgr_name};
 use crate::lsn::is_valid_wal_seg_size;
@@ -136,9 +146,12 @@ pub struct WalRecord<'a> {
     /// Block references in block id order.
     pub blocks: &'a [BlockRef],
     pub main_data: &'a [u8],
-    /// The whole record, header included (`xl_tot_len` bytes). Offsets in [`BlockRef`] and
+    /// The whole record, header included (`xl_tot_len` bytes); or, when `images_left_out`, the
+    /// record without the stored bytes of its images. Offsets in [`BlockRef`] and
     /// [`BlockImage`] index into it.
     pub raw: &'a [u8],
+    /// The image bytes were checked (CRC) but not kept: [`WalRecord::block_image`] is empty.
+    pub images_left_out: bool,
     /// What the record means, for the records the decoder interprets.
     pub kind: RecordKind<'a>,
 }
@@ -283,6 +296,20 @@ struct Assembly {
     gotheader: bool,
     next_page: u64,
     start_tli: u32,
+    /// CRC-32C of the record's bytes after its header, of the pieces received so far.
+    crc: u32,
+    images: ImageBytes,
+}
+
+/// What becomes of the image bytes of a record being assembled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ImageBytes {
+    /// Copied with the rest.
+    Keep,
+    /// To be left out once the fragment headers have all arrived.
+    Await,
+    /// Left out: `image_ranges` says where they are.
+    LeaveOut,
 }
 
 /// Where a finished record's bytes are.
@@ -303,6 +330,7 @@ struct Done {
     tli: u32,
     body: super::record::BodyInfo,
     major: PgMajor,
+    images_left_out: bool,
 }
 
 /// The push decoder. See the module documentation.
@@ -310,8 +338,11 @@ struct Done {
 pub struct WalDecoder {
     params: WalParams,
     major: Option<PgMajor>,
-    /// Fed bytes; `buf[i]` is the byte at LSN `buf_lsn + i`. Bytes before `start` are consumed.
+    /// Fed bytes; `buf[i]` is the byte at LSN `buf_lsn + i`, for `i < filled`. Bytes before
+    /// `start` are consumed; bytes from `filled` on are room kept for the next feed, so that
+    /// [`WalDecoder::feed_in_place`] neither allocates nor clears memory once warm.
     buf: Vec<u8>,
+    filled: usize,
     buf_lsn: u64,
     start: usize,
     /// Where the next record starts (`EndRecPtr`).
@@ -326,6 +357,13 @@ pub struct WalDecoder {
     latest_page_tli: u32,
     asm: Option<Assembly>,
     asm_buf: Vec<u8>,
+    /// Leave image bytes out of assembled records ([`WalDecoder::leave_out_image_bytes`]).
+    leave_out_images: bool,
+    /// Where the images of the record being assembled lie, once known (record offsets), and
+    /// its fragment headers, decoded into `blocks` then (the same bytes decode the same way
+    /// once the record is whole).
+    image_ranges: Vec<std::ops::Range<u32>>,
+    headers: Option<Headers>,
     /// The record abandoned at an `XLP_FIRST_IS_OVERWRITE_CONTRECORD` page, until the
     /// OVERWRITE_CONTRECORD record that must follow has been read.
     overwritten: Option<u64>,
@@ -357,6 +395,7 @@ impl WalDecoder {
             params,
             major: params.major,
             buf: Vec::new(),
+            filled: 0,
             buf_lsn: page,
             start: 0,
             next_rec: start.0,
@@ -367,6 +406,9 @@ impl WalDecoder {
             latest_page_tli: 0,
             asm: None,
             asm_buf: Vec::new(),
+            leave_out_images: false,
+            image_ranges: Vec::new(),
+            headers: None,
             overwritten: None,
             blocks: Vec::with_capacity(8),
             failed: None,
@@ -391,6 +433,18 @@ impl WalDecoder {
         &self.params
     }
 
+    /// Leaves the stored bytes of full-page images out of records that span pages, for a
+    /// reader that needs block references and not the pages: such records come with
+    /// [`WalRecord::images_left_out`], their images' offsets [`IMAGE_BYTES_LEFT_OUT`]. Every
+    /// byte is still checked by the record's CRC; only the copy is saved. Records within one
+    /// page are not copied at all and keep their images.
+    ///
+    /// [`IMAGE_BYTES_LEFT_OUT`]: super::record::IMAGE_BYTES_LEFT_OUT
+    pub fn leave_out_image_bytes(mut self) -> Self {
+        self.leave_out_images = true;
+        self
+    }
+
     /// The major version: configured, or detected from the first page read.
     pub fn major(&self) -> Option<PgMajor> {
         self.major
@@ -398,7 +452,7 @@ impl WalDecoder {
 
     /// The LSN of the next byte to feed.
     pub fn needed_lsn(&self) -> Lsn {
-        Lsn(self.buf_lsn.saturating_add(self.buf.len() as u64))
+        Lsn(self.buf_lsn.saturating_add(self.filled as u64))
     }
 
     /// Where the next record starts: after `poll` returned a record, that record's `end_lsn`.
@@ -413,19 +467,46 @@ impl WalDecoder {
 
     /// How many fed bytes are held and not yet consumed.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.filled - self.start
     }
 
     /// Hands over WAL that starts at [`WalDecoder::needed_lsn`].
     pub fn feed(&mut self, bytes: &[u8]) {
-        if self.start > 0 && self.start >= self.buf.len() - self.start {
+        let room = self.make_room(bytes.len());
+        room.copy_from_slice(bytes);
+        self.filled += bytes.len();
+    }
+
+    /// Hands over up to `max` bytes of WAL that starts at [`WalDecoder::needed_lsn`], written by
+    /// `read` straight into the decoder's buffer: a reader of segment files reads into it and
+    /// nothing is copied again (records within a page are then decoded where they were read).
+    /// `read` gets room for `max` bytes and returns how many it wrote; its error is returned
+    /// and nothing is fed.
+    pub fn feed_in_place<E>(
+        &mut self,
+        max: usize,
+        read: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<usize, E> {
+        let n = read(self.make_room(max))?.min(max);
+        self.filled += n;
+        Ok(n)
+    }
+
+    /// The `n` bytes of `buf` after the fed ones, made room for.
+    fn make_room(&mut self, n: usize) -> &mut [u8] {
+        if self.start > 0 && self.start >= self.filled - self.start {
             // More consumed than kept: moving the rest down costs less than what was consumed,
             // so feeding stays linear overall.
-            self.buf.drain(..self.start);
+            self.buf.copy_within(self.start..self.filled, 0);
+            self.filled -= self.start;
             self.buf_lsn += self.start as u64;
             self.start = 0;
         }
-        self.buf.extend_from_slice(bytes);
+        let end = self.filled + n;
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
+        }
+        &mut self.buf[self.filled..end]
     }
 
     /// Hands over WAL that starts at `lsn`, which may lie before [`WalDecoder::needed_lsn`]
@@ -466,8 +547,8 @@ impl WalDecoder {
         };
         let tot = done.header.xl_tot_len as usize;
         let raw: &[u8] = match done.loc {
-            Location::Buf(i) => self.buf.get(i..i + tot).unwrap_or(&[]),
-            Location::Assembled => self.asm_buf.get(..tot).unwrap_or(&[]),
+            Location::Buf(i) => self.buf[..self.filled].get(i..i + tot).unwrap_or(&[]),
+            Location::Assembled => &self.asm_buf,
         };
         let r = done.body.main_data.start as usize..done.body.main_data.end as usize;
         let main_data = raw.get(r).unwrap_or(&[]);
@@ -510,6 +591,7 @@ impl WalDecoder {
             blocks: &self.blocks,
             main_data,
             raw,
+            images_left_out: done.images_left_out,
             kind,
         }))
     }
@@ -525,7 +607,7 @@ impl WalDecoder {
             return None;
         }
         let end = off.checked_add(n)?;
-        if end > self.buf.len() as u64 {
+        if end > self.filled as u64 {
             return None;
         }
         Some(usize::try_from(off).ok()?..usize::try_from(end).ok()?)
@@ -533,15 +615,16 @@ impl WalDecoder {
 
     /// The fed bytes `[lsn, lsn + n)`, if all there.
     fn get(&self, lsn: u64, n: u64) -> Option<&[u8]> {
-        self.range(lsn, n).and_then(|r| self.buf.get(r))
+        self.range(lsn, n)
+            .and_then(|r| self.buf[..self.filled].get(r))
     }
 
     /// Forgets fed bytes before `lsn`. Past the end of what was fed, the decoder then needs
     /// bytes from `lsn` (how an XLOG SWITCH skips the rest of its segment).
     fn discard_before(&mut self, lsn: u64) {
-        let end = self.buf_lsn.saturating_add(self.buf.len() as u64);
+        let end = self.buf_lsn.saturating_add(self.filled as u64);
         if lsn >= end {
-            self.buf.clear();
+            self.filled = 0;
             self.buf_lsn = lsn;
             self.start = 0;
         } else if lsn > self.buf_lsn {
@@ -800,15 +883,23 @@ impl WalDecoder {
                 return Ok(None);
             };
             self.asm_buf.clear();
-            self.asm_buf.extend_from_slice(&self.buf[first]);
-            self.asm = Some(Assembly {
+            self.headers = None;
+            let mut a = Assembly {
                 rec_lsn: rec,
                 tot_len,
-                got: space as u32,
+                got: 0,
                 gotheader: header_on_page,
                 next_page: page + ps,
                 start_tli: ph.tli,
-            });
+                crc: 0,
+                images: if self.leave_out_images {
+                    ImageBytes::Await
+                } else {
+                    ImageBytes::Keep
+                },
+            };
+            self.absorb(&mut a, first);
+            self.asm = Some(a);
             self.discard_before(page + ps);
         }
     }
@@ -846,8 +937,7 @@ impl WalDecoder {
             let Some(piece) = self.range(page + ph.hdr_len, len) else {
                 return Ok(Assembled::NeedMore);
             };
-            self.asm_buf.extend_from_slice(&self.buf[piece]);
-            a.got += len as u32;
+            self.absorb(&mut a, piece);
             a.next_page = page + ps;
             self.asm = Some(a);
             self.discard_before(page + ph.hdr_len + len);
@@ -870,7 +960,15 @@ impl WalDecoder {
                         got: a.tot_len,
                     },
                 )?;
-                self.check_crc(a.rec_lsn, &self.asm_buf, &h)?;
+                let head = self.asm_buf.get(..XL_CRC_OFFSET).unwrap_or(&[]);
+                let computed = crc32c::crc32c_append(a.crc, head);
+                if computed != h.xl_crc {
+                    return Err(WalError::CrcMismatch {
+                        lsn: Lsn(a.rec_lsn),
+                        stored: h.xl_crc,
+                        computed,
+                    });
+                }
                 let end = page + ph.hdr_len + maxalign(u64::from(ph.rem_len));
                 return self
                     .finish(a.rec_lsn, end, h, Location::Assembled, a.start_tli)
@@ -893,16 +991,24 @@ impl WalDecoder {
         let major = self.major.unwrap_or(PgMajor::V18);
         let tot = h.xl_tot_len as usize;
         let raw: &[u8] = match loc {
-            Location::Buf(i) => self.buf.get(i..i + tot).unwrap_or(&[]),
-            Location::Assembled => self.asm_buf.get(..tot).unwrap_or(&[]),
+            Location::Buf(i) => self.buf[..self.filled].get(i..i + tot).unwrap_or(&[]),
+            Location::Assembled => &self.asm_buf,
         };
-        let body = decode_body(
-            raw,
-            Lsn(lsn),
-            major,
-            self.params.block_size,
-            &mut self.blocks,
-        )?;
+        let images_left_out = raw.len() < tot;
+        let headers = self.headers.take();
+        let body = match headers {
+            Some(headers) if images_left_out => {
+                lay_out(headers, raw.len(), tot, Lsn(lsn), &mut self.blocks)?
+            }
+            _ => decode_body(
+                raw,
+                tot,
+                Lsn(lsn),
+                major,
+                self.params.block_size,
+                &mut self.blocks,
+            )?,
+        };
         let mut next = end;
         if h.xl_rmid == RM_XLOG_ID && h.xl_info & XLR_RMGR_INFO_MASK == XLOG_SWITCH {
             // Pretend the record extends to the end of its segment.
@@ -919,7 +1025,108 @@ impl WalDecoder {
             tli,
             body,
             major,
+            images_left_out,
         })
+    }
+
+    /// Takes `piece` of the fed bytes as the next bytes of the record being assembled: into
+    /// its CRC (past the record header, which the CRC takes last), and into `asm_buf` but for
+    /// image bytes being left out.
+    fn absorb(&mut self, a: &mut Assembly, piece: std::ops::Range<usize>) {
+        let bytes = &self.buf[piece];
+        let at = a.got as usize;
+        let body = SIZE_OF_XLOG_RECORD.saturating_sub(at).min(bytes.len());
+        a.crc = crc32c::crc32c_append(a.crc, &bytes[body..]);
+        if a.images == ImageBytes::Await && at == 0 {
+            // The fragment headers mostly come whole with the first piece: found there, no
+            // image byte is copied at all.
+            self.headers = image_ranges(
+                bytes,
+                a.tot_len as usize,
+                self.major.unwrap_or(PgMajor::V18),
+                self.params.block_size,
+                &mut self.blocks,
+                &mut self.image_ranges,
+            );
+            if self.headers.is_some() {
+                a.images = if self.image_ranges.is_empty() {
+                    ImageBytes::Keep
+                } else {
+                    ImageBytes::LeaveOut
+                };
+            }
+        }
+        if a.images == ImageBytes::LeaveOut {
+            kept_parts(at, bytes.len(), &self.image_ranges, |from, to| {
+                self.asm_buf.extend_from_slice(&bytes[from - at..to - at]);
+            });
+        } else {
+            self.asm_buf.extend_from_slice(bytes);
+        }
+        a.got += bytes.len() as u32;
+        if a.images == ImageBytes::Await && a.got < a.tot_len {
+            self.find_images(a);
+        }
+    }
+
+    /// Once the fragment headers of the record being assembled have all arrived, where its
+    /// images are; the image bytes already copied are then taken out again.
+    fn find_images(&mut self, a: &mut Assembly) {
+        let major = self.major.unwrap_or(PgMajor::V18);
+        let found = image_ranges(
+            &self.asm_buf,
+            a.tot_len as usize,
+            major,
+            self.params.block_size,
+            &mut self.blocks,
+            &mut self.image_ranges,
+        );
+        let Some(headers) = found else {
+            // Not all there yet, or not valid: then the record will fail its checks whole.
+            return;
+        };
+        if self.image_ranges.is_empty() {
+            a.images = ImageBytes::Keep;
+            return;
+        }
+        let got = self.asm_buf.len();
+        let mut kept = 0;
+        let (buf, ranges) = (&mut self.asm_buf, &self.image_ranges);
+        kept_parts(0, got, ranges, |from, to| {
+            buf.copy_within(from..to, kept);
+            kept += to - from;
+        });
+        buf.truncate(kept);
+        self.headers = Some(headers);
+        a.images = ImageBytes::LeaveOut;
+    }
+}
+
+/// Calls `f(from, to)` for each part of the record offsets `[at, at + len)` outside `skip`
+/// (sorted, not overlapping), in order.
+fn kept_parts(
+    at: usize,
+    len: usize,
+    skip: &[std::ops::Range<u32>],
+    mut f: impl FnMut(usize, usize),
+) {
+    let end = at + len;
+    let mut pos = at;
+    for r in skip {
+        let (s, e) = (r.start as usize, r.end as usize);
+        if e <= pos {
+            continue;
+        }
+        if s >= end {
+            break;
+        }
+        if s > pos {
+            f(pos, s);
+        }
+        pos = e.min(end);
+    }
+    if pos < end {
+        f(pos, end);
     }
 }
 

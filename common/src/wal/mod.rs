@@ -34,7 +34,8 @@
 //!
 //! Each [`WalRecord`] borrows from the decoder until the next `poll`/`feed`: its header fields,
 //! `end_lsn` (PostgreSQL's end pointer), block references ([`BlockRef`]: locator, fork, block,
-//! flags, [`BlockImage`] with hole and compression), main data, the raw bytes, and a
+//! flags, [`BlockImage`] with hole and compression), main data, the raw bytes (without the
+//! image bytes of records spanning pages when asked, [`WalDecoder::leave_out_image_bytes`]), and a
 //! [`RecordKind`] for the records that change relation files wholesale or mark checkpoints,
 //! switches and timeline changes. A record flagged `XLR_SPECIAL_REL_UPDATE` whose kind is not
 //! known is reported as [`WalError::UnrecognizedRelUpdate`] (decoding can continue past it).
@@ -59,6 +60,7 @@ pub use error::{MagicExpectation, WalError, WalParamsError};
 pub use kinds::{OidList, RecordKind, RelFileLocatorList, XactFinish, XactOp, XactPrepare};
 pub use page::{XLogLongPageHeader, XLogPageHeader, identify_major};
 pub use record::{
-    BlockImage, BlockRef, ImageCompression, RelFileLocator, XLogRecordHeader, fork_name,
+    BlockImage, BlockRef, IMAGE_BYTES_LEFT_OUT, ImageCompression, RelFileLocator, XLogRecordHeader,
+    fork_name,
 };
 pub use rmgr::{record_type_name, rmgr_name};

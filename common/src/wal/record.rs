@@ -166,9 +166,14 @@ pub struct BlockImage {
     /// Whether redo restores this image (`BKPIMAGE_APPLY`); images taken only for
     /// `wal_consistency_checking` are not applied.
     pub apply: bool,
-    /// Offset of the stored image bytes within the record.
+    /// Offset of the stored image bytes within the record's `raw` bytes, or
+    /// [`IMAGE_BYTES_LEFT_OUT`] when the decoder was asked to leave image bytes out and did (see
+    /// [`crate::wal::WalDecoder::leave_out_image_bytes`]).
     pub offset: u32,
 }
+
+/// [`BlockImage::offset`] of an image whose bytes the decoder checked but did not keep.
+pub const IMAGE_BYTES_LEFT_OUT: u32 = u32::MAX;
 
 impl BlockImage {
     pub fn has_hole(&self) -> bool {
@@ -222,21 +227,117 @@ pub(crate) struct BodyInfo {
     pub toplevel_xid: Option<u32>,
 }
 
-/// `DecodeXLogRecord`: parses the fragment headers of `rec` (a whole record whose header was
-/// already validated and whose CRC matched) into `blocks` and the main data range. Every check
-/// PostgreSQL makes is made here, with every length computed without overflow.
+/// `DecodeXLogRecord`: parses the fragment headers of `rec` (a whole record of `tot_len` bytes,
+/// `xl_tot_len`, whose header was already validated and whose CRC matched) into `blocks` and
+/// the main data range. Every check PostgreSQL makes is made here, with every length computed
+/// without overflow.
+///
+/// `rec` is either the whole record, or the record with the stored bytes of its full-page
+/// images left out (what [`image_ranges`] named, taken out): then every image's offset is
+/// [`IMAGE_BYTES_LEFT_OUT`] and the other payloads' offsets index the shortened bytes.
 pub(crate) fn decode_body(
     rec: &[u8],
+    tot_len: usize,
     lsn: Lsn,
     major: PgMajor,
     blcksz: u32,
     blocks: &mut Vec<BlockRef>,
 ) -> Result<BodyInfo, WalError> {
+    let headers = decode_headers(rec, tot_len, lsn, major, blcksz, blocks)?;
+    lay_out(headers, rec.len(), tot_len, lsn, blocks)
+}
+
+/// What the fragment headers of a record say besides its block references.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Headers {
+    info: BodyInfo,
+    /// Where the payloads begin.
+    pos: usize,
+    main_len: u32,
+}
+
+/// The second half of [`decode_body`]: where each payload of the record lies in its `rec_len`
+/// bytes (`tot_len` when whole), once its fragment headers were decoded into `blocks`.
+pub(crate) fn lay_out(
+    headers: Headers,
+    rec_len: usize,
+    tot_len: usize,
+    lsn: Lsn,
+    blocks: &mut [BlockRef],
+) -> Result<BodyInfo, WalError> {
+    let Headers {
+        mut info,
+        pos,
+        main_len,
+    } = headers;
+    let left_out = rec_len < tot_len;
+    // Payloads follow in header order; their total was checked to be exactly what is left
+    // after the headers, so every offset below stays within the record (and within u32:
+    // xl_tot_len is one).
+    let mut off = pos as u32;
+    let mut images = 0usize;
+    for b in blocks.iter_mut() {
+        if let Some(img) = b.image.as_mut() {
+            if left_out {
+                img.offset = IMAGE_BYTES_LEFT_OUT;
+                images += usize::from(img.length);
+            } else {
+                img.offset = off;
+                off += u32::from(img.length);
+            }
+        }
+        b.data_offset = off;
+        off += u32::from(b.data_len);
+    }
+    if left_out && rec_len != tot_len - images {
+        return Err(WalError::InvalidLength { lsn });
+    }
+    info.main_data = off..off + main_len;
+    Ok(info)
+}
+
+/// Where the stored bytes of each full-page image lie in a record (offsets from its start), in
+/// order, as the fragment headers in `prefix` say: `None` until `prefix`, the first bytes of a
+/// record of `tot_len` bytes, holds all its fragment headers, or when they are not valid. The
+/// headers are decoded into `blocks` and returned, for [`lay_out`] once the record is whole
+/// and its CRC matched.
+pub(crate) fn image_ranges(
+    prefix: &[u8],
+    tot_len: usize,
+    major: PgMajor,
+    blcksz: u32,
+    blocks: &mut Vec<BlockRef>,
+    ranges: &mut Vec<Range<u32>>,
+) -> Option<Headers> {
+    let headers = decode_headers(prefix, tot_len, Lsn(0), major, blcksz, blocks).ok()?;
+    // Where the payloads lie in the whole record.
+    lay_out(headers.clone(), tot_len, tot_len, Lsn(0), blocks).ok()?;
+    ranges.clear();
+    ranges.extend(
+        blocks
+            .iter()
+            .filter_map(|b| b.image)
+            .map(|i| i.offset..i.offset + u32::from(i.length)),
+    );
+    Some(headers)
+}
+
+/// The fragment headers of a record of `tot_len` bytes whose first bytes are `rec`: the block
+/// references, what else the headers say, where the payloads begin and the main data's length.
+fn decode_headers(
+    rec: &[u8],
+    tot_len: usize,
+    lsn: Lsn,
+    major: PgMajor,
+    blcksz: u32,
+    blocks: &mut Vec<BlockRef>,
+) -> Result<Headers, WalError> {
     blocks.clear();
     let mut info = BodyInfo::default();
     let short = || WalError::InvalidLength { lsn };
-    // `rec.len()` is xl_tot_len (the caller sliced it), at least 24.
-    let tot_len = rec.len();
+    if tot_len < SIZE_OF_XLOG_RECORD || tot_len > XLOG_RECORD_MAX_SIZE as usize {
+        return Err(short());
+    }
     let mut pos = SIZE_OF_XLOG_RECORD;
     // Bytes after `pos`; header fields are taken from them until what is left equals the
     // payload announced by the headers read so far.
@@ -418,21 +519,12 @@ pub(crate) fn decode_body(
     if ((tot_len - pos) as u64) != datatotal {
         return Err(short());
     }
-
-    // Payloads follow in header order; their total was just checked to be exactly what is
-    // left, so every offset below stays within the record (and within u32: xl_tot_len is one).
-    let mut off = pos as u32;
-    for b in blocks.iter_mut() {
-        if let Some(img) = b.image.as_mut() {
-            img.offset = off;
-            off += u32::from(img.length);
-        }
-        b.data_offset = off;
-        off += u32::from(b.data_len);
-    }
-    let main_len = main_len as u32;
-    info.main_data = off..off + main_len;
-    Ok(info)
+    // main_len <= datatotal == tot_len - pos, which fits u32.
+    Ok(Headers {
+        info,
+        pos,
+        main_len: main_len as u32,
+    })
 }
 
 #[cfg(test)]
@@ -459,7 +551,7 @@ mod tests {
     fn decode(major: PgMajor, after: &[u8]) -> Result<(Vec<BlockRef>, BodyInfo), WalError> {
         let r = record(0, 10, after);
         let mut blocks = Vec::new();
-        let info = decode_body(&r, Lsn(0x100), major, 8192, &mut blocks)?;
+        let info = decode_body(&r, r.len(), Lsn(0x100), major, 8192, &mut blocks)?;
         Ok((blocks, info))
     }
 
