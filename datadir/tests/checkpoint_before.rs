@@ -4,45 +4,15 @@
 //! forward walk of the same WAL met before that record; without the checkpoint's segment the
 //! walk says which segment is missing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use failback_common::Lsn;
 use failback_common::timeline::TimeLineHistory;
-use failback_common::wal::{RecordKind, WalParams};
-use failback_common::{Lsn, PgMajor};
+use failback_common::wal::RecordKind;
 use failback_datadir::wal::{CheckpointAt, WalReadError, WalReader};
 
-struct Fixture {
-    params: WalParams,
-    start: Lsn,
-    end: Lsn,
-    dir: tempfile::TempDir,
-}
-
-fn fixture(major: u32) -> Fixture {
-    let src =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../common/tests/data/wal/pg{major}"));
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(src.join("fixture.json")).unwrap()).unwrap();
-    let seg_size = json["seg_size"].as_u64().unwrap() as u32;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("pg_wal")).unwrap();
-    for name in json["segments"].as_array().unwrap() {
-        let name = name.as_str().unwrap();
-        let z = std::fs::read(src.join(format!("{name}.zst"))).unwrap();
-        std::fs::write(
-            dir.path().join("pg_wal").join(name),
-            zstd::decode_all(&z[..]).unwrap(),
-        )
-        .unwrap();
-    }
-    let lsn = |k: &str| json[k].as_str().unwrap().parse::<Lsn>().unwrap();
-    Fixture {
-        params: WalParams::new(PgMajor::from_number(major).unwrap(), seg_size),
-        start: lsn("start_lsn"),
-        end: lsn("end_lsn"),
-        dir,
-    }
-}
+mod fixture;
+use fixture::{Fixture, fixture};
 
 fn pg_wal(f: &Fixture) -> PathBuf {
     f.dir.path().join("pg_wal")

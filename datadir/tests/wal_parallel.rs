@@ -5,49 +5,15 @@
 //! in a recycled segment (a file still holding an older segment's pages), or torn in the
 //! middle of a segment another thread decodes — the same error at the same position.
 
-use std::path::Path;
-
+use failback_common::Lsn;
 use failback_common::timeline::TimeLineHistory;
-use failback_common::wal::{Decoded, WalDecoder, WalParams};
-use failback_common::{Lsn, PgMajor};
+use failback_common::wal::{Decoded, WalDecoder};
 use failback_datadir::wal::{WalEnd, WalReader};
 
 const RELSEG_SIZE: u32 = 131072;
 
-struct Fixture {
-    params: WalParams,
-    major: PgMajor,
-    start: Lsn,
-    /// Every segment file, in order.
-    segments: Vec<(String, Vec<u8>)>,
-    dir: tempfile::TempDir,
-}
-
-fn fixture(major: u32) -> Fixture {
-    let src =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../common/tests/data/wal/pg{major}"));
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(src.join("fixture.json")).unwrap()).unwrap();
-    let seg_size = json["seg_size"].as_u64().unwrap() as u32;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("pg_wal")).unwrap();
-    let mut segments = Vec::new();
-    for name in json["segments"].as_array().unwrap() {
-        let name = name.as_str().unwrap();
-        let z = std::fs::read(src.join(format!("{name}.zst"))).unwrap();
-        let seg = zstd::decode_all(&z[..]).unwrap();
-        std::fs::write(dir.path().join("pg_wal").join(name), &seg).unwrap();
-        segments.push((name.to_string(), seg));
-    }
-    let major = PgMajor::from_number(major).unwrap();
-    Fixture {
-        params: WalParams::new(major, seg_size),
-        major,
-        start: json["start_lsn"].as_str().unwrap().parse().unwrap(),
-        segments,
-        dir,
-    }
-}
+mod fixture;
+use fixture::{Fixture, fixture};
 
 impl Fixture {
     fn reader<'h>(&self, history: &'h TimeLineHistory) -> WalReader<'h> {
