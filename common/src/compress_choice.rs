@@ -19,19 +19,31 @@
 //! that way, stored won on such a stale sample and the copy sent half again level 1's bytes
 //! through the 200 Mbit/s link). Compression is chosen when it delivers at least [`MARGIN`]
 //! times more: where both deliver alike, the bottleneck is neither the link nor the compressor
-//! but the writer, and compressing only spends CPU. The choice then holds for the run.
+//! but the writer, and compressing only spends CPU. The choice holds until the copy's delivery
+//! says the link or the data changed (below).
 //!
-//! Only a fetch of at least [`PROBE_MIN_FETCH`] bytes probes: two requests sent one after the
-//! other cost a few round trips, nothing next to a large copy but a good part of a small one,
-//! where compressing (at most a few hundred milliseconds of CPU) is the safe choice. Until
+//! Only a fetch of at least [`Measuring::min_fetch`] bytes probes: two requests sent one after
+//! the other cost a few round trips, nothing next to a large copy but a good part of a small
+//! one, where compressing (at most a few hundred milliseconds of CPU) is the safe choice. Until
 //! probed, requests compress.
 //!
-//! A pure state machine: the caller asks what the next request uses
-//! ([`CompressionChoice::next_request`]), whether a fetch should start with the probes
-//! ([`CompressionChoice::wants_probes`]), and tells what each probe delivered in how long
-//! ([`CompressionChoice::probed`]).
+//! The choice is watched for the rest of the run: links change under a long copy (a shared WAN
+//! link fills up or frees, a VPN reroutes, the copy moves from pages that compress ten to one to
+//! pages that barely do). Every [`Measuring::window`] the raw bytes the copy delivered are
+//! averaged; the first full window after a choice (the one after the pipeline refilled) is the
+//! reference. When [`Measuring::sustain`] windows in a row deliver more than
+//! [`Measuring::drift`] times the reference, or less than its [`Measuring::drift`]th, what made
+//! the choice has changed, and the next large enough request measures again: the two probes,
+//! alone, as at first. A window without deliveries (the copy waiting on its writer, or between
+//! two fetches) is idleness, not a slow link, and is not counted.
+//!
+//! A pure state machine; time is a parameter. The caller asks whether its next request is a
+//! probe ([`CompressionChoice::wants_probe`]: then it waits until nothing else is in flight,
+//! sends it alone and tells what it delivered in how long, [`CompressionChoice::probed`]), or
+//! else what an ordinary request uses ([`CompressionChoice::next_request`]); and tells what the
+//! copy delivers as it arrives ([`CompressionChoice::delivered`]).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::wire::Compression;
 
@@ -40,8 +52,9 @@ use crate::wire::Compression;
 pub enum CompressPolicy {
     /// Always this.
     Fixed(Compression),
-    /// zstd at `level` or stored, whichever delivers more raw bytes per second.
-    Auto { level: i32 },
+    /// zstd at `level` or stored, whichever delivers more raw bytes per second, measured as
+    /// `measuring` says.
+    Auto { level: i32, measuring: Measuring },
 }
 
 impl CompressPolicy {
@@ -50,6 +63,36 @@ impl CompressPolicy {
     /// `--compress auto`: zstd at level 1 or stored, whichever the probes say delivers more.
     pub const AUTO: CompressPolicy = CompressPolicy::Auto {
         level: Compression::DEFAULT.level(),
+        measuring: Measuring::DEFAULT,
+    };
+}
+
+/// When `auto` probes, and when it probes again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Measuring {
+    /// The smallest fetch that probes (and the least left of one that probes again); smaller
+    /// ones compress.
+    pub min_fetch: u64,
+    /// The span over which the copy's delivery is averaged.
+    pub window: Duration,
+    /// How many times more (or less) than the reference a window must deliver to count as off.
+    pub drift: u32,
+    /// How many windows in a row must be off before the probes run again.
+    pub sustain: u32,
+    /// The least time from one choice to the next round of probes.
+    pub min_interval: Duration,
+}
+
+impl Measuring {
+    /// failback's: probes for copies of 256 MiB or more; again after three 2-second windows in
+    /// a row at more than twice or less than half the reference, 20 s after the last choice at
+    /// the soonest.
+    pub const DEFAULT: Measuring = Measuring {
+        min_fetch: 256 << 20,
+        window: Duration::from_secs(2),
+        drift: 2,
+        sustain: 3,
+        min_interval: Duration::from_secs(20),
     };
 }
 
@@ -58,8 +101,6 @@ impl CompressPolicy {
 /// CPU compression takes on both ends is better left to the rest of the copy (on one machine,
 /// or two small ones, it is the same CPU).
 pub const MARGIN: f64 = 1.25;
-/// The smallest fetch that probes; smaller ones compress.
-pub const PROBE_MIN_FETCH: u64 = 256 << 20;
 /// A probe that delivered less than this (a file shorter than listed) measured nothing.
 const MIN_SAMPLE_BYTES: u64 = 1 << 20;
 
@@ -67,93 +108,232 @@ const MIN_SAMPLE_BYTES: u64 = 1 << 20;
 const ZSTD: usize = 0;
 const STORED: usize = 1;
 
-/// The probes' rates and the choice they make.
+/// One round of probes and what it chose.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Choice {
+    /// Raw bytes per second each probe delivered: compressed, stored.
+    rate: [Option<f64>; 2],
+    chose: Compression,
+}
+
+/// The probes' rates, the choices they made, and the watch on the copy's delivery since.
 #[derive(Clone, Debug)]
 pub struct CompressionChoice {
     policy: CompressPolicy,
-    /// Raw bytes per second each probe delivered: compressed, stored.
-    rate: [Option<f64>; 2],
-    /// What every request uses once probed.
-    decided: Option<Compression>,
+    /// The round under way: the rates measured so far.
+    round: Option<[Option<f64>; 2]>,
+    /// Every round's choice, oldest first; the last one holds.
+    choices: Vec<Choice>,
+    watch: Watch,
+}
+
+/// The copy's delivery since the last choice, window by window.
+#[derive(Clone, Debug, Default)]
+struct Watch {
+    /// When the last choice was made.
+    chosen_at: Option<Instant>,
+    /// The window being filled: when its first delivery came, and the bytes since.
+    window: Option<(Instant, u64)>,
+    /// The last delivery.
+    last: Option<Instant>,
+    /// Windows still to pass before the reference is taken (the pipeline refilling).
+    settling: u32,
+    /// Raw bytes per second of the first settled window.
+    reference: Option<f64>,
+    /// Windows in a row off the reference by more than the drift.
+    off: u32,
 }
 
 impl CompressionChoice {
     pub fn new(policy: CompressPolicy) -> CompressionChoice {
         CompressionChoice {
             policy,
-            rate: [None, None],
-            decided: None,
+            round: None,
+            choices: Vec::new(),
+            watch: Watch::default(),
         }
+    }
+
+    /// What holds now, once a round has chosen.
+    fn chosen(&self) -> Option<Compression> {
+        self.choices.last().map(|c| c.chose)
     }
 
     /// The compression of a request that is not a probe.
     pub fn next_request(&self) -> Compression {
-        match (self.policy, self.decided) {
-            (CompressPolicy::Fixed(c), _) => c,
-            (CompressPolicy::Auto { .. }, Some(c)) => c,
-            (CompressPolicy::Auto { level }, None) => Compression::Zstd(level),
+        match self.policy {
+            CompressPolicy::Fixed(c) => c,
+            CompressPolicy::Auto { level, .. } => {
+                self.chosen().unwrap_or(Compression::Zstd(level))
+            }
         }
     }
 
-    /// Whether a fetch of `fetch_bytes` in all should start with the probes: `auto`, not yet
-    /// probed, and large enough.
-    pub fn wants_probes(&self, fetch_bytes: u64) -> bool {
-        matches!(self.policy, CompressPolicy::Auto { .. })
-            && self.decided.is_none()
-            && fetch_bytes >= PROBE_MIN_FETCH
-    }
-
-    /// The probes, in the order they are sent, one after the other: stored first, so that
-    /// what the first request of a connection pays (a congestion window still opening) is
-    /// paid by the kind that loses by it the bytes compression would save.
-    pub fn probes(&self) -> [Compression; 2] {
-        let level = match self.policy {
-            CompressPolicy::Auto { level } => level,
-            CompressPolicy::Fixed(c) => return [c, c],
+    /// Whether the next request, of a fetch with `fetch_left` bytes still to ask for, is a
+    /// probe, and which: `auto`, enough left, and either never probed or the watch saw the
+    /// copy's delivery move away from what the last choice was made on. The probe is to be
+    /// sent alone, once every request in flight has been answered, and reported with
+    /// [`CompressionChoice::probed`] (or [`CompressionChoice::probe_failed`]) before asking
+    /// again. Stored goes first, so that what the first request of a connection pays (a
+    /// congestion window still opening) is paid by the kind that loses by it the bytes
+    /// compression would save.
+    pub fn wants_probe(&mut self, now: Instant, fetch_left: u64) -> Option<Compression> {
+        let CompressPolicy::Auto { level, measuring } = self.policy else {
+            return None;
         };
-        [Compression::None, Compression::Zstd(level)]
+        if let Some(round) = self.round {
+            return Some(if round[STORED].is_none() {
+                Compression::None
+            } else {
+                Compression::Zstd(level)
+            });
+        }
+        if fetch_left < measuring.min_fetch {
+            return None;
+        }
+        let again = self.watch.off >= measuring.sustain
+            && self
+                .watch
+                .chosen_at
+                .is_some_and(|at| now.saturating_duration_since(at) >= measuring.min_interval);
+        if !self.choices.is_empty() && !again {
+            return None;
+        }
+        self.round = Some([None, None]);
+        Some(Compression::None)
     }
 
-    /// A probe asking for `used` delivered `raw_bytes` in `took`; after the second, the choice
-    /// is made.
-    pub fn probed(&mut self, used: Compression, raw_bytes: u64, took: Duration) {
-        let CompressPolicy::Auto { level } = self.policy else {
+    /// A probe asking for `used` delivered `raw_bytes` in `took`, answered at `now`; after the
+    /// round's second, the choice is made.
+    pub fn probed(&mut self, used: Compression, raw_bytes: u64, took: Duration, now: Instant) {
+        let CompressPolicy::Auto { level, .. } = self.policy else {
+            return;
+        };
+        let Some(round) = self.round.as_mut() else {
             return;
         };
         let slot = match used {
             Compression::Zstd(_) => ZSTD,
             Compression::None => STORED,
         };
-        self.rate[slot] = (raw_bytes >= MIN_SAMPLE_BYTES && !took.is_zero())
-            .then(|| raw_bytes as f64 / took.as_secs_f64());
-        if slot == ZSTD {
-            self.decided = Some(match self.rate {
+        // A probe that measured nothing still counts as asked: its rate is 0 then, and the
+        // choice below falls to compressing.
+        round[slot] = Some(
+            (raw_bytes >= MIN_SAMPLE_BYTES && !took.is_zero())
+                .then(|| raw_bytes as f64 / took.as_secs_f64())
+                .unwrap_or(0.0),
+        );
+        if let [Some(z), Some(s)] = *round {
+            let rate = [Some(z).filter(|&r| r > 0.0), Some(s).filter(|&r| r > 0.0)];
+            let chose = match rate {
                 [Some(z), Some(s)] if z < MARGIN * s => Compression::None,
                 // Compressing wins, or a probe measured nothing: compress, safe on a link of
                 // unknown width.
                 _ => Compression::Zstd(level),
-            });
+            };
+            self.choose(Choice { rate, chose }, now);
         }
     }
 
     /// A probe failed: the choice falls to compressing.
-    pub fn probe_failed(&mut self) {
-        if let CompressPolicy::Auto { level } = self.policy {
-            self.decided = Some(Compression::Zstd(level));
+    pub fn probe_failed(&mut self, now: Instant) {
+        if let CompressPolicy::Auto { level, .. } = self.policy {
+            let rate = self.round.unwrap_or_default();
+            self.choose(
+                Choice {
+                    rate,
+                    chose: Compression::Zstd(level),
+                },
+                now,
+            );
         }
     }
 
-    /// What was chosen and why: each probe's rate in MB/s of raw bytes.
+    fn choose(&mut self, choice: Choice, now: Instant) {
+        self.round = None;
+        self.choices.push(choice);
+        self.watch = Watch {
+            chosen_at: Some(now),
+            settling: 1,
+            ..Watch::default()
+        };
+    }
+
+    /// The copy handed over `raw_bytes` of file data at `now` (a probe's too: they are not
+    /// watched, their round is what measures them).
+    pub fn delivered(&mut self, raw_bytes: u64, now: Instant) {
+        let CompressPolicy::Auto { measuring, .. } = self.policy else {
+            return;
+        };
+        if self.round.is_some() || self.choices.is_empty() {
+            return;
+        }
+        let w = &mut self.watch;
+        let idle = w
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) > measuring.window);
+        w.last = Some(now);
+        let (start, bytes) = match w.window {
+            Some(open) if !idle => open,
+            // A gap of a whole window: what was being filled measured idleness.
+            _ => {
+                w.window = Some((now, raw_bytes));
+                return;
+            }
+        };
+        let bytes = bytes + raw_bytes;
+        let span = now.saturating_duration_since(start);
+        if span < measuring.window {
+            w.window = Some((start, bytes));
+            return;
+        }
+        w.window = Some((now, 0));
+        let rate = bytes as f64 / span.as_secs_f64();
+        if w.settling > 0 {
+            w.settling -= 1;
+            return;
+        }
+        let Some(reference) = w.reference else {
+            w.reference = Some(rate);
+            return;
+        };
+        let drift = f64::from(measuring.drift);
+        let off = rate > reference * drift || rate * drift < reference;
+        w.off = if off { w.off + 1 } else { 0 };
+    }
+
+    /// How many rounds of probes have chosen (the first and every one since).
+    pub fn rounds(&self) -> usize {
+        self.choices.len()
+    }
+
+    /// What was chosen and why: each round's choice and its probes' rates, in MB/s of raw
+    /// bytes.
     pub fn summary(&self) -> String {
         let rate = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{:.0}", r / 1e6));
-        match (self.policy, self.decided) {
-            (CompressPolicy::Fixed(c), _) => format!("compression fixed at {c:?}"),
-            (CompressPolicy::Auto { .. }, None) => "compression auto: not probed yet".into(),
-            (CompressPolicy::Auto { .. }, Some(c)) => format!(
-                "compression auto: {c:?} (probes: stored {} MB/s, compressed {} MB/s of raw bytes)",
-                rate(self.rate[STORED]),
-                rate(self.rate[ZSTD])
-            ),
+        let round = |c: &Choice| {
+            format!(
+                "{:?} (probes: stored {} MB/s, compressed {} MB/s of raw bytes)",
+                c.chose,
+                rate(c.rate[STORED]),
+                rate(c.rate[ZSTD])
+            )
+        };
+        match self.policy {
+            CompressPolicy::Fixed(c) => format!("compression fixed at {c:?}"),
+            CompressPolicy::Auto { .. } => match self.choices.split_first() {
+                None => "compression auto: not probed yet".into(),
+                Some((first, rest)) => {
+                    let mut s = format!("compression auto: {}", round(first));
+                    for c in rest {
+                        s.push_str(&format!(
+                            ", then, the copy's rate having moved, {}",
+                            round(c)
+                        ));
+                    }
+                    s
+                }
+            },
         }
     }
 }
@@ -163,21 +343,29 @@ mod tests {
     use super::*;
 
     const MB: u64 = 1 << 20;
+    const MIN: u64 = Measuring::DEFAULT.min_fetch;
 
-    /// The probes answered at `stored` and `zstd` MB/s; returns what the rest then use.
+    /// A round of probes at `stored` and `zstd` MB/s, at `now`.
+    fn round(c: &mut CompressionChoice, now: Instant, stored: f64, zstd: f64) {
+        let a = c.wants_probe(now, MIN).expect("a probe");
+        assert_eq!(a, Compression::None, "stored first");
+        assert_eq!(c.wants_probe(now, MIN), Some(a), "until answered, the same probe");
+        c.probed(a, 4 * MB, Duration::from_secs_f64(4.0 / stored), now);
+        let undecided = c.next_request();
+        let b = c.wants_probe(now, MIN).expect("the second probe");
+        assert_eq!(b, Compression::Zstd(1));
+        c.probed(b, 4 * MB, Duration::from_secs_f64(4.0 / zstd), now);
+        assert_eq!(c.wants_probe(now, u64::MAX), None, "the round is over");
+        if c.rounds() == 1 {
+            assert_eq!(undecided, Compression::Zstd(1), "undecided after one");
+        }
+    }
+
+    /// The first round's probes answered at `stored` and `zstd` MB/s; returns what the rest
+    /// then use.
     fn probed(stored: f64, zstd: f64) -> Compression {
         let mut c = CompressionChoice::new(CompressPolicy::AUTO);
-        assert!(c.wants_probes(PROBE_MIN_FETCH));
-        let [a, b] = c.probes();
-        assert_eq!((a, b), (Compression::None, Compression::Zstd(1)));
-        c.probed(a, 4 * MB, Duration::from_secs_f64(4.0 / stored));
-        assert_eq!(
-            c.next_request(),
-            Compression::Zstd(1),
-            "undecided after one"
-        );
-        c.probed(b, 4 * MB, Duration::from_secs_f64(4.0 / zstd));
-        assert!(!c.wants_probes(u64::MAX), "probed once");
+        round(&mut c, Instant::now(), stored, zstd);
         c.next_request()
     }
 
@@ -202,25 +390,143 @@ mod tests {
 
     #[test]
     fn small_fetches_and_failed_probes_compress() {
+        let t = Instant::now();
         let mut c = CompressionChoice::new(CompressPolicy::AUTO);
-        assert!(!c.wants_probes(PROBE_MIN_FETCH - 1));
+        assert_eq!(c.wants_probe(t, MIN - 1), None);
         assert_eq!(c.next_request(), Compression::Zstd(1));
         // A probe that delivered almost nothing (a file shorter than listed) measures nothing.
-        c.probed(Compression::None, 4096, Duration::from_micros(1));
-        c.probed(Compression::Zstd(1), 4 * MB, Duration::from_secs(1));
+        let a = c.wants_probe(t, MIN).unwrap();
+        c.probed(a, 4096, Duration::from_micros(1), t);
+        let b = c.wants_probe(t, MIN).unwrap();
+        c.probed(b, 4 * MB, Duration::from_secs(1), t);
         assert_eq!(c.next_request(), Compression::Zstd(1));
+        assert!(c.summary().contains("stored - MB/s"), "{}", c.summary());
         let mut c = CompressionChoice::new(CompressPolicy::AUTO);
-        c.probe_failed();
+        c.wants_probe(t, MIN).unwrap();
+        c.probe_failed(t);
         assert_eq!(c.next_request(), Compression::Zstd(1));
-        assert!(!c.wants_probes(u64::MAX));
+        assert_eq!(c.wants_probe(t, u64::MAX), None);
     }
 
     #[test]
     fn fixed_is_fixed() {
+        let t = Instant::now();
         let mut c = CompressionChoice::new(CompressPolicy::Fixed(Compression::Zstd(3)));
-        assert!(!c.wants_probes(u64::MAX));
-        c.probed(Compression::None, 4 * MB, Duration::from_millis(1));
+        assert_eq!(c.wants_probe(t, u64::MAX), None);
+        c.probed(Compression::None, 4 * MB, Duration::from_millis(1), t);
+        c.delivered(u64::MAX / 2, t);
         assert_eq!(c.next_request(), Compression::Zstd(3));
         assert!(c.summary().contains("fixed"), "{}", c.summary());
+    }
+
+    /// Feeds `c` deliveries of 1 MiB at `mb_per_s` from `from` for `secs`; returns the time
+    /// after the last.
+    fn deliver(c: &mut CompressionChoice, from: Instant, mb_per_s: f64, secs: f64) -> Instant {
+        let step = Duration::from_secs_f64(1.0 / mb_per_s);
+        let mut t = from;
+        while t.duration_since(from).as_secs_f64() < secs {
+            t += step;
+            c.delivered(MB, t);
+        }
+        t
+    }
+
+    /// Chosen stored on loopback (probes at 900 and 300 MB/s), the copy then delivering each
+    /// `(MB/s, seconds)` of `then` in turn: the choice, the time at the end, and whether a
+    /// probe is wanted then (asked, so a round has begun if it is).
+    fn after_stored_choice(then: &[(f64, f64)]) -> (CompressionChoice, Instant, bool) {
+        let t0 = Instant::now();
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
+        round(&mut c, t0, 900.0, 300.0);
+        assert_eq!(c.next_request(), Compression::None);
+        let mut t = t0;
+        for &(rate, secs) in then {
+            t = deliver(&mut c, t, rate, secs);
+        }
+        let wants = c.wants_probe(t, MIN).is_some();
+        (c, t, wants)
+    }
+
+    #[test]
+    fn a_steady_copy_is_not_probed_again() {
+        let (c, _, wants) = after_stored_choice(&[(600.0, 120.0)]);
+        assert!(!wants);
+        assert_eq!(c.rounds(), 1);
+        // Nor one that wavers within the drift: 600, then 350, then 1000 MB/s.
+        let (_, _, wants) = after_stored_choice(&[(600.0, 30.0), (350.0, 30.0), (1000.0, 30.0)]);
+        assert!(!wants);
+    }
+
+    #[test]
+    fn a_link_that_narrows_is_probed_again_and_compresses() {
+        // 600 MB/s, then the link falls to 25 MB/s (200 Mbit/s) for good.
+        let (mut c, t, wants) = after_stored_choice(&[(600.0, 30.0), (25.0, 10.0)]);
+        assert!(wants, "three slow windows in a row: probe again");
+        // The round: stored alone now does 25 MB/s, compressed 2.7 to one 65.
+        assert_eq!(c.next_request(), Compression::None, "until the round ends");
+        c.probed(Compression::None, 4 * MB, Duration::from_secs_f64(4.0 / 25.0), t);
+        assert_eq!(c.wants_probe(t, MIN), Some(Compression::Zstd(1)));
+        c.probed(Compression::Zstd(1), 4 * MB, Duration::from_secs_f64(4.0 / 65.0), t);
+        assert_eq!(c.next_request(), Compression::Zstd(1));
+        assert_eq!(c.rounds(), 2);
+        assert!(
+            c.summary().contains("None (probes: stored 944 MB/s")
+                && c.summary().contains("then, the copy's rate having moved, Zstd(1) (probes: stored 26 MB/s, compressed 68 MB/s"),
+            "{}",
+            c.summary()
+        );
+        // At the new rate the watch is quiet again.
+        let t = deliver(&mut c, t, 65.0, 60.0);
+        assert_eq!(c.wants_probe(t, MIN), None);
+    }
+
+    #[test]
+    fn a_link_that_widens_is_probed_again() {
+        // Compressing through 200 Mbit/s at 65 MB/s of raw bytes; then the link is lifted and
+        // the compressor alone bounds the copy at 300 MB/s.
+        let t0 = Instant::now();
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
+        round(&mut c, t0, 25.0, 65.0);
+        let t = deliver(&mut c, t0, 65.0, 30.0);
+        assert_eq!(c.wants_probe(t, MIN), None);
+        let t = deliver(&mut c, t, 300.0, 10.0);
+        assert!(c.wants_probe(t, MIN).is_some());
+        round(&mut c, t, 900.0, 300.0);
+        assert_eq!(c.next_request(), Compression::None);
+    }
+
+    #[test]
+    fn a_blip_idleness_and_the_tail_do_not_probe_again() {
+        // Slow for 2.5 s (at most two 2-second windows off), then back: not sustained.
+        let (_, _, wants) = after_stored_choice(&[(600.0, 30.0), (25.0, 2.5), (600.0, 30.0)]);
+        assert!(!wants);
+        // Nothing delivered for a minute (a writer's fsync, or between fetches), then the same
+        // rate again: idleness is not a slow link.
+        let (mut c, t, _) = after_stored_choice(&[(600.0, 30.0)]);
+        let t = deliver(&mut c, t + Duration::from_secs(60), 600.0, 30.0);
+        assert_eq!(c.wants_probe(t, MIN), None);
+        // Slow for good, but too little of the fetch left to be worth probing.
+        let t0 = Instant::now();
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
+        round(&mut c, t0, 900.0, 300.0);
+        let t = deliver(&mut c, t0, 600.0, 30.0);
+        let t = deliver(&mut c, t, 25.0, 10.0);
+        assert_eq!(c.wants_probe(t, MIN - 1), None);
+        assert!(c.wants_probe(t, MIN).is_some());
+    }
+
+    #[test]
+    fn not_sooner_than_the_interval() {
+        // Slow from the first settled window on: the reference is the slow rate itself, so it
+        // takes a change after it; a change 8 s after the choice waits out the 20 s.
+        let t0 = Instant::now();
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
+        round(&mut c, t0, 900.0, 300.0);
+        let t = deliver(&mut c, t0, 600.0, 5.0);
+        let t = deliver(&mut c, t, 25.0, 8.0);
+        assert!(t.duration_since(t0) < Measuring::DEFAULT.min_interval);
+        assert_eq!(c.wants_probe(t, MIN), None, "too soon");
+        let t = deliver(&mut c, t, 25.0, 10.0);
+        assert!(c.wants_probe(t, MIN).is_some(), "still off, and 20 s on");
     }
 }

@@ -1,7 +1,9 @@
 //! Loopback proxies that break the path between failback and failbackd on demand, as a
 //! flapping link does: [`TcpCut`] cuts every TCP connection at once and refuses new ones for a
-//! while (a NAT or firewall that forgets its flows, a route that comes back), [`UdpCut`] drops every datagram while it is "down" (a route that
-//! vanishes for a while). Both forward everything else untouched.
+//! while (a NAT or firewall that forgets its flows, a route that comes back) and
+//! [`TcpCut::set_rate`] narrows the link or widens it again (a shared link that fills up and
+//! frees), [`UdpCut`] drops every datagram while it is "down" (a route that vanishes for a
+//! while). Both forward everything else untouched.
 
 use std::collections::HashMap;
 use std::io;
@@ -26,10 +28,36 @@ pub struct TcpCut {
     /// While set, nothing is forwarded either way and connections stay open: a peer that has
     /// hung (a frozen server, a black-holed route), not one that has gone.
     stalled: Arc<AtomicBool>,
+    pace: Arc<Mutex<Pace>>,
 }
 
-/// Copies `from` to `to` until either side ends, holding every byte back while `stalled`.
-fn forward(mut from: TcpStream, mut to: TcpStream, stalled: &AtomicBool) {
+/// One rate shared by every connection and both directions: the link's width.
+#[derive(Default)]
+struct Pace {
+    /// Bytes per second; `None` forwards as fast as loopback does.
+    rate: Option<u64>,
+    /// When the link is free again for the next bytes.
+    free_at: Option<std::time::Instant>,
+}
+
+impl Pace {
+    /// How long the sender of `n` bytes waits for them to have crossed.
+    fn reserve(&mut self, n: usize) -> Duration {
+        let Some(rate) = self.rate else {
+            self.free_at = None;
+            return Duration::ZERO;
+        };
+        let now = std::time::Instant::now();
+        let start = self.free_at.filter(|&t| t > now).unwrap_or(now);
+        let done = start + Duration::from_secs_f64(n as f64 / rate.max(1) as f64);
+        self.free_at = Some(done);
+        done - now
+    }
+}
+
+/// Copies `from` to `to` until either side ends, holding every byte back while `stalled` and
+/// pacing them to the link's rate.
+fn forward(mut from: TcpStream, mut to: TcpStream, stalled: &AtomicBool, pace: &Mutex<Pace>) {
     use std::io::{Read, Write};
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -39,6 +67,10 @@ fn forward(mut from: TcpStream, mut to: TcpStream, stalled: &AtomicBool) {
         };
         while stalled.load(Ordering::Relaxed) {
             thread::sleep(TICK / 10);
+        }
+        let wait = pace.lock().unwrap_or_else(|p| p.into_inner()).reserve(n);
+        if !wait.is_zero() {
+            thread::sleep(wait);
         }
         if to.write_all(&buf[..n]).is_err() {
             break;
@@ -61,13 +93,15 @@ impl TcpCut {
         let stop = Arc::new(AtomicBool::new(false));
         let down_until = Arc::new(Mutex::new(None::<std::time::Instant>));
         let stalled = Arc::new(AtomicBool::new(false));
-        let (c, a, r, s, d, st) = (
+        let pace = Arc::new(Mutex::new(Pace::default()));
+        let (c, a, r, s, d, st, pc) = (
             conns.clone(),
             accepted.clone(),
             refused.clone(),
             stop.clone(),
             down_until.clone(),
             stalled.clone(),
+            pace.clone(),
         );
         thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
@@ -107,8 +141,8 @@ impl TcpCut {
                 .into_iter()
                 .filter_map(|(f, t)| Some((f.ok()?, t.ok()?)))
                 {
-                    let st = st.clone();
-                    thread::spawn(move || forward(from, to, &st));
+                    let (st, pc) = (st.clone(), pc.clone());
+                    thread::spawn(move || forward(from, to, &st, &pc));
                 }
             }
         });
@@ -120,7 +154,14 @@ impl TcpCut {
             refused,
             stop,
             stalled,
+            pace,
         }
+    }
+
+    /// Paces everything forwarded, both ways and over every connection together, to `rate`
+    /// bytes a second; `None` lifts the limit.
+    pub fn set_rate(&self, rate: Option<u64>) {
+        self.pace.lock().unwrap_or_else(|p| p.into_inner()).rate = rate;
     }
 
     pub fn port(&self) -> u16 {

@@ -16,6 +16,7 @@
 //! The engine is synchronous; a source owns a small tokio runtime and blocks on it, while every
 //! piece is handed to the sink on the calling thread.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
@@ -576,67 +577,24 @@ impl<T: Transport> RemoteSource<T> {
     ) -> Result<Box<dyn Fetch + '_>, SourceError> {
         let total: u64 = ranges.iter().map(|r| r.length).sum();
         let choice = self.compression.clone();
-        let probes = {
-            let c = choice.lock().unwrap_or_else(|p| p.into_inner());
-            c.wants_probes(total).then(|| c.probes())
-        };
-        let batches = batches(&ranges);
-        let probe_at = probe_batches(&batches);
+        let queue: VecDeque<Vec<FetchRange>> = batches(&ranges).into();
         let (tx, rx) = mpsc::channel::<Result<Piece, SourceError>>(self.jobs * 4);
-        let permits = Arc::new(Semaphore::new(self.jobs));
-        // With `--compress auto`'s probes, the first two requests go alone, one after the
-        // other, and the rest wait for both: how many have been answered.
-        let (probed_tx, probed_rx) = tokio::sync::watch::channel(0usize);
-        let probed_tx = Arc::new(probed_tx);
+        let dispatch = Dispatch {
+            transports: self.transports.clone(),
+            jobs: self.jobs,
+            choice: choice.clone(),
+            limit: self.max_chunk,
+            retry: self.retry.clone(),
+            op,
+            tx,
+        };
         let mut tasks = tokio::task::JoinSet::new();
-        for (i, b) in batches.into_iter().enumerate() {
-            let transport = self.transports[i % self.transports.len()].clone();
-            let (tx, permits) = (tx.clone(), permits.clone());
-            let choice = choice.clone();
-            let (mut probed_rx, probed_tx) = (probed_rx.clone(), probed_tx.clone());
-            let limit = self.max_chunk;
-            let retry = self.retry.clone();
-            tasks.spawn_on(
-                async move {
-                    let nth = i.wrapping_sub(probe_at);
-                    let probe = probes.filter(|_| nth < 2).map(|p| p[nth]);
-                    let wait_for = if nth < 2 { nth } else { 2 };
-                    if probes.is_some() && probed_rx.wait_for(|&n| n >= wait_for).await.is_err() {
-                        return;
-                    }
-                    let Ok(_permit) = permits.acquire_owned().await else {
-                        return;
-                    };
-                    let used = probe.unwrap_or_else(|| {
-                        choice
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .next_request()
-                    });
-                    let t = Instant::now();
-                    let done =
-                        run_batch(transport, b, used.level(), limit, retry, op, tx.clone()).await;
-                    if probe.is_some() {
-                        let mut c = choice.lock().unwrap_or_else(|p| p.into_inner());
-                        match &done {
-                            Ok(delivered) => c.probed(used, *delivered, t.elapsed()),
-                            Err(_) => c.probe_failed(),
-                        }
-                        drop(c);
-                        // A failed probe lets the rest go too: its error ends the fetch.
-                        probed_tx.send_modify(|n| *n = if done.is_ok() { *n + 1 } else { 2 });
-                    }
-                    if let Err(e) = done {
-                        let _ = tx.send(Err(e)).await;
-                    }
-                },
-                self.rt.handle(),
-            );
-        }
+        tasks.spawn_on(dispatch.run(queue, total), self.rt.handle());
         Ok(Box::new(RemoteFetch {
             rt: &self.rt,
             rx,
             tasks,
+            choice,
             piece: None,
         }))
     }
@@ -700,6 +658,8 @@ struct RemoteFetch<'s> {
     rt: &'s Runtime,
     rx: mpsc::Receiver<Result<Piece, SourceError>>,
     tasks: tokio::task::JoinSet<()>,
+    /// Told what the copy delivers, for `--compress auto`'s watch.
+    choice: Arc<std::sync::Mutex<CompressionChoice>>,
     /// The piece handed out last, which the caller borrows.
     piece: Option<Piece>,
 }
@@ -710,7 +670,14 @@ impl Fetch for RemoteFetch<'_> {
         let Some(piece) = self.rt.block_on(self.rx.recv()) else {
             return Ok(None);
         };
-        Ok(Some(match self.piece.insert(piece?) {
+        let piece = piece?;
+        if let Piece::Data { data, .. } = &piece {
+            self.choice
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .delivered(data.len() as u64, Instant::now());
+        }
+        Ok(Some(match self.piece.insert(piece) {
             Piece::Data { path, offset, data } => Fetched::Data {
                 path,
                 offset: *offset,
@@ -726,6 +693,108 @@ impl Drop for RemoteFetch<'_> {
     fn drop(&mut self) {
         let _guard = self.rt.enter();
         self.tasks.abort_all();
+    }
+}
+
+/// Sends a fetch's batches: at most `jobs` in flight, spread over the connections in turn,
+/// each compressed as the choice says; a probe of `--compress auto` goes alone, once every
+/// request before it has been answered, so that what it measures is its kind's and not its
+/// place in a queue.
+struct Dispatch<T: Transport> {
+    transports: Vec<T>,
+    jobs: usize,
+    choice: Arc<std::sync::Mutex<CompressionChoice>>,
+    limit: u64,
+    retry: Retry,
+    op: RetryOp,
+    tx: mpsc::Sender<Result<Piece, SourceError>>,
+}
+
+impl<T: Transport> Dispatch<T> {
+    fn choice(&self) -> std::sync::MutexGuard<'_, CompressionChoice> {
+        self.choice.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn run(self, mut queue: VecDeque<Vec<FetchRange>>, total: u64) {
+        let permits = Arc::new(Semaphore::new(self.jobs));
+        let all = u32::try_from(self.jobs).unwrap_or(u32::MAX);
+        let mut running = tokio::task::JoinSet::new();
+        let mut left = total;
+        // Where the round's first probe was taken: its second is the batch after it, the same
+        // kind of data.
+        let mut probed_at: Option<usize> = None;
+        let mut sent = 0usize;
+        while !queue.is_empty() {
+            let probe = self.choice().wants_probe(Instant::now(), left);
+            let b = match probe {
+                Some(_) => {
+                    let at = probed_at
+                        .filter(|&k| k < queue.len())
+                        .unwrap_or_else(|| probe_batches(queue.make_contiguous()));
+                    probed_at = Some(at);
+                    queue.remove(at)
+                }
+                None => {
+                    probed_at = None;
+                    queue.pop_front()
+                }
+            };
+            let Some(b) = b else { break };
+            left = left.saturating_sub(b.iter().map(|r| r.length).sum());
+            let transport = self.transports[sent % self.transports.len()].clone();
+            sent += 1;
+            let Some(used) = probe else {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let used = self.choice().next_request();
+                let batch = run_batch(
+                    transport,
+                    b,
+                    used.level(),
+                    self.limit,
+                    self.retry.clone(),
+                    self.op,
+                    self.tx.clone(),
+                );
+                let tx = self.tx.clone();
+                running.spawn(async move {
+                    if let Err(e) = batch.await {
+                        let _ = tx.send(Err(e)).await;
+                    }
+                    drop(permit);
+                });
+                while running.try_join_next().is_some() {}
+                continue;
+            };
+            // Alone: every permit, so every request before it has been answered.
+            let Ok(alone) = permits.clone().acquire_many_owned(all).await else {
+                return;
+            };
+            let t = Instant::now();
+            let done = run_batch(
+                transport,
+                b,
+                used.level(),
+                self.limit,
+                self.retry.clone(),
+                self.op,
+                self.tx.clone(),
+            )
+            .await;
+            match &done {
+                Ok(delivered) => self
+                    .choice()
+                    .probed(used, *delivered, t.elapsed(), Instant::now()),
+                Err(_) => self.choice().probe_failed(Instant::now()),
+            }
+            drop(alone);
+            if let Err(e) = done {
+                let _ = self.tx.send(Err(e)).await;
+                return;
+            }
+        }
+        while running.join_next().await.is_some() {}
     }
 }
 
