@@ -163,9 +163,7 @@ impl CompressionChoice {
     pub fn next_request(&self) -> Compression {
         match self.policy {
             CompressPolicy::Fixed(c) => c,
-            CompressPolicy::Auto { level, .. } => {
-                self.chosen().unwrap_or(Compression::Zstd(level))
-            }
+            CompressPolicy::Auto { level, .. } => self.chosen().unwrap_or(Compression::Zstd(level)),
         }
     }
 
@@ -218,11 +216,11 @@ impl CompressionChoice {
         };
         // A probe that measured nothing still counts as asked: its rate is 0 then, and the
         // choice below falls to compressing.
-        round[slot] = Some(
-            (raw_bytes >= MIN_SAMPLE_BYTES && !took.is_zero())
-                .then(|| raw_bytes as f64 / took.as_secs_f64())
-                .unwrap_or(0.0),
-        );
+        round[slot] = Some(if raw_bytes >= MIN_SAMPLE_BYTES && !took.is_zero() {
+            raw_bytes as f64 / took.as_secs_f64()
+        } else {
+            0.0
+        });
         if let [Some(z), Some(s)] = *round {
             let rate = [Some(z).filter(|&r| r > 0.0), Some(s).filter(|&r| r > 0.0)];
             let chose = match rate {
@@ -349,7 +347,11 @@ mod tests {
     fn round(c: &mut CompressionChoice, now: Instant, stored: f64, zstd: f64) {
         let a = c.wants_probe(now, MIN).expect("a probe");
         assert_eq!(a, Compression::None, "stored first");
-        assert_eq!(c.wants_probe(now, MIN), Some(a), "until answered, the same probe");
+        assert_eq!(
+            c.wants_probe(now, MIN),
+            Some(a),
+            "until answered, the same probe"
+        );
         c.probed(a, 4 * MB, Duration::from_secs_f64(4.0 / stored), now);
         let undecided = c.next_request();
         let b = c.wants_probe(now, MIN).expect("the second probe");
@@ -464,9 +466,19 @@ mod tests {
         assert!(wants, "three slow windows in a row: probe again");
         // The round: stored alone now does 25 MB/s, compressed 2.7 to one 65.
         assert_eq!(c.next_request(), Compression::None, "until the round ends");
-        c.probed(Compression::None, 4 * MB, Duration::from_secs_f64(4.0 / 25.0), t);
+        c.probed(
+            Compression::None,
+            4 * MB,
+            Duration::from_secs_f64(4.0 / 25.0),
+            t,
+        );
         assert_eq!(c.wants_probe(t, MIN), Some(Compression::Zstd(1)));
-        c.probed(Compression::Zstd(1), 4 * MB, Duration::from_secs_f64(4.0 / 65.0), t);
+        c.probed(
+            Compression::Zstd(1),
+            4 * MB,
+            Duration::from_secs_f64(4.0 / 65.0),
+            t,
+        );
         assert_eq!(c.next_request(), Compression::Zstd(1));
         assert_eq!(c.rounds(), 2);
         assert!(

@@ -783,9 +783,10 @@ impl<T: Transport> Dispatch<T> {
             )
             .await;
             match &done {
-                Ok(delivered) => self
-                    .choice()
-                    .probed(used, *delivered, t.elapsed(), Instant::now()),
+                Ok(delivered) => {
+                    self.choice()
+                        .probed(used, *delivered, t.elapsed(), Instant::now())
+                }
                 Err(_) => self.choice().probe_failed(Instant::now()),
             }
             drop(alone);
