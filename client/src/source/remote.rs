@@ -25,7 +25,7 @@ use failback_common::compress_choice::{CompressPolicy, CompressionChoice};
 use failback_common::filemap::{FileEntry, FileType};
 use failback_common::lsn::history_file_name;
 use failback_common::patience::{Next, Patience, Stall};
-use failback_common::wire::{self, WireError};
+use failback_common::wire::{self, Compression, WireError};
 use failback_proto::capability;
 use failback_proto::limits::{MAX_HASH_PATHS, MAX_MAX_CHUNK, MAX_RANGES_PER_REQUEST, MAX_REQUEST};
 use failback_proto::v1 as pb;
@@ -711,6 +711,16 @@ struct Dispatch<T: Transport> {
 }
 
 impl<T: Transport> Dispatch<T> {
+    fn batch(
+        &self,
+        transport: T,
+        b: Vec<FetchRange>,
+        used: Compression,
+    ) -> impl Future<Output = Result<u64, SourceError>> + Send + 'static {
+        let (retry, tx) = (self.retry.clone(), self.tx.clone());
+        run_batch(transport, b, used.level(), self.limit, retry, self.op, tx)
+    }
+
     fn choice(&self) -> std::sync::MutexGuard<'_, CompressionChoice> {
         self.choice.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -747,16 +757,7 @@ impl<T: Transport> Dispatch<T> {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
-                let used = self.choice().next_request();
-                let batch = run_batch(
-                    transport,
-                    b,
-                    used.level(),
-                    self.limit,
-                    self.retry.clone(),
-                    self.op,
-                    self.tx.clone(),
-                );
+                let batch = self.batch(transport, b, self.choice().next_request());
                 let tx = self.tx.clone();
                 running.spawn(async move {
                     if let Err(e) = batch.await {
@@ -772,16 +773,7 @@ impl<T: Transport> Dispatch<T> {
                 return;
             };
             let t = Instant::now();
-            let done = run_batch(
-                transport,
-                b,
-                used.level(),
-                self.limit,
-                self.retry.clone(),
-                self.op,
-                self.tx.clone(),
-            )
-            .await;
+            let done = self.batch(transport, b, used).await;
             match &done {
                 Ok(delivered) => {
                     self.choice()
