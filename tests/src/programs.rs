@@ -42,6 +42,17 @@ fn built() -> &'static Path {
     DIR.get_or_init(build)
 }
 
+/// The cargo profile whose outputs are in `profile_dir` (`target/<dir>`), as a build beside the
+/// test programs must name it: `target/debug` holds `cargo test`'s and nextest's `test` profile.
+/// (Named `dev` instead, `--tests` would build every test program once more under `dev`, each
+/// tens of MB: minutes of CI's first tests, and gigabytes of its disk.)
+pub fn cargo_profile(profile_dir: &Path) -> &str {
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "test",
+        Some(other) => other,
+    }
+}
+
 fn build() -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
     // target/<profile>/deps/<test>-<hash> → target/<profile>
@@ -58,10 +69,7 @@ fn build() -> PathBuf {
         })
         .to_path_buf();
     let target_dir = profile_dir.parent().expect("target/<profile> has a parent");
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => "dev",
-        Some(other) => other,
-    };
+    let profile = cargo_profile(&profile_dir);
     let run = std::env::var("NEXTEST_RUN_ID")
         .unwrap_or_else(|_| format!("process {}", std::process::id()));
     let stamp = profile_dir.join(".failback-tests-programs.built");

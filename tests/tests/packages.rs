@@ -75,10 +75,7 @@ fn run(cmd: &mut Command) -> Output {
 /// `build-debs --bin-dir`.
 fn build_gen_docs(bin_dir: &Path) {
     let target_dir = bin_dir.parent().expect("target/<profile> has a parent");
-    let profile = match bin_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => "dev",
-        Some(other) => other,
-    };
+    let profile = failback_tests::programs::cargo_profile(bin_dir);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--quiet", "--workspace", "--tests"])
