@@ -420,7 +420,7 @@ pub struct RemoteSource<T: Transport> {
     url: String,
     jobs: usize,
     /// Shared by the requests in flight: each asks it, and tells it how its answer went.
-    compression: Arc<std::sync::Mutex<CompressionChoice>>,
+    compression: SharedChoice,
     retry: Retry,
     max_chunk: u64,
     /// Handshake capabilities: failbackd knows the server's end of WAL (`live`), PostgreSQL
@@ -659,7 +659,7 @@ struct RemoteFetch<'s> {
     rx: mpsc::Receiver<Result<Piece, SourceError>>,
     tasks: tokio::task::JoinSet<()>,
     /// Told what the copy delivers, for `--compress auto`'s watch.
-    choice: Arc<std::sync::Mutex<CompressionChoice>>,
+    choice: SharedChoice,
     /// The piece handed out last, which the caller borrows.
     piece: Option<Piece>,
 }
@@ -672,10 +672,7 @@ impl Fetch for RemoteFetch<'_> {
         };
         let piece = piece?;
         if let Piece::Data { data, .. } = &piece {
-            self.choice
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .delivered(data.len() as u64, Instant::now());
+            lock_choice(&self.choice).delivered(data.len() as u64, Instant::now());
         }
         Ok(Some(match self.piece.insert(piece) {
             Piece::Data { path, offset, data } => Fetched::Data {
@@ -696,6 +693,15 @@ impl Drop for RemoteFetch<'_> {
     }
 }
 
+/// `--compress auto`'s state, shared by the requests in flight, the pieces handed over and the
+/// report.
+type SharedChoice = Arc<std::sync::Mutex<CompressionChoice>>;
+
+/// The choice, whatever a panicking holder left (its state is a few rates and counters).
+fn lock_choice(c: &SharedChoice) -> std::sync::MutexGuard<'_, CompressionChoice> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Sends a fetch's batches: at most `jobs` in flight, spread over the connections in turn,
 /// each compressed as the choice says; a probe of `--compress auto` goes alone, once every
 /// request before it has been answered, so that what it measures is its kind's and not its
@@ -703,7 +709,7 @@ impl Drop for RemoteFetch<'_> {
 struct Dispatch<T: Transport> {
     transports: Vec<T>,
     jobs: usize,
-    choice: Arc<std::sync::Mutex<CompressionChoice>>,
+    choice: SharedChoice,
     limit: u64,
     retry: Retry,
     op: RetryOp,
@@ -722,7 +728,7 @@ impl<T: Transport> Dispatch<T> {
     }
 
     fn choice(&self) -> std::sync::MutexGuard<'_, CompressionChoice> {
-        self.choice.lock().unwrap_or_else(|p| p.into_inner())
+        lock_choice(&self.choice)
     }
 
     async fn run(self, mut queue: VecDeque<Vec<FetchRange>>, total: u64) {
@@ -1224,12 +1230,7 @@ impl<T: Transport> Source for RemoteSource<T> {
     }
 
     fn compression(&self) -> Option<String> {
-        Some(
-            self.compression
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .summary(),
-        )
+        Some(lock_choice(&self.compression).summary())
     }
 
     fn is_live(&self) -> bool {
