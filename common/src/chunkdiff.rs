@@ -119,6 +119,71 @@ pub fn ranges_to_fetch(chunk_size: u64, source: &ChunkList, target: &ChunkList) 
     out
 }
 
+/// How many `chunk`-byte chunks the source hashes of `ranges` in a file of `size` bytes:
+/// each range's chunks start at its offset and are cut at its end and at `size`, so a range
+/// past the end of the file has none. `None` for a zero chunk size.
+pub fn chunks_within(ranges: &[ByteRange], chunk: u64, size: u64) -> Option<u64> {
+    ranges.iter().try_fold(0u64, |n, r| {
+        let end = r.offset.saturating_add(r.length).min(size);
+        Some(n + chunk_count(end.saturating_sub(r.offset), chunk)?)
+    })
+}
+
+/// [`ranges_to_fetch`] inside `ranges` only: the second, finer round of a comparison whose
+/// first round, in coarse chunks, found these ranges different (a mebibyte of relation file
+/// of which one page changed need not cross whole). Both lists hold the hashes of the chunks
+/// [`chunks_within`] counts, range after range, each side cut at its own size.
+///
+/// The result covers every part of `ranges` not proven identical: a chunk is skipped only
+/// when both sides hashed it whole to the same extent with the same hash. A part of a range
+/// past the source's size is fetched too: the source's file shrank since the coarse round
+/// (a live source), and the fetch says how it ends now. A list of the wrong length makes the
+/// whole of `ranges` be fetched.
+pub fn ranges_to_fetch_within(
+    chunk: u64,
+    ranges: &[ByteRange],
+    source: &ChunkList,
+    target: &ChunkList,
+) -> Vec<ByteRange> {
+    let counts_fit = |side: &ChunkList| {
+        chunks_within(ranges, chunk, side.size) == Some(side.hashes.len() as u64)
+    };
+    if !counts_fit(source) || !counts_fit(target) {
+        return ranges.iter().filter(|r| r.length > 0).copied().collect();
+    }
+    let mut sides = [(source, 0usize), (target, 0usize)];
+    let mut out: Vec<ByteRange> = Vec::new();
+    for r in ranges {
+        let end = r.offset.saturating_add(r.length);
+        let mut start = r.offset;
+        while start < end {
+            let stop = start.saturating_add(chunk).min(end);
+            // Each side's hash of this chunk, if it has one, and whether it covers the whole
+            // chunk (a side whose file ends inside it hashed less).
+            let [s, t] = sides.each_mut().map(|(side, next)| {
+                (start < side.size).then(|| {
+                    *next += 1;
+                    (side.hashes[*next - 1], stop.min(side.size) == stop)
+                })
+            });
+            let same = matches!((s, t), (Some((hs, true)), Some((ht, true))) if hs == ht);
+            if !same {
+                match out.last_mut() {
+                    Some(o) if o.offset.saturating_add(o.length) == start => {
+                        o.length += stop - start
+                    }
+                    _ => out.push(ByteRange {
+                        offset: start,
+                        length: stop - start,
+                    }),
+                }
+            }
+            start = stop;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +346,129 @@ mod tests {
             hashes: &h,
         };
         assert_eq!(ranges_to_fetch(u64::MAX / 2, &src, &tgt), vec![]);
+    }
+
+    /// The hashes of `data`'s chunks within `ranges`, as [`chunks_within`] counts them.
+    fn hashes_within(data: &[u8], ranges: &[ByteRange], cs: u64) -> Vec<[u8; 32]> {
+        let mut out = Vec::new();
+        for r in ranges {
+            let end = (r.offset + r.length).min(data.len() as u64);
+            let mut start = r.offset;
+            while start < end {
+                let stop = (start + cs).min(end);
+                out.push(*blake3::hash(&data[start as usize..stop as usize]).as_bytes());
+                start = stop;
+            }
+        }
+        out
+    }
+
+    /// Two rounds as the client runs them: coarse chunks over the whole file, then fine ones
+    /// within the coarse ranges that differ; applying what the second round fetches to the
+    /// target must give the source.
+    fn two_rounds(src: &[u8], tgt: &[u8], coarse: usize, fine: u64) -> (Vec<ByteRange>, Vec<u8>) {
+        let (hs, ht) = (hashes(src, coarse), hashes(tgt, coarse));
+        let list = |size: usize, hashes| ChunkList {
+            size: size as u64,
+            hashes,
+        };
+        let differ = ranges_to_fetch(coarse as u64, &list(src.len(), &hs), &list(tgt.len(), &ht));
+        let (fs, ft) = (
+            hashes_within(src, &differ, fine),
+            hashes_within(tgt, &differ, fine),
+        );
+        assert_eq!(
+            chunks_within(&differ, fine, src.len() as u64),
+            Some(fs.len() as u64)
+        );
+        let fetch =
+            ranges_to_fetch_within(fine, &differ, &list(src.len(), &fs), &list(tgt.len(), &ft));
+        let mut out = tgt.to_vec();
+        out.resize(src.len(), 0xAA);
+        for r in &fetch {
+            let (o, e) = (r.offset as usize, (r.offset + r.length) as usize);
+            out[o..e].copy_from_slice(&src[o..e]);
+        }
+        (fetch, out)
+    }
+
+    #[test]
+    fn a_second_round_fetches_only_the_fine_chunks_that_differ() {
+        let src: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut tgt = src.clone();
+        tgt[5000] ^= 1; // one fine chunk of the first coarse chunk
+        tgt[17_000] ^= 1; // and one of the third
+        let (fetch, out) = two_rounds(&src, &tgt, 8192, 1024);
+        assert_eq!(out, src);
+        assert_eq!(
+            fetch,
+            vec![
+                ByteRange {
+                    offset: 4096,
+                    length: 1024
+                },
+                ByteRange {
+                    offset: 16_384,
+                    length: 1024
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn second_rounds_rebuild_the_source_whatever_the_sizes() {
+        let base: Vec<u8> = (0..30_000u32).map(|i| (i * 13 % 241) as u8).collect();
+        for (src_len, tgt_len, flips) in [
+            (30_000, 30_000, vec![0usize, 29_999]),
+            (30_000, 25_000, vec![100]),
+            (25_000, 30_000, vec![24_999]),
+            (30_000, 1_000, vec![]),
+            (8_192, 30_000, vec![8_191]),
+            (20_480, 20_480, (0..20_480).step_by(3000).collect()),
+        ] {
+            let src = base[..src_len].to_vec();
+            let mut tgt = base[..tgt_len].to_vec();
+            for f in flips {
+                if let Some(b) = tgt.get_mut(f) {
+                    *b ^= 0xFF;
+                }
+            }
+            for (coarse, fine) in [(8192, 1024), (4096, 4096), (10_000, 3000)] {
+                let (_, out) = two_rounds(&src, &tgt, coarse, fine);
+                assert_eq!(out, src, "{src_len} {tgt_len} {coarse} {fine}");
+            }
+        }
+    }
+
+    #[test]
+    fn second_rounds_fetch_what_a_shrunk_source_or_a_wrong_list_leaves_in_doubt() {
+        let r = |offset, length| ByteRange { offset, length };
+        let ranges = [r(0, 4096), r(8192, 4096)];
+        let h = [[7u8; 32]; 8];
+        let list = |size, n: usize| ChunkList {
+            size,
+            hashes: &h[..n],
+        };
+        // Identical on both sides: nothing.
+        assert_eq!(
+            ranges_to_fetch_within(1024, &ranges, &list(12_288, 8), &list(12_288, 8)),
+            vec![]
+        );
+        // The source now ends inside the second range: its tail is fetched (the fetch will say
+        // the file is shorter), the first range is not.
+        assert_eq!(
+            ranges_to_fetch_within(1024, &ranges, &list(9000, 5), &list(12_288, 8)),
+            vec![r(8192, 4096)]
+        );
+        // A list of the wrong length: both ranges whole.
+        assert_eq!(
+            ranges_to_fetch_within(1024, &ranges, &list(12_288, 7), &list(12_288, 8)),
+            ranges.to_vec()
+        );
+        assert_eq!(chunks_within(&ranges, 0, 1), None);
+        assert_eq!(
+            chunks_within(&[r(u64::MAX - 1, 10)], 4096, u64::MAX),
+            Some(1)
+        );
     }
 }

@@ -34,7 +34,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use failback_common::chunkdiff::ChunkHash;
+use failback_common::chunkdiff::{ByteRange, ChunkHash};
 use failback_common::filemap::{FileEntry, FileType};
 use rustix::fs::{AtFlags, FileType as Kind, OFlags};
 use rustix::io::Errno;
@@ -532,6 +532,30 @@ pub fn hash_chunks(
 
 /// [`hash_chunks`] with the hash function `algorithm` (a source reached over libpq hashes with
 /// SHA-256, so the target must too).
+pub fn hash_chunks_with(
+    algorithm: ChunkHash,
+    file: &(impl FileExt + AsFd),
+    chunk: usize,
+    buf: &mut [u8],
+    max_chunks: u64,
+) -> Result<(u64, Vec<[u8; 32]>), HashError> {
+    let whole = ByteRange {
+        offset: 0,
+        length: u64::MAX,
+    };
+    hash_ranges(algorithm, file, chunk, buf, &[whole], max_chunks)
+}
+
+/// The hashes of the `chunk`-byte chunks within `ranges` of `file`, range after range, and
+/// the file's size: each range's chunks start at its offset and are cut at its end and at the
+/// file's end, as [`failback_common::chunkdiff::chunks_within`] counts them (the second round
+/// of a comparison hashes only the coarse chunks the first found different). The size is
+/// where a read found the file's end (a live source's file may have grown or shrunk since it
+/// was listed), else the file's size after the reads: never less than a hashed extent's end,
+/// so that both sides agree on every chunk's extent. `buf` is read into whole: as many chunks
+/// as fit in it (at least one) at a time, so that chunks as small as a page cost one read per
+/// many of them. More than `max_chunks` chunks are refused rather than hashed: the caller
+/// asked for chunks too small.
 ///
 /// Holes are not read. A file's holes read as zeros, and reading them still costs: the kernel
 /// makes and zeroes a page-cache page for every page read (here about 0.3 GB/s, slower than the
@@ -540,11 +564,12 @@ pub fn hash_chunks(
 /// unwritten extents, reported as holes) and files copied sparse have them. So before each
 /// read the file is asked where its next data is (`SEEK_DATA`); every whole chunk before it
 /// is a chunk of zeros, whose hash is computed once.
-pub fn hash_chunks_with(
+pub fn hash_ranges(
     algorithm: ChunkHash,
     file: &(impl FileExt + AsFd),
     chunk: usize,
     buf: &mut [u8],
+    ranges: &[ByteRange],
     max_chunks: u64,
 ) -> Result<(u64, Vec<[u8; 32]>), HashError> {
     assert!(
@@ -562,27 +587,36 @@ pub fn hash_chunks_with(
         hashes.push(h);
         Ok(())
     };
-    let mut off = 0u64;
-    loop {
-        let hole_chunks = hole_at(file, off)? / chunk as u64;
-        if hole_chunks > 0 {
-            let zero = *zeros.get_or_insert_with(|| algorithm.hash(&vec![0u8; chunk]));
-            for _ in 0..hole_chunks {
-                push(&mut hashes, zero)?;
+    let mut reached = 0u64;
+    for r in ranges {
+        let end = r.offset.saturating_add(r.length);
+        let mut off = r.offset;
+        while off < end {
+            let left = end - off;
+            let hole_chunks = hole_at(file, off)?.min(left) / chunk as u64;
+            if hole_chunks > 0 {
+                let zero = *zeros.get_or_insert_with(|| algorithm.hash(&vec![0u8; chunk]));
+                for _ in 0..hole_chunks {
+                    push(&mut hashes, zero)?;
+                }
+                off += hole_chunks * chunk as u64;
+                continue;
             }
-            off += hole_chunks * chunk as u64;
-            continue;
-        }
-        let n = read_full_at(file, buf, off)?;
-        for piece in buf[..n].chunks(chunk) {
-            push(&mut hashes, algorithm.hash(piece))?;
-        }
-        off += n as u64;
-        if n < buf.len() {
-            break;
+            let want = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+            let n = read_full_at(file, &mut buf[..want], off)?;
+            for piece in buf[..n].chunks(chunk) {
+                push(&mut hashes, algorithm.hash(piece))?;
+            }
+            off += n as u64;
+            reached = reached.max(off);
+            if n < want {
+                // The file ends here: later ranges have no chunks.
+                return Ok((off, hashes));
+            }
         }
     }
-    Ok((off, hashes))
+    let size = rustix::fs::fstat(file).map_err(io::Error::from)?.st_size;
+    Ok((u64::try_from(size).unwrap_or(0).max(reached), hashes))
 }
 
 /// How many bytes of hole begin at `off`, up to the data after it or the file's end: 0 where
@@ -784,6 +818,62 @@ mod tests {
         );
         fs::write(&path, b"").unwrap();
         assert_eq!(hash_chunks(&f, 4096, &mut buf, 0).unwrap(), (0, vec![]));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// The chunks of ranges are hashed as the comparison counts them
+    /// (`chunkdiff::chunks_within`), holes or not: the same hashes as the bytes read whole.
+    #[test]
+    fn ranges_are_hashed_in_their_own_chunks_cut_at_the_end_of_the_file() {
+        use failback_common::chunkdiff::chunks_within;
+        let root = tmp().with_extension("ranges");
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        let (sparse, dense) = (root.join("sparse"), root.join("dense"));
+        let len = 3 * (1 << 20) + 700;
+        let mut content = vec![0u8; len];
+        content[(1 << 20) + 10..(1 << 20) + 20_000].fill(5);
+        let f = fs::File::create(&sparse).unwrap();
+        f.write_all_at(&content[(1 << 20) + 10..(1 << 20) + 20_000], (1 << 20) + 10)
+            .unwrap();
+        f.set_len(len as u64).unwrap();
+        fs::write(&dense, &content).unwrap();
+        let r = |offset, length| ByteRange { offset, length };
+        let ranges = [
+            r(0, 8192),
+            r(1 << 20, 1 << 20),
+            r((2 << 20) + 100, 5000),
+            r(3 << 20, 1 << 20),
+            r(4 << 20, 4096),
+        ];
+        let chunk = 8192usize;
+        let mut want = Vec::new();
+        for x in &ranges {
+            let end = ((x.offset + x.length) as usize).min(len);
+            let start = (x.offset as usize).min(end);
+            want.extend(
+                content[start..end]
+                    .chunks(chunk)
+                    .map(|c| *blake3::hash(c).as_bytes()),
+            );
+        }
+        assert_eq!(
+            chunks_within(&ranges, chunk as u64, len as u64),
+            Some(want.len() as u64)
+        );
+        let mut buf = hash_buffer(chunk as u64);
+        for path in [&sparse, &dense] {
+            let f = File::open(path).unwrap();
+            assert_eq!(
+                hash_ranges(ChunkHash::Blake3, &f, chunk, &mut buf, &ranges, u64::MAX).unwrap(),
+                (len as u64, want.clone()),
+                "{}",
+                path.display()
+            );
+            // Ranges inside the file report its size, not the end of the last range.
+            let inside = hash_ranges(ChunkHash::Blake3, &f, chunk, &mut buf, &ranges[..2], 1000);
+            assert_eq!(inside.unwrap().0, len as u64);
+        }
         fs::remove_dir_all(&root).unwrap();
     }
 }

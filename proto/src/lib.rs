@@ -46,6 +46,9 @@ pub mod limits {
     pub const MAX_HASH_PATHS: usize = 4096;
     /// The most hashes one file may get (8 MiB of hashes): a larger file needs larger chunks.
     pub const MAX_HASHES_PER_FILE: u64 = 1 << 18;
+    /// The most byte ranges one ChunkHashes request may name over all its paths (a ReadRanges
+    /// request's limit: the ranges of a finer round are ranges to fetch in waiting).
+    pub const MAX_HASH_RANGES: usize = MAX_RANGES_PER_REQUEST;
     /// The most changed files one ChangesReply carries.
     pub const MAX_CHANGED_FILES_PER_REPLY: usize = 1024;
     /// The longest block bitmap of one changed file: a segment of 2^24 blocks (128 GiB of
@@ -61,6 +64,8 @@ pub mod capability {
     pub const BLAKE3: &str = "blake3";
     /// ChunkHashes is served.
     pub const CHUNK_HASHES: &str = "chunk-hashes";
+    /// ChunkHashes hashes the chunks within byte ranges (`ChunkHashesRequest.ranges`).
+    pub const HASH_RANGES: &str = "hash-ranges";
     /// failbackd can tell the end of WAL of the server running on the data directory
     /// (`--pg-conn`).
     pub const LIVE: &str = "live";

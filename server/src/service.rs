@@ -13,17 +13,18 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use failback_common::ControlFileData;
+use failback_common::chunkdiff::{ByteRange, ChunkHash};
 use failback_common::filemap::FileType;
 use failback_common::wire::{self, Compression};
 use failback_datadir::history::{files_timeline, history_files};
 use failback_datadir::postmaster::running_postmaster;
 use failback_datadir::summaries::WalSummaries;
 use failback_datadir::wal::{SourceChangesError, source_changes};
-use failback_datadir::{DataDir, DataDirError, HashError, ReadStatus, hash_buffer, hash_chunks};
+use failback_datadir::{DataDir, DataDirError, HashError, ReadStatus, hash_buffer, hash_ranges};
 use failback_proto::capability;
 use failback_proto::limits::{
-    MAX_CHANGED_FILES_PER_REPLY, MAX_HASH_CHUNK, MAX_HASH_PATHS, MAX_HASHES_PER_FILE, MAX_PATH_LEN,
-    MAX_RANGES_PER_REQUEST, MAX_ZSTD_LEVEL, MIN_HASH_CHUNK,
+    MAX_CHANGED_FILES_PER_REPLY, MAX_HASH_CHUNK, MAX_HASH_PATHS, MAX_HASH_RANGES,
+    MAX_HASHES_PER_FILE, MAX_PATH_LEN, MAX_RANGES_PER_REQUEST, MAX_ZSTD_LEVEL, MIN_HASH_CHUNK,
 };
 use failback_proto::v1::failback_server::Failback;
 use failback_proto::v1::*;
@@ -253,6 +254,7 @@ impl Failback for FailbackService {
             capability::ZSTD.into(),
             capability::BLAKE3.into(),
             capability::CHUNK_HASHES.into(),
+            capability::HASH_RANGES.into(),
             capability::CHANGES.into(),
         ];
         // With --pg-conn the source is live while its server runs: seen by postmaster.pid, or,
@@ -484,12 +486,14 @@ impl Failback for FailbackService {
                 .resolve(p)
                 .map_err(|e| refuse(Refusal::Path, status(e)))?;
         }
+        let ranges = hash_ranges_of(&req).map_err(|(r, s)| refuse(r, s))?;
         let dir = self.dir.clone();
         let (out, rx) = self.outbox(peer, "ChunkHashes", true).await?;
         tokio::task::spawn_blocking(move || {
             let mut buf = hash_buffer(cs);
-            for path in req.paths {
-                let r = hash_file(&dir, &path, cs, &mut buf);
+            for (i, path) in req.paths.into_iter().enumerate() {
+                let within = ranges.as_ref().map(|r| r[i].as_slice());
+                let r = hash_file(&dir, &path, cs, within, &mut buf);
                 let stop = r.is_err();
                 if out.send(r) != Sent::Delivered || stop {
                     return;
@@ -632,9 +636,72 @@ impl Failback for FailbackService {
     }
 }
 
-/// The chunk hashes of one file, read to its current end (a live file may have grown or
-/// shrunk since it was listed: the size sent is the size hashed).
-fn hash_file(dir: &DataDir, path: &str, cs: u64, buf: &mut [u8]) -> Result<FileHashes, Status> {
+/// The byte ranges a ChunkHashes request asks hashed, one list per path; `None` for whole
+/// files. Refused: a count other than one per path, more than [`MAX_HASH_RANGES`] in all, an
+/// empty range, one past the largest offset, or ranges of a path out of order or overlapping
+/// (so that one request reads each byte of a file at most once, as a whole-file one does).
+fn hash_ranges_of(
+    req: &ChunkHashesRequest,
+) -> Result<Option<Vec<Vec<ByteRange>>>, (Refusal, Status)> {
+    if req.ranges.is_empty() {
+        return Ok(None);
+    }
+    let malformed = |why: String| (Refusal::Malformed, Status::invalid_argument(why));
+    if req.ranges.len() != req.paths.len() {
+        return Err(malformed(format!(
+            "{} lists of ranges for {} paths; one per path is due",
+            req.ranges.len(),
+            req.paths.len()
+        )));
+    }
+    let count: usize = req.ranges.iter().map(|r| r.extents.len()).sum();
+    if count > MAX_HASH_RANGES {
+        return Err((
+            Refusal::OverLimit,
+            Status::invalid_argument(format!(
+                "{count} ranges in one request, over the limit of {MAX_HASH_RANGES}"
+            )),
+        ));
+    }
+    let mut out = Vec::with_capacity(req.ranges.len());
+    for (r, path) in req.ranges.iter().zip(&req.paths) {
+        let mut list: Vec<ByteRange> = Vec::with_capacity(r.extents.len());
+        for e in &r.extents {
+            if e.length == 0 || e.offset.checked_add(e.length).is_none() {
+                return Err(malformed(format!(
+                    "{path}: the range of {} bytes at {} is empty or ends past the largest offset",
+                    e.length, e.offset
+                )));
+            }
+            if let Some(last) = list.last()
+                && e.offset < last.offset + last.length
+            {
+                return Err(malformed(format!(
+                    "{path}: the range at {} starts before the end of the one before it ({}); \
+                     ranges must be in order and apart",
+                    e.offset,
+                    last.offset + last.length
+                )));
+            }
+            list.push(ByteRange {
+                offset: e.offset,
+                length: e.length,
+            });
+        }
+        out.push(list);
+    }
+    Ok(Some(out))
+}
+
+/// The chunk hashes of one file, whole or `within` byte ranges, read to its current end (a
+/// live file may have grown or shrunk since it was listed: the size sent is the size hashed).
+fn hash_file(
+    dir: &DataDir,
+    path: &str,
+    cs: u64,
+    within: Option<&[ByteRange]>,
+    buf: &mut [u8],
+) -> Result<FileHashes, Status> {
     let mut out = FileHashes {
         path: path.to_string(),
         chunk_size: cs,
@@ -644,13 +711,25 @@ fn hash_file(dir: &DataDir, path: &str, cs: u64, buf: &mut [u8]) -> Result<FileH
         out.vanished = true;
         return Ok(out);
     };
-    let (size, hashes) =
-        hash_chunks(&file, cs as usize, buf, MAX_HASHES_PER_FILE).map_err(|e| match e {
-            HashError::TooManyChunks { max } => Status::invalid_argument(format!(
-                "{path} has more than {max} chunks of {cs} bytes; ask with larger chunks"
-            )),
-            HashError::Io(e) => Status::unavailable(format!("{path}: {e}")),
-        })?;
+    let whole = [ByteRange {
+        offset: 0,
+        length: u64::MAX,
+    }];
+    let ranges = within.unwrap_or(&whole);
+    let (size, hashes) = hash_ranges(
+        ChunkHash::Blake3,
+        &file,
+        cs as usize,
+        buf,
+        ranges,
+        MAX_HASHES_PER_FILE,
+    )
+    .map_err(|e| match e {
+        HashError::TooManyChunks { max } => Status::invalid_argument(format!(
+            "{path} has more than {max} chunks of {cs} bytes; ask with larger chunks"
+        )),
+        HashError::Io(e) => Status::unavailable(format!("{path}: {e}")),
+    })?;
     out.size = size;
     out.hashes = hashes.iter().map(|h| Bytes::copy_from_slice(h)).collect();
     Ok(out)

@@ -642,8 +642,45 @@ fn chunk_hashes_are_served_within_limits() {
     assert_eq!(got[0].hashes, want);
     assert!(got[1].vanished && got[1].hashes.is_empty());
 
+    // The second round of a comparison: pages within byte ranges only, each range's chunks
+    // cut at its end and at the file's.
+    use failback_common::chunkdiff::ByteRange;
+    let r = |offset, length| ByteRange { offset, length };
+    let len = bytes.len() as u64;
+    let ranges = vec![r(0, 8192), r(100_000, 70_000), r(len - 5000, 20_000)];
+    assert!(src.hashes_ranges());
+    let got = src
+        .range_hashes(&[(wal.clone(), ranges.clone())], 8192)
+        .unwrap()
+        .expect("failbackd hashes ranges");
+    let mut want = Vec::new();
+    for x in &ranges {
+        let end = (x.offset + x.length).min(len) as usize;
+        want.extend(
+            bytes[x.offset as usize..end]
+                .chunks(8192)
+                .map(|c| *blake3::hash(c).as_bytes()),
+        );
+    }
+    assert_eq!((got[0].size, got[0].hashes.len()), (len, 1 + 9 + 1));
+    assert_eq!(got[0].hashes, want);
+
     let mut raw = raw_client(&server);
-    let ask = |paths: Vec<String>, chunk_size| pb::ChunkHashesRequest { paths, chunk_size };
+    let ask = |paths: Vec<String>, chunk_size| pb::ChunkHashesRequest {
+        paths,
+        chunk_size,
+        ranges: vec![],
+    };
+    let within = |extents: &[(u64, u64)]| pb::ChunkHashesRequest {
+        paths: vec![wal.clone()],
+        chunk_size: 8192,
+        ranges: vec![pb::HashRanges {
+            extents: extents
+                .iter()
+                .map(|&(offset, length)| pb::ByteExtent { offset, length })
+                .collect(),
+        }],
+    };
     let code = |raw: &mut pb::failback_client::FailbackClient<_>, req| {
         server
             .rt
@@ -667,5 +704,20 @@ fn chunk_hashes_are_served_within_limits() {
             code(&mut raw, ask(vec![bad.into()], 1 << 16)),
             tonic::Code::PermissionDenied
         );
+    }
+    // Ranges: one list per path; none empty, past the largest offset, out of order or
+    // overlapping (each byte read at most once); at most 65,536.
+    let mut two_lists = within(&[(0, 8192)]);
+    two_lists.ranges.push(two_lists.ranges[0].clone());
+    let many: Vec<(u64, u64)> = (0..65_537).map(|i| (i * 8192, 8192)).collect();
+    for req in [
+        two_lists,
+        within(&[(0, 0)]),
+        within(&[(u64::MAX - 10, 11)]),
+        within(&[(8192, 8192), (0, 8192)]),
+        within(&[(0, 16_384), (8192, 8192)]),
+        within(&many),
+    ] {
+        assert_eq!(code(&mut raw, req), tonic::Code::InvalidArgument);
     }
 }

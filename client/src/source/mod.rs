@@ -18,7 +18,7 @@ pub mod quic;
 pub mod rate;
 pub mod remote;
 
-use failback_common::chunkdiff::ChunkHash;
+use failback_common::chunkdiff::{ByteRange, ChunkHash};
 use failback_common::filemap::FileEntry;
 pub use failback_common::retries::{RetryCause, RetryCounts, RetryOp};
 use failback_common::{Lsn, TimeLineId};
@@ -366,6 +366,27 @@ pub trait Source {
         let _ = (paths, chunk_size);
         Ok(None)
     }
+
+    /// Whether [`Source::range_hashes`] answers: a comparison page by page then goes a
+    /// mebibyte at a time first, and page by page only where those differ.
+    fn hashes_ranges(&self) -> bool {
+        false
+    }
+
+    /// [`Source::chunk_hashes`] of only the chunks within byte ranges, one list of ranges per
+    /// path (a path may come more than once), each range's chunks starting at its offset and
+    /// cut at its end and at the file's (as [`chunkdiff::chunks_within`] counts them); the
+    /// answers in the order asked. `None` when the source cannot.
+    ///
+    /// [`chunkdiff::chunks_within`]: failback_common::chunkdiff::chunks_within
+    fn range_hashes(
+        &mut self,
+        asks: &[(String, Vec<ByteRange>)],
+        chunk_size: u64,
+    ) -> Result<Option<Vec<FileHashes>>, SourceError> {
+        let _ = (asks, chunk_size);
+        Ok(None)
+    }
 }
 
 /// A boxed source is a source (the CLI picks one at run time and may wrap it).
@@ -415,6 +436,16 @@ impl<S: Source + ?Sized> Source for Box<S> {
         chunk_size: u64,
     ) -> Result<Option<Vec<FileHashes>>, SourceError> {
         (**self).chunk_hashes(paths, chunk_size)
+    }
+    fn hashes_ranges(&self) -> bool {
+        (**self).hashes_ranges()
+    }
+    fn range_hashes(
+        &mut self,
+        asks: &[(String, Vec<ByteRange>)],
+        chunk_size: u64,
+    ) -> Result<Option<Vec<FileHashes>>, SourceError> {
+        (**self).range_hashes(asks, chunk_size)
     }
     fn changes(&mut self, since: Lsn, until: Option<Lsn>) -> Result<ChangesAnswer, SourceError> {
         (**self).changes(since, until)

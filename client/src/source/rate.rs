@@ -110,6 +110,18 @@ impl<S: Source> Source for RateLimited<S> {
         self.inner.chunk_hashes(paths, chunk_size)
     }
 
+    fn hashes_ranges(&self) -> bool {
+        self.inner.hashes_ranges()
+    }
+
+    fn range_hashes(
+        &mut self,
+        asks: &[(String, Vec<failback_common::chunkdiff::ByteRange>)],
+        chunk_size: u64,
+    ) -> Result<Option<Vec<FileHashes>>, SourceError> {
+        self.inner.range_hashes(asks, chunk_size)
+    }
+
     fn changes(
         &mut self,
         since: failback_common::Lsn,

@@ -21,13 +21,16 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use failback_common::chunkdiff::ByteRange;
 use failback_common::compress_choice::{CompressPolicy, CompressionChoice};
 use failback_common::filemap::{FileEntry, FileType};
 use failback_common::lsn::history_file_name;
 use failback_common::patience::{Next, Patience, Stall};
 use failback_common::wire::{self, Compression, WireError};
 use failback_proto::capability;
-use failback_proto::limits::{MAX_HASH_PATHS, MAX_MAX_CHUNK, MAX_RANGES_PER_REQUEST, MAX_REQUEST};
+use failback_proto::limits::{
+    MAX_HASH_PATHS, MAX_HASH_RANGES, MAX_MAX_CHUNK, MAX_RANGES_PER_REQUEST, MAX_REQUEST,
+};
 use failback_proto::v1 as pb;
 use failback_sql::conninfo;
 use failback_transport::url::{Scheme, SourceUrl};
@@ -53,7 +56,10 @@ const REFETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Paths per ChunkHashes request: an eighth of what the server accepts, so that a batch of
 /// paths of PostgreSQL's longest (MAXPGPATH, 1024 bytes) stays within [`MAX_REQUEST`].
 const HASH_BATCH: usize = MAX_HASH_PATHS / 8;
-const _: () = assert!(HASH_BATCH * (1024 + 8) < MAX_REQUEST);
+/// Byte ranges per ChunkHashes request: an eighth of what the server accepts; each takes at
+/// most 24 bytes, so that with a batch of paths a request stays within [`MAX_REQUEST`].
+const HASH_RANGE_BATCH: usize = MAX_HASH_RANGES / 8;
+const _: () = assert!(HASH_BATCH * (1024 + 8) + HASH_RANGE_BATCH * 24 < MAX_REQUEST);
 
 /// How to reach failbackd.
 #[derive(Clone)]
@@ -608,6 +614,112 @@ impl<T: Transport> RemoteSource<T> {
 
     fn has(&self, capability: &str) -> bool {
         self.capabilities.iter().any(|c| c == capability)
+    }
+
+    /// ChunkHashes of each path, whole (`None`) or within its byte ranges, in requests of at
+    /// most [`HASH_BATCH`] paths and [`HASH_RANGE_BATCH`] ranges (a path with more goes
+    /// alone); the answers in the order asked. `None` when failbackd refuses to hash: hashes
+    /// only save bytes, so the caller fetches instead.
+    fn ask_hashes(
+        &self,
+        asks: &[(&str, Option<&[ByteRange]>)],
+        chunk_size: u64,
+    ) -> Result<Option<Vec<super::FileHashes>>, SourceError> {
+        let mut out = Vec::with_capacity(asks.len());
+        let mut rest = asks;
+        while !rest.is_empty() {
+            let mut ranges = 0;
+            let take = rest
+                .iter()
+                .take(HASH_BATCH)
+                .take_while(|(_, r)| {
+                    ranges += r.map_or(0, <[ByteRange]>::len);
+                    ranges <= HASH_RANGE_BATCH
+                })
+                .count()
+                .max(1);
+            let (batch, more) = rest.split_at(take);
+            rest = more;
+            let req = pb::ChunkHashesRequest {
+                paths: batch.iter().map(|(p, _)| p.to_string()).collect(),
+                chunk_size,
+                ranges: if batch.iter().any(|(_, r)| r.is_some()) {
+                    batch
+                        .iter()
+                        .map(|(_, r)| pb::HashRanges {
+                            extents: r
+                                .unwrap_or_default()
+                                .iter()
+                                .map(|r| pb::ByteExtent {
+                                    offset: r.offset,
+                                    length: r.length,
+                                })
+                                .collect(),
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+            };
+            let got = self.call("ChunkHashes", RetryOp::Hash, |t| {
+                let req = req.clone();
+                async move {
+                    match t.chunk_hashes(req).await {
+                        Ok(v) => Ok(Some(v)),
+                        // Hashes only save bytes: a refusal (chunks too many, an older
+                        // failbackd) means fetching whole files, not failing.
+                        Err(s)
+                            if matches!(
+                                s.code(),
+                                Code::InvalidArgument
+                                    | Code::Unimplemented
+                                    | Code::FailedPrecondition
+                            ) =>
+                        {
+                            Ok(None)
+                        }
+                        Err(s) => Err(s),
+                    }
+                }
+            })?;
+            let Some(got) = got else {
+                return Ok(None);
+            };
+            if got.len() != batch.len() {
+                return Err(proto_err(
+                    "ChunkHashes",
+                    format!("{} answers for {} paths", got.len(), batch.len()),
+                ));
+            }
+            for (h, (want, _)) in got.into_iter().zip(batch) {
+                if h.path != *want || h.chunk_size != chunk_size {
+                    return Err(proto_err(
+                        "ChunkHashes",
+                        format!(
+                            "hashes of {:?} in chunks of {} where {want:?} in chunks of \
+                             {chunk_size} was due",
+                            h.path, h.chunk_size
+                        ),
+                    ));
+                }
+                let hashes = h
+                    .hashes
+                    .iter()
+                    .map(|b| <[u8; 32]>::try_from(b.as_ref()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| {
+                        proto_err("ChunkHashes", format!("{want:?}: a hash is not 32 bytes"))
+                    })?;
+                out.push(super::FileHashes {
+                    path: h.path,
+                    size: h.size,
+                    hashes,
+                    vanished: h.vanished,
+                    algorithm: failback_common::chunkdiff::ChunkHash::Blake3,
+                });
+            }
+        }
+        Ok(Some(out))
     }
 
     /// One call over the first connection, with the patience `--timeout` allows; its retries
@@ -1294,71 +1406,28 @@ impl<T: Transport> Source for RemoteSource<T> {
         if !self.has(capability::CHUNK_HASHES) {
             return Ok(None);
         }
-        let mut out = Vec::with_capacity(paths.len());
-        for batch in paths.chunks(HASH_BATCH) {
-            let req = pb::ChunkHashesRequest {
-                paths: batch.to_vec(),
-                chunk_size,
-            };
-            let got = self.call("ChunkHashes", RetryOp::Hash, |t| {
-                let req = req.clone();
-                async move {
-                    match t.chunk_hashes(req).await {
-                        Ok(v) => Ok(Some(v)),
-                        // Hashes only save bytes: a refusal (chunks too many, an older
-                        // failbackd) means fetching whole files, not failing.
-                        Err(s)
-                            if matches!(
-                                s.code(),
-                                Code::InvalidArgument
-                                    | Code::Unimplemented
-                                    | Code::FailedPrecondition
-                            ) =>
-                        {
-                            Ok(None)
-                        }
-                        Err(s) => Err(s),
-                    }
-                }
-            })?;
-            let Some(got) = got else {
-                return Ok(None);
-            };
-            if got.len() != batch.len() {
-                return Err(proto_err(
-                    "ChunkHashes",
-                    format!("{} answers for {} paths", got.len(), batch.len()),
-                ));
-            }
-            for (h, want) in got.into_iter().zip(batch) {
-                if &h.path != want || h.chunk_size != chunk_size {
-                    return Err(proto_err(
-                        "ChunkHashes",
-                        format!(
-                            "hashes of {:?} in chunks of {} where {want:?} in chunks of \
-                             {chunk_size} was due",
-                            h.path, h.chunk_size
-                        ),
-                    ));
-                }
-                let hashes = h
-                    .hashes
-                    .iter()
-                    .map(|b| <[u8; 32]>::try_from(b.as_ref()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|_| {
-                        proto_err("ChunkHashes", format!("{want:?}: a hash is not 32 bytes"))
-                    })?;
-                out.push(super::FileHashes {
-                    path: h.path,
-                    size: h.size,
-                    hashes,
-                    vanished: h.vanished,
-                    algorithm: failback_common::chunkdiff::ChunkHash::Blake3,
-                });
-            }
+        let asks: Vec<(&str, Option<&[ByteRange]>)> =
+            paths.iter().map(|p| (p.as_str(), None)).collect();
+        self.ask_hashes(&asks, chunk_size)
+    }
+
+    fn hashes_ranges(&self) -> bool {
+        self.has(capability::CHUNK_HASHES) && self.has(capability::HASH_RANGES)
+    }
+
+    fn range_hashes(
+        &mut self,
+        asks: &[(String, Vec<ByteRange>)],
+        chunk_size: u64,
+    ) -> Result<Option<Vec<super::FileHashes>>, SourceError> {
+        if !self.hashes_ranges() {
+            return Ok(None);
         }
-        Ok(Some(out))
+        let asks: Vec<(&str, Option<&[ByteRange]>)> = asks
+            .iter()
+            .map(|(p, r)| (p.as_str(), Some(r.as_slice())))
+            .collect();
+        self.ask_hashes(&asks, chunk_size)
     }
 
     fn open_window(&mut self, label: &str) -> Result<Option<WindowStart>, SourceError> {
