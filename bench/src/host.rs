@@ -165,3 +165,55 @@ pub fn failback_rewind_args(
         .arg("--report")
         .arg(report);
 }
+
+/// The disk under `dir`, measured with 1 GiB of random bytes in a file of its own (then
+/// removed): how fast a program writes it there and flushes it (`write` then `fsync`: what a
+/// tool writing a target pays, page cache included), and how fast it reads it back past the
+/// page cache (`dd iflag=direct`), in GB/s. `None` where a step fails.
+pub struct DiskSpeed {
+    pub write_gbps: Option<f64>,
+    pub read_gbps: Option<f64>,
+}
+
+pub fn disk_speed(dir: &Path) -> DiskSpeed {
+    use std::io::Write;
+    const GIB: usize = 1 << 30;
+    let file = dir.join("disk-speed-probe");
+    // Random bytes, so that no layer can compress or deduplicate them (xorshift: the probe
+    // measures the disk, not a random number generator).
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let data: Vec<u8> = (0..GIB / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    let started = Instant::now();
+    let written = std::fs::File::create(&file).and_then(|mut f| {
+        for piece in data.chunks(4 << 20) {
+            f.write_all(piece)?;
+        }
+        f.sync_all()
+    });
+    let write_gbps = written
+        .is_ok()
+        .then(|| GIB as f64 / started.elapsed().as_secs_f64() / 1e9);
+    drop(data);
+    let read_gbps = write_gbps.and_then(|_| {
+        let started = Instant::now();
+        let out = Command::new("dd")
+            .args(["bs=4M", "iflag=direct", "of=/dev/null", "status=none"])
+            .arg(format!("if={}", file.display()))
+            .output()
+            .ok()?;
+        let secs = started.elapsed().as_secs_f64();
+        out.status.success().then(|| GIB as f64 / secs / 1e9)
+    });
+    let _ = std::fs::remove_file(&file);
+    DiskSpeed {
+        write_gbps,
+        read_gbps,
+    }
+}

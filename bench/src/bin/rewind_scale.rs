@@ -53,7 +53,6 @@
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -194,35 +193,6 @@ fn blake3_gbps() -> f64 {
         hashed += buf.len() as u64;
     }
     hashed as f64 / started.elapsed().as_secs_f64() / 1e9
-}
-
-/// The disk's sequential read in GB/s: a 1 GiB file of random bytes written and synced in
-/// `dir`, read back with `dd iflag=direct` (past the page cache), then removed.
-fn disk_read_gbps(dir: &Path) -> Option<f64> {
-    let file = dir.join("disk-read-probe");
-    let status = Command::new("dd")
-        .args([
-            "if=/dev/urandom",
-            "bs=4M",
-            "count=256",
-            "conv=fsync",
-            "status=none",
-        ])
-        .arg(format!("of={}", file.display()))
-        .status()
-        .ok()?;
-    if !status.success() {
-        return None;
-    }
-    let started = Instant::now();
-    let out = Command::new("dd")
-        .args(["bs=4M", "iflag=direct", "of=/dev/null", "status=none"])
-        .arg(format!("if={}", file.display()))
-        .output()
-        .ok()?;
-    let secs = started.elapsed().as_secs_f64();
-    let _ = std::fs::remove_file(&file);
-    out.status.success().then(|| GB as f64 / secs / 1e9)
 }
 
 /// One measured run at one size.
@@ -386,7 +356,7 @@ fn main() {
     let ballast_for = |size_gb: u64| (size_gb * GB).saturating_sub(base_bytes);
 
     let hash_gbps = blake3_gbps();
-    let disk_gbps = disk_read_gbps(&work);
+    let disk_gbps = failback_bench::host::disk_speed(&work).read_gbps;
 
     // pg_rewind needs a checkpoint on the new primary's timeline. The new primary is saved as
     // it then is and restored at every size: each run writes WAL on it (backup windows,
