@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::Path;
 
-use failback_common::chunkdiff::{self, ByteRange, ChunkHash, ChunkList};
+use failback_common::chunkdiff::{self, ByteRange, ChunkHash, ChunkList, WHOLE_FILE};
 use failback_common::filemap::{FileAction, FileType};
 use failback_common::journal::JournalState;
 use failback_common::plan::{Plan, PlanEntry, Reason};
@@ -23,7 +23,7 @@ use failback_datadir::{hash_buffer, hash_ranges};
 use serde::Serialize;
 
 use crate::progress::Progress;
-use crate::source::{FetchRange, Fetched, Source, SourceError};
+use crate::source::{FetchRange, Fetched, FileHashes, Source, SourceError};
 use crate::target::{Target, TargetError, Written};
 
 /// Why the plan could not be carried out: the source failed, or a change to the target did.
@@ -470,23 +470,10 @@ fn refine(
                 list.extend_from_slice(ranges);
                 continue;
             };
-            if h.algorithm != algorithm {
-                let mut buf = hash_buffer(fine);
-                local[i] = hash_local(h.algorithm, &pgdata.join(path), fine, ranges, &mut buf);
-            }
-            let (size, mine) = std::mem::replace(&mut local[i], Ok((0, Vec::new())))?;
-            let fetch = chunkdiff::ranges_to_fetch_within(
-                fine,
-                ranges,
-                &ChunkList {
-                    size: h.size,
-                    hashes: &h.hashes,
-                },
-                &ChunkList {
-                    size,
-                    hashes: &mine,
-                },
-            );
+            let hashed = std::mem::replace(&mut local[i], Ok((0, Vec::new())));
+            let mine = in_its_function(hashed, h, algorithm, pgdata, fine, ranges)?;
+            let (theirs, mine) = lists(h, &mine);
+            let fetch = chunkdiff::ranges_to_fetch_within(fine, ranges, &theirs, &mine);
             let length = |r: &[ByteRange]| r.iter().map(|r| r.length).sum::<u64>();
             stats.bytes_skipped_by_hashes += length(ranges).saturating_sub(length(&fetch));
             list.extend(fetch);
@@ -508,17 +495,14 @@ fn compare_batch(
     stats: &mut CopyStats,
     sizes: &mut HashMap<String, u64>,
 ) -> Result<Option<HashMap<String, Vec<ByteRange>>>, CopyError> {
-    let whole = [ByteRange {
-        offset: 0,
-        length: u64::MAX,
-    }];
     let (answers, mut local) = std::thread::scope(|scope| {
         let local = scope.spawn(|| {
             let mut buf = hash_buffer(chunk);
             paths
                 .iter()
                 .map(|p| {
-                    let hashed = hash_local(algorithm, &pgdata.join(p), chunk, &whole, &mut buf);
+                    let hashed =
+                        hash_local(algorithm, &pgdata.join(p), chunk, &[WHOLE_FILE], &mut buf);
                     (p.clone(), hashed)
                 })
                 .collect::<HashMap<_, _>>()
@@ -538,27 +522,12 @@ fn compare_batch(
         if h.vanished {
             continue;
         }
-        let Some(mut hashed) = local.remove(&h.path) else {
+        let Some(hashed) = local.remove(&h.path) else {
             continue;
         };
-        // Hashes of two functions never compare equal: a source that answered in another
-        // function than it announced has the target's chunks hashed again in that one.
-        if h.algorithm != algorithm {
-            let mut buf = hash_buffer(chunk);
-            hashed = hash_local(h.algorithm, &pgdata.join(&h.path), chunk, &whole, &mut buf);
-        }
-        let (size, mine) = hashed?;
-        let ranges = chunkdiff::ranges_to_fetch(
-            chunk,
-            &ChunkList {
-                size: h.size,
-                hashes: &h.hashes,
-            },
-            &ChunkList {
-                size,
-                hashes: &mine,
-            },
-        );
+        let mine = in_its_function(hashed, &h, algorithm, pgdata, chunk, &[WHOLE_FILE])?;
+        let (theirs, mine) = lists(&h, &mine);
+        let ranges = chunkdiff::ranges_to_fetch(chunk, &theirs, &mine);
         let fetched: u64 = ranges.iter().map(|r| r.length).sum();
         stats.files_hashed += 1;
         stats.bytes_skipped_by_hashes += h.size.saturating_sub(fetched);
@@ -566,6 +535,42 @@ fn compare_batch(
         diffs.insert(h.path, ranges);
     }
     Ok(Some(diffs))
+}
+
+/// The target's hashes (`hashed`, its size and hashes as [`hash_local`] gives them) to compare
+/// with the source's answer `h`: as computed, by the function the source announced, or
+/// computed again where it answered in another, as hashes of two functions never compare
+/// equal.
+fn in_its_function(
+    hashed: Result<(u64, Vec<[u8; 32]>), TargetError>,
+    h: &FileHashes,
+    announced: ChunkHash,
+    pgdata: &Path,
+    chunk: u64,
+    ranges: &[ByteRange],
+) -> Result<(u64, Vec<[u8; 32]>), TargetError> {
+    if h.algorithm == announced {
+        return hashed;
+    }
+    let mut buf = hash_buffer(chunk);
+    hash_local(h.algorithm, &pgdata.join(&h.path), chunk, ranges, &mut buf)
+}
+
+/// The source's answer and the target's hashes as the two lists a comparison takes.
+fn lists<'a>(
+    h: &'a FileHashes,
+    (size, hashes): &'a (u64, Vec<[u8; 32]>),
+) -> (ChunkList<'a>, ChunkList<'a>) {
+    (
+        ChunkList {
+            size: h.size,
+            hashes: &h.hashes,
+        },
+        ChunkList {
+            size: *size,
+            hashes,
+        },
+    )
 }
 
 /// The target's own hashes by `algorithm` of the chunks within `ranges` of the file at `path`,

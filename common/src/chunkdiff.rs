@@ -60,6 +60,12 @@ pub struct ByteRange {
     pub length: u64,
 }
 
+/// A whole file, whatever its size, as a range: a file hashed in one range from its start.
+pub const WHOLE_FILE: ByteRange = ByteRange {
+    offset: 0,
+    length: u64::MAX,
+};
+
 /// How many chunks of `chunk_size` cover `size` bytes; `None` for a zero chunk size.
 pub fn chunk_count(size: u64, chunk_size: u64) -> Option<u64> {
     if chunk_size == 0 {
@@ -137,8 +143,8 @@ pub fn chunks_within(ranges: &[ByteRange], chunk: u64, size: u64) -> Option<u64>
 /// The result covers every part of `ranges` not proven identical: a chunk is skipped only
 /// when both sides hashed it whole to the same extent with the same hash. A part of a range
 /// past the source's size is fetched too: the source's file shrank since the coarse round
-/// (a live source), and the fetch says how it ends now. A list of the wrong length makes the
-/// whole of `ranges` be fetched.
+/// (a live source), and the fetch says how it ends now; a part past both sides' ends is not.
+/// A list of the wrong length makes the whole of `ranges` be fetched.
 pub fn ranges_to_fetch_within(
     chunk: u64,
     ranges: &[ByteRange],
@@ -153,8 +159,11 @@ pub fn ranges_to_fetch_within(
     }
     let mut sides = [(source, 0usize), (target, 0usize)];
     let mut out: Vec<ByteRange> = Vec::new();
+    // Past both sides' ends there is nothing to compare or fetch (and a range may be
+    // [`WHOLE_FILE`]).
+    let last = source.size.max(target.size);
     for r in ranges {
-        let end = r.offset.saturating_add(r.length);
+        let end = r.offset.saturating_add(r.length).min(last);
         let mut start = r.offset;
         while start < end {
             let stop = start.saturating_add(chunk).min(end);
@@ -465,6 +474,9 @@ mod tests {
             ranges_to_fetch_within(1024, &ranges, &list(12_288, 7), &list(12_288, 8)),
             ranges.to_vec()
         );
+        // The whole file as one range ends at the longer side's end.
+        let whole = ranges_to_fetch_within(1024, &[WHOLE_FILE], &list(3000, 3), &list(5000, 5));
+        assert_eq!(whole, vec![r(2048, 2952)]);
         assert_eq!(chunks_within(&ranges, 0, 1), None);
         assert_eq!(
             chunks_within(&[r(u64::MAX - 1, 10)], 4096, u64::MAX),

@@ -34,7 +34,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use failback_common::chunkdiff::{ByteRange, ChunkHash};
+use failback_common::chunkdiff::{ByteRange, ChunkHash, WHOLE_FILE};
 use failback_common::filemap::{FileEntry, FileType};
 use rustix::fs::{AtFlags, FileType as Kind, OFlags};
 use rustix::io::Errno;
@@ -527,23 +527,14 @@ pub fn hash_chunks(
     buf: &mut [u8],
     max_chunks: u64,
 ) -> Result<(u64, Vec<[u8; 32]>), HashError> {
-    hash_chunks_with(ChunkHash::Blake3, file, chunk, buf, max_chunks)
-}
-
-/// [`hash_chunks`] with the hash function `algorithm` (a source reached over libpq hashes with
-/// SHA-256, so the target must too).
-pub fn hash_chunks_with(
-    algorithm: ChunkHash,
-    file: &(impl FileExt + AsFd),
-    chunk: usize,
-    buf: &mut [u8],
-    max_chunks: u64,
-) -> Result<(u64, Vec<[u8; 32]>), HashError> {
-    let whole = ByteRange {
-        offset: 0,
-        length: u64::MAX,
-    };
-    hash_ranges(algorithm, file, chunk, buf, &[whole], max_chunks)
+    hash_ranges(
+        ChunkHash::Blake3,
+        file,
+        chunk,
+        buf,
+        &[WHOLE_FILE],
+        max_chunks,
+    )
 }
 
 /// The hashes of the `chunk`-byte chunks within `ranges` of `file`, range after range, and

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use failback_common::ControlFileData;
-use failback_common::chunkdiff::{ByteRange, ChunkHash};
+use failback_common::chunkdiff::{ByteRange, ChunkHash, WHOLE_FILE};
 use failback_common::filemap::FileType;
 use failback_common::wire::{self, Compression};
 use failback_datadir::history::{files_timeline, history_files};
@@ -711,11 +711,7 @@ fn hash_file(
         out.vanished = true;
         return Ok(out);
     };
-    let whole = [ByteRange {
-        offset: 0,
-        length: u64::MAX,
-    }];
-    let ranges = within.unwrap_or(&whole);
+    let ranges = within.unwrap_or(&[WHOLE_FILE]);
     let (size, hashes) = hash_ranges(
         ChunkHash::Blake3,
         &file,
