@@ -79,14 +79,15 @@ pub struct Measuring {
     pub drift: u32,
     /// How many windows in a row must be off before the probes run again.
     pub sustain: u32,
-    /// The least time from one choice to the next round of probes.
+    /// The least time from one choice to the next round of probes where the copy went faster
+    /// (one that went slower is probed again as soon as the windows say so).
     pub min_interval: Duration,
 }
 
 impl Measuring {
     /// failback's: probes for copies of 256 MiB or more; again after three 2-second windows in
-    /// a row at more than twice or less than half the reference, 20 s after the last choice at
-    /// the soonest.
+    /// a row at less than half the reference, or at more than twice it 20 s after the last
+    /// choice at the soonest.
     pub const DEFAULT: Measuring = Measuring {
         min_fetch: 256 << 20,
         window: Duration::from_secs(2),
@@ -101,6 +102,11 @@ impl Measuring {
 /// CPU compression takes on both ends is better left to the rest of the copy (on one machine,
 /// or two small ones, it is the same CPU).
 pub const MARGIN: f64 = 1.25;
+/// How many seconds of the copy's delivery [`CompressionChoice::in_flight_budget`] allows in
+/// flight: several round trips of the longest links, a few windows of the watch.
+pub const IN_FLIGHT_SECONDS: f64 = 4.0;
+/// The least it allows: two requests of a fetch's usual size.
+pub const MIN_IN_FLIGHT: u64 = 32 << 20;
 /// A probe that delivered less than this (a file shorter than listed) measured nothing.
 const MIN_SAMPLE_BYTES: u64 = 1 << 20;
 
@@ -125,6 +131,8 @@ pub struct CompressionChoice {
     /// Every round's choice, oldest first; the last one holds.
     choices: Vec<Choice>,
     watch: Watch,
+    /// Raw bytes per second of the copy's last whole window, settling or not.
+    last_rate: Option<f64>,
 }
 
 /// The copy's delivery since the last choice, window by window.
@@ -142,6 +150,8 @@ struct Watch {
     reference: Option<f64>,
     /// Windows in a row off the reference by more than the drift.
     off: u32,
+    /// Whether the last of them delivered less than the reference (the link narrowed).
+    fell: bool,
 }
 
 impl CompressionChoice {
@@ -151,6 +161,7 @@ impl CompressionChoice {
             round: None,
             choices: Vec::new(),
             watch: Watch::default(),
+            last_rate: None,
         }
     }
 
@@ -189,11 +200,14 @@ impl CompressionChoice {
         if fetch_left < measuring.min_fetch {
             return None;
         }
+        // A link that narrowed is measured again at once: every second on it with the wrong
+        // choice costs more than probes. One that widened waits out the interval.
         let again = self.watch.off >= measuring.sustain
-            && self
-                .watch
-                .chosen_at
-                .is_some_and(|at| now.saturating_duration_since(at) >= measuring.min_interval);
+            && (self.watch.fell
+                || self
+                    .watch
+                    .chosen_at
+                    .is_some_and(|at| now.saturating_duration_since(at) >= measuring.min_interval));
         if !self.choices.is_empty() && !again {
             return None;
         }
@@ -287,6 +301,7 @@ impl CompressionChoice {
         }
         w.window = Some((now, 0));
         let rate = bytes as f64 / span.as_secs_f64();
+        self.last_rate = Some(rate);
         if w.settling > 0 {
             w.settling -= 1;
             return;
@@ -296,8 +311,25 @@ impl CompressionChoice {
             return;
         };
         let drift = f64::from(measuring.drift);
-        let off = rate > reference * drift || rate * drift < reference;
+        let fell = rate * drift < reference;
+        let off = rate > reference * drift || fell;
         w.off = if off { w.off + 1 } else { 0 };
+        w.fell = fell;
+    }
+
+    /// The most raw bytes worth asking for and not yet delivered, under `auto` once the copy
+    /// has delivered a whole window: [`IN_FLIGHT_SECONDS`] of its delivery, at least
+    /// [`MIN_IN_FLIGHT`]. A choice made again applies only to requests not yet sent: what is
+    /// in flight is delivered as it was asked, so on a link that narrows a deep pipeline of
+    /// stored requests would take minutes to drain before the new choice shows (256 MiB is 43 s
+    /// at 50 Mbit/s). On a fast link the bound is far above what `--jobs` requests hold.
+    /// `None`: no bound but `--jobs`.
+    pub fn in_flight_budget(&self) -> Option<u64> {
+        let CompressPolicy::Auto { .. } = self.policy else {
+            return None;
+        };
+        let rate = self.last_rate?;
+        Some(((rate * IN_FLIGHT_SECONDS) as u64).max(MIN_IN_FLIGHT))
     }
 
     /// How many rounds of probes have chosen (the first and every one since).
@@ -528,17 +560,44 @@ mod tests {
     }
 
     #[test]
-    fn not_sooner_than_the_interval() {
-        // Slow from the first settled window on: the reference is the slow rate itself, so it
-        // takes a change after it; a change 8 s after the choice waits out the 20 s.
+    fn a_narrowing_is_probed_at_once_a_widening_not_sooner_than_the_interval() {
+        // A link that narrows 5 s after the choice: probed again as soon as three windows say
+        // so, 20 s or not (each second stored on a thin link costs more than the probes).
         let t0 = Instant::now();
         let mut c = CompressionChoice::new(CompressPolicy::AUTO);
         round(&mut c, t0, 900.0, 300.0);
         let t = deliver(&mut c, t0, 600.0, 5.0);
         let t = deliver(&mut c, t, 25.0, 8.0);
         assert!(t.duration_since(t0) < Measuring::DEFAULT.min_interval);
+        assert!(c.wants_probe(t, MIN).is_some(), "narrowed: at once");
+        // One that widens 5 s after a choice to compress waits out the 20 s.
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
+        round(&mut c, t0, 25.0, 65.0);
+        let t = deliver(&mut c, t0, 65.0, 5.0);
+        let t = deliver(&mut c, t, 300.0, 8.0);
+        assert!(t.duration_since(t0) < Measuring::DEFAULT.min_interval);
         assert_eq!(c.wants_probe(t, MIN), None, "too soon");
-        let t = deliver(&mut c, t, 25.0, 10.0);
+        let t = deliver(&mut c, t, 300.0, 10.0);
         assert!(c.wants_probe(t, MIN).is_some(), "still off, and 20 s on");
+    }
+
+    #[test]
+    fn what_is_in_flight_follows_the_delivery() {
+        let t0 = Instant::now();
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
+        assert_eq!(c.in_flight_budget(), None, "nothing measured yet");
+        round(&mut c, t0, 900.0, 300.0);
+        assert_eq!(c.in_flight_budget(), None, "no window yet");
+        // 100 MB/s: four seconds of it.
+        let t = deliver(&mut c, t0, 100.0, 3.0);
+        let b = c.in_flight_budget().unwrap();
+        assert!((390 * MB..=410 * MB).contains(&b), "{b}");
+        // A thin link: not below two requests' worth.
+        deliver(&mut c, t, 2.0, 5.0);
+        assert_eq!(c.in_flight_budget(), Some(MIN_IN_FLIGHT));
+        let mut c = CompressionChoice::new(CompressPolicy::Fixed(Compression::None));
+        c.delivered(100 * MB, t0);
+        c.delivered(100 * MB, t0 + Duration::from_secs(3));
+        assert_eq!(c.in_flight_budget(), None, "a fixed choice needs no bound");
     }
 }

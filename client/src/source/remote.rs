@@ -852,6 +852,8 @@ impl<T: Transport> Dispatch<T> {
         // kind of data.
         let mut probed_at: Option<usize> = None;
         let mut sent = 0usize;
+        // Raw bytes asked for by the requests running (not probes, which go alone).
+        let mut in_flight = 0u64;
         while !queue.is_empty() {
             let probe = self.choice().wants_probe(Instant::now(), left);
             let b = match probe {
@@ -868,22 +870,41 @@ impl<T: Transport> Dispatch<T> {
                 }
             };
             let Some(b) = b else { break };
-            left = left.saturating_sub(b.iter().map(|r| r.length).sum());
+            let asked: u64 = b.iter().map(|r| r.length).sum();
+            left = left.saturating_sub(asked);
             let transport = self.transports[sent % self.transports.len()].clone();
             sent += 1;
             let Some(used) = probe else {
+                // Within what `auto` allows in flight (a choice made again applies only to
+                // requests not yet sent), and at least one request.
+                while in_flight > 0
+                    && self
+                        .choice()
+                        .in_flight_budget()
+                        .is_some_and(|most| in_flight + asked > most)
+                {
+                    match running.join_next().await {
+                        Some(Ok(done)) => in_flight -= done,
+                        Some(Err(_)) => {}
+                        None => in_flight = 0,
+                    }
+                }
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
                 let batch = self.batch(transport, b, self.choice().next_request());
                 let tx = self.tx.clone();
+                in_flight += asked;
                 running.spawn(async move {
                     if let Err(e) = batch.await {
                         let _ = tx.send(Err(e)).await;
                     }
                     drop(permit);
+                    asked
                 });
-                while running.try_join_next().is_some() {}
+                while let Some(done) = running.try_join_next() {
+                    in_flight -= done.unwrap_or(0);
+                }
                 continue;
             };
             // Alone: every permit, so every request before it has been answered.
