@@ -41,7 +41,8 @@
 //! every tool meets the same link: fast then thin, or thin then fast, to see whether
 //! `--compress auto` follows. `--compress` takes a comma-separated list (`auto,none,1`): every
 //! failback row runs once per value, named by it, and a table sets each value against the
-//! fastest fixed one; the compression choices `auto` made are listed run by run.
+//! fastest fixed one; the compression choices `auto` made are listed run by run, and
+//! `--log-dir DIR` keeps each run's logs in `DIR/round-N/compress-C`.
 //! `--skip-loopback` runs the WAN only; `--skip-source-server` leaves out the
 //! `failback --source-server` rows.
 //!
@@ -324,7 +325,7 @@ fn main() {
         compress: compressions[0].clone(),
         running_source,
         no_sync,
-        log_dir,
+        log_dir: log_dir.clone(),
         perf_dir,
         after_restore: None,
         subcommand: "rewind",
@@ -356,6 +357,13 @@ fn main() {
             }
             for c in compressions.iter().filter(|_| !skip_failbackd) {
                 b.compress = c.clone();
+                if labelled {
+                    // Each value's runs keep their own logs: they share the file names.
+                    b.log_dir = log_dir.as_ref().map(|d| {
+                        d.join(format!("round-{}", round + 1))
+                            .join(format!("compress-{c}"))
+                    });
+                }
                 let label = |mut r: Row| {
                     if labelled {
                         r.tool = format!("{} --compress {c}", r.tool);
@@ -387,6 +395,7 @@ fn main() {
         runs.push(this_round);
     }
     let ticks_after = cpu_ticks();
+    b.log_dir = log_dir;
     let mut choices = String::new();
     for (round, rows) in runs.iter().enumerate() {
         for r in rows {
