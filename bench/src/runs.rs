@@ -38,6 +38,8 @@ pub struct Row {
     pub dropped: u64,
     /// failback's `--report` phase times.
     pub phases: Option<serde_json::Value>,
+    /// failback's `--report` compression: the policy and, under `auto`, every choice it made.
+    pub compression: Option<String>,
     pub note: String,
     /// Every round's wall time in seconds, in round order (set by [`median`]).
     pub walls: Vec<f64>,
@@ -236,10 +238,13 @@ impl Bench {
         server.signal(libc::SIGINT);
         let server_cost = server.finish();
         self.keep(&name, &cost.stderr, Some(&report));
-        let phases = std::fs::read(&report)
+        let report = std::fs::read(&report)
             .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .map(|v| v["seconds"].clone());
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        let phases = report.as_ref().map(|v| v["seconds"].clone());
+        let compression = report
+            .as_ref()
+            .and_then(|v| v["compression"].as_str().map(str::to_string));
         let ok = cost.exit_code == 0;
         let note = if ok {
             String::new()
@@ -268,6 +273,7 @@ impl Bench {
             down,
             dropped,
             phases,
+            compression,
             note,
             walls: Vec::new(),
         }
@@ -323,6 +329,7 @@ impl Bench {
             down,
             dropped,
             phases: None,
+            compression: None,
             note: "server CPU/RSS: the backend, sampled every 20 ms (lower bound)".to_string(),
             walls: Vec::new(),
         }
@@ -383,6 +390,7 @@ impl Bench {
             down,
             dropped,
             phases,
+            compression: None,
             note,
             walls: Vec::new(),
         }

@@ -47,6 +47,22 @@ pub struct LinkSpec {
     pub burst: u64,
     /// Bytes that may wait in front of the bottleneck.
     pub queue: u64,
+    /// The bottleneck's rate changes once, during the run (a path that narrows or widens).
+    pub change: Option<RateChange>,
+}
+
+/// A new rate for the bottleneck, from `after` (since the proxy started) on. The queue is
+/// resized with it, as [`LinkSpec::wan`] sizes it for the new rate, so that each phase of the
+/// run sees the link a run at that rate alone would see.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateChange {
+    pub after: Duration,
+    pub rate_bits: Option<u64>,
+    pub queue: u64,
+}
+
+fn bytes_per_sec(rate_bits: Option<u64>) -> Option<f64> {
+    rate_bits.map(|b| (b as f64 / 8.0).max(1.0))
 }
 
 impl LinkSpec {
@@ -57,6 +73,7 @@ impl LinkSpec {
             rate_bits: None,
             burst: 64 * 1024,
             queue: u64::MAX,
+            change: None,
         }
     }
 
@@ -70,11 +87,53 @@ impl LinkSpec {
             rate_bits: Some(rate_bits),
             burst: 32 * 1024,
             queue: bdp.max(64 * 1024),
+            change: None,
         }
     }
 
-    fn bytes_per_sec(&self) -> Option<f64> {
-        self.rate_bits.map(|b| (b as f64 / 8.0).max(1.0))
+    /// This link, whose rate becomes `mbit` Mbit/s `after` the proxy started.
+    pub fn changing(self, after: Duration, mbit: u64) -> LinkSpec {
+        let then = LinkSpec::wan(self.delay, mbit);
+        LinkSpec {
+            change: Some(RateChange {
+                after,
+                rate_bits: then.rate_bits,
+                queue: then.queue,
+            }),
+            ..self
+        }
+    }
+
+    /// Whether any phase of the link caps the rate.
+    fn shaped(&self) -> bool {
+        self.rate_bits.is_some() || self.change.is_some_and(|c| c.rate_bits.is_some())
+    }
+
+    /// Bytes on the simulated wire and in the bottleneck queue at most, over both phases.
+    fn max_in_flight(&self) -> u64 {
+        let phase = |rate_bits, queue: u64| {
+            bytes_per_sec(rate_bits).map_or(0.0, |r| {
+                r * self.delay.as_secs_f64() + queue.min(64 << 20) as f64
+            }) as u64
+        };
+        let first = phase(self.rate_bits, self.queue);
+        self.change
+            .map_or(first, |c| first.max(phase(c.rate_bits, c.queue)))
+    }
+
+    /// Seconds the bottleneck needs to carry `bytes` when busy from the proxy's start: the
+    /// floor of any transfer of that many bytes over this link. `None` when never capped.
+    pub fn link_time(&self, bytes: u64) -> Option<f64> {
+        let rate = bytes_per_sec(self.rate_bits);
+        let Some(c) = self.change else {
+            return rate.map(|r| bytes as f64 / r);
+        };
+        let then = bytes_per_sec(c.rate_bits);
+        let before = rate.map_or(f64::INFINITY, |r| r * c.after.as_secs_f64());
+        if (bytes as f64) <= before {
+            return rate.map(|r| bytes as f64 / r);
+        }
+        then.map(|t| c.after.as_secs_f64() + (bytes as f64 - before) / t)
     }
 }
 
@@ -99,18 +158,48 @@ pub struct Shaper {
     /// Segments scheduled to leave in the future: (departure, size).
     waiting: VecDeque<(Duration, u64)>,
     waiting_bytes: u64,
+    /// The spec's rate change, until it is applied.
+    change: Option<RateChange>,
 }
 
 impl Shaper {
     pub fn new(spec: &LinkSpec) -> Shaper {
         Shaper {
-            rate: spec.bytes_per_sec(),
+            rate: bytes_per_sec(spec.rate_bits),
             burst: spec.burst as f64,
             queue_limit: spec.queue,
             tokens: spec.burst as f64,
             at: Duration::ZERO,
             waiting: VecDeque::new(),
             waiting_bytes: 0,
+            change: spec.change,
+        }
+    }
+
+    /// From `now` on, the bottleneck sends at `rate_bits` (`None`: unlimited) with room for
+    /// `queue` bytes. Segments already scheduled keep their departures: they were queued behind
+    /// the old rate and the change does not reach back to them. The bucket is what the old rate
+    /// left in it at `now`, or after the last scheduled departure if that is later; only then
+    /// does it fill at the new rate. A smaller queue refuses segments until what waits has
+    /// drained below it.
+    pub fn set_rate(&mut self, now: Duration, rate_bits: Option<u64>, queue: u64) {
+        if now > self.at {
+            self.tokens = match self.rate {
+                Some(rate) => (self.tokens + (now - self.at).as_secs_f64() * rate).min(self.burst),
+                None => self.burst,
+            };
+            self.at = now;
+        }
+        self.rate = bytes_per_sec(rate_bits);
+        self.queue_limit = queue;
+    }
+
+    /// Applies the spec's rate change once its time has come, at its own time rather than at
+    /// the first offer after it: an idle link changes rate even when nothing crosses it.
+    fn due_change(&mut self, now: Duration) {
+        if let Some(c) = self.change.filter(|c| c.after <= now) {
+            self.change = None;
+            self.set_rate(c.after, c.rate_bits, c.queue);
         }
     }
 
@@ -129,6 +218,7 @@ impl Shaper {
     /// A segment of `size` bytes arrives at `now`: when does it leave? An empty queue takes a
     /// segment of any size; otherwise a segment that would overflow the queue is refused.
     pub fn offer(&mut self, now: Duration, size: u64) -> Offer {
+        self.due_change(now);
         let Some(rate) = self.rate else {
             return Offer::Depart(now);
         };
@@ -364,7 +454,7 @@ impl Link {
 /// Largest segment a TCP reader hands to the shaper at once: within the burst when shaped, so
 /// the bucket paces segments rather than whole reads.
 fn segment_size(spec: &LinkSpec) -> usize {
-    if spec.rate_bits.is_some() {
+    if spec.shaped() {
         (spec.burst.clamp(1024, 64 * 1024) / 2) as usize
     } else {
         64 * 1024
@@ -480,10 +570,7 @@ fn tcp_flow(link: &Arc<Link>, client: TcpStream, server: TcpStream) {
 fn tcp_read(link: &Link, dir: &Direction, pipe: &Pipe<Option<Vec<u8>>>, mut from: TcpStream) {
     let seg = segment_size(&dir.spec);
     // In flight on the simulated wire plus the bottleneck queue, plus slack for loopback.
-    let in_flight = dir.spec.bytes_per_sec().map_or(0.0, |r| {
-        r * dir.spec.delay.as_secs_f64() + dir.spec.queue.min(64 << 20) as f64
-    }) as u64;
-    let limit = in_flight + (4 << 20);
+    let limit = dir.spec.max_in_flight() + (4 << 20);
     let mut buf = vec![0u8; seg];
     loop {
         if !pipe.wait_room(limit) {
@@ -637,7 +724,7 @@ fn deliver(link: &Link, is_up: bool, (s, dest, bytes): &Datagram) {
 
 fn udp_forward(link: &Link, dir: &Direction, pipe: &Pipe<Datagram>, d: Datagram) {
     let is_up = std::ptr::eq(dir, &*link.up);
-    if dir.spec.delay.is_zero() && dir.spec.rate_bits.is_none() {
+    if dir.spec.delay.is_zero() && !dir.spec.shaped() {
         // Nothing to model: the datagram leaves from the thread that received it, as from a
         // router with an idle line. Handing each one to the writer thread would cost a
         // wake-up per datagram, which loopback (and a QUIC flow of small datagrams over it)
@@ -738,6 +825,7 @@ mod tests {
             rate_bits: Some(8_000_000),
             burst: 10_000,
             queue: u64::MAX,
+            change: None,
         };
         let mut s = Shaper::new(&spec);
         let mut last = Duration::ZERO;
@@ -772,6 +860,7 @@ mod tests {
             rate_bits: Some(8_000_000),
             burst: 1000,
             queue: 5000,
+            change: None,
         };
         let mut s = Shaper::new(&spec);
         let mut accepted = 0;
@@ -786,6 +875,137 @@ mod tests {
         assert!(retry > Duration::ZERO);
         assert_eq!(s.queued(Duration::ZERO), 5000);
         assert!(matches!(s.offer(retry, 1000), Offer::Depart(_)));
+    }
+
+    /// 8 Mbit/s (1 MB/s), a 1000-byte bucket, an unbounded queue.
+    fn one_mb_per_sec() -> LinkSpec {
+        LinkSpec {
+            delay: Duration::ZERO,
+            rate_bits: Some(8_000_000),
+            burst: 1000,
+            queue: u64::MAX,
+            change: None,
+        }
+    }
+
+    fn departs(s: &mut Shaper, now: Duration, size: u64) -> Duration {
+        match s.offer(now, size) {
+            Offer::Depart(d) => d,
+            Offer::Full { .. } => panic!("segment refused at {now:?}"),
+        }
+    }
+
+    fn close(a: Duration, b: Duration) -> bool {
+        (a.as_secs_f64() - b.as_secs_f64()).abs() < 1e-9
+    }
+
+    #[test]
+    fn set_rate_keeps_what_was_scheduled_and_paces_what_follows_at_the_new_rate() {
+        let us = Duration::from_micros(1);
+        let mut s = Shaper::new(&one_mb_per_sec());
+        // Ten segments at once: one from the bucket, then one a millisecond.
+        let before: Vec<Duration> = (0..10)
+            .map(|_| departs(&mut s, Duration::ZERO, 1000))
+            .collect();
+        assert!(close(before[9], 9 * MS));
+        // Twice the rate from 2 ms: what waits still leaves at the old pace, by 9 ms.
+        s.set_rate(2 * MS, Some(16_000_000), u64::MAX);
+        assert_eq!(
+            s.queued(2 * MS),
+            7000,
+            "the seven still waiting are unchanged"
+        );
+        assert_eq!(s.queued(9 * MS), 0, "and gone at their old departures");
+        // The next segment waits for the last of them, then for 1000 bytes at 2 MB/s.
+        let after = departs(&mut s, 2 * MS, 1000);
+        assert!(close(after, 9 * MS + 500 * us), "{after:?}");
+
+        // An idle bucket refills at the old rate up to the change, at the new one after it.
+        let mut s = Shaper::new(&one_mb_per_sec());
+        assert_eq!(departs(&mut s, Duration::ZERO, 1000), Duration::ZERO);
+        s.set_rate(500 * us, Some(16_000_000), u64::MAX);
+        // 500 bytes from the old rate; the other 500 take 250 µs at the new one.
+        let d = departs(&mut s, 500 * us, 1000);
+        assert!(close(d, 750 * us), "{d:?}");
+
+        // A tenth of the rate: each segment takes ten times as long.
+        let mut s = Shaper::new(&one_mb_per_sec());
+        departs(&mut s, Duration::ZERO, 1000);
+        s.set_rate(Duration::ZERO, Some(800_000), u64::MAX);
+        let d = departs(&mut s, Duration::ZERO, 1000);
+        assert!(close(d, 10 * MS), "{d:?}");
+    }
+
+    #[test]
+    fn a_smaller_queue_refuses_until_what_waits_has_drained() {
+        let mut s = Shaper::new(&one_mb_per_sec());
+        for _ in 0..6 {
+            departs(&mut s, Duration::ZERO, 1000);
+        }
+        assert_eq!(s.queued(Duration::ZERO), 5000);
+        s.set_rate(Duration::ZERO, Some(8_000_000), 2000);
+        let Offer::Full { retry_at } = s.offer(Duration::ZERO, 1000) else {
+            panic!("5000 bytes waiting in a queue of 2000: no room");
+        };
+        assert_eq!(retry_at, MS, "the first waiting segment leaves at 1 ms");
+        // At 4 ms one segment (5 ms) waits: 1000 + 1000 fits in 2000.
+        assert!(close(departs(&mut s, 4 * MS, 1000), 6 * MS));
+    }
+
+    #[test]
+    fn a_spec_change_applies_at_its_time_even_to_an_idle_link() {
+        // 1 MB/s for a second, then 100 kB/s.
+        let spec = LinkSpec {
+            change: Some(RateChange {
+                after: Duration::from_secs(1),
+                rate_bits: Some(800_000),
+                queue: u64::MAX,
+            }),
+            ..one_mb_per_sec()
+        };
+        // A steady sender of 1000-byte segments, each offered as the previous one leaves.
+        let mut s = Shaper::new(&spec);
+        let mut now = Duration::ZERO;
+        let mut sent = 0u64;
+        while now < Duration::from_secs(2) {
+            now = departs(&mut s, now, 1000);
+            sent += 1000;
+        }
+        // 1 MB in the first second (plus the bucket), 100 kB in the second.
+        let expect = 1000 + 1_000_000 + 100_000;
+        assert!(
+            sent.abs_diff(expect) <= 2000,
+            "{sent} bytes, about {expect} expected"
+        );
+        assert!(close(
+            Duration::from_secs_f64(spec.link_time(1_100_000).unwrap()),
+            Duration::from_secs(2)
+        ));
+
+        // The bucket empties 0.5 ms before the change and the next segment comes 1.5 ms after
+        // it: 500 bytes refilled at the old rate, 150 at the new one, the other 350 take
+        // 3.5 ms. Had the change waited for that segment, the bucket would be full.
+        let us = Duration::from_micros(1);
+        let mut s = Shaper::new(&spec);
+        let t0 = Duration::from_secs(1) - 500 * us;
+        assert_eq!(departs(&mut s, t0, 1000), t0);
+        let d = departs(&mut s, Duration::from_secs(1) + 1500 * us, 1000);
+        assert!(close(d, Duration::from_secs(1) + 5 * MS), "{d:?}");
+    }
+
+    #[test]
+    fn link_time_counts_each_phase_at_its_rate() {
+        let fast_then_thin =
+            LinkSpec::wan(Duration::from_millis(20), 1000).changing(Duration::from_secs(10), 50);
+        // 125 MB/s for 10 s carries 1250 MB; the rest at 6.25 MB/s.
+        assert_eq!(fast_then_thin.link_time(125_000_000), Some(1.0));
+        assert_eq!(
+            fast_then_thin.link_time(1_250_000_000 + 62_500_000),
+            Some(20.0)
+        );
+        let plain = LinkSpec::wan(Duration::from_millis(20), 100);
+        assert_eq!(plain.link_time(12_500_000), Some(1.0));
+        assert_eq!(LinkSpec::unlimited().link_time(1), None);
     }
 
     #[test]
@@ -940,6 +1160,7 @@ mod tests {
             rate_bits: Some(1_000_000),
             burst: 1500,
             queue: 6000,
+            change: None,
         };
         let proxy = UdpProxy::start("127.0.0.1:0".parse().unwrap(), target, spec, spec).unwrap();
         let c = UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -32,8 +32,19 @@
 //!     [--compress 1] [--bin-dir DIR] [--baseline-bin-dir DIR] [--source-mode auto|stopped|running] [--out FILE]
 //!     [--rounds N] [--no-sync] [--log-dir DIR] [--perf DIR] [--skip-pg-rewind] [--skip-verify]
 //!     [--hold FILE] [--data stock|realistic] [--pattern contiguous|random]
-//!     [--kept-wal-mb N] [--skip-failbackd]
+//!     [--kept-wal-mb N] [--skip-failbackd] [--rate-mbit-then M --rate-change-after SECS]
+//!     [--skip-loopback] [--skip-source-server]
 //! ```
+//!
+//! `--rate-mbit-then M --rate-change-after SECS`: the WAN's rate becomes M Mbit/s each way
+//! SECS seconds after each tool's run starts (the proxy's start, just before the tool's), so
+//! every tool meets the same link: fast then thin, or thin then fast, to see whether
+//! `--compress auto` follows. `--compress` takes a comma-separated list (`auto,none,1`): every
+//! failback row runs once per value, named by it, and a table sets each value against the
+//! fastest fixed one; the compression choices `auto` made are listed run by run, and
+//! `--log-dir DIR` keeps each run's logs in `DIR/round-N/compress-C`.
+//! `--skip-loopback` runs the WAN only; `--skip-source-server` leaves out the
+//! `failback --source-server` rows.
 //!
 //! `--kept-wal-mb N` builds the pair with N MB of WAL written before the divergence and kept
 //! on both sides (`wal_keep_size`): pg_rewind copies it all, failback none of it.
@@ -98,7 +109,7 @@ fn against_pg_rewind(
     }
 }
 
-fn goals(rows: &[Row], rate_bits: u64, kept_wal_mb: u64, disk_write_gbps: Option<f64>) -> String {
+fn goals(rows: &[Row], wan: &LinkSpec, kept_wal_mb: u64, disk_write_gbps: Option<f64>) -> String {
     let mut s = String::new();
     let find = |tool: &str, net: &str| rows.iter().find(|r| r.tool == tool && r.net == net && r.ok);
     s.push_str(
@@ -143,13 +154,51 @@ fn goals(rows: &[Row], rate_bits: u64, kept_wal_mb: u64, disk_write_gbps: Option
                     verdict(ratio <= 1.3)
                 );
             }
-            if net == "wan" {
-                let floor = f.down as f64 * 8.0 / rate_bits.max(1) as f64;
+            if let Some(floor) = wan.link_time(f.down).filter(|_| net == "wan") {
                 let ratio = f.client.wall.as_secs_f64() / floor.max(1e-9);
                 let _ = writeln!(
                     s,
                     "| {tool} | {net} | wall ÷ (server→client bytes ÷ link rate = {floor:.2} s) | {ratio:.2} | ≤ 1.3 | {} |",
                     verdict(ratio <= 1.3)
+                );
+            }
+        }
+    }
+    s
+}
+
+/// With several `--compress` values: each one's wall time per transport and network against
+/// the fastest fixed choice (every value but `auto`), as the ratio of the medians and the
+/// median of each round's ratio (the runs of one round ran back to back).
+fn against_fixed(rows: &[Row], compressions: &[String]) -> String {
+    let mut s = String::from(
+        "| tool | network | --compress | wall (s) | wire server→client (MB) | wall ÷ fastest fixed | round by round | fastest fixed |\n\
+         |---|---|---|---:|---:|---:|---:|---|\n",
+    );
+    for tool in ["failback (gRPC)", "failback (QUIC)"] {
+        for net in ["loopback", "wan"] {
+            let of = |c: &str| {
+                let name = format!("{tool} --compress {c}");
+                rows.iter().find(|r| r.tool == name && r.net == net && r.ok)
+            };
+            let Some((best_c, best)) = compressions
+                .iter()
+                .filter(|c| c.as_str() != "auto")
+                .filter_map(|c| of(c).map(|r| (c, r)))
+                .min_by(|a, b| a.1.client.wall.cmp(&b.1.client.wall))
+            else {
+                continue;
+            };
+            for c in compressions {
+                let Some(r) = of(c) else { continue };
+                let wall = r.client.wall.as_secs_f64();
+                let paired = paired_speedup(&r.walls, &best.walls)
+                    .map_or("-".to_string(), |x| format!("{x:.2}"));
+                let _ = writeln!(
+                    s,
+                    "| {tool} | {net} | {c} | {wall:.2} | {:.2} | {:.2} | {paired} | {best_c} |",
+                    mb(r.down),
+                    wall / best.client.wall.as_secs_f64().max(1e-9)
                 );
             }
         }
@@ -189,8 +238,19 @@ fn main() {
     let percent = arg("--changed-percent", 1u32);
     let delay_ms = arg("--delay-ms", 25u64);
     let rate_mbit = arg("--rate-mbit", 200u64);
+    let rate_mbit_then = arg("--rate-mbit-then", 0u64);
+    let rate_change_after = arg("--rate-change-after", 0f64);
     let jobs = arg("--jobs", 16u32);
     let compress = arg("--compress", "1".to_string());
+    let compressions: Vec<String> = compress
+        .split(',')
+        .map(|c| c.trim().to_string())
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert!(!compressions.is_empty(), "--compress: no value");
+    // One --compress value names rows as before; several name each row by its value.
+    let labelled = compressions.len() > 1;
+    let skip_loopback = flag("--skip-loopback");
     let bin_dir = arg("--bin-dir", String::new());
     let source_mode = arg("--source-mode", "auto".to_string());
     let no_sync = flag("--no-sync");
@@ -198,6 +258,7 @@ fn main() {
     let skip_pg_rewind = flag("--skip-pg-rewind");
     let skip_verify = flag("--skip-verify");
     let skip_failbackd = flag("--skip-failbackd");
+    let skip_source_server = flag("--skip-source-server");
     let kept_wal_mb = arg("--kept-wal-mb", 0u64);
     let log_dir = arg("--log-dir", String::new());
     let log_dir = (!log_dir.is_empty()).then(|| PathBuf::from(log_dir));
@@ -218,7 +279,7 @@ fn main() {
     let client_help = help_of(&failback, &["rewind"]);
     let quic = daemon_help.contains("--quic-listen") && client_help.contains("quic");
     let pg_conn = daemon_help.contains("--pg-conn");
-    let libpq = client_help.contains("--source-server");
+    let libpq = client_help.contains("--source-server") && !skip_source_server;
     let running_source = match source_mode.as_str() {
         "running" => true,
         "stopped" => false,
@@ -230,8 +291,15 @@ fn main() {
     let pattern: failback_bench::pair::Pattern = arg("--pattern", "contiguous".to_string())
         .parse()
         .unwrap_or_else(|e| panic!("--pattern: {e}"));
-    let wan = LinkSpec::wan(Duration::from_millis(delay_ms), rate_mbit);
-    let nets: [(&'static str, LinkSpec); 2] = [("loopback", LinkSpec::unlimited()), ("wan", wan)];
+    let mut wan = LinkSpec::wan(Duration::from_millis(delay_ms), rate_mbit);
+    if rate_mbit_then > 0 {
+        wan = wan.changing(Duration::from_secs_f64(rate_change_after), rate_mbit_then);
+    }
+    let mut nets: Vec<(&'static str, LinkSpec)> = vec![("loopback", LinkSpec::unlimited())];
+    if skip_loopback {
+        nets.clear();
+    }
+    nets.push(("wan", wan));
 
     let started = Instant::now();
     let load_before = loadavg();
@@ -254,10 +322,10 @@ fn main() {
         failbackd,
         baseline,
         jobs,
-        compress,
+        compress: compressions[0].clone(),
         running_source,
         no_sync,
-        log_dir,
+        log_dir: log_dir.clone(),
         perf_dir,
         after_restore: None,
         subcommand: "rewind",
@@ -283,16 +351,30 @@ fn main() {
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
         let mut this_round = Vec::new();
-        for (net, spec) in nets {
+        for &(net, spec) in &nets {
             if !b.running_source && b.new.is_running() {
                 b.new.stop(StopMode::Fast);
             }
-            if !skip_failbackd {
-                this_round.push(b.failback_run(net, spec, false));
-                this_round.extend(b.baseline_run(net, spec, false));
+            for c in compressions.iter().filter(|_| !skip_failbackd) {
+                b.compress = c.clone();
+                if labelled {
+                    // Each value's runs keep their own logs: they share the file names.
+                    b.log_dir = log_dir.as_ref().map(|d| {
+                        d.join(format!("round-{}", round + 1))
+                            .join(format!("compress-{c}"))
+                    });
+                }
+                let label = |mut r: Row| {
+                    if labelled {
+                        r.tool = format!("{} --compress {c}", r.tool);
+                    }
+                    r
+                };
+                this_round.push(label(b.failback_run(net, spec, false)));
+                this_round.extend(b.baseline_run(net, spec, false).map(label));
                 if quic {
-                    this_round.push(b.failback_run(net, spec, true));
-                    this_round.extend(b.baseline_run(net, spec, true));
+                    this_round.push(label(b.failback_run(net, spec, true)));
+                    this_round.extend(b.baseline_run(net, spec, true).map(label));
                 }
             }
             // pg_rewind and failback --source-server need the source running, and pg_rewind a
@@ -313,6 +395,22 @@ fn main() {
         runs.push(this_round);
     }
     let ticks_after = cpu_ticks();
+    b.log_dir = log_dir;
+    let mut choices = String::new();
+    for (round, rows) in runs.iter().enumerate() {
+        for r in rows {
+            let Some(c) = &r.compression else { continue };
+            let _ = writeln!(
+                choices,
+                "- round {}, {} over {}: {:.2} s, {:.1} MB server→client. {c}",
+                round + 1,
+                r.tool,
+                r.net,
+                r.client.wall.as_secs_f64(),
+                mb(r.down)
+            );
+        }
+    }
     let mut columns: Vec<Vec<Row>> = Vec::new();
     for round in runs {
         columns.resize_with(round.len(), Vec::new);
@@ -375,17 +473,28 @@ fn main() {
         "# failback pair vs pg_rewind --source-server — {}\n",
         today()
     );
+    let change = wan.change.map_or(String::new(), |c| {
+        format!(
+            ", then {rate_mbit_then} Mbit/s each way (queue {} KiB) from {:.1} s after the start of each tool's run (`--rate-mbit-then`, `--rate-change-after`; bytes already queued keep their departure)",
+            c.queue / 1024,
+            c.after.as_secs_f64()
+        )
+    });
+    let loopback = if skip_loopback {
+        "Loopback: not run (--skip-loopback)."
+    } else {
+        "Loopback: the proxy with no delay and no cap."
+    };
     let _ = writeln!(
         out,
         "PostgreSQL 15, pgbench scale {scale} ({data:?} data, {pattern:?} rows; target data directory {:.0} MB), {changed} accounts changed on each side. \
-         failback: --jobs {} --compress {}. Loopback: the proxy with no delay and no cap. \
-         WAN: {delay_ms} ms each way ({} ms RTT), {rate_mbit} Mbit/s each way, token bucket {} KiB, queue {} KiB \
+         failback: --jobs {} --compress {compress}. {loopback} \
+         WAN: {delay_ms} ms each way ({} ms RTT), {rate_mbit} Mbit/s each way{change}, token bucket {} KiB, queue {} KiB \
          (`failback_bench::wan`). Each tool rewound a fresh copy of the same diverged target, \
          written back to disk (syncfs) before the tool started. WAL kept on both sides from \
          before the divergence: {kept_wal_mb} MB (`--kept-wal-mb`).\n",
         mb(target_size),
         b.jobs,
-        b.compress,
         2 * delay_ms,
         wan.burst / 1024,
         wan.queue / 1024
@@ -405,12 +514,15 @@ fn main() {
     );
     out.push_str(&table(&rows));
     out.push_str("\n## Against the goals (design.md)\n\n");
-    out.push_str(&goals(
-        &rows,
-        rate_mbit * 1_000_000,
-        kept_wal_mb,
-        disk.write_gbps,
-    ));
+    out.push_str(&goals(&rows, &wan, kept_wal_mb, disk.write_gbps));
+    if labelled {
+        out.push_str("\n## Each --compress against the fastest fixed choice\n\n");
+        out.push_str(&against_fixed(&rows, &compressions));
+    }
+    if !choices.is_empty() {
+        out.push_str("\n## failback's compression, run by run (`--report`)\n\n");
+        out.push_str(&choices);
+    }
     if b.baseline.is_some() {
         out.push_str("\n## Against the baseline build (`--baseline-bin-dir`)\n\n");
         out.push_str(&against_baseline(&rows));
