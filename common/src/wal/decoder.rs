@@ -961,7 +961,7 @@ impl WalDecoder {
                     },
                 )?;
                 let head = self.asm_buf.get(..XL_CRC_OFFSET).unwrap_or(&[]);
-                let computed = crc32c::crc32c_append(a.crc, head);
+                let computed = super::crc::crc32c_append(a.crc, head);
                 if computed != h.xl_crc {
                     return Err(WalError::CrcMismatch {
                         lsn: Lsn(a.rec_lsn),
@@ -1036,7 +1036,7 @@ impl WalDecoder {
         let bytes = &self.buf[piece];
         let at = a.got as usize;
         let body = SIZE_OF_XLOG_RECORD.saturating_sub(at).min(bytes.len());
-        a.crc = crc32c::crc32c_append(a.crc, &bytes[body..]);
+        a.crc = super::crc::crc32c_append(a.crc, &bytes[body..]);
         if a.images == ImageBytes::Await && at == 0 {
             // The fragment headers mostly come whole with the first piece: found there, no
             // image byte is copied at all.

@@ -46,8 +46,10 @@
 //! - [`rmgr`]: rmgr ids, names and record type names as pg_waldump prints them.
 //! - [`kinds`]: the records that create, truncate or drop relation files and databases, end
 //!   transactions that drop relations, and mark checkpoints and switches.
+//! - [`crc`]: the records' CRC-32C, over page-sized pieces.
 //! - [`decoder`]: the state machine. [`error`]: what can go wrong, with the LSN.
 
+pub mod crc;
 pub mod decoder;
 pub mod error;
 pub mod kinds;

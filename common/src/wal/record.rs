@@ -123,7 +123,7 @@ impl XLogRecordHeader {
 pub fn record_crc(rec: &[u8]) -> u32 {
     let body = rec.get(SIZE_OF_XLOG_RECORD..).unwrap_or(&[]);
     let head = rec.get(..XL_CRC_OFFSET).unwrap_or(rec);
-    crc32c::crc32c_append(crc32c::crc32c(body), head)
+    super::crc::crc32c_append(super::crc::crc32c(body), head)
 }
 
 /// A relation's identity on disk, as block references and drop records carry it.
