@@ -22,6 +22,7 @@ use failback_common::plan::{Plan, PlanEntry, Reason};
 use failback_datadir::{hash_buffer, hash_ranges};
 use serde::Serialize;
 
+use crate::first_batch;
 use crate::progress::Progress;
 use crate::source::{FetchRange, Fetched, FileHashes, Source, SourceError};
 use crate::target::{Target, TargetError, Written};
@@ -438,18 +439,11 @@ fn refine(
     let mut refined: HashMap<String, Vec<ByteRange>> = HashMap::new();
     let mut rest = asks.as_slice();
     while !rest.is_empty() {
-        let mut chunks = 0u64;
-        let take = rest
-            .iter()
-            .take_while(|(_, r)| {
-                chunks += chunkdiff::chunks_within(r, fine, u64::MAX).unwrap_or(0);
-                chunks <= HASHES_IN_MEMORY
-            })
-            .count()
-            .max(1);
-        let (batch, more) = rest.split_at(take);
-        rest = more;
-        let (answers, mut local) = std::thread::scope(|scope| {
+        let batch;
+        (batch, rest) = first_batch(rest, HASHES_IN_MEMORY, |(_, r)| {
+            chunkdiff::chunks_within(r, fine, u64::MAX).unwrap_or(0)
+        });
+        let (answers, local) = std::thread::scope(|scope| {
             let local = scope.spawn(|| {
                 let mut buf = hash_buffer(fine);
                 batch
@@ -464,13 +458,12 @@ fn refine(
             (answers, local)
         });
         let answers = answers?.unwrap_or_default();
-        for (i, (path, ranges)) in batch.iter().enumerate() {
+        for (i, ((path, ranges), hashed)) in batch.iter().zip(local).enumerate() {
             let list = refined.entry(path.clone()).or_default();
             let Some(h) = answers.get(i).filter(|h| !h.vanished && h.path == *path) else {
                 list.extend_from_slice(ranges);
                 continue;
             };
-            let hashed = std::mem::replace(&mut local[i], Ok((0, Vec::new())));
             let mine = in_its_function(hashed, h, algorithm, pgdata, fine, ranges)?;
             let (theirs, mine) = lists(h, &mine);
             let fetch = chunkdiff::ranges_to_fetch_within(fine, ranges, &theirs, &mine);

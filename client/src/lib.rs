@@ -25,3 +25,20 @@ pub mod progress;
 pub mod rewind;
 pub mod source;
 pub mod target;
+
+/// The longest run at the front of `items` whose costs add up to at most `most`, and at least
+/// one item (a single one over the bound goes alone); and the rest. How requests are cut so
+/// that what one holds, or what its answer makes the client hold, stays bounded.
+pub(crate) fn first_batch<T>(items: &[T], most: u64, cost: impl Fn(&T) -> u64) -> (&[T], &[T]) {
+    let mut total = 0u64;
+    let take = items
+        .iter()
+        .take_while(|item| {
+            total = total.saturating_add(cost(item));
+            total <= most
+        })
+        .count()
+        .max(1)
+        .min(items.len());
+    items.split_at(take)
+}

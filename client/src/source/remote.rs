@@ -21,6 +21,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::first_batch;
 use failback_common::chunkdiff::ByteRange;
 use failback_common::compress_choice::{CompressPolicy, CompressionChoice};
 use failback_common::filemap::{FileEntry, FileType};
@@ -628,18 +629,12 @@ impl<T: Transport> RemoteSource<T> {
         let mut out = Vec::with_capacity(asks.len());
         let mut rest = asks;
         while !rest.is_empty() {
-            let mut ranges = 0;
-            let take = rest
-                .iter()
-                .take(HASH_BATCH)
-                .take_while(|(_, r)| {
-                    ranges += r.map_or(0, <[ByteRange]>::len);
-                    ranges <= HASH_RANGE_BATCH
-                })
-                .count()
-                .max(1);
-            let (batch, more) = rest.split_at(take);
-            rest = more;
+            let (batch, _) = first_batch(
+                &rest[..rest.len().min(HASH_BATCH)],
+                HASH_RANGE_BATCH as u64,
+                |(_, r)| r.map_or(0, <[ByteRange]>::len) as u64,
+            );
+            rest = &rest[batch.len()..];
             let req = pb::ChunkHashesRequest {
                 paths: batch.iter().map(|(p, _)| p.to_string()).collect(),
                 chunk_size,
