@@ -88,6 +88,11 @@ pub struct Bench {
     /// copying the whole pristine directory: for clusters of many files, where a whole copy
     /// takes minutes.
     pub restore_changed_only: bool,
+    /// Start each failback run only once failbackd's WAL summarizer has caught up with the new
+    /// primary's `pg_wal`, as a failbackd deployed beside it has (it summarizes each segment as
+    /// it completes); without it, failbackd starts just before the run and decodes what its
+    /// summarizer has not reached yet for the request.
+    pub warm_summaries: bool,
 }
 
 impl Bench {
@@ -195,6 +200,11 @@ impl Bench {
             server.signal(libc::SIGKILL);
             let c = server.finish();
             panic!("failbackd did not start listening:\n{}", c.stderr);
+        }
+        if self.warm_summaries && !wait_summarized(&server) {
+            server.signal(libc::SIGKILL);
+            let c = server.finish();
+            panic!("failbackd's WAL summarizer did not catch up within 10 minutes:\n{}", c.stderr);
         }
         let proxy = if quic {
             // QUIC listens on UDP; give it a moment after the TCP listener is up.
@@ -516,4 +526,21 @@ mod tests {
         );
         assert_eq!(paired_speedup(&[3.0, 1.0], &[1.0]), None);
     }
+}
+
+/// Waits until failbackd says its summarizer has caught up with `pg_wal`; false after 10 minutes
+/// or when failbackd exits first.
+fn wait_summarized(server: &measure::Running) -> bool {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(600) {
+        if server.stderr_so_far().contains("WAL summaries: caught up") {
+            return true;
+        }
+        // SAFETY: probing whether our child still exists.
+        if unsafe { libc::kill(server.pid(), 0) } != 0 {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
 }

@@ -33,7 +33,7 @@
 //!     [--rounds N] [--no-sync] [--log-dir DIR] [--perf DIR] [--skip-pg-rewind] [--skip-verify]
 //!     [--hold FILE] [--data stock|realistic] [--pattern contiguous|random]
 //!     [--kept-wal-mb N] [--skip-failbackd] [--rate-mbit-then M --rate-change-after SECS]
-//!     [--skip-loopback] [--skip-source-server]
+//!     [--skip-loopback] [--skip-source-server] [--warm-summaries]
 //! ```
 //!
 //! `--rate-mbit-then M --rate-change-after SECS`: the WAN's rate becomes M Mbit/s each way
@@ -44,7 +44,11 @@
 //! fastest fixed one; the compression choices `auto` made are listed run by run, and
 //! `--log-dir DIR` keeps each run's logs in `DIR/round-N/compress-C`.
 //! `--skip-loopback` runs the WAN only; `--skip-source-server` leaves out the
-//! `failback --source-server` rows.
+//! `failback --source-server` rows. `--warm-summaries` starts each failback run only once
+//! failbackd's WAL summarizer has caught up with the new primary's `pg_wal`, as it has when
+//! failbackd is deployed beside the new primary (without it, failbackd starts just before each
+//! run and decodes for the request the segments its summarizer has not reached); failbackd's
+//! CPU then includes that catch-up.
 //!
 //! `--kept-wal-mb N` builds the pair with N MB of WAL written before the divergence and kept
 //! on both sides (`wal_keep_size`): pg_rewind copies it all, failback none of it.
@@ -259,6 +263,7 @@ fn main() {
     let skip_verify = flag("--skip-verify");
     let skip_failbackd = flag("--skip-failbackd");
     let skip_source_server = flag("--skip-source-server");
+    let warm_summaries = flag("--warm-summaries");
     let kept_wal_mb = arg("--kept-wal-mb", 0u64);
     let log_dir = arg("--log-dir", String::new());
     let log_dir = (!log_dir.is_empty()).then(|| PathBuf::from(log_dir));
@@ -330,6 +335,7 @@ fn main() {
         after_restore: None,
         subcommand: "rewind",
         restore_changed_only: false,
+        warm_summaries,
     };
     eprintln!("pair ready after {:.0?}", started.elapsed());
 
@@ -451,6 +457,12 @@ fn main() {
     } else {
         "failbackd served the new primary's data directory while it was SHUT DOWN (this failbackd has no --pg-conn yet); pg_rewind ran against the running server"
     };
+    let summaries_note = if b.warm_summaries {
+        " Each failback run started once failbackd's WAL summarizer had caught up with pg_wal (`--warm-summaries`: failbackd deployed beside the new primary); failbackd's CPU includes that catch-up."
+    } else {
+        " failbackd started just before each failback run: what its WAL summarizer had not reached was decoded for the request."
+    };
+    let mode = format!("{mode}.{}", if skip_failbackd { "" } else { summaries_note });
     let quic_note = if skip_failbackd {
         "QUIC: not measured (--skip-failbackd)."
     } else if quic {
@@ -506,7 +518,7 @@ fn main() {
     };
     let _ = writeln!(
         out,
-        "- Source mode: {mode}.\n- {quic_note}\n- {sync_note}\n- Correctness: {verified}.\n\
+        "- Source mode: {mode}\n- {quic_note}\n- {sync_note}\n- Correctness: {verified}.\n\
          - The targets' disk: {disk_note}.\n\
          - Machine: {cpus} CPUs, load average {load_before} at the start and {load_after} at the \
          end, {steal:.0} % of CPU time stolen by the hypervisor during the measured runs (other \

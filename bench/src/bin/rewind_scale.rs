@@ -396,6 +396,7 @@ fn main() {
         after_restore: None,
         subcommand: "rewind",
         restore_changed_only: true,
+        warm_summaries: false,
     };
     let loopback = LinkSpec::unlimited();
     let ticks_before = cpu_ticks();
