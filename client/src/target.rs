@@ -217,6 +217,8 @@ pub struct Target {
     compare: Vec<u8>,
     /// Every regular file whose bytes or length this run changed: what the sync makes durable.
     changed: BTreeSet<String>,
+    /// Where the source said each file ended, the shortest of what it said this run.
+    ended: HashMap<String, u64>,
 }
 
 impl Target {
@@ -231,6 +233,7 @@ impl Target {
             files: HashMap::new(),
             compare: Vec::new(),
             changed: BTreeSet::new(),
+            ended: HashMap::new(),
         })
     }
 
@@ -513,8 +516,18 @@ impl Target {
     }
 
     /// The source's file ended at `size`: so must the copy (WAL replay recreates whatever a
-    /// live source appended or cut meanwhile). A file not on the target is left alone.
+    /// live source appended or cut meanwhile). A file not on the target is left alone. The
+    /// requests for one file are answered in any order, and each that began past the file's
+    /// end says it ends where that request began: the shortest end said this run holds, and a
+    /// longer one said after it would only stretch the file with zeros.
     pub fn cut_short(&mut self, rel: &str, size: u64) -> Result<(), TargetError> {
+        match self.ended.get_mut(rel) {
+            Some(shortest) if *shortest <= size => return Ok(()),
+            Some(shortest) => *shortest = size,
+            None => {
+                self.ended.insert(rel.to_string(), size);
+            }
+        }
         self.files.remove(rel);
         let path = self.path(rel);
         if let Ok(f) = fs::OpenOptions::new().write(true).open(&path) {
@@ -886,6 +899,24 @@ mod tests {
             SyncMethod::Fsync,
         )
         .unwrap();
+    }
+
+    // A file cut into several requests that ends early is said to end by each request from
+    // there on, at its own start, in any order: the shortest holds, whatever came first.
+    #[test]
+    fn the_shortest_end_the_source_said_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("rel"), vec![7u8; 100]).unwrap();
+        let mut t = Target::open(dir.path()).unwrap();
+        t.cut_short("rel", 64).unwrap();
+        t.write("rel", 0, b"new", false).unwrap();
+        t.cut_short("rel", 40).unwrap();
+        t.cut_short("rel", 48).unwrap();
+        t.cut_short("rel", 80).unwrap();
+        let mut want = b"new".to_vec();
+        want.extend([7u8; 37]);
+        assert_eq!(fs::read(dir.path().join("rel")).unwrap(), want);
+        assert_eq!(t.changed().iter().collect::<Vec<_>>(), ["rel"]);
     }
 
     #[test]

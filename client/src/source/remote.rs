@@ -1244,20 +1244,38 @@ fn probe_batches(batches: &[Vec<FetchRange>]) -> usize {
         .unwrap_or(middle)
 }
 
-/// Groups ranges into requests. A range is never split between requests: a file that ends
-/// early must be reported Short once, at its real size.
+/// Groups ranges into requests of about [`BATCH_BYTES`] (at most twice that), cutting a
+/// longer range (a run of
+/// changed blocks, a whole relation segment) into pieces of that size: one request of a
+/// hundred megabytes would be read and compressed by one thread of the source and held in
+/// flight whole, and `--compress auto`'s probe of it would be sent stored, alone, at the link's
+/// raw rate. A file that ends before a piece does is reported Short by every piece from there
+/// on, each at its own offset: the target keeps the shortest ([`Target::cut_short`](crate::target::Target::cut_short)).
 fn batches(ranges: &[FetchRange]) -> Vec<Vec<FetchRange>> {
     let mut out = Vec::new();
     let mut cur = Vec::new();
     let (mut bytes, mut encoded) = (0u64, 0usize);
-    for r in ranges {
-        cur.push(r.clone());
-        bytes = bytes.saturating_add(r.length);
-        // A range's path, two varints and its framing.
-        encoded += r.path.len() + 32;
-        if bytes >= BATCH_BYTES || cur.len() >= BATCH_RANGES || encoded >= MAX_REQUEST / 2 {
-            out.push(std::mem::take(&mut cur));
-            (bytes, encoded) = (0, 0);
+    for whole in ranges {
+        let mut offset = whole.offset;
+        let end = whole.offset.saturating_add(whole.length);
+        loop {
+            let length = (end - offset).min(BATCH_BYTES);
+            cur.push(FetchRange {
+                path: whole.path.clone(),
+                offset,
+                length,
+            });
+            offset += length;
+            bytes = bytes.saturating_add(length);
+            // A range's path, two varints and its framing.
+            encoded += whole.path.len() + 32;
+            if bytes >= BATCH_BYTES || cur.len() >= BATCH_RANGES || encoded >= MAX_REQUEST / 2 {
+                out.push(std::mem::take(&mut cur));
+                (bytes, encoded) = (0, 0);
+            }
+            if offset >= end {
+                break;
+            }
         }
     }
     if !cur.is_empty() {
@@ -1657,10 +1675,18 @@ mod tests {
             r("e", 0, 10 << 20),
         ];
         let b = batches(&input);
-        // Each closes at 16 MiB.
-        assert_eq!(b.len(), 2);
-        assert_eq!(b[0], vec![input[0].clone()]);
-        assert_eq!(b[1], input[1..].to_vec());
+        // A range longer than a request is cut into requests of 16 MiB; each request closes
+        // at 16 MiB.
+        let m = 1 << 20;
+        assert_eq!(
+            b,
+            vec![
+                vec![r("a", 0, 16 * m)],
+                vec![r("a", 16 * m, 16 * m)],
+                vec![r("a", 32 * m, 8 * m), input[1].clone(), input[2].clone(), input[3].clone()],
+                vec![input[4].clone()],
+            ]
+        );
         let many: Vec<FetchRange> = (0..40).map(|i| r("f", i << 20, 1 << 20)).collect();
         let sizes: Vec<usize> = batches(&many).iter().map(Vec::len).collect();
         assert_eq!(sizes, [16, 16, 8]);
