@@ -132,7 +132,18 @@ fn goals(rows: &[Row], wan: &LinkSpec, kept_wal_mb: u64, disk_write_gbps: Option
         };
         against_pg_rewind(&mut s, LIBPQ, net, f, p, bytes_goal, speed_goal);
     }
-    for tool in ["failback (gRPC)", "failback (QUIC)"] {
+    // Every failback row (one per `--compress` value when several were given).
+    let failback_tools: Vec<&str> = rows
+        .iter()
+        .map(|r| r.tool.as_str())
+        .filter(|t| t.starts_with("failback (gRPC)") || t.starts_with("failback (QUIC)"))
+        .fold(Vec::new(), |mut seen, t| {
+            if !seen.contains(&t) {
+                seen.push(t);
+            }
+            seen
+        });
+    for tool in failback_tools {
         for net in ["loopback", "wan"] {
             let (Some(f), Some(p)) = (find(tool, net), find("pg_rewind --source-server", net))
             else {
