@@ -204,7 +204,10 @@ impl Bench {
         if self.warm_summaries && !wait_summarized(&server) {
             server.signal(libc::SIGKILL);
             let c = server.finish();
-            panic!("failbackd's WAL summarizer did not catch up within 10 minutes:\n{}", c.stderr);
+            panic!(
+                "failbackd's WAL summarizer did not catch up within 10 minutes:\n{}",
+                c.stderr
+            );
         }
         let proxy = if quic {
             // QUIC listens on UDP; give it a moment after the TCP listener is up.

@@ -8,7 +8,7 @@
 //! and the data, none known in advance, so `--compress auto` measures it.
 //!
 //! It measures with two requests sent *alone*, before the copy's others: one answered stored,
-//! then one compressed, each of up to 16 MiB within one file, from the middle of the copy on
+//! then one compressed, each of up to 4 MiB within one file, from the middle of the copy on
 //! (its first requests are mostly catalogs and small files, which compress unlike the bulk and
 //! deliver less than they ask), each measured by the bytes it delivered. Alone, a request has the link, both CPUs and
 //! the writer to itself, so its raw bytes per second are what that kind can deliver. Measured

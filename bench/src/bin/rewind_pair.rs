@@ -483,7 +483,10 @@ fn main() {
     } else {
         " failbackd started just before each failback run: what its WAL summarizer had not reached was decoded for the request."
     };
-    let mode = format!("{mode}.{}", if skip_failbackd { "" } else { summaries_note });
+    let mode = format!(
+        "{mode}.{}",
+        if skip_failbackd { "" } else { summaries_note }
+    );
     let quic_note = if skip_failbackd {
         "QUIC: not measured (--skip-failbackd)."
     } else if quic {
