@@ -156,14 +156,23 @@ pub struct ChangedBlocks {
     segments: Vec<(SegmentKey, BlockBitmap)>,
     /// Where each key's entry is in `segments`.
     index: HashMap<SegmentKey, usize, rustc_hash::FxBuildHasher>,
-    /// Some keys used lately and their entries, replaced in turn.
-    recent: Vec<(SegmentKey, usize)>,
+    /// Some keys used lately ([`packed`]) and their entries, replaced in turn.
+    recent: Vec<(u128, usize)>,
     /// The slot of `recent` the next key not found there replaces.
     replace: usize,
 }
 
 /// A relation's main-fork segment: its locator and segment number.
 type SegmentKey = (RelFileLocator, u32);
+
+/// A key as one integer: compared in two instructions rather than four.
+#[inline]
+fn packed((l, segno): SegmentKey) -> u128 {
+    u128::from(l.spcOid)
+        | u128::from(l.dbOid) << 32
+        | u128::from(l.relNumber) << 64
+        | u128::from(segno) << 96
+}
 
 /// How many keys [`ChangedBlocks`] compares before hashing.
 const RECENT_KEYS: usize = 8;
@@ -181,7 +190,8 @@ impl ChangedBlocks {
     /// The blocks of `key`'s segment, added empty if it had none.
     #[inline]
     fn entry(&mut self, key: SegmentKey) -> &mut BlockBitmap {
-        let at = match self.recent.iter().find(|(k, _)| *k == key) {
+        let wanted = packed(key);
+        let at = match self.recent.iter().find(|(k, _)| *k == wanted) {
             Some(&(_, at)) => at,
             None => self.look_up(key),
         };
@@ -197,9 +207,9 @@ impl ChangedBlocks {
             self.segments.push((key, BlockBitmap::default()));
         }
         if self.recent.len() < RECENT_KEYS {
-            self.recent.push((key, at));
+            self.recent.push((packed(key), at));
         } else {
-            self.recent[self.replace] = (key, at);
+            self.recent[self.replace] = (packed(key), at);
             self.replace = (self.replace + 1) % RECENT_KEYS;
         }
         at
