@@ -576,7 +576,11 @@ mod tests {
         for i in 0..5000u32 {
             x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
             // Runs over a few relations, then jumps among 3 * RECENT_KEYS of them.
-            let rel = if i % 500 < 250 { i % 3 } else { (x >> 8) % (3 * RECENT_KEYS as u32) };
+            let rel = if i % 500 < 250 {
+                i % 3
+            } else {
+                (x >> 8) % (3 * RECENT_KEYS as u32)
+            };
             let loc = RelFileLocator::new(1663, 5, 16384 + rel);
             let blk = (x >> 4) % 2500;
             let half = if i % 7 < 4 { &mut first } else { &mut second };
