@@ -635,12 +635,20 @@ impl WalDecoder {
 
     /// The header of the page at `page`, validated (`XLogReaderValidatePageHeader`) the first
     /// time it is read. `None` until enough bytes are fed.
+    #[inline(always)]
     fn page_header(&mut self, page: u64) -> Result<Option<PageState>, WalError> {
         if let Some(p) = self.page
             && p.lsn == page
         {
             return Ok(Some(p));
         }
+        self.read_page_header(page)
+    }
+
+    /// [`Self::page_header`] of a page not read yet: apart, so that the check every record
+    /// makes (its page is the one read last) is not a call.
+    #[inline(never)]
+    fn read_page_header(&mut self, page: u64) -> Result<Option<PageState>, WalError> {
         let Some(short) = self.get(page, SIZE_OF_XLOG_SHORT_PHD as u64) else {
             return Ok(None);
         };
