@@ -510,6 +510,23 @@ pub fn paired_speedup(slow: &[f64], fast: &[f64]) -> Option<f64> {
     })
 }
 
+/// Waits until failbackd says its summarizer has caught up with `pg_wal`; false after 10 minutes
+/// or when failbackd exits first.
+fn wait_summarized(server: &measure::Running) -> bool {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(600) {
+        if server.stderr_so_far().contains("WAL summaries: caught up") {
+            return true;
+        }
+        // SAFETY: probing whether our child still exists.
+        if unsafe { libc::kill(server.pid(), 0) } != 0 {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::paired_speedup;
@@ -529,21 +546,4 @@ mod tests {
         );
         assert_eq!(paired_speedup(&[3.0, 1.0], &[1.0]), None);
     }
-}
-
-/// Waits until failbackd says its summarizer has caught up with `pg_wal`; false after 10 minutes
-/// or when failbackd exits first.
-fn wait_summarized(server: &measure::Running) -> bool {
-    let t0 = std::time::Instant::now();
-    while t0.elapsed() < Duration::from_secs(600) {
-        if server.stderr_so_far().contains("WAL summaries: caught up") {
-            return true;
-        }
-        // SAFETY: probing whether our child still exists.
-        if unsafe { libc::kill(server.pid(), 0) } != 0 {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
