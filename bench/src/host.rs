@@ -26,9 +26,20 @@ pub fn mb(bytes: u64) -> f64 {
 
 /// Waits up to 30 s until `addr` takes TCP connections; false if `server` exits first.
 pub fn wait_listening(addr: SocketAddr, server: &measure::Running) -> bool {
+    wait_for(server, Duration::from_secs(30), || {
+        std::net::TcpStream::connect(addr).is_ok()
+    })
+}
+
+/// Waits up to `limit` until `ready` says so; false after it, or when `server` exits first.
+pub fn wait_for(
+    server: &measure::Running,
+    limit: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> bool {
     let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(30) {
-        if std::net::TcpStream::connect(addr).is_ok() {
+    while t0.elapsed() < limit {
+        if ready() {
             return true;
         }
         // SAFETY: probing whether our child still exists.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::host::{Proxy, failback_rewind_args, mb, syncfs, tail, wait_listening};
+use crate::host::{Proxy, failback_rewind_args, mb, syncfs, tail, wait_for, wait_listening};
 use crate::measure::{self, Cost, Sampler};
 use crate::pair::{copy_dir, sync_dir};
 use crate::wan::{LinkSpec, TcpProxy, UdpProxy};
@@ -201,7 +201,12 @@ impl Bench {
             let c = server.finish();
             panic!("failbackd did not start listening:\n{}", c.stderr);
         }
-        if self.warm_summaries && !wait_summarized(&server) {
+        // Its summarizer says so on stderr, once, when it has summarized what pg_wal held.
+        if self.warm_summaries
+            && !wait_for(&server, Duration::from_secs(600), || {
+                server.stderr_so_far().contains("WAL summaries: caught up")
+            })
+        {
             server.signal(libc::SIGKILL);
             let c = server.finish();
             panic!(
@@ -508,23 +513,6 @@ pub fn paired_speedup(slow: &[f64], fast: &[f64]) -> Option<f64> {
     } else {
         (r[n / 2 - 1] + r[n / 2]) / 2.0
     })
-}
-
-/// Waits until failbackd says its summarizer has caught up with `pg_wal`; false after 10 minutes
-/// or when failbackd exits first.
-fn wait_summarized(server: &measure::Running) -> bool {
-    let t0 = std::time::Instant::now();
-    while t0.elapsed() < Duration::from_secs(600) {
-        if server.stderr_so_far().contains("WAL summaries: caught up") {
-            return true;
-        }
-        // SAFETY: probing whether our child still exists.
-        if unsafe { libc::kill(server.pid(), 0) } != 0 {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 #[cfg(test)]
