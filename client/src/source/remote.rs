@@ -1281,11 +1281,11 @@ fn cut_batch(batch: Vec<FetchRange>, most: u64) -> (Vec<FetchRange>, Vec<FetchRa
 
 /// Groups ranges into requests of about [`BATCH_BYTES`] (at most twice that), cutting a
 /// longer range (a run of changed blocks, a whole relation segment) into pieces of that size:
-/// one request of a
-/// hundred megabytes would be read and compressed by one thread of the source and held in
-/// flight whole, and `--compress auto`'s probe of it would be sent stored, alone, at the link's
-/// raw rate. A file that ends before a piece does is reported Short by every piece from there
-/// on, each at its own offset: the target keeps the shortest ([`Target::cut_short`](crate::target::Target::cut_short)).
+/// one request of a hundred megabytes would be read and compressed by one thread of the source
+/// and held in flight whole, and `--compress auto`'s probe of it would be sent stored, alone,
+/// at the link's raw rate. A file that ends before a piece does is reported Short by every
+/// piece from there on, each at its own offset: the target keeps the shortest
+/// ([`Target::cut_short`](crate::target::Target::cut_short)).
 fn batches(ranges: &[FetchRange]) -> Vec<Vec<FetchRange>> {
     let mut out = Vec::new();
     let mut cur = Vec::new();
