@@ -13,6 +13,13 @@
 //! besides the two binaries: dependencies then resolve with the same features and nothing
 //! but the binaries is compiled (`-p failback-client` alone would resolve serde, tokio and
 //! others with fewer features and rebuild half the tree).
+//!
+//! It runs without the variables cargo sets for the test process itself (`CARGO_MANIFEST_DIR`,
+//! `CARGO_PKG_NAME`, `OUT_DIR`, ...): build scripts ask to be rerun when such a variable changes
+//! (ring's asks for eleven of them), and cargo compares their values in its own environment,
+//! where the build that made the test programs had none. With them set, every test run
+//! rebuilt ring and all that depends on it (rustls, tonic, quinn, failback itself) while the
+//! first six tests waited some two minutes on the lock.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,6 +27,27 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::run::{lock_exclusive, run_with_timeout};
+
+/// Whether cargo sets `name` for a package's compiler, build script or test process (the
+/// Cargo book's "Environment variables Cargo sets for crates" and "for build scripts"), rather
+/// than reading it.
+fn set_for_the_test_process(name: &str) -> bool {
+    const PREFIXES: [&str; 4] = [
+        "CARGO_PKG_",
+        "CARGO_BIN_EXE_",
+        "CARGO_CFG_",
+        "CARGO_MANIFEST_",
+    ];
+    const NAMES: [&str; 6] = [
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    PREFIXES.iter().any(|p| name.starts_with(p)) || NAMES.contains(&name)
+}
 
 /// The programs cargo builds for the tests.
 const PROGRAMS: [&str; 2] = ["failback", "failbackd"];
@@ -83,6 +111,11 @@ fn build() -> PathBuf {
             .join("Cargo.toml");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(set_for_the_test_process) {
+                cmd.env_remove(&name);
+            }
+        }
         cmd.args(["build", "--quiet", "--workspace", "--tests"]);
         for p in PROGRAMS {
             cmd.args(["--bin", p]);

@@ -259,11 +259,9 @@ pub fn rewind_from(source: &mut dyn Source, primary: &Cluster, new_primary: &Clu
     );
 }
 
-/// The `failback` binary rewinds `primary` from `url` with `--token-file`, `--jobs 5`,
-/// `--compress none`, `-R`, and `extra` arguments (files they name may be put in
-/// [`tempfile_dir`], removed afterwards).
-/// `failback rewind --source url` with a token file, `--jobs 5 --connections 3 --compress none --max-rate 2G
-/// -R`, and `extra`; asserts success and returns the `--report` JSON.
+/// `failback rewind --source url` with a token file, `--jobs 5 --connections 3 --compress none
+/// --max-rate 2G -R`, and `extra` (files they name may be put in [`tempfile_dir`], removed
+/// afterwards); asserts success and returns the `--report` JSON.
 pub fn cli_rewind(
     primary: &Cluster,
     new_primary: &Cluster,
