@@ -40,6 +40,9 @@ pub struct Row {
     pub phases: Option<serde_json::Value>,
     /// failback's `--report` compression: the policy and, under `auto`, every choice it made.
     pub compression: Option<String>,
+    /// failback's `--report` `execution.bytes_fetched_ahead`: what had arrived of the source's
+    /// changed blocks when the copy began.
+    pub fetched_ahead: Option<u64>,
     pub note: String,
     /// Every round's wall time in seconds, in round order (set by [`median`]).
     pub walls: Vec<f64>,
@@ -263,6 +266,9 @@ impl Bench {
         let compression = report
             .as_ref()
             .and_then(|v| v["compression"].as_str().map(str::to_string));
+        let fetched_ahead = report
+            .as_ref()
+            .and_then(|v| v["execution"]["bytes_fetched_ahead"].as_u64());
         let ok = cost.exit_code == 0;
         let note = if ok {
             String::new()
@@ -292,6 +298,7 @@ impl Bench {
             dropped,
             phases,
             compression,
+            fetched_ahead,
             note,
             walls: Vec::new(),
         }
@@ -348,6 +355,7 @@ impl Bench {
             dropped,
             phases: None,
             compression: None,
+            fetched_ahead: None,
             note: "server CPU/RSS: the backend, sampled every 20 ms (lower bound)".to_string(),
             walls: Vec::new(),
         }
@@ -409,6 +417,7 @@ impl Bench {
             dropped,
             phases,
             compression: None,
+            fetched_ahead: None,
             note,
             walls: Vec::new(),
         }

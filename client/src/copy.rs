@@ -18,13 +18,13 @@ use std::path::Path;
 use failback_common::chunkdiff::{self, ByteRange, ChunkHash, ChunkList, WHOLE_FILE};
 use failback_common::filemap::{FileAction, FileType};
 use failback_common::journal::JournalState;
-use failback_common::plan::{Plan, PlanEntry, Reason};
+use failback_common::plan::{PageMap, Plan, PlanEntry, Reason};
 use failback_datadir::{hash_buffer, hash_ranges};
 use serde::Serialize;
 
 use crate::first_batch;
 use crate::progress::Progress;
-use crate::source::{FetchRange, Fetched, FileHashes, Source, SourceError};
+use crate::source::{FetchRange, Fetched, FileHashes, Source, SourceError, without};
 use crate::target::{Target, TargetError, Written};
 
 /// Why the plan could not be carried out: the source failed, or a change to the target did.
@@ -53,6 +53,10 @@ pub struct CopyStats {
     /// Bytes of WAL written during the backup window a running source was copied in, fetched
     /// once it closed (counted in `bytes_fetched` too).
     pub window_wal_bytes: u64,
+    /// Bytes of the source's changed blocks that had arrived, fetched ahead, when the copy
+    /// began: the link's work while the target's WAL was read and the plan made (counted in
+    /// `bytes_fetched` too).
+    pub bytes_fetched_ahead: u64,
 }
 
 impl CopyStats {
@@ -66,6 +70,7 @@ impl CopyStats {
         self.bytes_skipped_by_hashes += more.bytes_skipped_by_hashes;
         self.bytes_already_done += more.bytes_already_done;
         self.window_wal_bytes += more.window_wal_bytes;
+        self.bytes_fetched_ahead += more.bytes_fetched_ahead;
     }
 }
 
@@ -93,6 +98,16 @@ fn block_ranges(path: &str, blocks: impl Iterator<Item = u32>, block_size: u32) 
         }
     }
     out
+}
+
+/// The changed blocks of `page_map` as ranges, adjacent blocks together: what a plan fetches
+/// of them.
+pub fn changed_ranges(page_map: &PageMap, block_size: u32) -> Vec<FetchRange> {
+    page_map
+        .files
+        .iter()
+        .flat_map(|(path, blocks)| block_ranges(path, blocks.iter(), block_size))
+        .collect()
 }
 
 /// The ranges the plan fetches, in plan order.
@@ -169,21 +184,8 @@ pub fn copy(
     // can be told how much the rest of the plan needs.
     let mut ranges = fetch_ranges(plan, source.is_live(), &diffs);
     if let Some(d) = done {
-        let mut left = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            let Some(set) = d.done.get(&r.path) else {
-                left.push(r);
-                continue;
-            };
-            let missing = set.missing(r.offset, r.length);
-            let kept: u64 = missing.iter().map(|(_, l)| l).sum();
-            stats.bytes_already_done += r.length - kept;
-            left.extend(missing.into_iter().map(|(offset, length)| FetchRange {
-                path: r.path.clone(),
-                offset,
-                length,
-            }));
-        }
+        let (left, kept) = without(ranges, &d.done);
+        stats.bytes_already_done += kept;
         ranges = left;
     }
     let total: u64 = ranges.iter().map(|r| r.length).sum();

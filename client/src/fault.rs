@@ -13,6 +13,9 @@
 //!   `standby.signal` (with `-R`), 6 `postgresql.auto.conf` without the marker, 7 the journal
 //!   removed.
 //!
+//! `FAILBACK_FAULT=slow-scan=MS` instead holds the end of the target's WAL scan back MS
+//! milliseconds, as a slow disk would: the tests of what overlaps the scan see it overlap.
+//!
 //! The variable is read once; without it every call is one relaxed load. The hook is test-only
 //! code: it is compiled in with the `fault-injection` feature, which the test bed turns on for the
 //! binaries cargo builds for the tests, and a shipped `failback` (`cargo build --release -p
@@ -45,6 +48,9 @@ fn armed() -> Option<(&'static str, u64)> {
     static AT: OnceLock<Option<(String, u64)>> = OnceLock::new();
     AT.get_or_init(|| {
         let v = std::env::var("FAILBACK_FAULT").ok()?;
+        if let Some(ms) = v.strip_prefix("slow-scan=") {
+            return Some(("slow-scan".to_string(), ms.parse().ok()?));
+        }
         if let Some(n) = v.strip_prefix("kill-after-bytes=") {
             return Some(("bytes".to_string(), n.parse().ok()?));
         }
@@ -79,5 +85,18 @@ pub fn passed(point: Point, times: u64) {
     if total >= at {
         // SAFETY: raising a signal on our own process.
         unsafe { libc::raise(libc::SIGKILL) };
+    }
+}
+
+/// The target's WAL scan has ended: held back here under `slow-scan=MS`.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn scan_ended() {}
+
+/// The target's WAL scan has ended: held back here under `slow-scan=MS`.
+#[cfg(feature = "fault-injection")]
+pub fn scan_ended() {
+    if let Some(("slow-scan", ms)) = armed() {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }

@@ -252,6 +252,25 @@ impl RangeSet {
         out
     }
 
+    /// The parts of `[offset, offset + length)` in the set, in order: what [`missing`] leaves.
+    ///
+    /// [`missing`]: RangeSet::missing
+    pub fn present(&self, offset: u64, length: u64) -> Vec<(u64, u64)> {
+        let end = offset.saturating_add(length);
+        let mut out = Vec::new();
+        let mut at = offset;
+        for (gap, gap_len) in self.missing(offset, length) {
+            if gap > at {
+                out.push((at, gap - at));
+            }
+            at = gap + gap_len;
+        }
+        if at < end {
+            out.push((at, end - at));
+        }
+        out
+    }
+
     /// The ranges in the set, as (offset, length), in order.
     pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.spans.iter().map(|(s, e)| (*s, e - s))
@@ -822,6 +841,11 @@ mod tests {
         assert_eq!(holes.missing(0, 50), vec![(0, 10), (20, 10), (40, 10)]);
         assert_eq!(holes.missing(15, 20), vec![(20, 10)]);
         assert_eq!(RangeSet::default().missing(7, 3), vec![(7, 3)]);
+        assert_eq!(holes.present(0, 50), vec![(10, 10), (30, 10)]);
+        assert_eq!(holes.present(15, 20), vec![(15, 5), (30, 5)]);
+        assert_eq!(holes.present(12, 5), vec![(12, 5)]);
+        assert_eq!(holes.present(20, 10), vec![]);
+        assert_eq!(RangeSet::default().present(7, 3), vec![]);
         let mut cut = holes.clone();
         cut.remove(15, 20);
         assert_eq!(cut.missing(0, 50), vec![(0, 10), (15, 20), (40, 10)]);

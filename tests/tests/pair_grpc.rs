@@ -71,6 +71,37 @@ fn cli_rewinds_through_failbackd() {
     rejoin_and_compare(primary, new_primary);
 }
 
+/// The source's changed blocks are fetched while the target's WAL is read (its end held back
+/// 1.5 s here, as a slow disk would): from a running new primary under load, they had arrived
+/// when the copy began, the copy took them up with the rest of the plan, and the rewound node
+/// matches the new primary.
+#[test]
+fn source_changes_are_fetched_while_the_target_is_scanned() {
+    // SAFETY: nextest runs each test in a process of its own, and no other thread of it has
+    // started yet.
+    unsafe { std::env::set_var("FAILBACK_FAULT", "slow-scan=1500") };
+    let (primary, mut new_primary) = diverged(PgMajor::V15);
+    new_primary.start();
+    let opts = opts_for(&primary, &new_primary);
+    let report = failback_tests::rewind::under_load(&new_primary, || {
+        let server = Failbackd::start_live(&new_primary);
+        let mut source = connect(server.url(), None).unwrap();
+        rewind(&opts, &mut source, &mut Terminal::new(false, false))
+            .unwrap()
+            .report
+    });
+    assert_eq!(report.source_changes.found_by, "wal", "{report:?}");
+    assert!(report.source_changes.changed_blocks > 0, "{report:?}");
+    let ex = report.execution.as_ref().expect("a copy");
+    assert!(report.seconds.wal_scan >= 1.5, "{report:?}");
+    assert!(
+        ex.bytes_fetched_ahead > 0,
+        "nothing arrived during the scan: {report:?}"
+    );
+    assert!(ex.bytes_fetched_ahead <= ex.bytes_fetched, "{report:?}");
+    rejoin_and_compare(primary, new_primary);
+}
+
 #[test]
 fn cli_refuses_two_sources_or_none() {
     let run = |args: &[&str]| {

@@ -427,9 +427,13 @@ fn main() {
     for (round, rows) in runs.iter().enumerate() {
         for r in rows {
             let Some(c) = &r.compression else { continue };
+            let ahead = r
+                .fetched_ahead
+                .map(|b| format!(", {:.1} MB of it fetched ahead of the plan", mb(b)))
+                .unwrap_or_default();
             let _ = writeln!(
                 choices,
-                "- round {}, {} over {}: {:.2} s, {:.1} MB server→client. {c}",
+                "- round {}, {} over {}: {:.2} s, {:.1} MB server→client{ahead}. {c}",
                 round + 1,
                 r.tool,
                 r.net,

@@ -409,7 +409,10 @@ impl Journaled {
             self.done.as_ref(),
         )
         .doing("could not carry out the rewind plan")?;
-        report.execution = Some(stats);
+        report.execution = Some(CopyStats {
+            bytes_fetched_ahead: source.fetched_ahead(),
+            ..stats
+        });
         report.compression = source.compression();
         report.seconds.copy = t.elapsed().as_secs_f64();
         Ok(Copied { journaled: self })

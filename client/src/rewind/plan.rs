@@ -27,6 +27,7 @@ use serde::Serialize;
 
 use super::check::Checked;
 use super::{Mode, RewindOptions, RewindReport};
+use crate::copy;
 use crate::error::{Doing, RewindError};
 use crate::fault::{self, Point};
 use crate::progress::Progress;
@@ -189,6 +190,7 @@ pub(crate) fn plan(
                     })
                     .map(|c| c.finish(target.major))
                 });
+                fault::scan_ended();
                 (found, t_scan.elapsed())
             })),
         };
@@ -210,6 +212,14 @@ pub(crate) fn plan(
                 .map(|(window, changes)| (window, changes, None)),
         };
         report.seconds.source_changes = t_source.elapsed().as_secs_f64();
+        // The plan fetches the source's changed blocks whatever the target's WAL says (but in
+        // files gone since): a remote source may start on them while that WAL is read and the
+        // plan made and journaled.
+        if let Ok((_, (Ok(changes), _), None)) = &source_part
+            && !opts.dry_run
+        {
+            source.fetch_ahead(copy::changed_ranges(&changes.page_map, target.blcksz));
+        }
         let target_changes = match scan {
             Ok(handle) => {
                 let (found, took) = handle

@@ -20,9 +20,11 @@ pub mod remote;
 
 use failback_common::chunkdiff::{ByteRange, ChunkHash};
 use failback_common::filemap::FileEntry;
+use failback_common::journal::RangeSet;
 pub use failback_common::retries::{RetryCause, RetryCounts, RetryOp};
 use failback_common::{Lsn, TimeLineId};
 use failback_datadir::wal::CheckpointAt;
+use std::collections::BTreeMap;
 
 /// A range of a source file to fetch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +32,40 @@ pub struct FetchRange {
     pub path: String,
     pub offset: u64,
     pub length: u64,
+}
+
+/// The bytes `ranges` cover, as a set per path.
+pub fn range_sets(ranges: &[FetchRange]) -> BTreeMap<String, RangeSet> {
+    let mut sets: BTreeMap<String, RangeSet> = BTreeMap::new();
+    for r in ranges {
+        sets.entry(r.path.clone())
+            .or_default()
+            .insert(r.offset, r.length);
+    }
+    sets
+}
+
+/// `ranges` without the bytes `have` holds of their files, and how many bytes that left out.
+pub fn without(
+    ranges: Vec<FetchRange>,
+    have: &BTreeMap<String, RangeSet>,
+) -> (Vec<FetchRange>, u64) {
+    let mut left = Vec::with_capacity(ranges.len());
+    let mut held = 0;
+    for r in ranges {
+        let Some(set) = have.get(&r.path) else {
+            left.push(r);
+            continue;
+        };
+        let missing = set.missing(r.offset, r.length);
+        held += r.length - missing.iter().map(|(_, l)| l).sum::<u64>();
+        left.extend(missing.into_iter().map(|(offset, length)| FetchRange {
+            path: r.path.clone(),
+            offset,
+            length,
+        }));
+    }
+    (left, held)
 }
 
 /// What the source had for (part of) a requested range.
@@ -257,6 +293,21 @@ pub trait Source {
     /// (pieces of one range in order; ranges may interleave). Dropping it stops the fetch.
     fn fetch(&mut self, ranges: Vec<FetchRange>) -> Result<Box<dyn Fetch + '_>, SourceError>;
 
+    /// Ranges the next [`fetch`](Source::fetch) will most likely ask for, known before it can
+    /// be made: the source's changed blocks, known while the target's WAL is still being read.
+    /// A remote source may start asking for them now, so that the link works while the target's
+    /// disk is read. The next fetch then hands over what came of them as far as its own ranges
+    /// hold it (a piece the plan turned out not to want is dropped) and asks only for the rest.
+    /// Nothing is written anywhere until that fetch.
+    fn fetch_ahead(&mut self, ranges: Vec<FetchRange>) {
+        let _ = ranges;
+    }
+
+    /// Bytes fetched ahead that had arrived when the fetch that took them up began.
+    fn fetched_ahead(&self) -> u64 {
+        0
+    }
+
     /// Whether a PostgreSQL server is running on the source (its files change under us).
     fn is_live(&self) -> bool;
 
@@ -405,6 +456,12 @@ impl<S: Source + ?Sized> Source for Box<S> {
     }
     fn fetch(&mut self, ranges: Vec<FetchRange>) -> Result<Box<dyn Fetch + '_>, SourceError> {
         (**self).fetch(ranges)
+    }
+    fn fetch_ahead(&mut self, ranges: Vec<FetchRange>) {
+        (**self).fetch_ahead(ranges)
+    }
+    fn fetched_ahead(&self) -> u64 {
+        (**self).fetched_ahead()
     }
     fn is_live(&self) -> bool {
         (**self).is_live()

@@ -5,7 +5,8 @@
 //! debt. A remote source's read-ahead is bounded (a few pieces per stream), so holding back
 //! the sink holds back the link too, whatever the transport (gRPC, QUIC) or the source. The
 //! bytes counted are the raw file bytes; compressed bytes on the wire are fewer, never more
-//! (but for framing).
+//! (but for framing). A fetch begun ahead of the plan ([`Source::fetch_ahead`]) is not passed
+//! on: what it brings would arrive unpaced, before the sink could pay for it.
 
 use std::time::{Duration, Instant};
 

@@ -16,7 +16,7 @@
 //! The engine is synchronous; a source owns a small tokio runtime and blocks on it, while every
 //! piece is handed to the sink on the calling thread.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,6 +25,7 @@ use crate::first_batch;
 use failback_common::chunkdiff::ByteRange;
 use failback_common::compress_choice::{CompressPolicy, CompressionChoice};
 use failback_common::filemap::{FileEntry, FileType};
+use failback_common::journal::RangeSet;
 use failback_common::lsn::history_file_name;
 use failback_common::patience::{Next, Patience, Stall};
 use failback_common::wire::{self, Compression, WireError};
@@ -36,12 +37,12 @@ use failback_proto::v1 as pb;
 use failback_sql::conninfo;
 use failback_transport::url::{Scheme, SourceUrl};
 use tokio::runtime::Runtime;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::{Code, Status};
 
 use super::{
     ChangesAnswer, Fetch, FetchRange, Fetched, RetryCause, RetryLog, RetryOp, Source, SourceEnd,
-    SourceError, WindowEnd, WindowStart,
+    SourceError, WindowEnd, WindowStart, range_sets, without,
 };
 
 /// Bytes per ReadRanges request: large enough to stream, small enough to spread over jobs.
@@ -51,6 +52,11 @@ const BATCH_BYTES: u64 = 16 << 20;
 /// much link time as 150 MiB compressed; a quarter of a request still measures the link's
 /// rate over several round trips of a LAN and a few of a WAN.
 const PROBE_BYTES: u64 = 4 << 20;
+/// The most a fetch begun ahead of its plan asks for ([`Source::fetch_ahead`]): what arrives
+/// waits in memory for the plan, so it is bounded (the client's memory goal is 256 MB), and
+/// 64 MiB is some 2.5 s of a 200 Mbit/s link, longer than the target's WAL scan it overlaps
+/// at the sizes measured.
+const AHEAD_BYTES: u64 = 64 << 20;
 /// Ranges per ReadRanges request: a sixteenth of what the server accepts.
 const BATCH_RANGES: usize = MAX_RANGES_PER_REQUEST / 16;
 /// The largest whole file [`Source::read_file`] fetches (history files are a few KB).
@@ -443,6 +449,21 @@ pub struct RemoteSource<T: Transport> {
     early: Early,
     /// The backup window this source opened: its id, and its call held open.
     window: Option<(u64, Held)>,
+    /// A fetch begun before its plan was made, for the next [`Source::fetch`] to take up.
+    ahead: Option<Ahead>,
+    /// Bytes of it that had arrived when that fetch began.
+    ahead_arrived: u64,
+}
+
+/// A fetch begun ahead of its plan ([`Source::fetch_ahead`]): its batches run and fill the
+/// channel (then wait, as any fetch does for a slow writer), and the rest of the plan's ranges,
+/// once known, are sent to its dispatch to follow them.
+struct Ahead {
+    /// What it asks for, by path.
+    asked: BTreeMap<String, RangeSet>,
+    more: oneshot::Sender<Vec<FetchRange>>,
+    rx: mpsc::Receiver<Result<Piece, SourceError>>,
+    tasks: tokio::task::JoinSet<()>,
 }
 
 /// What every rewind asks first — the control file, the timelines and their history files,
@@ -568,6 +589,8 @@ impl<T: Transport> RemoteSource<T> {
             capabilities: hs.capabilities,
             early,
             window: None,
+            ahead: None,
+            ahead_arrived: 0,
         })
     }
 
@@ -587,28 +610,59 @@ impl<T: Transport> RemoteSource<T> {
         ranges: Vec<FetchRange>,
         op: RetryOp,
     ) -> Result<Box<dyn Fetch + '_>, SourceError> {
+        let (rx, tasks) = self.dispatch(ranges, op, None);
+        Ok(Box::new(RemoteFetch::new(self, rx, tasks)))
+    }
+
+    /// Starts sending `ranges`' batches, and then those `more` brings, if any; their pieces
+    /// come out of the channel.
+    fn dispatch(
+        &self,
+        ranges: Vec<FetchRange>,
+        op: RetryOp,
+        more: Option<oneshot::Receiver<Vec<FetchRange>>>,
+    ) -> (
+        mpsc::Receiver<Result<Piece, SourceError>>,
+        tokio::task::JoinSet<()>,
+    ) {
         let total: u64 = ranges.iter().map(|r| r.length).sum();
-        let choice = self.compression.clone();
         let queue: VecDeque<Vec<FetchRange>> = batches(&ranges).into();
         let (tx, rx) = mpsc::channel::<Result<Piece, SourceError>>(self.jobs * 4);
         let dispatch = Dispatch {
             transports: self.transports.clone(),
             jobs: self.jobs,
-            choice: choice.clone(),
+            choice: self.compression.clone(),
             limit: self.max_chunk,
             retry: self.retry.clone(),
             op,
             tx,
         };
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn_on(dispatch.run(queue, total), self.rt.handle());
-        Ok(Box::new(RemoteFetch {
-            rt: &self.rt,
-            rx,
-            tasks,
-            choice,
-            piece: None,
-        }))
+        tasks.spawn_on(dispatch.run(queue, total, more), self.rt.handle());
+        (rx, tasks)
+    }
+
+    /// The fetch begun ahead, taken up by the plan's `ranges`: the rest of them follow its
+    /// batches, what already arrived is handed over first, and pieces the plan does not want
+    /// (a relation the source dropped or cut short since) are left out.
+    fn take_up(&mut self, mut ahead: Ahead, ranges: Vec<FetchRange>) -> Box<dyn Fetch + '_> {
+        let wanted = range_sets(&ranges);
+        let (rest, _) = without(ranges, &ahead.asked);
+        // A dispatch gone already failed: its error waits in the channel.
+        let _ = ahead.more.send(rest);
+        let mut ready = VecDeque::new();
+        while let Ok(piece) = ahead.rx.try_recv() {
+            if let Ok(p @ Piece::Data { data, .. }) = &piece {
+                let parts = wanted_parts(Some(&wanted), p);
+                self.ahead_arrived +=
+                    parts.map_or(data.len() as u64, |v| v.iter().map(|(_, len)| len).sum());
+            }
+            ready.push_back(piece);
+        }
+        let mut fetch = RemoteFetch::new(self, ahead.rx, ahead.tasks);
+        fetch.ready = ready;
+        fetch.wanted = Some(wanted);
+        Box::new(fetch)
     }
 
     fn refuse_window(&self, reason: &str) -> SourceError {
@@ -736,6 +790,10 @@ impl<T: Transport> RemoteSource<T> {
 
 impl<T: Transport> Drop for RemoteSource<T> {
     fn drop(&mut self) {
+        if let Some(ahead) = self.ahead.take() {
+            let _guard = self.rt.enter();
+            drop(ahead);
+        }
         // Ending the window's call ends failbackd's session, and the window with it.
         if let Some((_, held)) = self.window.take() {
             let _guard = self.rt.enter();
@@ -772,26 +830,96 @@ struct RemoteFetch<'s> {
     tasks: tokio::task::JoinSet<()>,
     /// Told what the copy delivers, for `--compress auto`'s watch.
     choice: SharedChoice,
+    /// Pieces that came before this fetch began (of a fetch begun ahead), handed over first.
+    ready: VecDeque<Result<Piece, SourceError>>,
+    /// For a fetch begun ahead, the ranges this fetch asks for, by path: pieces outside them
+    /// are left out, and the parts of a piece inside them handed over one by one.
+    wanted: Option<BTreeMap<String, RangeSet>>,
     /// The piece handed out last, which the caller borrows.
     piece: Option<Piece>,
+    /// Its parts (offset, length) still to hand over.
+    parts: VecDeque<(u64, u64)>,
+}
+
+impl<'s> RemoteFetch<'s> {
+    fn new<T: Transport>(
+        source: &'s RemoteSource<T>,
+        rx: mpsc::Receiver<Result<Piece, SourceError>>,
+        tasks: tokio::task::JoinSet<()>,
+    ) -> RemoteFetch<'s> {
+        RemoteFetch {
+            rt: &source.rt,
+            rx,
+            tasks,
+            choice: source.compression.clone(),
+            ready: VecDeque::new(),
+            wanted: None,
+            piece: None,
+            parts: VecDeque::new(),
+        }
+    }
+}
+
+/// The parts of `piece` a fetch that `wanted` these ranges hands over: all of it (`None`), or
+/// these, or nothing (empty).
+fn wanted_parts(
+    wanted: Option<&BTreeMap<String, RangeSet>>,
+    piece: &Piece,
+) -> Option<Vec<(u64, u64)>> {
+    let wanted = wanted?;
+    Some(match piece {
+        Piece::Data { path, offset, data } => wanted
+            .get(&**path)
+            .map(|set| set.present(*offset, data.len() as u64))
+            .unwrap_or_default(),
+        // Said of a file the plan asks nothing of, it says nothing the copy needs.
+        Piece::Short { path, .. } | Piece::Vanished { path } => {
+            let keep = wanted.contains_key(&**path);
+            return (!keep).then(Vec::new);
+        }
+    })
 }
 
 impl Fetch for RemoteFetch<'_> {
     fn next(&mut self) -> Result<Option<Fetched<'_>>, SourceError> {
-        self.piece = None;
-        let Some(piece) = self.rt.block_on(self.rx.recv()) else {
+        if self.parts.is_empty() {
+            self.piece = None;
+            loop {
+                let piece = match self.ready.pop_front() {
+                    Some(p) => p,
+                    None => match self.rt.block_on(self.rx.recv()) {
+                        Some(p) => p,
+                        None => return Ok(None),
+                    },
+                }?;
+                if let Piece::Data { data, .. } = &piece {
+                    lock_choice(&self.choice).delivered(data.len() as u64, Instant::now());
+                }
+                match wanted_parts(self.wanted.as_ref(), &piece) {
+                    Some(parts) if parts.is_empty() => continue,
+                    Some(parts) => self.parts = parts.into(),
+                    None => {}
+                }
+                self.piece = Some(piece);
+                break;
+            }
+        }
+        let Some(piece) = self.piece.as_ref() else {
             return Ok(None);
         };
-        let piece = piece?;
-        if let Piece::Data { data, .. } = &piece {
-            lock_choice(&self.choice).delivered(data.len() as u64, Instant::now());
-        }
-        Ok(Some(match self.piece.insert(piece) {
-            Piece::Data { path, offset, data } => Fetched::Data {
-                path,
-                offset: *offset,
-                data,
-            },
+        Ok(Some(match piece {
+            Piece::Data { path, offset, data } => {
+                let (at, len) = self
+                    .parts
+                    .pop_front()
+                    .unwrap_or((*offset, data.len() as u64));
+                let from = (at - offset) as usize;
+                Fetched::Data {
+                    path,
+                    offset: at,
+                    data: &data[from..from + len as usize],
+                }
+            }
             Piece::Short { path, size } => Fetched::Short { path, size: *size },
             Piece::Vanished { path } => Fetched::Vanished { path },
         }))
@@ -843,7 +971,12 @@ impl<T: Transport> Dispatch<T> {
         lock_choice(&self.choice)
     }
 
-    async fn run(self, mut queue: VecDeque<Vec<FetchRange>>, total: u64) {
+    async fn run(
+        self,
+        mut queue: VecDeque<Vec<FetchRange>>,
+        total: u64,
+        mut more: Option<oneshot::Receiver<Vec<FetchRange>>>,
+    ) {
         let permits = Arc::new(Semaphore::new(self.jobs));
         let all = u32::try_from(self.jobs).unwrap_or(u32::MAX);
         let mut running = tokio::task::JoinSet::new();
@@ -854,7 +987,27 @@ impl<T: Transport> Dispatch<T> {
         let mut sent = 0usize;
         // Raw bytes asked for by the requests running (not probes, which go alone).
         let mut in_flight = 0u64;
-        while !queue.is_empty() {
+        loop {
+            // The rest of a fetch begun ahead: waited for once its own batches are all sent.
+            if let Some(rx) = more.as_mut() {
+                let came = if queue.is_empty() {
+                    Some(rx.await.ok())
+                } else {
+                    match rx.try_recv() {
+                        Err(oneshot::error::TryRecvError::Empty) => None,
+                        got => Some(got.ok()),
+                    }
+                };
+                if let Some(rest) = came {
+                    more = None;
+                    let rest = rest.unwrap_or_default();
+                    left += rest.iter().map(|r| r.length).sum::<u64>();
+                    queue.extend(batches(&rest));
+                }
+            }
+            if queue.is_empty() {
+                break;
+            }
             let probe = self.choice().wants_probe(Instant::now(), left);
             let b = match probe {
                 Some(_) => {
@@ -1399,7 +1552,33 @@ impl<T: Transport> Source for RemoteSource<T> {
     }
 
     fn fetch(&mut self, ranges: Vec<FetchRange>) -> Result<Box<dyn Fetch + '_>, SourceError> {
-        self.fetch_as(ranges, RetryOp::Fetch)
+        match self.ahead.take() {
+            Some(ahead) => Ok(self.take_up(ahead, ranges)),
+            None => self.fetch_as(ranges, RetryOp::Fetch),
+        }
+    }
+
+    fn fetch_ahead(&mut self, ranges: Vec<FetchRange>) {
+        let (ranges, _) = cut_batch(ranges, AHEAD_BYTES);
+        if ranges.is_empty() {
+            return;
+        }
+        let (more, rest) = oneshot::channel();
+        let asked = range_sets(&ranges);
+        let (rx, tasks) = self.dispatch(ranges, RetryOp::Fetch, Some(rest));
+        if let Some(old) = self.ahead.replace(Ahead {
+            asked,
+            more,
+            rx,
+            tasks,
+        }) {
+            let _guard = self.rt.enter();
+            drop(old);
+        }
+    }
+
+    fn fetched_ahead(&self) -> u64 {
+        self.ahead_arrived
     }
 
     fn retries(&self) -> RetryLog {
@@ -1641,6 +1820,98 @@ fn changes_from_replies(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a fetch hands over, in words: `path@offset+len`, `path short@size`, `path gone`.
+    fn handed_over(fetch: &mut RemoteFetch<'_>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(p) = fetch.next().unwrap() {
+            out.push(match p {
+                Fetched::Data { path, offset, data } => {
+                    let at = |i: usize| ((offset + i as u64) % 251) as u8;
+                    let right = data.iter().enumerate().all(|(i, &b)| b == at(i));
+                    assert!(right, "{path}@{offset}: bytes from elsewhere");
+                    format!("{path}@{offset}+{}", data.len())
+                }
+                Fetched::Short { path, size } => format!("{path} short@{size}"),
+                Fetched::Vanished { path } => format!("{path} gone"),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn a_fetch_begun_ahead_hands_over_only_what_the_plan_wants() {
+        let rt = runtime("the test").unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        // Bytes whose value says their offset, so that a part cut from the wrong place shows.
+        let data = |path: &str, offset: u64, len: u64| {
+            Ok(Piece::Data {
+                path: Arc::from(path),
+                offset,
+                data: (offset..offset + len).map(|o| (o % 251) as u8).collect(),
+            })
+        };
+        let arrived = [
+            data("base/5/1", 0, 100),
+            data("base/5/2", 0, 50),
+            Ok(Piece::Short {
+                path: Arc::from("base/5/2"),
+                size: 50,
+            }),
+            Ok(Piece::Vanished {
+                path: Arc::from("base/5/3"),
+            }),
+        ];
+        let later = [
+            data("base/5/1", 100, 20),
+            Ok(Piece::Vanished {
+                path: Arc::from("base/5/4"),
+            }),
+        ];
+        let mut fetch = RemoteFetch {
+            rt: &rt,
+            rx,
+            tasks: tokio::task::JoinSet::new(),
+            choice: Arc::new(std::sync::Mutex::new(CompressionChoice::new(
+                CompressPolicy::Fixed(Compression::None),
+            ))),
+            ready: arrived.into_iter().collect(),
+            wanted: None,
+            piece: None,
+            parts: VecDeque::new(),
+        };
+        // The plan wants two stretches of file 1 and all of file 4; files 2 and 3 were dropped
+        // or cut since the fetch began.
+        let plan = [
+            ("base/5/1", 10, 20),
+            ("base/5/1", 60, 50),
+            ("base/5/4", 0, 8),
+        ];
+        let plan: Vec<FetchRange> = plan
+            .iter()
+            .map(|&(path, offset, length)| FetchRange {
+                path: path.into(),
+                offset,
+                length,
+            })
+            .collect();
+        fetch.wanted = Some(range_sets(&plan));
+        rt.block_on(async {
+            for p in later {
+                tx.send(p).await.unwrap();
+            }
+        });
+        drop(tx);
+        assert_eq!(
+            handed_over(&mut fetch),
+            [
+                "base/5/1@10+20",
+                "base/5/1@60+40",
+                "base/5/1@100+10",
+                "base/5/4 gone"
+            ]
+        );
+    }
 
     #[test]
     fn statuses_are_retried_for_what_they_say_of_the_link() {
