@@ -652,10 +652,9 @@ impl<T: Transport> RemoteSource<T> {
         let _ = ahead.more.send(rest);
         let mut ready = VecDeque::new();
         while let Ok(piece) = ahead.rx.try_recv() {
-            if let Ok(p @ Piece::Data { data, .. }) = &piece {
-                let parts = wanted_parts(Some(&wanted), p);
-                self.ahead_arrived +=
-                    parts.map_or(data.len() as u64, |v| v.iter().map(|(_, len)| len).sum());
+            if let Ok(p @ Piece::Data { .. }) = &piece {
+                let parts = wanted_parts(&wanted, p).unwrap_or_default();
+                self.ahead_arrived += parts.iter().map(|(_, len)| len).sum::<u64>();
             }
             ready.push_back(piece);
         }
@@ -860,13 +859,9 @@ impl<'s> RemoteFetch<'s> {
     }
 }
 
-/// The parts of `piece` a fetch that `wanted` these ranges hands over: all of it (`None`), or
-/// these, or nothing (empty).
-fn wanted_parts(
-    wanted: Option<&BTreeMap<String, RangeSet>>,
-    piece: &Piece,
-) -> Option<Vec<(u64, u64)>> {
-    let wanted = wanted?;
+/// The parts of `piece` a fetch that `wanted` these ranges hands over: these (a piece of data),
+/// or all of it (`None`: a Short or Vanished of a file it asks for), or nothing (empty).
+fn wanted_parts(wanted: &BTreeMap<String, RangeSet>, piece: &Piece) -> Option<Vec<(u64, u64)>> {
     Some(match piece {
         Piece::Data { path, offset, data } => wanted
             .get(&**path)
@@ -895,7 +890,7 @@ impl Fetch for RemoteFetch<'_> {
                 if let Piece::Data { data, .. } = &piece {
                     lock_choice(&self.choice).delivered(data.len() as u64, Instant::now());
                 }
-                match wanted_parts(self.wanted.as_ref(), &piece) {
+                match self.wanted.as_ref().and_then(|w| wanted_parts(w, &piece)) {
                     Some(parts) if parts.is_empty() => continue,
                     Some(parts) => self.parts = parts.into(),
                     None => {}
