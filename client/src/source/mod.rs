@@ -34,6 +34,21 @@ pub struct FetchRange {
     pub length: u64,
 }
 
+impl FetchRange {
+    /// Its first `n` bytes (all of it if it is no longer), and the rest if any.
+    pub fn cut(self, n: u64) -> (FetchRange, Option<FetchRange>) {
+        if self.length <= n {
+            return (self, None);
+        }
+        let rest = FetchRange {
+            path: self.path.clone(),
+            offset: self.offset.saturating_add(n),
+            length: self.length - n,
+        };
+        (FetchRange { length: n, ..self }, Some(rest))
+    }
+}
+
 /// The bytes `ranges` cover, as a set per path.
 pub fn range_sets(ranges: &[FetchRange]) -> BTreeMap<String, RangeSet> {
     let mut sets: BTreeMap<String, RangeSet> = BTreeMap::new();

@@ -1411,18 +1411,12 @@ fn cut_batch(batch: Vec<FetchRange>, most: u64) -> (Vec<FetchRange>, Vec<FetchRa
     for r in batch {
         if left == 0 {
             rest.push(r);
-        } else if r.length <= left {
-            left -= r.length;
-            first.push(r);
-        } else {
-            rest.push(FetchRange {
-                path: r.path.clone(),
-                offset: r.offset + left,
-                length: r.length - left,
-            });
-            first.push(FetchRange { length: left, ..r });
-            left = 0;
+            continue;
         }
+        let (head, tail) = r.cut(left);
+        left -= head.length;
+        first.push(head);
+        rest.extend(tail);
     }
     (first, rest)
 }
@@ -1439,26 +1433,18 @@ fn batches(ranges: &[FetchRange]) -> Vec<Vec<FetchRange>> {
     let mut cur = Vec::new();
     let (mut bytes, mut encoded) = (0u64, 0usize);
     for whole in ranges {
-        let mut offset = whole.offset;
-        let end = whole.offset.saturating_add(whole.length);
-        loop {
-            let length = (end - offset).min(BATCH_BYTES);
-            cur.push(FetchRange {
-                path: whole.path.clone(),
-                offset,
-                length,
-            });
-            offset += length;
-            bytes = bytes.saturating_add(length);
+        let mut left = Some(whole.clone());
+        while let Some(r) = left {
+            let (piece, rest) = r.cut(BATCH_BYTES);
+            bytes = bytes.saturating_add(piece.length);
             // A range's path, two varints and its framing.
-            encoded += whole.path.len() + 32;
+            encoded += piece.path.len() + 32;
+            cur.push(piece);
             if bytes >= BATCH_BYTES || cur.len() >= BATCH_RANGES || encoded >= MAX_REQUEST / 2 {
                 out.push(std::mem::take(&mut cur));
                 (bytes, encoded) = (0, 0);
             }
-            if offset >= end {
-                break;
-            }
+            left = rest;
         }
     }
     if !cur.is_empty() {
