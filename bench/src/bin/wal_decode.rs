@@ -18,7 +18,7 @@
 //! - the decoder reading the files 1 MB at a time (as `failback` itself reads WAL), which keeps
 //!   the buffers in the CPU caches;
 //! - the scan a rewind does, through `failback_datadir::wal::WalReader` (the code `failback
-//!   rewind` runs on the target's WAL): segments read 64 KiB at a time straight into the
+//!   rewind` runs on the target's WAL): segments read 128 KiB at a time straight into the
 //!   decoder, image bytes of records spanning pages checked but not copied, the blocks
 //!   collected as changed blocks; on one thread (`changes`) and on every core
 //!   (`changes_in_parallel`, each segment decoded on its own), over a data directory whose

@@ -3,7 +3,7 @@
 //!
 //! A WAL scan must check the CRC-32C of every record, so every byte of the WAL passes through
 //! the CPU once. Segment files in the page cache can get there by `pread` into a small buffer
-//! (the kernel copies them; the scan in `failback_datadir::wal` reads 64 KiB at a time, a
+//! (the kernel copies them; the scan in `failback_datadir::wal` reads 128 KiB at a time, a
 //! buffer that stays in the core's cache while it is decoded) or by mapping the file with
 //! `mmap` and reading the page cache's own pages (no copy, but every 4 KiB page of the mapping
 //! is a page-table entry to fill and a TLB entry to miss). This tool times each way over every
