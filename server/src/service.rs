@@ -37,7 +37,7 @@ use crate::audit::{Audit, Peer};
 use crate::metrics::{Refusal, Transport};
 use crate::readers::{
     DEFAULT_STALL_TIMEOUT, MAX_READERS, MAX_READERS_PER_CONNECTION, MAX_WORKERS_PER_CONNECTION,
-    Outbox, Readers, Sent, max_workers,
+    Outbox, Readers, Sent, Unbatched, max_workers,
 };
 
 /// Who sent `request`: QUIC names the connection in an extension; gRPC's connection is its
@@ -491,16 +491,36 @@ impl Failback for FailbackService {
         let (out, rx) = self.outbox(peer, "ChunkHashes", true).await?;
         tokio::task::spawn_blocking(move || {
             let mut buf = hash_buffer(cs);
+            let mut batch: Vec<FileHashes> = Vec::new();
+            let mut batch_bytes = 0usize;
             for (i, path) in req.paths.into_iter().enumerate() {
                 let within = ranges.as_ref().map(|r| r[i].as_slice());
-                let r = hash_file(&dir, &path, cs, within, &mut buf);
-                let stop = r.is_err();
-                if out.send(r) != Sent::Delivered || stop {
-                    return;
+                match hash_file(&dir, &path, cs, within, &mut buf) {
+                    Ok(h) => {
+                        batch_bytes += path.len() + 32 * h.hashes.len();
+                        batch.push(h);
+                    }
+                    Err(s) => {
+                        // What was hashed goes first, then why the rest is not.
+                        if !batch.is_empty() && out.send(Ok(batch)) != Sent::Delivered {
+                            return;
+                        }
+                        out.send(Err(s));
+                        return;
+                    }
+                }
+                if batch_bytes >= REPLY_BATCH_BYTES {
+                    batch_bytes = 0;
+                    if out.send(Ok(std::mem::take(&mut batch))) != Sent::Delivered {
+                        return;
+                    }
                 }
             }
+            if !batch.is_empty() {
+                out.send(Ok(batch));
+            }
         });
-        Ok(Response::new(Box::pin(rx)))
+        Ok(Response::new(Box::pin(Unbatched::new(rx))))
     }
 
     async fn end_of_wal(
@@ -635,6 +655,10 @@ impl Failback for FailbackService {
         Ok(Response::new(Box::pin(rx)))
     }
 }
+
+/// How many bytes of paths and hashes ChunkHashes gathers before it hands them on
+/// ([`Unbatched`]): a few hundred small files at a time, a few batches in the channel.
+const REPLY_BATCH_BYTES: usize = 64 << 10;
 
 /// The byte ranges a ChunkHashes request asks hashed, one list per path; `None` for whole
 /// files. Refused: a count other than one per path, more than [`MAX_HASH_RANGES`] in all, an
