@@ -39,7 +39,8 @@ pub const MAX_READERS: usize = 64;
 /// Streaming answers one connection may have read at once; its further requests wait.
 pub const MAX_READERS_PER_CONNECTION: usize = MAX_READERS / 2;
 /// Answers that cost CPU out of proportion to their replies (hashing whole files, decoding
-/// WAL) one connection may have computed at once: failback asks one at a time.
+/// WAL) one connection may have computed at once: failback asks two ChunkHashes at a time
+/// (one hashed while the answer to the other crosses the link).
 pub const MAX_WORKERS_PER_CONNECTION: usize = 2;
 
 /// Such answers computed at once over all clients: a few more than the cores, so that they
