@@ -110,6 +110,13 @@ fn components(rel: &str) -> Result<Vec<&str>, DataDirError> {
     Ok(parts)
 }
 
+/// Whether `rel` can name a path of a data directory at all, by its words alone: relative,
+/// without `..`, `.` or empty components, without NUL. Nothing is looked up: a symlink on the
+/// way is refused when the path is opened.
+pub fn check_relative(rel: &str) -> Result<(), DataDirError> {
+    components(rel).map(|_| ())
+}
+
 impl DataDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         let dir = DataDir {
