@@ -664,7 +664,8 @@ impl Failback for FailbackService {
 }
 
 /// How many bytes of paths and hashes ChunkHashes gathers before it hands them on
-/// ([`Unbatched`]): a few hundred small files at a time, a few batches in the channel.
+/// ([`Unbatched`]): some thousand one-page files (the 512 paths failback asks at a time go as
+/// one batch), while a file of many chunks goes out as soon as it is hashed.
 const REPLY_BATCH_BYTES: usize = 64 << 10;
 
 /// The byte ranges a ChunkHashes request asks hashed, one list per path; `None` for whole
