@@ -268,7 +268,7 @@ fn prepare(
     plan: &Plan,
     target: &mut Target,
     done: Option<&JournalState>,
-    hashed_sizes: &HashMap<String, u64>,
+    hashed_sizes: &HashMap<String, HashedSizes>,
 ) -> Result<(), TargetError> {
     // Directories and links first, so that files below them can be written.
     for e in plan
@@ -292,11 +292,16 @@ fn prepare(
         match e.action {
             FileAction::Truncate => target.truncate(&e.path, source_len)?,
             // A whole copy ends at the source's size (as hashed, when it was); bytes past it
-            // must go.
-            FileAction::Copy if e.target.is_some() => target.truncate(
-                &e.path,
-                source_len.min(hashed_sizes.get(&e.path).copied().unwrap_or(u64::MAX)),
-            )?,
+            // must go. A file hashed on both sides is known to hold no more than that (the
+            // target is this run's alone) and is left alone: a resync's plan holds every
+            // relation file of the cluster.
+            FileAction::Copy if e.target.is_some() => {
+                let hashed = hashed_sizes.get(&e.path);
+                let len = source_len.min(hashed.map_or(u64::MAX, |h| h.source));
+                if hashed.is_none_or(|h| h.target > len) {
+                    target.truncate(&e.path, len)?
+                }
+            }
             // An interrupted run's part of the copy stays: only what it lacks is fetched.
             FileAction::Copy => {
                 let resumed = done.is_some_and(|d| d.done.contains_key(&e.path));
@@ -308,8 +313,18 @@ fn prepare(
     Ok(())
 }
 
-/// The ranges to fetch per file, and the size the source hashed per file.
-type HashDiffs = (HashMap<String, Vec<ByteRange>>, HashMap<String, u64>);
+/// The ranges to fetch per file, and the sizes each side hashed per file.
+type HashDiffs = (
+    HashMap<String, Vec<ByteRange>>,
+    HashMap<String, HashedSizes>,
+);
+
+/// A file's size as each side hashed it.
+#[derive(Clone, Copy, Debug)]
+struct HashedSizes {
+    source: u64,
+    target: u64,
+}
 
 /// The chunk size a whole copy of `e`, a file the target has, is compared in, if it can be:
 /// page by page for a relation file whose changes on a side are unknown ([`Reason::Compared`]),
@@ -337,9 +352,9 @@ fn compare_chunk(e: &PlanEntry, block_size: u32) -> Option<u64> {
 
 /// For each whole-file copy of a file the target has (at least one chunk long), the ranges
 /// that differ from the source's, by comparing the source's chunk hashes with the target's
-/// (in the chunks [`compare_chunk`] picks), and the size the source hashed: the target file
-/// must be cut to it, so that skipped chunks and fetched ranges together make the source's
-/// file. Changes nothing.
+/// (in the chunks [`compare_chunk`] picks), and the sizes both sides hashed: the target file
+/// must be cut to the source's, so that skipped chunks and fetched ranges together make the
+/// source's file. Changes nothing.
 ///
 /// A file compared page by page is compared in two rounds where the source hashes byte ranges
 /// ([`Source::hashes_ranges`]): a mebibyte at a time ([`COARSE_CHUNK`]), then page by page
@@ -488,7 +503,7 @@ fn compare_batch(
     pgdata: &Path,
     source: &mut dyn Source,
     stats: &mut CopyStats,
-    sizes: &mut HashMap<String, u64>,
+    sizes: &mut HashMap<String, HashedSizes>,
 ) -> Result<Option<HashMap<String, Vec<ByteRange>>>, CopyError> {
     let (answers, mut local) = std::thread::scope(|scope| {
         let local = scope.spawn(|| {
@@ -526,7 +541,13 @@ fn compare_batch(
         let fetched: u64 = ranges.iter().map(|r| r.length).sum();
         stats.files_hashed += 1;
         stats.bytes_skipped_by_hashes += h.size.saturating_sub(fetched);
-        sizes.insert(h.path.clone(), h.size);
+        sizes.insert(
+            h.path.clone(),
+            HashedSizes {
+                source: h.size,
+                target: mine.size,
+            },
+        );
         diffs.insert(h.path, ranges);
     }
     Ok(Some(diffs))

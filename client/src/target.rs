@@ -266,8 +266,12 @@ impl Target {
     /// it creates or removes entries in can be written (`access(W_OK)`, which also sees the
     /// immutable flag and read-only mounts, even for root). A rewind that stopped half-way on
     /// an unwritable file would leave the target neither old nor new.
+    ///
+    /// One `access` a path, a missing one skipped by its answer: a resync's plan names every
+    /// relation file of the cluster. The plan names each file once, so only directories need
+    /// their duplicates dropped.
     pub fn preflight(&self, plan: &Plan) -> Result<(), TargetError> {
-        let mut files: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut files: Vec<PathBuf> = Vec::new();
         let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
         // The commit writes backup_label and global/pg_control through temporary files.
         dirs.insert(self.dir.clone());
@@ -282,7 +286,7 @@ impl Target {
                     _ => false,
                 };
             if writes_in_place {
-                files.insert(path);
+                files.push(path);
             }
             if matches!(e.action, FileAction::Create | FileAction::Remove)
                 || (e.action == FileAction::Copy && e.target.is_none())
@@ -292,9 +296,6 @@ impl Target {
         }
         // A directory the plan creates does not exist yet; its parent is checked instead.
         for p in files.iter().chain(dirs.iter()) {
-            if !p.exists() {
-                continue;
-            }
             let not_writable = |source| TargetError::NotWritable {
                 path: p.clone(),
                 source,
@@ -307,7 +308,10 @@ impl Target {
             })?;
             // SAFETY: `c` is a NUL-terminated path that lives across the call.
             if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
-                return Err(not_writable(io::Error::last_os_error()));
+                let e = io::Error::last_os_error();
+                if !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) {
+                    return Err(not_writable(e));
+                }
             }
         }
         Ok(())

@@ -11,6 +11,11 @@
 //! whole files for a list of paths, Changes decodes WAL) also hold a worker slot, of which
 //! there are only a few ([`max_workers`], [`MAX_WORKERS_PER_CONNECTION`]).
 //!
+//! An answer of many small replies (ChunkHashes of a cluster's small relation files: one path
+//! and one hash each) hands them on in batches ([`Unbatched`]): one reply at a time cost a
+//! wake-up of the transport's task and a write to the socket each, more than reading and
+//! hashing the file took.
+//!
 //! A client that asks and never reads would keep its slots forever: its replies fill the
 //! channel and the reader waits. Such a stream is ended once it has been unable to hand on a
 //! reply for the stall timeout *while another request waits for a slot*: a slow client on a
@@ -22,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::audit::{Audit, Peer};
@@ -33,7 +39,8 @@ pub const MAX_READERS: usize = 64;
 /// Streaming answers one connection may have read at once; its further requests wait.
 pub const MAX_READERS_PER_CONNECTION: usize = MAX_READERS / 2;
 /// Answers that cost CPU out of proportion to their replies (hashing whole files, decoding
-/// WAL) one connection may have computed at once: failback asks one at a time.
+/// WAL) one connection may have computed at once: failback asks two ChunkHashes at a time
+/// (one hashed while the answer to the other crosses the link).
 pub const MAX_WORKERS_PER_CONNECTION: usize = 2;
 
 /// Such answers computed at once over all clients: a few more than the cores, so that they
@@ -231,6 +238,44 @@ impl<T> Outbox<T> {
     }
 }
 
+/// The replies an [`Outbox`] of batches (`Vec<T>`) handed on, one by one again, as the
+/// transport sends them: it encodes every reply that is ready into one write.
+pub struct Unbatched<T> {
+    rx: ReceiverStream<Result<Vec<T>, Status>>,
+    ready: std::vec::IntoIter<T>,
+}
+
+impl<T> Unbatched<T> {
+    pub fn new(rx: ReceiverStream<Result<Vec<T>, Status>>) -> Self {
+        Unbatched {
+            rx,
+            ready: Vec::new().into_iter(),
+        }
+    }
+}
+
+impl<T: Unpin> tokio_stream::Stream for Unbatched<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        loop {
+            if let Some(reply) = self.ready.next() {
+                return Poll::Ready(Some(Ok(reply)));
+            }
+            match std::pin::Pin::new(&mut self.rx).poll_next(cx) {
+                Poll::Ready(Some(Ok(batch))) => self.ready = batch.into_iter(),
+                Poll::Ready(Some(Err(s))) => return Poll::Ready(Some(Err(s))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,5 +330,27 @@ mod tests {
         assert_eq!(s, Sent::Stalled);
         assert!(waited >= Duration::from_millis(300));
         drop(other);
+    }
+
+    #[tokio::test]
+    async fn batches_go_out_one_reply_at_a_time_and_an_error_after_them() {
+        use tokio_stream::StreamExt;
+        let (tx, rx) = mpsc::channel::<Result<Vec<u32>, Status>>(4);
+        tx.send(Ok(vec![1, 2])).await.unwrap();
+        tx.send(Ok(vec![])).await.unwrap();
+        tx.send(Ok(vec![3])).await.unwrap();
+        tx.send(Err(Status::permission_denied("no"))).await.unwrap();
+        drop(tx);
+        let got: Vec<Result<u32, Status>> = Unbatched::new(ReceiverStream::new(rx)).collect().await;
+        let ok: Vec<u32> = got
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
+        assert_eq!(ok, vec![1, 2, 3]);
+        assert_eq!(got.len(), 4);
+        assert_eq!(
+            got[3].as_ref().unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
     }
 }

@@ -20,7 +20,9 @@ use failback_datadir::history::{files_timeline, history_files};
 use failback_datadir::postmaster::running_postmaster;
 use failback_datadir::summaries::WalSummaries;
 use failback_datadir::wal::{SourceChangesError, source_changes};
-use failback_datadir::{DataDir, DataDirError, HashError, ReadStatus, hash_buffer, hash_ranges};
+use failback_datadir::{
+    DataDir, DataDirError, HashError, ReadStatus, check_relative, hash_buffer, hash_ranges,
+};
 use failback_proto::capability;
 use failback_proto::limits::{
     MAX_CHANGED_FILES_PER_REPLY, MAX_HASH_CHUNK, MAX_HASH_PATHS, MAX_HASH_RANGES,
@@ -37,7 +39,7 @@ use crate::audit::{Audit, Peer};
 use crate::metrics::{Refusal, Transport};
 use crate::readers::{
     DEFAULT_STALL_TIMEOUT, MAX_READERS, MAX_READERS_PER_CONNECTION, MAX_WORKERS_PER_CONNECTION,
-    Outbox, Readers, Sent, max_workers,
+    Outbox, Readers, Sent, Unbatched, max_workers,
 };
 
 /// Who sent `request`: QUIC names the connection in an extension; gRPC's connection is its
@@ -481,26 +483,51 @@ impl Failback for FailbackService {
         }
         for p in &req.paths {
             check_path(p).map_err(|s| refuse(Refusal::OverLimit, s))?;
-            // Refused up front, like ReadRanges, rather than halfway through the stream.
-            self.dir
-                .resolve(p)
-                .map_err(|e| refuse(Refusal::Path, status(e)))?;
+            // A path its words put outside the data directory is refused up front; a symlink on
+            // the way is found, and refused, when the file is opened, as ReadRanges does:
+            // looking each path up twice cost as much as hashing a one-page file.
+            check_relative(p).map_err(|e| refuse(Refusal::Path, status(e)))?;
         }
         let ranges = hash_ranges_of(&req).map_err(|(r, s)| refuse(r, s))?;
         let dir = self.dir.clone();
         let (out, rx) = self.outbox(peer, "ChunkHashes", true).await?;
         tokio::task::spawn_blocking(move || {
             let mut buf = hash_buffer(cs);
+            let mut batch: Vec<FileHashes> = Vec::new();
+            let mut batch_bytes = 0usize;
             for (i, path) in req.paths.into_iter().enumerate() {
                 let within = ranges.as_ref().map(|r| r[i].as_slice());
-                let r = hash_file(&dir, &path, cs, within, &mut buf);
-                let stop = r.is_err();
-                if out.send(r) != Sent::Delivered || stop {
-                    return;
+                match hash_file(&dir, &path, cs, within, &mut buf) {
+                    Ok(h) => {
+                        batch_bytes += path.len() + 32 * h.hashes.len();
+                        batch.push(h);
+                    }
+                    Err(s) => {
+                        // What was hashed goes first, then why the rest is not.
+                        if !batch.is_empty() && out.send(Ok(batch)) != Sent::Delivered {
+                            return;
+                        }
+                        // Only a path outside the data directory is denied.
+                        let s = match s.code() {
+                            tonic::Code::PermissionDenied => out.refused(Refusal::Path, s),
+                            _ => s,
+                        };
+                        out.send(Err(s));
+                        return;
+                    }
+                }
+                if batch_bytes >= REPLY_BATCH_BYTES {
+                    batch_bytes = 0;
+                    if out.send(Ok(std::mem::take(&mut batch))) != Sent::Delivered {
+                        return;
+                    }
                 }
             }
+            if !batch.is_empty() {
+                out.send(Ok(batch));
+            }
         });
-        Ok(Response::new(Box::pin(rx)))
+        Ok(Response::new(Box::pin(Unbatched::new(rx))))
     }
 
     async fn end_of_wal(
@@ -635,6 +662,11 @@ impl Failback for FailbackService {
         Ok(Response::new(Box::pin(rx)))
     }
 }
+
+/// How many bytes of paths and hashes ChunkHashes gathers before it hands them on
+/// ([`Unbatched`]): some thousand one-page files (the 512 paths failback asks at a time go as
+/// one batch), while a file of many chunks goes out as soon as it is hashed.
+const REPLY_BATCH_BYTES: usize = 64 << 10;
 
 /// The byte ranges a ChunkHashes request asks hashed, one list per path; `None` for whole
 /// files. Refused: a count other than one per path, more than [`MAX_HASH_RANGES`] in all, an

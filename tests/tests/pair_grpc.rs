@@ -751,4 +751,29 @@ fn chunk_hashes_are_served_within_limits() {
     ] {
         assert_eq!(code(&mut raw, req), tonic::Code::InvalidArgument);
     }
+    // A symlink planted under a served name is refused when the file is opened: the answer
+    // ends with the refusal, after what was hashed before it.
+    std::os::unix::fs::symlink("/etc/passwd", data.join("base/1/424242")).unwrap();
+    let req = ask(vec![wal.clone(), "base/1/424242".into()], 1 << 16);
+    let answered = server.rt.block_on(async {
+        let mut replies = raw.chunk_hashes(req).await?.into_inner();
+        let mut paths = Vec::new();
+        loop {
+            match replies.message().await {
+                Ok(Some(h)) => paths.push(h.path),
+                Ok(None) => return Ok((paths, None)),
+                Err(s) => return Ok((paths, Some(s.code()))),
+            }
+        }
+    });
+    let answered: Result<_, tonic::Status> = answered;
+    assert_eq!(
+        answered.unwrap(),
+        (vec![wal.clone()], Some(tonic::Code::PermissionDenied))
+    );
+    assert!(
+        src.chunk_hashes(&[wal.clone(), "base/1/424242".into()], 1 << 16)
+            .is_err(),
+        "the client's source fails rather than comparing with a file outside"
+    );
 }

@@ -677,14 +677,15 @@ impl<T: Transport> RemoteSource<T> {
 
     /// ChunkHashes of each path, whole (`None`) or within its byte ranges, in requests of at
     /// most [`HASH_BATCH`] paths and [`HASH_RANGE_BATCH`] ranges (a path with more goes
-    /// alone); the answers in the order asked. `None` when failbackd refuses to hash: hashes
-    /// only save bytes, so the caller fetches instead.
+    /// alone), [`HASH_ASKS_IN_FLIGHT`] of them at a time; the answers in the order asked.
+    /// `None` when failbackd refuses to hash: hashes only save bytes, so the caller fetches
+    /// instead.
     fn ask_hashes(
         &self,
         asks: &[(&str, Option<&[ByteRange]>)],
         chunk_size: u64,
     ) -> Result<Option<Vec<super::FileHashes>>, SourceError> {
-        let mut out = Vec::with_capacity(asks.len());
+        let mut batches = Vec::new();
         let mut rest = asks;
         while !rest.is_empty() {
             let (batch, _) = first_batch(
@@ -693,86 +694,48 @@ impl<T: Transport> RemoteSource<T> {
                 |(_, r)| r.map_or(0, <[ByteRange]>::len) as u64,
             );
             rest = &rest[batch.len()..];
-            let req = pb::ChunkHashesRequest {
-                paths: batch.iter().map(|(p, _)| p.to_string()).collect(),
-                chunk_size,
-                ranges: if batch.iter().any(|(_, r)| r.is_some()) {
-                    batch
-                        .iter()
-                        .map(|(_, r)| pb::HashRanges {
-                            extents: r
-                                .unwrap_or_default()
-                                .iter()
-                                .map(|r| pb::ByteExtent {
-                                    offset: r.offset,
-                                    length: r.length,
-                                })
-                                .collect(),
-                        })
-                        .collect()
-                } else {
-                    Vec::new()
-                },
-            };
-            let got = self.call("ChunkHashes", RetryOp::Hash, |t| {
-                let req = req.clone();
-                async move {
-                    match t.chunk_hashes(req).await {
-                        Ok(v) => Ok(Some(v)),
-                        // Hashes only save bytes: a refusal (chunks too many, an older
-                        // failbackd) means fetching whole files, not failing.
-                        Err(s)
-                            if matches!(
-                                s.code(),
-                                Code::InvalidArgument
-                                    | Code::Unimplemented
-                                    | Code::FailedPrecondition
-                            ) =>
-                        {
-                            Ok(None)
-                        }
-                        Err(s) => Err(s),
-                    }
-                }
-            })?;
-            let Some(got) = got else {
-                return Ok(None);
-            };
-            if got.len() != batch.len() {
-                return Err(proto_err(
-                    "ChunkHashes",
-                    format!("{} answers for {} paths", got.len(), batch.len()),
-                ));
-            }
-            for (h, (want, _)) in got.into_iter().zip(batch) {
-                if h.path != *want || h.chunk_size != chunk_size {
-                    return Err(proto_err(
-                        "ChunkHashes",
-                        format!(
-                            "hashes of {:?} in chunks of {} where {want:?} in chunks of \
-                             {chunk_size} was due",
-                            h.path, h.chunk_size
-                        ),
-                    ));
-                }
-                let hashes = h
-                    .hashes
-                    .iter()
-                    .map(|b| <[u8; 32]>::try_from(b.as_ref()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|_| {
-                        proto_err("ChunkHashes", format!("{want:?}: a hash is not 32 bytes"))
-                    })?;
-                out.push(super::FileHashes {
-                    path: h.path,
-                    size: h.size,
-                    hashes,
-                    vanished: h.vanished,
-                    algorithm: failback_common::chunkdiff::ChunkHash::Blake3,
-                });
-            }
+            batches.push(batch);
         }
-        Ok(Some(out))
+        let mut out = Vec::with_capacity(asks.len());
+        let answered = self.rt.block_on(async {
+            let mut in_flight = VecDeque::new();
+            let mut answered = batches.iter();
+            // Each answer is checked and taken as it arrives, its message dropped: the
+            // answers to a batch of 100,000 files are held once, not twice.
+            let mut take = |answer: Result<_, SourceError>| -> Result<bool, SourceError> {
+                let Some(got) = answer? else {
+                    return Ok(false);
+                };
+                let batch = answered.next().expect("an answer per batch asked");
+                checked_hashes(got, batch, chunk_size, &mut out)?;
+                Ok(true)
+            };
+            let mut result = Ok(true);
+            for batch in &batches {
+                let (t, retry) = (self.transports[0].clone(), self.retry.clone());
+                let req = hash_request(batch, chunk_size);
+                in_flight.push_back(tokio::spawn(async move {
+                    ask_hashes_once(&t, &retry, req).await
+                }));
+                if in_flight.len() < HASH_ASKS_IN_FLIGHT {
+                    continue;
+                }
+                let first = in_flight.pop_front().expect("requests in flight");
+                result = take(finished(first).await);
+                if !matches!(result, Ok(true)) {
+                    break;
+                }
+            }
+            while matches!(result, Ok(true))
+                && let Some(h) = in_flight.pop_front()
+            {
+                result = take(finished(h).await);
+            }
+            // A refusal or a failure ends the asking: what is still in flight is not wanted.
+            in_flight.iter().for_each(|h| h.abort());
+            result
+        })?;
+        Ok(answered.then_some(out))
     }
 
     /// One call over the first connection, with the patience `--timeout` allows; its retries
@@ -785,6 +748,114 @@ impl<T: Transport> RemoteSource<T> {
         self.rt
             .block_on(patiently(&self.transports[0], &self.retry, what, op, call))
     }
+}
+
+/// ChunkHashes requests in flight at once: failbackd hashes the next batch of files while the
+/// answer to the one before crosses the link and is decoded here, instead of waiting idle for
+/// it (a resync of 100,000 small relation files asks some 200 times).
+const HASH_ASKS_IN_FLIGHT: usize = 2;
+
+/// The ChunkHashes request for one batch of paths, whole (`None`) or within byte ranges.
+fn hash_request(batch: &[(&str, Option<&[ByteRange]>)], chunk_size: u64) -> pb::ChunkHashesRequest {
+    pb::ChunkHashesRequest {
+        paths: batch.iter().map(|(p, _)| p.to_string()).collect(),
+        chunk_size,
+        ranges: if batch.iter().any(|(_, r)| r.is_some()) {
+            batch
+                .iter()
+                .map(|(_, r)| pb::HashRanges {
+                    extents: r
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|r| pb::ByteExtent {
+                            offset: r.offset,
+                            length: r.length,
+                        })
+                        .collect(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// One ChunkHashes request, retried as any call is; `None` when failbackd refuses to hash.
+async fn ask_hashes_once<T: Transport>(
+    t: &T,
+    retry: &Retry,
+    req: pb::ChunkHashesRequest,
+) -> Result<Option<Vec<pb::FileHashes>>, SourceError> {
+    patiently(t, retry, "ChunkHashes", RetryOp::Hash, |t| {
+        let req = req.clone();
+        async move {
+            match t.chunk_hashes(req).await {
+                Ok(v) => Ok(Some(v)),
+                // Hashes only save bytes: a refusal (chunks too many, an older failbackd)
+                // means fetching whole files, not failing.
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::InvalidArgument | Code::Unimplemented | Code::FailedPrecondition
+                    ) =>
+                {
+                    Ok(None)
+                }
+                Err(s) => Err(s),
+            }
+        }
+    })
+    .await
+}
+
+/// What a spawned request came to; a panic in it is the caller's.
+async fn finished<R>(task: tokio::task::JoinHandle<R>) -> R {
+    match task.await {
+        Ok(r) => r,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// `got`, failbackd's answer to a ChunkHashes request for `batch`, checked (an answer per
+/// path asked, in order, in the chunks asked, of 32-byte hashes) and added to `out`.
+fn checked_hashes(
+    got: Vec<pb::FileHashes>,
+    batch: &[(&str, Option<&[ByteRange]>)],
+    chunk_size: u64,
+    out: &mut Vec<super::FileHashes>,
+) -> Result<(), SourceError> {
+    if got.len() != batch.len() {
+        return Err(proto_err(
+            "ChunkHashes",
+            format!("{} answers for {} paths", got.len(), batch.len()),
+        ));
+    }
+    for (h, (want, _)) in got.into_iter().zip(batch) {
+        if h.path != *want || h.chunk_size != chunk_size {
+            return Err(proto_err(
+                "ChunkHashes",
+                format!(
+                    "hashes of {:?} in chunks of {} where {want:?} in chunks of {chunk_size} \
+                     was due",
+                    h.path, h.chunk_size
+                ),
+            ));
+        }
+        let hashes = h
+            .hashes
+            .iter()
+            .map(|b| <[u8; 32]>::try_from(b.as_ref()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| proto_err("ChunkHashes", format!("{want:?}: a hash is not 32 bytes")))?;
+        out.push(super::FileHashes {
+            path: h.path,
+            size: h.size,
+            hashes,
+            vanished: h.vanished,
+            algorithm: failback_common::chunkdiff::ChunkHash::Blake3,
+        });
+    }
+    Ok(())
 }
 
 impl<T: Transport> Drop for RemoteSource<T> {
