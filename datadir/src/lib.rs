@@ -165,17 +165,19 @@ impl DataDir {
         }
     }
 
-    /// The absolute path of a data-directory-relative path, after the confinement checks: a
-    /// cheap check up front (one lookup, nothing read), for a request to be refused before it
-    /// is answered. It does not make reading that path by name safe: the directory may change
-    /// right after; every read here looks the path up again, confined.
+    /// The absolute path of a data-directory-relative path, after the confinement checks (one
+    /// lookup, nothing read): how the confinement tests probe the rules below. No request is
+    /// checked this way any more — a lookup up front cost as much as hashing a one-page file,
+    /// and proved nothing for the read after it; every read looks its path up again, confined,
+    /// and refuses it then.
     ///
     /// Symlinks are allowed only where PostgreSQL puts them: `pg_tblspc/<name>` and `pg_wal`,
     /// and only to a directory of the data directory's owner. Every other symlink on the way
     /// (including the final component) is refused, so a link planted in the data directory
     /// cannot expose files outside it. A missing path, or one that cannot be looked at, is not
     /// refused here: reading it says what is wrong.
-    pub fn resolve(&self, rel: &str) -> Result<PathBuf, DataDirError> {
+    #[cfg(test)]
+    pub(crate) fn resolve(&self, rel: &str) -> Result<PathBuf, DataDirError> {
         let parts = components(rel)?;
         match self.open_fd(rel, &parts, OFlags::PATH) {
             Err(e @ DataDirError::PathNotAllowed(_)) => Err(e),

@@ -205,6 +205,15 @@ fn status(e: DataDirError) -> Status {
     }
 }
 
+/// A streaming answer's failure as it is sent: audited and counted as a path refusal when
+/// [`status`] made it one (only a path outside the data directory is PERMISSION_DENIED).
+fn failure<T>(out: &Outbox<T>, s: Status) -> Status {
+    match s.code() {
+        tonic::Code::PermissionDenied => out.refused(Refusal::Path, s),
+        _ => s,
+    }
+}
+
 fn control(dir: &DataDir) -> Result<(Vec<u8>, ControlFileData), Status> {
     let bytes = dir
         .read_file("global/pg_control")
@@ -406,12 +415,7 @@ impl Failback for FailbackService {
                     let len = (end - off).min(max_chunk);
                     let chunk = match reader.read(&r.path, off, len, &mut buf) {
                         Err(e) => {
-                            let outside = matches!(e, DataDirError::PathNotAllowed(_));
-                            let s = status(e);
-                            out.send(Err(match outside {
-                                true => out.refused(Refusal::Path, s),
-                                false => s,
-                            }));
+                            out.send(Err(failure(&out, status(e))));
                             return;
                         }
                         Ok(ReadStatus::Vanished) => Chunk {
@@ -507,12 +511,7 @@ impl Failback for FailbackService {
                         if !batch.is_empty() && out.send(Ok(batch)) != Sent::Delivered {
                             return;
                         }
-                        // Only a path outside the data directory is denied.
-                        let s = match s.code() {
-                            tonic::Code::PermissionDenied => out.refused(Refusal::Path, s),
-                            _ => s,
-                        };
-                        out.send(Err(s));
+                        out.send(Err(failure(&out, s)));
                         return;
                     }
                 }

@@ -698,38 +698,31 @@ impl<T: Transport> RemoteSource<T> {
         }
         let mut out = Vec::with_capacity(asks.len());
         let answered = self.rt.block_on(async {
-            let mut in_flight = VecDeque::new();
-            let mut answered = batches.iter();
-            // Each answer is checked and taken as it arrives, its message dropped: the
-            // answers to a batch of 100,000 files are held once, not twice.
-            let mut take = |answer: Result<_, SourceError>| -> Result<bool, SourceError> {
-                let Some(got) = answer? else {
-                    return Ok(false);
-                };
-                let batch = answered.next().expect("an answer per batch asked");
-                checked_hashes(got, batch, chunk_size, &mut out)?;
-                Ok(true)
-            };
-            let mut result = Ok(true);
-            for batch in &batches {
+            let ask = |batch| {
                 let (t, retry) = (self.transports[0].clone(), self.retry.clone());
                 let req = hash_request(batch, chunk_size);
-                in_flight.push_back(tokio::spawn(async move {
-                    ask_hashes_once(&t, &retry, req).await
-                }));
-                if in_flight.len() < HASH_ASKS_IN_FLIGHT {
-                    continue;
-                }
-                let first = in_flight.pop_front().expect("requests in flight");
-                result = take(finished(first).await);
+                tokio::spawn(async move { ask_hashes_once(&t, &retry, req).await })
+            };
+            let mut to_ask = batches.iter();
+            let mut in_flight = VecDeque::new();
+            let mut result = Ok(true);
+            // Each answer is checked and taken as it arrives, its message dropped: the
+            // answers to a batch of 100,000 files are held once, not twice.
+            for batch in &batches {
+                let room = HASH_ASKS_IN_FLIGHT - in_flight.len();
+                in_flight.extend(to_ask.by_ref().take(room).map(|b| ask(b)));
+                let first = in_flight
+                    .pop_front()
+                    .expect("the batch's request is in flight");
+                result = match finished(first).await {
+                    Ok(Some(got)) => {
+                        checked_hashes(got, batch, chunk_size, &mut out).map(|()| true)
+                    }
+                    refused_or_failed => refused_or_failed.map(|_| false),
+                };
                 if !matches!(result, Ok(true)) {
                     break;
                 }
-            }
-            while matches!(result, Ok(true))
-                && let Some(h) = in_flight.pop_front()
-            {
-                result = take(finished(h).await);
             }
             // A refusal or a failure ends the asking: what is still in flight is not wanted.
             in_flight.iter().for_each(|h| h.abort());
