@@ -25,6 +25,7 @@ use std::collections::{BTreeSet, HashSet};
 use crate::PgMajor;
 use crate::plan::{ChangedBlocks, PageMap};
 use crate::relpath::{ForkNumber, RelFileLocator};
+use crate::wal::rmgr::{RM_DBASE_ID, RM_SMGR_ID};
 use crate::wal::{RecordKind, WalRecord};
 
 /// The changes of a stretch of WAL, gathered as its records name them.
@@ -37,6 +38,10 @@ pub struct WalChanges {
 }
 
 impl WalChanges {
+    /// The resource managers whose record kinds [`WalChanges::record`] looks at: a decoder
+    /// feeding it need interpret no others ([`crate::wal::WalDecoder::interpret_only`]).
+    pub const KINDS_FROM: [u8; 2] = [RM_SMGR_ID, RM_DBASE_ID];
+
     /// Takes one record in: its main-fork block references in segments of `relseg_size`
     /// blocks (`RELSEG_SIZE`), and the files it makes without naming blocks.
     pub fn record(&mut self, rec: &WalRecord<'_>, relseg_size: u32) {

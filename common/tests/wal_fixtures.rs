@@ -8,6 +8,7 @@ mod wal_support;
 
 use std::collections::BTreeSet;
 
+use failback_common::changes::WalChanges;
 use failback_common::wal::{
     Decoded, RecordKind, RelFileLocator, WalDecoder, WalParams, XactOp, identify_major,
 };
@@ -284,6 +285,57 @@ fn pg17() {
 #[test]
 fn pg18() {
     check_version(18);
+}
+
+/// A decoder told to interpret only what [`WalChanges`] reads gives the same records, the
+/// same kinds for those rmgrs and for flagged records, `Other` for the rest (commit records
+/// among them), and so the same changes.
+#[test]
+fn interpreting_only_what_the_changes_need() {
+    for major in 13..=18 {
+        let fx = load(major);
+        let decode = |dec: WalDecoder| {
+            let (mut kinds, mut changes) = (Vec::new(), WalChanges::default());
+            let outcome = run(&fx.wal, fx.base, dec, 64 << 10, |r| {
+                kinds.push((
+                    r.lsn,
+                    r.rmid(),
+                    r.is_special_rel_update(),
+                    format!("{:?}", r.kind),
+                ));
+                changes.record(r, 131_072);
+            });
+            assert!(
+                matches!(outcome, Outcome::NeedMore(_)),
+                "pg{major}: {outcome:?}"
+            );
+            (kinds, changes.finish(fx.major))
+        };
+        let all = decode(WalDecoder::new(fx.lsn("start_lsn"), fx.params()).unwrap());
+        let few = decode(
+            WalDecoder::new(fx.lsn("start_lsn"), fx.params())
+                .unwrap()
+                .interpret_only(&WalChanges::KINDS_FROM),
+        );
+        assert_eq!(all.0.len(), few.0.len(), "pg{major}");
+        let mut commits_left_out = 0;
+        for (a, f) in all.0.iter().zip(&few.0) {
+            let (lsn, rmid, flagged, kind) = a;
+            assert_eq!((lsn, rmid), (&f.0, &f.1), "pg{major}");
+            if WalChanges::KINDS_FROM.contains(rmid) || *flagged {
+                assert_eq!(kind, &f.3, "pg{major} at {lsn}");
+            } else {
+                assert_eq!(f.3, "Other", "pg{major} at {lsn}");
+                commits_left_out += usize::from(kind.starts_with("XactFinish"));
+            }
+        }
+        assert!(
+            commits_left_out > 0,
+            "pg{major}: no commit record left uninterpreted"
+        );
+        assert!(!all.1.created.is_empty(), "pg{major}: no relation created");
+        assert_eq!(all.1, few.1, "pg{major}");
+    }
 }
 
 #[test]

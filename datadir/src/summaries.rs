@@ -193,12 +193,8 @@ pub fn summarize_segment(
 ) -> Result<Option<WalChanges>, WalReadError> {
     let seg = u64::from(reader.seg_size());
     let (start, end) = (Lsn(segno * seg), Lsn((segno + 1) * seg));
-    let mut changes = WalChanges::default();
-    match reader.walk(start, true, Some(end), |r| {
-        each();
-        changes.record(r, relseg_size)
-    })? {
-        WalEnd::Reached(_) => Ok(Some(changes)),
-        WalEnd::EndOfWal { .. } | WalEnd::NoMoreSegments { .. } => Ok(None),
+    match reader.walk_changes(start, true, end, relseg_size, each)? {
+        (WalEnd::Reached(_), changes) => Ok(Some(changes)),
+        (WalEnd::EndOfWal { .. } | WalEnd::NoMoreSegments { .. }, _) => Ok(None),
     }
 }

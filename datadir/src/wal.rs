@@ -535,7 +535,7 @@ impl<'h, S: SegmentSource> WalReader<'h, S> {
         end: Lsn,
         mut each: impl FnMut(&WalRecord<'_>) -> Result<(), WalReadError>,
     ) -> Result<(), WalReadError> {
-        let mut dec = WalDecoder::new(start, self.params)?.leave_out_image_bytes();
+        let mut dec = self.decoder(start, false)?;
         loop {
             match dec.poll() {
                 // By reference, as in `walk`.
@@ -594,17 +594,13 @@ impl<S: SegmentSource> WalReader<'_, S> {
         from: Lsn,
         until: Lsn,
         relseg_size: u32,
-        mut each: impl FnMut(),
+        each: impl FnMut(),
     ) -> Result<WalChanges, WalReadError> {
-        let mut changes = WalChanges::default();
         if from >= until {
-            return Ok(changes);
+            return Ok(WalChanges::default());
         }
         let at_page = from.page_offset(self.params.page_size) == 0;
-        let end = self.walk(from, at_page, Some(until), |r| {
-            each();
-            changes.record(r, relseg_size)
-        })?;
+        let (end, changes) = self.walk_changes(from, at_page, until, relseg_size, each)?;
         match end {
             // Valid WAL that ends exactly at `until` (nothing written after it yet) was read
             // to the end too.
@@ -760,13 +756,51 @@ impl<S: SegmentSource> WalReader<'_, S> {
         start: Lsn,
         at_page: bool,
         end: Option<Lsn>,
+        each: impl FnMut(&WalRecord<'_>),
+    ) -> Result<WalEnd, WalReadError> {
+        let dec = self.decoder(start, at_page)?;
+        self.walk_with(dec, end, each)
+    }
+
+    /// What the records starting in `[start, end)` change ([`WalChanges`]), walked as
+    /// [`Self::walk`] walks, with only the record kinds [`WalChanges`] looks at interpreted;
+    /// and why the walk stopped. `each` is called once a record.
+    pub fn walk_changes(
+        &mut self,
+        start: Lsn,
+        at_page: bool,
+        end: Lsn,
+        relseg_size: u32,
+        mut each: impl FnMut(),
+    ) -> Result<(WalEnd, WalChanges), WalReadError> {
+        let dec = self
+            .decoder(start, at_page)?
+            .interpret_only(&WalChanges::KINDS_FROM);
+        let mut changes = WalChanges::default();
+        let stop = self.walk_with(dec, Some(end), |r| {
+            each();
+            changes.record(r, relseg_size)
+        })?;
+        Ok((stop, changes))
+    }
+
+    /// A decoder from `start` (a page, skipping a record continued onto it, when `at_page`)
+    /// that checks image bytes without keeping them.
+    fn decoder(&self, start: Lsn, at_page: bool) -> Result<WalDecoder, WalReadError> {
+        let dec = if at_page {
+            WalDecoder::new_at_page(start, self.params)?
+        } else {
+            WalDecoder::new(start, self.params)?
+        };
+        Ok(dec.leave_out_image_bytes())
+    }
+
+    fn walk_with(
+        &mut self,
+        mut dec: WalDecoder,
+        end: Option<Lsn>,
         mut each: impl FnMut(&WalRecord<'_>),
     ) -> Result<WalEnd, WalReadError> {
-        let mut dec = if at_page {
-            WalDecoder::new_at_page(start, self.params)?.leave_out_image_bytes()
-        } else {
-            WalDecoder::new(start, self.params)?.leave_out_image_bytes()
-        };
         loop {
             match dec.poll() {
                 // By reference: a record is 240 bytes, and moving it out of the result was a

@@ -42,7 +42,9 @@ use crate::{Lsn, PgMajor, TimeLineId};
 /// `sizeof(CheckPoint)`, the same 88 bytes in 13–18 (17 put wal_level in former padding).
 pub const SIZE_OF_CHECKPOINT: usize = 88;
 
-/// What a record means, for the records this decoder interprets. Everything else is `Other`.
+/// What a record means, for the records this decoder interprets. Everything else is `Other`,
+/// as are the records of the resource managers a decoder was told to leave uninterpreted
+/// ([`super::WalDecoder::interpret_only`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordKind<'a> {
     Other,
