@@ -39,7 +39,10 @@
 //! the decoder to leave image bytes out of assembled records
 //! ([`WalDecoder::leave_out_image_bytes`]): they are still covered by the CRC, but once the
 //! fragment headers have arrived (they come first) the bytes of each image are skipped instead
-//! of copied.
+//! of copied. Such a reader may also name the few resource managers whose record kinds it reads
+//! ([`WalDecoder::interpret_only`]): the main data of the others (a commit record's parts, a
+//! checkpoint) is then not parsed, as PostgreSQL's own decoding (`DecodeXLogRecord`) leaves
+//! main data to the resource manager that reads it.
 
 use super::error::{MagicExpectation, WalError, WalParamsError};
 use super::kinds::{RecordKind, check_rel_update, parse_kind, rmgr_has_kinds};
