@@ -27,10 +27,15 @@
 //! pseudo-random pieces (1 byte to several pages), and both runs must return the same records
 //! and end the same way; records move forward; `NeedMore` asks for exactly the next byte; an
 //! error repeats on the next poll (except the documented `UnrecognizedRelUpdate`); the loop
-//! ends.
+//! ends. A third run interprets only the kinds a scan for changes reads
+//! (`interpret_only(&WalChanges::KINDS_FROM)`): the same records, each kind the same or, for a
+//! record of another rmgr that is not flagged `XLR_SPECIAL_REL_UPDATE`, `Other`; it ends the
+//! same way unless the whole run stopped at a record that only its interpretation found
+//! malformed.
 
 #![no_main]
 
+use failback_common::changes::WalChanges;
 use failback_common::wal::record::record_crc;
 use failback_common::wal::{Decoded, WalDecoder, WalError, WalParams, WalRecord};
 use failback_common::{Lsn, PgMajor};
@@ -60,9 +65,28 @@ fuzz_target!(|data: &[u8]| {
     };
     let at_page = start_mode & 1 != 0;
     let seed = u64::from(*s0) | u64::from(*s1) << 8;
-    let whole = drive(&wal, base, params, at_page, None);
-    let split = drive(&wal, base, params, at_page, Some(seed));
+    let whole = drive(&wal, base, params, at_page, None, false);
+    let split = drive(&wal, base, params, at_page, Some(seed), false);
     assert_eq!(whole, split, "feeding in pieces changed the outcome");
+    let narrow = drive(&wal, base, params, at_page, None, true);
+    assert!(
+        narrow.records.len() >= whole.records.len(),
+        "interpreting less lost records"
+    );
+    for (w, n) in whole.records.iter().zip(&narrow.records) {
+        assert_eq!(w.record, n.record, "interpreting less changed a record");
+        let must_interpret = WalChanges::KINDS_FROM.contains(&w.rmid) || w.flagged;
+        assert!(
+            n.kind == w.kind || (!must_interpret && n.kind == "Other"),
+            "interpreting less gave {} where all gave {}",
+            n.kind,
+            w.kind
+        );
+    }
+    if !whole.malformed_kind {
+        assert_eq!(whole.end, narrow.end, "interpreting less ended otherwise");
+        assert_eq!(whole.records.len(), narrow.records.len());
+    }
 });
 
 /// Raw mode: the bytes as WAL, with valid magic (and, if `stamp`, valid headers) on each page.
@@ -197,19 +221,43 @@ impl Layout {
 /// What a run produced: a summary of each record, and how it ended.
 #[derive(Debug, PartialEq, Eq)]
 struct Run {
-    records: Vec<String>,
+    records: Vec<Summary>,
     end: String,
+    /// It ended at a record whose main data its kind's parser refused.
+    malformed_kind: bool,
+}
+
+/// A record as a caller sees it: all but its kind, its kind (with what the kind names), and
+/// what decides whether the kind must be interpreted.
+#[derive(Debug, PartialEq, Eq)]
+struct Summary {
+    record: String,
+    kind: String,
+    rmid: u8,
+    flagged: bool,
 }
 
 /// Decodes `wal` (whose first byte is at `base`) to its end or the first error, feeding it
-/// whole (`seed` None) or in pseudo-random pieces.
-fn drive(wal: &[u8], base: u64, params: WalParams, at_page: bool, seed: Option<u64>) -> Run {
+/// whole (`seed` None) or in pseudo-random pieces, interpreting every kind or, if `narrow`,
+/// only those a scan for changes reads.
+fn drive(
+    wal: &[u8],
+    base: u64,
+    params: WalParams,
+    at_page: bool,
+    seed: Option<u64>,
+    narrow: bool,
+) -> Run {
     let dec = if at_page {
         WalDecoder::new_at_page(Lsn(base), params)
     } else {
         WalDecoder::new(Lsn(base + 40), params)
     };
     let mut dec = dec.expect("the target's own parameters are valid");
+    if narrow {
+        dec = dec.interpret_only(&WalChanges::KINDS_FROM);
+    }
+    let mut malformed_kind = false;
     let mut rng = seed.map(|s| s.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut records = Vec::new();
     let mut last: Option<Lsn> = None;
@@ -263,6 +311,7 @@ fn drive(wal: &[u8], base: u64, params: WalParams, at_page: bool, seed: Option<u
                 dec.feed(&left[..n.min(left.len())]);
             }
             Err(e) => {
+                malformed_kind = matches!(e, WalError::MalformedRecord { .. });
                 let shown = format!("{e} (at {}, end of WAL: {})", e.lsn(), e.is_end_of_wal());
                 if !matches!(e, WalError::UnrecognizedRelUpdate { .. }) {
                     assert_eq!(dec.poll().err(), Some(e), "an error does not repeat");
@@ -271,13 +320,21 @@ fn drive(wal: &[u8], base: u64, params: WalParams, at_page: bool, seed: Option<u
             }
         }
     };
-    Run { records, end }
+    Run {
+        records,
+        end,
+        malformed_kind,
+    }
 }
 
 /// Everything a caller can read of a record, touched and summarised.
-fn summary(r: &WalRecord<'_>) -> String {
+fn summary(r: &WalRecord<'_>) -> Summary {
+    let mut kind = format!("{:?}", r.kind);
+    for rel in r.kind.dropped_relations().iter() {
+        kind.push_str(&format!(" drop {rel:?}"));
+    }
     let mut s = format!(
-        "{} {} {} {} {}/{} tli {} xid {} tot {} fpi {} main {} origin {:?} top {:?} special {} {:?}",
+        "{} {} {} {} {}/{} tli {} xid {} tot {} fpi {} main {} origin {:?} top {:?} special {}",
         r.lsn,
         r.end_lsn,
         r.xl_prev(),
@@ -292,12 +349,8 @@ fn summary(r: &WalRecord<'_>) -> String {
         r.origin,
         r.toplevel_xid,
         r.is_special_rel_update(),
-        r.kind,
     );
     assert_eq!(r.raw.len(), r.tot_len() as usize, "raw is the whole record");
-    for rel in r.kind.dropped_relations().iter() {
-        s.push_str(&format!(" drop {rel:?}"));
-    }
     for b in r.blocks {
         let data = r.block_data(b);
         assert_eq!(
@@ -321,5 +374,10 @@ fn summary(r: &WalRecord<'_>) -> String {
         }
         s.push(']');
     }
-    s
+    Summary {
+        record: s,
+        kind,
+        rmid: r.rmid(),
+        flagged: r.is_special_rel_update(),
+    }
 }
