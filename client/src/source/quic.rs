@@ -37,9 +37,10 @@ use super::remote::{
 /// failbackd over QUIC.
 pub type QuicSource = RemoteSource<QuicTransport>;
 
-/// How long a finished client lets the close leave before it exits: long enough for a busy
-/// machine to give the connection's driver its turn (20 ms was not, on two loaded cores, and
-/// failbackd then held an abandoned backup window until its idle timeout), short beside a rewind.
+/// The longest a finished client waits for its close to leave before it exits: long enough
+/// for a busy machine to give the connection's driver its turn (20 ms was not, on two loaded
+/// cores, and failbackd then held an abandoned backup window until its idle timeout), short
+/// beside a rewind. The wait ends as soon as the close has been sent ([`sent_more`]).
 const CLOSE_GRACE: Duration = Duration::from_millis(200);
 
 /// One QUIC connection to failbackd, the token every call carries, and where to connect again.
@@ -262,14 +263,39 @@ impl Transport for QuicTransport {
     }
 
     async fn close(&self) {
-        self.current
-            .get()
-            .close(quinn::VarInt::from_u32(0), b"failback is done");
-        // The connection's driver sends CONNECTION_CLOSE at its next turn; give it that turn
-        // (on loopback the closing state's three probe timeouts end sooner), not all of those
-        // timeouts across a continent: nothing acknowledges a close, and a lost one only makes
-        // failbackd free the connection at its idle timeout.
-        let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
+        let conn = self.current.get();
+        if conn.close_reason().is_some() {
+            // Closed already (by failbackd, or its idle timeout): nothing left to send.
+            return;
+        }
+        let before = conn.stats().udp_tx.datagrams;
+        conn.close(quinn::VarInt::from_u32(0), b"failback is done");
+        let after = conn.stats().udp_tx.datagrams;
+        // The connection's driver sends CONNECTION_CLOSE at its next turn; wait for that turn
+        // and no longer. Not for the endpoint to go idle: the closing state lasts three probe
+        // timeouts (some 200 ms on a busy loopback, more across a continent), nothing
+        // acknowledges a close, and a lost one only makes failbackd free the connection at
+        // its idle timeout. A datagram sent between the two counts may have been the close or
+        // the last of what came before it: then the endpoint's idle is waited for, as long as
+        // the grace allows.
+        let left = async {
+            if after == before {
+                sent_more(&conn, after).await;
+            } else {
+                self.endpoint.wait_idle().await;
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_GRACE, left).await;
+    }
+}
+
+/// Returns once `conn` has sent more than `count` datagrams. Its driver counts a datagram and
+/// hands it to the socket under the lock [`quinn::Connection::stats`] takes, so a count seen
+/// higher is a datagram gone to the socket (unless the socket was full, when the driver keeps
+/// it for its next turn; a rewind's end leaves the socket's 8 MiB buffer idle).
+async fn sent_more(conn: &quinn::Connection, count: u64) {
+    while conn.stats().udp_tx.datagrams == count {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
