@@ -37,10 +37,14 @@ use super::remote::{
 /// failbackd over QUIC.
 pub type QuicSource = RemoteSource<QuicTransport>;
 
-/// How long a finished client lets the close leave before it exits: long enough for a busy
-/// machine to give the connection's driver its turn (20 ms was not, on two loaded cores, and
-/// failbackd then held an abandoned backup window until its idle timeout), short beside a rewind.
+/// The longest a finished client waits for its close to leave before it exits: long enough
+/// for a busy machine to give the connection's driver its turn (20 ms was not, on two loaded
+/// cores, and failbackd then held an abandoned backup window until its idle timeout), short
+/// beside a rewind. The wait ends as soon as the close has been sent ([`sent_more`]).
 const CLOSE_GRACE: Duration = Duration::from_millis(200);
+/// How many milliseconds a finished client waits at most for its connection to fall quiet
+/// before it closes it, and for the close once a datagram it cannot tell from the close left.
+const QUIET_CHECKS: usize = 5;
 
 /// One QUIC connection to failbackd, the token every call carries, and where to connect again.
 #[derive(Clone)]
@@ -262,14 +266,55 @@ impl Transport for QuicTransport {
     }
 
     async fn close(&self) {
-        self.current
-            .get()
-            .close(quinn::VarInt::from_u32(0), b"failback is done");
-        // The connection's driver sends CONNECTION_CLOSE at its next turn; give it that turn
-        // (on loopback the closing state's three probe timeouts end sooner), not all of those
-        // timeouts across a continent: nothing acknowledges a close, and a lost one only makes
-        // failbackd free the connection at its idle timeout.
-        let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
+        let conn = self.current.get();
+        if conn.close_reason().is_some() {
+            // Closed already (by failbackd, or its idle timeout): nothing left to send.
+            return;
+        }
+        // Let the driver first send what was queued last (the streams the source dropped just
+        // before, which it tells failbackd about), so that what it sends next is the close.
+        let mut before = conn.stats().udp_tx.datagrams;
+        for _ in 0..QUIET_CHECKS {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let now = conn.stats().udp_tx.datagrams;
+            if now == before {
+                break;
+            }
+            before = now;
+        }
+        conn.close(quinn::VarInt::from_u32(0), b"failback is done");
+        let after = conn.stats().udp_tx.datagrams;
+        // The connection's driver sends CONNECTION_CLOSE at its next turn; wait for that turn
+        // and no longer. Not for the endpoint to go idle: the closing state lasts three probe
+        // timeouts (some 80 ms on an idle loopback, 200 ms and more on a busy one or across a
+        // continent), nothing acknowledges a close, and a lost one only makes failbackd free
+        // the connection at its idle timeout.
+        let left = async {
+            if after == before {
+                sent_more(&conn, after).await;
+            } else {
+                // A datagram left between the two counts: on a connection quiet a moment
+                // before, the close (the driver runs on another thread, and often took its
+                // turn at once). Should it have been the last of what came before, the close
+                // follows it at the driver's next turn: a few milliseconds are given for that.
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(QUIET_CHECKS as u64),
+                    sent_more(&conn, after),
+                )
+                .await;
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_GRACE, left).await;
+    }
+}
+
+/// Returns once `conn` has sent more than `count` datagrams. Its driver counts a datagram and
+/// hands it to the socket under the lock [`quinn::Connection::stats`] takes, so a count seen
+/// higher is a datagram gone to the socket (unless the socket was full, when the driver keeps
+/// it for its next turn; a rewind's end leaves the socket's 8 MiB buffer idle).
+async fn sent_more(conn: &quinn::Connection, count: u64) {
+    while conn.stats().udp_tx.datagrams == count {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -430,5 +475,76 @@ impl RemoteSource<QuicTransport> {
             Ok::<_, SourceError>(transports)
         })?;
         RemoteSource::handshake(rt, transports, opts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use failback_transport::tls::{client_tls, server_tls};
+
+    /// A finished client's close reaches the server, and the client returns as soon as it has
+    /// sent it: not once its endpoint has let the connection drain (the closing state's three
+    /// probe timeouts, some 80 ms even on an idle loopback), which every QUIC rewind paid.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_close_is_sent_and_not_waited_out() {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (cert, key) = (ck.cert.pem(), ck.signing_key.serialize_pem());
+        let tls = server_tls(cert.as_bytes(), key.as_bytes(), None).unwrap();
+        let server = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(Arc::new(tls)),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let accepted = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            conn.closed().await
+        });
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+            client_tls(cert.as_bytes(), None).unwrap(),
+        )));
+        let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+        let transport = QuicTransport {
+            current: Arc::new(Current::new(conn)),
+            addr,
+            host: Arc::from("localhost"),
+            token: String::new(),
+            tls: Arc::new(Tls {
+                dialled: Dialled {
+                    url: format!("quic://{addr}"),
+                    host: "localhost".into(),
+                    authority: addr.to_string(),
+                    grpc: false,
+                    ca: true,
+                    fingerprint: false,
+                    identity: false,
+                },
+                refusals: Refusals::default(),
+            }),
+            endpoint: endpoint.clone(),
+        };
+        transport.close().await;
+        assert_eq!(
+            endpoint.open_connections(),
+            1,
+            "the close waited for the connection to drain"
+        );
+        let why = tokio::time::timeout(Duration::from_secs(10), accepted)
+            .await
+            .expect("the server saw no close")
+            .unwrap();
+        match why {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(
+                    (u64::from(c.error_code), &c.reason[..]),
+                    (0, &b"failback is done"[..])
+                )
+            }
+            other => panic!("closed otherwise: {other:?}"),
+        }
+        // A second close (a source dropped after a failed call closed it) returns at once.
+        transport.close().await;
     }
 }
