@@ -490,7 +490,7 @@ pub fn table(rows: &[Row]) -> String {
             if r.ok {
                 if r.dropped > 0 {
                     format!(
-                        "{} datagrams dropped at the bottleneck. {}",
+                        "{} datagrams dropped by the link (its queue full, or larger than its MTU). {}",
                         r.dropped, r.note
                     )
                 } else {

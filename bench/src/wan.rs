@@ -49,7 +49,15 @@ pub struct LinkSpec {
     pub queue: u64,
     /// The bottleneck's rate changes once, during the run (a path that narrows or widens).
     pub change: Option<RateChange>,
+    /// The largest UDP payload the path carries, in bytes: a larger datagram is dropped, as a
+    /// router drops a packet too big for its next link when its sender forbids fragmenting
+    /// it (QUIC's senders do, and find the path's size by probing). `None`: any size.
+    pub mtu: Option<u64>,
 }
+
+/// The UDP payload a 1500-byte Ethernet path carries (less 20 bytes of IPv4 header and 8 of
+/// UDP): what [`LinkSpec::wan`] lets through, as most of the Internet does.
+pub const ETHERNET_UDP_PAYLOAD: u64 = 1472;
 
 /// A new rate for the bottleneck, from `after` (since the proxy started) on. The queue is
 /// resized with it, as [`LinkSpec::wan`] sizes it for the new rate, so that each phase of the
@@ -74,6 +82,7 @@ impl LinkSpec {
             burst: 64 * 1024,
             queue: u64::MAX,
             change: None,
+            mtu: None,
         }
     }
 
@@ -88,6 +97,7 @@ impl LinkSpec {
             burst: 32 * 1024,
             queue: bdp.max(64 * 1024),
             change: None,
+            mtu: Some(ETHERNET_UDP_PAYLOAD),
         }
     }
 
@@ -724,6 +734,10 @@ fn deliver(link: &Link, is_up: bool, (s, dest, bytes): &Datagram) {
 
 fn udp_forward(link: &Link, dir: &Direction, pipe: &Pipe<Datagram>, d: Datagram) {
     let is_up = std::ptr::eq(dir, &*link.up);
+    if dir.spec.mtu.is_some_and(|mtu| d.2.len() as u64 > mtu) {
+        link.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     if dir.spec.delay.is_zero() && !dir.spec.shaped() {
         // Nothing to model: the datagram leaves from the thread that received it, as from a
         // router with an idle line. Handing each one to the writer thread would cost a
@@ -826,6 +840,7 @@ mod tests {
             burst: 10_000,
             queue: u64::MAX,
             change: None,
+            mtu: None,
         };
         let mut s = Shaper::new(&spec);
         let mut last = Duration::ZERO;
@@ -861,6 +876,7 @@ mod tests {
             burst: 1000,
             queue: 5000,
             change: None,
+            mtu: None,
         };
         let mut s = Shaper::new(&spec);
         let mut accepted = 0;
@@ -885,6 +901,7 @@ mod tests {
             burst: 1000,
             queue: u64::MAX,
             change: None,
+            mtu: None,
         }
     }
 
@@ -1161,6 +1178,7 @@ mod tests {
             burst: 1500,
             queue: 6000,
             change: None,
+            mtu: None,
         };
         let proxy = UdpProxy::start("127.0.0.1:0".parse().unwrap(), target, spec, spec).unwrap();
         let c = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -1172,6 +1190,31 @@ mod tests {
         assert!(
             dropped > 0,
             "50 datagrams into a 6 kB queue at 1 Mbit/s: some must drop"
+        );
+    }
+
+    #[test]
+    fn udp_drops_what_exceeds_the_paths_mtu() {
+        let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let target = sink.local_addr().unwrap();
+        let spec = LinkSpec::wan(Duration::from_millis(1), 1000);
+        assert_eq!(spec.mtu, Some(ETHERNET_UDP_PAYLOAD));
+        let proxy = UdpProxy::start("127.0.0.1:0".parse().unwrap(), target, spec, spec).unwrap();
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.send_to(&[1u8; 1473], proxy.local_addr()).unwrap();
+        c.send_to(&[2u8; 1472], proxy.local_addr()).unwrap();
+        let mut buf = [0u8; 65536];
+        let (n, _) = sink.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            (n, buf[0]),
+            (1472, 2),
+            "only the datagram that fits arrives"
+        );
+        let (_, _, dropped) = proxy.counters().snapshot();
+        assert_eq!(
+            dropped, 1,
+            "the datagram one byte too big is dropped and counted"
         );
     }
 }
