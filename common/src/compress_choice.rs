@@ -25,7 +25,10 @@
 //! Only a fetch of at least [`Measuring::min_fetch`] bytes probes: two requests sent one after
 //! the other cost a few round trips, nothing next to a large copy but a good part of a small
 //! one, where compressing (at most a few hundred milliseconds of CPU) is the safe choice. Until
-//! probed, requests compress.
+//! probed, requests compress. A fetch begun ahead of its plan (the source's changed blocks,
+//! asked for while the target's WAL is still being read) counts those it leaves for the plan
+//! as still to ask for: a large one probes before its first request, so that on a fast link
+//! its tens of megabytes are not compressed for nothing while the CPU is needed by the scan.
 //!
 //! The choice is watched for the rest of the run: links change under a long copy (a shared WAN
 //! link fills up or frees, a VPN reroutes, the copy moves from pages that compress ten to one to

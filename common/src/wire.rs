@@ -117,51 +117,138 @@ thread_local! {
 /// Encodes raw bytes. A zstd frame that is not smaller than the raw bytes is sent stored, so
 /// incompressible data costs nothing extra. Each thread keeps its own zstd context.
 pub fn encode(raw: &[u8], compression: Compression) -> Result<Encoded, WireError> {
-    let hash = *blake3::hash(raw).as_bytes();
-    let raw_length = raw.len() as u64;
-    if let Compression::Zstd(level) = compression {
-        if !zstd::compression_level_range().contains(&level) {
-            return Err(WireError::BadLevel(level));
-        }
-        let data = COMPRESSOR
-            .with(|cell| -> std::io::Result<Vec<u8>> {
-                let mut slot = cell.borrow_mut();
-                let c = match &mut *slot {
-                    Some((l, c)) if *l == level => c,
-                    Some((l, c)) => {
-                        c.set_compression_level(level)?;
-                        *l = level;
-                        c
-                    }
-                    None => &mut slot.insert((level, zstd::bulk::Compressor::new(level)?)).1,
-                };
-                // Room for the frame without zeroing it: zstd writes into the spare capacity.
-                let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
-                c.compress_to_buffer(raw, &mut out)?;
-                Ok(out)
-            })
-            .map_err(|e| WireError::Compress(e.to_string()))?;
-        if data.len() < raw.len() {
-            return Ok(Encoded {
-                codec: Codec::Zstd,
-                data,
-                hash,
-                raw_length,
-            });
+    let (hash, frame) = hash_and_compress(raw, compression)?;
+    Ok(Encoded::new(
+        hash,
+        raw.len(),
+        frame.ok_or_else(|| raw.to_vec()),
+    ))
+}
+
+/// [`encode`] of bytes the caller gives up: sent stored, they become the chunk's data as they
+/// are, not copied (on a fast link most chunks go stored, and a copy of each costs the sender
+/// a third of what hashing it does).
+pub fn encode_owned(raw: Vec<u8>, compression: Compression) -> Result<Encoded, WireError> {
+    let (hash, frame) = hash_and_compress(&raw, compression)?;
+    Ok(Encoded::new(hash, raw.len(), frame.ok_or(raw)))
+}
+
+impl Encoded {
+    /// `data`: a zstd frame (`Ok`), or the raw bytes themselves, stored (`Err`).
+    fn new(hash: [u8; 32], raw_length: usize, data: Result<Vec<u8>, Vec<u8>>) -> Encoded {
+        let (codec, data) = match data {
+            Ok(frame) => (Codec::Zstd, frame),
+            Err(raw) => (Codec::Stored, raw),
+        };
+        Encoded {
+            codec,
+            data,
+            hash,
+            raw_length: raw_length as u64,
         }
     }
-    Ok(Encoded {
-        codec: Codec::Stored,
-        data: raw.to_vec(),
-        hash,
-        raw_length,
-    })
+}
+
+/// The raw bytes' hash, and their zstd frame when `compression` asks for one and it comes out
+/// smaller than they are.
+fn hash_and_compress(
+    raw: &[u8],
+    compression: Compression,
+) -> Result<([u8; 32], Option<Vec<u8>>), WireError> {
+    let hash = *blake3::hash(raw).as_bytes();
+    let Compression::Zstd(level) = compression else {
+        return Ok((hash, None));
+    };
+    if !zstd::compression_level_range().contains(&level) {
+        return Err(WireError::BadLevel(level));
+    }
+    let frame = COMPRESSOR
+        .with(|cell| -> std::io::Result<Vec<u8>> {
+            let mut slot = cell.borrow_mut();
+            let c = match &mut *slot {
+                Some((l, c)) if *l == level => c,
+                Some((l, c)) => {
+                    c.set_compression_level(level)?;
+                    *l = level;
+                    c
+                }
+                None => &mut slot.insert((level, zstd::bulk::Compressor::new(level)?)).1,
+            };
+            // Room for the frame without zeroing it: zstd writes into the spare capacity.
+            let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
+            c.compress_to_buffer(raw, &mut out)?;
+            Ok(out)
+        })
+        .map_err(|e| WireError::Compress(e.to_string()))?;
+    Ok((hash, (frame.len() < raw.len()).then_some(frame)))
 }
 
 thread_local! {
     /// This thread's zstd decompression context: made once, not once per chunk.
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
+}
+
+/// What a received chunk says of itself, checked before any of its bytes are looked at.
+struct Header {
+    codec: Codec,
+    expected: [u8; 32],
+    /// Its raw length, within the receiver's limit.
+    len: usize,
+}
+
+fn header(codec: u32, hash: &[u8], raw_length: u64, limit: u64) -> Result<Header, WireError> {
+    let codec = Codec::from_u32(codec)?;
+    if raw_length > limit {
+        return Err(WireError::TooLong { raw_length, limit });
+    }
+    let expected: [u8; 32] = hash
+        .try_into()
+        .map_err(|_| WireError::HashLength { got: hash.len() })?;
+    // raw_length <= limit, and the limit is something this process chose to hold in memory.
+    let len = usize::try_from(raw_length).map_err(|_| WireError::TooLong { raw_length, limit })?;
+    Ok(Header {
+        codec,
+        expected,
+        len,
+    })
+}
+
+/// A stored chunk's bytes, checked: as long as it says, and hashing to what it says.
+fn check_stored(data: &[u8], h: &Header) -> Result<(), WireError> {
+    let raw_length = h.len as u64;
+    if data.len() != h.len {
+        return Err(WireError::StoredLength {
+            got: data.len() as u64,
+            raw_length,
+        });
+    }
+    if blake3::hash(data).as_bytes() != &h.expected {
+        return Err(WireError::HashMismatch { raw_length });
+    }
+    Ok(())
+}
+
+/// Decodes a received chunk held in shared bytes (`bytes::Bytes`, which the protocol's
+/// messages carry) and verifies its hash, as [`decode_into`] does: a stored chunk is checked
+/// where it lies and handed back as it came, not copied (on a fast link most chunks are
+/// stored, and copying each costs the receiver as much as hashing it); a compressed one is
+/// inflated into a new buffer.
+pub fn decode_shared<B: AsRef<[u8]> + From<Vec<u8>>>(
+    codec: u32,
+    data: B,
+    hash: &[u8],
+    raw_length: u64,
+    limit: u64,
+) -> Result<B, WireError> {
+    let h = header(codec, hash, raw_length, limit)?;
+    if h.codec == Codec::Stored {
+        check_stored(data.as_ref(), &h)?;
+        return Ok(data);
+    }
+    let mut out = Vec::new();
+    decode_into(codec, data.as_ref(), hash, raw_length, limit, &mut out)?;
+    Ok(B::from(out))
 }
 
 /// Decodes a received chunk into `out` (cleared first) and verifies its hash. `limit` is the
@@ -175,24 +262,13 @@ pub fn decode_into(
     out: &mut Vec<u8>,
 ) -> Result<(), WireError> {
     out.clear();
-    let codec = Codec::from_u32(codec)?;
-    if raw_length > limit {
-        return Err(WireError::TooLong { raw_length, limit });
-    }
-    let expected: [u8; 32] = hash
-        .try_into()
-        .map_err(|_| WireError::HashLength { got: hash.len() })?;
-    // raw_length <= limit, and the limit is something this process chose to hold in memory.
-    let len = usize::try_from(raw_length).map_err(|_| WireError::TooLong { raw_length, limit })?;
-    match codec {
+    let h = header(codec, hash, raw_length, limit)?;
+    let (expected, len) = (h.expected, h.len);
+    match h.codec {
         Codec::Stored => {
-            if data.len() != len {
-                return Err(WireError::StoredLength {
-                    got: data.len() as u64,
-                    raw_length,
-                });
-            }
+            check_stored(data, &h)?;
             out.extend_from_slice(data);
+            return Ok(());
         }
         Codec::Zstd => {
             // Room for `len` bytes, not zeroed: zstd writes into the spare capacity, and the
@@ -321,6 +397,76 @@ mod tests {
                 })
             );
         }
+    }
+
+    #[test]
+    fn owned_bytes_sent_stored_are_not_copied() {
+        let raw = page_like(8192);
+        for comp in [Compression::None, Compression::Zstd(1)] {
+            let mine = raw.clone();
+            let at = mine.as_ptr();
+            let owned = encode_owned(mine, comp).unwrap();
+            assert_eq!(owned, encode(&raw, comp).unwrap(), "{comp:?}");
+            assert_eq!(
+                owned.data.as_ptr() == at,
+                comp == Compression::None,
+                "{comp:?}"
+            );
+        }
+        // Incompressible bytes asked to be compressed go stored, as they came.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
+        let at = noise.as_ptr();
+        let e = encode_owned(noise, Compression::Zstd(1)).unwrap();
+        assert_eq!((e.codec, e.data.as_ptr()), (Codec::Stored, at));
+        assert_eq!(
+            encode_owned(raw, Compression::Zstd(1000)),
+            Err(WireError::BadLevel(1000))
+        );
+    }
+
+    #[test]
+    fn stored_bytes_are_verified_where_they_lie() {
+        let raw = page_like(8192);
+        let e = encode(&raw, Compression::None).unwrap();
+        let (codec, len) = (e.codec.to_u32(), e.raw_length);
+        let sent = e.data.clone();
+        let at = sent.as_ptr();
+        let got = decode_shared(codec, sent, &e.hash, len, LIMIT).unwrap();
+        assert_eq!(got, raw);
+        assert_eq!(got.as_ptr(), at, "the stored bytes were copied");
+        let mut bad = e.data.clone();
+        bad[4000] ^= 1;
+        assert_eq!(
+            decode_shared(codec, bad, &e.hash, len, LIMIT),
+            Err(WireError::HashMismatch { raw_length: len })
+        );
+        assert_eq!(
+            decode_shared(codec, e.data.clone(), &e.hash, len - 1, LIMIT),
+            Err(WireError::StoredLength {
+                got: len,
+                raw_length: len - 1
+            })
+        );
+        assert_eq!(
+            decode_shared(codec, e.data.clone(), &e.hash, len, 4096),
+            Err(WireError::TooLong {
+                raw_length: len,
+                limit: 4096
+            })
+        );
+        // A compressed chunk is inflated, into a buffer of its own.
+        let z = encode(&raw, Compression::Zstd(1)).unwrap();
+        assert_eq!(z.codec, Codec::Zstd);
+        let got = decode_shared(z.codec.to_u32(), z.data.clone(), &z.hash, len, LIMIT);
+        assert_eq!(got.unwrap(), raw);
     }
 
     #[test]

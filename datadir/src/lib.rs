@@ -28,7 +28,7 @@ pub mod wal;
 
 use std::ffi::CStr;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -481,12 +481,17 @@ impl RangeReader<'_> {
             buf.clear();
             return Ok(ReadStatus::Vanished);
         };
-        let len = usize::try_from(len).map_err(|_| DataDirError::PathNotAllowed(rel.into()))?;
-        // The old bytes are read over, so only growth is zeroed: not a megabyte per chunk.
-        buf.resize(len, 0);
-        let done = read_full_at(file, buf, offset).map_err(|e| DataDirError::io(rel, e))?;
-        buf.truncate(done);
-        Ok(if done == len {
+        let want = usize::try_from(len).map_err(|_| DataDirError::PathNotAllowed(rel.into()))?;
+        // Read into the buffer's spare room, never zeroed first: a caller that hands each
+        // chunk's buffer on (failbackd sends it as it is) reads into a new one every time.
+        buf.clear();
+        buf.reserve_exact(want);
+        let mut f = file;
+        let done = f
+            .seek(io::SeekFrom::Start(offset))
+            .and_then(|_| f.take(len).read_to_end(buf))
+            .map_err(|e| DataDirError::io(rel, e))?;
+        Ok(if done == want {
             ReadStatus::Complete
         } else {
             ReadStatus::Short

@@ -34,10 +34,12 @@
 //! Checked besides "no panic": a decoded message encodes to `encoded_len` bytes and decodes
 //! back to itself; a request that failbackd's framing accepts is one `read_frame` frame; a
 //! decoded chunk is exactly its claimed `raw_length`, within the limit, with the blake3 it
-//! carries, and a refused one leaves the buffer empty; `wire::encode` then `decode` gives the
-//! same bytes at every level, a wrong claimed length or limit or hash is an error, a flipped
-//! data bit is an error or the same bytes, a zstd frame claiming fewer bytes than it holds
-//! is refused; chunk-diff ranges are ordered, merged and within the source, and skip only
+//! carries, and a refused one leaves the buffer empty; `wire::decode_shared` (the client's
+//! path, stored bytes verified where they lie) accepts and refuses the same chunks and gives
+//! the same bytes; `wire::encode` then `decode` gives the same bytes at every level (and
+//! `wire::encode_owned` the same chunk), a wrong claimed length or limit or hash is an error,
+//! a flipped data bit is an error or the same bytes, a zstd frame claiming fewer bytes than it
+//! holds is refused; chunk-diff ranges are ordered, merged and within the source, and skip only
 //! chunks both sides hold identically.
 
 #![no_main]
@@ -262,6 +264,14 @@ fn check_bitmap(bytes: &[u8]) {
     assert_eq!(u, b, "a union with itself");
 }
 
+/// Refusals of a zstd frame's content (as against its header's claims).
+fn frame_error(e: &WireError) -> bool {
+    matches!(
+        e,
+        WireError::ZstdCorrupt(_) | WireError::Expands { .. } | WireError::ZstdLength { .. }
+    )
+}
+
 /// `wire::decode_into` on a received chunk, with the invariants of a result either way.
 fn check_decode(
     codec: u32,
@@ -272,7 +282,18 @@ fn check_decode(
     out: &mut Vec<u8>,
 ) {
     let cap = out.capacity();
-    match wire::decode_into(codec, data, hash, raw_length, limit, out) {
+    let into = wire::decode_into(codec, data, hash, raw_length, limit, out);
+    // The receiver's own path (stored bytes checked where they lie) agrees with it exactly.
+    let shared = wire::decode_shared(codec, data.to_vec(), hash, raw_length, limit);
+    match (&into, &shared) {
+        (Ok(()), Ok(got)) => assert_eq!(got, out, "decode_shared gave other bytes"),
+        // A damaged frame may be found out one way or another depending on the room zstd
+        // was given (a reused buffer has more): refused either way.
+        (Err(a), Err(b)) if frame_error(a) && frame_error(b) => {}
+        (Err(a), Err(b)) => assert_eq!(a, b, "decode_shared refused otherwise"),
+        _ => panic!("decode_into {into:?}, decode_shared {:?}", shared.map(|v| v.len())),
+    }
+    match into {
         Ok(()) => {
             assert!(raw_length <= limit, "a chunk over the limit passed");
             assert_eq!(
@@ -385,6 +406,9 @@ fn encode(bytes: &[u8]) {
         }
         Err(e) => panic!("encode at level {level}: {e}"),
     };
+    // failbackd's path, which hands its read buffer over: the very same chunk.
+    let owned = wire::encode_owned(raw.clone(), Compression::from_level(level));
+    assert_eq!(owned.as_ref(), Ok(&e), "encode_owned at level {level}");
     assert!(level != 0 || e.codec == Codec::Stored);
     assert_eq!(e.raw_length, len);
     assert_eq!(&e.hash, blake3::hash(&raw).as_bytes());

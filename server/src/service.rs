@@ -424,7 +424,9 @@ impl Failback for FailbackService {
                             status: ChunkStatus::Vanished as i32,
                             ..Default::default()
                         },
-                        Ok(st) => match wire::encode(&buf, compression) {
+                        // The buffer goes with the chunk (sent stored, it is the chunk's data);
+                        // the next read takes a new one.
+                        Ok(st) => match wire::encode_owned(std::mem::take(&mut buf), compression) {
                             Err(e) => {
                                 out.send(Err(Status::internal(e.to_string())));
                                 return;

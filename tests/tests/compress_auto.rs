@@ -1,14 +1,16 @@
 //! `--compress auto` through a link that changes under the copy: failback chooses compression
 //! by two probes sent alone, watches what the copy delivers afterwards, and when the link
-//! widens (or narrows) for good it probes again, and measures the link as it is now. A real failbackd serves a real cluster's
-//! relation through a loopback proxy whose rate the test changes mid-fetch.
+//! widens (or narrows) for good it probes again, and measures the link as it is now; a large
+//! fetch begun ahead of its plan probes before the plan comes, when its probes fit what can
+//! wait for it. A real failbackd serves a real cluster's relation, through a loopback proxy
+//! whose rate the test changes mid-fetch.
 
 mod support;
 
 use std::time::Duration;
 
 use failback_client::source::remote::{self, RemoteOptions};
-use failback_client::source::{FetchRange, Fetched};
+use failback_client::source::{FetchRange, Fetched, Source};
 use failback_common::compress_choice::{CompressPolicy, Measuring};
 use failback_tests::proxy::TcpCut;
 use failback_tests::{Cluster, PgMajor, StopMode};
@@ -33,12 +35,11 @@ fn probe_rates(summary: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-// PostgreSQL 15 only: what is tested is the client's measuring, not a version's format.
-#[test]
-fn a_link_that_widens_mid_copy_is_measured_again() {
+/// A stopped PostgreSQL 15 cluster with one relation of pages that compress about two to one
+/// (md5 text, never the same twice, as real tables' pages do): the cluster, the relation's
+/// path and size.
+fn md5_relation() -> (Cluster, String, u64) {
     let mut c = Cluster::start_new(PgMajor::V15, "source");
-    // md5 text, never the same twice: pages that compress about two to one, as real tables'
-    // do.
     c.execute(
         "CREATE TABLE t WITH (autovacuum_enabled = off) AS
            SELECT g, md5(g::text) || md5((-g)::text) AS pad FROM generate_series(1, 300000) g",
@@ -46,7 +47,26 @@ fn a_link_that_widens_mid_copy_is_measured_again() {
     let rel = c.query_one("SELECT pg_relation_filepath('t')");
     let size: u64 = c.query_one("SELECT pg_relation_size('t')").parse().unwrap();
     c.stop(StopMode::Fast);
+    (c, rel, size)
+}
 
+/// The relation's pages one by one, as a rewind asks for changed blocks, `times` times over.
+fn every_page(rel: &str, size: u64, times: u64) -> Vec<FetchRange> {
+    (0..times)
+        .flat_map(|_| {
+            (0..size / 8192).map(|b| FetchRange {
+                path: rel.to_string(),
+                offset: b * 8192,
+                length: 8192,
+            })
+        })
+        .collect()
+}
+
+// PostgreSQL 15 only: what is tested is the client's measuring, not a version's format.
+#[test]
+fn a_link_that_widens_mid_copy_is_measured_again() {
+    let (c, rel, size) = md5_relation();
     let server = support::Failbackd::start(&c.data_dir(), None);
     let proxy = TcpCut::start(server.addr());
     // A thin link: 4 MiB/s.
@@ -68,17 +88,7 @@ fn a_link_that_widens_mid_copy_is_measured_again() {
     })
     .expect("connect through the proxy");
 
-    // The relation's pages one by one, as a rewind asks for changed blocks, 16 times over.
-    let pages = size / 8192;
-    let ranges: Vec<FetchRange> = (0..16)
-        .flat_map(|_| {
-            (0..pages).map(|b| FetchRange {
-                path: rel.clone(),
-                offset: b * 8192,
-                length: 8192,
-            })
-        })
-        .collect();
+    let ranges = every_page(&rel, size, 16);
     let want = ranges.len() as u64 * 8192;
     let mut got = 0u64;
     let mut widened = false;
@@ -114,4 +124,93 @@ fn a_link_that_widens_mid_copy_is_measured_again() {
         "the last round did not measure the wider link: {summary}"
     );
     eprintln!("{summary}");
+}
+
+/// A fetch begun ahead of its plan (the source's changed blocks, while the target's WAL is
+/// read) takes at most 64 MiB, but the plan will ask for all of them: when they are many,
+/// `auto` probes at once, rather than compressing the first 64 MiB whatever the link.
+#[test]
+fn a_large_fetch_begun_ahead_probes_before_its_plan_comes() {
+    let (c, rel, size) = md5_relation();
+    // failbackd's own chunks (a mebibyte), not the tests' small ones: a probe fits the
+    // channel of a fetch that nothing reads from yet as it does in a rewind.
+    let mut config = support::Failbackd::config(&c.data_dir());
+    config.max_chunk = failback_proto::limits::DEFAULT_MAX_CHUNK;
+    let server = support::Failbackd::serve(config, false);
+    let measuring = Measuring {
+        min_fetch: 100 * MIB,
+        ..Measuring::DEFAULT
+    };
+    let connect = || {
+        remote::connect(RemoteOptions {
+            jobs: 16,
+            compression: CompressPolicy::Auto {
+                level: 1,
+                measuring,
+            },
+            ..support::options(format!("grpc://{}", server.addr()), None)
+        })
+        .expect("connect")
+    };
+    let probed_within = |src: &dyn Source, limit: Duration| {
+        let t = std::time::Instant::now();
+        while t.elapsed() < limit {
+            let summary = src.compression().unwrap();
+            if !probe_rates(&summary).is_empty() {
+                return Some(summary);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    };
+    // The whole relation, over and over (a run of changed blocks): more than the minimum in
+    // all, of which the fetch ahead asks for 64 MiB.
+    let whole = |times: u64| -> Vec<FetchRange> {
+        (0..times)
+            .map(|_| FetchRange {
+                path: rel.clone(),
+                offset: 0,
+                length: size,
+            })
+            .collect()
+    };
+    let times = (100 * MIB).div_ceil(size) + 1;
+    let mut src = connect();
+    src.fetch_ahead(whole(times));
+    let summary = probed_within(&*src, Duration::from_secs(30));
+    assert!(
+        summary.is_some(),
+        "{} MiB of changed blocks fetched ahead, and no probe before the plan",
+        times * size / MIB
+    );
+    // Fewer than the minimum in all: compressed, unprobed, until a plan asks for more.
+    let mut src = connect();
+    src.fetch_ahead(whole((50 * MIB).div_ceil(size)));
+    assert_eq!(probed_within(&*src, Duration::from_secs(2)), None);
+    // As many, page by page: a probe's 512 pieces would wait in the channel for a plan to
+    // take them, and measure that wait; the probes wait for the plan too, and measure the
+    // link once it comes.
+    let mut src = connect();
+    // Copies of the relation's file, so that what is left for the plan, past what was fetched
+    // ahead, is more than the minimum too.
+    let copies = (200 * MIB).div_ceil(size);
+    let pages: Vec<FetchRange> = (0..copies)
+        .flat_map(|k| {
+            let copy = format!("{rel}{k}");
+            std::fs::copy(c.data_dir().join(&rel), c.data_dir().join(&copy)).unwrap();
+            every_page(&copy, size, 1)
+        })
+        .collect();
+    src.fetch_ahead(pages.clone());
+    assert_eq!(probed_within(&*src, Duration::from_secs(1)), None);
+    {
+        let mut fetch = src.fetch(pages).expect("fetch");
+        while fetch.next().expect("a piece").is_some() {}
+    }
+    let summary = src.compression().unwrap();
+    let rounds = probe_rates(&summary);
+    assert!(
+        rounds.first().is_some_and(|&(stored, _)| stored > 10.0),
+        "4 MiB within the second the plan took to come is 4 MB/s: {summary}"
+    );
 }

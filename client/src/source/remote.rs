@@ -21,6 +21,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use crate::first_batch;
 use failback_common::chunkdiff::ByteRange;
 use failback_common::compress_choice::{CompressPolicy, CompressionChoice};
@@ -610,17 +612,22 @@ impl<T: Transport> RemoteSource<T> {
         ranges: Vec<FetchRange>,
         op: RetryOp,
     ) -> Result<Box<dyn Fetch + '_>, SourceError> {
-        let (rx, tasks) = self.dispatch(ranges, op, None);
+        let (rx, tasks) = self.dispatch(ranges, op, None, 0);
         Ok(Box::new(RemoteFetch::new(self, rx, tasks)))
     }
 
     /// Starts sending `ranges`' batches, and then those `more` brings, if any; their pieces
     /// come out of the channel.
+    /// `more`: the rest of a fetch begun ahead, once its plan is made; `expected`: the bytes
+    /// that rest will at least ask for, known now (the part of the source's changed blocks cut
+    /// off by [`AHEAD_BYTES`]), so that `--compress auto` can tell a large fetch from a small
+    /// one before the rest comes.
     fn dispatch(
         &self,
         ranges: Vec<FetchRange>,
         op: RetryOp,
         more: Option<oneshot::Receiver<Vec<FetchRange>>>,
+        expected: u64,
     ) -> (
         mpsc::Receiver<Result<Piece, SourceError>>,
         tokio::task::JoinSet<()>,
@@ -638,7 +645,7 @@ impl<T: Transport> RemoteSource<T> {
             tx,
         };
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn_on(dispatch.run(queue, total, more), self.rt.handle());
+        tasks.spawn_on(dispatch.run(queue, total, more, expected), self.rt.handle());
         (rx, tasks)
     }
 
@@ -1035,11 +1042,13 @@ impl<T: Transport> Dispatch<T> {
         mut queue: VecDeque<Vec<FetchRange>>,
         total: u64,
         mut more: Option<oneshot::Receiver<Vec<FetchRange>>>,
+        expected: u64,
     ) {
         let permits = Arc::new(Semaphore::new(self.jobs));
         let all = u32::try_from(self.jobs).unwrap_or(u32::MAX);
         let mut running = tokio::task::JoinSet::new();
-        let mut left = total;
+        // What the fetch has still to ask for, the rest it expects included.
+        let mut left = total + expected;
         // Where the round's first probe was taken: its second is the batch after it, the same
         // kind of data.
         let mut probed_at: Option<usize> = None;
@@ -1060,19 +1069,31 @@ impl<T: Transport> Dispatch<T> {
                 if let Some(rest) = came {
                     more = None;
                     let rest = rest.unwrap_or_default();
-                    left += rest.iter().map(|r| r.length).sum::<u64>();
+                    left =
+                        left.saturating_sub(expected) + rest.iter().map(|r| r.length).sum::<u64>();
                     queue.extend(batches(&rest));
                 }
             }
             if queue.is_empty() {
                 break;
             }
-            let probe = self.choice().wants_probe(Instant::now(), left);
+            let probe_at = |queue: &mut VecDeque<Vec<FetchRange>>| {
+                probed_at
+                    .filter(|&k| k < queue.len())
+                    .unwrap_or_else(|| probe_batches(queue.make_contiguous()))
+            };
+            // Before its plan comes nothing takes a fetch's pieces out of the channel: a probe
+            // whose pieces it could not hold would wait for the plan, and measure that wait.
+            let fits = more.is_none() || {
+                let at = probe_at(&mut queue);
+                pieces(&queue[at], PROBE_BYTES, self.limit) < self.tx.capacity()
+            };
+            let probe = fits
+                .then(|| self.choice().wants_probe(Instant::now(), left))
+                .flatten();
             let b = match probe {
                 Some(_) => {
-                    let at = probed_at
-                        .filter(|&k| k < queue.len())
-                        .unwrap_or_else(|| probe_batches(queue.make_contiguous()));
+                    let at = probe_at(&mut queue);
                     probed_at = Some(at);
                     queue.remove(at).map(|whole| {
                         let (probe, rest) = cut_batch(whole, PROBE_BYTES);
@@ -1154,7 +1175,8 @@ enum Piece {
     Data {
         path: Arc<str>,
         offset: u64,
-        data: Vec<u8>,
+        /// Verified bytes: a stored chunk's own, as the message brought them.
+        data: Bytes,
     },
     Short {
         path: Arc<str>,
@@ -1294,7 +1316,6 @@ async fn stream_batch<T: Transport>(
             .await
             .map_err(|_| SourceError::Timeout(what))?
             .map_err(|s| status_err("ReadRanges", s))?;
-    let mut buf = Vec::new();
     let mut received = false;
     loop {
         if received {
@@ -1349,32 +1370,27 @@ async fn stream_batch<T: Transport>(
                 ),
             ));
         }
-        let mut attempt = wire::decode_into(
-            chunk.codec,
-            &chunk.data,
-            &chunk.hash,
-            chunk.raw_length,
-            limit,
-            &mut buf,
-        );
+        let raw_length = chunk.raw_length;
+        let mut attempt =
+            wire::decode_shared(chunk.codec, chunk.data, &chunk.hash, raw_length, limit);
         if matches!(attempt, Err(WireError::HashMismatch { .. })) {
             // Damaged on the way (or on the server's disk between two reads): ask once more.
             retry.log.retried(RetryCause::Checksum, op);
-            attempt = refetch(transport, r, next, chunk.raw_length, level, limit, &mut buf).await;
+            attempt = refetch(transport, r, next, raw_length, level, limit).await;
         }
-        attempt.map_err(|e| {
+        let data = attempt.map_err(|e| {
             proto_err(
                 "ReadRanges",
                 format!("chunk of {:?} at {next}: {e}", r.path),
             )
         })?;
-        let got = buf.len() as u64;
-        if !buf.is_empty()
+        let got = data.len() as u64;
+        if !data.is_empty()
             && tx
                 .send(Ok(Piece::Data {
                     path: path.clone(),
                     offset: next,
-                    data: std::mem::take(&mut buf),
+                    data,
                 }))
                 .await
                 .is_err()
@@ -1419,8 +1435,7 @@ async fn refetch<T: Transport>(
     length: u64,
     level: i32,
     limit: u64,
-    buf: &mut Vec<u8>,
-) -> Result<(), WireError> {
+) -> Result<Bytes, WireError> {
     let one = FetchRange {
         path: r.path.clone(),
         offset,
@@ -1443,7 +1458,7 @@ async fn refetch<T: Transport>(
         .flatten();
     match chunk {
         Some(c) if c.offset == offset && c.path == r.path && c.raw_length == length => {
-            wire::decode_into(c.codec, &c.data, &c.hash, c.raw_length, limit, buf)
+            wire::decode_shared(c.codec, c.data, &c.hash, c.raw_length, limit)
         }
         _ => Err(WireError::HashMismatch { raw_length: length }),
     }
@@ -1483,6 +1498,22 @@ fn cut_batch(batch: Vec<FetchRange>, most: u64) -> (Vec<FetchRange>, Vec<FetchRa
         rest.extend(tail);
     }
     (first, rest)
+}
+
+/// The most pieces the first `most` bytes of `batch` come back as, in chunks of at most
+/// `chunk` bytes: one per chunk of each range, and a Short after each.
+fn pieces(batch: &[FetchRange], most: u64, chunk: u64) -> usize {
+    let mut left = most;
+    let mut n = 0u64;
+    for r in batch {
+        if left == 0 {
+            break;
+        }
+        let len = r.length.min(left);
+        left -= len;
+        n += len.div_ceil(chunk.max(1)).max(1) + 1;
+    }
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 /// Groups ranges into requests of about [`BATCH_BYTES`] (at most twice that), cutting a
@@ -1604,13 +1635,16 @@ impl<T: Transport> Source for RemoteSource<T> {
     }
 
     fn fetch_ahead(&mut self, ranges: Vec<FetchRange>) {
-        let (ranges, _) = cut_batch(ranges, AHEAD_BYTES);
+        let (ranges, beyond) = cut_batch(ranges, AHEAD_BYTES);
         if ranges.is_empty() {
             return;
         }
         let (more, rest) = oneshot::channel();
         let asked = range_sets(&ranges);
-        let (rx, tasks) = self.dispatch(ranges, RetryOp::Fetch, Some(rest));
+        // The plan asks for the blocks cut off too: a fetch that large probes now, before its
+        // first requests, rather than compressing them all until the plan is made.
+        let beyond = beyond.iter().map(|r| r.length).sum();
+        let (rx, tasks) = self.dispatch(ranges, RetryOp::Fetch, Some(rest), beyond);
         if let Some(old) = self.ahead.replace(Ahead {
             asked,
             more,
@@ -2009,6 +2043,23 @@ mod tests {
             status_err("ReadRanges", Status::not_found("x")),
             SourceError::Refused { .. }
         ));
+    }
+
+    #[test]
+    fn a_probe_counts_its_pieces_as_they_come_back() {
+        let r = |offset: u64, length: u64| FetchRange {
+            path: "base/5/1".into(),
+            offset,
+            length,
+        };
+        const MIB: u64 = 1 << 20;
+        // A run of changed blocks: a piece per chunk of the probe's 4 MiB, and a Short.
+        assert_eq!(pieces(&[r(0, 16 * MIB)], 4 * MIB, MIB), 5);
+        assert_eq!(pieces(&[r(0, 16 * MIB)], 4 * MIB, 64 << 10), 65);
+        // Blocks one by one: a piece and a Short each, for the 512 of them within 4 MiB.
+        let pages: Vec<FetchRange> = (0..1000).map(|b| r(b * 16384, 8192)).collect();
+        assert_eq!(pieces(&pages, 4 * MIB, MIB), 1024);
+        assert_eq!(pieces(&[], 4 * MIB, MIB), 0);
     }
 
     #[test]
