@@ -525,7 +525,7 @@ fn main() {
     let loopback = if skip_loopback {
         "Loopback: not run (--skip-loopback)."
     } else {
-        "Loopback: the proxy with no delay and no cap."
+        "Loopback: the proxy with no delay and no cap (TCP relayed inside the kernel)."
     };
     let _ = writeln!(
         out,

@@ -888,7 +888,7 @@ fn main() {
     let _ = writeln!(
         out,
         "PostgreSQL 15, pgbench scale {scale} (target data directory {:.0} MB), {changed} accounts changed on each side ({}). \
-         Data: {}. failback: --jobs {} --compress {}{}. Loopback: the proxy with no delay and no cap. \
+         Data: {}. failback: --jobs {} --compress {}{}. Loopback: the proxy with no delay and no cap (TCP relayed inside the kernel). \
          WAN: {delay_ms} ms each way ({} ms RTT), {rate_mbit} Mbit/s each way (`failback_bench::wan`). \
          Every run started from the same saved pair (the target written back to disk first, the new primary started from its own saved copy) and ended when the node, \
          started as a standby of the new primary through the same link, had replayed all the new primary had written when the tool finished. \
