@@ -57,6 +57,30 @@ pub fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The chunk bytes failbackd says it sent over `transport` (`failbackd_sent_bytes_total`),
+/// scraped from its `--metrics-listen` address; 0 when it cannot be asked.
+pub fn sent_bytes(metrics: SocketAddr, transport: &str) -> u64 {
+    use std::io::{Read, Write};
+    let scrape = || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&metrics, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: failbackd\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    };
+    let name = format!("failbackd_sent_bytes_total{{transport=\"{transport}\"}}");
+    scrape().map_or(0, |text| metric(&text, &name).unwrap_or(0))
+}
+
+/// The value of the sample named `name` (labels included, as written) in Prometheus text.
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .find_map(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
 /// A proxy of either kind, for the runs that may go through either.
 pub enum Proxy {
     Tcp(TcpProxy),
@@ -226,5 +250,25 @@ pub fn disk_speed(dir: &Path) -> DiskSpeed {
     DiskSpeed {
         write_gbps,
         read_gbps,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric;
+
+    #[test]
+    fn a_sample_is_read_by_its_name_and_labels() {
+        let text = "# HELP failbackd_sent_bytes_total chunk data bytes sent\n\
+                    failbackd_sent_bytes_total{transport=\"grpc\"} 12\n\
+                    failbackd_sent_bytes_total{transport=\"quic\"} 489668622\n\
+                    failbackd_sent_bytes_total_other{transport=\"quic\"} 7\n";
+        let quic = "failbackd_sent_bytes_total{transport=\"quic\"}";
+        assert_eq!(metric(text, quic), Some(489_668_622));
+        assert_eq!(
+            metric(text, "failbackd_sent_bytes_total{transport=\"grpc\"}"),
+            Some(12)
+        );
+        assert_eq!(metric(text, "failbackd_chunks_total"), None);
     }
 }

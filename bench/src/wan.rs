@@ -115,8 +115,8 @@ impl LinkSpec {
         }
     }
 
-    /// Neither delayed nor capped in any phase: a plain relay.
-    fn is_plain(&self) -> bool {
+    /// Neither delayed nor capped in any phase, nor cut to an MTU: loopback.
+    pub fn is_plain(&self) -> bool {
         self.delay.is_zero() && !self.shaped() && self.mtu.is_none()
     }
 

@@ -8,15 +8,18 @@
 //! - `pg_rewind --source-server` (PostgreSQL 15's) against the running new primary, through
 //!   a TCP [`TcpProxy`];
 //! - `failback rewind --source grpc://…` through `failbackd`, through a TCP proxy;
-//! - `failback rewind --source quic://…` through a UDP [`UdpProxy`], when `failbackd --help`
-//!   offers `--quic-listen`;
+//! - `failback rewind --source quic://…` through a UDP [`UdpProxy`] across the WAN and
+//!   straight to failbackd on loopback (its bytes then from failbackd's metrics: a user-space
+//!   relay of every datagram on the same cores cost more CPU than QUIC itself), when
+//!   `failbackd --help` offers `--quic-listen`;
 //! - `failback rewind --source-server` against the running new primary through the same kind
 //!   of TCP proxy as pg_rewind: plain libpq, no failbackd, when `failback rewind --help` offers
 //!   it.
 //!
 //! `failbackd` serves the running new primary when it offers `--pg-conn`, otherwise its
 //! shut-down data directory (the output says which). Each tool runs once on loopback (the proxy
-//! with no delay and no cap, so bytes on the wire are counted the same way) and once through
+//! with no delay and no cap, relaying TCP inside the kernel, so bytes on the wire are counted
+//! the same way; QUIC direct, above) and once through
 //! the WAN (`--delay-ms` each way, `--rate-mbit` each way). Reported: wall time, bytes on the
 //! wire each way, CPU time and peak RSS of the client and of the server side (failbackd; the
 //! PostgreSQL backend that served pg_rewind, sampled from /proc). After all measured runs, one
@@ -525,7 +528,7 @@ fn main() {
     let loopback = if skip_loopback {
         "Loopback: not run (--skip-loopback)."
     } else {
-        "Loopback: the proxy with no delay and no cap (TCP relayed inside the kernel)."
+        "Loopback: the proxy with no delay and no cap (TCP relayed inside the kernel); QUIC straight to failbackd."
     };
     let _ = writeln!(
         out,

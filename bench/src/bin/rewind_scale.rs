@@ -27,7 +27,8 @@
 //! over gRPC and over QUIC; `failback rewind --source-server` (libpq, no failbackd);
 //! `pg_rewind --source-server`; and `failback resync` through failbackd (every relation file
 //! compared by hashes on both sides, so it reads the whole cluster: only at sizes up to
-//! `--resync-max-gb`). Every link is loopback through the bench's proxy, which counts the bytes.
+//! `--resync-max-gb`). Every link is loopback through the bench's proxy, which counts the bytes
+//! (QUIC's goes straight to failbackd, whose metrics count them).
 //! Reported per run: wall time and failback's phases (`--report`), CPU time and peak memory of
 //! the client and of the server side (failbackd, or the backends that served libpq, sampled),
 //! bytes on the wire, bytes the tool wrote to files. Then each tool's growth from the smallest
@@ -461,7 +462,8 @@ fn main() {
              tablespace); a ballast relation grown with sparse all-zero 1 GiB segments on both sides \
              to make the target's data directory the size in the first column ({}). Every tool \
              rewound a fresh copy of the same target against the running new primary, on loopback \
-             through the bench's proxy (bytes counted). failback: --jobs {jobs} --compress {compress}; \
+             through the bench's proxy (bytes counted; QUIC straight to failbackd, bytes from its \
+             metrics). failback: --jobs {jobs} --compress {compress}; \
              failbackd with --pg-conn (the live source). `failback resync` at sizes up to \
              {resync_max_gb} GB only.\n",
             sizes_seen.join("; ")

@@ -618,6 +618,7 @@ impl<T: Transport> RemoteSource<T> {
 
     /// Starts sending `ranges`' batches, and then those `more` brings, if any; their pieces
     /// come out of the channel.
+    ///
     /// `more`: the rest of a fetch begun ahead, once its plan is made; `expected`: the bytes
     /// that rest will at least ask for, known now (the part of the source's changed blocks cut
     /// off by [`AHEAD_BYTES`]), so that `--compress auto` can tell a large fetch from a small
