@@ -291,7 +291,10 @@ fn check_decode(
         // was given (a reused buffer has more): refused either way.
         (Err(a), Err(b)) if frame_error(a) && frame_error(b) => {}
         (Err(a), Err(b)) => assert_eq!(a, b, "decode_shared refused otherwise"),
-        _ => panic!("decode_into {into:?}, decode_shared {:?}", shared.map(|v| v.len())),
+        _ => panic!(
+            "decode_into {into:?}, decode_shared {:?}",
+            shared.map(|v| v.len())
+        ),
     }
     match into {
         Ok(()) => {
