@@ -36,7 +36,7 @@
 //!     [--rounds N] [--no-sync] [--log-dir DIR] [--perf DIR] [--skip-pg-rewind] [--skip-verify]
 //!     [--hold FILE] [--data stock|realistic] [--pattern contiguous|random]
 //!     [--kept-wal-mb N] [--skip-failbackd] [--rate-mbit-then M --rate-change-after SECS]
-//!     [--skip-loopback] [--skip-source-server] [--warm-summaries]
+//!     [--skip-loopback] [--skip-wan] [--skip-source-server] [--warm-summaries]
 //! ```
 //!
 //! `--rate-mbit-then M --rate-change-after SECS`: the WAN's rate becomes M Mbit/s each way
@@ -46,7 +46,8 @@
 //! failback row runs once per value, named by it, and a table sets each value against the
 //! fastest fixed one; the compression choices `auto` made are listed run by run, and
 //! `--log-dir DIR` keeps each run's logs in `DIR/round-N/compress-C`.
-//! `--skip-loopback` runs the WAN only; `--skip-source-server` leaves out the
+//! `--skip-loopback` runs the WAN only, `--skip-wan` loopback only (the closing check of a
+//! rejoin still crosses the WAN); `--skip-source-server` leaves out the
 //! `failback --source-server` rows. `--warm-summaries` starts each failback run only once
 //! failbackd's WAL summarizer has caught up with the new primary's `pg_wal`, as it has when
 //! failbackd is deployed beside the new primary (without it, failbackd starts just before each
@@ -281,6 +282,7 @@ fn main() {
     // One --compress value names rows as before; several name each row by its value.
     let labelled = compressions.len() > 1;
     let skip_loopback = flag("--skip-loopback");
+    let skip_wan = flag("--skip-wan");
     let bin_dir = arg("--bin-dir", String::new());
     let source_mode = arg("--source-mode", "auto".to_string());
     let no_sync = flag("--no-sync");
@@ -330,7 +332,9 @@ fn main() {
     if skip_loopback {
         nets.clear();
     }
-    nets.push(("wan", wan));
+    if !skip_wan {
+        nets.push(("wan", wan));
+    }
 
     let started = Instant::now();
     let load_before = loadavg();
