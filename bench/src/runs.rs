@@ -205,10 +205,9 @@ impl Bench {
         // took twice as long, the relay using ~3 s of CPU), which no deployment pays. Its
         // bytes are then what failbackd says it sent.
         let direct = quic && spec.is_plain();
-        let metrics_port = reserve_port();
-        if direct {
-            cmd.arg("--metrics-listen")
-                .arg(local(metrics_port.port).to_string());
+        let metrics_port = direct.then(reserve_port);
+        if let Some(m) = &metrics_port {
+            cmd.arg("--metrics-listen").arg(local(m.port).to_string());
         }
         let server = measure::spawn(&mut cmd).expect("start failbackd");
         if !wait_listening(local(grpc_port.port), &server) {
@@ -229,12 +228,13 @@ impl Bench {
                 c.stderr
             );
         }
-        let proxy = if direct {
-            std::thread::sleep(Duration::from_millis(200));
-            None
-        } else if quic {
+        if quic {
             // QUIC listens on UDP; give it a moment after the TCP listener is up.
             std::thread::sleep(Duration::from_millis(200));
+        }
+        let proxy = if direct {
+            None
+        } else if quic {
             Some(Proxy::Udp(
                 UdpProxy::start(local(0), local(quic_port.port), spec, spec).expect("UDP proxy"),
             ))
@@ -270,9 +270,13 @@ impl Bench {
         }
         eprintln!("running failback rewind --source {url} ({net})");
         let cost = measure::run(&mut client);
-        let (up, down, dropped) = match &proxy {
-            Some(p) => p.counters().snapshot(),
-            None => (0, sent_bytes(local(metrics_port.port), "quic"), 0),
+        let (up, down, dropped) = match (&proxy, &metrics_port) {
+            (Some(p), _) => p.counters().snapshot(),
+            (None, m) => (
+                0,
+                m.as_ref().map_or(0, |m| sent_bytes(local(m.port), "quic")),
+                0,
+            ),
         };
         drop(proxy);
         server.signal(libc::SIGINT);

@@ -247,7 +247,7 @@ pub fn decode_shared<B: AsRef<[u8]> + From<Vec<u8>>>(
         return Ok(data);
     }
     let mut out = Vec::new();
-    decode_into(codec, data.as_ref(), hash, raw_length, limit, &mut out)?;
+    inflate(data.as_ref(), &h, &mut out)?;
     Ok(B::from(out))
 }
 
@@ -263,56 +263,51 @@ pub fn decode_into(
 ) -> Result<(), WireError> {
     out.clear();
     let h = header(codec, hash, raw_length, limit)?;
-    let (expected, len) = (h.expected, h.len);
     match h.codec {
         Codec::Stored => {
             check_stored(data, &h)?;
             out.extend_from_slice(data);
-            return Ok(());
+            Ok(())
         }
-        Codec::Zstd => {
-            // Room for `len` bytes, not zeroed: zstd writes into the spare capacity, and the
-            // Vec's length covers only what it wrote. A buffer reused from a larger chunk may
-            // have more room; a frame that fills it past `len` is refused below all the same.
-            out.reserve_exact(len);
-            let got = DECOMPRESSOR.with(|cell| {
-                let mut slot = cell.borrow_mut();
-                let d = match &mut *slot {
-                    Some(d) => d,
-                    None => slot.insert(
-                        zstd::bulk::Decompressor::new()
-                            .map_err(|e| WireError::ZstdCorrupt(e.to_string()))?,
-                    ),
-                };
-                d.decompress_to_buffer(data, out).map_err(|e| {
-                    // zstd says "Destination buffer is too small" when the frame expands past
-                    // the space given; anything else is a damaged frame.
-                    let msg = e.to_string();
-                    if msg.contains("too small") {
-                        WireError::Expands { raw_length }
-                    } else {
-                        WireError::ZstdCorrupt(msg)
-                    }
-                })
-            });
-            let got = match got {
-                Ok(n) => n,
-                Err(e) => {
-                    out.clear();
-                    return Err(e);
-                }
-            };
-            if got != len {
-                out.clear();
-                return Err(WireError::ZstdLength {
-                    got: got as u64,
-                    raw_length,
-                });
-            }
-        }
+        Codec::Zstd => inflate(data, &h, out).inspect_err(|_| out.clear()),
     }
-    if blake3::hash(out).as_bytes() != &expected {
-        out.clear();
+}
+
+/// A zstd chunk's frame inflated into `out` (empty), checked: exactly as long as it says, and
+/// hashing to what it says.
+fn inflate(data: &[u8], h: &Header, out: &mut Vec<u8>) -> Result<(), WireError> {
+    let (len, raw_length) = (h.len, h.len as u64);
+    // Room for `len` bytes, not zeroed: zstd writes into the spare capacity, and the Vec's
+    // length covers only what it wrote. A buffer reused from a larger chunk may have more room;
+    // a frame that fills it past `len` is refused below all the same.
+    out.reserve_exact(len);
+    let got = DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let d = match &mut *slot {
+            Some(d) => d,
+            None => slot.insert(
+                zstd::bulk::Decompressor::new()
+                    .map_err(|e| WireError::ZstdCorrupt(e.to_string()))?,
+            ),
+        };
+        d.decompress_to_buffer(data, out).map_err(|e| {
+            // zstd says "Destination buffer is too small" when the frame expands past the
+            // space given; anything else is a damaged frame.
+            let msg = e.to_string();
+            if msg.contains("too small") {
+                WireError::Expands { raw_length }
+            } else {
+                WireError::ZstdCorrupt(msg)
+            }
+        })
+    })?;
+    if got != len {
+        return Err(WireError::ZstdLength {
+            got: got as u64,
+            raw_length,
+        });
+    }
+    if blake3::hash(out).as_bytes() != &h.expected {
         return Err(WireError::HashMismatch { raw_length });
     }
     Ok(())
