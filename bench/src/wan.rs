@@ -601,17 +601,19 @@ fn tcp_splice(link: &Link, from: TcpStream, to: TcpStream, up: bool) {
     } else {
         &link.counters.down
     };
-    let mut pipe = [0i32; 2];
-    // SAFETY: `pipe` has room for the two descriptors pipe2 writes.
-    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        eprintln!("wanproxy: pipe2: {}", io::Error::last_os_error());
-        let _ = to.shutdown(Shutdown::Both);
-        return;
-    }
-    let (pr, pw) = (pipe[0], pipe[1]);
+    let (pipe_r, pipe_w) = match io::pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("wanproxy: pipe: {e}");
+            let _ = to.shutdown(Shutdown::Both);
+            return;
+        }
+    };
+    let (pr, pw) = (pipe_r.as_raw_fd(), pipe_w.as_raw_fd());
     const MOST: usize = 1 << 20;
     let splice = |fd_in: i32, fd_out: i32, len: usize| loop {
-        // SAFETY: plain descriptors owned here or by the streams, and no offsets.
+        // SAFETY: descriptors of the pipe and the streams, open for this whole function, and
+        // no offsets.
         let n = unsafe {
             libc::splice(
                 fd_in,
@@ -650,11 +652,6 @@ fn tcp_splice(link: &Link, from: TcpStream, to: TcpStream, up: bool) {
                 }
             }
         }
-    }
-    // SAFETY: the pipe's two ends, opened above and used by nothing else.
-    unsafe {
-        libc::close(pr);
-        libc::close(pw);
     }
     if receiver_gone {
         // As `tcp_write` does: tear the connection down both ways.
