@@ -30,6 +30,15 @@
 //! as still to ask for: a large one probes before its first request, so that on a fast link
 //! its tens of megabytes are not compressed for nothing while the CPU is needed by the scan.
 //!
+//! Probes made while other work takes the CPUs (the target's WAL scan, beside a fetch begun
+//! ahead of its plan) measure that moment: over QUIC on a fast link each stored datagram costs
+//! both ends CPU, so compressing, with fewer of them, came out ahead by a quarter with the scan
+//! running and then cost the copy a third of its time once the scan was over. When the caller
+//! says the other work has ended ([`CompressionChoice::cpus_freed`]), a choice to compress
+//! made by less than [`CLOSE`] times is measured again: a choice to send stored, or to compress
+//! by more, stands (freeing the CPUs does not make a compressor that lost, or a link that it
+//! won on, any different).
+//!
 //! The choice is watched for the rest of the run: links change under a long copy (a shared WAN
 //! link fills up or frees, a VPN reroutes, the copy moves from pages that compress ten to one to
 //! pages that barely do). Every [`Measuring::window`] the raw bytes the copy delivered are
@@ -105,6 +114,9 @@ impl Measuring {
 /// CPU compression takes on both ends is better left to the rest of the copy (on one machine,
 /// or two small ones, it is the same CPU).
 pub const MARGIN: f64 = 1.25;
+/// A choice to compress made by less than this many times the stored probe's rate, while other
+/// work shared the CPUs, is measured again when that work ends.
+pub const CLOSE: f64 = 2.0;
 /// How many seconds of the copy's delivery [`CompressionChoice::in_flight_budget`] allows in
 /// flight: several round trips of the longest links, a few windows of the watch.
 pub const IN_FLIGHT_SECONDS: f64 = 4.0;
@@ -123,14 +135,38 @@ struct Choice {
     /// Raw bytes per second each probe delivered: compressed, stored.
     rate: [Option<f64>; 2],
     chose: Compression,
+    /// Why the round was run.
+    why: Why,
+}
+
+impl Choice {
+    /// Compressing, chosen by less than [`CLOSE`] times.
+    fn close(&self) -> bool {
+        matches!(self.chose, Compression::Zstd(_))
+            && matches!(self.rate, [Some(z), Some(s)] if z < CLOSE * s)
+    }
+}
+
+/// Why a round of probes was run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Why {
+    /// The fetch's first.
+    #[default]
+    First,
+    /// The copy's delivery moved away from what the last choice was made on.
+    Moved,
+    /// The last choice was close, and made while other work shared the CPUs.
+    Freed,
 }
 
 /// The probes' rates, the choices they made, and the watch on the copy's delivery since.
 #[derive(Clone, Debug)]
 pub struct CompressionChoice {
     policy: CompressPolicy,
-    /// The round under way: the rates measured so far.
-    round: Option<[Option<f64>; 2]>,
+    /// The round under way: the rates measured so far, and why it runs.
+    round: Option<([Option<f64>; 2], Why)>,
+    /// The CPUs were freed since the last round began ([`CompressionChoice::cpus_freed`]).
+    freed: bool,
     /// Every round's choice, oldest first; the last one holds.
     choices: Vec<Choice>,
     watch: Watch,
@@ -162,6 +198,7 @@ impl CompressionChoice {
         CompressionChoice {
             policy,
             round: None,
+            freed: false,
             choices: Vec::new(),
             watch: Watch::default(),
             last_rate: None,
@@ -193,7 +230,7 @@ impl CompressionChoice {
         let CompressPolicy::Auto { level, measuring } = self.policy else {
             return None;
         };
-        if let Some(round) = self.round {
+        if let Some((round, _)) = self.round {
             return Some(if round[STORED].is_none() {
                 Compression::None
             } else {
@@ -203,18 +240,24 @@ impl CompressionChoice {
         if fetch_left < measuring.min_fetch {
             return None;
         }
+        // A close choice made while the CPUs were shared is measured again once they are not.
+        let freed =
+            std::mem::take(&mut self.freed) && self.choices.last().is_some_and(Choice::close);
         // A link that narrowed is measured again at once: every second on it with the wrong
         // choice costs more than probes. One that widened waits out the interval.
-        let again = self.watch.off >= measuring.sustain
+        let moved = self.watch.off >= measuring.sustain
             && (self.watch.fell
                 || self
                     .watch
                     .chosen_at
                     .is_some_and(|at| now.saturating_duration_since(at) >= measuring.min_interval));
-        if !self.choices.is_empty() && !again {
-            return None;
-        }
-        self.round = Some([None, None]);
+        let why = match (self.choices.is_empty(), moved, freed) {
+            (true, ..) => Why::First,
+            (false, true, _) => Why::Moved,
+            (false, false, true) => Why::Freed,
+            (false, false, false) => return None,
+        };
+        self.round = Some(([None, None], why));
         Some(Compression::None)
     }
 
@@ -224,9 +267,10 @@ impl CompressionChoice {
         let CompressPolicy::Auto { level, .. } = self.policy else {
             return;
         };
-        let Some(round) = self.round.as_mut() else {
+        let Some((round, why)) = self.round.as_mut() else {
             return;
         };
+        let why = *why;
         let slot = match used {
             Compression::Zstd(_) => ZSTD,
             Compression::None => STORED,
@@ -246,18 +290,19 @@ impl CompressionChoice {
                 // unknown width.
                 _ => Compression::Zstd(level),
             };
-            self.choose(Choice { rate, chose }, now);
+            self.choose(Choice { rate, chose, why }, now);
         }
     }
 
     /// A probe failed: the choice falls to compressing.
     pub fn probe_failed(&mut self, now: Instant) {
         if let CompressPolicy::Auto { level, .. } = self.policy {
-            let rate = self.round.unwrap_or_default();
+            let (rate, why) = self.round.unwrap_or_default();
             self.choose(
                 Choice {
                     rate,
                     chose: Compression::Zstd(level),
+                    why,
                 },
                 now,
             );
@@ -272,6 +317,16 @@ impl CompressionChoice {
             settling: 1,
             ..Watch::default()
         };
+    }
+
+    /// The work that shared the CPUs with the probes so far (the target's WAL scan, beside a
+    /// fetch begun ahead of its plan) has ended: if the last choice (or the round under way)
+    /// chooses to compress by less than [`CLOSE`] times, the next request with enough left
+    /// to ask for measures again. Before any round, nothing: the first is yet to come.
+    pub fn cpus_freed(&mut self) {
+        if self.round.is_some() || !self.choices.is_empty() {
+            self.freed = true;
+        }
     }
 
     /// The copy handed over `raw_bytes` of file data at `now` (a probe's too: they are not
@@ -359,10 +414,11 @@ impl CompressionChoice {
                 Some((first, rest)) => {
                     let mut s = format!("compression auto: {}", round(first));
                     for c in rest {
-                        s.push_str(&format!(
-                            ", then, the copy's rate having moved, {}",
-                            round(c)
-                        ));
+                        let why = match c.why {
+                            Why::Freed => "the CPUs no longer shared",
+                            Why::First | Why::Moved => "the copy's rate having moved",
+                        };
+                        s.push_str(&format!(", then, {why}, {}", round(c)));
                     }
                     s
                 }
@@ -582,6 +638,78 @@ mod tests {
         assert_eq!(c.wants_probe(t, MIN), None, "too soon");
         let t = deliver(&mut c, t, 300.0, 10.0);
         assert!(c.wants_probe(t, MIN).is_some(), "still off, and 20 s on");
+    }
+
+    #[test]
+    fn a_close_choice_to_compress_is_measured_again_once_the_cpus_are_freed() {
+        let t = Instant::now();
+        // QUIC on loopback with the target's WAL scan running: compressed 77 MB/s, stored 61.
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
+        round(&mut c, t, 61.0, 77.0);
+        assert_eq!(c.next_request(), Compression::Zstd(1));
+        assert_eq!(c.wants_probe(t, MIN), None, "nothing has changed yet");
+        c.cpus_freed();
+        assert_eq!(
+            c.wants_probe(t, MIN - 1),
+            None,
+            "too little left to be worth it"
+        );
+        // Measured again: stored now delivers three times as much.
+        round(&mut c, t, 600.0, 250.0);
+        assert_eq!(c.next_request(), Compression::None);
+        assert_eq!(c.rounds(), 2);
+        assert!(
+            c.summary()
+                .contains("then, the CPUs no longer shared, None (probes: stored 629 MB/s"),
+            "{}",
+            c.summary()
+        );
+        // Once only: the CPUs freed again is no reason to probe a choice to send stored.
+        c.cpus_freed();
+        assert_eq!(c.wants_probe(t, u64::MAX), None);
+    }
+
+    #[test]
+    fn a_clear_choice_or_one_to_send_stored_stands_when_the_cpus_are_freed() {
+        let t = Instant::now();
+        // A thin link: compressing wins by the data's ratio, the scan or not.
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
+        round(&mut c, t, 25.0, 65.0);
+        c.cpus_freed();
+        assert_eq!(c.wants_probe(t, u64::MAX), None);
+        // Stored, by however little: freed CPUs do not make the compressor that lost faster
+        // than the link.
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
+        round(&mut c, t, 200.0, 240.0);
+        assert_eq!(c.next_request(), Compression::None);
+        c.cpus_freed();
+        assert_eq!(c.wants_probe(t, u64::MAX), None);
+        // Before any round there is nothing to measure again: the first round comes once.
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
+        c.cpus_freed();
+        round(&mut c, t, 61.0, 77.0);
+        assert_eq!(c.wants_probe(t, u64::MAX), None);
+    }
+
+    #[test]
+    fn cpus_freed_during_a_round_measure_again_after_it() {
+        let t = Instant::now();
+        let mut c = CompressionChoice::new(CompressPolicy::AUTO);
+        let a = c.wants_probe(t, MIN).unwrap();
+        c.probed(a, 4 * MB, Duration::from_secs_f64(4.0 / 61.0), t);
+        c.cpus_freed();
+        let b = c.wants_probe(t, MIN).unwrap();
+        assert_eq!(
+            b,
+            Compression::Zstd(1),
+            "the round under way is finished first"
+        );
+        c.probed(b, 4 * MB, Duration::from_secs_f64(4.0 / 77.0), t);
+        assert_eq!(
+            c.wants_probe(t, MIN),
+            Some(Compression::None),
+            "then measured again"
+        );
     }
 
     #[test]

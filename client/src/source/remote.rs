@@ -1069,6 +1069,9 @@ impl<T: Transport> Dispatch<T> {
                 };
                 if let Some(rest) = came {
                     more = None;
+                    // The plan is made: the target's WAL scan, which shared the CPUs with
+                    // whatever probes ran ahead of it, is over.
+                    self.choice().cpus_freed();
                     let rest = rest.unwrap_or_default();
                     left =
                         left.saturating_sub(expected) + rest.iter().map(|r| r.length).sum::<u64>();
