@@ -190,7 +190,7 @@ pub async fn serve_quic_with<S: Failback>(
         .map_err(ServeError::QuicSocket)?;
     deepen_buffers(&socket);
     let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        tune::endpoint_config(),
         Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),

@@ -83,9 +83,38 @@ pub fn server_transport_config(
     t
 }
 
-/// What both ends share: the send window, streams, idle timeout and congestion control.
+/// The largest UDP payload a QUIC connection grows into, where the path carries it (loopback,
+/// a LAN of jumbo frames): path MTU discovery starts from QUIC's 1200 bytes and searches up
+/// to this; an Internet path's 1500-byte MTU stops it at 1452, as quinn's own bound did.
+/// Every datagram costs both ends CPU whatever its size (its encryption's set-up, its
+/// acknowledgement, the kernel's socket calls), and on loopback a rewind over QUIC was
+/// CPU-bound. Not 8952 (a 9000-byte jumbo frame): quinn hands the kernel up to
+/// [`GSO_SEGMENTS`] datagrams in one call, which must fit in one IP packet's length field
+/// (65,507 bytes of UDP payload over IPv4); a larger call is refused with `EMSGSIZE`, which
+/// quinn takes for a lost MTU probe and drops in silence, so whole bursts were lost.
+pub const MAX_UDP_PAYLOAD: u16 = 6500;
+/// The most datagrams quinn 0.11 hands the kernel in one send (`MAX_TRANSMIT_SEGMENTS`).
+pub const GSO_SEGMENTS: usize = 10;
+/// The most UDP payload one send may carry over IPv4 (65,535 bytes less the IP and UDP
+/// headers).
+pub const MAX_SEND: usize = 65_535 - 20 - 8;
+
+/// An endpoint that accepts datagrams of up to [`MAX_UDP_PAYLOAD`] bytes (what it tells its
+/// peer it can receive), for both ends.
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut c = quinn::EndpointConfig::default();
+    c.max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .expect("6500 bytes is within QUIC's bounds");
+    c
+}
+
+/// What both ends share: the send window, streams, idle timeout, congestion control, and path
+/// MTU discovery up to [`MAX_UDP_PAYLOAD`].
 fn common(window: u32, max_streams: u32, initial_window: u64) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     t.send_window(u64::from(window) * 4)
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_streams))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
@@ -135,9 +164,90 @@ pub fn deepen_buffers(socket: &std::net::UdpSocket) {
     }
 }
 
+// quinn's sends of [`GSO_SEGMENTS`] datagrams must each fit in one IP packet.
+const _: () = assert!(GSO_SEGMENTS * MAX_UDP_PAYLOAD as usize <= MAX_SEND);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Over loopback (an MTU of 64 KiB) a connection of both ends' settings grows its
+    /// datagrams to [`MAX_UDP_PAYLOAD`] and a bulk reply loses next to none of them. With
+    /// jumbo frames' 8952 bytes instead, quinn's sends of ten datagrams were refused by the
+    /// kernel whole and taken for lost: MTU discovery fell back to 1200 bytes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn loopback_grows_into_large_datagrams_and_loses_none() {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (cert, key) = (ck.cert.pem(), ck.signing_key.serialize_pem());
+        let endpoint = |server: Option<quinn::ServerConfig>| {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket.set_nonblocking(true).unwrap();
+            deepen_buffers(&socket);
+            let runtime = Arc::new(quinn::TokioRuntime);
+            quinn::Endpoint::new(endpoint_config(), server, socket, runtime).unwrap()
+        };
+        let tls = crate::tls::server_tls(cert.as_bytes(), key.as_bytes(), None).unwrap();
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls));
+        let receive = ServerReceive {
+            stream: 1 << 20,
+            connection: 1 << 20,
+            streams: 4,
+        };
+        server.transport_config(Arc::new(server_transport_config(
+            DEFAULT_WINDOW,
+            receive,
+            DEFAULT_INITIAL_WINDOW,
+        )));
+        let server = endpoint(Some(server));
+        let addr = server.local_addr().unwrap();
+        const REPLY: usize = 64 << 20;
+        let replied = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            recv.read_to_end(64).await.unwrap();
+            let chunk = vec![7u8; 1 << 20];
+            for _ in 0..REPLY / chunk.len() {
+                send.write_all(&chunk).await.unwrap();
+            }
+            send.finish().unwrap();
+            let _ = send.stopped().await;
+            conn.stats()
+        });
+        let mut client = endpoint(None);
+        let tls = crate::tls::client_tls(cert.as_bytes(), None).unwrap();
+        let mut config = quinn::ClientConfig::new(Arc::new(tls));
+        config.transport_config(Arc::new(transport_config(
+            DEFAULT_WINDOW,
+            0,
+            DEFAULT_INITIAL_WINDOW,
+        )));
+        client.set_default_client_config(config);
+        let conn = client.connect(addr, "localhost").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"ask").await.unwrap();
+        send.finish().unwrap();
+        let got = recv.read_to_end(REPLY).await.unwrap();
+        assert_eq!(got.len(), REPLY);
+        let sent = replied.await.unwrap();
+        // Discovery stops within a few bytes of the bound; loopback's 1452 would be quinn's
+        // default bound, an Internet path's.
+        let mtu = conn.stats().path.current_mtu;
+        assert!(
+            mtu > 6000,
+            "the path MTU stayed at {mtu} bytes over loopback: {sent:?}"
+        );
+        let (lost, datagrams) = (sent.path.lost_packets, sent.udp_tx.datagrams);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            // Not root: the buffers stop at `net.core.rmem_max`, which may drop a burst.
+            eprintln!("not root: {lost} of {datagrams} datagrams lost, not checked");
+            return;
+        }
+        assert!(
+            lost * 100 <= datagrams,
+            "{lost} of {datagrams} datagrams lost over loopback"
+        );
+    }
 
     #[test]
     fn connections_start_with_the_initial_window_asked_for() {

@@ -21,7 +21,7 @@ use failback_transport::tls::{
     Dialled, Failure, Fingerprint, Refusals, ServerTrust, hint, quic_client_tls,
 };
 use failback_transport::tune::{
-    DEFAULT_INITIAL_WINDOW, DEFAULT_WINDOW, deepen_buffers, transport_config,
+    DEFAULT_INITIAL_WINDOW, DEFAULT_WINDOW, deepen_buffers, endpoint_config, transport_config,
 };
 use failback_transport::url::Scheme;
 use prost::Message;
@@ -417,7 +417,7 @@ impl RemoteSource<QuicTransport> {
                 .map_err(|e| could_not(chain(&e)))?;
             deepen_buffers(&socket);
             let mut endpoint = quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
+                endpoint_config(),
                 None,
                 socket,
                 Arc::new(quinn::TokioRuntime),
