@@ -64,6 +64,15 @@ pub fn failbackd() -> &'static Path {
     BIN.get_or_init(|| built().join("failbackd"))
 }
 
+/// What this test process's build of the programs under test compiled (see [`rebuilt`]): empty
+/// when another process of the run built them.
+pub fn compiled_here() -> &'static [String] {
+    built();
+    COMPILED_HERE.get().map_or(&[], Vec::as_slice)
+}
+
+static COMPILED_HERE: OnceLock<Vec<String>> = OnceLock::new();
+
 /// The directory of this build's binaries (`target/<profile>`), once they are built.
 fn built() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -74,11 +83,74 @@ fn built() -> &'static Path {
 /// test programs must name it: `target/debug` holds `cargo test`'s and nextest's `test` profile.
 /// (Named `dev` instead, `--tests` would build every test program once more under `dev`, each
 /// tens of MB: minutes of CI's first tests, and gigabytes of its disk.)
-pub fn cargo_profile(profile_dir: &Path) -> &str {
+fn cargo_profile(profile_dir: &Path) -> &str {
     match profile_dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") | None => "test",
         Some(other) => other,
     }
+}
+
+/// `cargo build` of the workspace's binaries `bins` into `profile_dir` (`target/<profile>`),
+/// beside the test programs: the same selection (`--workspace --tests`), profile and target
+/// directory, and none of the variables cargo set for this test process (see the module
+/// header: with them, ring and all that depends on it would be rebuilt, test programs too).
+/// A no-op when the binaries are up to date. Returns what cargo compiled (see [`rebuilt`]).
+pub fn build_beside_tests(profile_dir: &Path, bins: &[&str]) -> Vec<String> {
+    let target_dir = profile_dir.parent().expect("target/<profile> has a parent");
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("Cargo.toml");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_for_the_test_process) {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd.args([
+        "build",
+        "--quiet",
+        "--message-format",
+        "json-render-diagnostics",
+    ])
+    .args(["--workspace", "--tests"]);
+    for b in bins {
+        cmd.args(["--bin", b]);
+    }
+    cmd.args(["--profile", cargo_profile(profile_dir)])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(target_dir);
+    let out = match run_with_timeout(&mut cmd, Duration::from_secs(1800)) {
+        Ok(out) if out.status.success() => out,
+        Ok(out) => panic!("could not build {bins:?} ({cmd:?}):\n{}", out.both()),
+        Err(e) => panic!("could not build {bins:?}: {e}"),
+    };
+    for b in bins {
+        let bin = profile_dir.join(b);
+        assert!(
+            bin.is_file(),
+            "{} is missing after cargo build",
+            bin.display()
+        );
+    }
+    rebuilt(&out.stdout)
+}
+
+/// The targets cargo compiled rather than found fresh (`"fresh": false` in its
+/// `--message-format json` lines), each named by its target and package, e.g.
+/// `ring (registry+https://github.com/rust-lang/crates.io-index#ring@0.17.14)`.
+fn rebuilt(messages: &str) -> Vec<String> {
+    messages
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["fresh"] == false)
+        .map(|m| {
+            let target = m["target"]["name"].as_str().unwrap_or("?");
+            format!("{target} ({})", m["package_id"].as_str().unwrap_or("?"))
+        })
+        .collect()
 }
 
 fn build() -> PathBuf {
@@ -96,8 +168,6 @@ fn build() -> PathBuf {
             )
         })
         .to_path_buf();
-    let target_dir = profile_dir.parent().expect("target/<profile> has a parent");
-    let profile = cargo_profile(&profile_dir);
     let run = std::env::var("NEXTEST_RUN_ID")
         .unwrap_or_else(|_| format!("process {}", std::process::id()));
     let stamp = profile_dir.join(".failback-tests-programs.built");
@@ -106,41 +176,8 @@ fn build() -> PathBuf {
     let fresh = std::fs::read_to_string(&stamp).is_ok_and(|s| s == run)
         && PROGRAMS.iter().all(|p| profile_dir.join(p).is_file());
     if !fresh {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join("Cargo.toml");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        for (name, _) in std::env::vars_os() {
-            if name.to_str().is_some_and(set_for_the_test_process) {
-                cmd.env_remove(&name);
-            }
-        }
-        cmd.args(["build", "--quiet", "--workspace", "--tests"]);
-        for p in PROGRAMS {
-            cmd.args(["--bin", p]);
-        }
-        cmd.args(["--profile", profile])
-            .arg("--manifest-path")
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(target_dir);
-        match run_with_timeout(&mut cmd, Duration::from_secs(1800)) {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => panic!(
-                "could not build the programs under test ({cmd:?}):\n{}",
-                out.both()
-            ),
-            Err(e) => panic!("could not build the programs under test: {e}"),
-        }
-        for p in PROGRAMS {
-            let bin = profile_dir.join(p);
-            assert!(
-                bin.is_file(),
-                "{} is missing after cargo build",
-                bin.display()
-            );
-        }
+        let compiled = build_beside_tests(&profile_dir, &PROGRAMS);
+        COMPILED_HERE.get_or_init(|| compiled);
         std::fs::write(&stamp, &run)
             .unwrap_or_else(|e| panic!("could not write {}: {e}", stamp.display()));
     }
