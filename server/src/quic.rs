@@ -50,7 +50,7 @@ use failback_proto::v1::failback_server::Failback;
 use failback_proto::v1::{QuicReply, QuicRequest, quic_reply, quic_request};
 use failback_transport::frame::{status_reply, write_frame};
 use failback_transport::tls::server_tls;
-use failback_transport::tune::{self, ServerReceive, deepen_buffers, server_transport_config};
+use failback_transport::tune::{self, ServerReceive, server_transport_config};
 use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_stream::{Stream, StreamExt};
@@ -185,17 +185,7 @@ pub async fn serve_quic_with<S: Failback>(
         },
         limits.initial_window,
     )));
-    socket
-        .set_nonblocking(true)
-        .map_err(ServeError::QuicSocket)?;
-    deepen_buffers(&socket);
-    let endpoint = quinn::Endpoint::new(
-        tune::endpoint_config(),
-        Some(server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(ServeError::QuicSocket)?;
+    let endpoint = tune::endpoint(socket, Some(server)).map_err(ServeError::QuicSocket)?;
     let svc = Arc::new(svc);
     let doors = Arc::new(Doors {
         token: TokenCheck::new(config.token.clone()),

@@ -99,13 +99,21 @@ pub const GSO_SEGMENTS: usize = 10;
 /// headers).
 pub const MAX_SEND: usize = 65_535 - 20 - 8;
 
-/// An endpoint that accepts datagrams of up to [`MAX_UDP_PAYLOAD`] bytes (what it tells its
-/// peer it can receive), for both ends.
-pub fn endpoint_config() -> quinn::EndpointConfig {
-    let mut c = quinn::EndpointConfig::default();
-    c.max_udp_payload_size(MAX_UDP_PAYLOAD)
+/// A QUIC endpoint on `socket` as both ends make theirs (failbackd's with `server`, the
+/// client's without): the socket non-blocking with [`deepen_buffers`], and datagrams of up to
+/// [`MAX_UDP_PAYLOAD`] bytes accepted (what it tells its peer it can receive). Within a tokio
+/// runtime: the endpoint's driver is spawned on it.
+pub fn endpoint(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    socket.set_nonblocking(true)?;
+    deepen_buffers(&socket);
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
         .expect("6500 bytes is within QUIC's bounds");
-    c
+    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
 }
 
 /// What both ends share: the send window, streams, idle timeout, congestion control, and path
@@ -181,10 +189,7 @@ mod tests {
         let (cert, key) = (ck.cert.pem(), ck.signing_key.serialize_pem());
         let endpoint = |server: Option<quinn::ServerConfig>| {
             let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            socket.set_nonblocking(true).unwrap();
-            deepen_buffers(&socket);
-            let runtime = Arc::new(quinn::TokioRuntime);
-            quinn::Endpoint::new(endpoint_config(), server, socket, runtime).unwrap()
+            super::endpoint(socket, server).unwrap()
         };
         let tls = crate::tls::server_tls(cert.as_bytes(), key.as_bytes(), None).unwrap();
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls));

@@ -20,9 +20,7 @@ use failback_transport::frame::{read_frame, reply_status, write_frame};
 use failback_transport::tls::{
     Dialled, Failure, Fingerprint, Refusals, ServerTrust, hint, quic_client_tls,
 };
-use failback_transport::tune::{
-    DEFAULT_INITIAL_WINDOW, DEFAULT_WINDOW, deepen_buffers, endpoint_config, transport_config,
-};
+use failback_transport::tune::{self, DEFAULT_INITIAL_WINDOW, DEFAULT_WINDOW, transport_config};
 use failback_transport::url::Scheme;
 use prost::Message;
 use tokio::io::BufReader;
@@ -412,17 +410,9 @@ impl RemoteSource<QuicTransport> {
             } else {
                 "0.0.0.0:0".parse().expect("an address")
             };
-            let socket = std::net::UdpSocket::bind(any)
-                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            let mut endpoint = std::net::UdpSocket::bind(any)
+                .and_then(|socket| tune::endpoint(socket, None))
                 .map_err(|e| could_not(chain(&e)))?;
-            deepen_buffers(&socket);
-            let mut endpoint = quinn::Endpoint::new(
-                endpoint_config(),
-                None,
-                socket,
-                Arc::new(quinn::TokioRuntime),
-            )
-            .map_err(|e| could_not(chain(&e)))?;
             let mut config = quinn::ClientConfig::new(Arc::new(tls));
             // failbackd opens no streams towards the client.
             let mut transport = transport_config(DEFAULT_WINDOW, 0, DEFAULT_INITIAL_WINDOW);
