@@ -227,21 +227,6 @@ impl DivergedPair {
     }
 }
 
-/// The value after `name` on the command line, or `default`.
-pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Whether `name` is on the command line.
-pub fn flag(name: &str) -> bool {
-    std::env::args().any(|a| a == name)
-}
-
 /// A binary of this workspace next to the running benchmark (same target/profile directory),
 /// or in `dir` when given; panics saying how to build it when missing.
 pub fn workspace_binary(name: &str, dir: Option<&Path>) -> PathBuf {

@@ -9,13 +9,15 @@
 
 use std::process::Command;
 
+use failback_bench::args::{arg, done};
 use failback_bench::measure;
-use failback_bench::pair::{DivergedPair, arg, copy_dir, workspace_binary};
+use failback_bench::pair::{DivergedPair, copy_dir, workspace_binary};
 use failback_tests::{binaries, user};
 
 fn main() {
     let scale = arg("--scale", 100u32);
     let rounds = arg("--rounds", 2u32);
+    done();
     let failback = workspace_binary("failback", None);
     let pair = DivergedPair::build(scale, 1);
     let (primary, source) = (&pair.old, &pair.new);

@@ -75,8 +75,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use failback_bench::args::{self, arg, flag};
 use failback_bench::host::{cpu_ticks, dir_size, help_of, loadavg, mb, steal_percent, today};
-use failback_bench::pair::{DivergedPair, arg, copy_dir, flag, workspace_binary};
+use failback_bench::pair::{DivergedPair, copy_dir, workspace_binary};
 use failback_bench::runs::{Bench, LIBPQ, Row, median, paired_speedup, table};
 use failback_bench::wan::LinkSpec;
 use failback_tests::{StopMode, user};
@@ -298,9 +299,25 @@ fn main() {
     let perf_dir = arg("--perf", String::new());
     let perf_dir = (!perf_dir.is_empty()).then(|| PathBuf::from(perf_dir));
     let bin_dir = (!bin_dir.is_empty()).then(|| PathBuf::from(bin_dir));
+    let baseline = arg("--baseline-bin-dir", String::new());
+    let data: failback_bench::pair::Data = arg("--data", "stock".to_string())
+        .parse()
+        .unwrap_or_else(|e| panic!("--data: {e}"));
+    let pattern: failback_bench::pair::Pattern = arg("--pattern", "contiguous".to_string())
+        .parse()
+        .unwrap_or_else(|e| panic!("--pattern: {e}"));
+    let hold = arg("--hold", String::new());
+    let out_path = PathBuf::from(arg(
+        "--out",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("results")
+            .join(format!("rewind_pair-{}.md", today()))
+            .display()
+            .to_string(),
+    ));
+    args::done();
     let failback = workspace_binary("failback", bin_dir.as_deref());
     let failbackd = workspace_binary("failbackd", bin_dir.as_deref());
-    let baseline = arg("--baseline-bin-dir", String::new());
     let baseline = (!baseline.is_empty()).then(|| {
         let dir = PathBuf::from(baseline);
         (
@@ -318,12 +335,6 @@ fn main() {
         "stopped" => false,
         _ => pg_conn,
     };
-    let data: failback_bench::pair::Data = arg("--data", "stock".to_string())
-        .parse()
-        .unwrap_or_else(|e| panic!("--data: {e}"));
-    let pattern: failback_bench::pair::Pattern = arg("--pattern", "contiguous".to_string())
-        .parse()
-        .unwrap_or_else(|e| panic!("--pattern: {e}"));
     let mut wan = LinkSpec::wan(Duration::from_millis(delay_ms), rate_mbit);
     if rate_mbit_then > 0 {
         wan = wan.changing(Duration::from_secs_f64(rate_change_after), rate_mbit_then);
@@ -375,7 +386,6 @@ fn main() {
         b.new.start();
         b.new.execute("CHECKPOINT");
     }
-    let hold = arg("--hold", String::new());
     if !hold.is_empty() {
         hold_for_manual_runs(&b, Path::new(&hold));
         return;
@@ -587,21 +597,12 @@ fn main() {
         );
     }
     println!("{out}");
-    let path = arg(
-        "--out",
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("results")
-            .join(format!("rewind_pair-{}.md", today()))
-            .display()
-            .to_string(),
-    );
-    let path = PathBuf::from(path);
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = out_path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    match std::fs::write(&path, &out) {
-        Ok(()) => eprintln!("written to {}", path.display()),
-        Err(e) => eprintln!("could not write {}: {e}", path.display()),
+    match std::fs::write(&out_path, &out) {
+        Ok(()) => eprintln!("written to {}", out_path.display()),
+        Err(e) => eprintln!("could not write {}: {e}", out_path.display()),
     }
 }
 

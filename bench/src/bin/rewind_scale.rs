@@ -57,10 +57,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use failback_bench::args::{self, arg, flag};
 use failback_bench::host::{cpu_ticks, help_of, loadavg, mb, steal_percent, today};
-use failback_bench::pair::{
-    Data, DivergedPair, Pattern, arg, copy_dir, flag, sync_dir, workspace_binary,
-};
+use failback_bench::pair::{Data, DivergedPair, Pattern, copy_dir, sync_dir, workspace_binary};
 use failback_bench::runs::{Bench, Row};
 use failback_bench::wan::LinkSpec;
 use failback_tests::{Cluster, StopMode, user};
@@ -320,6 +319,15 @@ fn main() {
     let log_dir = arg("--log-dir", String::new());
     let log_dir = (!log_dir.is_empty()).then(|| PathBuf::from(log_dir));
     let skip_verify = flag("--skip-verify");
+    let out_path = PathBuf::from(arg(
+        "--out",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("results")
+            .join(format!("rewind_scale-{}.md", today()))
+            .display()
+            .to_string(),
+    ));
+    args::done();
     let failback = workspace_binary("failback", bin_dir.as_deref());
     let failbackd = workspace_binary("failbackd", bin_dir.as_deref());
     assert!(
@@ -498,20 +506,12 @@ fn main() {
         }
         let _ = writeln!(out, "\nWhole run: {:.0?}.", started.elapsed());
         println!("{out}");
-        let path = PathBuf::from(arg(
-            "--out",
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("results")
-                .join(format!("rewind_scale-{}.md", today()))
-                .display()
-                .to_string(),
-        ));
-        if let Some(dir) = path.parent() {
+        if let Some(dir) = out_path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        match std::fs::write(&path, &out) {
-            Ok(()) => eprintln!("written to {}", path.display()),
-            Err(e) => eprintln!("could not write {}: {e}", path.display()),
+        match std::fs::write(&out_path, &out) {
+            Ok(()) => eprintln!("written to {}", out_path.display()),
+            Err(e) => eprintln!("could not write {}: {e}", out_path.display()),
         }
     };
     write_report("running (the table is written again when it ends)");

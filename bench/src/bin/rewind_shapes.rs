@@ -55,13 +55,14 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use failback_bench::args::{self, arg, flag};
 use failback_bench::host::{
     cpu_ticks, dir_size, failback_rewind_args, loadavg, mb, steal_percent, syncfs, tail, today,
     wait_listening,
 };
 use failback_bench::measure::{self, Cost, Sampler};
 use failback_bench::pair::{
-    Data, DivergedPair, Pattern, arg, changed_rows, copy_dir, seed, workspace_binary,
+    Data, DivergedPair, Pattern, changed_rows, copy_dir, seed, workspace_binary,
 };
 use failback_bench::wan::{Counters, LinkSpec, TcpProxy};
 use failback_common::Lsn;
@@ -734,7 +735,7 @@ fn goals(rows: &[Row], few_pages: bool) -> String {
     s
 }
 
-fn list(name: &str, default: &str) -> Vec<String> {
+fn list(name: &'static str, default: &str) -> Vec<String> {
     arg(name, default.to_string())
         .split(',')
         .filter(|s| !s.is_empty())
@@ -773,6 +774,23 @@ fn main() {
     let bin_dir = (!bin_dir.is_empty()).then(|| PathBuf::from(bin_dir));
     let log_dir = arg("--log-dir", String::new());
     let log_dir = (!log_dir.is_empty()).then(|| PathBuf::from(log_dir));
+    let jobs = arg("--jobs", 16u32);
+    let compress = arg("--compress", "auto".to_string());
+    let wal_summaries = !flag("--no-wal-summaries");
+    let path = PathBuf::from(arg(
+        "--out",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("results")
+            .join(format!(
+                "rewind_shapes-{}-{}-{}.md",
+                today(),
+                format!("{data:?}").to_lowercase(),
+                format!("{pattern:?}").to_lowercase()
+            ))
+            .display()
+            .to_string(),
+    ));
+    args::done();
     assert!(
         Command::new("rsync").arg("--version").output().is_ok(),
         "rsync is not installed (apt-get install rsync)"
@@ -796,9 +814,9 @@ fn main() {
         work,
         failback: workspace_binary("failback", bin_dir.as_deref()),
         failbackd: workspace_binary("failbackd", bin_dir.as_deref()),
-        jobs: arg("--jobs", 16u32),
-        compress: arg("--compress", "auto".to_string()),
-        wal_summaries: !std::env::args().any(|a| a == "--no-wal-summaries"),
+        jobs,
+        compress,
+        wal_summaries,
         log_dir,
         runs: 0,
     };
@@ -928,19 +946,6 @@ fn main() {
     out.push_str("\n## Against issue 13's goals\n\n");
     out.push_str(&goals(&rows, few_pages));
     println!("{out}");
-    let path = PathBuf::from(arg(
-        "--out",
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("results")
-            .join(format!(
-                "rewind_shapes-{}-{}-{}.md",
-                today(),
-                format!("{data:?}").to_lowercase(),
-                format!("{pattern:?}").to_lowercase()
-            ))
-            .display()
-            .to_string(),
-    ));
     match std::fs::write(&path, &out) {
         Ok(()) => eprintln!("written to {}", path.display()),
         Err(e) => eprintln!("could not write {}: {e}", path.display()),
