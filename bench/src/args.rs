@@ -42,6 +42,14 @@ pub fn arg<T: FromStr + Display>(name: &'static str, default: T) -> T {
     }
 }
 
+/// `--out FILE`, where a benchmark writes its table: by default `bench/results/NAME`.
+pub fn out_file(name: &str) -> std::path::PathBuf {
+    let default = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("results")
+        .join(name);
+    arg("--out", default.display().to_string()).into()
+}
+
 /// Whether `name` is on the command line.
 pub fn flag(name: &'static str) -> bool {
     note(name, None);

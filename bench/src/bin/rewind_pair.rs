@@ -307,14 +307,7 @@ fn main() {
         .parse()
         .unwrap_or_else(|e| panic!("--pattern: {e}"));
     let hold = arg("--hold", String::new());
-    let out_path = PathBuf::from(arg(
-        "--out",
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("results")
-            .join(format!("rewind_pair-{}.md", today()))
-            .display()
-            .to_string(),
-    ));
+    let out_path = args::out_file(&format!("rewind_pair-{}.md", today()));
     args::done();
     let failback = workspace_binary("failback", bin_dir.as_deref());
     let failbackd = workspace_binary("failbackd", bin_dir.as_deref());

@@ -319,14 +319,7 @@ fn main() {
     let log_dir = arg("--log-dir", String::new());
     let log_dir = (!log_dir.is_empty()).then(|| PathBuf::from(log_dir));
     let skip_verify = flag("--skip-verify");
-    let out_path = PathBuf::from(arg(
-        "--out",
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("results")
-            .join(format!("rewind_scale-{}.md", today()))
-            .display()
-            .to_string(),
-    ));
+    let out_path = args::out_file(&format!("rewind_scale-{}.md", today()));
     args::done();
     let failback = workspace_binary("failback", bin_dir.as_deref());
     let failbackd = workspace_binary("failbackd", bin_dir.as_deref());

@@ -50,7 +50,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -777,18 +777,11 @@ fn main() {
     let jobs = arg("--jobs", 16u32);
     let compress = arg("--compress", "auto".to_string());
     let wal_summaries = !flag("--no-wal-summaries");
-    let path = PathBuf::from(arg(
-        "--out",
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("results")
-            .join(format!(
-                "rewind_shapes-{}-{}-{}.md",
-                today(),
-                format!("{data:?}").to_lowercase(),
-                format!("{pattern:?}").to_lowercase()
-            ))
-            .display()
-            .to_string(),
+    let path = args::out_file(&format!(
+        "rewind_shapes-{}-{}-{}.md",
+        today(),
+        format!("{data:?}").to_lowercase(),
+        format!("{pattern:?}").to_lowercase()
     ));
     args::done();
     assert!(
