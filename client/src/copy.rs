@@ -9,7 +9,9 @@
 //!
 //! A whole-file copy writes only the pieces whose bytes differ from what the target already
 //! holds at the same offset: configuration files, SLRUs and WAL segments from before the fork
-//! are mostly identical, and a rewrite would only cost disk bandwidth.
+//! are mostly identical, and a rewrite would only cost disk bandwidth. For the same reason a
+//! piece of zeros is allocated as zeros rather than written ([`Target::write`]): the WAL
+//! segment a backup window barely began is 16 MiB of them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -43,6 +45,9 @@ pub struct CopyStats {
     pub bytes_written: u64,
     /// Bytes of whole-file copies that were already identical on the target.
     pub bytes_identical: u64,
+    /// Bytes fetched that were all zeros, allocated as zeros on the target rather than written
+    /// (the WAL segment a backup window barely began is mostly these).
+    pub bytes_zeroed: u64,
     pub files_vanished_on_source: u64,
     /// Whole-file copies whose chunks were compared by hash with the source's (ChunkHashes).
     pub files_hashed: u64,
@@ -65,6 +70,7 @@ impl CopyStats {
         self.bytes_fetched += more.bytes_fetched;
         self.bytes_written += more.bytes_written;
         self.bytes_identical += more.bytes_identical;
+        self.bytes_zeroed += more.bytes_zeroed;
         self.files_vanished_on_source += more.files_vanished_on_source;
         self.files_hashed += more.files_hashed;
         self.bytes_skipped_by_hashes += more.bytes_skipped_by_hashes;
@@ -249,6 +255,7 @@ fn fetch_into(
                     .map(|w| match w {
                         Written::Written => stats.bytes_written += n,
                         Written::Identical => stats.bytes_identical += n,
+                        Written::Zeroed => stats.bytes_zeroed += n,
                     })
             }
             Fetched::Short { path, size } => target.cut_short(path, size),

@@ -194,6 +194,9 @@ pub enum Written {
     Written,
     /// The target held these very bytes already; nothing was written.
     Identical,
+    /// The bytes were all zeros: the range was allocated as zeros instead ([`zero_range`]),
+    /// with no data written.
+    Zeroed,
 }
 
 /// The journal of a rewind in progress, and the pieces written since it was last flushed.
@@ -504,16 +507,25 @@ impl Target {
         } {
             Written::Identical
         } else {
-            f.write_all_at(data, offset)
-                .map_err(|e| TargetError::io("write", &self.dir.join(rel), Some(offset), e))?;
-            start_writeback(f, offset, len);
+            let zeroed = all_zeros(data)
+                && zero_range(f, offset, len)
+                    .map_err(|e| TargetError::io("zero", &self.dir.join(rel), Some(offset), e))?;
+            if !zeroed {
+                f.write_all_at(data, offset)
+                    .map_err(|e| TargetError::io("write", &self.dir.join(rel), Some(offset), e))?;
+                start_writeback(f, offset, len);
+            }
             if !self.changed.contains(rel) {
                 self.changed.insert(rel.to_string());
             }
-            Written::Written
+            if zeroed {
+                Written::Zeroed
+            } else {
+                Written::Written
+            }
         };
         self.note_done(rel, offset, len)?;
-        if written == Written::Written {
+        if written != Written::Identical {
             fault::passed(Point::Bytes, len);
         }
         Ok(written)
@@ -775,6 +787,43 @@ fn remove(path: &Path, file_type: FileType) -> Result<(), TargetError> {
     }
 }
 
+/// Whether `data` is all zeros: compared a page at a time with zeros (`memcmp`, which runs
+/// at memory speed), so that a piece of data stops being looked at on its first page.
+fn all_zeros(data: &[u8]) -> bool {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    data.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
+}
+
+/// Makes `len` bytes of `f` from `offset` read as zeros without writing them
+/// (`fallocate(FALLOC_FL_ZERO_RANGE)`), growing the file when they reach past its end; `false`
+/// where the file system cannot (btrfs, ZFS, some network file systems): the caller writes the
+/// zeros instead.
+///
+/// A segment of WAL that a backup window barely began is 16 MiB of zeros but for its first
+/// pages (`pg_backup_start` switches to a new segment, and nothing is written after the
+/// window's end in it), and writing those zeros was a quarter of what a small rewind wrote.
+/// The range is allocated, not left as a hole: PostgreSQL zero-fills WAL segments
+/// (`wal_init_zero`) and relation extensions so that a later write cannot fail for want of
+/// space, and ext4 and XFS keep a zeroed range as allocated extents marked unwritten, which
+/// is the same promise with no data written (PostgreSQL 16's `mdzeroextend` extends relations
+/// the same way, by `posix_fallocate`). The fsync that makes a piece durable makes this
+/// durable too.
+fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Ok(false);
+    };
+    // SAFETY: a descriptor we own, a range in a file we are writing.
+    if unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, off, n) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Ok(false),
+        _ => Err(e),
+    }
+}
+
 /// Asks the kernel to start writing these bytes to disk now, without waiting
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): the disk works while the next pieces cross the
 /// network, and the final fsync finds little left to flush. Only a hint: durability is still
@@ -903,6 +952,63 @@ mod tests {
             SyncMethod::Fsync,
         )
         .unwrap();
+    }
+
+    // Zeros are allocated, not written: past the end of a new file (the file grows to hold
+    // them, and the space is taken), and over bytes a file held (they read as zeros after).
+    // A piece with one byte set is written whole. (tempdir is on the machine's file system;
+    // where it cannot zero a range, the zeros are written and this test says so.)
+    #[test]
+    fn pieces_of_zeros_are_allocated_as_zeros_not_written() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("old"), vec![7u8; 256 << 10]).unwrap();
+        let mut t = Target::open(dir.path()).unwrap();
+        t.create_file("seg", false).unwrap();
+        let page = {
+            let mut p = vec![0u8; 8192];
+            p[0] = 0xd1;
+            p
+        };
+        assert_eq!(t.write("seg", 0, &page, false).unwrap(), Written::Written);
+        let zeros = vec![0u8; 1 << 20];
+        let first = t.write("seg", 8192, &zeros, false).unwrap();
+        assert_eq!(
+            first,
+            Written::Zeroed,
+            "this file system cannot zero a range (FALLOC_FL_ZERO_RANGE)"
+        );
+        assert_eq!(
+            t.write("old", 64 << 10, &zeros[..128 << 10], false)
+                .unwrap(),
+            Written::Zeroed
+        );
+        // A piece is checked to its end, not only at its start.
+        let mut last_set = zeros.clone();
+        *last_set.last_mut().unwrap() = 1;
+        assert_eq!(
+            t.write("seg", 8192 + (1 << 20), &last_set, false).unwrap(),
+            Written::Written
+        );
+
+        let seg = fs::read(dir.path().join("seg")).unwrap();
+        assert_eq!(seg.len(), 8192 + (2 << 20));
+        assert_eq!(&seg[..8192], &page[..]);
+        assert!(seg[8192..8192 + (1 << 20)].iter().all(|&b| b == 0));
+        assert_eq!(&seg[8192 + (1 << 20)..], &last_set[..]);
+        // Allocated, not a hole: the file's blocks cover every byte.
+        let blocks = fs::metadata(dir.path().join("seg")).unwrap().blocks();
+        assert!(
+            blocks * 512 >= seg.len() as u64,
+            "{blocks} blocks for {} bytes",
+            seg.len()
+        );
+
+        let old = fs::read(dir.path().join("old")).unwrap();
+        assert!(old[..64 << 10].iter().all(|&b| b == 7));
+        assert!(old[64 << 10..192 << 10].iter().all(|&b| b == 0));
+        assert!(old[192 << 10..].iter().all(|&b| b == 7));
+        assert_eq!(t.changed().iter().collect::<Vec<_>>(), ["old", "seg"]);
     }
 
     // A file cut into several requests that ends early is said to end by each request from

@@ -51,11 +51,11 @@ fn cli_rewinds_through_failbackd() {
             .as_u64()
             .unwrap_or_else(|| panic!("no {key} in the report: {report}"))
     };
-    // Every byte fetched was written or found already there, and no more was fetched than
-    // planned.
+    // Every byte fetched was written, found already there, or zeros allocated as such, and
+    // no more was fetched than planned.
     assert!(n("bytes_fetched") > 0, "{report}");
     assert_eq!(
-        n("bytes_written") + n("bytes_identical"),
+        n("bytes_written") + n("bytes_identical") + n("bytes_zeroed"),
         n("bytes_fetched"),
         "{report}"
     );
@@ -99,6 +99,51 @@ fn source_changes_are_fetched_while_the_target_is_scanned() {
         "nothing arrived during the scan: {report:?}"
     );
     assert!(ex.bytes_fetched_ahead <= ex.bytes_fetched, "{report:?}");
+    rejoin_and_compare(primary, new_primary);
+}
+
+/// `pg_backup_start` switches to a new WAL segment, so the segment a short backup window
+/// wrote is 16 MiB of zeros but for its first pages: on the rewound target those zeros are
+/// allocated (the file's blocks cover it, as PostgreSQL's zero-filled segments are), not
+/// written, and the node still replays the segment and rejoins.
+#[test]
+fn the_zeros_of_the_windows_segment_are_allocated_not_written() {
+    use std::os::unix::fs::MetadataExt;
+    let (primary, mut new_primary) = diverged(PgMajor::V15);
+    new_primary.start();
+    let opts = opts_for(&primary, &new_primary);
+    let server = Failbackd::start_live(&new_primary);
+    let mut source = connect(server.url(), None).unwrap();
+    let report = rewind(&opts, &mut source, &mut Terminal::new(false, false))
+        .unwrap()
+        .report;
+    drop(source);
+    drop(server);
+    let ex = report.execution.as_ref().expect("a copy");
+    assert_eq!(ex.window_wal_bytes, 16 << 20, "{report:?}");
+    assert!(ex.bytes_zeroed >= 12 << 20, "{report:?}");
+    assert_eq!(
+        ex.bytes_written + ex.bytes_identical + ex.bytes_zeroed,
+        ex.bytes_fetched,
+        "{report:?}"
+    );
+    let start: failback_common::Lsn = report.window_start.unwrap().parse().unwrap();
+    let seg_size = 16 << 20;
+    let segment = primary
+        .data_dir()
+        .join("pg_wal")
+        .join(failback_common::lsn::wal_file_name(
+            2,
+            start.segment_number(seg_size),
+            seg_size,
+        ));
+    let meta = std::fs::metadata(&segment).unwrap();
+    assert_eq!(meta.len(), u64::from(seg_size), "{}", segment.display());
+    assert!(
+        meta.blocks() * 512 >= u64::from(seg_size),
+        "{} blocks",
+        meta.blocks()
+    );
     rejoin_and_compare(primary, new_primary);
 }
 
