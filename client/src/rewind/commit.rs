@@ -47,8 +47,14 @@ pub(crate) fn commit(
     let seg_size = checked.target_control.xlog_seg_size;
     // What the commit needs from the source, asked together: over a long link one round trip
     // instead of several. postgresql.auto.conf is read now rather than at the end of the
-    // commit; either is after the copy.
-    source.ask_ahead(&[Ask::ControlFile]);
+    // commit; either is after the copy. The window closes meanwhile: the control file is the
+    // source's either side of its end, and what the copy takes of it (all but where recovery
+    // must reach, which the window's end says) does not change with it.
+    let mut asks = vec![Ask::ControlFile];
+    if header.window_start.is_some() {
+        asks.push(Ask::CloseWindow);
+    }
+    source.ask_ahead(&asks);
     let source_auto_conf = source
         .read_file(AUTO_CONF)
         .doing("could not read the source's postgresql.auto.conf")?;

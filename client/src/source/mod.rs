@@ -184,6 +184,10 @@ pub struct WindowEnd {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ask {
     ControlFile,
+    /// The end of the backup window [`Source::open_window`] opened ([`Source::close_window`]):
+    /// asked beside the commit's reads of the source, so that over a long link closing the
+    /// window costs no round trip of its own.
+    CloseWindow,
     EndOfWal,
 }
 

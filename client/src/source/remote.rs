@@ -451,6 +451,8 @@ pub struct RemoteSource<T: Transport> {
     early: Early,
     /// The backup window this source opened: its id, and its call held open.
     window: Option<(u64, Held)>,
+    /// Its end, asked ahead ([`super::Ask::CloseWindow`]) and not yet taken.
+    closing: Option<tokio::task::JoinHandle<Result<pb::EndBackupWindowResponse, SourceError>>>,
     /// A fetch begun before its plan was made, for the next [`Source::fetch`] to take up.
     ahead: Option<Ahead>,
     /// Bytes of it that had arrived when that fetch began.
@@ -591,6 +593,7 @@ impl<T: Transport> RemoteSource<T> {
             capabilities: hs.capabilities,
             early,
             window: None,
+            closing: None,
             ahead: None,
             ahead_arrived: 0,
         })
@@ -1725,6 +1728,17 @@ impl<T: Transport> Source for RemoteSource<T> {
                         ask_early(rt, t, patience, |t| async move { t.end_of_wal().await });
                 }
                 super::Ask::EndOfWal => {}
+                // Not a head start but the call itself, retried as `close_window` would retry
+                // it: closing is not repeatable (a second close finds no window), and
+                // `pg_backup_stop` may wait on the archiver longer than a head start waits.
+                super::Ask::CloseWindow => {
+                    if let Some((id, _)) = &self.window
+                        && self.closing.is_none()
+                    {
+                        self.closing =
+                            Some(rt.spawn(end_window(t.clone(), self.retry.clone(), *id)));
+                    }
+                }
             }
         }
     }
@@ -1797,12 +1811,20 @@ impl<T: Transport> Source for RemoteSource<T> {
         let Some((id, _)) = &self.window else {
             return Err(self.refuse_window("no backup window is open"));
         };
-        let req = pb::EndBackupWindowRequest { window_id: *id };
         // The window's call stays open (and the WAL written during it reserved) until the
         // source is dropped, after that WAL is fetched.
-        let r = self.call("EndBackupWindow", RetryOp::Window, |t| async move {
-            t.end_backup_window(req).await
-        })?;
+        let closing = match self.closing.take() {
+            Some(c) => c,
+            None => self.rt.spawn(end_window(
+                self.transports[0].clone(),
+                self.retry.clone(),
+                *id,
+            )),
+        };
+        let r = self
+            .rt
+            .block_on(closing)
+            .map_err(|e| SourceError::Transport(format!("EndBackupWindow: {e}")))??;
         Ok(WindowEnd {
             stop: failback_common::Lsn(r.stop_lsn),
             tli: r.timeline,
@@ -1842,6 +1864,25 @@ impl<T: Transport> Source for RemoteSource<T> {
         };
         changes_from_replies(replies).map(ChangesAnswer::Found)
     }
+}
+
+/// Ends the backup window `id`, retried as any call is.
+async fn end_window<T: Transport>(
+    t: T,
+    retry: Retry,
+    id: u64,
+) -> Result<pb::EndBackupWindowResponse, SourceError> {
+    patiently(
+        &t,
+        &retry,
+        "EndBackupWindow",
+        RetryOp::Window,
+        |t| async move {
+            t.end_backup_window(pb::EndBackupWindowRequest { window_id: id })
+                .await
+        },
+    )
+    .await
 }
 
 /// The changes Changes replied, checked: whole bitmaps of bounded size, one last reply.
