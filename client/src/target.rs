@@ -560,13 +560,38 @@ impl Target {
         remove(&self.path(rel), FileType::Regular)
     }
 
-    /// A remover of what the source lacks, which may run on a thread of its own while the copy
-    /// writes (unlinking a 16 MiB WAL segment costs the file system several milliseconds, and
-    /// a diverged old primary has dozens of them). No path it removes is written by the copy:
-    /// the plan removes only what the source lacks.
-    pub fn remover(&self) -> Remover {
-        Remover {
-            dir: self.dir.clone(),
+    /// Starts removing, on a thread of its own, every path `plan` removes (what the source
+    /// lacks), deepest first (the plan's order), while the copy writes and the commit asks the
+    /// source for what it needs. Unlinking a 16 MiB WAL segment whose pages are cached costs
+    /// the kernel some 5 ms (every cached page is dropped), and a diverged old primary has
+    /// dozens of them: removing the 772 MB of WAL a stock pgbench target wrote past the
+    /// divergence took 0.23-0.26 s, longer than fetching and writing its 1 % of changed blocks
+    /// (0.11-0.16 s). No path removed is written by the copy: the plan removes only what the
+    /// source lacks. [`Removing::wait`] before the sync, which makes the removals durable.
+    pub fn start_removing(&self, plan: &Plan) -> Removing {
+        let entries: Vec<(PathBuf, FileType)> = plan
+            .entries
+            .iter()
+            .filter(|e| e.action == FileAction::Remove)
+            .map(|e| {
+                let t = e.target.as_ref().map_or(FileType::Regular, |t| t.file_type);
+                (self.path(&e.path), t)
+            })
+            .collect();
+        let paths = entries.iter().map(|(p, _)| p.clone()).collect();
+        let remove_all = move || remove_all(&entries);
+        let (handle, done) = match std::thread::Builder::new()
+            .name("failback-remove".into())
+            .spawn(remove_all.clone())
+        {
+            Ok(h) => (Some(h), None),
+            // No thread to be had: removed here and now, as before the copy.
+            Err(_) => (None, Some(remove_all())),
+        };
+        Removing {
+            handle,
+            done,
+            paths,
         }
     }
 
@@ -753,24 +778,66 @@ impl Target {
     }
 }
 
-/// Removes what the source lacks; see [`Target::remover`].
-pub struct Remover {
-    dir: PathBuf,
+/// The removals [`Target::start_removing`] started. Dropped unwaited (the rewind failed), it
+/// still waits for them: nothing of the run goes on changing the target after it returns.
+pub struct Removing {
+    handle: Option<std::thread::JoinHandle<Result<(), TargetError>>>,
+    /// The answer of removals made without a thread.
+    done: Option<Result<(), TargetError>>,
+    paths: BTreeSet<PathBuf>,
 }
 
-impl Remover {
-    /// Removes, deepest first (the plan's order), every path the plan removes.
-    pub fn remove_all(&self, plan: &Plan) -> Result<(), TargetError> {
-        for e in plan
-            .entries
-            .iter()
-            .filter(|e| e.action == FileAction::Remove)
-        {
-            let t = e.target.as_ref().map_or(FileType::Regular, |t| t.file_type);
-            remove(&self.dir.join(&e.path), t)?;
+impl Removing {
+    /// Waits until every removal is done, and says whether all were.
+    pub fn wait(mut self) -> Result<(), TargetError> {
+        match self.handle.take() {
+            Some(h) => h
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            None => self.done.take().unwrap_or(Ok(())),
         }
-        Ok(())
     }
+
+    /// Whether `path` is one of the paths being removed.
+    pub fn removes(&self, path: &Path) -> bool {
+        self.paths.contains(path)
+    }
+}
+
+impl Drop for Removing {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Threads that unlink files at once: an unlink waits on the file system as much as it works,
+/// and several overlap (46 cached WAL segments went in 0.13 s with four, 0.19 s with one).
+const REMOVERS: usize = 4;
+
+/// Removes `entries`: the files on [`REMOVERS`] threads, then the directories in their order
+/// (deepest first), once what they held is gone.
+fn remove_all(entries: &[(PathBuf, FileType)]) -> Result<(), TargetError> {
+    let files: Vec<&(PathBuf, FileType)> = entries
+        .iter()
+        .filter(|(_, t)| *t != FileType::Directory)
+        .collect();
+    let per = files.len().div_ceil(REMOVERS).max(1);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = files
+            .chunks(per)
+            .map(|part| scope.spawn(move || part.iter().try_for_each(|(p, t)| remove(p, *t))))
+            .collect();
+        parts.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    })?;
+    entries
+        .iter()
+        .filter(|(_, t)| *t == FileType::Directory)
+        .try_for_each(|(p, t)| remove(p, *t))
 }
 
 /// Removes one entry; one already gone is fine (a resumed run removes again what a killed one

@@ -43,6 +43,7 @@ pub(crate) fn commit(
         header,
         done,
     } = copied.journaled;
+    let mut removing = Some(copied.removing);
     let mut target = checked.target;
     let seg_size = checked.target_control.xlog_seg_size;
     // What the commit needs from the source, asked together: over a long link one round trip
@@ -103,6 +104,17 @@ pub(crate) fn commit(
                 entries,
                 block_size: header.plan.block_size,
             };
+            // A segment of the window's must not be written while a removal of the same
+            // name may still run (a resumed run's plan removing what an earlier window left).
+            if wal.entries.iter().any(|e| {
+                removing
+                    .as_ref()
+                    .is_some_and(|r| r.removes(&target.dir().join(&e.path)))
+            }) && let Some(r) = removing.take()
+            {
+                r.wait()
+                    .doing("could not remove what the source does not have")?;
+            }
             let fetched = copy::copy(&wal, &mut target, source, progress, None)
                 .doing("could not copy the WAL the source wrote during the backup window")?;
             if fetched.files_vanished_on_source > 0 {
@@ -138,6 +150,10 @@ pub(crate) fn commit(
     let (min_point, min_tli) = min_recovery_point(&after, window.as_ref().map(|w| (w.stop, w.tli)));
     report.min_recovery_point = Some(min_point.to_string());
 
+    if let Some(r) = removing.take() {
+        r.wait()
+            .doing("could not remove what the source does not have")?;
+    }
     if !opts.no_sync {
         progress.phase("syncing target data directory");
         // What an interrupted run wrote may not have reached the disk.

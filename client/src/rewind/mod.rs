@@ -401,6 +401,8 @@ impl Journaled {
     ) -> Result<Copied, RewindError> {
         let t = Instant::now();
         progress.phase("copying");
+        // What the source lacks goes meanwhile; the commit waits for it before it syncs.
+        let removing = self.checked.target.start_removing(&self.header.plan);
         let stats = copy::copy(
             &self.header.plan,
             &mut self.checked.target,
@@ -415,11 +417,16 @@ impl Journaled {
         });
         report.compression = source.compression();
         report.seconds.copy = t.elapsed().as_secs_f64();
-        Ok(Copied { journaled: self })
+        Ok(Copied {
+            journaled: self,
+            removing,
+        })
     }
 }
 
-/// A target whose plan is carried out, not yet committed.
+/// A target whose plan is carried out, not yet committed: but for the removals, which may
+/// still be running.
 pub(crate) struct Copied {
     journaled: Journaled,
+    removing: crate::target::Removing,
 }
