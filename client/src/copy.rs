@@ -63,6 +63,9 @@ pub struct CopyStats {
     /// began: the link's work while the target's WAL was read and the plan made (counted in
     /// `bytes_fetched` too).
     pub bytes_fetched_ahead: u64,
+    /// The target's WAL segments past the end of its WAL renamed to future segments of the
+    /// source's timeline at the commit, as PostgreSQL recycles segments, rather than removed.
+    pub wal_segments_recycled: u64,
 }
 
 impl CopyStats {
@@ -78,6 +81,7 @@ impl CopyStats {
         self.bytes_already_done += more.bytes_already_done;
         self.window_wal_bytes += more.window_wal_bytes;
         self.bytes_fetched_ahead += more.bytes_fetched_ahead;
+        self.wal_segments_recycled += more.wal_segments_recycled;
     }
 }
 

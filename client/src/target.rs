@@ -38,8 +38,10 @@ use std::path::{Path, PathBuf};
 
 use failback_common::filemap::{FileAction, FileType};
 use failback_common::journal::{self, JOURNAL_FILE, JournalHeader, JournalState, Phase, Record};
-use failback_common::plan::Plan;
+use failback_common::lsn::{TimeLineId, XLogSegNo, parse_wal_file_name, wal_file_name};
+use failback_common::plan::{Plan, Reason};
 use failback_common::recovery;
+use failback_common::rewind::first_recycled_segment;
 use failback_datadir::read_full_at;
 
 use crate::fault::{self, Point};
@@ -595,6 +597,54 @@ impl Target {
         }
     }
 
+    /// Renames the plan's recycled WAL segments ([`Reason::Recycled`]) to the next free
+    /// segments of timeline `tli` past every segment in `pg_wal` and past `last_replayed`
+    /// ([`first_recycled_segment`]), as PostgreSQL recycles a segment; says how many. One
+    /// gone already (renamed by an interrupted run) is skipped. The renames are made durable
+    /// by [`Target::sync`], which syncs `pg_wal`.
+    pub fn recycle_wal(
+        &mut self,
+        plan: &Plan,
+        tli: TimeLineId,
+        last_replayed: XLogSegNo,
+        seg_size: u32,
+    ) -> Result<u64, TargetError> {
+        let recycled: Vec<&str> = plan
+            .entries
+            .iter()
+            .filter(|e| e.reason == Some(Reason::Recycled))
+            .map(|e| e.path.as_str())
+            .collect();
+        if recycled.is_empty() {
+            return Ok(0);
+        }
+        let wal = self.path("pg_wal");
+        let listed = fs::read_dir(&wal).map_err(|e| TargetError::io("list", &wal, None, e))?;
+        let mut present = Vec::new();
+        for entry in listed {
+            let entry = entry.map_err(|e| TargetError::io("list", &wal, None, e))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let name = name.strip_suffix(".partial").unwrap_or(&name);
+            present.extend(parse_wal_file_name(name, seg_size).map(|(_, segno)| segno));
+        }
+        let mut next = first_recycled_segment(present, last_replayed);
+        let mut renamed = 0;
+        for path in recycled {
+            let from = self.path(path);
+            let to = wal.join(wal_file_name(tli, next, seg_size));
+            match fs::rename(&from, &to) {
+                Ok(()) => {
+                    next += 1;
+                    renamed += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(TargetError::io("rename", &from, None, e)),
+            }
+        }
+        Ok(renamed)
+    }
+
     /// `len` bytes of `rel` from `offset` are on the target; when enough are, they are made
     /// durable and recorded as done.
     fn note_done(&mut self, rel: &str, offset: u64, len: u64) -> Result<(), TargetError> {
@@ -675,6 +725,7 @@ impl Target {
         for e in &plan.entries {
             if matches!(e.action, FileAction::Create | FileAction::Remove)
                 || (e.action == FileAction::Copy && e.target.is_none())
+                || e.reason == Some(Reason::Recycled)
             {
                 dirs.extend(self.path(&e.path).parent().map(Path::to_path_buf));
             }
@@ -1025,6 +1076,54 @@ mod tests {
     // them, and the space is taken), and over bytes a file held (they read as zeros after).
     // A piece with one byte set is written whole. (tempdir is on the machine's file system;
     // where it cannot zero a range, the zeros are written and this test says so.)
+    /// Recycled segments go past every segment in pg_wal (a partial one too) and past the last
+    /// replayed, in the plan's order, on the given timeline; one gone already is skipped.
+    #[test]
+    fn recycled_segments_are_renamed_past_every_segment() {
+        use failback_common::filemap::FileEntry;
+        use failback_common::plan::PlanEntry;
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("pg_wal");
+        fs::create_dir(&wal).unwrap();
+        let seg = 16u32 << 20;
+        let name = |tli, n| wal_file_name(tli, n, seg);
+        for (tli, n) in [(1, 5), (1, 6), (1, 7), (2, 4)] {
+            fs::write(wal.join(name(tli, n)), format!("{tli}/{n}")).unwrap();
+        }
+        fs::write(wal.join(format!("{}.partial", name(1, 9))), "partial").unwrap();
+        let recycled = |n| {
+            let path = format!("pg_wal/{}", name(1, n));
+            let mut e = PlanEntry::new(
+                &path,
+                FileAction::None,
+                None,
+                Some(FileEntry::regular(&path, 0)),
+            );
+            e.reason = Some(Reason::Recycled);
+            e
+        };
+        let plan = Plan {
+            entries: vec![recycled(6), recycled(8), recycled(5)],
+            block_size: 8192,
+        };
+        let mut t = Target::open(dir.path()).unwrap();
+        assert_eq!(t.recycle_wal(&plan, 2, 4, seg).unwrap(), 2);
+        let read = |tli, n| fs::read_to_string(wal.join(name(tli, n))).ok();
+        assert_eq!(read(2, 10).as_deref(), Some("1/6"));
+        assert_eq!(read(2, 11).as_deref(), Some("1/5"));
+        assert_eq!(read(1, 5), None);
+        assert_eq!(read(1, 6), None);
+        assert_eq!(read(1, 7).as_deref(), Some("1/7"));
+        // Past the last replayed when it is further than any file.
+        fs::write(wal.join(name(1, 12)), "1/12").unwrap();
+        let plan = Plan {
+            entries: vec![recycled(12)],
+            block_size: 8192,
+        };
+        assert_eq!(t.recycle_wal(&plan, 3, 20, seg).unwrap(), 1);
+        assert_eq!(read(3, 21).as_deref(), Some("1/12"));
+    }
+
     #[test]
     fn pieces_of_zeros_are_allocated_as_zeros_not_written() {
         use std::os::unix::fs::MetadataExt;

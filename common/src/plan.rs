@@ -23,9 +23,17 @@
 //!   already complete are copied with the rest. Those the plan copies are `replay_wal`
 //!   ([`Reason::Replayed`]); other source segments are not copied ([`Reason::NotReplayed`]);
 //!   target segments holding WAL past the divergence point hold the old primary's lost writes
-//!   and are removed ([`Reason::PastDivergence`]), older ones are left alone.
+//!   and are removed ([`Reason::PastDivergence`]), older ones are left alone. Those wholly
+//!   past the end of the target's WAL hold none of it: PostgreSQL recycles a segment it no
+//!   longer needs by renaming it to a future segment's name (`RemoveXlogFile`,
+//!   `InstallXLogFileSegment` in `src/backend/access/transam/xlog.c`), and when it switches
+//!   timelines it recycles the old timeline's segments past the switch as the new one's
+//!   (`RemoveNonParentXlogFiles`). The plan does the same ([`Reason::Recycled`]): such a
+//!   segment is renamed at the commit to a future segment of the source's timeline rather than
+//!   removed, so that the rewind does not pay for dropping its cached pages and the rewound
+//!   node for allocating new ones; one with a `.ready` status file is removed as before.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
@@ -257,6 +265,10 @@ pub struct PlanInput<'a> {
     /// common checkpoint. `None` for a running source whose window's WAL is all fetched once
     /// the window closes.
     pub replay_wal: Option<(XLogSegNo, XLogSegNo)>,
+    /// Where the target's WAL ends, when known: target segments past the divergence that
+    /// begin at or after it are recycled ([`Reason::Recycled`]) rather than removed. `None`
+    /// removes them all.
+    pub target_wal_end: Option<Lsn>,
 }
 
 /// Why an entry's action is not pg_rewind's: what the plan decided, kept as data (the journal
@@ -283,11 +295,15 @@ pub enum Reason {
     /// A source WAL segment the rewound node replays, complete when the plan was made: copied
     /// with the rest, not again when the copy is committed.
     Replayed,
+    /// A target WAL segment wholly past the end of its WAL (one PostgreSQL recycled or
+    /// allocated ahead of use): renamed at the commit to a future segment of the source's
+    /// timeline, as PostgreSQL recycles segments, rather than removed.
+    Recycled,
 }
 
 impl Reason {
     /// Every reason, in the order of their journal codes (1, 2, ...).
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 8] = [
         Reason::CreatedSince,
         Reason::Compared,
         Reason::PastDivergence,
@@ -295,6 +311,7 @@ impl Reason {
         Reason::WrittenAtCommit,
         Reason::BeforeDivergence,
         Reason::Replayed,
+        Reason::Recycled,
     ];
 
     /// The words `--debug` shows after the entry.
@@ -307,6 +324,9 @@ impl Reason {
             Reason::WrittenAtCommit => "written at the end of the commit",
             Reason::BeforeDivergence => "the target's own WAL from before the divergence: kept",
             Reason::Replayed => "WAL the rewound node replays: copied",
+            Reason::Recycled => {
+                "past the end of the target's WAL: recycled as a future segment of the source's timeline"
+            }
         }
     }
 }
@@ -437,6 +457,16 @@ pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
         paths.entry(&t.path).or_default().1 = Some(t);
     }
     let seg_size = u64::from(input.wal_segment_size);
+    // The segments waiting to be archived (`pg_wal/archive_status/<segment>.ready`).
+    let ready: HashSet<&str> = input
+        .target
+        .iter()
+        .filter_map(|t| {
+            t.path
+                .strip_prefix("pg_wal/archive_status/")?
+                .strip_suffix(".ready")
+        })
+        .collect();
     let mut entries = Vec::with_capacity(paths.len());
     for (path, (source, target)) in paths {
         let relation = (input.relation_of)(path);
@@ -489,8 +519,13 @@ pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
                     if segment_start(segno, input.wal_segment_size).0 + seg_size
                         > input.divergence.0 =>
                 {
-                    entry.action = FileAction::Remove;
-                    entry.reason = Some(Reason::PastDivergence);
+                    if recyclable(path, segno, target, input, &ready) {
+                        entry.action = FileAction::None;
+                        entry.reason = Some(Reason::Recycled);
+                    } else {
+                        entry.action = FileAction::Remove;
+                        entry.reason = Some(Reason::PastDivergence);
+                    }
                 }
                 (false, true) => {
                     entry.action = FileAction::None;
@@ -510,6 +545,28 @@ pub fn make_plan(input: &PlanInput<'_>) -> Result<Plan, FileMapError> {
         entries,
         block_size: input.block_size,
     })
+}
+
+/// Whether target WAL segment `segno` at `path`, past the divergence, can be recycled rather
+/// than removed: it begins where the target's WAL has ended, so it holds none of it; it is a
+/// whole regular file (PostgreSQL recycles no symbolic link); and no `.ready` file asks for it
+/// to be archived (`RemoveNonParentXlogFiles` leaves those to the archiver).
+fn recyclable(
+    path: &str,
+    segno: XLogSegNo,
+    target: Option<&FileEntry>,
+    input: &PlanInput<'_>,
+    ready: &HashSet<&str>,
+) -> bool {
+    let Some(end) = input.target_wal_end else {
+        return false;
+    };
+    let whole = target.is_some_and(|t| {
+        t.file_type == FileType::Regular && t.size == u64::from(input.wal_segment_size)
+    });
+    whole
+        && segment_start(segno, input.wal_segment_size) >= end
+        && !ready.contains(&path["pg_wal/".len()..])
 }
 
 /// (source size, target size) of an entry, 0 for a side without the file.
@@ -619,6 +676,7 @@ mod tests {
             wal_segment_size: 16 << 20,
             divergence,
             replay_wal,
+            target_wal_end: None,
         })
         .unwrap()
     }
@@ -753,6 +811,72 @@ mod tests {
         );
         assert_eq!(find(&plan, &name(2, 5)).action, FileAction::None);
         assert_eq!(plan.fetch_bytes(), 0);
+    }
+
+    /// Target segments past the divergence that begin where its WAL has ended are recycled,
+    /// not removed; one holding some of that WAL, one waiting to be archived, a partial one or
+    /// one that is not a regular file is removed as before, and so is each without a known end.
+    #[test]
+    fn segments_past_the_end_of_the_targets_wal_are_recycled() {
+        let seg = 16u64 << 20;
+        let name =
+            |tli: u32, n: u64| format!("pg_wal/{}", crate::lsn::wal_file_name(tli, n, 16 << 20));
+        let divergence = Lsn(3 * seg + 0x1234);
+        // The target's WAL ends in segment 4; 5 to 9 lie ahead of it.
+        let end = Lsn(4 * seg + 0x88);
+        let mut target: Vec<FileEntry> = (2..=9).map(|n| reg(&name(1, n), seg)).collect();
+        target[5].size = seg / 2; // segment 7: not whole
+        target[6].file_type = FileType::Symlink; // segment 8
+        let ready = format!(
+            "{}.ready",
+            name(1, 9).replace("pg_wal/", "pg_wal/archive_status/")
+        );
+        target.push(reg(&ready, 0));
+        let source = vec![reg(&name(2, 3), seg)];
+        let make = |end: Option<Lsn>| {
+            make_plan(&PlanInput {
+                source: &source,
+                target: &target,
+                changes: Some(&Changes::default()),
+                relation_of: &relation_of,
+                block_size: 8192,
+                wal_segment_size: 16 << 20,
+                divergence,
+                replay_wal: None,
+                target_wal_end: end,
+            })
+            .unwrap()
+        };
+        let plan = make(Some(end));
+        let got = |n: u64| {
+            let e = find(&plan, &name(1, n));
+            (e.action, e.reason)
+        };
+        let recycled = (FileAction::None, Some(Reason::Recycled));
+        let removed = (FileAction::Remove, Some(Reason::PastDivergence));
+        assert_eq!(got(2), (FileAction::None, Some(Reason::BeforeDivergence)));
+        assert_eq!(got(3), removed);
+        assert_eq!(got(4), removed);
+        assert_eq!(got(5), recycled);
+        assert_eq!(got(6), recycled);
+        assert_eq!(got(7), removed);
+        assert_eq!(got(8), removed);
+        assert_eq!(got(9), removed);
+        // Where the target's WAL ends is not known: all go.
+        let plan = make(None);
+        assert!(
+            plan.entries
+                .iter()
+                .all(|e| e.reason != Some(Reason::Recycled))
+        );
+        // Ending on a segment's first byte: that segment holds none of it.
+        let plan = make(Some(Lsn(5 * seg)));
+        assert_eq!(find(&plan, &name(1, 5)).reason, Some(Reason::Recycled));
+        let plan = make(Some(Lsn(5 * seg + 1)));
+        assert_eq!(
+            find(&plan, &name(1, 5)).reason,
+            Some(Reason::PastDivergence)
+        );
     }
 
     #[test]

@@ -180,6 +180,22 @@ pub fn min_recovery_point(
     window_end.unwrap_or_else(|| shut_down_end(source_after))
 }
 
+/// The first segment number the target's recycled WAL segments ([`crate::plan::Reason::Recycled`])
+/// are renamed to: past every segment in its `pg_wal` (`present`, of any timeline, partial ones
+/// too) and past `last_replayed`, the last the rewound node replays. A segment's pages name
+/// the place in WAL they were written for (`xlp_pageaddr`), never past the segment's own
+/// name (PostgreSQL recycles only to later names); under a name past every segment there is,
+/// they can never pass for the WAL that name will hold. Recovery that reaches such a segment
+/// finds a page address it did not expect and takes it for the end of WAL
+/// (`XLogReaderValidatePageHeader`, `src/backend/access/transam/xlogreader.c`), and the server
+/// writes over it when its WAL gets there, as over the segments it recycles itself.
+pub fn first_recycled_segment(
+    present: impl IntoIterator<Item = XLogSegNo>,
+    last_replayed: XLogSegNo,
+) -> XLogSegNo {
+    present.into_iter().fold(last_replayed, XLogSegNo::max) + 1
+}
+
 /// What a resumed rewind from a running source must copy again. The earlier run copied under a
 /// backup window that has ended; replay from the new window's start repairs only what changes
 /// after it. So what the earlier run recorded as done (`done`, per path) is kept only where the
@@ -237,6 +253,14 @@ mod tests {
     use crate::PgMajor;
     use crate::control::PG_CONTROL_FILE_SIZE;
     use crate::relpath::RelFileLocator;
+
+    /// Past every segment present, of any timeline, and past the last one replayed.
+    #[test]
+    fn recycled_segments_are_named_past_every_segment_there_is() {
+        assert_eq!(first_recycled_segment([3, 9, 4], 5), 10);
+        assert_eq!(first_recycled_segment([3, 4], 7), 8);
+        assert_eq!(first_recycled_segment([], 7), 8);
+    }
 
     #[test]
     fn window_wal_the_target_holds_whole_is_not_fetched_again() {

@@ -418,6 +418,81 @@ scenario_test!(unclean_target, |major| {
     rewind::assert_owned_by_pg_user(&old);
 });
 
+// The old primary's pg_wal holds segments past the end of its WAL: at its checkpoints
+// PostgreSQL recycled segments it no longer needed as future ones (older WAL under later
+// names). The rewind renames them to future segments of the new primary's timeline rather than
+// removing them, and names them past all the WAL the rewound node replays; the rejoined
+// standby then streams into those names as into segments it recycled itself.
+scenario_test!(recycled_wal_segments, |major| {
+    let options = ClusterOptions::default().setting("wal_keep_size", "0");
+    let mut old = Cluster::start_new_with(major, "old", options);
+    old.execute("CREATE TABLE t (side text, i int); INSERT INTO t SELECT 'common', generate_series(1, 1000)");
+    let mut new = old.create_standby("new");
+    for i in 0..8 {
+        old.execute(&format!(
+            "INSERT INTO t VALUES ('common', {i}); SELECT pg_switch_wal()"
+        ));
+    }
+    // Streamed before the checkpoint recycles it: no slot keeps it for the standby.
+    new.wait_for_catchup(&old);
+    old.execute("CHECKPOINT");
+    promote(&old, &new);
+    old.execute("INSERT INTO t SELECT 'old', generate_series(1, 500)");
+    new.execute("INSERT INTO t SELECT 'new', generate_series(1, 300)");
+    stop_for_rewind(&mut old, &mut new, StopMode::Fast);
+    let control = rewind::control_file(&old);
+    let seg_size = control.xlog_seg_size;
+    let segno = |name: &str| failback_common::lsn::parse_wal_file_name(name, seg_size).unwrap();
+    // The shut-down checkpoint is the last record: every later segment is a recycled one.
+    let end = control.checkPoint.segment_number(seg_size);
+    let ahead: Vec<String> = rewind::wal_segments(&old.data_dir())
+        .into_iter()
+        .filter(|n| segno(n).1 > end)
+        .collect();
+    assert!(
+        ahead.len() >= 2,
+        "PostgreSQL recycled no segments ahead of {end}: {:?}",
+        rewind::wal_segments(&old.data_dir())
+    );
+    let run = rewind_ok(&old, &new, &[]);
+    let recycled = run.report()["execution"]["wal_segments_recycled"].as_u64();
+    assert_eq!(recycled, Some(ahead.len() as u64), "{}", run.show());
+    // None of the old timeline's past the divergence is left; the recycled ones are the new
+    // timeline's, past all the WAL the rewound node replays.
+    let divergence = rewind::switch_point(&new, 2).segment_number(seg_size);
+    let min: failback_common::Lsn = run
+        .report_str("min_recovery_point")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let after = rewind::wal_segments(&old.data_dir());
+    assert!(
+        after
+            .iter()
+            .all(|n| segno(n).0 != 1 || segno(n).1 <= divergence),
+        "{after:?}"
+    );
+    let future: Vec<u64> = after
+        .iter()
+        .filter(|n| segno(n).0 == 2 && segno(n).1 > min.segment_number(seg_size))
+        .map(|n| segno(n).1)
+        .collect();
+    assert_eq!(future.len(), ahead.len(), "{after:?}");
+    // The new primary writes on into the recycled names while the old one follows it.
+    rejoin(&mut old, &mut new);
+    let last = *future.iter().max().unwrap();
+    while segno(&new.query_one("SELECT pg_walfile_name(pg_current_wal_lsn())")).1 <= last {
+        new.execute("INSERT INTO t VALUES ('new, later', 1); SELECT pg_switch_wal()");
+    }
+    new.execute("INSERT INTO t VALUES ('new, last', 1)");
+    old.wait_for_catchup(&new);
+    failback_tests::fingerprint::assert_same_data(&new, &old);
+    assert_eq!(
+        old.query_one("SELECT count(*) FROM t WHERE side = 'old'"),
+        "0"
+    );
+});
+
 // The source is a shut-down standby of the new primary, with no WAL from before its last
 // restartpoint (as a standby made by a base backup after the promotion has none): the segment
 // holding the divergence point is then only the old primary's, and the part of it past the

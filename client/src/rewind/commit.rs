@@ -7,7 +7,9 @@
 //! copied with the plan, and starts in WAL both sides share), so the rewound node needs
 //! nothing from anywhere to become consistent. A shut-down source must not have
 //! changed; its WAL from its last checkpoint was copied with the rest, and the node starts from
-//! that checkpoint, with no `backup_label`. Then everything is synced, and the commit's files
+//! that checkpoint, with no `backup_label`. The target's WAL segments past the end of its own
+//! WAL are then renamed past all that WAL (the plan's `Reason::Recycled`, see
+//! [`failback_common::plan`]). Then everything is synced, and the commit's files
 //! are written in [`crate::target`]'s order: `backup_label`, `pg_control` (recovery must reach
 //! the end of that WAL before the server opens), and last the configuration, which removes the
 //! marker.
@@ -149,6 +151,18 @@ pub(crate) fn commit(
     })?;
     let (min_point, min_tli) = min_recovery_point(&after, window.as_ref().map(|w| (w.stop, w.tli)));
     report.min_recovery_point = Some(min_point.to_string());
+    // After the window's WAL is in: the recycled segments are named past it.
+    let recycled = target
+        .recycle_wal(
+            &header.plan,
+            min_tli,
+            min_point.segment_number(seg_size),
+            seg_size,
+        )
+        .doing("could not recycle the target's WAL segments past its end")?;
+    if let Some(x) = report.execution.as_mut() {
+        x.wal_segments_recycled = recycled;
+    }
 
     if let Some(r) = removing.take() {
         r.wait()

@@ -147,6 +147,7 @@ pub(crate) fn plan(
 
     let t_scan = Instant::now();
     let mut replay_from = None;
+    let mut recycle_past = None;
     // The target's changes: none to read for a resync, else from its own WAL, read while the
     // source opens its window and says what it changed (two machines, or two cores, at once).
     let target_side = if opts.resync {
@@ -176,6 +177,7 @@ pub(crate) fn plan(
         }
         report.rewind_needed = true;
         report.seconds.checks = (t_scan - t0).as_secs_f64();
+        recycle_past = Some(end_of_target_wal);
         replay_from = common_checkpoint(opts.mode, source, &mut wal, divergence, progress)?;
         progress.phase("reading WAL in target");
         TargetSide::Scan(wal, end_of_target_wal)
@@ -255,6 +257,7 @@ pub(crate) fn plan(
             source_changes,
             source_summarized,
             replay,
+            target_wal_end: recycle_past,
         },
     )
     .map(|h| Planned::Plan(Box::new(h)))
@@ -425,6 +428,9 @@ struct Replan<'h> {
     source_changes: Found,
     source_summarized: u64,
     replay: Option<Replay>,
+    /// Where the target's WAL ends (the plan recycles the target's segments past it), when
+    /// it was read from an untouched target.
+    target_wal_end: Option<Lsn>,
 }
 
 /// Both file lists, and the plan made of them with both sides' changes.
@@ -569,6 +575,7 @@ fn plan_with(
         wal_segment_size: seg,
         divergence: r.divergence,
         replay_wal,
+        target_wal_end: r.target_wal_end,
     })
     .map_err(|e| RewindError::Refused {
         message: "could not plan the rewind".into(),
@@ -737,6 +744,9 @@ pub(crate) fn resumed(
             source_changes,
             source_summarized,
             replay: None,
+            // The earlier run may have fetched and renamed WAL since the target's end was
+            // read: what is past the divergence is removed, as before recycling existed.
+            target_wal_end: None,
         },
     )?;
     Ok((header, true))
