@@ -466,6 +466,33 @@ impl Target {
         Ok(())
     }
 
+    /// Makes `rel` `len` bytes long, its bytes from `from` zeros, allocated rather than
+    /// written where the file system can ([`zero_range`]): the part of a window's last WAL
+    /// segment past the page its WAL ends in, which was not fetched.
+    pub fn zero_fill(&mut self, rel: &str, from: u64, len: u64) -> Result<(), TargetError> {
+        let path = self.path(rel);
+        self.files.remove(rel);
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| TargetError::io("open", &path, None, e))?;
+        if from < len
+            && !zero_range(&f, from, len - from)
+                .map_err(|e| TargetError::io("allocate", &path, Some(from), e))?
+        {
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = from;
+            while at < len {
+                let n = (len - at).min(zeros.len() as u64);
+                f.write_all_at(&zeros[..n as usize], at)
+                    .map_err(|e| TargetError::io("write", &path, Some(at), e))?;
+                at += n;
+            }
+        }
+        self.changed.insert(rel.to_string());
+        Ok(())
+    }
+
     /// Creates a file the plan copies whole; an existing one is emptied unless `keep` (a
     /// resumed run keeps the part an interrupted run wrote).
     pub fn create_file(&mut self, rel: &str, keep: bool) -> Result<(), TargetError> {
@@ -1076,6 +1103,20 @@ mod tests {
     // them, and the space is taken), and over bytes a file held (they read as zeros after).
     // A piece with one byte set is written whole. (tempdir is on the machine's file system;
     // where it cannot zero a range, the zeros are written and this test says so.)
+    /// The file grows to the length asked, zeros from `from` on, what it held before kept.
+    #[test]
+    fn a_segment_is_completed_with_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("seg"), vec![9u8; 8192]).unwrap();
+        let mut t = Target::open(dir.path()).unwrap();
+        t.zero_fill("seg", 8192, 3 << 20).unwrap();
+        let got = fs::read(dir.path().join("seg")).unwrap();
+        assert_eq!(got.len(), 3 << 20);
+        assert!(got[..8192].iter().all(|b| *b == 9));
+        assert!(got[8192..].iter().all(|b| *b == 0));
+        assert!(t.changed.contains("seg"));
+    }
+
     /// Recycled segments go past every segment in pg_wal (a partial one too) and past the last
     /// replayed, in the plan's order, on the given timeline; one gone already is skipped.
     #[test]

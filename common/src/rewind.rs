@@ -165,6 +165,22 @@ pub fn window_segment_needed(
     !(whole_on_target && (planned || shared))
 }
 
+/// How much of window segment `segno` the commit fetches: all of it, but for the segment the
+/// window's WAL ends in (at `end`), only to the end of the page `end` lies in. What follows in
+/// that segment is zeros, a recycled segment's stale pages, or WAL the source wrote after the
+/// window, none of which recovery to `end` reads; the rest of the file is allocated as zeros,
+/// as a new segment's is (`wal_init_zero`), and a standby that streams on from the source writes
+/// over it from the segment's start.
+pub fn window_segment_fetch(segno: XLogSegNo, end: Lsn, seg_size: u32, page_size: u32) -> u64 {
+    let seg = u64::from(seg_size);
+    let last_byte = Lsn(end.0.saturating_sub(1));
+    if last_byte.segment_number(seg_size) != segno {
+        return seg;
+    }
+    let in_segment = end.0 - segno * seg;
+    in_segment.next_multiple_of(u64::from(page_size)).min(seg)
+}
+
 /// The WAL a copy of a shut-down source replays to become consistent: from its last checkpoint's
 /// redo pointer to where its WAL ends ([`shut_down_end`]; for a primary, the checkpoint itself).
 pub fn shut_down_replay(source: &ControlFileData) -> (Lsn, Lsn) {
@@ -253,6 +269,21 @@ mod tests {
     use crate::PgMajor;
     use crate::control::PG_CONTROL_FILE_SIZE;
     use crate::relpath::RelFileLocator;
+
+    /// Whole segments but the last, which is fetched to the end of the page the window ends in.
+    #[test]
+    fn the_window_segment_it_ends_in_is_fetched_to_its_page() {
+        let seg = 16u32 << 20;
+        let s = u64::from(seg);
+        let end = Lsn(7 * s + 3 * 8192 + 40);
+        assert_eq!(window_segment_fetch(6, end, seg, 8192), s);
+        assert_eq!(window_segment_fetch(7, end, seg, 8192), 4 * 8192);
+        // On a page boundary: that page holds none of it.
+        assert_eq!(window_segment_fetch(7, Lsn(7 * s + 8192), seg, 8192), 8192);
+        // On the segment's end: the whole segment.
+        assert_eq!(window_segment_fetch(7, Lsn(8 * s), seg, 8192), s);
+        assert_eq!(window_segment_fetch(7, Lsn(8 * s - 100), seg, 8192), s);
+    }
 
     /// Past every segment present, of any timeline, and past the last one replayed.
     #[test]

@@ -103,9 +103,10 @@ fn source_changes_are_fetched_while_the_target_is_scanned() {
 }
 
 /// `pg_backup_start` switches to a new WAL segment, so the segment a short backup window
-/// wrote is 16 MiB of zeros but for its first pages: on the rewound target those zeros are
-/// allocated (the file's blocks cover it, as PostgreSQL's zero-filled segments are), not
-/// written, and the node still replays the segment and rejoins.
+/// wrote is 16 MiB of zeros but for its first pages: only those pages are fetched, the rest
+/// of the rewound target's segment is allocated as zeros (the file's blocks cover it, as
+/// PostgreSQL's zero-filled segments are), and the node still replays the segment and
+/// rejoins.
 #[test]
 fn the_zeros_of_the_windows_segment_are_allocated_not_written() {
     use std::os::unix::fs::MetadataExt;
@@ -120,8 +121,12 @@ fn the_zeros_of_the_windows_segment_are_allocated_not_written() {
     drop(source);
     drop(server);
     let ex = report.execution.as_ref().expect("a copy");
-    assert_eq!(ex.window_wal_bytes, 16 << 20, "{report:?}");
-    assert!(ex.bytes_zeroed >= 12 << 20, "{report:?}");
+    // Only the window's WAL crosses, to the end of the page it ends in (read, as a live
+    // source's whole copies are, a mebibyte at least): not the segment's 16 MiB.
+    assert!(
+        ex.window_wal_bytes > 0 && ex.window_wal_bytes <= 1 << 20,
+        "{report:?}"
+    );
     assert_eq!(
         ex.bytes_written + ex.bytes_identical + ex.bytes_zeroed,
         ex.bytes_fetched,

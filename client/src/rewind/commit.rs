@@ -22,7 +22,9 @@ use failback_common::filemap::{FileAction, FileEntry};
 use failback_common::journal::Phase;
 use failback_common::plan::{AUTO_CONF, Plan, PlanEntry, Reason};
 use failback_common::recovery;
-use failback_common::rewind::{min_recovery_point, wal_segments, window_segment_needed};
+use failback_common::rewind::{
+    min_recovery_point, wal_segments, window_segment_fetch, window_segment_needed,
+};
 use failback_common::timeline::segment_file_name;
 
 use super::{Copied, Outcome, RewindOptions, RewindReport};
@@ -48,6 +50,7 @@ pub(crate) fn commit(
     let mut removing = Some(copied.removing);
     let mut target = checked.target;
     let seg_size = checked.target_control.xlog_seg_size;
+    let page_size = checked.target_control.xlog_blcksz;
     // What the commit needs from the source, asked together: over a long link one round trip
     // instead of several. postgresql.auto.conf is read now rather than at the end of the
     // commit; either is after the copy. The window closes meanwhile: the control file is the
@@ -94,10 +97,11 @@ pub(crate) fn commit(
                     if !window_segment_needed(segno, header.divergence, seg_size, whole, planned) {
                         return None;
                     }
+                    let fetch = window_segment_fetch(segno, end.stop, seg_size, page_size);
                     Some(PlanEntry::new(
                         &path,
                         FileAction::Copy,
-                        Some(FileEntry::regular(&path, u64::from(seg_size))),
+                        Some(FileEntry::regular(&path, fetch)),
                         on_target,
                     ))
                 })
@@ -119,6 +123,12 @@ pub(crate) fn commit(
             }
             let fetched = copy::copy(&wal, &mut target, source, progress, None)
                 .doing("could not copy the WAL the source wrote during the backup window")?;
+            for e in &wal.entries {
+                let fetch = e.source.as_ref().map_or(0, |s| s.size);
+                target
+                    .zero_fill(&e.path, fetch, u64::from(seg_size))
+                    .doing("could not complete a WAL segment of the backup window")?;
+            }
             if fetched.files_vanished_on_source > 0 {
                 return Err(RewindError::refused(format!(
                     "the source no longer has all the WAL the rewound node must replay \
