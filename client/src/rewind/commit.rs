@@ -5,7 +5,8 @@
 //! fetched now where the target lacks it (failbackd's session keeps it reserved until the
 //! rewind is done; a window opened at the last common checkpoint had its complete segments
 //! copied with the plan, and starts in WAL both sides share), so the rewound node needs
-//! nothing from anywhere to become consistent. A shut-down source must not have
+//! nothing from anywhere to become consistent. The last segment is fetched to the end of the
+//! page the window ends in and the rest allocated as zeros (`window_segment_fetch`). A shut-down source must not have
 //! changed; its WAL from its last checkpoint was copied with the rest, and the node starts from
 //! that checkpoint, with no `backup_label`. The target's WAL segments past the end of its own
 //! WAL are then renamed past all that WAL (the plan's `Reason::Recycled`, see
