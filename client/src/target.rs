@@ -446,14 +446,20 @@ impl Target {
         Ok(())
     }
 
-    /// Cuts a file down to `len` bytes, if it is longer.
-    pub fn truncate(&mut self, rel: &str, len: u64) -> Result<(), TargetError> {
+    /// `rel` opened for writing anew, its cached handle dropped: for a change to its length.
+    fn reopen(&mut self, rel: &str) -> Result<(PathBuf, File), TargetError> {
         let path = self.path(rel);
         self.files.remove(rel);
         let f = fs::OpenOptions::new()
             .write(true)
             .open(&path)
             .map_err(|e| TargetError::io("open", &path, None, e))?;
+        Ok((path, f))
+    }
+
+    /// Cuts a file down to `len` bytes, if it is longer.
+    pub fn truncate(&mut self, rel: &str, len: u64) -> Result<(), TargetError> {
+        let (path, f) = self.reopen(rel)?;
         let now = f
             .metadata()
             .map_err(|e| TargetError::io("stat", &path, None, e))?
@@ -470,12 +476,7 @@ impl Target {
     /// written where the file system can ([`zero_range`]): the part of a window's last WAL
     /// segment past the page its WAL ends in, which was not fetched.
     pub fn zero_fill(&mut self, rel: &str, from: u64, len: u64) -> Result<(), TargetError> {
-        let path = self.path(rel);
-        self.files.remove(rel);
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(|e| TargetError::io("open", &path, None, e))?;
+        let (path, f) = self.reopen(rel)?;
         if from < len
             && !zero_range(&f, from, len - from)
                 .map_err(|e| TargetError::io("allocate", &path, Some(from), e))?
