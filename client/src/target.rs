@@ -1100,10 +1100,6 @@ mod tests {
         .unwrap();
     }
 
-    // Zeros are allocated, not written: past the end of a new file (the file grows to hold
-    // them, and the space is taken), and over bytes a file held (they read as zeros after).
-    // A piece with one byte set is written whole. (tempdir is on the machine's file system;
-    // where it cannot zero a range, the zeros are written and this test says so.)
     /// The file grows to the length asked, zeros from `from` on, what it held before kept.
     #[test]
     fn a_segment_is_completed_with_zeros() {
@@ -1166,6 +1162,10 @@ mod tests {
         assert_eq!(read(3, 21).as_deref(), Some("1/12"));
     }
 
+    // Zeros are allocated, not written: past the end of a new file (the file grows to hold
+    // them, and the space is taken), and over bytes a file held (they read as zeros after).
+    // A piece with one byte set is written whole. (tempdir is on the machine's file system;
+    // where it cannot zero a range, the zeros are written and this test says so.)
     #[test]
     fn pieces_of_zeros_are_allocated_as_zeros_not_written() {
         use std::os::unix::fs::MetadataExt;

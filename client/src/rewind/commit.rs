@@ -6,9 +6,9 @@
 //! rewind is done; a window opened at the last common checkpoint had its complete segments
 //! copied with the plan, and starts in WAL both sides share), so the rewound node needs
 //! nothing from anywhere to become consistent. The last segment is fetched to the end of the
-//! page the window ends in and the rest allocated as zeros (`window_segment_fetch`). A shut-down source must not have
-//! changed; its WAL from its last checkpoint was copied with the rest, and the node starts from
-//! that checkpoint, with no `backup_label`. The target's WAL segments past the end of its own
+//! page the window ends in and the rest allocated as zeros (`window_segment_fetch`). A
+//! shut-down source must not have changed; its WAL from its last checkpoint was copied with the
+//! rest, and the node starts from that checkpoint, with no `backup_label`. The target's WAL segments past the end of its own
 //! WAL are then renamed past all that WAL (the plan's `Reason::Recycled`, see
 //! [`failback_common::plan`]). Then everything is synced, and the commit's files
 //! are written in [`crate::target`]'s order: `backup_label`, `pg_control` (recovery must reach
