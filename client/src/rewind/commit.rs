@@ -124,12 +124,6 @@ pub(crate) fn commit(
             }
             let fetched = copy::copy(&wal, &mut target, source, progress, None)
                 .doing("could not copy the WAL the source wrote during the backup window")?;
-            for e in &wal.entries {
-                let fetch = e.source.as_ref().map_or(0, |s| s.size);
-                target
-                    .zero_fill(&e.path, fetch, u64::from(seg_size))
-                    .doing("could not complete a WAL segment of the backup window")?;
-            }
             if fetched.files_vanished_on_source > 0 {
                 return Err(RewindError::refused(format!(
                     "the source no longer has all the WAL the rewound node must replay \
@@ -139,6 +133,15 @@ pub(crate) fn commit(
                      window's slot keeps it), then run failback again",
                     start, end.stop
                 )));
+            }
+            // The segment the window ends in was fetched only to its page: the rest is zeros.
+            for e in &wal.entries {
+                let fetched_to = e.source.as_ref().map_or(0, |s| s.size);
+                if fetched_to < u64::from(seg_size) {
+                    target
+                        .zero_fill(&e.path, fetched_to, u64::from(seg_size))
+                        .doing("could not complete a WAL segment of the backup window")?;
+                }
             }
             if let Some(x) = report.execution.as_mut() {
                 x.window_wal_bytes = fetched.bytes_fetched;
